@@ -1,0 +1,157 @@
+//! Every limit and default of MeshOS, in one place.
+//!
+//! Invariants: every field has a documented default and a bound; `Config::validate`
+//! names the offending field when a value is out of bounds; relations between
+//! limits that must always hold are `const` assertions below, so a change that
+//! breaks them does not compile. Nothing else in the crate hard-codes a limit.
+
+use crate::wire;
+
+/// When the embedded log calls `fsync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// After every appended record: each append is durable when it returns.
+    Always,
+    /// Group commit: after `records` appended records or `bytes` appended bytes,
+    /// whichever comes first, and whenever the caller asks with `sync()`.
+    Group { records: u32, bytes: u64 },
+    /// Only when the caller asks with `sync()` (the sequencer's group commit).
+    Manual,
+    /// Never: the OS writes back when it likes. For throwaway logs and benches only;
+    /// `durable_position` then only advances on an explicit `sync()`.
+    Never,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = ConfigError;
+
+    /// Parses `always`, `manual`, `never` or `group:<records>`.
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        match text {
+            "always" => Ok(FsyncPolicy::Always),
+            "manual" => Ok(FsyncPolicy::Manual),
+            "never" => Ok(FsyncPolicy::Never),
+            _ => match text.strip_prefix("group:").map(str::parse::<u32>) {
+                Some(Ok(records)) if records > 0 => Ok(FsyncPolicy::Group { records, bytes: LOG_GROUP_BYTES_DEFAULT }),
+                _ => Err(ConfigError::Invalid {
+                    field: "fsync",
+                    reason: format!("`{text}` is not one of always, manual, never, group:<records>"),
+                }),
+            },
+        }
+    }
+}
+
+/// A config value that is out of bounds, naming the field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+pub const FRAME_BYTES_MAX_DEFAULT: u32 = 4 << 20;
+pub const FRAME_BYTES_MAX_LIMIT: u32 = 64 << 20;
+pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 << 20;
+pub const LOG_GROUP_BYTES_DEFAULT: u64 = 1 << 20;
+pub const REJECTIONS_KEPT_MAX_DEFAULT: u32 = 1024;
+pub const RECORD_EVENTS_MAX_DEFAULT: u32 = 512;
+pub const RTT_EWMA_SHIFT_DEFAULT: u8 = 3;
+
+// A default segment holds at least one frame of the default largest size, plus its header.
+const _: () = assert!(SEGMENT_BYTES_MAX_DEFAULT >= FRAME_BYTES_MAX_DEFAULT as u64 + wire::SEGMENT_HEADER_BYTES as u64);
+const _: () = assert!(FRAME_BYTES_MAX_DEFAULT <= FRAME_BYTES_MAX_LIMIT);
+const _: () = assert!(FRAME_BYTES_MAX_LIMIT as u64 <= u32::MAX as u64);
+const _: () = assert!(FRAME_BYTES_MAX_DEFAULT as usize >= wire::HEADER_BYTES + wire::ALIGN_BYTES);
+
+/// All limits of one MeshOS process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Largest frame (header, payload and padding) accepted from a socket or the log.
+    pub frame_bytes_max: u32,
+    /// A log segment is closed and a new one started once it would exceed this size.
+    pub segment_bytes_max: u64,
+    /// When the embedded log fsyncs.
+    pub fsync: FsyncPolicy,
+    /// How many rejected events the state keeps in its ring (all are counted).
+    pub rejections_kept_max: u32,
+    /// Most events one log record (one committed batch) may carry.
+    pub record_events_max: u32,
+    /// RTT moving average weight: each sample moves the average by 1/2^shift.
+    pub rtt_ewma_shift: u8,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+            segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT,
+            fsync: FsyncPolicy::Group { records: 64, bytes: LOG_GROUP_BYTES_DEFAULT },
+            rejections_kept_max: REJECTIONS_KEPT_MAX_DEFAULT,
+            record_events_max: RECORD_EVENTS_MAX_DEFAULT,
+            rtt_ewma_shift: RTT_EWMA_SHIFT_DEFAULT,
+        }
+    }
+}
+
+impl Config {
+    /// Checks every field; the error names the first bad field and why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        let frame_min = (wire::HEADER_BYTES + wire::ALIGN_BYTES) as u32;
+        if self.frame_bytes_max < frame_min || self.frame_bytes_max > FRAME_BYTES_MAX_LIMIT {
+            return invalid(
+                "frame_bytes_max",
+                format!("{} is outside {frame_min}..={FRAME_BYTES_MAX_LIMIT}", self.frame_bytes_max),
+            );
+        }
+        let segment_min = self.frame_bytes_max as u64 + wire::SEGMENT_HEADER_BYTES as u64;
+        if self.segment_bytes_max < segment_min || self.segment_bytes_max > (1 << 40) {
+            return invalid(
+                "segment_bytes_max",
+                format!(
+                    "{} must be at least frame_bytes_max plus the segment header ({segment_min}) and at most 1 TiB",
+                    self.segment_bytes_max
+                ),
+            );
+        }
+        if let FsyncPolicy::Group { records, bytes } = self.fsync {
+            if records == 0 || bytes == 0 {
+                return invalid("fsync", "a group commit needs records > 0 and bytes > 0".to_string());
+            }
+        }
+        if self.rejections_kept_max == 0 || self.rejections_kept_max > 1 << 20 {
+            return invalid("rejections_kept_max", format!("{} is outside 1..=1048576", self.rejections_kept_max));
+        }
+        if self.record_events_max == 0 || self.record_events_max > 1 << 16 {
+            return invalid("record_events_max", format!("{} is outside 1..=65536", self.record_events_max));
+        }
+        if self.rtt_ewma_shift > 8 {
+            return invalid("rtt_ewma_shift", format!("{} is above 8", self.rtt_ewma_shift));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let config = Config { frame_bytes_max: 3, ..Config::default() };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("frame_bytes_max"), "{error}");
+
+        let config = Config { segment_bytes_max: 1024, ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("segment_bytes_max"));
+
+        let error = "sometimes".parse::<FsyncPolicy>().unwrap_err().to_string();
+        assert!(error.contains("fsync") && error.contains("sometimes"), "{error}");
+        assert_eq!("group:8".parse::<FsyncPolicy>().unwrap(), FsyncPolicy::Group { records: 8, bytes: LOG_GROUP_BYTES_DEFAULT });
+    }
+}

@@ -1,0 +1,61 @@
+//! RedEX, the ordered log: the trait every log backend meets, and its backends.
+//!
+//! A record is one committed batch of events (an archived `EventBatch` payload),
+//! stamped by the log with a dense position (the first record is 1; 0 means
+//! "before everything") and a commit time in milliseconds that never goes
+//! backwards. Records are read back in position order, byte for byte as appended.
+//!
+//! Invariants: positions are dense and strictly increasing; a stamped time is
+//! `max(previous time, clock)`; `durable_position() <= last_position()`; a record
+//! at or below a reported durable position survives any crash of this process.
+
+pub mod embedded;
+
+/// Where and when the log put a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub position: u64,
+    pub time_ms: u64,
+}
+
+/// One record as read back. `payload` is 16-byte aligned in memory, ready for
+/// `wire::access_batch`.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub position: u64,
+    pub time_ms: u64,
+    pub payload: &'a [u8],
+}
+
+/// A log failure. I/O errors name the file; damage names the record and offset.
+#[derive(Debug, thiserror::Error)]
+pub enum RedexError {
+    #[error("{path}: {source}")]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{path}: record {position} at byte offset {offset} is damaged: {reason}")]
+    Damaged { path: std::path::PathBuf, position: u64, offset: u64, reason: String },
+    #[error("record of {frame_bytes} bytes exceeds the limit of {frame_bytes_max} bytes (frame_bytes_max)")]
+    RecordTooLarge { frame_bytes: u64, frame_bytes_max: u32 },
+    #[error("position {position} is beyond the end of the log ({last})")]
+    BeyondEnd { position: u64, last: u64 },
+    #[error("{path}: the log is locked by another process")]
+    Locked { path: std::path::PathBuf },
+}
+
+/// The ordered log.
+pub trait Redex {
+    /// Appends one record holding `payload` (an archived `EventBatch`), stamped with
+    /// the next position and the commit time. Durable once `durable_position()`
+    /// reaches the returned position.
+    fn append(&mut self, payload: &[u8]) -> Result<Stamp, RedexError>;
+    /// Makes every appended record durable; returns the durable position.
+    fn sync(&mut self) -> Result<u64, RedexError>;
+    /// The highest position known to be durable.
+    fn durable_position(&self) -> u64;
+    /// The highest position appended (durable or not).
+    fn last_position(&self) -> u64;
+    /// Calls `visit` for each record from `from` (inclusive) in order until the end
+    /// or until `visit` returns false; returns the position of the last record visited
+    /// (or `from - 1` when none was).
+    fn read_from(&mut self, from: u64, visit: &mut dyn FnMut(RecordView<'_>) -> bool) -> Result<u64, RedexError>;
+}

@@ -1,0 +1,319 @@
+//! One frame format for sockets and the log: header, checksum, rkyv payload.
+//!
+//! ```text
+//! offset  size  field
+//!  0      4     magic "MSHF"
+//!  4      2     version (u16 LE), currently 1
+//!  6      2     kind (u16 LE): 1 events (a batch on a socket), 2 record (a log record), 3 error
+//!  8      4     payload length in bytes (u32 LE), padding excluded
+//! 12      4     CRC-32C (u32 LE) over bytes 0..12, bytes 16..32 and the payload
+//! 16      8     seq (u64 LE): the log position of a record; the sender's frame number on a socket
+//! 24      8     time_ms (u64 LE): the commit time a log stamps on a record; 0 on a socket
+//! 32      n     payload: an archived `EventBatch` (records, events) or UTF-8 text (error)
+//! 32+n    p     zero padding up to a multiple of 16, so frames stay aligned back to back
+//! ```
+//!
+//! Invariants: `decode_frame` accepts exactly the byte strings `encode_frame`
+//! produces (given the same limit) and returns a typed `FrameError` for anything
+//! else; no input panics it. A frame's total size never exceeds `frame_bytes_max`.
+//! Changing this layout or the archived event types bumps `VERSION` and the
+//! golden test in `tests/wire_golden.rs`.
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+
+use crate::event::{ArchivedEventBatch, EventBatch};
+
+pub const MAGIC: [u8; 4] = *b"MSHF";
+pub const VERSION: u16 = 1;
+pub const HEADER_BYTES: usize = 32;
+/// Frames and payloads start on this alignment, enough for every archived type.
+pub const ALIGN_BYTES: usize = 16;
+/// Segment files of the embedded log start with this many header bytes.
+pub const SEGMENT_HEADER_BYTES: usize = 32;
+pub const SEGMENT_MAGIC: [u8; 8] = *b"MSHSEG01";
+
+const _: () = assert!(HEADER_BYTES % ALIGN_BYTES == 0);
+const _: () = assert!(SEGMENT_HEADER_BYTES % ALIGN_BYTES == 0);
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// A batch of events sent over a socket.
+    Events = 1,
+    /// A committed log record: a batch of events, stamped with position and time.
+    Record = 2,
+    /// A UTF-8 error message, answering a bad frame.
+    Error = 3,
+}
+
+impl FrameKind {
+    fn from_u16(value: u16) -> Option<FrameKind> {
+        match value {
+            1 => Some(FrameKind::Events),
+            2 => Some(FrameKind::Record),
+            3 => Some(FrameKind::Error),
+            _ => None,
+        }
+    }
+}
+
+/// A decoded, checked frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: FrameKind,
+    pub payload_bytes: u32,
+    pub checksum: u32,
+    pub seq: u64,
+    pub time_ms: u64,
+}
+
+impl FrameHeader {
+    /// Total size of the frame: header, payload and padding.
+    pub fn frame_bytes(&self) -> usize {
+        frame_bytes(self.payload_bytes as usize)
+    }
+}
+
+/// A frame decoded from a byte slice; `payload` borrows from it.
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<'a> {
+    pub header: FrameHeader,
+    pub payload: &'a [u8],
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame truncated: {needed} bytes needed, {available} available")]
+    Truncated { needed: u64, available: u64 },
+    #[error("frame of {frame_bytes} bytes exceeds the limit of {frame_bytes_max} bytes (frame_bytes_max)")]
+    Oversized { frame_bytes: u64, frame_bytes_max: u32 },
+    #[error("bad magic {found:02x?}: not a MeshOS frame (expected \"MSHF\")")]
+    BadMagic { found: [u8; 4] },
+    #[error("unsupported frame version {found}: this build reads version {VERSION}")]
+    BadVersion { found: u16 },
+    #[error("unknown frame kind {found}")]
+    BadKind { found: u16 },
+    #[error("checksum mismatch: header says {expected:08x}, bytes hash to {actual:08x}")]
+    BadChecksum { expected: u32, actual: u32 },
+    #[error("padding after the payload is not zero")]
+    BadPadding,
+    #[error("payload fails validation: {reason}")]
+    BadPayload { reason: String },
+}
+
+impl FrameError {
+    /// A stable short name per failure, for counters.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            FrameError::Truncated { .. } => "truncated",
+            FrameError::Oversized { .. } => "oversized",
+            FrameError::BadMagic { .. } => "bad_magic",
+            FrameError::BadVersion { .. } => "bad_version",
+            FrameError::BadKind { .. } => "bad_kind",
+            FrameError::BadChecksum { .. } => "bad_checksum",
+            FrameError::BadPadding => "bad_padding",
+            FrameError::BadPayload { .. } => "bad_payload",
+        }
+    }
+}
+
+/// Bytes of zero padding after a payload of `payload_bytes`.
+pub const fn padding_bytes(payload_bytes: usize) -> usize {
+    (ALIGN_BYTES - payload_bytes % ALIGN_BYTES) % ALIGN_BYTES
+}
+
+/// Total frame size for a payload of `payload_bytes`.
+pub const fn frame_bytes(payload_bytes: usize) -> usize {
+    HEADER_BYTES + payload_bytes + padding_bytes(payload_bytes)
+}
+
+fn checksum(header: &[u8; HEADER_BYTES], payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&header[0..12]);
+    let crc = crc32c::crc32c_append(crc, &header[16..32]);
+    crc32c::crc32c_append(crc, payload)
+}
+
+/// The 32 header bytes for a frame carrying `payload`.
+pub fn header_bytes(kind: FrameKind, seq: u64, time_ms: u64, payload: &[u8]) -> [u8; HEADER_BYTES] {
+    assert!(payload.len() <= u32::MAX as usize, "payload of {} bytes cannot be framed", payload.len());
+    let mut header = [0u8; HEADER_BYTES];
+    header[0..4].copy_from_slice(&MAGIC);
+    header[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    header[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
+    header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[16..24].copy_from_slice(&seq.to_le_bytes());
+    header[24..32].copy_from_slice(&time_ms.to_le_bytes());
+    let crc = checksum(&header, payload);
+    header[12..16].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+/// Appends one whole frame (header, payload, padding) to `out`.
+pub fn encode_frame(out: &mut Vec<u8>, kind: FrameKind, seq: u64, time_ms: u64, payload: &[u8]) {
+    out.extend_from_slice(&header_bytes(kind, seq, time_ms, payload));
+    out.extend_from_slice(payload);
+    out.resize(out.len() + padding_bytes(payload.len()), 0);
+}
+
+fn read_u16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([bytes[at], bytes[at + 1]])
+}
+
+fn read_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn read_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Checks the first 32 bytes of `bytes` as a frame header: magic, version, kind and
+/// size limit. Does not look at the payload or the checksum.
+pub fn decode_header(bytes: &[u8], frame_bytes_max: u32) -> Result<FrameHeader, FrameError> {
+    if bytes.len() < HEADER_BYTES {
+        return Err(FrameError::Truncated { needed: HEADER_BYTES as u64, available: bytes.len() as u64 });
+    }
+    let magic: [u8; 4] = bytes[0..4].try_into().expect("4 bytes");
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic { found: magic });
+    }
+    let version = read_u16(bytes, 4);
+    if version != VERSION {
+        return Err(FrameError::BadVersion { found: version });
+    }
+    let kind_raw = read_u16(bytes, 6);
+    let kind = FrameKind::from_u16(kind_raw).ok_or(FrameError::BadKind { found: kind_raw })?;
+    let payload_bytes = read_u32(bytes, 8);
+    let total = frame_bytes(payload_bytes as usize) as u64;
+    if total > frame_bytes_max as u64 {
+        return Err(FrameError::Oversized { frame_bytes: total, frame_bytes_max });
+    }
+    Ok(FrameHeader { kind, payload_bytes, checksum: read_u32(bytes, 12), seq: read_u64(bytes, 16), time_ms: read_u64(bytes, 24) })
+}
+
+/// Decodes and checks one whole frame at the start of `bytes` (trailing bytes are
+/// left alone; `header.frame_bytes()` says how many this frame used).
+pub fn decode_frame(bytes: &[u8], frame_bytes_max: u32) -> Result<Frame<'_>, FrameError> {
+    let header = decode_header(bytes, frame_bytes_max)?;
+    let total = header.frame_bytes();
+    if bytes.len() < total {
+        return Err(FrameError::Truncated { needed: total as u64, available: bytes.len() as u64 });
+    }
+    let payload_end = HEADER_BYTES + header.payload_bytes as usize;
+    let payload = &bytes[HEADER_BYTES..payload_end];
+    let header_array: &[u8; HEADER_BYTES] = bytes[..HEADER_BYTES].try_into().expect("32 bytes");
+    let actual = checksum(header_array, payload);
+    if actual != header.checksum {
+        return Err(FrameError::BadChecksum { expected: header.checksum, actual });
+    }
+    if bytes[payload_end..total].iter().any(|&byte| byte != 0) {
+        return Err(FrameError::BadPadding);
+    }
+    Ok(Frame { header, payload })
+}
+
+/// Archives a batch of events into `out` (cleared first), ready to be framed.
+pub fn encode_batch_into(batch: &EventBatch, out: AlignedVec<ALIGN_BYTES>) -> AlignedVec<ALIGN_BYTES> {
+    let mut out = out;
+    out.clear();
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(batch, out).expect("archiving into memory cannot fail")
+}
+
+/// Archives a batch of events into a fresh aligned buffer.
+pub fn encode_batch(batch: &EventBatch) -> AlignedVec<ALIGN_BYTES> {
+    encode_batch_into(batch, AlignedVec::new())
+}
+
+/// Validates an archived `EventBatch` in place and returns a reference into `payload`.
+/// `payload` must start on an 8-byte boundary (frames in an `AlignedVec` do).
+pub fn access_batch(payload: &[u8]) -> Result<&ArchivedEventBatch, FrameError> {
+    if payload.as_ptr() as usize % 8 != 0 {
+        return Err(FrameError::BadPayload { reason: "payload is not 8-byte aligned in memory".to_string() });
+    }
+    rkyv::access::<ArchivedEventBatch, rancor::Error>(payload)
+        .map_err(|error| FrameError::BadPayload { reason: error.to_string() })
+}
+
+/// Deserialises a batch (for tests and tools; the hot path reads archived events in place).
+pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, FrameError> {
+    let mut aligned = AlignedVec::<ALIGN_BYTES>::with_capacity(payload.len());
+    aligned.extend_from_slice(payload);
+    rkyv::from_bytes::<EventBatch, rancor::Error>(&aligned).map_err(|error| FrameError::BadPayload { reason: error.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, EventKind, NodeHealth};
+
+    fn sample_frame() -> Vec<u8> {
+        let batch = EventBatch {
+            events: vec![Event {
+                origin: "node-1".into(),
+                origin_seq: 7,
+                kind: EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 250 }),
+            }],
+        };
+        let payload = encode_batch(&batch);
+        let mut out = Vec::new();
+        encode_frame(&mut out, FrameKind::Record, 3, 1_000, &payload);
+        out
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = sample_frame();
+        assert_eq!(bytes.len() % ALIGN_BYTES, 0);
+        let frame = decode_frame(&bytes, 1 << 20).unwrap();
+        assert_eq!(frame.header.kind, FrameKind::Record);
+        assert_eq!((frame.header.seq, frame.header.time_ms), (3, 1_000));
+        let mut aligned = AlignedVec::<16>::new();
+        aligned.extend_from_slice(frame.payload);
+        let batch = access_batch(&aligned).unwrap();
+        assert_eq!(batch.events.len(), 1);
+        assert_eq!(batch.events[0].origin.as_str(), "node-1");
+    }
+
+    #[test]
+    fn every_failure_has_its_error() {
+        let good = sample_frame();
+        assert!(matches!(decode_frame(&good[..10], 1 << 20), Err(FrameError::Truncated { .. })));
+        assert!(matches!(decode_frame(&good[..good.len() - 1], 1 << 20), Err(FrameError::Truncated { .. })));
+        assert!(matches!(decode_frame(&good, 64), Err(FrameError::Oversized { .. })));
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(decode_frame(&bad, 1 << 20), Err(FrameError::BadMagic { .. })));
+        let mut bad = good.clone();
+        bad[4] = 9;
+        assert!(matches!(decode_frame(&bad, 1 << 20), Err(FrameError::BadVersion { found: 9 })));
+        let mut bad = good.clone();
+        bad[6] = 77;
+        assert!(matches!(decode_frame(&bad, 1 << 20), Err(FrameError::BadKind { found: 77 })));
+        let mut bad = good.clone();
+        bad[HEADER_BYTES + 2] ^= 0x40;
+        assert!(matches!(decode_frame(&bad, 1 << 20), Err(FrameError::BadChecksum { .. })));
+        let payload_end = HEADER_BYTES + read_u32(&good, 8) as usize;
+        if payload_end < good.len() {
+            let mut bad = good.clone();
+            bad[payload_end] = 1;
+            assert!(matches!(decode_frame(&bad, 1 << 20), Err(FrameError::BadPadding)));
+        }
+        let garbage = AlignedVec::<16>::from_iter_helper(&[0xffu8; 48]);
+        assert!(matches!(access_batch(&garbage), Err(FrameError::BadPayload { .. })));
+    }
+
+    trait FromIterHelper {
+        fn from_iter_helper(bytes: &[u8]) -> Self;
+    }
+
+    impl FromIterHelper for AlignedVec<16> {
+        fn from_iter_helper(bytes: &[u8]) -> Self {
+            let mut out = AlignedVec::<16>::new();
+            out.extend_from_slice(bytes);
+            out
+        }
+    }
+}
