@@ -1,0 +1,587 @@
+//! Fold: apply one log record to the state. Pure: no I/O, no clock, no randomness,
+//! no `Result`; the record's commit time is the only time.
+//!
+//! Invariants: records are folded in position order with no gap (asserted); an
+//! event is either applied whole or rejected whole into `state.rejections` with a
+//! reason naming what is wrong; nothing in an event can panic fold; an origin's
+//! sequence numbers must strictly increase (a replayed duplicate is rejected);
+//! only a heartbeat or a capability update from a node introduces that node;
+//! every growing table checks its row limit first. Hot path (replica updates): three
+//! hash lookups and no allocation.
+
+use rkyv::rancor;
+
+use crate::event::{
+    ArchivedAdminCommand, ArchivedCapability, ArchivedDaemonPlacement, ArchivedDaemonSignal,
+    ArchivedEvent, ArchivedEventBatch, ArchivedEventKind, ArchivedNodeHealth, ArchivedNodeStatus,
+    ArchivedOutcome, ArchivedPlacementIntent, ArchivedReplicaState, BlobHash, DaemonSpec,
+    NodeStatus, ReplicaState,
+};
+use crate::state::daemons::{DaemonState, SpecPlacement};
+use crate::state::ids::{NodeRow, SymbolId};
+use crate::state::nodes::MaintenanceState;
+use crate::state::rejections::{RejectReason, Rejection};
+use crate::state::State;
+use crate::wire;
+
+type Applied = Result<(), RejectReason>;
+
+/// Validates `payload` as an archived `EventBatch` and folds it as record `position`
+/// committed at `time_ms`. A payload that fails validation is rejected whole.
+pub fn fold_payload(state: &mut State, position: u64, time_ms: u64, payload: &[u8]) {
+    match wire::access_batch(payload) {
+        Ok(batch) => fold_record(state, position, time_ms, batch),
+        Err(error) => {
+            begin_record(state, position, time_ms);
+            state.rejections.push(Rejection {
+                position,
+                event_index: u32::MAX,
+                origin: "".into(),
+                origin_seq: 0,
+                kind: "record",
+                reason: RejectReason::BadPayload(error.to_string()),
+            });
+        }
+    }
+}
+
+/// Folds an already validated batch as record `position` committed at `time_ms`.
+pub fn fold_record(state: &mut State, position: u64, time_ms: u64, batch: &ArchivedEventBatch) {
+    begin_record(state, position, time_ms);
+    for (index, event) in batch.events.iter().enumerate() {
+        match apply_event(state, event) {
+            Ok(()) => state.events_applied += 1,
+            Err(reason) => state.rejections.push(Rejection {
+                position,
+                event_index: index as u32,
+                origin: truncated(event.origin.as_str(), state.limits.name_bytes_max),
+                origin_seq: event.origin_seq.to_native(),
+                kind: event.kind.name(),
+                reason,
+            }),
+        }
+    }
+}
+
+fn begin_record(state: &mut State, position: u64, time_ms: u64) {
+    assert_eq!(
+        position,
+        state.position + 1,
+        "records must be folded in order, without gaps"
+    );
+    state.position = position;
+    state.now_ms = state.now_ms.max(time_ms);
+}
+
+fn truncated(text: &str, bytes_max: u32) -> Box<str> {
+    let mut end = text.len().min(bytes_max as usize);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].into()
+}
+
+fn check_name(name: &str, state: &State) -> Applied {
+    let max = state.limits.name_bytes_max;
+    if name.is_empty() || name.len() > max as usize {
+        return Err(RejectReason::BadName {
+            bytes: name.len() as u32,
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn find_node(state: &State, name: &str) -> Result<NodeRow, RejectReason> {
+    state
+        .nodes
+        .find(name)
+        .ok_or_else(|| RejectReason::UnknownNode(truncated(name, state.limits.name_bytes_max)))
+}
+
+fn find_blob(state: &State, hash: &BlobHash) -> Result<crate::state::ids::BlobRow, RejectReason> {
+    state
+        .blobs
+        .find(hash)
+        .ok_or(RejectReason::UnknownBlob(*hash))
+}
+
+fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
+    let origin_name = event.origin.as_str();
+    let origin_seq = event.origin_seq.to_native();
+    let known = state.nodes.find(origin_name);
+    if let Some(row) = known {
+        let last = state.nodes.origin_seq_last[row.index()];
+        if origin_seq <= last {
+            return Err(RejectReason::StaleOriginSeq {
+                last,
+                got: origin_seq,
+            });
+        }
+    }
+    let origin = match (known, &event.kind) {
+        (Some(row), _) => row,
+        (None, ArchivedEventKind::NodeHealth(ArchivedNodeHealth::Heartbeat { .. })) => {
+            join(state, origin_name, origin_seq)?
+        }
+        (None, ArchivedEventKind::Capability(capability)) => {
+            check_capability(0, capability)?;
+            join(state, origin_name, origin_seq)?
+        }
+        (None, _) => {
+            return Err(RejectReason::UnknownOrigin(truncated(
+                origin_name,
+                state.limits.name_bytes_max,
+            )))
+        }
+    };
+    match &event.kind {
+        ArchivedEventKind::ReplicaUpdate {
+            blob,
+            state: replica_state,
+        } => replica_update(state, origin, blob, *replica_state),
+        ArchivedEventKind::Daemon { daemon, signal } => {
+            daemon_signal(state, origin, daemon.as_str(), signal)
+        }
+        ArchivedEventKind::Rtt { peer, rtt_us } => {
+            rtt_sample(state, origin, peer.as_str(), rtt_us.to_native())
+        }
+        ArchivedEventKind::NodeHealth(health) => node_health(state, origin, health),
+        ArchivedEventKind::Admin { operator, command } => admin(state, operator.as_str(), command),
+        ArchivedEventKind::BlobAnnounce { blob, size_bytes } => {
+            blob_announce(state, origin, blob, size_bytes.to_native())
+        }
+        ArchivedEventKind::PlacementIntent(intent) => placement_intent(state, intent),
+        ArchivedEventKind::DaemonIntent { spec, runs_on } => daemon_intent(state, spec, runs_on),
+        ArchivedEventKind::Capability(capability) => apply_capability(state, origin, capability),
+        ArchivedEventKind::ActionOutcome { action, outcome } => {
+            let id = action.to_native();
+            let success = matches!(outcome, ArchivedOutcome::Success);
+            state
+                .inflight
+                .settle(id, success)
+                .map(|_| ())
+                .ok_or(RejectReason::UnknownAction(id))
+        }
+        ArchivedEventKind::InventoryDigest { blob_count, digest } => {
+            let index = origin.index();
+            state.nodes.inventory_blob_count[index] = blob_count.to_native();
+            state.nodes.inventory_digest[index] = *digest;
+            state.nodes.inventory_reported_ms[index] = state.now_ms;
+            Ok(())
+        }
+    }?;
+    state.nodes.origin_seq_last[origin.index()] = origin_seq;
+    Ok(())
+}
+
+/// Interns a node announcing itself.
+fn join(state: &mut State, name: &str, origin_seq: u64) -> Result<NodeRow, RejectReason> {
+    check_name(name, state)?;
+    if state.nodes.len() >= state.limits.nodes_max as usize {
+        return Err(RejectReason::TableFull("node"));
+    }
+    Ok(state.nodes.insert(name, origin_seq, state.now_ms))
+}
+
+fn native_replica_state(state: ArchivedReplicaState) -> ReplicaState {
+    match state {
+        ArchivedReplicaState::Pulling => ReplicaState::Pulling,
+        ArchivedReplicaState::Healthy => ReplicaState::Healthy,
+        ArchivedReplicaState::Corrupt => ReplicaState::Corrupt,
+        ArchivedReplicaState::Deleted => ReplicaState::Deleted,
+    }
+}
+
+fn native_node_status(status: ArchivedNodeStatus) -> NodeStatus {
+    match status {
+        ArchivedNodeStatus::Up => NodeStatus::Up,
+        ArchivedNodeStatus::Suspect => NodeStatus::Suspect,
+        ArchivedNodeStatus::Down => NodeStatus::Down,
+        ArchivedNodeStatus::Left => NodeStatus::Left,
+    }
+}
+
+fn replica_update(
+    state: &mut State,
+    node: NodeRow,
+    hash: &BlobHash,
+    reported: ArchivedReplicaState,
+) -> Applied {
+    let blob = find_blob(state, hash)?;
+    let next = native_replica_state(reported);
+    let now_ms = state.now_ms;
+    let replicas = &mut state.replicas;
+    let Some(row) = replicas.find(blob, node) else {
+        if next == ReplicaState::Deleted {
+            return Err(RejectReason::UnknownReplica { blob: *hash });
+        }
+        if replicas.len() >= state.limits.replicas_max as usize {
+            return Err(RejectReason::TableFull("replica"));
+        }
+        replicas.insert(blob, node, next, now_ms);
+        state.blobs.healthy_count[blob.index()] += (next == ReplicaState::Healthy) as u32;
+        return Ok(());
+    };
+    let index = row.index();
+    let previous = replicas.state[index];
+    if previous == next {
+        return Ok(());
+    }
+    replicas.state[index] = next;
+    replicas.since_ms[index] = now_ms;
+    let was_deleted = (previous == ReplicaState::Deleted) as u32;
+    let is_deleted = (next == ReplicaState::Deleted) as u32;
+    replicas.live = replicas.live + was_deleted - is_deleted;
+    let healthy = &mut state.blobs.healthy_count[blob.index()];
+    *healthy = *healthy + (next == ReplicaState::Healthy) as u32
+        - (previous == ReplicaState::Healthy) as u32;
+    Ok(())
+}
+
+fn daemon_signal(
+    state: &mut State,
+    node: NodeRow,
+    name: &str,
+    signal: &ArchivedDaemonSignal,
+) -> Applied {
+    let unknown = || RejectReason::UnknownDaemon(name.into());
+    let spec = state.specs.find(name).ok_or_else(unknown)?;
+    let row = state.daemons.find(spec, node);
+    let now_ms = state.now_ms;
+    let daemons = &mut state.daemons;
+    if let ArchivedDaemonSignal::Started { pid } = signal {
+        let pid = pid.to_native();
+        let Some(row) = row else {
+            if daemons.len() >= state.limits.daemons_max as usize {
+                return Err(RejectReason::TableFull("daemon"));
+            }
+            daemons.insert_started(spec, node, pid, now_ms);
+            return Ok(());
+        };
+        let index = row.index();
+        if daemons.state[index].is_running() {
+            return Err(RejectReason::DaemonAlreadyRunning(name.into()));
+        }
+        daemons.set_state(row, DaemonState::Started, now_ms);
+        daemons.pid[index] = pid;
+        daemons.starts[index] += 1;
+        daemons.healthy[index] = false;
+        daemons.saturation_permille[index] = 0;
+        return Ok(());
+    }
+    let row = row
+        .filter(|row| daemons.state[row.index()].is_running())
+        .ok_or_else(|| RejectReason::DaemonNotRunning(name.into()))?;
+    let index = row.index();
+    match signal {
+        ArchivedDaemonSignal::Started { .. } => unreachable!("handled above"),
+        ArchivedDaemonSignal::Registered { pid } => {
+            let reported = pid.to_native();
+            if reported != daemons.pid[index] {
+                return Err(RejectReason::PidMismatch {
+                    daemon: name.into(),
+                    running: daemons.pid[index],
+                    reported,
+                });
+            }
+            if daemons.state[index] != DaemonState::Registered {
+                daemons.set_state(row, DaemonState::Registered, now_ms);
+            }
+        }
+        ArchivedDaemonSignal::Exited { code } => {
+            daemons.set_state(row, DaemonState::Exited, now_ms);
+            daemons.last_exit[index] = code.to_native();
+            daemons.healthy[index] = false;
+        }
+        ArchivedDaemonSignal::Crashed { signal } => {
+            daemons.set_state(row, DaemonState::Crashed, now_ms);
+            daemons.last_exit[index] = signal.to_native();
+            daemons.crashes[index] += 1;
+            daemons.healthy[index] = false;
+        }
+        ArchivedDaemonSignal::Stopped => {
+            daemons.set_state(row, DaemonState::Stopped, now_ms);
+            daemons.healthy[index] = false;
+        }
+        ArchivedDaemonSignal::Health { healthy } => {
+            daemons.healthy[index] = *healthy;
+            daemons.last_health_ms[index] = now_ms;
+        }
+        ArchivedDaemonSignal::Saturation { permille } => {
+            daemons.saturation_permille[index] = permille.to_native().min(1000);
+        }
+    }
+    Ok(())
+}
+
+fn rtt_sample(state: &mut State, from: NodeRow, peer: &str, rtt_us: u32) -> Applied {
+    let to = find_node(state, peer)?;
+    if to == from {
+        return Err(RejectReason::RttToSelf);
+    }
+    let now_ms = state.now_ms;
+    match state.rtt.find(from, to) {
+        Some(row) => state
+            .rtt
+            .record(row, rtt_us, state.limits.rtt_ewma_shift, now_ms),
+        None => {
+            if state.rtt.len() >= state.limits.rtt_pairs_max as usize {
+                return Err(RejectReason::TableFull("rtt pair"));
+            }
+            state.rtt.insert(from, to, rtt_us, now_ms);
+        }
+    }
+    Ok(())
+}
+
+/// Sets a node's status; a node back from Down or Left starts a new incarnation.
+fn set_status(state: &mut State, node: NodeRow, status: NodeStatus) {
+    let index = node.index();
+    let previous = state.nodes.status[index];
+    let returns =
+        matches!(previous, NodeStatus::Down | NodeStatus::Left) && status == NodeStatus::Up;
+    state.nodes.incarnation[index] += returns as u32;
+    state.nodes.status[index] = status;
+}
+
+fn node_health(state: &mut State, origin: NodeRow, health: &ArchivedNodeHealth) -> Applied {
+    match health {
+        ArchivedNodeHealth::Heartbeat { load_permille } => {
+            let index = origin.index();
+            state.nodes.last_heartbeat_ms[index] = state.now_ms;
+            state.nodes.load_permille[index] = load_permille.to_native().min(1000);
+            set_status(state, origin, NodeStatus::Up);
+        }
+        ArchivedNodeHealth::Status { node, status } => {
+            let node = find_node(state, node.as_str())?;
+            set_status(state, node, native_node_status(*status));
+        }
+    }
+    Ok(())
+}
+
+/// The target rows of a command aimed at one node, or at every node when `None`.
+fn node_or_all(state: &State, node: Option<&str>) -> Result<std::ops::Range<usize>, RejectReason> {
+    match node {
+        Some(name) => {
+            let row = find_node(state, name)?;
+            Ok(row.index()..row.index() + 1)
+        }
+        None => Ok(0..state.nodes.len()),
+    }
+}
+
+fn admin(state: &mut State, operator: &str, command: &ArchivedAdminCommand) -> Applied {
+    check_name(operator, state)?;
+    match command {
+        ArchivedAdminCommand::EnterMaintenance { node } => {
+            let index = find_node(state, node.as_str())?.index();
+            let maintenance = &mut state.nodes.maintenance[index];
+            if *maintenance == MaintenanceState::Active {
+                *maintenance = MaintenanceState::EnteringMaintenance;
+            }
+        }
+        ArchivedAdminCommand::ExitMaintenance { node } => {
+            let index = find_node(state, node.as_str())?.index();
+            let maintenance = &mut state.nodes.maintenance[index];
+            match *maintenance {
+                MaintenanceState::Active => {
+                    return Err(RejectReason::NotInMaintenance(node.as_str().into()))
+                }
+                MaintenanceState::EnteringMaintenance
+                | MaintenanceState::Maintenance
+                | MaintenanceState::DrainFailed => {
+                    *maintenance = MaintenanceState::ExitingMaintenance
+                }
+                MaintenanceState::ExitingMaintenance | MaintenanceState::Recovery => {}
+            }
+        }
+        ArchivedAdminCommand::Drain { node } => {
+            let index = find_node(state, node.as_str())?.index();
+            state.nodes.cordoned[index] = true;
+            state.nodes.draining[index] = true;
+        }
+        ArchivedAdminCommand::Cordon { node } => {
+            let index = find_node(state, node.as_str())?.index();
+            state.nodes.cordoned[index] = true;
+        }
+        ArchivedAdminCommand::Uncordon { node } => {
+            let index = find_node(state, node.as_str())?.index();
+            state.nodes.cordoned[index] = false;
+            state.nodes.draining[index] = false;
+        }
+        ArchivedAdminCommand::RestartAllDaemons { node } => {
+            let rows = node_or_all(state, node.as_ref().map(|name| name.as_str()))?;
+            for generation in &mut state.nodes.restart_generation[rows] {
+                *generation += 1;
+            }
+        }
+        ArchivedAdminCommand::ClearAvoid { node } => {
+            let rows = node_or_all(state, node.as_ref().map(|name| name.as_str()))?;
+            state.nodes.avoid[rows].fill(false);
+        }
+        ArchivedAdminCommand::DropReplicas { node, blob } => {
+            let target = find_node(state, node.as_str())?;
+            match blob.as_ref() {
+                Some(hash) => {
+                    let blob = find_blob(state, hash)?;
+                    let row = state
+                        .replicas
+                        .find(blob, target)
+                        .ok_or(RejectReason::UnknownReplica { blob: *hash })?;
+                    state.replicas.drop_requested[row.index()] = true;
+                }
+                None => {
+                    let replicas = &mut state.replicas;
+                    for (requested, &holder) in
+                        replicas.drop_requested.iter_mut().zip(&replicas.node)
+                    {
+                        *requested |= holder == target;
+                    }
+                }
+            }
+        }
+        ArchivedAdminCommand::InvalidatePlacement { blob } => match blob.as_ref() {
+            Some(hash) => {
+                let blob = find_blob(state, hash)?;
+                state.blobs.placement_epoch[blob.index()] += 1;
+            }
+            None => state.placement_epoch += 1,
+        },
+    }
+    Ok(())
+}
+
+fn blob_announce(state: &mut State, origin: NodeRow, hash: &BlobHash, size_bytes: u64) -> Applied {
+    if let Some(blob) = state.blobs.find(hash) {
+        let known_bytes = state.blobs.size_bytes[blob.index()];
+        if known_bytes != size_bytes {
+            return Err(RejectReason::BlobSizeMismatch {
+                blob: *hash,
+                known_bytes,
+                announced_bytes: size_bytes,
+            });
+        }
+        return Ok(());
+    }
+    if state.blobs.len() >= state.limits.blobs_max as usize {
+        return Err(RejectReason::TableFull("blob"));
+    }
+    state.blobs.insert(*hash, size_bytes, origin, state.now_ms);
+    Ok(())
+}
+
+fn placement_intent(state: &mut State, intent: &ArchivedPlacementIntent) -> Applied {
+    let blob = find_blob(state, &intent.blob)?;
+    if intent.pinned.len() > intent.replicas as usize {
+        return Err(RejectReason::InvalidIntent(
+            "more pinned nodes than replicas",
+        ));
+    }
+    let mut pinned = smallvec::SmallVec::new();
+    for name in intent.pinned.iter() {
+        let node = find_node(state, name.as_str())?;
+        if pinned.contains(&node) {
+            return Err(RejectReason::InvalidIntent("a node is pinned twice"));
+        }
+        pinned.push(node);
+    }
+    let index = blob.index();
+    state.blobs.replicas_wanted[index] = intent.replicas;
+    state.blobs.zone_spread[index] = intent.zone_spread;
+    state.blobs.pinned[index] = pinned;
+    state.blobs.intent_ms[index] = state.now_ms;
+    Ok(())
+}
+
+fn daemon_intent(
+    state: &mut State,
+    spec: &crate::event::ArchivedDaemonSpec,
+    runs_on: &ArchivedDaemonPlacement,
+) -> Applied {
+    check_name(spec.name.as_str(), state)?;
+    let restart = &spec.restart;
+    let removal = matches!(runs_on, ArchivedDaemonPlacement::Nowhere);
+    if !removal && spec.command.is_empty() {
+        return Err(RejectReason::InvalidIntent("daemon command is empty"));
+    }
+    if restart.backoff_base_ms == 0 || restart.backoff_max_ms < restart.backoff_base_ms {
+        return Err(RejectReason::InvalidIntent(
+            "restart backoff needs 0 < base <= max",
+        ));
+    }
+    if restart.crash_loop_limit == 0 || restart.crash_loop_window_ms == 0 {
+        return Err(RejectReason::InvalidIntent(
+            "crash-loop limit and window must be above 0",
+        ));
+    }
+    if state.specs.find(spec.name.as_str()).is_none()
+        && state.specs.len() >= state.limits.daemon_specs_max as usize
+    {
+        return Err(RejectReason::TableFull("daemon spec"));
+    }
+    let placement = match runs_on {
+        ArchivedDaemonPlacement::AllNodes => SpecPlacement::AllNodes,
+        ArchivedDaemonPlacement::Nowhere => SpecPlacement::Nowhere,
+        ArchivedDaemonPlacement::Nodes(names) => {
+            let mut rows = smallvec::SmallVec::new();
+            for name in names.iter() {
+                let row = find_node(state, name.as_str())?;
+                if !rows.contains(&row) {
+                    rows.push(row);
+                }
+            }
+            SpecPlacement::Nodes(rows)
+        }
+        ArchivedDaemonPlacement::Label(label) => {
+            check_name(label.as_str(), state)?;
+            SpecPlacement::Label(state.symbols.intern(label.as_str()))
+        }
+    };
+    let spec = rkyv::deserialize::<DaemonSpec, rancor::Error>(spec)
+        .map_err(|error| RejectReason::BadPayload(error.to_string()))?;
+    state.specs.upsert(spec, placement, state.now_ms);
+    Ok(())
+}
+
+fn check_capability(current: u64, capability: &ArchivedCapability) -> Applied {
+    let version = capability.version.to_native();
+    let fork_of = capability.fork_of.to_native();
+    if fork_of != current || version <= current {
+        return Err(RejectReason::CapabilityForkMismatch {
+            current,
+            fork_of,
+            version,
+        });
+    }
+    Ok(())
+}
+
+fn apply_capability(state: &mut State, node: NodeRow, capability: &ArchivedCapability) -> Applied {
+    let index = node.index();
+    check_capability(state.nodes.capability_version[index], capability)?;
+    let zone = capability.zone.as_str();
+    if !zone.is_empty() {
+        check_name(zone, state)?;
+    }
+    for label in capability.labels.iter() {
+        check_name(label.as_str(), state)?;
+    }
+    let zone = if zone.is_empty() {
+        SymbolId::NONE
+    } else {
+        state.symbols.intern(zone)
+    };
+    let labels = capability
+        .labels
+        .iter()
+        .map(|label| state.symbols.intern(label.as_str()))
+        .collect();
+    let nodes = &mut state.nodes;
+    nodes.capability_version[index] = capability.version.to_native();
+    nodes.zone[index] = zone;
+    nodes.capacity_bytes[index] = capability.capacity_bytes.to_native();
+    nodes.labels[index] = labels;
+    Ok(())
+}

@@ -1,0 +1,541 @@
+//! The synthetic cluster-life generator behind `meshos log gen`.
+//!
+//! It models a cluster just enough to emit only events fold accepts: nodes join
+//! (capability, heartbeat), daemon intents are declared and their instances start
+//! and register, blobs are announced with placement intents and replicated, and
+//! then the cluster lives: heartbeats, replica churn (corruption, deletion, repair),
+//! RTT samples from a synthetic latency map, daemon health, saturation and crashes,
+//! inventory digests, nodes going down and coming back, capability forks, and admin
+//! commands. Records carry up to `record_events` events; log time advances by a
+//! pseudo-random 50..150 ms per record from a fixed epoch.
+//!
+//! Invariants: the event sequence is a pure function of `GenOptions` (same options,
+//! same bytes); origin sequence numbers strictly increase per node; exactly
+//! `options.events` events are produced.
+
+use crate::event::{
+    AdminCommand, BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, EnvVar, Event,
+    EventBatch, EventKind, NodeHealth, NodeStatus, PlacementIntent, ReplicaState, RestartPolicy,
+};
+use crate::sim::rng::Rng;
+
+/// 2026-01-01T00:00:00Z, the generator's first log time.
+pub const GEN_EPOCH_MS: u64 = 1_767_225_600_000;
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenOptions {
+    pub seed: u64,
+    pub nodes: u32,
+    pub blobs: u32,
+    pub replicas: u8,
+    /// Total events, setup included.
+    pub events: u64,
+    /// Events per log record.
+    pub record_events: u32,
+}
+
+/// Options that cannot make a cluster, naming the flag and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenError {
+    #[error("--{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DaemonModel {
+    Running,
+    Started,
+    Crashed,
+}
+
+const DAEMONS: [&str; 2] = ["indexer", "scrubber"];
+const ADMIN_ORIGIN: usize = 0;
+
+/// The generator: call `next_batch` until it returns `None`.
+pub struct Generator {
+    options: GenOptions,
+    rng: Rng,
+    produced: u64,
+    setup: std::vec::IntoIter<Event>,
+    time_ms: u64,
+    names: Vec<String>,
+    seq: Vec<u64>,
+    up: Vec<bool>,
+    down_count: u32,
+    capability_version: Vec<u64>,
+    cordoned: Vec<bool>,
+    in_maintenance: Vec<bool>,
+    position: Vec<(i64, i64, i64)>,
+    hashes: Vec<BlobHash>,
+    /// Replica slots: blob `slot / replicas`, held by `holder`, in `replica_state`.
+    holder: Vec<u32>,
+    replica_state: Vec<ReplicaState>,
+    healthy_count_by_node: Vec<u32>,
+    digest_by_node: Vec<u128>,
+    /// Daemon instances: (node, daemon index, state, pid).
+    instances: Vec<(u32, usize, DaemonModel, u32)>,
+    next_pid: u32,
+}
+
+fn capacity_bytes(node: usize, version: u64) -> u64 {
+    (1u64 << 40) + (node as u64 % 4) * (1 << 38) + version * (1 << 30)
+}
+
+fn zone_name(node: usize, nodes: usize) -> String {
+    format!("zone-{}", node % nodes.min(3))
+}
+
+fn is_storage(node: usize) -> bool {
+    node % 2 == 0
+}
+
+fn digest_part(hash: &BlobHash) -> u128 {
+    u128::from_le_bytes(hash[..16].try_into().expect("16 bytes"))
+}
+
+impl Generator {
+    pub fn new(options: GenOptions) -> Result<Generator, GenError> {
+        let invalid = |flag, reason: String| Err(GenError::Invalid { flag, reason });
+        if options.nodes == 0 || options.nodes > 60_000 {
+            return invalid("nodes", format!("{} is outside 1..=60000", options.nodes));
+        }
+        if options.replicas == 0 || options.replicas as u32 > options.nodes {
+            return invalid(
+                "replicas",
+                format!("{} must be 1..=nodes ({})", options.replicas, options.nodes),
+            );
+        }
+        if options.blobs as u64 * options.replicas as u64 > 50_000_000 {
+            return invalid("blobs", "blobs x replicas above 50 million".to_string());
+        }
+        if options.record_events == 0 || options.record_events > 65_536 {
+            return invalid(
+                "record-events",
+                format!("{} is outside 1..=65536", options.record_events),
+            );
+        }
+        let nodes = options.nodes as usize;
+        let mut rng = Rng::new(options.seed);
+        let names: Vec<String> = (0..nodes).map(|node| format!("node-{node:04}")).collect();
+        let position = (0..nodes)
+            .map(|_| {
+                (
+                    rng.below(100_000) as i64,
+                    rng.below(100_000) as i64,
+                    100 + rng.below(2_000) as i64,
+                )
+            })
+            .collect();
+        let hashes: Vec<BlobHash> = (0..options.blobs as u64)
+            .map(|blob| {
+                let mut input = [0u8; 16];
+                input[..8].copy_from_slice(&options.seed.to_le_bytes());
+                input[8..].copy_from_slice(&blob.to_le_bytes());
+                *blake3::hash(&input).as_bytes()
+            })
+            .collect();
+        let mut generator = Generator {
+            rng,
+            produced: 0,
+            setup: Vec::new().into_iter(),
+            time_ms: GEN_EPOCH_MS,
+            seq: vec![0; nodes],
+            up: vec![true; nodes],
+            down_count: 0,
+            capability_version: vec![0; nodes],
+            cordoned: vec![false; nodes],
+            in_maintenance: vec![false; nodes],
+            position,
+            hashes,
+            holder: Vec::new(),
+            replica_state: Vec::new(),
+            healthy_count_by_node: vec![0; nodes],
+            digest_by_node: vec![0; nodes],
+            instances: Vec::new(),
+            next_pid: 1000,
+            names,
+            options,
+        };
+        let setup = generator.setup_events();
+        if (setup.len() as u64) > generator.options.events {
+            return invalid(
+                "events",
+                format!(
+                    "{} is too few: this cluster's setup alone takes {} events",
+                    generator.options.events,
+                    setup.len()
+                ),
+            );
+        }
+        generator.setup = setup.into_iter();
+        Ok(generator)
+    }
+
+    fn event(&mut self, origin: usize, kind: EventKind) -> Event {
+        self.seq[origin] += 1;
+        Event {
+            origin: self.names[origin].clone(),
+            origin_seq: self.seq[origin],
+            kind,
+        }
+    }
+
+    fn capability(&mut self, node: usize) -> Event {
+        let fork_of = self.capability_version[node];
+        let version = fork_of + 1;
+        self.capability_version[node] = version;
+        let labels = vec![if is_storage(node) { "storage" } else { "edge" }.to_string()];
+        let capability = Capability {
+            version,
+            fork_of,
+            zone: zone_name(node, self.names.len()),
+            capacity_bytes: capacity_bytes(node, version),
+            labels,
+        };
+        self.event(node, EventKind::Capability(capability))
+    }
+
+    fn daemon_spec(name: &str) -> DaemonSpec {
+        DaemonSpec {
+            name: name.to_string(),
+            command: format!("/usr/local/bin/{name}"),
+            args: vec!["--serve".to_string()],
+            env: vec![EnvVar {
+                key: "RUST_LOG".to_string(),
+                value: "info".to_string(),
+            }],
+            working_dir: "/var/lib/meshos".to_string(),
+            essential: name == "indexer",
+            health_timeout_ms: 30_000,
+            restart: RestartPolicy::default(),
+            stop_grace_ms: 10_000,
+        }
+    }
+
+    fn set_replica(&mut self, slot: usize, next: ReplicaState) {
+        let node = self.holder[slot] as usize;
+        let blob = slot / self.options.replicas as usize;
+        let part = digest_part(&self.hashes[blob]);
+        let was_healthy = self.replica_state[slot] == ReplicaState::Healthy;
+        let is_healthy = next == ReplicaState::Healthy;
+        if was_healthy && !is_healthy {
+            self.healthy_count_by_node[node] -= 1;
+            self.digest_by_node[node] = self.digest_by_node[node].wrapping_sub(part);
+        }
+        if is_healthy && !was_healthy {
+            self.healthy_count_by_node[node] += 1;
+            self.digest_by_node[node] = self.digest_by_node[node].wrapping_add(part);
+        }
+        self.replica_state[slot] = next;
+    }
+
+    fn setup_events(&mut self) -> Vec<Event> {
+        let nodes = self.names.len();
+        let mut events = Vec::new();
+        for node in 0..nodes {
+            events.push(self.capability(node));
+            events.push(self.event(
+                node,
+                EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 }),
+            ));
+        }
+        for name in DAEMONS {
+            let runs_on = if name == "indexer" {
+                DaemonPlacement::AllNodes
+            } else {
+                DaemonPlacement::Label("storage".to_string())
+            };
+            let spec = Self::daemon_spec(name);
+            events.push(self.event(ADMIN_ORIGIN, EventKind::DaemonIntent { spec, runs_on }));
+        }
+        for node in 0..nodes {
+            for (daemon, name) in DAEMONS.iter().enumerate() {
+                if daemon == 1 && !is_storage(node) {
+                    continue;
+                }
+                let pid = self.next_pid;
+                self.next_pid += 1;
+                self.instances
+                    .push((node as u32, daemon, DaemonModel::Running, pid));
+                for signal in [
+                    DaemonSignal::Started { pid },
+                    DaemonSignal::Registered { pid },
+                    DaemonSignal::Health { healthy: true },
+                ] {
+                    events.push(self.event(
+                        node,
+                        EventKind::Daemon {
+                            daemon: name.to_string(),
+                            signal,
+                        },
+                    ));
+                }
+            }
+        }
+        let replicas = self.options.replicas as usize;
+        for blob in 0..self.hashes.len() {
+            let hash = self.hashes[blob];
+            let size_bytes = 1024 + self.rng.below(1 << 30);
+            let announcer = blob % nodes;
+            events.push(self.event(
+                announcer,
+                EventKind::BlobAnnounce {
+                    blob: hash,
+                    size_bytes,
+                },
+            ));
+            let intent = PlacementIntent {
+                blob: hash,
+                replicas: replicas as u8,
+                zone_spread: true,
+                pinned: Vec::new(),
+            };
+            events.push(self.event(ADMIN_ORIGIN, EventKind::PlacementIntent(intent)));
+            let start = self.rng.below(nodes as u64) as usize;
+            let step = 1 + self.rng.below(nodes.max(2) as u64 - 1) as usize;
+            let mut chosen: Vec<usize> = Vec::with_capacity(replicas);
+            let mut candidate = start;
+            while chosen.len() < replicas {
+                if !chosen.contains(&candidate) {
+                    chosen.push(candidate);
+                }
+                candidate = (candidate + step) % nodes;
+                if chosen.contains(&candidate) {
+                    candidate = (candidate + 1) % nodes;
+                }
+            }
+            for node in chosen {
+                let slot = self.holder.len();
+                self.holder.push(node as u32);
+                self.replica_state.push(ReplicaState::Pulling);
+                events.push(self.event(
+                    node,
+                    EventKind::ReplicaUpdate {
+                        blob: hash,
+                        state: ReplicaState::Pulling,
+                    },
+                ));
+                self.set_replica(slot, ReplicaState::Healthy);
+                events.push(self.event(
+                    node,
+                    EventKind::ReplicaUpdate {
+                        blob: hash,
+                        state: ReplicaState::Healthy,
+                    },
+                ));
+            }
+        }
+        events
+    }
+
+    fn random_up_node(&mut self) -> usize {
+        loop {
+            let node = self.rng.below(self.names.len() as u64) as usize;
+            if self.up[node] {
+                return node;
+            }
+        }
+    }
+
+    fn heartbeat(&mut self, node: usize) -> Event {
+        let load_permille = self.rng.below(1001) as u16;
+        self.event(
+            node,
+            EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille }),
+        )
+    }
+
+    fn live_event(&mut self) -> Event {
+        let roll = self.rng.below(100);
+        let nodes = self.names.len();
+        match roll {
+            35..=59 if !self.holder.is_empty() => self.replica_churn(),
+            60..=79 if nodes > 1 => {
+                let from = self.random_up_node();
+                let mut to = self.rng.below(nodes as u64 - 1) as usize;
+                to += (to >= from) as usize;
+                let (ax, ay, ah) = self.position[from];
+                let (bx, by, bh) = self.position[to];
+                let distance = (((ax - bx).pow(2) + (ay - by).pow(2)) as f64).sqrt() as i64;
+                let jitter = self.rng.below(200) as i64;
+                let rtt_us = (distance + ah + bh + jitter) as u32;
+                let peer = self.names[to].clone();
+                self.event(from, EventKind::Rtt { peer, rtt_us })
+            }
+            80..=89 => self.daemon_event(),
+            90..=93 => {
+                let node = self.random_up_node();
+                let blob_count = self.healthy_count_by_node[node];
+                let digest = self.digest_by_node[node].to_le_bytes();
+                self.event(node, EventKind::InventoryDigest { blob_count, digest })
+            }
+            94..=96 if nodes > 1 => self.node_status_event(),
+            97..=98 => self.admin_event(),
+            99 => {
+                let node = self.random_up_node();
+                self.capability(node)
+            }
+            _ => {
+                let node = self.random_up_node();
+                self.heartbeat(node)
+            }
+        }
+    }
+
+    fn replica_churn(&mut self) -> Event {
+        let slot = self.rng.below(self.holder.len() as u64) as usize;
+        let node = self.holder[slot] as usize;
+        if !self.up[node] {
+            let node = self.random_up_node();
+            return self.heartbeat(node);
+        }
+        let next = match self.replica_state[slot] {
+            ReplicaState::Healthy => match self.rng.below(10) {
+                0..=2 => ReplicaState::Corrupt,
+                3..=4 => ReplicaState::Deleted,
+                _ => ReplicaState::Healthy,
+            },
+            ReplicaState::Corrupt => ReplicaState::Deleted,
+            ReplicaState::Deleted => ReplicaState::Pulling,
+            ReplicaState::Pulling => ReplicaState::Healthy,
+        };
+        self.set_replica(slot, next);
+        let blob = self.hashes[slot / self.options.replicas as usize];
+        self.event(node, EventKind::ReplicaUpdate { blob, state: next })
+    }
+
+    fn daemon_event(&mut self) -> Event {
+        let instance = self.rng.below(self.instances.len() as u64) as usize;
+        let (node, daemon, model, pid) = self.instances[instance];
+        let node = node as usize;
+        if !self.up[node] {
+            let node = self.random_up_node();
+            return self.heartbeat(node);
+        }
+        let (signal, next, pid) = match model {
+            DaemonModel::Running => match self.rng.below(20) {
+                0..=11 => (
+                    DaemonSignal::Health {
+                        healthy: self.rng.below(20) != 0,
+                    },
+                    model,
+                    pid,
+                ),
+                12..=18 => (
+                    DaemonSignal::Saturation {
+                        permille: self.rng.below(1001) as u16,
+                    },
+                    model,
+                    pid,
+                ),
+                _ => (
+                    DaemonSignal::Crashed { signal: 9 },
+                    DaemonModel::Crashed,
+                    pid,
+                ),
+            },
+            DaemonModel::Crashed => {
+                let pid = self.next_pid;
+                self.next_pid += 1;
+                (DaemonSignal::Started { pid }, DaemonModel::Started, pid)
+            }
+            DaemonModel::Started => (DaemonSignal::Registered { pid }, DaemonModel::Running, pid),
+        };
+        self.instances[instance] = (node as u32, daemon, next, pid);
+        self.event(
+            node,
+            EventKind::Daemon {
+                daemon: DAEMONS[daemon].to_string(),
+                signal,
+            },
+        )
+    }
+
+    fn node_status_event(&mut self) -> Event {
+        let nodes = self.names.len();
+        let node = self.rng.below(nodes as u64) as usize;
+        if !self.up[node] {
+            // The node comes back: its own heartbeat marks it up again.
+            self.up[node] = true;
+            self.down_count -= 1;
+            return self.heartbeat(node);
+        }
+        let observer = self.random_up_node();
+        let may_go_down =
+            node != ADMIN_ORIGIN && node != observer && self.down_count < nodes as u32 / 4;
+        let status = if may_go_down && self.rng.percent(50) {
+            self.up[node] = false;
+            self.down_count += 1;
+            NodeStatus::Down
+        } else {
+            NodeStatus::Suspect
+        };
+        let name = self.names[node].clone();
+        self.event(
+            observer,
+            EventKind::NodeHealth(NodeHealth::Status { node: name, status }),
+        )
+    }
+
+    fn admin_event(&mut self) -> Event {
+        let nodes = self.names.len();
+        let target = self.rng.below(nodes as u64) as usize;
+        let node = self.names[target].clone();
+        let command = match self.rng.below(6) {
+            0 => {
+                self.cordoned[target] = !self.cordoned[target];
+                if self.cordoned[target] {
+                    AdminCommand::Cordon { node }
+                } else {
+                    AdminCommand::Uncordon { node }
+                }
+            }
+            1 => {
+                self.in_maintenance[target] = !self.in_maintenance[target];
+                if self.in_maintenance[target] {
+                    AdminCommand::EnterMaintenance { node }
+                } else {
+                    AdminCommand::ExitMaintenance { node }
+                }
+            }
+            2 => {
+                self.cordoned[target] = true;
+                AdminCommand::Drain { node }
+            }
+            3 => AdminCommand::RestartAllDaemons { node: Some(node) },
+            4 => AdminCommand::ClearAvoid { node: None },
+            _ => AdminCommand::InvalidatePlacement { blob: None },
+        };
+        let event = EventKind::Admin {
+            operator: "operator".to_string(),
+            command,
+        };
+        self.event(ADMIN_ORIGIN, event)
+    }
+
+    /// Events produced so far.
+    pub fn produced(&self) -> u64 {
+        self.produced
+    }
+
+    /// Fills `batch` with the next record's events and returns its log time, or
+    /// `None` once `options.events` events have been produced.
+    pub fn next_batch(&mut self, batch: &mut EventBatch) -> Option<u64> {
+        batch.events.clear();
+        if self.produced >= self.options.events {
+            return None;
+        }
+        let count = (self.options.events - self.produced).min(self.options.record_events as u64);
+        for _ in 0..count {
+            let event = match self.setup.next() {
+                Some(event) => event,
+                None => self.live_event(),
+            };
+            batch.events.push(event);
+        }
+        self.produced += count;
+        self.time_ms += 50 + self.rng.below(100);
+        Some(self.time_ms)
+    }
+}

@@ -1,0 +1,150 @@
+//! The blob table (one row per announced blob) and the replica table (one row per
+//! blob held on a node).
+//!
+//! Invariants: every column of a table has the table's length; `blobs.index` maps a
+//! hash to its row and `replicas.index` maps `(blob, node)` to its row; rows are
+//! never removed (a deleted copy keeps its row with state `Deleted`);
+//! `blobs.healthy_count[b]` always equals the number of replica rows of `b` in state
+//! `Healthy`, and `replicas.live` the number of rows not `Deleted`.
+
+use hashbrown::HashMap;
+use smallvec::SmallVec;
+
+use super::hash::StateHasher;
+use super::ids::{pair_key, BlobRow, NodeRow, ReplicaRow};
+use crate::event::{BlobHash, ReplicaState};
+
+#[derive(Debug, Default, Clone)]
+pub struct BlobTable {
+    pub hash: Vec<BlobHash>,
+    pub size_bytes: Vec<u64>,
+    pub announced_by: Vec<NodeRow>,
+    pub announced_ms: Vec<u64>,
+    /// Healthy copies wanted; 0 while no placement intent exists.
+    pub replicas_wanted: Vec<u8>,
+    pub zone_spread: Vec<bool>,
+    pub pinned: Vec<SmallVec<[NodeRow; 2]>>,
+    pub intent_ms: Vec<u64>,
+    /// Bumped by "invalidate placement" for this blob.
+    pub placement_epoch: Vec<u32>,
+    pub healthy_count: Vec<u32>,
+    pub index: HashMap<BlobHash, BlobRow>,
+}
+
+impl BlobTable {
+    pub fn len(&self) -> usize {
+        self.hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hash.is_empty()
+    }
+
+    #[inline]
+    pub fn find(&self, hash: &BlobHash) -> Option<BlobRow> {
+        self.index.get(hash).copied()
+    }
+
+    pub fn insert(
+        &mut self,
+        hash: BlobHash,
+        size_bytes: u64,
+        announced_by: NodeRow,
+        now_ms: u64,
+    ) -> BlobRow {
+        assert!(!self.index.contains_key(&hash), "blob interned twice");
+        let row = BlobRow::from_index(self.len());
+        self.index.insert(hash, row);
+        self.hash.push(hash);
+        self.size_bytes.push(size_bytes);
+        self.announced_by.push(announced_by);
+        self.announced_ms.push(now_ms);
+        self.replicas_wanted.push(0);
+        self.zone_spread.push(false);
+        self.pinned.push(SmallVec::new());
+        self.intent_ms.push(0);
+        self.placement_epoch.push(0);
+        self.healthy_count.push(0);
+        debug_assert!(self.healthy_count.len() == self.len() && self.index.len() == self.len());
+        row
+    }
+
+    pub fn hash_into(&self, hasher: &mut StateHasher) {
+        hasher.section("blobs", self.len());
+        for row in 0..self.len() {
+            hasher.fixed(&self.hash[row]);
+            hasher.u64(self.size_bytes[row]);
+            hasher.u32(self.announced_by[row].0);
+            hasher.u64(self.announced_ms[row]);
+            hasher.u8(self.replicas_wanted[row]);
+            hasher.bool(self.zone_spread[row]);
+            hasher.u64(self.pinned[row].len() as u64);
+            for node in &self.pinned[row] {
+                hasher.u32(node.0);
+            }
+            hasher.u64(self.intent_ms[row]);
+            hasher.u32(self.placement_epoch[row]);
+            hasher.u32(self.healthy_count[row]);
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ReplicaTable {
+    pub blob: Vec<BlobRow>,
+    pub node: Vec<NodeRow>,
+    pub state: Vec<ReplicaState>,
+    pub since_ms: Vec<u64>,
+    /// An operator asked for this copy to go (reconcile keeps the last healthy one).
+    pub drop_requested: Vec<bool>,
+    /// Rows whose state is not `Deleted`.
+    pub live: u32,
+    pub index: HashMap<u64, ReplicaRow>,
+}
+
+impl ReplicaTable {
+    pub fn len(&self) -> usize {
+        self.blob.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blob.is_empty()
+    }
+
+    #[inline]
+    pub fn find(&self, blob: BlobRow, node: NodeRow) -> Option<ReplicaRow> {
+        self.index.get(&pair_key(blob.0, node.0)).copied()
+    }
+
+    pub fn insert(
+        &mut self,
+        blob: BlobRow,
+        node: NodeRow,
+        state: ReplicaState,
+        now_ms: u64,
+    ) -> ReplicaRow {
+        let row = ReplicaRow::from_index(self.len());
+        let previous = self.index.insert(pair_key(blob.0, node.0), row);
+        assert!(previous.is_none(), "replica interned twice");
+        self.blob.push(blob);
+        self.node.push(node);
+        self.state.push(state);
+        self.since_ms.push(now_ms);
+        self.drop_requested.push(false);
+        self.live += (state != ReplicaState::Deleted) as u32;
+        debug_assert!(self.state.len() == self.len() && self.index.len() == self.len());
+        row
+    }
+
+    pub fn hash_into(&self, hasher: &mut StateHasher) {
+        hasher.section("replicas", self.len());
+        hasher.u32(self.live);
+        for row in 0..self.len() {
+            hasher.u32(self.blob[row].0);
+            hasher.u32(self.node[row].0);
+            hasher.u8(self.state[row] as u8);
+            hasher.u64(self.since_ms[row]);
+            hasher.bool(self.drop_requested[row]);
+        }
+    }
+}

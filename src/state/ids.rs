@@ -1,0 +1,70 @@
+//! Dense row ids: one `u32` newtype per table.
+//!
+//! Invariants: a row id is an index into its table's columns, assigned in order of
+//! first appearance in the log and never reused or reordered; ids never travel on
+//! the wire (external ids do). `NONE` (u32::MAX) marks "no row" in a column.
+
+macro_rules! row_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub u32);
+
+        impl $name {
+            /// "No row", for optional columns.
+            pub const NONE: $name = $name(u32::MAX);
+
+            #[inline]
+            pub fn index(self) -> usize {
+                debug_assert!(self != Self::NONE);
+                self.0 as usize
+            }
+
+            #[inline]
+            pub fn from_index(index: usize) -> $name {
+                assert!(index < u32::MAX as usize, concat!(stringify!($name), " overflow"));
+                $name(index as u32)
+            }
+
+            #[inline]
+            pub fn is_none(self) -> bool {
+                self == Self::NONE
+            }
+        }
+    };
+}
+
+row_id!(
+    /// A row of the node table.
+    NodeRow
+);
+row_id!(
+    /// A row of the blob table.
+    BlobRow
+);
+row_id!(
+    /// A row of the replica table (one blob on one node).
+    ReplicaRow
+);
+row_id!(
+    /// A row of the daemon spec table (one daemon intent).
+    SpecRow
+);
+row_id!(
+    /// A row of the daemon table (one spec on one node).
+    DaemonRow
+);
+row_id!(
+    /// A row of the RTT pair table (one directed node pair).
+    RttRow
+);
+row_id!(
+    /// An interned string (zone, label).
+    SymbolId
+);
+
+/// Key of a two-row pair in a `u64`, for hashbrown lookups.
+#[inline]
+pub fn pair_key(high: u32, low: u32) -> u64 {
+    (high as u64) << 32 | low as u64
+}

@@ -1,0 +1,202 @@
+//! The folded state: struct-of-arrays tables of nodes, blobs, replicas, daemons and
+//! RTT pairs, plus in-flight actions and rejections, and its 128-bit commitment.
+//!
+//! Invariants: the state is a pure function of the records folded into it (see
+//! `fold`); rows are dense and in order of first appearance in the log; hash maps
+//! only find rows by key and are never iterated; `state_hash` covers every column
+//! in row order. Nothing here does I/O or reads a clock.
+
+pub mod blobs;
+pub mod daemons;
+pub mod hash;
+pub mod ids;
+pub mod inflight;
+pub mod nodes;
+pub mod rejections;
+pub mod rtt;
+
+use std::fmt;
+
+use hashbrown::HashMap;
+
+use self::blobs::{BlobTable, ReplicaTable};
+use self::daemons::{DaemonTable, SpecTable};
+use self::hash::StateHasher;
+use self::ids::SymbolId;
+use self::inflight::InflightTable;
+use self::nodes::NodeTable;
+use self::rejections::Rejections;
+use self::rtt::RttTable;
+use crate::config::Config;
+
+/// Interned strings (zones, labels), in order of first appearance.
+#[derive(Debug, Default, Clone)]
+pub struct Symbols {
+    pub names: Vec<Box<str>>,
+    pub index: HashMap<Box<str>, SymbolId>,
+}
+
+impl Symbols {
+    pub fn intern(&mut self, name: &str) -> SymbolId {
+        if let Some(&id) = self.index.get(name) {
+            return id;
+        }
+        let id = SymbolId::from_index(self.names.len());
+        self.names.push(name.into());
+        self.index.insert(name.into(), id);
+        id
+    }
+
+    pub fn find(&self, name: &str) -> Option<SymbolId> {
+        self.index.get(name).copied()
+    }
+
+    pub fn name(&self, id: SymbolId) -> &str {
+        if id.is_none() {
+            ""
+        } else {
+            &self.names[id.index()]
+        }
+    }
+
+    fn hash_into(&self, hasher: &mut StateHasher) {
+        hasher.section("symbols", self.names.len());
+        for name in &self.names {
+            hasher.str(name);
+        }
+    }
+}
+
+/// The limits fold enforces, copied from `Config`. They shape the state, so every
+/// node of a cluster must fold with the same values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateLimits {
+    pub nodes_max: u32,
+    pub blobs_max: u32,
+    pub replicas_max: u32,
+    pub daemon_specs_max: u32,
+    pub daemons_max: u32,
+    pub rtt_pairs_max: u32,
+    pub name_bytes_max: u32,
+    pub rtt_ewma_shift: u8,
+}
+
+impl StateLimits {
+    pub fn from_config(config: &Config) -> StateLimits {
+        StateLimits {
+            nodes_max: config.nodes_max,
+            blobs_max: config.blobs_max,
+            replicas_max: config.replicas_max,
+            daemon_specs_max: config.daemon_specs_max,
+            daemons_max: config.daemons_max,
+            rtt_pairs_max: config.rtt_pairs_max,
+            name_bytes_max: config.name_bytes_max,
+            rtt_ewma_shift: config.rtt_ewma_shift,
+        }
+    }
+}
+
+/// Everything fold knows.
+#[derive(Debug, Clone)]
+pub struct State {
+    /// Position of the last record folded (0 before the first).
+    pub position: u64,
+    /// Log time: the largest record commit time seen, in ms.
+    pub now_ms: u64,
+    pub events_applied: u64,
+    /// Bumped by a cluster-wide "invalidate placement".
+    pub placement_epoch: u32,
+    pub nodes: NodeTable,
+    pub blobs: BlobTable,
+    pub replicas: ReplicaTable,
+    pub specs: SpecTable,
+    pub daemons: DaemonTable,
+    pub rtt: RttTable,
+    pub inflight: InflightTable,
+    pub symbols: Symbols,
+    pub rejections: Rejections,
+    pub limits: StateLimits,
+}
+
+impl State {
+    pub fn new(config: &Config) -> State {
+        State {
+            position: 0,
+            now_ms: 0,
+            events_applied: 0,
+            placement_epoch: 0,
+            nodes: NodeTable::default(),
+            blobs: BlobTable::default(),
+            replicas: ReplicaTable::default(),
+            specs: SpecTable::default(),
+            daemons: DaemonTable::default(),
+            rtt: RttTable::default(),
+            inflight: InflightTable::default(),
+            symbols: Symbols::default(),
+            rejections: Rejections::new(config.rejections_kept_max),
+            limits: StateLimits::from_config(config),
+        }
+    }
+
+    /// The 128-bit commitment over the whole state (limits excluded: they are config).
+    pub fn state_hash(&self) -> u128 {
+        let mut hasher = StateHasher::new();
+        hasher.str("meshos-state-v1");
+        hasher.u64(self.position);
+        hasher.u64(self.now_ms);
+        hasher.u64(self.events_applied);
+        hasher.u32(self.placement_epoch);
+        self.symbols.hash_into(&mut hasher);
+        self.nodes.hash_into(&mut hasher);
+        self.blobs.hash_into(&mut hasher);
+        self.replicas.hash_into(&mut hasher);
+        self.specs.hash_into(&mut hasher);
+        self.daemons.hash_into(&mut hasher);
+        self.rtt.hash_into(&mut hasher);
+        self.inflight.hash_into(&mut hasher);
+        self.rejections.hash_into(&mut hasher);
+        hasher.finish()
+    }
+
+    pub fn summary(&self) -> Summary {
+        Summary {
+            position: self.position,
+            state_hash: self.state_hash(),
+            nodes: self.nodes.len() as u64,
+            blobs: self.blobs.len() as u64,
+            replicas: self.replicas.live as u64,
+            daemons: self.daemons.running as u64,
+            rejected: self.rejections.total,
+        }
+    }
+}
+
+/// The one-line account of a state that `meshos log replay` prints last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub position: u64,
+    pub state_hash: u128,
+    pub nodes: u64,
+    pub blobs: u64,
+    /// Replica rows not deleted.
+    pub replicas: u64,
+    /// Daemon instances running (started or registered).
+    pub daemons: u64,
+    pub rejected: u64,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "position={} state_hash={} nodes={} blobs={} replicas={} daemons={} rejected={}",
+            self.position,
+            hash::hash_hex(self.state_hash),
+            self.nodes,
+            self.blobs,
+            self.replicas,
+            self.daemons,
+            self.rejected
+        )
+    }
+}

@@ -1,0 +1,172 @@
+//! The node table: one row per node, in order of first appearance in the log.
+//!
+//! Invariants: every column has exactly `len()` entries; `index` maps each name to
+//! its row and nothing else; a row is never removed (a node that leaves keeps its
+//! row with status `Left`). Only fold mutates it.
+
+use hashbrown::HashMap;
+use smallvec::SmallVec;
+
+use super::hash::StateHasher;
+use super::ids::{NodeRow, SymbolId};
+use crate::event::NodeStatus;
+
+/// The maintenance lifecycle of the seed's section 12.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MaintenanceState {
+    Active = 0,
+    EnteringMaintenance = 1,
+    Maintenance = 2,
+    ExitingMaintenance = 3,
+    DrainFailed = 4,
+    Recovery = 5,
+}
+
+impl MaintenanceState {
+    pub fn name(self) -> &'static str {
+        match self {
+            MaintenanceState::Active => "active",
+            MaintenanceState::EnteringMaintenance => "entering_maintenance",
+            MaintenanceState::Maintenance => "maintenance",
+            MaintenanceState::ExitingMaintenance => "exiting_maintenance",
+            MaintenanceState::DrainFailed => "drain_failed",
+            MaintenanceState::Recovery => "recovery",
+        }
+    }
+
+    /// True while the node is in, or on its way into or out of, maintenance.
+    pub fn in_maintenance(self) -> bool {
+        !matches!(self, MaintenanceState::Active)
+    }
+}
+
+/// Struct-of-arrays node table.
+#[derive(Debug, Default, Clone)]
+pub struct NodeTable {
+    pub name: Vec<Box<str>>,
+    pub status: Vec<NodeStatus>,
+    pub joined_ms: Vec<u64>,
+    pub last_heartbeat_ms: Vec<u64>,
+    pub load_permille: Vec<u16>,
+    /// Highest origin sequence number applied from this node.
+    pub origin_seq_last: Vec<u64>,
+    /// Bumped each time the node comes back after Down or Left.
+    pub incarnation: Vec<u32>,
+    pub cordoned: Vec<bool>,
+    pub draining: Vec<bool>,
+    pub maintenance: Vec<MaintenanceState>,
+    pub avoid: Vec<bool>,
+    /// Bumped by each "restart all daemons" aimed at the node.
+    pub restart_generation: Vec<u32>,
+    pub capability_version: Vec<u64>,
+    pub zone: Vec<SymbolId>,
+    pub capacity_bytes: Vec<u64>,
+    pub labels: Vec<SmallVec<[SymbolId; 4]>>,
+    pub inventory_blob_count: Vec<u32>,
+    pub inventory_digest: Vec<[u8; 16]>,
+    pub inventory_reported_ms: Vec<u64>,
+    pub index: HashMap<Box<str>, NodeRow>,
+}
+
+impl NodeTable {
+    pub fn len(&self) -> usize {
+        self.name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.name.is_empty()
+    }
+
+    #[inline]
+    pub fn find(&self, name: &str) -> Option<NodeRow> {
+        self.index.get(name).copied()
+    }
+
+    /// Appends a row for a node first seen at `now_ms`. The caller checked the limit.
+    pub fn insert(&mut self, name: &str, origin_seq: u64, now_ms: u64) -> NodeRow {
+        assert!(!self.index.contains_key(name), "node {name} interned twice");
+        let row = NodeRow::from_index(self.len());
+        let name: Box<str> = name.into();
+        self.index.insert(name.clone(), row);
+        self.name.push(name);
+        self.status.push(NodeStatus::Up);
+        self.joined_ms.push(now_ms);
+        self.last_heartbeat_ms.push(now_ms);
+        self.load_permille.push(0);
+        self.origin_seq_last.push(origin_seq);
+        self.incarnation.push(0);
+        self.cordoned.push(false);
+        self.draining.push(false);
+        self.maintenance.push(MaintenanceState::Active);
+        self.avoid.push(false);
+        self.restart_generation.push(0);
+        self.capability_version.push(0);
+        self.zone.push(SymbolId::NONE);
+        self.capacity_bytes.push(0);
+        self.labels.push(SmallVec::new());
+        self.inventory_blob_count.push(0);
+        self.inventory_digest.push([0; 16]);
+        self.inventory_reported_ms.push(0);
+        self.debug_check();
+        row
+    }
+
+    fn debug_check(&self) {
+        let rows = self.len();
+        debug_assert!(
+            [
+                self.status.len(),
+                self.joined_ms.len(),
+                self.last_heartbeat_ms.len(),
+                self.load_permille.len(),
+                self.origin_seq_last.len(),
+                self.incarnation.len(),
+                self.cordoned.len(),
+                self.draining.len(),
+                self.maintenance.len(),
+                self.avoid.len(),
+                self.restart_generation.len(),
+                self.capability_version.len(),
+                self.zone.len(),
+                self.capacity_bytes.len(),
+                self.labels.len(),
+                self.inventory_blob_count.len(),
+                self.inventory_digest.len(),
+                self.inventory_reported_ms.len(),
+                self.index.len(),
+            ]
+            .iter()
+            .all(|&len| len == rows),
+            "node columns out of step"
+        );
+    }
+
+    pub fn hash_into(&self, hasher: &mut StateHasher) {
+        hasher.section("nodes", self.len());
+        for row in 0..self.len() {
+            hasher.str(&self.name[row]);
+            hasher.u8(self.status[row] as u8);
+            hasher.u64(self.joined_ms[row]);
+            hasher.u64(self.last_heartbeat_ms[row]);
+            hasher.u16(self.load_permille[row]);
+            hasher.u64(self.origin_seq_last[row]);
+            hasher.u32(self.incarnation[row]);
+            hasher.bool(self.cordoned[row]);
+            hasher.bool(self.draining[row]);
+            hasher.u8(self.maintenance[row] as u8);
+            hasher.bool(self.avoid[row]);
+            hasher.u32(self.restart_generation[row]);
+            hasher.u64(self.capability_version[row]);
+            hasher.u32(self.zone[row].0);
+            hasher.u64(self.capacity_bytes[row]);
+            hasher.u64(self.labels[row].len() as u64);
+            for label in &self.labels[row] {
+                hasher.u32(label.0);
+            }
+            hasher.u32(self.inventory_blob_count[row]);
+            hasher.fixed(&self.inventory_digest[row]);
+            hasher.u64(self.inventory_reported_ms[row]);
+        }
+    }
+}

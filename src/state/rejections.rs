@@ -1,0 +1,227 @@
+//! Rejected events: counted by reason, the latest kept in a bounded ring.
+//!
+//! Invariants: every event fold refuses lands here exactly once; `total` equals the
+//! sum of `by_reason`; the ring never holds more than `kept_max` entries (oldest
+//! dropped first, still counted). Rejections are part of the state and its hash.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use super::hash::StateHasher;
+use crate::event::{blob_hex, ActionId, BlobHash};
+
+/// Why fold refused an event. Each names the thing that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The record's payload failed validation; no event of it was applied.
+    BadPayload(String),
+    /// The origin node has never announced itself (heartbeat or capability).
+    UnknownOrigin(Box<str>),
+    /// The origin sequence number is not above the last one applied from that origin.
+    StaleOriginSeq {
+        last: u64,
+        got: u64,
+    },
+    UnknownNode(Box<str>),
+    UnknownBlob(BlobHash),
+    UnknownDaemon(Box<str>),
+    UnknownAction(ActionId),
+    /// A replica update for a copy the node was never known to have.
+    UnknownReplica {
+        blob: BlobHash,
+    },
+    BlobSizeMismatch {
+        blob: BlobHash,
+        known_bytes: u64,
+        announced_bytes: u64,
+    },
+    /// A capability version that does not fork from the node's current version.
+    CapabilityForkMismatch {
+        current: u64,
+        fork_of: u64,
+        version: u64,
+    },
+    DaemonNotRunning(Box<str>),
+    DaemonAlreadyRunning(Box<str>),
+    PidMismatch {
+        daemon: Box<str>,
+        running: u32,
+        reported: u32,
+    },
+    NotInMaintenance(Box<str>),
+    RttToSelf,
+    /// A name longer than `name_bytes_max` or empty.
+    BadName {
+        bytes: u32,
+        max: u32,
+    },
+    InvalidIntent(&'static str),
+    /// A table reached its configured row limit.
+    TableFull(&'static str),
+}
+
+/// Stable names of the reasons, indexed by `RejectReason::code`.
+pub const REJECT_REASON_NAMES: [&str; 18] = [
+    "bad_payload",
+    "unknown_origin",
+    "stale_origin_seq",
+    "unknown_node",
+    "unknown_blob",
+    "unknown_daemon",
+    "unknown_action",
+    "unknown_replica",
+    "blob_size_mismatch",
+    "capability_fork_mismatch",
+    "daemon_not_running",
+    "daemon_already_running",
+    "pid_mismatch",
+    "not_in_maintenance",
+    "rtt_to_self",
+    "bad_name",
+    "invalid_intent",
+    "table_full",
+];
+
+impl RejectReason {
+    pub fn code(&self) -> usize {
+        match self {
+            RejectReason::BadPayload(_) => 0,
+            RejectReason::UnknownOrigin(_) => 1,
+            RejectReason::StaleOriginSeq { .. } => 2,
+            RejectReason::UnknownNode(_) => 3,
+            RejectReason::UnknownBlob(_) => 4,
+            RejectReason::UnknownDaemon(_) => 5,
+            RejectReason::UnknownAction(_) => 6,
+            RejectReason::UnknownReplica { .. } => 7,
+            RejectReason::BlobSizeMismatch { .. } => 8,
+            RejectReason::CapabilityForkMismatch { .. } => 9,
+            RejectReason::DaemonNotRunning(_) => 10,
+            RejectReason::DaemonAlreadyRunning(_) => 11,
+            RejectReason::PidMismatch { .. } => 12,
+            RejectReason::NotInMaintenance(_) => 13,
+            RejectReason::RttToSelf => 14,
+            RejectReason::BadName { .. } => 15,
+            RejectReason::InvalidIntent(_) => 16,
+            RejectReason::TableFull(_) => 17,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        REJECT_REASON_NAMES[self.code()]
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RejectReason::BadPayload(reason) => write!(f, "record payload fails validation: {reason}"),
+            RejectReason::UnknownOrigin(name) => write!(f, "origin node `{name}` has not joined (no heartbeat or capability yet)"),
+            RejectReason::StaleOriginSeq { last, got } => {
+                write!(f, "origin sequence {got} is not above the last applied {last} (duplicate or reordered)")
+            }
+            RejectReason::UnknownNode(name) => write!(f, "unknown node `{name}`"),
+            RejectReason::UnknownBlob(blob) => write!(f, "unknown blob {}", blob_hex(blob)),
+            RejectReason::UnknownDaemon(name) => write!(f, "unknown daemon `{name}` (no daemon intent)"),
+            RejectReason::UnknownAction(id) => write!(f, "no in-flight action {}:{}", id.position, id.index),
+            RejectReason::UnknownReplica { blob } => write!(f, "node holds no replica of blob {}", blob_hex(blob)),
+            RejectReason::BlobSizeMismatch { blob, known_bytes, announced_bytes } => write!(
+                f,
+                "blob {} announced with {announced_bytes} bytes but known with {known_bytes}",
+                blob_hex(blob)
+            ),
+            RejectReason::CapabilityForkMismatch { current, fork_of, version } => write!(
+                f,
+                "capability version {version} forks from {fork_of} but the node is at version {current}"
+            ),
+            RejectReason::DaemonNotRunning(name) => write!(f, "daemon `{name}` is not running"),
+            RejectReason::DaemonAlreadyRunning(name) => write!(f, "daemon `{name}` is already running"),
+            RejectReason::PidMismatch { daemon, running, reported } => {
+                write!(f, "daemon `{daemon}` runs as pid {running}, event names pid {reported}")
+            }
+            RejectReason::NotInMaintenance(name) => write!(f, "node `{name}` is not in maintenance"),
+            RejectReason::RttToSelf => write!(f, "RTT sample from a node to itself"),
+            RejectReason::BadName { bytes, max } => write!(f, "name of {bytes} bytes (must be 1..={max})"),
+            RejectReason::InvalidIntent(what) => write!(f, "invalid intent: {what}"),
+            RejectReason::TableFull(table) => write!(f, "{table} table is full (raise its limit in the config)"),
+        }
+    }
+}
+
+/// One refused event, where it was, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub position: u64,
+    /// Index of the event in its record (u32::MAX for a whole-record rejection).
+    pub event_index: u32,
+    pub origin: Box<str>,
+    pub origin_seq: u64,
+    pub kind: &'static str,
+    pub reason: RejectReason,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.event_index == u32::MAX {
+            write!(f, "record {}: {}", self.position, self.reason)
+        } else {
+            write!(
+                f,
+                "record {} event {} ({} from `{}` seq {}): {}",
+                self.position,
+                self.event_index,
+                self.kind,
+                self.origin,
+                self.origin_seq,
+                self.reason
+            )
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Rejections {
+    pub total: u64,
+    pub by_reason: [u64; REJECT_REASON_NAMES.len()],
+    pub kept: VecDeque<Rejection>,
+    pub kept_max: usize,
+}
+
+impl Rejections {
+    pub fn new(kept_max: u32) -> Rejections {
+        assert!(kept_max > 0);
+        Rejections {
+            total: 0,
+            by_reason: [0; REJECT_REASON_NAMES.len()],
+            kept: VecDeque::new(),
+            kept_max: kept_max as usize,
+        }
+    }
+
+    pub fn push(&mut self, rejection: Rejection) {
+        self.total += 1;
+        self.by_reason[rejection.reason.code()] += 1;
+        if self.kept.len() == self.kept_max {
+            self.kept.pop_front();
+        }
+        self.kept.push_back(rejection);
+        debug_assert!(self.kept.len() <= self.kept_max);
+        debug_assert_eq!(self.total, self.by_reason.iter().sum::<u64>());
+    }
+
+    pub fn hash_into(&self, hasher: &mut StateHasher) {
+        hasher.section("rejections", self.kept.len());
+        hasher.u64(self.total);
+        for &count in &self.by_reason {
+            hasher.u64(count);
+        }
+        for rejection in &self.kept {
+            hasher.u64(rejection.position);
+            hasher.u32(rejection.event_index);
+            hasher.str(&rejection.origin);
+            hasher.u64(rejection.origin_seq);
+            hasher.str(rejection.kind);
+            hasher.u64(rejection.reason.code() as u64);
+            hasher.str(&rejection.reason.to_string());
+        }
+    }
+}
