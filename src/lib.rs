@@ -12,3 +12,4 @@ pub mod sim;
 pub mod state;
 pub mod sync;
 pub mod wire;
+pub mod logtool;

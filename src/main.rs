@@ -1,1 +1,302 @@
-fn main() {}
+//! The `meshos` binary: parse flags into a `Config` and options, call the library,
+//! print. Everything it does lives in the library; `anyhow` lives only here.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshos::config::{Config, FsyncPolicy};
+use meshos::logtool::{self, Progress};
+use meshos::sim::gen::GenOptions;
+use meshos::state::hash::hash_hex;
+
+#[derive(Parser)]
+#[command(
+    name = "meshos",
+    version,
+    about = "MeshOS: the deterministic behaviour layer of a cluster",
+    long_about = "MeshOS folds one totally ordered event log into cluster state and, from it, decides \
+                  what every node must do. Every decision is a pure function of the log, so any node \
+                  (or you, with `meshos log replay`) reaches the same state hash at the same position.",
+    after_help = "Start here:\n  meshos log gen --out /tmp/meshlog --seed 1 --nodes 50 --blobs 10000 --replicas 3 --events 1000000\n  \
+                  meshos log replay /tmp/meshlog\n  meshos log verify /tmp/meshlog"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with an event log directory (generate, replay, verify).
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    /// Lines for people.
+    Text,
+    /// One JSON object, for scripts.
+    Json,
+}
+
+#[derive(Args)]
+struct LimitArgs {
+    /// Largest frame (one log record) accepted, in bytes.
+    #[arg(long, default_value_t = meshos::config::FRAME_BYTES_MAX_DEFAULT)]
+    frame_bytes_max: u32,
+    /// Size at which a log segment file is closed and a new one started, in bytes.
+    #[arg(long, default_value_t = meshos::config::SEGMENT_BYTES_MAX_DEFAULT)]
+    segment_bytes_max: u64,
+}
+
+impl LimitArgs {
+    fn config(&self) -> Config {
+        Config { frame_bytes_max: self.frame_bytes_max, segment_bytes_max: self.segment_bytes_max, ..Config::default() }
+    }
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Write a deterministic synthetic log of a cluster's life.
+    ///
+    /// Nodes join (capabilities, heartbeats), daemons are declared and started, blobs
+    /// are announced with placement intents and replicated, then the cluster lives:
+    /// heartbeats, replica churn and repair, RTT samples, daemon health and crashes,
+    /// nodes going down and back, capability forks and admin commands. The same flags
+    /// always give the same log, byte for byte.
+    #[command(after_help = "Example:\n  meshos log gen --out /tmp/meshlog --seed 7 --nodes 100 --blobs 33334 --replicas 3 --events 1000000")]
+    Gen {
+        /// Directory to write the log into (created; must not hold a log yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the generator: the same seed and flags give the same log.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Nodes in the cluster.
+        #[arg(long, default_value_t = 10)]
+        nodes: u32,
+        /// Blobs to announce and replicate.
+        #[arg(long, default_value_t = 1000)]
+        blobs: u32,
+        /// Healthy copies wanted per blob (at most --nodes).
+        #[arg(long, default_value_t = 3)]
+        replicas: u8,
+        /// Total events to write, setup included.
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        /// Events per log record (one committed batch).
+        #[arg(long, default_value_t = 512)]
+        record_events: u32,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Fold every record of a log and print the resulting state.
+    ///
+    /// Opening the log recovers it first: a torn or damaged tail is cut off, moved to
+    /// DIR/quarantine/ and reported. The last line is
+    /// `position=<P> state_hash=<32 hex> nodes=<n> blobs=<b> replicas=<r> daemons=<d> rejected=<k>`
+    /// where replicas counts copies not deleted, daemons counts instances running, and
+    /// rejected counts events fold refused (each with a reason).
+    Replay {
+        /// The log directory.
+        dir: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Also print the last rejected events with their reasons (up to this many).
+        #[arg(long, default_value_t = 0)]
+        show_rejections: usize,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Check every record of a log without changing it; exit 1 if any is damaged.
+    ///
+    /// Checks segment headers, frame headers, checksums, dense positions, monotone
+    /// times and that every payload validates. A damaged log is named by file, record
+    /// position and byte offset.
+    Verify {
+        /// The log directory.
+        dir: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// Prints progress on stderr: a rewritten line on a terminal, a line every few seconds elsewhere.
+struct ProgressPrinter {
+    label: &'static str,
+    started: Instant,
+    last: Option<Instant>,
+    terminal: bool,
+}
+
+impl ProgressPrinter {
+    fn new(label: &'static str) -> ProgressPrinter {
+        ProgressPrinter { label, started: Instant::now(), last: None, terminal: std::io::stderr().is_terminal() }
+    }
+
+    fn update(&mut self, progress: Progress) {
+        let every = if self.terminal { Duration::from_millis(200) } else { Duration::from_secs(5) };
+        let now = Instant::now();
+        let due = self.last.map_or(now - self.started >= Duration::from_secs(1), |last| now - last >= every);
+        if !due {
+            return;
+        }
+        self.last = Some(now);
+        let rate = progress.done as f64 / (now - self.started).as_secs_f64().max(1e-9);
+        let percent = if progress.total > 0 { progress.done as f64 * 100.0 / progress.total as f64 } else { 0.0 };
+        let line = format!(
+            "{}: {}/{} {} ({percent:.0}%), {rate:.0} {}/s",
+            self.label, progress.done, progress.total, progress.unit, progress.unit
+        );
+        let mut stderr = std::io::stderr().lock();
+        if self.terminal {
+            let _ = write!(stderr, "\r{line}\x1b[K");
+        } else {
+            let _ = writeln!(stderr, "{line}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal && self.last.is_some() {
+            eprintln!();
+        }
+    }
+}
+
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for character in text.chars() {
+        match character {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            control if (control as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", control as u32)),
+            other => out.push(other),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Log(LogCommand::Gen { out, seed, nodes, blobs, replicas, events, record_events, limits }) => {
+            let config = Config { fsync: FsyncPolicy::Manual, record_events_max: record_events, ..limits.config() };
+            let options = GenOptions { seed, nodes, blobs, replicas, events, record_events };
+            let mut printer = ProgressPrinter::new("gen");
+            let report = logtool::generate(&out, &options, &config, &mut |progress| printer.update(progress))
+                .with_context(|| format!("cannot generate a log in {}", out.display()))?;
+            printer.finish();
+            println!(
+                "wrote {} events in {} records to {} (positions 1..={}); replay it with: meshos log replay {}",
+                report.events,
+                report.records,
+                out.display(),
+                report.last_position,
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Log(LogCommand::Replay { dir, output, show_rejections, limits }) => {
+            let config = Config { fsync: FsyncPolicy::Manual, ..limits.config() };
+            let mut printer = ProgressPrinter::new("replay");
+            let report = logtool::replay(&dir, &config, &mut |progress| printer.update(progress))
+                .with_context(|| format!("cannot replay {}", dir.display()))?;
+            printer.finish();
+            let recovery = &report.recovery;
+            let summary = &report.summary;
+            if output == Output::Json {
+                let damage = recovery.damage.as_ref().map_or("null".to_string(), |damage| json_string(&damage.to_string()));
+                println!(
+                    "{{\"position\":{},\"state_hash\":\"{}\",\"nodes\":{},\"blobs\":{},\"replicas\":{},\"daemons\":{},\"rejected\":{},\
+                     \"events\":{},\"recovered\":{{\"dropped_records\":{},\"dropped_bytes\":{},\"damage\":{}}}}}",
+                    summary.position,
+                    hash_hex(summary.state_hash),
+                    summary.nodes,
+                    summary.blobs,
+                    summary.replicas,
+                    summary.daemons,
+                    summary.rejected,
+                    report.events,
+                    recovery.dropped_records,
+                    recovery.dropped_bytes,
+                    damage
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            if recovery.dropped_bytes > 0 {
+                let damage = recovery.damage.as_ref().map_or("torn tail".to_string(), |damage| damage.to_string());
+                let quarantine =
+                    recovery.quarantine_path.as_ref().map_or(String::new(), |path| format!("; kept in {}", path.display()));
+                println!(
+                    "recovered: dropped the tail after position {}: {} records, {} bytes ({damage}){quarantine}",
+                    recovery.last_position, recovery.dropped_records, recovery.dropped_bytes
+                );
+            }
+            for rejection in report.state.rejections.kept.iter().rev().take(show_rejections).rev() {
+                println!("rejected: {rejection}");
+            }
+            println!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Log(LogCommand::Verify { dir, output, limits }) => {
+            let config = limits.config();
+            let report =
+                logtool::verify(&dir, &config).with_context(|| format!("cannot verify {}", dir.display()))?;
+            if output == Output::Json {
+                let damage = report.damage.as_ref().map_or("null".to_string(), |damage| json_string(&damage.to_string()));
+                println!(
+                    "{{\"ok\":{},\"segments\":{},\"records\":{},\"events\":{},\"bytes\":{},\"first_position\":{},\
+                     \"last_position\":{},\"damage\":{},\"bytes_after_damage\":{}}}",
+                    report.damage.is_none(),
+                    report.segments,
+                    report.records,
+                    report.events,
+                    report.bytes,
+                    report.first_position,
+                    report.last_position,
+                    damage,
+                    report.bytes_after_damage
+                );
+            } else {
+                println!(
+                    "checked {} segments: {} intact records (positions {}..={}), {} events, {} bytes",
+                    report.segments,
+                    report.records,
+                    report.first_position,
+                    report.last_position,
+                    report.events,
+                    report.bytes
+                );
+                match &report.damage {
+                    None => println!("ok: no damage"),
+                    Some(damage) => println!(
+                        "DAMAGED: {damage}\n{} bytes from there on would be dropped (kept in DIR/quarantine/) when the log is next opened",
+                        report.bytes_after_damage
+                    ),
+                }
+            }
+            Ok(if report.damage.is_none() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
