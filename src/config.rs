@@ -152,6 +152,9 @@ mod tests {
 
         let error = "sometimes".parse::<FsyncPolicy>().unwrap_err().to_string();
         assert!(error.contains("fsync") && error.contains("sometimes"), "{error}");
-        assert_eq!("group:8".parse::<FsyncPolicy>().unwrap(), FsyncPolicy::Group { records: 8, bytes: LOG_GROUP_BYTES_DEFAULT });
+        assert_eq!(
+            "group:8".parse::<FsyncPolicy>().unwrap(),
+            FsyncPolicy::Group { records: 8, bytes: LOG_GROUP_BYTES_DEFAULT }
+        );
     }
 }

@@ -121,20 +121,39 @@ pub enum NodeStatus {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum AdminCommand {
-    EnterMaintenance { node: String },
-    ExitMaintenance { node: String },
-    Drain { node: String },
-    Cordon { node: String },
-    Uncordon { node: String },
+    EnterMaintenance {
+        node: String,
+    },
+    ExitMaintenance {
+        node: String,
+    },
+    Drain {
+        node: String,
+    },
+    Cordon {
+        node: String,
+    },
+    Uncordon {
+        node: String,
+    },
     /// Restart every daemon on `node`, or on every node when `None`.
-    RestartAllDaemons { node: Option<String> },
+    RestartAllDaemons {
+        node: Option<String>,
+    },
     /// Clear the avoid mark of `node`, or of every node when `None`.
-    ClearAvoid { node: Option<String> },
+    ClearAvoid {
+        node: Option<String>,
+    },
     /// Drop the replicas `node` holds (of one blob, or all when `None`);
     /// reconcile never drops the last healthy copy.
-    DropReplicas { node: String, blob: Option<BlobHash> },
+    DropReplicas {
+        node: String,
+        blob: Option<BlobHash>,
+    },
     /// Recompute placement for one blob, or for all when `None`.
-    InvalidatePlacement { blob: Option<BlobHash> },
+    InvalidatePlacement {
+        blob: Option<BlobHash>,
+    },
 }
 
 /// Desired placement of one blob.

@@ -6,6 +6,6 @@
 
 pub mod config;
 pub mod event;
+pub mod redex;
 pub mod sync;
 pub mod wire;
-pub mod redex;

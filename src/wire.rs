@@ -33,8 +33,8 @@ pub const ALIGN_BYTES: usize = 16;
 pub const SEGMENT_HEADER_BYTES: usize = 32;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"MSHSEG01";
 
-const _: () = assert!(HEADER_BYTES % ALIGN_BYTES == 0);
-const _: () = assert!(SEGMENT_HEADER_BYTES % ALIGN_BYTES == 0);
+const _: () = assert!(HEADER_BYTES.is_multiple_of(ALIGN_BYTES));
+const _: () = assert!(SEGMENT_HEADER_BYTES.is_multiple_of(ALIGN_BYTES));
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -191,7 +191,13 @@ pub fn decode_header(bytes: &[u8], frame_bytes_max: u32) -> Result<FrameHeader, 
     if total > frame_bytes_max as u64 {
         return Err(FrameError::Oversized { frame_bytes: total, frame_bytes_max });
     }
-    Ok(FrameHeader { kind, payload_bytes, checksum: read_u32(bytes, 12), seq: read_u64(bytes, 16), time_ms: read_u64(bytes, 24) })
+    Ok(FrameHeader {
+        kind,
+        payload_bytes,
+        checksum: read_u32(bytes, 12),
+        seq: read_u64(bytes, 16),
+        time_ms: read_u64(bytes, 24),
+    })
 }
 
 /// Decodes and checks one whole frame at the start of `bytes` (trailing bytes are
@@ -230,7 +236,7 @@ pub fn encode_batch(batch: &EventBatch) -> AlignedVec<ALIGN_BYTES> {
 /// Validates an archived `EventBatch` in place and returns a reference into `payload`.
 /// `payload` must start on an 8-byte boundary (frames in an `AlignedVec` do).
 pub fn access_batch(payload: &[u8]) -> Result<&ArchivedEventBatch, FrameError> {
-    if payload.as_ptr() as usize % 8 != 0 {
+    if !(payload.as_ptr() as usize).is_multiple_of(8) {
         return Err(FrameError::BadPayload { reason: "payload is not 8-byte aligned in memory".to_string() });
     }
     rkyv::access::<ArchivedEventBatch, rancor::Error>(payload)
@@ -241,7 +247,8 @@ pub fn access_batch(payload: &[u8]) -> Result<&ArchivedEventBatch, FrameError> {
 pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, FrameError> {
     let mut aligned = AlignedVec::<ALIGN_BYTES>::with_capacity(payload.len());
     aligned.extend_from_slice(payload);
-    rkyv::from_bytes::<EventBatch, rancor::Error>(&aligned).map_err(|error| FrameError::BadPayload { reason: error.to_string() })
+    rkyv::from_bytes::<EventBatch, rancor::Error>(&aligned)
+        .map_err(|error| FrameError::BadPayload { reason: error.to_string() })
 }
 
 #[cfg(test)]

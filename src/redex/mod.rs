@@ -40,6 +40,10 @@ pub enum RedexError {
     BeyondEnd { position: u64, last: u64 },
     #[error("{path}: the log is locked by another process")]
     Locked { path: std::path::PathBuf },
+    #[error("{path}: an earlier write or fsync failed; reopen the log to recover")]
+    Poisoned { path: std::path::PathBuf },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// The ordered log.
