@@ -97,7 +97,7 @@ fn crash_child() {
 
 #[test]
 fn sigkilled_writer_loses_nothing_durable() {
-    let seed = std::env::var(SEED_ENV).ok().and_then(|text| text.parse().ok()).unwrap_or(0x5EED_0F_C4A5_u64);
+    let seed = std::env::var(SEED_ENV).ok().and_then(|text| text.parse().ok()).unwrap_or(0x0000_005E_ED0F_C4A5_u64);
     println!("crash test seed {seed} (override with {SEED_ENV}=<u64>)");
     let mut rng = SplitMix(seed);
     let started = Instant::now();
