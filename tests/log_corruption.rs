@@ -336,3 +336,23 @@ fn read_from_the_middle_across_segments() {
     assert_eq!((report.records, report.dropped_bytes), (50, 0));
     assert_eq!(read_all(&mut log, 30).len(), 21);
 }
+
+#[test]
+fn a_log_may_start_after_position_one() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let config = small_config();
+    write_log(dir, &config, 30);
+    let files = segments(dir);
+    let second_base = record_offsets(&files[1])[0].0;
+    // As if older segments had been archived away.
+    std::fs::remove_file(&files[0]).unwrap();
+    let report = verify(dir, &config).unwrap();
+    assert_eq!((report.damage, report.first_position, report.last_position), (None, second_base, 30));
+    let (mut log, recovery) = EmbeddedLog::open(dir, &config).unwrap();
+    assert_eq!((recovery.records, recovery.last_position, recovery.dropped_bytes), (30 - second_base + 1, 30, 0));
+    let error = log.read_from(1, &mut |_| true).unwrap_err();
+    assert!(matches!(error, RedexError::BeforeStart { position: 1, first } if first == second_base), "{error}");
+    assert_eq!(read_all(&mut log, second_base).len() as u64, 30 - second_base + 1);
+    assert_eq!(log.append_at(&payload(31), 0).unwrap().position, 31);
+}

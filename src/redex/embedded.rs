@@ -387,6 +387,11 @@ impl EmbeddedLog {
             Self::quarantine(dir, config, &listed[index..], offset, &mut buffer, &mut report)?;
         }
 
+        // What a killed writer left in the page cache is now part of the log: make it
+        // durable before reporting it as such.
+        for segment in &segments {
+            File::open(&segment.path).and_then(|file| file.sync_data()).map_err(io_error(&segment.path))?;
+        }
         let last_position = next_position.map_or(0, |next| next - 1);
         report.segments = segments.len() as u32;
         report.records = segments.iter().map(|segment| segment.record_offsets.len() as u64).sum();
@@ -654,7 +659,7 @@ impl Redex for EmbeddedLog {
 }
 
 impl EmbeddedLog {
-    /// Visits records from `from` (which exists) sequentially across segments.
+    /// Visits records from `from` (at most the last position) sequentially across segments.
     fn read_segments(
         &self,
         from: u64,
@@ -662,7 +667,10 @@ impl EmbeddedLog {
         buffer: &mut AlignedVec<{ wire::ALIGN_BYTES }>,
     ) -> Result<u64, RedexError> {
         let first = self.segments.partition_point(|segment| segment.base_position <= from);
-        assert!(first > 0, "position {from} lies before the first segment");
+        if first == 0 {
+            let first_position = self.segments.first().map_or(0, |segment| segment.base_position);
+            return Err(RedexError::BeforeStart { position: from, first: first_position });
+        }
         let chunk_bytes = READ_CHUNK_BYTES.max(self.config.frame_bytes_max as usize);
         let mut position = from;
         for segment in &self.segments[first - 1..] {

@@ -40,6 +40,8 @@ pub enum RedexError {
     BeyondEnd { position: u64, last: u64 },
     #[error("{path}: the log is locked by another process")]
     Locked { path: std::path::PathBuf },
+    #[error("position {position} lies before the first record of the log ({first})")]
+    BeforeStart { position: u64, first: u64 },
     #[error("{path}: an earlier write or fsync failed; reopen the log to recover")]
     Poisoned { path: std::path::PathBuf },
     #[error(transparent)]
