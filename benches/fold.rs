@@ -19,21 +19,11 @@ type Records = Vec<(u64, AlignedVec<16>)>;
 /// Generates setup plus `live_events` of cluster life; returns the base state (setup
 /// folded) and the live records.
 fn cluster(live_events: u64) -> (State, Records) {
-    let options = GenOptions {
-        seed: 42,
-        nodes: 100,
-        blobs: 33_334,
-        replicas: 3,
-        events: 0,
-        record_events: RECORD_EVENTS as u32,
-    };
+    let options =
+        GenOptions { seed: 42, nodes: 100, blobs: 33_334, replicas: 3, events: 0, record_events: RECORD_EVENTS as u32 };
     // setup: 2 per node, 2 daemon intents, 3 per daemon instance (150), 2 + 2 x replicas per blob
     let setup_events = 2 * 100 + 2 + 3 * 150 + 33_334 * 8;
-    let mut generator = Generator::new(GenOptions {
-        events: setup_events + live_events,
-        ..options
-    })
-    .unwrap();
+    let mut generator = Generator::new(GenOptions { events: setup_events + live_events, ..options }).unwrap();
     let mut state = State::new(&Config::default());
     let mut batch = EventBatch::default();
     let mut live = Vec::new();
@@ -49,11 +39,7 @@ fn cluster(live_events: u64) -> (State, Records) {
         }
     }
     assert_eq!(state.rejections.total, 0);
-    assert!(
-        state.replicas.len() >= 100_000,
-        "{} replicas",
-        state.replicas.len()
-    );
+    assert!(state.replicas.len() >= 100_000, "{} replicas", state.replicas.len());
     (state, live)
 }
 
@@ -76,18 +62,11 @@ fn replica_updates(state: &State) -> Records {
                 origin_seq: origin_seq[node],
                 kind: EventKind::ReplicaUpdate {
                     blob: state.blobs.hash[state.replicas.blob[row].index()],
-                    state: if healthy {
-                        ReplicaState::Healthy
-                    } else {
-                        ReplicaState::Pulling
-                    },
+                    state: if healthy { ReplicaState::Healthy } else { ReplicaState::Pulling },
                 },
             });
         }
-        records.push((
-            state.now_ms + 100 * record as u64,
-            wire::encode_batch(&EventBatch { events }),
-        ));
+        records.push((state.now_ms + 100 * record as u64, wire::encode_batch(&EventBatch { events })));
     }
     records
 }
@@ -104,25 +83,16 @@ fn bench_fold(c: &mut Criterion) {
     let (base, mixed) = cluster((STREAM_RECORDS * RECORD_EVENTS) as u64);
     let updates = replica_updates(&base);
     let check = fold_all(base.clone(), &updates);
-    assert_eq!(
-        check.rejections.total, 0,
-        "replica stream must be all valid"
-    );
+    assert_eq!(check.rejections.total, 0, "replica stream must be all valid");
     let check = fold_all(base.clone(), &mixed);
     assert_eq!(check.rejections.total, 0, "mixed stream must be all valid");
 
     let mut group = c.benchmark_group("fold_100k_replicas");
     group.sample_size(20);
-    group.throughput(Throughput::Elements(
-        (STREAM_RECORDS * RECORD_EVENTS) as u64,
-    ));
+    group.throughput(Throughput::Elements((STREAM_RECORDS * RECORD_EVENTS) as u64));
     for (name, records) in [("replica_updates", &updates), ("mixed", &mixed)] {
         group.bench_function(name, |b| {
-            b.iter_batched(
-                || base.clone(),
-                |state| fold_all(state, records),
-                BatchSize::LargeInput,
-            )
+            b.iter_batched(|| base.clone(), |state| fold_all(state, records), BatchSize::LargeInput)
         });
     }
     group.bench_function("validate_only", |b| {
@@ -133,9 +103,7 @@ fn bench_fold(c: &mut Criterion) {
         })
     });
     group.finish();
-    c.bench_function("state_hash_100k_replicas", |b| {
-        b.iter(|| std::hint::black_box(base.state_hash()))
-    });
+    c.bench_function("state_hash_100k_replicas", |b| b.iter(|| std::hint::black_box(base.state_hash())));
 }
 
 criterion_group!(benches, bench_fold);

@@ -32,15 +32,10 @@ impl std::str::FromStr for FsyncPolicy {
             "manual" => Ok(FsyncPolicy::Manual),
             "never" => Ok(FsyncPolicy::Never),
             _ => match text.strip_prefix("group:").map(str::parse::<u32>) {
-                Some(Ok(records)) if records > 0 => Ok(FsyncPolicy::Group {
-                    records,
-                    bytes: LOG_GROUP_BYTES_DEFAULT,
-                }),
+                Some(Ok(records)) if records > 0 => Ok(FsyncPolicy::Group { records, bytes: LOG_GROUP_BYTES_DEFAULT }),
                 _ => Err(ConfigError::Invalid {
                     field: "fsync",
-                    reason: format!(
-                        "`{text}` is not one of always, manual, never, group:<records>"
-                    ),
+                    reason: format!("`{text}` is not one of always, manual, never, group:<records>"),
                 }),
             },
         }
@@ -66,9 +61,7 @@ pub const NAME_BYTES_MAX_DEFAULT: u32 = 253;
 pub const ROWS_MAX_LIMIT: u32 = u32::MAX - 1;
 
 // A default segment holds at least one frame of the default largest size, plus its header.
-const _: () = assert!(
-    SEGMENT_BYTES_MAX_DEFAULT >= FRAME_BYTES_MAX_DEFAULT as u64 + wire::SEGMENT_HEADER_BYTES as u64
-);
+const _: () = assert!(SEGMENT_BYTES_MAX_DEFAULT >= FRAME_BYTES_MAX_DEFAULT as u64 + wire::SEGMENT_HEADER_BYTES as u64);
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT <= FRAME_BYTES_MAX_LIMIT);
 const _: () = assert!(FRAME_BYTES_MAX_LIMIT as u64 <= u32::MAX as u64);
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT as usize >= wire::HEADER_BYTES + wire::ALIGN_BYTES);
@@ -104,10 +97,7 @@ impl Default for Config {
         Config {
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
             segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT,
-            fsync: FsyncPolicy::Group {
-                records: 64,
-                bytes: LOG_GROUP_BYTES_DEFAULT,
-            },
+            fsync: FsyncPolicy::Group { records: 64, bytes: LOG_GROUP_BYTES_DEFAULT },
             rejections_kept_max: REJECTIONS_KEPT_MAX_DEFAULT,
             record_events_max: RECORD_EVENTS_MAX_DEFAULT,
             rtt_ewma_shift: RTT_EWMA_SHIFT_DEFAULT,
@@ -130,10 +120,7 @@ impl Config {
         if self.frame_bytes_max < frame_min || self.frame_bytes_max > FRAME_BYTES_MAX_LIMIT {
             return invalid(
                 "frame_bytes_max",
-                format!(
-                    "{} is outside {frame_min}..={FRAME_BYTES_MAX_LIMIT}",
-                    self.frame_bytes_max
-                ),
+                format!("{} is outside {frame_min}..={FRAME_BYTES_MAX_LIMIT}", self.frame_bytes_max),
             );
         }
         let segment_min = self.frame_bytes_max as u64 + wire::SEGMENT_HEADER_BYTES as u64;
@@ -148,23 +135,14 @@ impl Config {
         }
         if let FsyncPolicy::Group { records, bytes } = self.fsync {
             if records == 0 || bytes == 0 {
-                return invalid(
-                    "fsync",
-                    "a group commit needs records > 0 and bytes > 0".to_string(),
-                );
+                return invalid("fsync", "a group commit needs records > 0 and bytes > 0".to_string());
             }
         }
         if self.rejections_kept_max == 0 || self.rejections_kept_max > 1 << 20 {
-            return invalid(
-                "rejections_kept_max",
-                format!("{} is outside 1..=1048576", self.rejections_kept_max),
-            );
+            return invalid("rejections_kept_max", format!("{} is outside 1..=1048576", self.rejections_kept_max));
         }
         if self.record_events_max == 0 || self.record_events_max > 1 << 16 {
-            return invalid(
-                "record_events_max",
-                format!("{} is outside 1..=65536", self.record_events_max),
-            );
+            return invalid("record_events_max", format!("{} is outside 1..=65536", self.record_events_max));
         }
         let tables = [
             ("nodes_max", self.nodes_max),
@@ -180,16 +158,10 @@ impl Config {
             }
         }
         if self.name_bytes_max == 0 || self.name_bytes_max > 4096 {
-            return invalid(
-                "name_bytes_max",
-                format!("{} is outside 1..=4096", self.name_bytes_max),
-            );
+            return invalid("name_bytes_max", format!("{} is outside 1..=4096", self.name_bytes_max));
         }
         if self.rtt_ewma_shift > 8 {
-            return invalid(
-                "rtt_ewma_shift",
-                format!("{} is above 8", self.rtt_ewma_shift),
-            );
+            return invalid("rtt_ewma_shift", format!("{} is above 8", self.rtt_ewma_shift));
         }
         Ok(())
     }
@@ -206,34 +178,18 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_field() {
-        let config = Config {
-            frame_bytes_max: 3,
-            ..Config::default()
-        };
+        let config = Config { frame_bytes_max: 3, ..Config::default() };
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("frame_bytes_max"), "{error}");
 
-        let config = Config {
-            segment_bytes_max: 1024,
-            ..Config::default()
-        };
-        assert!(config
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("segment_bytes_max"));
+        let config = Config { segment_bytes_max: 1024, ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("segment_bytes_max"));
 
         let error = "sometimes".parse::<FsyncPolicy>().unwrap_err().to_string();
-        assert!(
-            error.contains("fsync") && error.contains("sometimes"),
-            "{error}"
-        );
+        assert!(error.contains("fsync") && error.contains("sometimes"), "{error}");
         assert_eq!(
             "group:8".parse::<FsyncPolicy>().unwrap(),
-            FsyncPolicy::Group {
-                records: 8,
-                bytes: LOG_GROUP_BYTES_DEFAULT
-            }
+            FsyncPolicy::Group { records: 8, bytes: LOG_GROUP_BYTES_DEFAULT }
         );
     }
 }

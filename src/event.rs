@@ -40,28 +40,19 @@ pub enum EventKind {
     /// The origin node reports the state of its copy of a blob.
     ReplicaUpdate { blob: BlobHash, state: ReplicaState },
     /// A daemon on the origin node changed state or reported a signal.
-    Daemon {
-        daemon: String,
-        signal: DaemonSignal,
-    },
+    Daemon { daemon: String, signal: DaemonSignal },
     /// A round trip measured from the origin node to `peer`.
     Rtt { peer: String, rtt_us: u32 },
     /// Node health: the origin's own heartbeat, or its view of a node's status.
     NodeHealth(NodeHealth),
     /// Operator intent, applied through the log.
-    Admin {
-        operator: String,
-        command: AdminCommand,
-    },
+    Admin { operator: String, command: AdminCommand },
     /// A blob exists (announced by the node that first stored it).
     BlobAnnounce { blob: BlobHash, size_bytes: u64 },
     /// Desired placement of a blob (from Dataforts or the built-in planner).
     PlacementIntent(PlacementIntent),
     /// A daemon that should run, and where (or nowhere, to remove it).
-    DaemonIntent {
-        spec: DaemonSpec,
-        runs_on: DaemonPlacement,
-    },
+    DaemonIntent { spec: DaemonSpec, runs_on: DaemonPlacement },
     /// The origin node's attributes, a new version forked from `fork_of`.
     Capability(Capability),
     /// The executor reports how an action ended.
@@ -254,9 +245,7 @@ pub struct Capability {
 
 /// A deterministic action id: the log position of the reconcile pass that emitted
 /// the action and its index in that pass's list.
-#[derive(
-    Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord,
-)]
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[rkyv(derive(Debug))]
 pub struct ActionId {
     pub position: u64,
@@ -272,10 +261,7 @@ pub enum Outcome {
 
 impl ArchivedActionId {
     pub fn to_native(&self) -> ActionId {
-        ActionId {
-            position: self.position.to_native(),
-            index: self.index.to_native(),
-        }
+        ActionId { position: self.position.to_native(), index: self.index.to_native() }
     }
 }
 

@@ -12,10 +12,9 @@
 use rkyv::rancor;
 
 use crate::event::{
-    ArchivedAdminCommand, ArchivedCapability, ArchivedDaemonPlacement, ArchivedDaemonSignal,
-    ArchivedEvent, ArchivedEventBatch, ArchivedEventKind, ArchivedNodeHealth, ArchivedNodeStatus,
-    ArchivedOutcome, ArchivedPlacementIntent, ArchivedReplicaState, BlobHash, DaemonSpec,
-    NodeStatus, ReplicaState,
+    ArchivedAdminCommand, ArchivedCapability, ArchivedDaemonPlacement, ArchivedDaemonSignal, ArchivedEvent,
+    ArchivedEventBatch, ArchivedEventKind, ArchivedNodeHealth, ArchivedNodeStatus, ArchivedOutcome,
+    ArchivedPlacementIntent, ArchivedReplicaState, BlobHash, DaemonSpec, NodeStatus, ReplicaState,
 };
 use crate::state::daemons::{DaemonState, SpecPlacement};
 use crate::state::ids::{NodeRow, SymbolId};
@@ -64,11 +63,7 @@ pub fn fold_record(state: &mut State, position: u64, time_ms: u64, batch: &Archi
 }
 
 fn begin_record(state: &mut State, position: u64, time_ms: u64) {
-    assert_eq!(
-        position,
-        state.position + 1,
-        "records must be folded in order, without gaps"
-    );
+    assert_eq!(position, state.position + 1, "records must be folded in order, without gaps");
     state.position = position;
     state.now_ms = state.now_ms.max(time_ms);
 }
@@ -84,26 +79,17 @@ fn truncated(text: &str, bytes_max: u32) -> Box<str> {
 fn check_name(name: &str, state: &State) -> Applied {
     let max = state.limits.name_bytes_max;
     if name.is_empty() || name.len() > max as usize {
-        return Err(RejectReason::BadName {
-            bytes: name.len() as u32,
-            max,
-        });
+        return Err(RejectReason::BadName { bytes: name.len() as u32, max });
     }
     Ok(())
 }
 
 fn find_node(state: &State, name: &str) -> Result<NodeRow, RejectReason> {
-    state
-        .nodes
-        .find(name)
-        .ok_or_else(|| RejectReason::UnknownNode(truncated(name, state.limits.name_bytes_max)))
+    state.nodes.find(name).ok_or_else(|| RejectReason::UnknownNode(truncated(name, state.limits.name_bytes_max)))
 }
 
 fn find_blob(state: &State, hash: &BlobHash) -> Result<crate::state::ids::BlobRow, RejectReason> {
-    state
-        .blobs
-        .find(hash)
-        .ok_or(RejectReason::UnknownBlob(*hash))
+    state.blobs.find(hash).ok_or(RejectReason::UnknownBlob(*hash))
 }
 
 fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
@@ -113,10 +99,7 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
     if let Some(row) = known {
         let last = state.nodes.origin_seq_last[row.index()];
         if origin_seq <= last {
-            return Err(RejectReason::StaleOriginSeq {
-                last,
-                got: origin_seq,
-            });
+            return Err(RejectReason::StaleOriginSeq { last, got: origin_seq });
         }
     }
     let origin = match (known, &event.kind) {
@@ -128,24 +111,14 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
             check_capability(0, capability)?;
             join(state, origin_name, origin_seq)?
         }
-        (None, _) => {
-            return Err(RejectReason::UnknownOrigin(truncated(
-                origin_name,
-                state.limits.name_bytes_max,
-            )))
-        }
+        (None, _) => return Err(RejectReason::UnknownOrigin(truncated(origin_name, state.limits.name_bytes_max))),
     };
     match &event.kind {
-        ArchivedEventKind::ReplicaUpdate {
-            blob,
-            state: replica_state,
-        } => replica_update(state, origin, blob, *replica_state),
-        ArchivedEventKind::Daemon { daemon, signal } => {
-            daemon_signal(state, origin, daemon.as_str(), signal)
+        ArchivedEventKind::ReplicaUpdate { blob, state: replica_state } => {
+            replica_update(state, origin, blob, *replica_state)
         }
-        ArchivedEventKind::Rtt { peer, rtt_us } => {
-            rtt_sample(state, origin, peer.as_str(), rtt_us.to_native())
-        }
+        ArchivedEventKind::Daemon { daemon, signal } => daemon_signal(state, origin, daemon.as_str(), signal),
+        ArchivedEventKind::Rtt { peer, rtt_us } => rtt_sample(state, origin, peer.as_str(), rtt_us.to_native()),
         ArchivedEventKind::NodeHealth(health) => node_health(state, origin, health),
         ArchivedEventKind::Admin { operator, command } => admin(state, operator.as_str(), command),
         ArchivedEventKind::BlobAnnounce { blob, size_bytes } => {
@@ -157,11 +130,7 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
         ArchivedEventKind::ActionOutcome { action, outcome } => {
             let id = action.to_native();
             let success = matches!(outcome, ArchivedOutcome::Success);
-            state
-                .inflight
-                .settle(id, success)
-                .map(|_| ())
-                .ok_or(RejectReason::UnknownAction(id))
+            state.inflight.settle(id, success).map(|_| ()).ok_or(RejectReason::UnknownAction(id))
         }
         ArchivedEventKind::InventoryDigest { blob_count, digest } => {
             let index = origin.index();
@@ -202,12 +171,7 @@ fn native_node_status(status: ArchivedNodeStatus) -> NodeStatus {
     }
 }
 
-fn replica_update(
-    state: &mut State,
-    node: NodeRow,
-    hash: &BlobHash,
-    reported: ArchivedReplicaState,
-) -> Applied {
+fn replica_update(state: &mut State, node: NodeRow, hash: &BlobHash, reported: ArchivedReplicaState) -> Applied {
     let blob = find_blob(state, hash)?;
     let next = native_replica_state(reported);
     let now_ms = state.now_ms;
@@ -234,17 +198,11 @@ fn replica_update(
     let is_deleted = (next == ReplicaState::Deleted) as u32;
     replicas.live = replicas.live + was_deleted - is_deleted;
     let healthy = &mut state.blobs.healthy_count[blob.index()];
-    *healthy = *healthy + (next == ReplicaState::Healthy) as u32
-        - (previous == ReplicaState::Healthy) as u32;
+    *healthy = *healthy + (next == ReplicaState::Healthy) as u32 - (previous == ReplicaState::Healthy) as u32;
     Ok(())
 }
 
-fn daemon_signal(
-    state: &mut State,
-    node: NodeRow,
-    name: &str,
-    signal: &ArchivedDaemonSignal,
-) -> Applied {
+fn daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &ArchivedDaemonSignal) -> Applied {
     let unknown = || RejectReason::UnknownDaemon(name.into());
     let spec = state.specs.find(name).ok_or_else(unknown)?;
     let row = state.daemons.find(spec, node);
@@ -279,11 +237,7 @@ fn daemon_signal(
         ArchivedDaemonSignal::Registered { pid } => {
             let reported = pid.to_native();
             if reported != daemons.pid[index] {
-                return Err(RejectReason::PidMismatch {
-                    daemon: name.into(),
-                    running: daemons.pid[index],
-                    reported,
-                });
+                return Err(RejectReason::PidMismatch { daemon: name.into(), running: daemons.pid[index], reported });
             }
             if daemons.state[index] != DaemonState::Registered {
                 daemons.set_state(row, DaemonState::Registered, now_ms);
@@ -322,9 +276,7 @@ fn rtt_sample(state: &mut State, from: NodeRow, peer: &str, rtt_us: u32) -> Appl
     }
     let now_ms = state.now_ms;
     match state.rtt.find(from, to) {
-        Some(row) => state
-            .rtt
-            .record(row, rtt_us, state.limits.rtt_ewma_shift, now_ms),
+        Some(row) => state.rtt.record(row, rtt_us, state.limits.rtt_ewma_shift, now_ms),
         None => {
             if state.rtt.len() >= state.limits.rtt_pairs_max as usize {
                 return Err(RejectReason::TableFull("rtt pair"));
@@ -339,8 +291,7 @@ fn rtt_sample(state: &mut State, from: NodeRow, peer: &str, rtt_us: u32) -> Appl
 fn set_status(state: &mut State, node: NodeRow, status: NodeStatus) {
     let index = node.index();
     let previous = state.nodes.status[index];
-    let returns =
-        matches!(previous, NodeStatus::Down | NodeStatus::Left) && status == NodeStatus::Up;
+    let returns = matches!(previous, NodeStatus::Down | NodeStatus::Left) && status == NodeStatus::Up;
     state.nodes.incarnation[index] += returns as u32;
     state.nodes.status[index] = status;
 }
@@ -386,14 +337,10 @@ fn admin(state: &mut State, operator: &str, command: &ArchivedAdminCommand) -> A
             let index = find_node(state, node.as_str())?.index();
             let maintenance = &mut state.nodes.maintenance[index];
             match *maintenance {
-                MaintenanceState::Active => {
-                    return Err(RejectReason::NotInMaintenance(node.as_str().into()))
-                }
+                MaintenanceState::Active => return Err(RejectReason::NotInMaintenance(node.as_str().into())),
                 MaintenanceState::EnteringMaintenance
                 | MaintenanceState::Maintenance
-                | MaintenanceState::DrainFailed => {
-                    *maintenance = MaintenanceState::ExitingMaintenance
-                }
+                | MaintenanceState::DrainFailed => *maintenance = MaintenanceState::ExitingMaintenance,
                 MaintenanceState::ExitingMaintenance | MaintenanceState::Recovery => {}
             }
         }
@@ -426,17 +373,12 @@ fn admin(state: &mut State, operator: &str, command: &ArchivedAdminCommand) -> A
             match blob.as_ref() {
                 Some(hash) => {
                     let blob = find_blob(state, hash)?;
-                    let row = state
-                        .replicas
-                        .find(blob, target)
-                        .ok_or(RejectReason::UnknownReplica { blob: *hash })?;
+                    let row = state.replicas.find(blob, target).ok_or(RejectReason::UnknownReplica { blob: *hash })?;
                     state.replicas.drop_requested[row.index()] = true;
                 }
                 None => {
                     let replicas = &mut state.replicas;
-                    for (requested, &holder) in
-                        replicas.drop_requested.iter_mut().zip(&replicas.node)
-                    {
+                    for (requested, &holder) in replicas.drop_requested.iter_mut().zip(&replicas.node) {
                         *requested |= holder == target;
                     }
                 }
@@ -457,11 +399,7 @@ fn blob_announce(state: &mut State, origin: NodeRow, hash: &BlobHash, size_bytes
     if let Some(blob) = state.blobs.find(hash) {
         let known_bytes = state.blobs.size_bytes[blob.index()];
         if known_bytes != size_bytes {
-            return Err(RejectReason::BlobSizeMismatch {
-                blob: *hash,
-                known_bytes,
-                announced_bytes: size_bytes,
-            });
+            return Err(RejectReason::BlobSizeMismatch { blob: *hash, known_bytes, announced_bytes: size_bytes });
         }
         return Ok(());
     }
@@ -475,9 +413,7 @@ fn blob_announce(state: &mut State, origin: NodeRow, hash: &BlobHash, size_bytes
 fn placement_intent(state: &mut State, intent: &ArchivedPlacementIntent) -> Applied {
     let blob = find_blob(state, &intent.blob)?;
     if intent.pinned.len() > intent.replicas as usize {
-        return Err(RejectReason::InvalidIntent(
-            "more pinned nodes than replicas",
-        ));
+        return Err(RejectReason::InvalidIntent("more pinned nodes than replicas"));
     }
     let mut pinned = smallvec::SmallVec::new();
     for name in intent.pinned.iter() {
@@ -507,18 +443,12 @@ fn daemon_intent(
         return Err(RejectReason::InvalidIntent("daemon command is empty"));
     }
     if restart.backoff_base_ms == 0 || restart.backoff_max_ms < restart.backoff_base_ms {
-        return Err(RejectReason::InvalidIntent(
-            "restart backoff needs 0 < base <= max",
-        ));
+        return Err(RejectReason::InvalidIntent("restart backoff needs 0 < base <= max"));
     }
     if restart.crash_loop_limit == 0 || restart.crash_loop_window_ms == 0 {
-        return Err(RejectReason::InvalidIntent(
-            "crash-loop limit and window must be above 0",
-        ));
+        return Err(RejectReason::InvalidIntent("crash-loop limit and window must be above 0"));
     }
-    if state.specs.find(spec.name.as_str()).is_none()
-        && state.specs.len() >= state.limits.daemon_specs_max as usize
-    {
+    if state.specs.find(spec.name.as_str()).is_none() && state.specs.len() >= state.limits.daemon_specs_max as usize {
         return Err(RejectReason::TableFull("daemon spec"));
     }
     let placement = match runs_on {
@@ -549,11 +479,7 @@ fn check_capability(current: u64, capability: &ArchivedCapability) -> Applied {
     let version = capability.version.to_native();
     let fork_of = capability.fork_of.to_native();
     if fork_of != current || version <= current {
-        return Err(RejectReason::CapabilityForkMismatch {
-            current,
-            fork_of,
-            version,
-        });
+        return Err(RejectReason::CapabilityForkMismatch { current, fork_of, version });
     }
     Ok(())
 }
@@ -568,16 +494,8 @@ fn apply_capability(state: &mut State, node: NodeRow, capability: &ArchivedCapab
     for label in capability.labels.iter() {
         check_name(label.as_str(), state)?;
     }
-    let zone = if zone.is_empty() {
-        SymbolId::NONE
-    } else {
-        state.symbols.intern(zone)
-    };
-    let labels = capability
-        .labels
-        .iter()
-        .map(|label| state.symbols.intern(label.as_str()))
-        .collect();
+    let zone = if zone.is_empty() { SymbolId::NONE } else { state.symbols.intern(zone) };
+    let labels = capability.labels.iter().map(|label| state.symbols.intern(label.as_str())).collect();
     let nodes = &mut state.nodes;
     nodes.capability_version[index] = capability.version.to_native();
     nodes.zone[index] = zone;

@@ -7,9 +7,9 @@
 pub mod config;
 pub mod event;
 pub mod fold;
+pub mod logtool;
 pub mod redex;
 pub mod sim;
 pub mod state;
 pub mod sync;
 pub mod wire;
-pub mod logtool;

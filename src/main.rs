@@ -69,7 +69,9 @@ enum LogCommand {
     /// heartbeats, replica churn and repair, RTT samples, daemon health and crashes,
     /// nodes going down and back, capability forks and admin commands. The same flags
     /// always give the same log, byte for byte.
-    #[command(after_help = "Example:\n  meshos log gen --out /tmp/meshlog --seed 7 --nodes 100 --blobs 33334 --replicas 3 --events 1000000")]
+    #[command(
+        after_help = "Example:\n  meshos log gen --out /tmp/meshlog --seed 7 --nodes 100 --blobs 33334 --replicas 3 --events 1000000"
+    )]
     Gen {
         /// Directory to write the log into (created; must not hold a log yet).
         #[arg(long)]
@@ -215,7 +217,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let recovery = &report.recovery;
             let summary = &report.summary;
             if output == Output::Json {
-                let damage = recovery.damage.as_ref().map_or("null".to_string(), |damage| json_string(&damage.to_string()));
+                let damage =
+                    recovery.damage.as_ref().map_or("null".to_string(), |damage| json_string(&damage.to_string()));
                 println!(
                     "{{\"position\":{},\"state_hash\":\"{}\",\"nodes\":{},\"blobs\":{},\"replicas\":{},\"daemons\":{},\"rejected\":{},\
                      \"events\":{},\"recovered\":{{\"dropped_records\":{},\"dropped_bytes\":{},\"damage\":{}}}}}",
@@ -235,8 +238,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if recovery.dropped_bytes > 0 {
                 let damage = recovery.damage.as_ref().map_or("torn tail".to_string(), |damage| damage.to_string());
-                let quarantine =
-                    recovery.quarantine_path.as_ref().map_or(String::new(), |path| format!("; kept in {}", path.display()));
+                let quarantine = recovery
+                    .quarantine_path
+                    .as_ref()
+                    .map_or(String::new(), |path| format!("; kept in {}", path.display()));
                 println!(
                     "recovered: dropped the tail after position {}: {} records, {} bytes ({damage}){quarantine}",
                     recovery.last_position, recovery.dropped_records, recovery.dropped_bytes
@@ -250,10 +255,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Log(LogCommand::Verify { dir, output, limits }) => {
             let config = limits.config();
-            let report =
-                logtool::verify(&dir, &config).with_context(|| format!("cannot verify {}", dir.display()))?;
+            let report = logtool::verify(&dir, &config).with_context(|| format!("cannot verify {}", dir.display()))?;
             if output == Output::Json {
-                let damage = report.damage.as_ref().map_or("null".to_string(), |damage| json_string(&damage.to_string()));
+                let damage =
+                    report.damage.as_ref().map_or("null".to_string(), |damage| json_string(&damage.to_string()));
                 println!(
                     "{{\"ok\":{},\"segments\":{},\"records\":{},\"events\":{},\"bytes\":{},\"first_position\":{},\
                      \"last_position\":{},\"damage\":{},\"bytes_after_damage\":{}}}",

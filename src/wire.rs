@@ -89,10 +89,7 @@ pub enum FrameError {
     #[error("frame truncated: {needed} bytes needed, {available} available")]
     Truncated { needed: u64, available: u64 },
     #[error("frame of {frame_bytes} bytes exceeds the limit of {frame_bytes_max} bytes (frame_bytes_max)")]
-    Oversized {
-        frame_bytes: u64,
-        frame_bytes_max: u32,
-    },
+    Oversized { frame_bytes: u64, frame_bytes_max: u32 },
     #[error("bad magic {found:02x?}: not a MeshOS frame (expected \"MSHF\")")]
     BadMagic { found: [u8; 4] },
     #[error("unsupported frame version {found}: this build reads version {VERSION}")]
@@ -141,11 +138,7 @@ fn checksum(header: &[u8; HEADER_BYTES], payload: &[u8]) -> u32 {
 
 /// The 32 header bytes for a frame carrying `payload`.
 pub fn header_bytes(kind: FrameKind, seq: u64, time_ms: u64, payload: &[u8]) -> [u8; HEADER_BYTES] {
-    assert!(
-        payload.len() <= u32::MAX as usize,
-        "payload of {} bytes cannot be framed",
-        payload.len()
-    );
+    assert!(payload.len() <= u32::MAX as usize, "payload of {} bytes cannot be framed", payload.len());
     let mut header = [0u8; HEADER_BYTES];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..6].copy_from_slice(&VERSION.to_le_bytes());
@@ -181,10 +174,7 @@ fn read_u64(bytes: &[u8], at: usize) -> u64 {
 /// size limit. Does not look at the payload or the checksum.
 pub fn decode_header(bytes: &[u8], frame_bytes_max: u32) -> Result<FrameHeader, FrameError> {
     if bytes.len() < HEADER_BYTES {
-        return Err(FrameError::Truncated {
-            needed: HEADER_BYTES as u64,
-            available: bytes.len() as u64,
-        });
+        return Err(FrameError::Truncated { needed: HEADER_BYTES as u64, available: bytes.len() as u64 });
     }
     let magic: [u8; 4] = bytes[0..4].try_into().expect("4 bytes");
     if magic != MAGIC {
@@ -199,10 +189,7 @@ pub fn decode_header(bytes: &[u8], frame_bytes_max: u32) -> Result<FrameHeader, 
     let payload_bytes = read_u32(bytes, 8);
     let total = frame_bytes(payload_bytes as usize) as u64;
     if total > frame_bytes_max as u64 {
-        return Err(FrameError::Oversized {
-            frame_bytes: total,
-            frame_bytes_max,
-        });
+        return Err(FrameError::Oversized { frame_bytes: total, frame_bytes_max });
     }
     Ok(FrameHeader {
         kind,
@@ -219,20 +206,14 @@ pub fn decode_frame(bytes: &[u8], frame_bytes_max: u32) -> Result<Frame<'_>, Fra
     let header = decode_header(bytes, frame_bytes_max)?;
     let total = header.frame_bytes();
     if bytes.len() < total {
-        return Err(FrameError::Truncated {
-            needed: total as u64,
-            available: bytes.len() as u64,
-        });
+        return Err(FrameError::Truncated { needed: total as u64, available: bytes.len() as u64 });
     }
     let payload_end = HEADER_BYTES + header.payload_bytes as usize;
     let payload = &bytes[HEADER_BYTES..payload_end];
     let header_array: &[u8; HEADER_BYTES] = bytes[..HEADER_BYTES].try_into().expect("32 bytes");
     let actual = checksum(header_array, payload);
     if actual != header.checksum {
-        return Err(FrameError::BadChecksum {
-            expected: header.checksum,
-            actual,
-        });
+        return Err(FrameError::BadChecksum { expected: header.checksum, actual });
     }
     if bytes[payload_end..total].iter().any(|&byte| byte != 0) {
         return Err(FrameError::BadPadding);
@@ -241,14 +222,10 @@ pub fn decode_frame(bytes: &[u8], frame_bytes_max: u32) -> Result<Frame<'_>, Fra
 }
 
 /// Archives a batch of events into `out` (cleared first), ready to be framed.
-pub fn encode_batch_into(
-    batch: &EventBatch,
-    out: AlignedVec<ALIGN_BYTES>,
-) -> AlignedVec<ALIGN_BYTES> {
+pub fn encode_batch_into(batch: &EventBatch, out: AlignedVec<ALIGN_BYTES>) -> AlignedVec<ALIGN_BYTES> {
     let mut out = out;
     out.clear();
-    rkyv::api::high::to_bytes_in::<_, rancor::Error>(batch, out)
-        .expect("archiving into memory cannot fail")
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(batch, out).expect("archiving into memory cannot fail")
 }
 
 /// Archives a batch of events into a fresh aligned buffer.
@@ -260,26 +237,18 @@ pub fn encode_batch(batch: &EventBatch) -> AlignedVec<ALIGN_BYTES> {
 /// `payload` must start on an 8-byte boundary (frames in an `AlignedVec` do).
 pub fn access_batch(payload: &[u8]) -> Result<&ArchivedEventBatch, FrameError> {
     if payload.as_ptr() as usize % 8 != 0 {
-        return Err(FrameError::BadPayload {
-            reason: "payload is not 8-byte aligned in memory".to_string(),
-        });
+        return Err(FrameError::BadPayload { reason: "payload is not 8-byte aligned in memory".to_string() });
     }
-    rkyv::access::<ArchivedEventBatch, rancor::Error>(payload).map_err(|error| {
-        FrameError::BadPayload {
-            reason: error.to_string(),
-        }
-    })
+    rkyv::access::<ArchivedEventBatch, rancor::Error>(payload)
+        .map_err(|error| FrameError::BadPayload { reason: error.to_string() })
 }
 
 /// Deserialises a batch (for tests and tools; the hot path reads archived events in place).
 pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, FrameError> {
     let mut aligned = AlignedVec::<ALIGN_BYTES>::with_capacity(payload.len());
     aligned.extend_from_slice(payload);
-    rkyv::from_bytes::<EventBatch, rancor::Error>(&aligned).map_err(|error| {
-        FrameError::BadPayload {
-            reason: error.to_string(),
-        }
-    })
+    rkyv::from_bytes::<EventBatch, rancor::Error>(&aligned)
+        .map_err(|error| FrameError::BadPayload { reason: error.to_string() })
 }
 
 #[cfg(test)]
@@ -318,56 +287,29 @@ mod tests {
     #[test]
     fn every_failure_has_its_error() {
         let good = sample_frame();
-        assert!(matches!(
-            decode_frame(&good[..10], 1 << 20),
-            Err(FrameError::Truncated { .. })
-        ));
-        assert!(matches!(
-            decode_frame(&good[..good.len() - 1], 1 << 20),
-            Err(FrameError::Truncated { .. })
-        ));
-        assert!(matches!(
-            decode_frame(&good, 64),
-            Err(FrameError::Oversized { .. })
-        ));
+        assert!(matches!(decode_frame(&good[..10], 1 << 20), Err(FrameError::Truncated { .. })));
+        assert!(matches!(decode_frame(&good[..good.len() - 1], 1 << 20), Err(FrameError::Truncated { .. })));
+        assert!(matches!(decode_frame(&good, 64), Err(FrameError::Oversized { .. })));
         let mut bad = good.clone();
         bad[0] = b'X';
-        assert!(matches!(
-            decode_frame(&bad, 1 << 20),
-            Err(FrameError::BadMagic { .. })
-        ));
+        assert!(matches!(decode_frame(&bad, 1 << 20), Err(FrameError::BadMagic { .. })));
         let mut bad = good.clone();
         bad[4] = 9;
-        assert!(matches!(
-            decode_frame(&bad, 1 << 20),
-            Err(FrameError::BadVersion { found: 9 })
-        ));
+        assert!(matches!(decode_frame(&bad, 1 << 20), Err(FrameError::BadVersion { found: 9 })));
         let mut bad = good.clone();
         bad[6] = 77;
-        assert!(matches!(
-            decode_frame(&bad, 1 << 20),
-            Err(FrameError::BadKind { found: 77 })
-        ));
+        assert!(matches!(decode_frame(&bad, 1 << 20), Err(FrameError::BadKind { found: 77 })));
         let mut bad = good.clone();
         bad[HEADER_BYTES + 2] ^= 0x40;
-        assert!(matches!(
-            decode_frame(&bad, 1 << 20),
-            Err(FrameError::BadChecksum { .. })
-        ));
+        assert!(matches!(decode_frame(&bad, 1 << 20), Err(FrameError::BadChecksum { .. })));
         let payload_end = HEADER_BYTES + read_u32(&good, 8) as usize;
         if payload_end < good.len() {
             let mut bad = good.clone();
             bad[payload_end] = 1;
-            assert!(matches!(
-                decode_frame(&bad, 1 << 20),
-                Err(FrameError::BadPadding)
-            ));
+            assert!(matches!(decode_frame(&bad, 1 << 20), Err(FrameError::BadPadding)));
         }
         let mut garbage = AlignedVec::<16>::new();
         garbage.extend_from_slice(&[0xffu8; 48]);
-        assert!(matches!(
-            access_batch(&garbage),
-            Err(FrameError::BadPayload { .. })
-        ));
+        assert!(matches!(access_batch(&garbage), Err(FrameError::BadPayload { .. })));
     }
 }

@@ -35,14 +35,7 @@ fn base() -> Vec<Event> {
     vec![
         capability("a", 1, 1, 0, "z1"),
         heartbeat("b", 1),
-        event(
-            "a",
-            2,
-            EventKind::BlobAnnounce {
-                blob: BLOB,
-                size_bytes: 10,
-            },
-        ),
+        event("a", 2, EventKind::BlobAnnounce { blob: BLOB, size_bytes: 10 }),
         event(
             "a",
             3,
@@ -53,14 +46,7 @@ fn base() -> Vec<Event> {
                 pinned: vec!["b".into()],
             }),
         ),
-        event(
-            "a",
-            4,
-            EventKind::DaemonIntent {
-                spec: spec("web"),
-                runs_on: DaemonPlacement::AllNodes,
-            },
-        ),
+        event("a", 4, EventKind::DaemonIntent { spec: spec("web"), runs_on: DaemonPlacement::AllNodes }),
     ]
 }
 
@@ -73,114 +59,37 @@ fn with(extra: Vec<Event>) -> Vec<Event> {
 #[test]
 fn base_applies_every_kind_without_rejection() {
     let state = fold_events(&with(vec![
-        event(
-            "b",
-            2,
-            EventKind::ReplicaUpdate {
-                blob: BLOB,
-                state: ReplicaState::Healthy,
-            },
-        ),
-        event(
-            "a",
-            5,
-            EventKind::Rtt {
-                peer: "b".into(),
-                rtt_us: 800,
-            },
-        ),
-        event(
-            "a",
-            6,
-            EventKind::Rtt {
-                peer: "b".into(),
-                rtt_us: 1600,
-            },
-        ),
-        event(
-            "b",
-            3,
-            EventKind::Daemon {
-                daemon: "web".into(),
-                signal: DaemonSignal::Started { pid: 42 },
-            },
-        ),
-        event(
-            "b",
-            4,
-            EventKind::Daemon {
-                daemon: "web".into(),
-                signal: DaemonSignal::Registered { pid: 42 },
-            },
-        ),
-        event(
-            "b",
-            5,
-            EventKind::Daemon {
-                daemon: "web".into(),
-                signal: DaemonSignal::Saturation { permille: 900 },
-            },
-        ),
-        event(
-            "b",
-            6,
-            EventKind::InventoryDigest {
-                blob_count: 1,
-                digest: [1; 16],
-            },
-        ),
+        event("b", 2, EventKind::ReplicaUpdate { blob: BLOB, state: ReplicaState::Healthy }),
+        event("a", 5, EventKind::Rtt { peer: "b".into(), rtt_us: 800 }),
+        event("a", 6, EventKind::Rtt { peer: "b".into(), rtt_us: 1600 }),
+        event("b", 3, EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Started { pid: 42 } }),
+        event("b", 4, EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Registered { pid: 42 } }),
+        event("b", 5, EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Saturation { permille: 900 } }),
+        event("b", 6, EventKind::InventoryDigest { blob_count: 1, digest: [1; 16] }),
         event(
             "a",
             7,
-            EventKind::Admin {
-                operator: "ops".into(),
-                command: AdminCommand::EnterMaintenance { node: "b".into() },
-            },
+            EventKind::Admin { operator: "ops".into(), command: AdminCommand::EnterMaintenance { node: "b".into() } },
         ),
-        event(
-            "a",
-            8,
-            EventKind::Admin {
-                operator: "ops".into(),
-                command: AdminCommand::Drain { node: "b".into() },
-            },
-        ),
+        event("a", 8, EventKind::Admin { operator: "ops".into(), command: AdminCommand::Drain { node: "b".into() } }),
         event(
             "a",
             9,
             EventKind::Admin {
                 operator: "ops".into(),
-                command: AdminCommand::DropReplicas {
-                    node: "b".into(),
-                    blob: None,
-                },
+                command: AdminCommand::DropReplicas { node: "b".into(), blob: None },
             },
         ),
         event(
             "a",
             10,
-            EventKind::Admin {
-                operator: "ops".into(),
-                command: AdminCommand::InvalidatePlacement { blob: None },
-            },
+            EventKind::Admin { operator: "ops".into(), command: AdminCommand::InvalidatePlacement { blob: None } },
         ),
-        event(
-            "a",
-            11,
-            EventKind::NodeHealth(NodeHealth::Status {
-                node: "b".into(),
-                status: NodeStatus::Down,
-            }),
-        ),
+        event("a", 11, EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down })),
         heartbeat("b", 7),
         capability("a", 12, 2, 1, "z2"),
     ]));
-    assert_eq!(
-        rejection_names(&state),
-        Vec::<&str>::new(),
-        "{:?}",
-        state.rejections.kept
-    );
+    assert_eq!(rejection_names(&state), Vec::<&str>::new(), "{:?}", state.rejections.kept);
     assert_eq!(state.nodes.len(), 2);
     assert_eq!(state.blobs.healthy_count[0], 1);
     assert_eq!(state.blobs.pinned[0].len(), 1);
@@ -190,15 +99,9 @@ fn base_applies_every_kind_without_rejection() {
     assert_eq!(state.daemons.state[0], DaemonState::Registered);
     assert_eq!(state.daemons.saturation_permille[0], 900);
     let b = state.nodes.find("b").unwrap().index();
-    assert_eq!(
-        state.nodes.maintenance[b],
-        MaintenanceState::EnteringMaintenance
-    );
+    assert_eq!(state.nodes.maintenance[b], MaintenanceState::EnteringMaintenance);
     assert!(state.nodes.cordoned[b] && state.nodes.draining[b]);
-    assert_eq!(
-        state.nodes.incarnation[b], 1,
-        "down then heartbeat is a new incarnation"
-    );
+    assert_eq!(state.nodes.incarnation[b], 1, "down then heartbeat is a new incarnation");
     assert_eq!(state.nodes.inventory_blob_count[b], 1);
     assert_eq!(state.nodes.capability_version[0], 2);
     assert_eq!(state.symbols.name(state.nodes.zone[0]), "z2");
@@ -209,134 +112,45 @@ fn base_applies_every_kind_without_rejection() {
 /// Each case: extra events after `base()` and the rejection reasons they must produce.
 #[test]
 fn contradictions_are_rejected_with_their_reason() {
-    let admin = |seq, command| {
-        event(
-            "a",
-            seq,
-            EventKind::Admin {
-                operator: "ops".into(),
-                command,
-            },
-        )
-    };
-    let daemon = |seq, signal| {
-        event(
-            "b",
-            seq,
-            EventKind::Daemon {
-                daemon: "web".into(),
-                signal,
-            },
-        )
-    };
+    let admin = |seq, command| event("a", seq, EventKind::Admin { operator: "ops".into(), command });
+    let daemon = |seq, signal| event("b", seq, EventKind::Daemon { daemon: "web".into(), signal });
     let cases: Vec<(&str, Vec<Event>, Vec<&str>)> = vec![
-        (
-            "unknown origin",
-            vec![event(
-                "z",
-                1,
-                EventKind::Rtt {
-                    peer: "a".into(),
-                    rtt_us: 1,
-                },
-            )],
-            vec!["unknown_origin"],
-        ),
-        (
-            "duplicate origin seq",
-            vec![heartbeat("b", 1)],
-            vec!["stale_origin_seq"],
-        ),
-        (
-            "reordered origin seq",
-            vec![heartbeat("a", 9), heartbeat("a", 8)],
-            vec!["stale_origin_seq"],
-        ),
+        ("unknown origin", vec![event("z", 1, EventKind::Rtt { peer: "a".into(), rtt_us: 1 })], vec!["unknown_origin"]),
+        ("duplicate origin seq", vec![heartbeat("b", 1)], vec!["stale_origin_seq"]),
+        ("reordered origin seq", vec![heartbeat("a", 9), heartbeat("a", 8)], vec!["stale_origin_seq"]),
         (
             "replica of unknown blob",
-            vec![event(
-                "b",
-                2,
-                EventKind::ReplicaUpdate {
-                    blob: OTHER_BLOB,
-                    state: ReplicaState::Healthy,
-                },
-            )],
+            vec![event("b", 2, EventKind::ReplicaUpdate { blob: OTHER_BLOB, state: ReplicaState::Healthy })],
             vec!["unknown_blob"],
         ),
         (
             "delete of a replica never held",
-            vec![event(
-                "b",
-                2,
-                EventKind::ReplicaUpdate {
-                    blob: BLOB,
-                    state: ReplicaState::Deleted,
-                },
-            )],
+            vec![event("b", 2, EventKind::ReplicaUpdate { blob: BLOB, state: ReplicaState::Deleted })],
             vec!["unknown_replica"],
         ),
         (
             "blob size changes",
-            vec![event(
-                "b",
-                2,
-                EventKind::BlobAnnounce {
-                    blob: BLOB,
-                    size_bytes: 11,
-                },
-            )],
+            vec![event("b", 2, EventKind::BlobAnnounce { blob: BLOB, size_bytes: 11 })],
             vec!["blob_size_mismatch"],
         ),
         (
             "rtt to unknown peer",
-            vec![event(
-                "a",
-                5,
-                EventKind::Rtt {
-                    peer: "q".into(),
-                    rtt_us: 1,
-                },
-            )],
+            vec![event("a", 5, EventKind::Rtt { peer: "q".into(), rtt_us: 1 })],
             vec!["unknown_node"],
         ),
-        (
-            "rtt to self",
-            vec![event(
-                "a",
-                5,
-                EventKind::Rtt {
-                    peer: "a".into(),
-                    rtt_us: 1,
-                },
-            )],
-            vec!["rtt_to_self"],
-        ),
+        ("rtt to self", vec![event("a", 5, EventKind::Rtt { peer: "a".into(), rtt_us: 1 })], vec!["rtt_to_self"]),
         (
             "outcome of no action",
             vec![event(
                 "a",
                 5,
-                EventKind::ActionOutcome {
-                    action: ActionId {
-                        position: 1,
-                        index: 0,
-                    },
-                    outcome: Outcome::Success,
-                },
+                EventKind::ActionOutcome { action: ActionId { position: 1, index: 0 }, outcome: Outcome::Success },
             )],
             vec!["unknown_action"],
         ),
         (
             "unknown daemon",
-            vec![event(
-                "b",
-                2,
-                EventKind::Daemon {
-                    daemon: "db".into(),
-                    signal: DaemonSignal::Started { pid: 1 },
-                },
-            )],
+            vec![event("b", 2, EventKind::Daemon { daemon: "db".into(), signal: DaemonSignal::Started { pid: 1 } })],
             vec!["unknown_daemon"],
         ),
         (
@@ -346,18 +160,12 @@ fn contradictions_are_rejected_with_their_reason() {
         ),
         (
             "started twice",
-            vec![
-                daemon(2, DaemonSignal::Started { pid: 1 }),
-                daemon(3, DaemonSignal::Started { pid: 2 }),
-            ],
+            vec![daemon(2, DaemonSignal::Started { pid: 1 }), daemon(3, DaemonSignal::Started { pid: 2 })],
             vec!["daemon_already_running"],
         ),
         (
             "registered with another pid",
-            vec![
-                daemon(2, DaemonSignal::Started { pid: 1 }),
-                daemon(3, DaemonSignal::Registered { pid: 2 }),
-            ],
+            vec![daemon(2, DaemonSignal::Started { pid: 1 }), daemon(3, DaemonSignal::Registered { pid: 2 })],
             vec!["pid_mismatch"],
         ),
         (
@@ -374,30 +182,19 @@ fn contradictions_are_rejected_with_their_reason() {
             vec![capability("a", 5, 3, 2, "z1")],
             vec!["capability_fork_mismatch"],
         ),
-        (
-            "first capability must fork from 0",
-            vec![capability("c", 1, 2, 1, "z1")],
-            vec!["capability_fork_mismatch"],
-        ),
+        ("first capability must fork from 0", vec![capability("c", 1, 2, 1, "z1")], vec!["capability_fork_mismatch"]),
         (
             "exit maintenance while active",
             vec![admin(5, AdminCommand::ExitMaintenance { node: "b".into() })],
             vec!["not_in_maintenance"],
         ),
-        (
-            "admin on unknown node",
-            vec![admin(5, AdminCommand::Cordon { node: "q".into() })],
-            vec!["unknown_node"],
-        ),
+        ("admin on unknown node", vec![admin(5, AdminCommand::Cordon { node: "q".into() })], vec!["unknown_node"]),
         (
             "status of unknown node",
             vec![event(
                 "a",
                 5,
-                EventKind::NodeHealth(NodeHealth::Status {
-                    node: "q".into(),
-                    status: NodeStatus::Down,
-                }),
+                EventKind::NodeHealth(NodeHealth::Status { node: "q".into(), status: NodeStatus::Down }),
             )],
             vec!["unknown_node"],
         ),
@@ -415,21 +212,14 @@ fn contradictions_are_rejected_with_their_reason() {
             )],
             vec!["invalid_intent"],
         ),
-        (
-            "over-long node name",
-            vec![heartbeat(&"n".repeat(300), 1)],
-            vec!["bad_name"],
-        ),
+        ("over-long node name", vec![heartbeat(&"n".repeat(300), 1)], vec!["bad_name"]),
         (
             "empty daemon command",
             vec![event(
                 "a",
                 5,
                 EventKind::DaemonIntent {
-                    spec: DaemonSpec {
-                        command: String::new(),
-                        ..spec("x")
-                    },
+                    spec: DaemonSpec { command: String::new(), ..spec("x") },
                     runs_on: DaemonPlacement::AllNodes,
                 },
             )],
@@ -438,22 +228,10 @@ fn contradictions_are_rejected_with_their_reason() {
     ];
     for (name, extra, expected) in cases {
         let state = fold_events(&with(extra));
-        assert_eq!(
-            rejection_names(&state),
-            expected,
-            "case `{name}`: {:?}",
-            state.rejections.kept
-        );
-        assert_eq!(
-            state.rejections.total,
-            expected.len() as u64,
-            "case `{name}`"
-        );
+        assert_eq!(rejection_names(&state), expected, "case `{name}`: {:?}", state.rejections.kept);
+        assert_eq!(state.rejections.total, expected.len() as u64, "case `{name}`");
         let message = state.rejections.kept.back().unwrap().to_string();
-        assert!(
-            message.contains("record 1 event"),
-            "case `{name}`: {message}"
-        );
+        assert!(message.contains("record 1 event"), "case `{name}`: {message}");
     }
 }
 
@@ -463,10 +241,7 @@ fn rejected_events_change_nothing_but_the_rejection_count() {
     let after = fold_events(&with(vec![event(
         "b",
         2,
-        EventKind::ReplicaUpdate {
-            blob: OTHER_BLOB,
-            state: ReplicaState::Healthy,
-        },
+        EventKind::ReplicaUpdate { blob: OTHER_BLOB, state: ReplicaState::Healthy },
     )]));
     assert_eq!(after.replicas.len(), before.replicas.len());
     assert_eq!(after.nodes.origin_seq_last, before.nodes.origin_seq_last);
@@ -485,48 +260,21 @@ fn a_bad_payload_is_rejected_whole_and_counted() {
 
 #[test]
 fn rejections_ring_is_bounded_but_all_are_counted() {
-    let config = Config {
-        rejections_kept_max: 4,
-        ..Config::default()
-    };
+    let config = Config { rejections_kept_max: 4, ..Config::default() };
     let mut state = State::new(&config);
-    let events: Vec<Event> = (1..=10)
-        .map(|seq| {
-            event(
-                "ghost",
-                seq,
-                EventKind::Rtt {
-                    peer: "x".into(),
-                    rtt_us: 1,
-                },
-            )
-        })
-        .collect();
+    let events: Vec<Event> =
+        (1..=10).map(|seq| event("ghost", seq, EventKind::Rtt { peer: "x".into(), rtt_us: 1 })).collect();
     fold_batches(&mut state, &[events]);
     assert_eq!(state.rejections.total, 10);
     assert_eq!(state.rejections.kept.len(), 4);
-    assert_eq!(
-        state.rejections.kept.front().unwrap().origin_seq,
-        7,
-        "oldest dropped first"
-    );
+    assert_eq!(state.rejections.kept.front().unwrap().origin_seq, 7, "oldest dropped first");
 }
 
 #[test]
 fn full_tables_reject_instead_of_growing() {
-    let config = Config {
-        nodes_max: 2,
-        ..Config::default()
-    };
+    let config = Config { nodes_max: 2, ..Config::default() };
     let mut state = State::new(&config);
-    fold_batches(
-        &mut state,
-        &[vec![
-            heartbeat("a", 1),
-            heartbeat("b", 1),
-            heartbeat("c", 1),
-        ]],
-    );
+    fold_batches(&mut state, &[vec![heartbeat("a", 1), heartbeat("b", 1), heartbeat("c", 1)]]);
     assert_eq!(state.nodes.len(), 2);
     assert_eq!(rejection_names(&state), vec!["table_full"]);
 }
@@ -535,12 +283,7 @@ fn full_tables_reject_instead_of_growing() {
 fn generated_cluster_folds_without_rejections() {
     let records = generate(small_options(1));
     let state = fold_generated(&records);
-    assert_eq!(
-        state.rejections.total,
-        0,
-        "{:?}",
-        state.rejections.kept.iter().take(5).collect::<Vec<_>>()
-    );
+    assert_eq!(state.rejections.total, 0, "{:?}", state.rejections.kept.iter().take(5).collect::<Vec<_>>());
     assert_eq!(state.events_applied, 20_000);
     assert_eq!(state.nodes.len(), 12);
     assert_eq!(state.blobs.len(), 200);
@@ -551,21 +294,9 @@ fn generated_cluster_folds_without_rejections() {
 fn replay_is_deterministic_whole_or_in_pieces() {
     let records = generate(small_options(5));
     let whole = fold_generated(&records).state_hash();
-    assert_eq!(
-        whole,
-        fold_generated(&records).state_hash(),
-        "same log, same hash"
-    );
-    assert_eq!(
-        whole,
-        fold_generated(&generate(small_options(5))).state_hash(),
-        "same seed, same log"
-    );
-    assert_ne!(
-        whole,
-        fold_generated(&generate(small_options(6))).state_hash(),
-        "other seed, other state"
-    );
+    assert_eq!(whole, fold_generated(&records).state_hash(), "same log, same hash");
+    assert_eq!(whole, fold_generated(&generate(small_options(5))).state_hash(), "same seed, same log");
+    assert_ne!(whole, fold_generated(&generate(small_options(6))).state_hash(), "other seed, other state");
     for split in [1, records.len() / 3, records.len() - 1] {
         let mut state = State::new(&Config::default());
         for (index, (time_ms, payload)) in records[..split].iter().enumerate() {
@@ -599,38 +330,17 @@ fn arbitrary_kind() -> impl Strategy<Value = EventKind> {
         ReplicaState::Deleted,
     ]);
     prop_oneof![
-        (blob.clone(), replica_state)
-            .prop_map(|(blob, state)| EventKind::ReplicaUpdate { blob, state }),
+        (blob.clone(), replica_state).prop_map(|(blob, state)| EventKind::ReplicaUpdate { blob, state }),
         (name.clone(), any::<u32>()).prop_map(|(peer, rtt_us)| EventKind::Rtt { peer, rtt_us }),
-        any::<u16>().prop_map(
-            |load_permille| EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille })
-        ),
-        (name.clone(), 0u8..5).prop_map(|(node, status)| EventKind::NodeHealth(
-            NodeHealth::Status {
-                node,
-                status: [
-                    NodeStatus::Up,
-                    NodeStatus::Suspect,
-                    NodeStatus::Down,
-                    NodeStatus::Left
-                ][status as usize % 4]
-            }
-        )),
-        (blob.clone(), any::<u64>())
-            .prop_map(|(blob, size_bytes)| EventKind::BlobAnnounce { blob, size_bytes }),
-        (
-            blob.clone(),
-            any::<u8>(),
-            prop::collection::vec(name.clone(), 0..3)
-        )
-            .prop_map(|(blob, replicas, pinned)| {
-                EventKind::PlacementIntent(PlacementIntent {
-                    blob,
-                    replicas,
-                    zone_spread: true,
-                    pinned,
-                })
-            }),
+        any::<u16>().prop_map(|load_permille| EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille })),
+        (name.clone(), 0u8..5).prop_map(|(node, status)| EventKind::NodeHealth(NodeHealth::Status {
+            node,
+            status: [NodeStatus::Up, NodeStatus::Suspect, NodeStatus::Down, NodeStatus::Left][status as usize % 4]
+        })),
+        (blob.clone(), any::<u64>()).prop_map(|(blob, size_bytes)| EventKind::BlobAnnounce { blob, size_bytes }),
+        (blob.clone(), any::<u8>(), prop::collection::vec(name.clone(), 0..3)).prop_map(|(blob, replicas, pinned)| {
+            EventKind::PlacementIntent(PlacementIntent { blob, replicas, zone_spread: true, pinned })
+        }),
         (name.clone(), 0u8..7, any::<u32>()).prop_map(|(daemon, which, value)| EventKind::Daemon {
             daemon,
             signal: match which {
@@ -639,12 +349,8 @@ fn arbitrary_kind() -> impl Strategy<Value = EventKind> {
                 2 => DaemonSignal::Exited { code: value as i32 },
                 3 => DaemonSignal::Crashed { signal: 9 },
                 4 => DaemonSignal::Stopped,
-                5 => DaemonSignal::Health {
-                    healthy: value % 2 == 0
-                },
-                _ => DaemonSignal::Saturation {
-                    permille: value as u16
-                },
+                5 => DaemonSignal::Health { healthy: value % 2 == 0 },
+                _ => DaemonSignal::Saturation { permille: value as u16 },
             },
         }),
         (name.clone(), 0u8..3).prop_map(|(name, which)| EventKind::DaemonIntent {
@@ -656,15 +362,13 @@ fn arbitrary_kind() -> impl Strategy<Value = EventKind> {
             ][which as usize]
                 .clone(),
         }),
-        (0u64..4, 0u64..4, name.clone()).prop_map(
-            |(version, fork_of, zone)| EventKind::Capability(Capability {
-                version,
-                fork_of,
-                zone,
-                capacity_bytes: 1,
-                labels: vec![]
-            })
-        ),
+        (0u64..4, 0u64..4, name.clone()).prop_map(|(version, fork_of, zone)| EventKind::Capability(Capability {
+            version,
+            fork_of,
+            zone,
+            capacity_bytes: 1,
+            labels: vec![]
+        })),
         (any::<u64>(), any::<u32>()).prop_map(|(position, index)| EventKind::ActionOutcome {
             action: ActionId { position, index },
             outcome: Outcome::Failure { reason: "x".into() }
@@ -691,16 +395,8 @@ fn arbitrary_kind() -> impl Strategy<Value = EventKind> {
 }
 
 fn arbitrary_event() -> impl Strategy<Value = Event> {
-    (
-        prop::sample::select(vec!["a", "b", "c"]),
-        0u64..40,
-        arbitrary_kind(),
-    )
-        .prop_map(|(origin, origin_seq, kind)| Event {
-            origin: origin.into(),
-            origin_seq,
-            kind,
-        })
+    (prop::sample::select(vec!["a", "b", "c"]), 0u64..40, arbitrary_kind())
+        .prop_map(|(origin, origin_seq, kind)| Event { origin: origin.into(), origin_seq, kind })
 }
 
 proptest! {

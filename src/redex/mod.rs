@@ -31,26 +31,21 @@ pub struct RecordView<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum RedexError {
     #[error("{path}: {source}")]
-    Io {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("{path}: record {position} at byte offset {offset} is damaged: {reason}")]
-    Damaged {
-        path: std::path::PathBuf,
-        position: u64,
-        offset: u64,
-        reason: String,
-    },
+    Damaged { path: std::path::PathBuf, position: u64, offset: u64, reason: String },
     #[error("record of {frame_bytes} bytes exceeds the limit of {frame_bytes_max} bytes (frame_bytes_max)")]
-    RecordTooLarge {
-        frame_bytes: u64,
-        frame_bytes_max: u32,
-    },
+    RecordTooLarge { frame_bytes: u64, frame_bytes_max: u32 },
     #[error("position {position} is beyond the end of the log ({last})")]
     BeyondEnd { position: u64, last: u64 },
     #[error("{path}: the log is locked by another process")]
     Locked { path: std::path::PathBuf },
+    #[error("position {position} lies before the first record of the log ({first})")]
+    BeforeStart { position: u64, first: u64 },
+    #[error("{path}: an earlier write or fsync failed; reopen the log to recover")]
+    Poisoned { path: std::path::PathBuf },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// The ordered log.
@@ -68,9 +63,5 @@ pub trait Redex {
     /// Calls `visit` for each record from `from` (inclusive) in order until the end
     /// or until `visit` returns false; returns the position of the last record visited
     /// (or `from - 1` when none was).
-    fn read_from(
-        &mut self,
-        from: u64,
-        visit: &mut dyn FnMut(RecordView<'_>) -> bool,
-    ) -> Result<u64, RedexError>;
+    fn read_from(&mut self, from: u64, visit: &mut dyn FnMut(RecordView<'_>) -> bool) -> Result<u64, RedexError>;
 }

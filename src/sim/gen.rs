@@ -14,8 +14,8 @@
 //! `options.events` events are produced.
 
 use crate::event::{
-    AdminCommand, BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, EnvVar, Event,
-    EventBatch, EventKind, NodeHealth, NodeStatus, PlacementIntent, ReplicaState, RestartPolicy,
+    AdminCommand, BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, EnvVar, Event, EventBatch,
+    EventKind, NodeHealth, NodeStatus, PlacementIntent, ReplicaState, RestartPolicy,
 };
 use crate::sim::rng::Rng;
 
@@ -101,31 +101,19 @@ impl Generator {
             return invalid("nodes", format!("{} is outside 1..=60000", options.nodes));
         }
         if options.replicas == 0 || options.replicas as u32 > options.nodes {
-            return invalid(
-                "replicas",
-                format!("{} must be 1..=nodes ({})", options.replicas, options.nodes),
-            );
+            return invalid("replicas", format!("{} must be 1..=nodes ({})", options.replicas, options.nodes));
         }
         if options.blobs as u64 * options.replicas as u64 > 50_000_000 {
             return invalid("blobs", "blobs x replicas above 50 million".to_string());
         }
         if options.record_events == 0 || options.record_events > 65_536 {
-            return invalid(
-                "record-events",
-                format!("{} is outside 1..=65536", options.record_events),
-            );
+            return invalid("record-events", format!("{} is outside 1..=65536", options.record_events));
         }
         let nodes = options.nodes as usize;
         let mut rng = Rng::new(options.seed);
         let names: Vec<String> = (0..nodes).map(|node| format!("node-{node:04}")).collect();
         let position = (0..nodes)
-            .map(|_| {
-                (
-                    rng.below(100_000) as i64,
-                    rng.below(100_000) as i64,
-                    100 + rng.below(2_000) as i64,
-                )
-            })
+            .map(|_| (rng.below(100_000) as i64, rng.below(100_000) as i64, 100 + rng.below(2_000) as i64))
             .collect();
         let hashes: Vec<BlobHash> = (0..options.blobs as u64)
             .map(|blob| {
@@ -174,11 +162,7 @@ impl Generator {
 
     fn event(&mut self, origin: usize, kind: EventKind) -> Event {
         self.seq[origin] += 1;
-        Event {
-            origin: self.names[origin].clone(),
-            origin_seq: self.seq[origin],
-            kind,
-        }
+        Event { origin: self.names[origin].clone(), origin_seq: self.seq[origin], kind }
     }
 
     fn capability(&mut self, node: usize) -> Event {
@@ -201,10 +185,7 @@ impl Generator {
             name: name.to_string(),
             command: format!("/usr/local/bin/{name}"),
             args: vec!["--serve".to_string()],
-            env: vec![EnvVar {
-                key: "RUST_LOG".to_string(),
-                value: "info".to_string(),
-            }],
+            env: vec![EnvVar { key: "RUST_LOG".to_string(), value: "info".to_string() }],
             working_dir: "/var/lib/meshos".to_string(),
             essential: name == "indexer",
             health_timeout_ms: 30_000,
@@ -235,10 +216,7 @@ impl Generator {
         let mut events = Vec::new();
         for node in 0..nodes {
             events.push(self.capability(node));
-            events.push(self.event(
-                node,
-                EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 }),
-            ));
+            events.push(self.event(node, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 })));
         }
         for name in DAEMONS {
             let runs_on = if name == "indexer" {
@@ -256,20 +234,13 @@ impl Generator {
                 }
                 let pid = self.next_pid;
                 self.next_pid += 1;
-                self.instances
-                    .push((node as u32, daemon, DaemonModel::Running, pid));
+                self.instances.push((node as u32, daemon, DaemonModel::Running, pid));
                 for signal in [
                     DaemonSignal::Started { pid },
                     DaemonSignal::Registered { pid },
                     DaemonSignal::Health { healthy: true },
                 ] {
-                    events.push(self.event(
-                        node,
-                        EventKind::Daemon {
-                            daemon: name.to_string(),
-                            signal,
-                        },
-                    ));
+                    events.push(self.event(node, EventKind::Daemon { daemon: name.to_string(), signal }));
                 }
             }
         }
@@ -278,19 +249,9 @@ impl Generator {
             let hash = self.hashes[blob];
             let size_bytes = 1024 + self.rng.below(1 << 30);
             let announcer = blob % nodes;
-            events.push(self.event(
-                announcer,
-                EventKind::BlobAnnounce {
-                    blob: hash,
-                    size_bytes,
-                },
-            ));
-            let intent = PlacementIntent {
-                blob: hash,
-                replicas: replicas as u8,
-                zone_spread: true,
-                pinned: Vec::new(),
-            };
+            events.push(self.event(announcer, EventKind::BlobAnnounce { blob: hash, size_bytes }));
+            let intent =
+                PlacementIntent { blob: hash, replicas: replicas as u8, zone_spread: true, pinned: Vec::new() };
             events.push(self.event(ADMIN_ORIGIN, EventKind::PlacementIntent(intent)));
             let start = self.rng.below(nodes as u64) as usize;
             let step = 1 + self.rng.below(nodes.max(2) as u64 - 1) as usize;
@@ -309,21 +270,9 @@ impl Generator {
                 let slot = self.holder.len();
                 self.holder.push(node as u32);
                 self.replica_state.push(ReplicaState::Pulling);
-                events.push(self.event(
-                    node,
-                    EventKind::ReplicaUpdate {
-                        blob: hash,
-                        state: ReplicaState::Pulling,
-                    },
-                ));
+                events.push(self.event(node, EventKind::ReplicaUpdate { blob: hash, state: ReplicaState::Pulling }));
                 self.set_replica(slot, ReplicaState::Healthy);
-                events.push(self.event(
-                    node,
-                    EventKind::ReplicaUpdate {
-                        blob: hash,
-                        state: ReplicaState::Healthy,
-                    },
-                ));
+                events.push(self.event(node, EventKind::ReplicaUpdate { blob: hash, state: ReplicaState::Healthy }));
             }
         }
         events
@@ -340,10 +289,7 @@ impl Generator {
 
     fn heartbeat(&mut self, node: usize) -> Event {
         let load_permille = self.rng.below(1001) as u16;
-        self.event(
-            node,
-            EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille }),
-        )
+        self.event(node, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille }))
     }
 
     fn live_event(&mut self) -> Event {
@@ -415,25 +361,9 @@ impl Generator {
         }
         let (signal, next, pid) = match model {
             DaemonModel::Running => match self.rng.below(20) {
-                0..=11 => (
-                    DaemonSignal::Health {
-                        healthy: self.rng.below(20) != 0,
-                    },
-                    model,
-                    pid,
-                ),
-                12..=18 => (
-                    DaemonSignal::Saturation {
-                        permille: self.rng.below(1001) as u16,
-                    },
-                    model,
-                    pid,
-                ),
-                _ => (
-                    DaemonSignal::Crashed { signal: 9 },
-                    DaemonModel::Crashed,
-                    pid,
-                ),
+                0..=11 => (DaemonSignal::Health { healthy: self.rng.below(20) != 0 }, model, pid),
+                12..=18 => (DaemonSignal::Saturation { permille: self.rng.below(1001) as u16 }, model, pid),
+                _ => (DaemonSignal::Crashed { signal: 9 }, DaemonModel::Crashed, pid),
             },
             DaemonModel::Crashed => {
                 let pid = self.next_pid;
@@ -443,13 +373,7 @@ impl Generator {
             DaemonModel::Started => (DaemonSignal::Registered { pid }, DaemonModel::Running, pid),
         };
         self.instances[instance] = (node as u32, daemon, next, pid);
-        self.event(
-            node,
-            EventKind::Daemon {
-                daemon: DAEMONS[daemon].to_string(),
-                signal,
-            },
-        )
+        self.event(node, EventKind::Daemon { daemon: DAEMONS[daemon].to_string(), signal })
     }
 
     fn node_status_event(&mut self) -> Event {
@@ -462,8 +386,7 @@ impl Generator {
             return self.heartbeat(node);
         }
         let observer = self.random_up_node();
-        let may_go_down =
-            node != ADMIN_ORIGIN && node != observer && self.down_count < nodes as u32 / 4;
+        let may_go_down = node != ADMIN_ORIGIN && node != observer && self.down_count < nodes as u32 / 4;
         let status = if may_go_down && self.rng.percent(50) {
             self.up[node] = false;
             self.down_count += 1;
@@ -472,10 +395,7 @@ impl Generator {
             NodeStatus::Suspect
         };
         let name = self.names[node].clone();
-        self.event(
-            observer,
-            EventKind::NodeHealth(NodeHealth::Status { node: name, status }),
-        )
+        self.event(observer, EventKind::NodeHealth(NodeHealth::Status { node: name, status }))
     }
 
     fn admin_event(&mut self) -> Event {
@@ -507,10 +427,7 @@ impl Generator {
             4 => AdminCommand::ClearAvoid { node: None },
             _ => AdminCommand::InvalidatePlacement { blob: None },
         };
-        let event = EventKind::Admin {
-            operator: "operator".to_string(),
-            command,
-        };
+        let event = EventKind::Admin { operator: "operator".to_string(), command };
         self.event(ADMIN_ORIGIN, event)
     }
 

@@ -45,13 +45,7 @@ impl BlobTable {
         self.index.get(hash).copied()
     }
 
-    pub fn insert(
-        &mut self,
-        hash: BlobHash,
-        size_bytes: u64,
-        announced_by: NodeRow,
-        now_ms: u64,
-    ) -> BlobRow {
+    pub fn insert(&mut self, hash: BlobHash, size_bytes: u64, announced_by: NodeRow, now_ms: u64) -> BlobRow {
         assert!(!self.index.contains_key(&hash), "blob interned twice");
         let row = BlobRow::from_index(self.len());
         self.index.insert(hash, row);
@@ -116,13 +110,7 @@ impl ReplicaTable {
         self.index.get(&pair_key(blob.0, node.0)).copied()
     }
 
-    pub fn insert(
-        &mut self,
-        blob: BlobRow,
-        node: NodeRow,
-        state: ReplicaState,
-        now_ms: u64,
-    ) -> ReplicaRow {
+    pub fn insert(&mut self, blob: BlobRow, node: NodeRow, state: ReplicaState, now_ms: u64) -> ReplicaRow {
         let row = ReplicaRow::from_index(self.len());
         let previous = self.index.insert(pair_key(blob.0, node.0), row);
         assert!(previous.is_none(), "replica interned twice");

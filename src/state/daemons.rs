@@ -175,13 +175,7 @@ impl DaemonTable {
     }
 
     /// Inserts an instance that was just started with `pid`.
-    pub fn insert_started(
-        &mut self,
-        spec: SpecRow,
-        node: NodeRow,
-        pid: u32,
-        now_ms: u64,
-    ) -> DaemonRow {
+    pub fn insert_started(&mut self, spec: SpecRow, node: NodeRow, pid: u32, now_ms: u64) -> DaemonRow {
         let row = DaemonRow::from_index(self.len());
         let previous = self.index.insert(pair_key(spec.0, node.0), row);
         assert!(previous.is_none(), "daemon instance interned twice");
@@ -197,9 +191,7 @@ impl DaemonTable {
         self.last_health_ms.push(0);
         self.saturation_permille.push(0);
         self.running += 1;
-        debug_assert!(
-            self.saturation_permille.len() == self.len() && self.index.len() == self.len()
-        );
+        debug_assert!(self.saturation_permille.len() == self.len() && self.index.len() == self.len());
         row
     }
 

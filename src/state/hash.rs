@@ -22,10 +22,7 @@ impl Default for StateHasher {
 
 impl StateHasher {
     pub fn new() -> StateHasher {
-        StateHasher {
-            hasher: blake3::Hasher::new(),
-            buffer: Vec::with_capacity(BUFFER_BYTES),
-        }
+        StateHasher { hasher: blake3::Hasher::new(), buffer: Vec::with_capacity(BUFFER_BYTES) }
     }
 
     #[inline]

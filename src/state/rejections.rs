@@ -115,7 +115,9 @@ impl fmt::Display for RejectReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RejectReason::BadPayload(reason) => write!(f, "record payload fails validation: {reason}"),
-            RejectReason::UnknownOrigin(name) => write!(f, "origin node `{name}` has not joined (no heartbeat or capability yet)"),
+            RejectReason::UnknownOrigin(name) => {
+                write!(f, "origin node `{name}` has not joined (no heartbeat or capability yet)")
+            }
             RejectReason::StaleOriginSeq { last, got } => {
                 write!(f, "origin sequence {got} is not above the last applied {last} (duplicate or reordered)")
             }
@@ -124,15 +126,12 @@ impl fmt::Display for RejectReason {
             RejectReason::UnknownDaemon(name) => write!(f, "unknown daemon `{name}` (no daemon intent)"),
             RejectReason::UnknownAction(id) => write!(f, "no in-flight action {}:{}", id.position, id.index),
             RejectReason::UnknownReplica { blob } => write!(f, "node holds no replica of blob {}", blob_hex(blob)),
-            RejectReason::BlobSizeMismatch { blob, known_bytes, announced_bytes } => write!(
-                f,
-                "blob {} announced with {announced_bytes} bytes but known with {known_bytes}",
-                blob_hex(blob)
-            ),
-            RejectReason::CapabilityForkMismatch { current, fork_of, version } => write!(
-                f,
-                "capability version {version} forks from {fork_of} but the node is at version {current}"
-            ),
+            RejectReason::BlobSizeMismatch { blob, known_bytes, announced_bytes } => {
+                write!(f, "blob {} announced with {announced_bytes} bytes but known with {known_bytes}", blob_hex(blob))
+            }
+            RejectReason::CapabilityForkMismatch { current, fork_of, version } => {
+                write!(f, "capability version {version} forks from {fork_of} but the node is at version {current}")
+            }
             RejectReason::DaemonNotRunning(name) => write!(f, "daemon `{name}` is not running"),
             RejectReason::DaemonAlreadyRunning(name) => write!(f, "daemon `{name}` is already running"),
             RejectReason::PidMismatch { daemon, running, reported } => {
@@ -167,12 +166,7 @@ impl fmt::Display for Rejection {
             write!(
                 f,
                 "record {} event {} ({} from `{}` seq {}): {}",
-                self.position,
-                self.event_index,
-                self.kind,
-                self.origin,
-                self.origin_seq,
-                self.reason
+                self.position, self.event_index, self.kind, self.origin, self.origin_seq, self.reason
             )
         }
     }

@@ -10,19 +10,11 @@ use meshos::wire;
 
 /// An event from `origin` with origin sequence `seq`.
 pub fn event(origin: &str, seq: u64, kind: EventKind) -> Event {
-    Event {
-        origin: origin.to_string(),
-        origin_seq: seq,
-        kind,
-    }
+    Event { origin: origin.to_string(), origin_seq: seq, kind }
 }
 
 pub fn heartbeat(origin: &str, seq: u64) -> Event {
-    event(
-        origin,
-        seq,
-        EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 10 }),
-    )
+    event(origin, seq, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 10 }))
 }
 
 pub fn capability(origin: &str, seq: u64, version: u64, fork_of: u64, zone: &str) -> Event {
@@ -39,9 +31,7 @@ pub fn capability(origin: &str, seq: u64, version: u64, fork_of: u64, zone: &str
 /// Folds each batch as one record, log time advancing 100 ms per record.
 pub fn fold_batches(state: &mut State, batches: &[Vec<Event>]) {
     for events in batches {
-        let payload = wire::encode_batch(&EventBatch {
-            events: events.clone(),
-        });
+        let payload = wire::encode_batch(&EventBatch { events: events.clone() });
         let position = state.position + 1;
         fold_payload(state, position, 1_000 + position * 100, &payload);
     }
@@ -56,12 +46,7 @@ pub fn fold_events(events: &[Event]) -> State {
 
 /// The names of the reasons of every rejection, in order.
 pub fn rejection_names(state: &State) -> Vec<&'static str> {
-    state
-        .rejections
-        .kept
-        .iter()
-        .map(|rejection| rejection.reason.name())
-        .collect()
+    state.rejections.kept.iter().map(|rejection| rejection.reason.name()).collect()
 }
 
 /// Generates a log in memory: the archived payloads and their log times.
@@ -76,14 +61,7 @@ pub fn generate(options: GenOptions) -> Vec<(u64, rkyv::util::AlignedVec<16>)> {
 }
 
 pub fn small_options(seed: u64) -> GenOptions {
-    GenOptions {
-        seed,
-        nodes: 12,
-        blobs: 200,
-        replicas: 3,
-        events: 20_000,
-        record_events: 128,
-    }
+    GenOptions { seed, nodes: 12, blobs: 200, replicas: 3, events: 20_000, record_events: 128 }
 }
 
 /// Folds generated records into a fresh state.
