@@ -295,7 +295,7 @@ fn scan_segment(
         }
         scan.record_offsets.push(offset as u64);
         scan.last_time_ms = header.time_ms;
-        scan.next_position = position + 1;
+        scan.next_position = position.saturating_add(1);
         offset += header.frame_bytes();
     }
     scan.valid_bytes = scan.damage.as_ref().map_or(bytes.len() as u64, |damage| damage.0);
