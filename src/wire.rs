@@ -33,8 +33,8 @@ pub const ALIGN_BYTES: usize = 16;
 pub const SEGMENT_HEADER_BYTES: usize = 32;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"MSHSEG01";
 
-const _: () = assert!(HEADER_BYTES % ALIGN_BYTES == 0);
-const _: () = assert!(SEGMENT_HEADER_BYTES % ALIGN_BYTES == 0);
+const _: () = assert!(HEADER_BYTES.is_multiple_of(ALIGN_BYTES));
+const _: () = assert!(SEGMENT_HEADER_BYTES.is_multiple_of(ALIGN_BYTES));
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -236,7 +236,7 @@ pub fn encode_batch(batch: &EventBatch) -> AlignedVec<ALIGN_BYTES> {
 /// Validates an archived `EventBatch` in place and returns a reference into `payload`.
 /// `payload` must start on an 8-byte boundary (frames in an `AlignedVec` do).
 pub fn access_batch(payload: &[u8]) -> Result<&ArchivedEventBatch, FrameError> {
-    if payload.as_ptr() as usize % 8 != 0 {
+    if !(payload.as_ptr() as usize).is_multiple_of(8) {
         return Err(FrameError::BadPayload { reason: "payload is not 8-byte aligned in memory".to_string() });
     }
     rkyv::access::<ArchivedEventBatch, rancor::Error>(payload)

@@ -287,7 +287,7 @@ fn generated_cluster_folds_without_rejections() {
     assert_eq!(state.events_applied, 20_000);
     assert_eq!(state.nodes.len(), 12);
     assert_eq!(state.blobs.len(), 200);
-    assert!(state.daemons.running > 0 && state.rtt.len() > 0);
+    assert!(state.daemons.running > 0 && !state.rtt.is_empty());
 }
 
 #[test]

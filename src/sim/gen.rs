@@ -87,7 +87,7 @@ fn zone_name(node: usize, nodes: usize) -> String {
 }
 
 fn is_storage(node: usize) -> bool {
-    node % 2 == 0
+    node.is_multiple_of(2)
 }
 
 fn digest_part(hash: &BlobHash) -> u128 {
