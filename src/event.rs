@@ -51,8 +51,9 @@ pub enum EventKind {
     BlobAnnounce { blob: BlobHash, size_bytes: u64 },
     /// Desired placement of a blob (from Dataforts or the built-in planner).
     PlacementIntent(PlacementIntent),
-    /// A daemon that should run, and where (or nowhere, to remove it).
-    DaemonIntent { spec: DaemonSpec, runs_on: DaemonPlacement },
+    /// A daemon that should run, and where (or nowhere, to remove it). Boxed: it is
+    /// rare and large, and every archived event is as large as the largest variant.
+    DaemonIntent { spec: Box<DaemonSpec>, runs_on: DaemonPlacement },
     /// The origin node's attributes, a new version forked from `fork_of`.
     Capability(Capability),
     /// The executor reports how an action ended.

@@ -46,7 +46,7 @@ fn base() -> Vec<Event> {
                 pinned: vec!["b".into()],
             }),
         ),
-        event("a", 4, EventKind::DaemonIntent { spec: spec("web"), runs_on: DaemonPlacement::AllNodes }),
+        event("a", 4, EventKind::DaemonIntent { spec: Box::new(spec("web")), runs_on: DaemonPlacement::AllNodes }),
     ]
 }
 
@@ -219,7 +219,7 @@ fn contradictions_are_rejected_with_their_reason() {
                 "a",
                 5,
                 EventKind::DaemonIntent {
-                    spec: DaemonSpec { command: String::new(), ..spec("x") },
+                    spec: Box::new(DaemonSpec { command: String::new(), ..spec("x") }),
                     runs_on: DaemonPlacement::AllNodes,
                 },
             )],
@@ -354,7 +354,7 @@ fn arbitrary_kind() -> impl Strategy<Value = EventKind> {
             },
         }),
         (name.clone(), 0u8..3).prop_map(|(name, which)| EventKind::DaemonIntent {
-            spec: spec(if name.is_empty() { "d" } else { &name }),
+            spec: Box::new(spec(if name.is_empty() { "d" } else { &name })),
             runs_on: [
                 DaemonPlacement::AllNodes,
                 DaemonPlacement::Nodes(vec![name.clone()]),

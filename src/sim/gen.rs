@@ -224,7 +224,7 @@ impl Generator {
             } else {
                 DaemonPlacement::Label("storage".to_string())
             };
-            let spec = Self::daemon_spec(name);
+            let spec = Box::new(Self::daemon_spec(name));
             events.push(self.event(ADMIN_ORIGIN, EventKind::DaemonIntent { spec, runs_on }));
         }
         for node in 0..nodes {

@@ -1,0 +1,98 @@
+//! Golden frames: the exact bytes of a few frames are pinned here, so the wire and
+//! log format (frame header and archived events) cannot drift by accident. A change
+//! that breaks this test must bump `wire::VERSION` and update the bytes on purpose.
+
+use meshos::event::*;
+use meshos::wire::{self, FrameKind};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn frame(kind: FrameKind, seq: u64, time_ms: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    wire::encode_frame(&mut out, kind, seq, time_ms, payload);
+    out
+}
+
+fn heartbeat_batch() -> EventBatch {
+    EventBatch {
+        events: vec![Event {
+            origin: "node-1".into(),
+            origin_seq: 7,
+            kind: EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 250 }),
+        }],
+    }
+}
+
+fn mixed_batch() -> EventBatch {
+    EventBatch {
+        events: vec![
+            Event {
+                origin: "n2".into(),
+                origin_seq: 1,
+                kind: EventKind::ReplicaUpdate { blob: [0xab; 32], state: ReplicaState::Healthy },
+            },
+            Event {
+                origin: "n2".into(),
+                origin_seq: 2,
+                kind: EventKind::Admin {
+                    operator: "ops".into(),
+                    command: AdminCommand::DropReplicas { node: "n3".into(), blob: None },
+                },
+            },
+        ],
+    }
+}
+
+/// Prints the current bytes, for a deliberate format change (`--nocapture`).
+fn show(name: &str, bytes: &[u8]) -> String {
+    let text = hex(bytes);
+    println!("{name}: {text}");
+    text
+}
+
+#[test]
+fn events_frame_bytes_are_pinned() {
+    let payload = wire::encode_batch(&heartbeat_batch());
+    let bytes = frame(FrameKind::Events, 1, 0, &payload);
+    assert_eq!(show("events", &bytes), GOLDEN_EVENTS);
+}
+
+#[test]
+fn record_frame_bytes_are_pinned() {
+    let payload = wire::encode_batch(&mixed_batch());
+    let bytes = frame(FrameKind::Record, 42, 1_767_225_600_000, &payload);
+    assert_eq!(show("record", &bytes), GOLDEN_RECORD);
+}
+
+#[test]
+fn error_frame_bytes_are_pinned() {
+    let bytes = frame(FrameKind::Error, 3, 0, b"bad checksum");
+    assert_eq!(show("error", &bytes), GOLDEN_ERROR);
+}
+
+#[test]
+fn golden_frames_decode_back_to_their_events() {
+    for (golden, batch) in [(GOLDEN_EVENTS, heartbeat_batch()), (GOLDEN_RECORD, mixed_batch())] {
+        let bytes: Vec<u8> =
+            (0..golden.len()).step_by(2).map(|at| u8::from_str_radix(&golden[at..at + 2], 16).unwrap()).collect();
+        let frame = wire::decode_frame(&bytes, 1 << 20).unwrap();
+        assert_eq!(wire::decode_batch(frame.payload).unwrap(), batch);
+    }
+}
+
+const GOLDEN_EVENTS: &str = concat!(
+    "4d53484601000100580000001b604f28010000000000000000000000000000006e6f64652d31ffff0700000000000000",
+    "030000000000fa0000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+    "00000000000000000000000000000000b0ffffff010000000000000000000000",
+);
+const GOLDEN_RECORD: &str = concat!(
+    "4d53484601000200a80000006aad4f792a0000000000000000a8da769b0100006e32ffffffffffff0100000000000000",
+    "00abababababababababababababababababababababababababababababababab020000000000000000000000000000",
+    "000000000000000000000000000000006e32ffffffffffff0200000000000000040000006f7073ffffffffff07000000",
+    "6e33ffffffffffff00000000000000000000000000000000000000000000000000000000000000000000000000000000",
+    "60ffffff020000000000000000000000",
+);
+const GOLDEN_ERROR: &str =
+    concat!("4d534846010003000c0000002bbad88d0300000000000000000000000000000062616420636865636b73756d00000000",);
