@@ -3,6 +3,39 @@
 //! One totally ordered event log is folded into struct-of-arrays state; see
 //! `ARCHITECTURE.md` for the map. Fold does no I/O, reads no clock and returns
 //! no `Result`: the same log gives the same state on every node and every replay.
+//!
+//! The path of one batch of events, from bytes on a socket to folded state:
+//!
+//! ```
+//! use meshos::config::Config;
+//! use meshos::event::{Event, EventBatch, EventKind, NodeHealth};
+//! use meshos::state::State;
+//! use meshos::{fold, wire};
+//!
+//! let batch = EventBatch {
+//!     events: vec![Event {
+//!         origin: "node-1".into(),
+//!         origin_seq: 1,
+//!         kind: EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 120 }),
+//!     }],
+//! };
+//! // A sender frames the archived batch...
+//! let payload = wire::encode_batch(&batch);
+//! let mut frame = Vec::new();
+//! wire::encode_frame(&mut frame, wire::FrameKind::Events, 1, 0, &payload);
+//!
+//! // ...a receiver checks the frame (magic, version, size, checksum) before anything else...
+//! let config = Config::default();
+//! let received = wire::decode_frame(&frame, config.frame_bytes_max).expect("a valid frame");
+//! let mut aligned = rkyv::util::AlignedVec::<16>::new();
+//! aligned.extend_from_slice(received.payload);
+//!
+//! // ...and once the log has stamped it as record 1 at some commit time, fold applies it.
+//! let mut state = State::new(&config);
+//! fold::fold_payload(&mut state, 1, 1_000, &aligned);
+//! assert_eq!(state.nodes.find("node-1").map(|row| row.0), Some(0));
+//! assert_eq!(state.summary().rejected, 0);
+//! ```
 
 pub mod config;
 pub mod event;

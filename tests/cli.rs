@@ -1,0 +1,155 @@
+//! The `meshos log` commands as an operator runs them: generate, replay (twice, same
+//! line), verify a damaged log (named, non-zero exit), replay after recovery
+//! (reports the dropped tail), and clear errors for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn meshos(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meshos")).args(args).output().expect("run meshos")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn last_line(output: &Output) -> String {
+    stdout(output).lines().last().unwrap_or_default().to_string()
+}
+
+fn gen(dir: &Path, seed: &str, events: &str) -> Output {
+    let flags = format!("--seed {seed} --nodes 20 --blobs 500 --replicas 3 --events {events}");
+    let mut args = vec!["log", "gen", "--out", dir.to_str().unwrap()];
+    args.extend(flags.split(' '));
+    let output = meshos(&args);
+    assert!(output.status.success(), "gen failed: {}", stderr(&output));
+    output
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "seg"))
+        .collect();
+    paths.sort();
+    paths
+}
+
+#[test]
+fn gen_then_replay_twice_prints_the_same_last_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    gen(&log, "3", "50000");
+    let first = meshos(&["log", "replay", log.to_str().unwrap()]);
+    let second = meshos(&["log", "replay", log.to_str().unwrap()]);
+    assert!(first.status.success() && second.status.success(), "{}", stderr(&first));
+    let line = last_line(&first);
+    assert_eq!(line, last_line(&second));
+    let fields: Vec<&str> = line.split(' ').collect();
+    let names: Vec<&str> = fields.iter().map(|field| field.split('=').next().unwrap()).collect();
+    assert_eq!(names, ["position", "state_hash", "nodes", "blobs", "replicas", "daemons", "rejected"], "{line}");
+    let hash = fields[1].strip_prefix("state_hash=").unwrap();
+    assert_eq!(hash.len(), 32);
+    assert!(hash.chars().all(|character| character.is_ascii_hexdigit()));
+    assert!(line.contains(" nodes=20 blobs=500 ") && line.ends_with(" rejected=0"), "{line}");
+
+    let json = meshos(&["log", "replay", log.to_str().unwrap(), "-o", "json"]);
+    let json = stdout(&json);
+    assert!(json.trim_start().starts_with('{') && json.contains(&format!("\"state_hash\":\"{hash}\"")), "{json}");
+}
+
+#[test]
+fn gen_is_deterministic_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second, other) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    gen(&first, "9", "20000");
+    gen(&second, "9", "20000");
+    gen(&other, "10", "20000");
+    let bytes = |log: &Path| segments(log).iter().map(|path| std::fs::read(path).unwrap()).collect::<Vec<_>>();
+    assert_eq!(bytes(&first), bytes(&second));
+    assert_ne!(bytes(&first), bytes(&other));
+}
+
+#[test]
+fn a_flipped_byte_is_named_by_verify_and_dropped_by_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    gen(&log, "4", "60000");
+    let clean = meshos(&["log", "verify", log.to_str().unwrap()]);
+    assert!(clean.status.success(), "{}", stdout(&clean));
+    assert!(stdout(&clean).contains("ok: no damage"));
+    let before = last_line(&meshos(&["log", "replay", log.to_str().unwrap()]));
+
+    let segment = &segments(&log)[0];
+    let mut bytes = std::fs::read(segment).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(segment, &bytes).unwrap();
+
+    let damaged = meshos(&["log", "verify", log.to_str().unwrap()]);
+    assert_eq!(damaged.status.code(), Some(1), "verify must fail on damage");
+    let report = stdout(&damaged);
+    assert!(report.contains("DAMAGED") && report.contains("record ") && report.contains(".seg"), "{report}");
+
+    let replay = meshos(&["log", "replay", log.to_str().unwrap()]);
+    assert!(replay.status.success(), "{}", stderr(&replay));
+    let text = stdout(&replay);
+    assert!(text.contains("recovered: dropped the tail after position"), "{text}");
+    assert!(text.contains("quarantine"), "{text}");
+    let after = last_line(&replay);
+    assert_ne!(before, after);
+    let position = |line: &str| line.split(' ').next().unwrap().trim_start_matches("position=").parse::<u64>().unwrap();
+    assert!(position(&after) < position(&before));
+
+    let healed = meshos(&["log", "verify", log.to_str().unwrap()]);
+    assert!(healed.status.success(), "{}", stdout(&healed));
+    assert_eq!(after, last_line(&meshos(&["log", "replay", log.to_str().unwrap()])), "nothing more dropped");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let path = log.to_str().unwrap();
+
+    let missing = meshos(&["log", "replay", path]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("no log here"), "{}", stderr(&missing));
+
+    let bad_replicas = meshos(&["log", "gen", "--out", path, "--nodes", "2", "--replicas", "3"]);
+    assert!(!bad_replicas.status.success());
+    assert!(stderr(&bad_replicas).contains("--replicas"), "{}", stderr(&bad_replicas));
+
+    let too_few = meshos(&["log", "gen", "--out", path, "--nodes", "5", "--blobs", "100", "--events", "10"]);
+    assert!(stderr(&too_few).contains("--events") && stderr(&too_few).contains("setup"), "{}", stderr(&too_few));
+
+    let bad_limit = meshos(&["log", "gen", "--out", path, "--frame-bytes-max", "7"]);
+    assert!(stderr(&bad_limit).contains("frame_bytes_max"), "{}", stderr(&bad_limit));
+
+    gen(&log, "1", "20000");
+    let again = meshos(&["log", "gen", "--out", path, "--nodes", "3", "--blobs", "10", "--events", "5000"]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("already holds a log"), "{}", stderr(&again));
+
+    let typo = meshos(&["log", "replya", path]);
+    assert_eq!(typo.status.code(), Some(2), "usage errors exit 2");
+}
+
+#[test]
+fn help_teaches_every_command() {
+    for command in ["", "log", "log gen", "log replay", "log verify"] {
+        let mut args: Vec<&str> = command.split_whitespace().collect();
+        args.push("--help");
+        let output = meshos(&args);
+        assert!(output.status.success(), "{args:?}");
+        let text = stdout(&output);
+        assert!(text.contains("Usage:"), "{args:?}: {text}");
+    }
+    let replay = stdout(&meshos(&["log", "replay", "--help"]));
+    assert!(replay.contains("state_hash=") && replay.contains("quarantine"), "{replay}");
+}
