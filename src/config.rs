@@ -75,12 +75,18 @@ pub struct Config {
     pub segment_bytes_max: u64,
     /// When the embedded log fsyncs.
     pub fsync: FsyncPolicy,
-    /// How many rejected events the state keeps in its ring (all are counted).
-    pub rejections_kept_max: u32,
     /// Most events one log record (one committed batch) may carry.
     pub record_events_max: u32,
-    /// RTT moving average weight: each sample moves the average by 1/2^shift.
-    pub rtt_ewma_shift: u8,
+    /// The limits fold applies to the state.
+    pub fold: FoldLimits,
+}
+
+/// The limits fold applies. They shape the state (a full table rejects), so every
+/// node of a cluster must fold with the same values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoldLimits {
+    /// How many rejected events the state keeps in its ring (all are counted).
+    pub rejections_kept_max: u32,
     /// Row limits of the state tables; an event that would grow a full table is rejected.
     pub nodes_max: u32,
     pub blobs_max: u32,
@@ -90,6 +96,24 @@ pub struct Config {
     pub rtt_pairs_max: u32,
     /// Longest external name (node, daemon, zone, label) accepted, in bytes.
     pub name_bytes_max: u32,
+    /// RTT moving average weight: each sample moves the average by 1/2^shift.
+    pub rtt_ewma_shift: u8,
+}
+
+impl Default for FoldLimits {
+    fn default() -> Self {
+        FoldLimits {
+            rejections_kept_max: REJECTIONS_KEPT_MAX_DEFAULT,
+            nodes_max: 1 << 16,
+            blobs_max: 1 << 24,
+            replicas_max: 1 << 26,
+            daemon_specs_max: 1 << 12,
+            daemons_max: 1 << 22,
+            rtt_pairs_max: 1 << 22,
+            name_bytes_max: NAME_BYTES_MAX_DEFAULT,
+            rtt_ewma_shift: RTT_EWMA_SHIFT_DEFAULT,
+        }
+    }
 }
 
 impl Default for Config {
@@ -98,16 +122,8 @@ impl Default for Config {
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
             segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT,
             fsync: FsyncPolicy::Group { records: 64, bytes: LOG_GROUP_BYTES_DEFAULT },
-            rejections_kept_max: REJECTIONS_KEPT_MAX_DEFAULT,
             record_events_max: RECORD_EVENTS_MAX_DEFAULT,
-            rtt_ewma_shift: RTT_EWMA_SHIFT_DEFAULT,
-            nodes_max: 1 << 16,
-            blobs_max: 1 << 24,
-            replicas_max: 1 << 26,
-            daemon_specs_max: 1 << 12,
-            daemons_max: 1 << 22,
-            rtt_pairs_max: 1 << 22,
-            name_bytes_max: NAME_BYTES_MAX_DEFAULT,
+            fold: FoldLimits::default(),
         }
     }
 }
@@ -138,30 +154,31 @@ impl Config {
                 return invalid("fsync", "a group commit needs records > 0 and bytes > 0".to_string());
             }
         }
-        if self.rejections_kept_max == 0 || self.rejections_kept_max > 1 << 20 {
-            return invalid("rejections_kept_max", format!("{} is outside 1..=1048576", self.rejections_kept_max));
-        }
         if self.record_events_max == 0 || self.record_events_max > 1 << 16 {
             return invalid("record_events_max", format!("{} is outside 1..=65536", self.record_events_max));
         }
+        let fold = &self.fold;
+        if fold.rejections_kept_max == 0 || fold.rejections_kept_max > 1 << 20 {
+            return invalid("fold.rejections_kept_max", format!("{} is outside 1..=1048576", fold.rejections_kept_max));
+        }
         let tables = [
-            ("nodes_max", self.nodes_max),
-            ("blobs_max", self.blobs_max),
-            ("replicas_max", self.replicas_max),
-            ("daemon_specs_max", self.daemon_specs_max),
-            ("daemons_max", self.daemons_max),
-            ("rtt_pairs_max", self.rtt_pairs_max),
+            ("fold.nodes_max", fold.nodes_max),
+            ("fold.blobs_max", fold.blobs_max),
+            ("fold.replicas_max", fold.replicas_max),
+            ("fold.daemon_specs_max", fold.daemon_specs_max),
+            ("fold.daemons_max", fold.daemons_max),
+            ("fold.rtt_pairs_max", fold.rtt_pairs_max),
         ];
         for (field, rows_max) in tables {
             if rows_max == 0 || rows_max > ROWS_MAX_LIMIT {
                 return invalid(field, format!("{rows_max} is outside 1..={ROWS_MAX_LIMIT}"));
             }
         }
-        if self.name_bytes_max == 0 || self.name_bytes_max > 4096 {
-            return invalid("name_bytes_max", format!("{} is outside 1..=4096", self.name_bytes_max));
+        if fold.name_bytes_max == 0 || fold.name_bytes_max > 4096 {
+            return invalid("fold.name_bytes_max", format!("{} is outside 1..=4096", fold.name_bytes_max));
         }
-        if self.rtt_ewma_shift > 8 {
-            return invalid("rtt_ewma_shift", format!("{} is above 8", self.rtt_ewma_shift));
+        if fold.rtt_ewma_shift > 8 {
+            return invalid("fold.rtt_ewma_shift", format!("{} is above 8", fold.rtt_ewma_shift));
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use meshos::config::Config;
+use meshos::config::{Config, FoldLimits};
 use meshos::event::*;
 use meshos::fold::fold_payload;
 use meshos::state::daemons::DaemonState;
@@ -260,7 +260,7 @@ fn a_bad_payload_is_rejected_whole_and_counted() {
 
 #[test]
 fn rejections_ring_is_bounded_but_all_are_counted() {
-    let config = Config { rejections_kept_max: 4, ..Config::default() };
+    let config = Config { fold: FoldLimits { rejections_kept_max: 4, ..FoldLimits::default() }, ..Config::default() };
     let mut state = State::new(&config);
     let events: Vec<Event> =
         (1..=10).map(|seq| event("ghost", seq, EventKind::Rtt { peer: "x".into(), rtt_us: 1 })).collect();
@@ -272,7 +272,7 @@ fn rejections_ring_is_bounded_but_all_are_counted() {
 
 #[test]
 fn full_tables_reject_instead_of_growing() {
-    let config = Config { nodes_max: 2, ..Config::default() };
+    let config = Config { fold: FoldLimits { nodes_max: 2, ..FoldLimits::default() }, ..Config::default() };
     let mut state = State::new(&config);
     fold_batches(&mut state, &[vec![heartbeat("a", 1), heartbeat("b", 1), heartbeat("c", 1)]]);
     assert_eq!(state.nodes.len(), 2);

@@ -27,7 +27,7 @@ use self::inflight::InflightTable;
 use self::nodes::NodeTable;
 use self::rejections::Rejections;
 use self::rtt::RttTable;
-use crate::config::Config;
+use crate::config::{Config, FoldLimits};
 
 /// Interned strings (zones, labels), in order of first appearance.
 #[derive(Debug, Default, Clone)]
@@ -67,35 +67,6 @@ impl Symbols {
     }
 }
 
-/// The limits fold enforces, copied from `Config`. They shape the state, so every
-/// node of a cluster must fold with the same values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StateLimits {
-    pub nodes_max: u32,
-    pub blobs_max: u32,
-    pub replicas_max: u32,
-    pub daemon_specs_max: u32,
-    pub daemons_max: u32,
-    pub rtt_pairs_max: u32,
-    pub name_bytes_max: u32,
-    pub rtt_ewma_shift: u8,
-}
-
-impl StateLimits {
-    pub fn from_config(config: &Config) -> StateLimits {
-        StateLimits {
-            nodes_max: config.nodes_max,
-            blobs_max: config.blobs_max,
-            replicas_max: config.replicas_max,
-            daemon_specs_max: config.daemon_specs_max,
-            daemons_max: config.daemons_max,
-            rtt_pairs_max: config.rtt_pairs_max,
-            name_bytes_max: config.name_bytes_max,
-            rtt_ewma_shift: config.rtt_ewma_shift,
-        }
-    }
-}
-
 /// Everything fold knows.
 #[derive(Debug, Clone)]
 pub struct State {
@@ -115,7 +86,7 @@ pub struct State {
     pub inflight: InflightTable,
     pub symbols: Symbols,
     pub rejections: Rejections,
-    pub limits: StateLimits,
+    pub limits: FoldLimits,
 }
 
 impl State {
@@ -133,8 +104,8 @@ impl State {
             rtt: RttTable::default(),
             inflight: InflightTable::default(),
             symbols: Symbols::default(),
-            rejections: Rejections::new(config.rejections_kept_max),
-            limits: StateLimits::from_config(config),
+            rejections: Rejections::new(config.fold.rejections_kept_max),
+            limits: config.fold,
         }
     }
 
