@@ -356,3 +356,26 @@ fn a_log_may_start_after_position_one() {
     assert_eq!(read_all(&mut log, second_base).len() as u64, 30 - second_base + 1);
     assert_eq!(log.append_at(&payload(31), 0).unwrap().position, 31);
 }
+
+#[test]
+fn a_smaller_frame_limit_refuses_to_open_instead_of_dropping_good_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let large = Config { frame_bytes_max: 1 << 16, segment_bytes_max: 1 << 20, ..small_config() };
+    let (mut log, _) = EmbeddedLog::open(dir.path(), &large).unwrap();
+    log.append_at(&payload(1), 1).unwrap();
+    log.append_at(&vec![0u8; 4000], 2).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let before: Vec<Vec<u8>> = segments(dir.path()).iter().map(|path| std::fs::read(path).unwrap()).collect();
+
+    let error = EmbeddedLog::open(dir.path(), &small_config()).unwrap_err();
+    assert!(matches!(error, RedexError::FrameLimitTooSmall { position: 2, frame_bytes_max: 1024, .. }), "{error}");
+    assert!(error.to_string().contains("frame_bytes_max"), "{error}");
+    assert!(matches!(verify(dir.path(), &small_config()), Err(RedexError::FrameLimitTooSmall { .. })));
+    let after: Vec<Vec<u8>> = segments(dir.path()).iter().map(|path| std::fs::read(path).unwrap()).collect();
+    assert_eq!(before, after, "nothing truncated");
+    assert!(!dir.path().join("quarantine").exists(), "nothing quarantined");
+
+    let (_, report) = EmbeddedLog::open(dir.path(), &large).unwrap();
+    assert_eq!((report.last_position, report.dropped_bytes), (2, 0));
+}

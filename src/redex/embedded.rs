@@ -226,6 +226,9 @@ struct SegmentScan {
     last_time_ms: u64,
     /// (offset, position, reason) of the first failure.
     damage: Option<(u64, u64, String)>,
+    /// (offset, position, frame bytes) of an intact record larger than the configured
+    /// `frame_bytes_max`: a configuration mismatch, not damage.
+    too_large: Option<(u64, u64, u64)>,
 }
 
 /// Scans one segment held in `bytes` (16-aligned). `expected_base` is the position
@@ -266,6 +269,12 @@ fn scan_segment(
         let position = scan.next_position;
         let frame = match wire::decode_frame(&bytes[offset..], frame_bytes_max) {
             Ok(frame) => frame,
+            Err(wire::FrameError::Oversized { frame_bytes, .. })
+                if wire::decode_frame(&bytes[offset..], crate::config::FRAME_BYTES_MAX_LIMIT).is_ok() =>
+            {
+                scan.too_large = Some((offset as u64, position, frame_bytes));
+                break;
+            }
             Err(error) => {
                 scan.damage = Some((offset as u64, position, error.to_string()));
                 break;
@@ -318,6 +327,21 @@ fn count_parseable_frames(bytes: &[u8], frame_bytes_max: u32) -> u64 {
     count
 }
 
+/// An intact record above `frame_bytes_max` means the log was written with a larger
+/// limit: refuse to go on rather than treat good records as damage.
+fn too_large(path: &Path, scan: &SegmentScan, config: &Config) -> Result<(), RedexError> {
+    match scan.too_large {
+        None => Ok(()),
+        Some((offset, position, frame_bytes)) => Err(RedexError::FrameLimitTooSmall {
+            path: path.to_path_buf(),
+            position,
+            offset,
+            frame_bytes,
+            frame_bytes_max: config.frame_bytes_max,
+        }),
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<(), RedexError> {
     File::open(dir).and_then(|file| file.sync_all()).map_err(io_error(dir))
 }
@@ -365,6 +389,7 @@ impl EmbeddedLog {
         for (index, (name_base, path)) in listed.iter().enumerate() {
             read_whole(path, &mut buffer)?;
             let scan = scan_segment(&buffer, *name_base, next_position, last_time_ms, config.frame_bytes_max, false);
+            too_large(path, &scan, config)?;
             if let Some((offset, position, reason)) = scan.damage {
                 report.damage = Some(Damage { path: path.clone(), position, offset, reason });
                 damaged_at = Some((index, offset));
@@ -739,6 +764,7 @@ pub fn verify(dir: &Path, config: &Config) -> Result<VerifyReport, RedexError> {
             continue;
         }
         let scan = scan_segment(&buffer, *name_base, next_position, last_time_ms, config.frame_bytes_max, true);
+        too_large(path, &scan, config)?;
         if report.first_position == 0 && !scan.record_offsets.is_empty() {
             report.first_position = scan.next_position - scan.record_offsets.len() as u64;
         }

@@ -36,6 +36,11 @@ pub enum RedexError {
     Damaged { path: std::path::PathBuf, position: u64, offset: u64, reason: String },
     #[error("record of {frame_bytes} bytes exceeds the limit of {frame_bytes_max} bytes (frame_bytes_max)")]
     RecordTooLarge { frame_bytes: u64, frame_bytes_max: u32 },
+    #[error(
+        "{path}: record {position} at byte offset {offset} is an intact frame of {frame_bytes} bytes, above \
+         frame_bytes_max {frame_bytes_max}: the log was written with a larger limit; open it with that limit (--frame-bytes-max)"
+    )]
+    FrameLimitTooSmall { path: std::path::PathBuf, position: u64, offset: u64, frame_bytes: u64, frame_bytes_max: u32 },
     #[error("position {position} is beyond the end of the log ({last})")]
     BeyondEnd { position: u64, last: u64 },
     #[error("{path}: the log is locked by another process")]
