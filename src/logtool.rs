@@ -105,6 +105,9 @@ pub fn replay(dir: &Path, config: &Config, progress: &mut dyn FnMut(Progress)) -
         true
     })?;
     assert_eq!(state.position, total, "replay folds every record");
+    if cfg!(debug_assertions) {
+        state.check_invariants();
+    }
     Ok(ReplayReport { recovery, records: total, events, summary: state.summary(), state })
 }
 

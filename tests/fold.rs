@@ -90,6 +90,7 @@ fn base_applies_every_kind_without_rejection() {
         capability("a", 12, 2, 1, "z2"),
     ]));
     assert_eq!(rejection_names(&state), Vec::<&str>::new(), "{:?}", state.rejections.kept);
+    state.check_invariants();
     assert_eq!(state.nodes.len(), 2);
     assert_eq!(state.blobs.healthy_count[0], 1);
     assert_eq!(state.blobs.pinned[0].len(), 1);
@@ -283,6 +284,7 @@ fn full_tables_reject_instead_of_growing() {
 fn generated_cluster_folds_without_rejections() {
     let records = generate(small_options(1));
     let state = fold_generated(&records);
+    state.check_invariants();
     assert_eq!(state.rejections.total, 0, "{:?}", state.rejections.kept.iter().take(5).collect::<Vec<_>>());
     assert_eq!(state.events_applied, 20_000);
     assert_eq!(state.nodes.len(), 12);
@@ -409,8 +411,7 @@ proptest! {
         fold_batches(&mut state, &batches);
         let total: usize = batches.iter().map(Vec::len).sum();
         prop_assert_eq!(state.events_applied + state.rejections.total, total as u64);
-        prop_assert_eq!(state.blobs.healthy_count.iter().map(|&count| count as usize).sum::<usize>(),
-            state.replicas.state.iter().filter(|&&s| s == ReplicaState::Healthy).count());
+        state.check_invariants();
     }
 
     /// Mutated frames never panic the decoder or fold; anything decoded is folded safely.
@@ -443,4 +444,14 @@ proptest! {
         fold_payload(&mut state, 1, 1, &raw);
         prop_assert!(state.events_applied + state.rejections.total >= 1 || raw.is_empty());
     }
+}
+
+#[test]
+#[should_panic(expected = "healthy counts drifted")]
+fn invariant_check_catches_a_drifted_count() {
+    let mut state =
+        fold_events(&with(vec![event("b", 2, EventKind::ReplicaUpdate { blob: BLOB, state: ReplicaState::Healthy })]));
+    state.check_invariants();
+    state.blobs.healthy_count[0] += 1;
+    state.check_invariants();
 }

@@ -129,6 +129,43 @@ impl State {
         hasher.finish()
     }
 
+    /// Asserts every cross-table invariant: derived counts match their columns, every
+    /// row id in a column points at an existing row, maps and columns agree in size.
+    /// O(rows); tests call it after folding, replay calls it in debug builds.
+    pub fn check_invariants(&self) {
+        let (nodes, blobs) = (self.nodes.len(), self.blobs.len());
+        assert_eq!(self.nodes.index.len(), nodes, "node index out of step");
+        assert_eq!(self.blobs.index.len(), blobs, "blob index out of step");
+        assert_eq!(self.replicas.index.len(), self.replicas.len(), "replica index out of step");
+        assert_eq!(self.daemons.index.len(), self.daemons.len(), "daemon index out of step");
+        assert_eq!(self.rtt.index.len(), self.rtt.len(), "rtt index out of step");
+        let mut healthy = vec![0u32; blobs];
+        let mut live = 0u32;
+        for row in 0..self.replicas.len() {
+            let (blob, node) = (self.replicas.blob[row], self.replicas.node[row]);
+            assert!(blob.index() < blobs && node.index() < nodes, "replica {row} points past its tables");
+            let state = self.replicas.state[row];
+            healthy[blob.index()] += (state == crate::event::ReplicaState::Healthy) as u32;
+            live += (state != crate::event::ReplicaState::Deleted) as u32;
+        }
+        assert_eq!(healthy, self.blobs.healthy_count, "blob healthy counts drifted from the replica table");
+        assert_eq!(live, self.replicas.live, "live replica count drifted");
+        let running = self.daemons.state.iter().filter(|state| state.is_running()).count() as u32;
+        assert_eq!(running, self.daemons.running, "running daemon count drifted");
+        for row in 0..self.daemons.len() {
+            assert!(self.daemons.spec[row].index() < self.specs.len() && self.daemons.node[row].index() < nodes);
+        }
+        for row in 0..self.rtt.len() {
+            let (from, to) = (self.rtt.from[row], self.rtt.to[row]);
+            assert!(from != to && from.index() < nodes && to.index() < nodes, "rtt pair {row} is invalid");
+        }
+        for pinned in &self.blobs.pinned {
+            assert!(pinned.iter().all(|node| node.index() < nodes), "pinned node past the node table");
+        }
+        assert!(self.rejections.kept.len() <= self.rejections.kept_max);
+        assert_eq!(self.rejections.total, self.rejections.by_reason.iter().sum::<u64>());
+    }
+
     pub fn summary(&self) -> Summary {
         Summary {
             position: self.position,
