@@ -108,7 +108,7 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
             join(state, origin_name, origin_seq)?
         }
         (None, ArchivedEventKind::Capability(capability)) => {
-            check_capability(0, capability)?;
+            check_capability(state, 0, capability)?;
             join(state, origin_name, origin_seq)?
         }
         (None, _) => return Err(RejectReason::UnknownOrigin(truncated(origin_name, state.limits.name_bytes_max))),
@@ -451,6 +451,8 @@ fn daemon_intent(
     if state.specs.find(spec.name.as_str()).is_none() && state.specs.len() >= state.limits.daemon_specs_max as usize {
         return Err(RejectReason::TableFull("daemon spec"));
     }
+    let spec = rkyv::deserialize::<DaemonSpec, rancor::Error>(spec)
+        .map_err(|error| RejectReason::BadPayload(error.to_string()))?;
     let placement = match runs_on {
         ArchivedDaemonPlacement::AllNodes => SpecPlacement::AllNodes,
         ArchivedDaemonPlacement::Nowhere => SpecPlacement::Nowhere,
@@ -469,24 +471,18 @@ fn daemon_intent(
             SpecPlacement::Label(state.symbols.intern(label.as_str()))
         }
     };
-    let spec = rkyv::deserialize::<DaemonSpec, rancor::Error>(spec)
-        .map_err(|error| RejectReason::BadPayload(error.to_string()))?;
     state.specs.upsert(spec, placement, state.now_ms);
     Ok(())
 }
 
-fn check_capability(current: u64, capability: &ArchivedCapability) -> Applied {
+/// Everything that can reject a capability update, checked before any change (a
+/// node's first capability is checked before the node is interned).
+fn check_capability(state: &State, current: u64, capability: &ArchivedCapability) -> Applied {
     let version = capability.version.to_native();
     let fork_of = capability.fork_of.to_native();
     if fork_of != current || version <= current {
         return Err(RejectReason::CapabilityForkMismatch { current, fork_of, version });
     }
-    Ok(())
-}
-
-fn apply_capability(state: &mut State, node: NodeRow, capability: &ArchivedCapability) -> Applied {
-    let index = node.index();
-    check_capability(state.nodes.capability_version[index], capability)?;
     let zone = capability.zone.as_str();
     if !zone.is_empty() {
         check_name(zone, state)?;
@@ -494,6 +490,13 @@ fn apply_capability(state: &mut State, node: NodeRow, capability: &ArchivedCapab
     for label in capability.labels.iter() {
         check_name(label.as_str(), state)?;
     }
+    Ok(())
+}
+
+fn apply_capability(state: &mut State, node: NodeRow, capability: &ArchivedCapability) -> Applied {
+    let index = node.index();
+    check_capability(state, state.nodes.capability_version[index], capability)?;
+    let zone = capability.zone.as_str();
     let zone = if zone.is_empty() { SymbolId::NONE } else { state.symbols.intern(zone) };
     let labels = capability.labels.iter().map(|label| state.symbols.intern(label.as_str())).collect();
     let nodes = &mut state.nodes;

@@ -414,6 +414,24 @@ proptest! {
         state.check_invariants();
     }
 
+    /// A rejected event has no effect at all: the state equals the state before it,
+    /// rejection bookkeeping and log position aside.
+    #[test]
+    fn rejected_events_have_no_partial_effect(events in prop::collection::vec(arbitrary_event(), 1..60)) {
+        let mut state = State::new(&Config::default());
+        for event in events {
+            let before = state.clone();
+            fold_batches(&mut state, &[vec![event]]);
+            if state.rejections.total > before.rejections.total {
+                let mut undone = state.clone();
+                undone.rejections = before.rejections.clone();
+                undone.position = before.position;
+                undone.now_ms = before.now_ms;
+                prop_assert_eq!(undone.state_hash(), before.state_hash(), "{:?}", state.rejections.kept.back());
+            }
+        }
+    }
+
     /// Mutated frames never panic the decoder or fold; anything decoded is folded safely.
     #[test]
     fn mutated_frames_never_panic(events in prop::collection::vec(arbitrary_event(), 1..20),
@@ -454,4 +472,13 @@ fn invariant_check_catches_a_drifted_count() {
     state.check_invariants();
     state.blobs.healthy_count[0] += 1;
     state.check_invariants();
+}
+
+#[test]
+fn a_rejected_first_capability_does_not_intern_the_node() {
+    let long_zone = "z".repeat(300);
+    let state = fold_events(&[capability("fresh", 1, 1, 0, &long_zone)]);
+    assert_eq!(rejection_names(&state), vec!["bad_name"]);
+    assert!(state.nodes.find("fresh").is_none(), "no partial effect");
+    assert!(state.symbols.names.is_empty());
 }
