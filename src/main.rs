@@ -12,6 +12,7 @@ use meshos::config::{Config, FsyncPolicy};
 use meshos::logtool::{self, Progress};
 use meshos::sim::gen::GenOptions;
 use meshos::state::hash::hash_hex;
+use meshos::state::rejections::REJECT_REASON_NAMES;
 
 #[derive(Parser)]
 #[command(
@@ -216,12 +217,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             printer.finish();
             let recovery = &report.recovery;
             let summary = &report.summary;
+            let reasons: Vec<(&str, u64)> = REJECT_REASON_NAMES
+                .iter()
+                .zip(report.state.rejections.by_reason)
+                .filter(|(_, count)| *count > 0)
+                .map(|(name, count)| (*name, count))
+                .collect();
             if output == Output::Json {
                 let damage =
                     recovery.damage.as_ref().map_or("null".to_string(), |damage| json_string(&damage.to_string()));
                 println!(
                     "{{\"position\":{},\"state_hash\":\"{}\",\"nodes\":{},\"blobs\":{},\"replicas\":{},\"daemons\":{},\"rejected\":{},\
-                     \"events\":{},\"recovered\":{{\"dropped_records\":{},\"dropped_bytes\":{},\"damage\":{}}}}}",
+                     \"rejected_by_reason\":{{{}}},\"events\":{},\"recovered\":{{\"dropped_records\":{},\"dropped_bytes\":{},\"damage\":{}}}}}",
                     summary.position,
                     hash_hex(summary.state_hash),
                     summary.nodes,
@@ -229,6 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     summary.replicas,
                     summary.daemons,
                     summary.rejected,
+                    reasons.iter().map(|(name, count)| format!("\"{name}\":{count}")).collect::<Vec<_>>().join(","),
                     report.events,
                     recovery.dropped_records,
                     recovery.dropped_bytes,
@@ -249,6 +257,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             for rejection in report.state.rejections.kept.iter().rev().take(show_rejections).rev() {
                 println!("rejected: {rejection}");
+            }
+            if !reasons.is_empty() {
+                let counts: Vec<String> = reasons.iter().map(|(name, count)| format!("{name}={count}")).collect();
+                println!("rejected by reason: {} (see them with --show-rejections K)", counts.join(" "));
             }
             println!("{summary}");
             Ok(ExitCode::SUCCESS)

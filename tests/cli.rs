@@ -153,3 +153,38 @@ fn help_teaches_every_command() {
     let replay = stdout(&meshos(&["log", "replay", "--help"]));
     assert!(replay.contains("state_hash=") && replay.contains("quarantine"), "{replay}");
 }
+
+#[test]
+fn replay_names_rejected_events_and_their_reasons() {
+    use meshos::config::Config;
+    use meshos::event::{Event, EventBatch, EventKind, NodeHealth, ReplicaState};
+    use meshos::redex::embedded::EmbeddedLog;
+    use meshos::redex::Redex;
+
+    let dir = tempfile::tempdir().unwrap();
+    let heartbeat = |seq| Event {
+        origin: "n1".into(),
+        origin_seq: seq,
+        kind: EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 }),
+    };
+    let stray = Event {
+        origin: "n1".into(),
+        origin_seq: 3,
+        kind: EventKind::ReplicaUpdate { blob: [5; 32], state: ReplicaState::Healthy },
+    };
+    let batch = EventBatch { events: vec![heartbeat(1), heartbeat(2), heartbeat(2), stray] };
+    let (mut log, _) = EmbeddedLog::open(dir.path(), &Config::default()).unwrap();
+    log.append(&meshos::wire::encode_batch(&batch)).unwrap();
+    log.sync().unwrap();
+    drop(log);
+
+    let output = meshos(&["log", "replay", dir.path().to_str().unwrap(), "--show-rejections", "5"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("rejected: record 1 event 2 (node_health from `n1` seq 2): origin sequence 2"), "{text}");
+    assert!(text.contains("rejected: record 1 event 3 (replica_update from `n1` seq 3): unknown blob 0505"), "{text}");
+    assert!(text.contains("rejected by reason: stale_origin_seq=1 unknown_blob=1"), "{text}");
+    assert!(last_line(&output).ends_with(" rejected=2"), "{text}");
+    let json = stdout(&meshos(&["log", "replay", dir.path().to_str().unwrap(), "-o", "json"]));
+    assert!(json.contains("\"rejected_by_reason\":{\"stale_origin_seq\":1,\"unknown_blob\":1}"), "{json}");
+}
