@@ -75,7 +75,8 @@ pub struct Config {
     pub segment_bytes_max: u64,
     /// When the embedded log fsyncs.
     pub fsync: FsyncPolicy,
-    /// Most events one log record (one committed batch) may carry.
+    /// Most events one log record (one committed batch) may carry: the batch size of
+    /// whoever appends (the generator now, the sequencer later).
     pub record_events_max: u32,
     /// The limits fold applies to the state.
     pub fold: FoldLimits,
@@ -94,6 +95,12 @@ pub struct FoldLimits {
     pub daemon_specs_max: u32,
     pub daemons_max: u32,
     pub rtt_pairs_max: u32,
+    /// Distinct zone and label names the state interns.
+    pub symbols_max: u32,
+    /// Labels one node's capability may carry.
+    pub labels_per_node_max: u32,
+    /// Largest daemon spec (command, args, env, working directory), in bytes.
+    pub daemon_spec_bytes_max: u32,
     /// Longest external name (node, daemon, zone, label) accepted, in bytes.
     pub name_bytes_max: u32,
     /// RTT moving average weight: each sample moves the average by 1/2^shift.
@@ -110,6 +117,9 @@ impl Default for FoldLimits {
             daemon_specs_max: 1 << 12,
             daemons_max: 1 << 22,
             rtt_pairs_max: 1 << 22,
+            symbols_max: 1 << 16,
+            labels_per_node_max: 32,
+            daemon_spec_bytes_max: 64 << 10,
             name_bytes_max: NAME_BYTES_MAX_DEFAULT,
             rtt_ewma_shift: RTT_EWMA_SHIFT_DEFAULT,
         }
@@ -168,11 +178,19 @@ impl Config {
             ("fold.daemon_specs_max", fold.daemon_specs_max),
             ("fold.daemons_max", fold.daemons_max),
             ("fold.rtt_pairs_max", fold.rtt_pairs_max),
+            ("fold.symbols_max", fold.symbols_max),
         ];
         for (field, rows_max) in tables {
             if rows_max == 0 || rows_max > ROWS_MAX_LIMIT {
                 return invalid(field, format!("{rows_max} is outside 1..={ROWS_MAX_LIMIT}"));
             }
+        }
+        if fold.labels_per_node_max > 1024 {
+            return invalid("fold.labels_per_node_max", format!("{} is above 1024", fold.labels_per_node_max));
+        }
+        if fold.daemon_spec_bytes_max < 256 || fold.daemon_spec_bytes_max > FRAME_BYTES_MAX_LIMIT {
+            let reason = format!("{} is outside 256..={FRAME_BYTES_MAX_LIMIT}", fold.daemon_spec_bytes_max);
+            return invalid("fold.daemon_spec_bytes_max", reason);
         }
         if fold.name_bytes_max == 0 || fold.name_bytes_max > 4096 {
             return invalid("fold.name_bytes_max", format!("{} is outside 1..=4096", fold.name_bytes_max));

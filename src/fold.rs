@@ -28,9 +28,15 @@ type Applied = Result<(), RejectReason>;
 /// Validates `payload` as an archived `EventBatch` and folds it as record `position`
 /// committed at `time_ms`. A payload that fails validation is rejected whole.
 pub fn fold_payload(state: &mut State, position: u64, time_ms: u64, payload: &[u8]) {
+    if !(payload.as_ptr() as usize).is_multiple_of(wire::ALIGN_BYTES) {
+        // Validity must depend on the bytes, never on where they sit in memory.
+        let mut aligned = rkyv::util::AlignedVec::<{ wire::ALIGN_BYTES }>::with_capacity(payload.len());
+        aligned.extend_from_slice(payload);
+        return fold_payload(state, position, time_ms, &aligned);
+    }
     match wire::access_batch(payload) {
         Ok(batch) => fold_record(state, position, time_ms, batch),
-        Err(error) => {
+        Err(_) => {
             begin_record(state, position, time_ms);
             state.rejections.push(Rejection {
                 position,
@@ -38,7 +44,7 @@ pub fn fold_payload(state: &mut State, position: u64, time_ms: u64, payload: &[u
                 origin: "".into(),
                 origin_seq: 0,
                 kind: "record",
-                reason: RejectReason::BadPayload(error.to_string()),
+                reason: RejectReason::BadPayload { payload_bytes: payload.len().min(u32::MAX as usize) as u32 },
             });
         }
     }
@@ -203,7 +209,7 @@ fn replica_update(state: &mut State, node: NodeRow, hash: &BlobHash, reported: A
 }
 
 fn daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &ArchivedDaemonSignal) -> Applied {
-    let unknown = || RejectReason::UnknownDaemon(name.into());
+    let unknown = || RejectReason::UnknownDaemon(truncated(name, state.limits.name_bytes_max));
     let spec = state.specs.find(name).ok_or_else(unknown)?;
     let row = state.daemons.find(spec, node);
     let now_ms = state.now_ms;
@@ -223,7 +229,7 @@ fn daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &Archived
         }
         daemons.set_state(row, DaemonState::Started, now_ms);
         daemons.pid[index] = pid;
-        daemons.starts[index] += 1;
+        daemons.starts[index] = daemons.starts[index].saturating_add(1);
         daemons.healthy[index] = false;
         daemons.saturation_permille[index] = 0;
         return Ok(());
@@ -251,7 +257,7 @@ fn daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &Archived
         ArchivedDaemonSignal::Crashed { signal } => {
             daemons.set_state(row, DaemonState::Crashed, now_ms);
             daemons.last_exit[index] = signal.to_native();
-            daemons.crashes[index] += 1;
+            daemons.crashes[index] = daemons.crashes[index].saturating_add(1);
             daemons.healthy[index] = false;
         }
         ArchivedDaemonSignal::Stopped => {
@@ -292,7 +298,7 @@ fn set_status(state: &mut State, node: NodeRow, status: NodeStatus) {
     let index = node.index();
     let previous = state.nodes.status[index];
     let returns = matches!(previous, NodeStatus::Down | NodeStatus::Left) && status == NodeStatus::Up;
-    state.nodes.incarnation[index] += returns as u32;
+    state.nodes.incarnation[index] = state.nodes.incarnation[index].saturating_add(returns as u32);
     state.nodes.status[index] = status;
 }
 
@@ -361,7 +367,7 @@ fn admin(state: &mut State, operator: &str, command: &ArchivedAdminCommand) -> A
         ArchivedAdminCommand::RestartAllDaemons { node } => {
             let rows = node_or_all(state, node.as_ref().map(|name| name.as_str()))?;
             for generation in &mut state.nodes.restart_generation[rows] {
-                *generation += 1;
+                *generation = generation.wrapping_add(1);
             }
         }
         ArchivedAdminCommand::ClearAvoid { node } => {
@@ -387,9 +393,10 @@ fn admin(state: &mut State, operator: &str, command: &ArchivedAdminCommand) -> A
         ArchivedAdminCommand::InvalidatePlacement { blob } => match blob.as_ref() {
             Some(hash) => {
                 let blob = find_blob(state, hash)?;
-                state.blobs.placement_epoch[blob.index()] += 1;
+                let epoch = &mut state.blobs.placement_epoch[blob.index()];
+                *epoch = epoch.wrapping_add(1);
             }
-            None => state.placement_epoch += 1,
+            None => state.placement_epoch = state.placement_epoch.wrapping_add(1),
         },
     }
     Ok(())
@@ -442,6 +449,13 @@ fn daemon_intent(
     if !removal && spec.command.is_empty() {
         return Err(RejectReason::InvalidIntent("daemon command is empty"));
     }
+    let spec_bytes = spec.command.len()
+        + spec.working_dir.len()
+        + spec.args.iter().map(|arg| arg.len()).sum::<usize>()
+        + spec.env.iter().map(|var| var.key.len() + var.value.len()).sum::<usize>();
+    if spec_bytes > state.limits.daemon_spec_bytes_max as usize {
+        return Err(RejectReason::InvalidIntent("daemon spec larger than daemon_spec_bytes_max"));
+    }
     if restart.backoff_base_ms == 0 || restart.backoff_max_ms < restart.backoff_base_ms {
         return Err(RejectReason::InvalidIntent("restart backoff needs 0 < base <= max"));
     }
@@ -452,7 +466,7 @@ fn daemon_intent(
         return Err(RejectReason::TableFull("daemon spec"));
     }
     let spec = rkyv::deserialize::<DaemonSpec, rancor::Error>(spec)
-        .map_err(|error| RejectReason::BadPayload(error.to_string()))?;
+        .map_err(|_| RejectReason::InvalidIntent("daemon spec does not deserialize"))?;
     let placement = match runs_on {
         ArchivedDaemonPlacement::AllNodes => SpecPlacement::AllNodes,
         ArchivedDaemonPlacement::Nowhere => SpecPlacement::Nowhere,
@@ -468,6 +482,7 @@ fn daemon_intent(
         }
         ArchivedDaemonPlacement::Label(label) => {
             check_name(label.as_str(), state)?;
+            check_symbols_room(state, state.symbols.find(label.as_str()).is_none() as usize)?;
             SpecPlacement::Label(state.symbols.intern(label.as_str()))
         }
     };
@@ -487,8 +502,22 @@ fn check_capability(state: &State, current: u64, capability: &ArchivedCapability
     if !zone.is_empty() {
         check_name(zone, state)?;
     }
+    let labels_max = state.limits.labels_per_node_max;
+    if capability.labels.len() > labels_max as usize {
+        return Err(RejectReason::InvalidIntent("more capability labels than labels_per_node_max"));
+    }
+    let mut new_symbols = (!zone.is_empty() && state.symbols.find(zone).is_none()) as usize;
     for label in capability.labels.iter() {
         check_name(label.as_str(), state)?;
+        new_symbols += state.symbols.find(label.as_str()).is_none() as usize;
+    }
+    check_symbols_room(state, new_symbols)
+}
+
+/// Rejects when interning `new_symbols` more names would pass `symbols_max`.
+fn check_symbols_room(state: &State, new_symbols: usize) -> Applied {
+    if state.symbols.names.len() + new_symbols > state.limits.symbols_max as usize {
+        return Err(RejectReason::TableFull("symbol"));
     }
     Ok(())
 }

@@ -58,7 +58,18 @@ pub fn generate(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<GenReport, ToolError> {
     config.validate()?;
-    let mut generator = Generator::new(options.clone())?;
+    let record_bytes_bound = options.record_events as u64 * crate::sim::gen::EVENT_BYTES_BOUND + 64;
+    if record_bytes_bound > config.frame_bytes_max as u64 {
+        return Err(ToolError::Gen(GenError::Invalid {
+            flag: "record-events",
+            reason: format!(
+                "{} events per record may take up to {record_bytes_bound} bytes, above frame_bytes_max ({}): \
+                 lower --record-events or raise --frame-bytes-max",
+                options.record_events, config.frame_bytes_max
+            ),
+        }));
+    }
+    let mut generator = Generator::new(options.clone(), &config.fold)?;
     let (mut log, recovery) = EmbeddedLog::open(dir, config)?;
     if recovery.last_position > 0 {
         return Err(ToolError::OutputNotEmpty { path: dir.to_path_buf(), records: recovery.last_position });

@@ -175,6 +175,17 @@ impl ProgressPrinter {
     }
 }
 
+/// Text from the log made safe for a terminal: control characters are escaped.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|character| {
+            let escaped: Vec<char> =
+                if character.is_control() { character.escape_default().collect() } else { vec![character] };
+            escaped
+        })
+        .collect()
+}
+
 fn json_string(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
@@ -256,7 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             for rejection in report.state.rejections.kept.iter().rev().take(show_rejections).rev() {
-                println!("rejected: {rejection}");
+                println!("rejected: {}", printable(&rejection.to_string()));
             }
             if !reasons.is_empty() {
                 let counts: Vec<String> = reasons.iter().map(|(name, count)| format!("{name}={count}")).collect();
@@ -273,8 +284,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     report.damage.as_ref().map_or("null".to_string(), |damage| json_string(&damage.to_string()));
                 println!(
                     "{{\"ok\":{},\"segments\":{},\"records\":{},\"events\":{},\"bytes\":{},\"first_position\":{},\
-                     \"last_position\":{},\"damage\":{},\"bytes_after_damage\":{}}}",
-                    report.damage.is_none(),
+                     \"last_position\":{},\"damage\":{},\"bytes_after_damage\":{},\"invalid_payloads\":{}}}",
+                    report.damage.is_none() && report.invalid_payloads == 0,
                     report.segments,
                     report.records,
                     report.events,
@@ -282,7 +293,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     report.first_position,
                     report.last_position,
                     damage,
-                    report.bytes_after_damage
+                    report.bytes_after_damage,
+                    report.invalid_payloads
                 );
             } else {
                 println!(
@@ -294,15 +306,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     report.events,
                     report.bytes
                 );
+                if let Some(first) = &report.first_invalid_payload {
+                    println!(
+                        "INVALID PAYLOAD: {} intact records do not hold a valid event batch; the first: {first}\n\
+                         open keeps them and fold rejects each one as bad_payload",
+                        report.invalid_payloads
+                    );
+                }
                 match &report.damage {
-                    None => println!("ok: no damage"),
+                    None if report.invalid_payloads == 0 => println!("ok: no damage"),
+                    None => println!("no damage to the frames"),
                     Some(damage) => println!(
                         "DAMAGED: {damage}\n{} bytes from there on would be dropped (kept in DIR/quarantine/) when the log is next opened",
                         report.bytes_after_damage
                     ),
                 }
             }
-            Ok(if report.damage.is_none() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            let intact = report.damage.is_none() && report.invalid_payloads == 0;
+            Ok(if intact { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
 }

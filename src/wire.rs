@@ -187,7 +187,8 @@ pub fn decode_header(bytes: &[u8], frame_bytes_max: u32) -> Result<FrameHeader, 
     let kind_raw = read_u16(bytes, 6);
     let kind = FrameKind::from_u16(kind_raw).ok_or(FrameError::BadKind { found: kind_raw })?;
     let payload_bytes = read_u32(bytes, 8);
-    let total = frame_bytes(payload_bytes as usize) as u64;
+    // In u64: a hostile length near u32::MAX must not overflow a 32-bit usize.
+    let total = HEADER_BYTES as u64 + payload_bytes as u64 + padding_bytes(payload_bytes as usize) as u64;
     if total > frame_bytes_max as u64 {
         return Err(FrameError::Oversized { frame_bytes: total, frame_bytes_max });
     }
@@ -240,7 +241,25 @@ pub fn access_batch(payload: &[u8]) -> Result<&ArchivedEventBatch, FrameError> {
         return Err(FrameError::BadPayload { reason: "payload is not 8-byte aligned in memory".to_string() });
     }
     rkyv::access::<ArchivedEventBatch, rancor::Error>(payload)
-        .map_err(|error| FrameError::BadPayload { reason: error.to_string() })
+        .map_err(|error| FrameError::BadPayload { reason: without_addresses(&error.to_string()) })
+}
+
+/// Validator messages name memory addresses (`ptr 0x00005622bdc70601`), which differ
+/// from run to run; reports must depend only on the bytes, so addresses become `0x_`.
+fn without_addresses(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("0x") {
+        out.push_str(&rest[..at + 2]);
+        rest = &rest[at + 2..];
+        let digits = rest.find(|character: char| !character.is_ascii_hexdigit()).unwrap_or(rest.len());
+        if digits > 0 {
+            out.push('_');
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Deserialises a batch (for tests and tools; the hot path reads archived events in place).
@@ -268,6 +287,12 @@ mod tests {
         let mut out = Vec::new();
         encode_frame(&mut out, FrameKind::Record, 3, 1_000, &payload);
         out
+    }
+
+    #[test]
+    fn addresses_are_removed_from_reasons() {
+        assert_eq!(without_addresses("ptr 0x00005622bdc70601 unaligned for 0x10"), "ptr 0x_ unaligned for 0x_");
+        assert_eq!(without_addresses("no address, 0x"), "no address, 0x");
     }
 
     #[test]

@@ -188,3 +188,38 @@ fn replay_names_rejected_events_and_their_reasons() {
     let json = stdout(&meshos(&["log", "replay", dir.path().to_str().unwrap(), "-o", "json"]));
     assert!(json.contains("\"rejected_by_reason\":{\"stale_origin_seq\":1,\"unknown_blob\":1}"), "{json}");
 }
+
+#[test]
+fn verify_flags_an_intact_record_with_an_invalid_payload_and_replay_rejects_it() {
+    use meshos::config::Config;
+    use meshos::event::{Event, EventBatch, EventKind, NodeHealth};
+    use meshos::redex::embedded::EmbeddedLog;
+    use meshos::redex::Redex;
+
+    let dir = tempfile::tempdir().unwrap();
+    let heartbeat = Event {
+        origin: "n\u{1b}[31m1".into(),
+        origin_seq: 1,
+        kind: EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 }),
+    };
+    let good = meshos::wire::encode_batch(&EventBatch { events: vec![heartbeat.clone(), heartbeat] });
+    let mut bad = good.to_vec();
+    bad.push(7);
+    let (mut log, _) = EmbeddedLog::open(dir.path(), &Config::default()).unwrap();
+    log.append(&good).unwrap();
+    log.append(&bad).unwrap();
+    log.sync().unwrap();
+    drop(log);
+
+    let path = dir.path().to_str().unwrap();
+    let verify = meshos(&["log", "verify", path]);
+    assert_eq!(verify.status.code(), Some(1));
+    let text = stdout(&verify);
+    assert!(text.contains("INVALID PAYLOAD: 1 intact records") && text.contains("record 2"), "{text}");
+    let replay = meshos(&["log", "replay", path, "--show-rejections", "3"]);
+    let text = stdout(&replay);
+    assert!(!text.contains('\u{1b}'), "control characters from the log are escaped: {text:?}");
+    assert!(text.contains("rejected by reason: bad_payload=1 stale_origin_seq=1"), "{text}");
+    assert!(last_line(&replay).starts_with("position=2 ") && last_line(&replay).ends_with(" rejected=2"), "{text}");
+    assert_eq!(stdout(&meshos(&["log", "verify", path])), stdout(&verify), "verify and replay changed nothing");
+}

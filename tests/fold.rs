@@ -482,3 +482,93 @@ fn a_rejected_first_capability_does_not_intern_the_node() {
     assert!(state.nodes.find("fresh").is_none(), "no partial effect");
     assert!(state.symbols.names.is_empty());
 }
+
+#[test]
+fn a_bad_payload_hashes_the_same_wherever_it_sits_in_memory() {
+    let mut bytes = wire::encode_batch(&EventBatch { events: base() }).to_vec();
+    bytes.push(0); // a valid batch plus one trailing byte: checksums would pass, validation fails
+    let fold_at = |shift: usize| {
+        let mut buffer = rkyv::util::AlignedVec::<16>::new();
+        buffer.extend_from_slice(&vec![0u8; shift]);
+        buffer.extend_from_slice(&bytes);
+        let mut state = State::new(&Config::default());
+        fold_payload(&mut state, 1, 5, &buffer[shift..]);
+        assert_eq!(rejection_names(&state), vec!["bad_payload"]);
+        state.state_hash()
+    };
+    assert_eq!(fold_at(0), fold_at(16));
+    assert_eq!(fold_at(0), fold_at(3), "an unaligned copy is realigned, not judged by its address");
+}
+
+#[test]
+fn an_unaligned_good_payload_is_folded_not_rejected() {
+    let payload = wire::encode_batch(&EventBatch { events: base() });
+    let mut buffer = rkyv::util::AlignedVec::<16>::new();
+    buffer.extend_from_slice(&[0u8; 5]);
+    buffer.extend_from_slice(&payload);
+    let mut state = State::new(&Config::default());
+    fold_payload(&mut state, 1, 1_100, &buffer[5..]);
+    assert_eq!(state.state_hash(), fold_events(&base()).state_hash());
+}
+
+#[test]
+fn names_labels_and_specs_are_bounded() {
+    let limits =
+        FoldLimits { symbols_max: 3, labels_per_node_max: 2, daemon_spec_bytes_max: 256, ..FoldLimits::default() };
+    let mut state = State::new(&Config { fold: limits, ..Config::default() });
+    let labelled = |seq, version, labels: &[&str]| {
+        let capability = Capability {
+            version,
+            fork_of: version - 1,
+            zone: "z".into(),
+            capacity_bytes: 1,
+            labels: labels.iter().map(|label| label.to_string()).collect(),
+        };
+        event("a", seq, EventKind::Capability(capability))
+    };
+    let big_spec = DaemonSpec { args: vec!["x".repeat(300)], ..spec("big") };
+    fold_batches(
+        &mut state,
+        &[vec![
+            labelled(1, 1, &["l1", "l2"]),
+            labelled(2, 2, &["l1", "l2", "l3"]),
+            labelled(3, 2, &["l3"]),
+            event("a", 4, EventKind::DaemonIntent { spec: Box::new(big_spec), runs_on: DaemonPlacement::AllNodes }),
+        ]],
+    );
+    assert_eq!(rejection_names(&state), vec!["invalid_intent", "table_full", "invalid_intent"]);
+    assert_eq!(state.symbols.names.len(), 3);
+    state.check_invariants();
+}
+
+#[test]
+fn the_generator_refuses_options_the_fold_limits_would_reject() {
+    use meshos::sim::gen::Generator;
+    let limits = FoldLimits { blobs_max: 10, ..FoldLimits::default() };
+    let error = Generator::new(options_with_blobs(11), &limits).err().expect("too many blobs").to_string();
+    assert!(error.contains("--blobs") && error.contains("blobs_max"), "{error}");
+    let limits = FoldLimits { replicas_max: 20, ..FoldLimits::default() };
+    let error = Generator::new(options_with_blobs(10), &limits).err().expect("too many replicas").to_string();
+    assert!(error.contains("replicas_max"), "{error}");
+}
+
+/// Generator options with a given blob count and 3 replicas.
+fn options_with_blobs(blobs: u32) -> meshos::sim::gen::GenOptions {
+    meshos::sim::gen::GenOptions { seed: 1, nodes: 5, blobs, replicas: 3, events: 1_000, record_events: 64 }
+}
+
+#[test]
+fn generated_rtt_pairs_stay_within_a_bounded_peer_set() {
+    let options = meshos::sim::gen::GenOptions {
+        seed: 2,
+        nodes: 100,
+        blobs: 10,
+        replicas: 2,
+        events: 200_000,
+        record_events: 256,
+    };
+    let state = fold_generated(&generate(options));
+    assert_eq!(state.rejections.total, 0);
+    assert!(state.rtt.len() <= 100 * 32, "{} pairs", state.rtt.len());
+    assert!(state.rtt.len() > 1_000, "{} pairs: samples should cover most of the peer sets", state.rtt.len());
+}

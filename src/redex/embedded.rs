@@ -110,6 +110,11 @@ pub struct VerifyReport {
     pub damage: Option<Damage>,
     /// Bytes from the damage to the end of the last segment.
     pub bytes_after_damage: u64,
+    /// Intact records (counted in `records`) whose payload is not a valid event batch:
+    /// open keeps them and fold rejects each as `bad_payload`.
+    pub invalid_payloads: u64,
+    /// The first of them.
+    pub first_invalid_payload: Option<Damage>,
 }
 
 /// One segment in the in-memory index.
@@ -226,6 +231,9 @@ struct SegmentScan {
     last_time_ms: u64,
     /// (offset, position, reason) of the first failure.
     damage: Option<(u64, u64, String)>,
+    /// Intact records whose payload fails validation, and the first of them.
+    invalid_payloads: u64,
+    first_invalid_payload: Option<(u64, u64, String)>,
     /// (offset, position, frame bytes) of an intact record larger than the configured
     /// `frame_bytes_max`: a configuration mismatch, not damage.
     too_large: Option<(u64, u64, u64)>,
@@ -287,17 +295,22 @@ fn scan_segment(
             Some(format!("frame says position {}, expected {position}", header.seq))
         } else if header.time_ms < scan.last_time_ms {
             Some(format!("time {} ms goes backwards from {} ms", header.time_ms, scan.last_time_ms))
-        } else if validate_payloads {
-            match wire::access_batch(frame.payload) {
-                Ok(batch) => {
-                    scan.events += batch.events.len() as u64;
-                    None
-                }
-                Err(error) => Some(error.to_string()),
-            }
         } else {
             None
         };
+        if problem.is_none() && validate_payloads {
+            // An intact frame whose payload is not an event batch was written that way: it
+            // is not damage (open keeps it, fold rejects it as bad_payload), but say so.
+            match wire::access_batch(frame.payload) {
+                Ok(batch) => scan.events += batch.events.len() as u64,
+                Err(error) => {
+                    scan.invalid_payloads += 1;
+                    if scan.first_invalid_payload.is_none() {
+                        scan.first_invalid_payload = Some((offset as u64, position, error.to_string()));
+                    }
+                }
+            }
+        }
         if let Some(reason) = problem {
             scan.damage = Some((offset as u64, position, reason));
             break;
@@ -770,6 +783,15 @@ pub fn verify(dir: &Path, config: &Config) -> Result<VerifyReport, RedexError> {
         }
         report.records += scan.record_offsets.len() as u64;
         report.events += scan.events;
+        report.invalid_payloads += scan.invalid_payloads;
+        if report.first_invalid_payload.is_none() {
+            report.first_invalid_payload = scan.first_invalid_payload.map(|(offset, position, reason)| Damage {
+                path: path.clone(),
+                position,
+                offset,
+                reason,
+            });
+        }
         report.bytes += scan.valid_bytes;
         if !scan.record_offsets.is_empty() {
             report.last_position = scan.next_position - 1;

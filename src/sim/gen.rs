@@ -13,6 +13,7 @@
 //! same bytes); origin sequence numbers strictly increase per node; exactly
 //! `options.events` events are produced.
 
+use crate::config::FoldLimits;
 use crate::event::{
     AdminCommand, BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, EnvVar, Event, EventBatch,
     EventKind, NodeHealth, NodeStatus, PlacementIntent, ReplicaState, RestartPolicy,
@@ -51,6 +52,11 @@ enum DaemonModel {
 
 const DAEMONS: [&str; 2] = ["indexer", "scrubber"];
 const ADMIN_ORIGIN: usize = 0;
+/// Each node samples RTT to at most this many fixed peers (its next nodes by index),
+/// as a node probes a bounded set of peers rather than all of them.
+const RTT_PEERS_MAX: usize = 32;
+/// A generous upper bound of one generated event's archived size, in bytes.
+pub const EVENT_BYTES_BOUND: u64 = 160;
 
 /// The generator: call `next_batch` until it returns `None`.
 pub struct Generator {
@@ -76,6 +82,8 @@ pub struct Generator {
     /// Daemon instances: (node, daemon index, state, pid).
     instances: Vec<(u32, usize, DaemonModel, u32)>,
     next_pid: u32,
+    /// RTT peers per node (0: no RTT samples).
+    rtt_peers: usize,
 }
 
 fn capacity_bytes(node: usize, version: u64) -> u64 {
@@ -95,8 +103,34 @@ fn digest_part(hash: &BlobHash) -> u128 {
 }
 
 impl Generator {
-    pub fn new(options: GenOptions) -> Result<Generator, GenError> {
+    /// Checks the options against themselves and against the fold limits the log will
+    /// be folded with, so that every generated event is accepted.
+    pub fn new(options: GenOptions, limits: &FoldLimits) -> Result<Generator, GenError> {
         let invalid = |flag, reason: String| Err(GenError::Invalid { flag, reason });
+        let too_many = |flag, count: u64, limit: &str, max: u32| {
+            Err(GenError::Invalid { flag, reason: format!("{count} exceeds the fold limit {limit} ({max})") })
+        };
+        let nodes = options.nodes as u64;
+        let storage_nodes = nodes.div_ceil(2);
+        if nodes > limits.nodes_max as u64 {
+            return too_many("nodes", nodes, "nodes_max", limits.nodes_max);
+        }
+        if options.blobs > limits.blobs_max {
+            return too_many("blobs", options.blobs as u64, "blobs_max", limits.blobs_max);
+        }
+        let replica_rows = options.blobs as u64 * options.replicas as u64;
+        if replica_rows > limits.replicas_max as u64 {
+            return too_many("blobs", replica_rows, "replicas_max (blobs x replicas)", limits.replicas_max);
+        }
+        if nodes + storage_nodes > limits.daemons_max as u64 {
+            return too_many("nodes", nodes + storage_nodes, "daemons_max (daemon instances)", limits.daemons_max);
+        }
+        if limits.symbols_max < 5 || limits.name_bytes_max < 10 {
+            return invalid(
+                "nodes",
+                "the fold limits leave no room for 3 zones, 2 labels and 10-byte names".to_string(),
+            );
+        }
         if options.nodes == 0 || options.nodes > 60_000 {
             return invalid("nodes", format!("{} is outside 1..=60000", options.nodes));
         }
@@ -142,6 +176,7 @@ impl Generator {
             digest_by_node: vec![0; nodes],
             instances: Vec::new(),
             next_pid: 1000,
+            rtt_peers: (nodes - 1).min(RTT_PEERS_MAX).min(limits.rtt_pairs_max as usize / nodes),
             names,
             options,
         };
@@ -297,10 +332,9 @@ impl Generator {
         let nodes = self.names.len();
         match roll {
             35..=59 if !self.holder.is_empty() => self.replica_churn(),
-            60..=79 if nodes > 1 => {
+            60..=79 if self.rtt_peers > 0 => {
                 let from = self.random_up_node();
-                let mut to = self.rng.below(nodes as u64 - 1) as usize;
-                to += (to >= from) as usize;
+                let to = (from + 1 + self.rng.below(self.rtt_peers as u64) as usize) % nodes;
                 let (ax, ay, ah) = self.position[from];
                 let (bx, by, bh) = self.position[to];
                 let distance = (((ax - bx).pow(2) + (ay - by).pow(2)) as f64).sqrt() as i64;

@@ -25,7 +25,7 @@ pub struct BlobTable {
     pub zone_spread: Vec<bool>,
     pub pinned: Vec<SmallVec<[NodeRow; 2]>>,
     pub intent_ms: Vec<u64>,
-    /// Bumped by "invalidate placement" for this blob.
+    /// Bumped (wrapping; compare for equality only) by "invalidate placement" for this blob.
     pub placement_epoch: Vec<u32>,
     pub healthy_count: Vec<u32>,
     pub index: HashMap<BlobHash, BlobRow>,

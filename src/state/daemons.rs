@@ -53,7 +53,7 @@ impl SpecTable {
             self.spec[index] = spec;
             self.runs_on[index] = runs_on;
             self.intent_ms[index] = now_ms;
-            self.generation[index] += 1;
+            self.generation[index] = self.generation[index].wrapping_add(1);
             return row;
         }
         let row = SpecRow::from_index(self.len());

@@ -75,7 +75,7 @@ pub struct State {
     /// Log time: the largest record commit time seen, in ms.
     pub now_ms: u64,
     pub events_applied: u64,
-    /// Bumped by a cluster-wide "invalidate placement".
+    /// Bumped (wrapping; compare for equality only) by a cluster-wide "invalidate placement".
     pub placement_epoch: u32,
     pub nodes: NodeTable,
     pub blobs: BlobTable,
@@ -162,6 +162,8 @@ impl State {
         for pinned in &self.blobs.pinned {
             assert!(pinned.iter().all(|node| node.index() < nodes), "pinned node past the node table");
         }
+        assert!(self.symbols.names.len() <= self.limits.symbols_max as usize, "symbols past symbols_max");
+        assert!(self.nodes.labels.iter().all(|labels| labels.len() <= self.limits.labels_per_node_max as usize));
         assert!(self.rejections.kept.len() <= self.rejections.kept_max);
         assert_eq!(self.rejections.total, self.rejections.by_reason.iter().sum::<u64>());
     }

@@ -57,7 +57,7 @@ pub struct NodeTable {
     pub draining: Vec<bool>,
     pub maintenance: Vec<MaintenanceState>,
     pub avoid: Vec<bool>,
-    /// Bumped by each "restart all daemons" aimed at the node.
+    /// Bumped (wrapping; compare for equality only) by each "restart all daemons" aimed at the node.
     pub restart_generation: Vec<u32>,
     pub capability_version: Vec<u64>,
     pub zone: Vec<SymbolId>,

@@ -13,8 +13,12 @@ use crate::event::{blob_hex, ActionId, BlobHash};
 /// Why fold refused an event. Each names the thing that is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RejectReason {
-    /// The record's payload failed validation; no event of it was applied.
-    BadPayload(String),
+    /// The record's payload is not a valid archived `EventBatch`; no event of it was
+    /// applied. Carries only the payload size: validator messages hold memory
+    /// addresses, which would make the state hash differ between replays.
+    BadPayload {
+        payload_bytes: u32,
+    },
     /// The origin node has never announced itself (heartbeat or capability).
     UnknownOrigin(Box<str>),
     /// The origin sequence number is not above the last one applied from that origin.
@@ -85,7 +89,7 @@ pub const REJECT_REASON_NAMES: [&str; 18] = [
 impl RejectReason {
     pub fn code(&self) -> usize {
         match self {
-            RejectReason::BadPayload(_) => 0,
+            RejectReason::BadPayload { .. } => 0,
             RejectReason::UnknownOrigin(_) => 1,
             RejectReason::StaleOriginSeq { .. } => 2,
             RejectReason::UnknownNode(_) => 3,
@@ -114,7 +118,9 @@ impl RejectReason {
 impl fmt::Display for RejectReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RejectReason::BadPayload(reason) => write!(f, "record payload fails validation: {reason}"),
+            RejectReason::BadPayload { payload_bytes } => {
+                write!(f, "record payload ({payload_bytes} bytes) is not a valid archived event batch")
+            }
             RejectReason::UnknownOrigin(name) => {
                 write!(f, "origin node `{name}` has not joined (no heartbeat or capability yet)")
             }

@@ -51,7 +51,7 @@ pub fn rejection_names(state: &State) -> Vec<&'static str> {
 
 /// Generates a log in memory: the archived payloads and their log times.
 pub fn generate(options: GenOptions) -> Vec<(u64, rkyv::util::AlignedVec<16>)> {
-    let mut generator = Generator::new(options).expect("valid options");
+    let mut generator = Generator::new(options, &Config::default().fold).expect("valid options");
     let mut batch = EventBatch::default();
     let mut records = Vec::new();
     while let Some(time_ms) = generator.next_batch(&mut batch) {
