@@ -80,6 +80,108 @@ pub struct Config {
     pub record_events_max: u32,
     /// The limits fold applies to the state.
     pub fold: FoldLimits,
+    /// Reconcile's budgets, gates and timers.
+    pub reconcile: ReconcileConfig,
+}
+
+/// Reconcile's budgets, gates and timers. Like `FoldLimits` they shape the state
+/// (the in-flight table, gate holds), so every node of a cluster uses the same values.
+/// Defaults follow the anchors: Nomad's min_healthy_time (10 s) for stabilisation,
+/// Ceph's one backfill per disk (a small per-node pull budget), Kubernetes' backoff
+/// doubling to 5 minutes, and a mass-failure brake like Ceph's auto-out floor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileConfig {
+    /// Pulls and migrations in flight across the cluster.
+    pub pull_inflight_max: u32,
+    /// Pulls and migrations in flight into (or out of) one node.
+    pub pull_inflight_per_node_max: u32,
+    /// An action without an outcome after this long is timed out and retried with backoff.
+    pub action_timeout_ms: u64,
+    /// Backoff after a failed or timed-out pull of a blob: base, doubling to max.
+    pub pull_backoff_base_ms: u64,
+    pub pull_backoff_max_ms: u64,
+    /// Throttle window: at most `throttle_moves_max` pulls and migrations start per window.
+    pub throttle_window_ms: u64,
+    pub throttle_moves_max: u32,
+    /// A new copy must be healthy this long before a surplus copy is dropped.
+    pub stabilisation_ms: u64,
+    /// A node silent for this long (no heartbeat) counts as down; its copies stop counting.
+    pub node_down_ms: u64,
+    /// Mass-failure brake: when more than this share (permille) of nodes went down
+    /// within `mass_failure_window_ms`, repairs of their copies wait.
+    pub mass_failure_share_permille: u32,
+    pub mass_failure_window_ms: u64,
+    /// Anti-entropy: replicas examined per pass, and how often each is re-verified.
+    pub verify_slice_replicas: u32,
+    pub verify_interval_ms: u64,
+    /// Verifications in flight across the cluster.
+    pub verify_inflight_max: u32,
+    /// Locality: a node whose average RTT exceeds the cluster median by this factor
+    /// (permille) is marked avoid; it is cleared below the exit factor (hysteresis).
+    pub avoid_enter_permille: u32,
+    pub avoid_exit_permille: u32,
+    /// Most actions one pass may emit (the arena's bound).
+    pub actions_per_pass_max: u32,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            pull_inflight_max: 64,
+            pull_inflight_per_node_max: 2,
+            action_timeout_ms: 120_000,
+            pull_backoff_base_ms: 1_000,
+            pull_backoff_max_ms: 300_000,
+            throttle_window_ms: 10_000,
+            throttle_moves_max: 512,
+            stabilisation_ms: 10_000,
+            node_down_ms: 60_000,
+            mass_failure_share_permille: 250,
+            mass_failure_window_ms: 60_000,
+            verify_slice_replicas: 256,
+            verify_interval_ms: 24 * 3600 * 1000,
+            verify_inflight_max: 32,
+            avoid_enter_permille: 3_000,
+            avoid_exit_permille: 2_000,
+            actions_per_pass_max: 4_096,
+        }
+    }
+}
+
+impl ReconcileConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        let positive = [
+            ("reconcile.pull_inflight_max", self.pull_inflight_max as u64),
+            ("reconcile.pull_inflight_per_node_max", self.pull_inflight_per_node_max as u64),
+            ("reconcile.action_timeout_ms", self.action_timeout_ms),
+            ("reconcile.pull_backoff_base_ms", self.pull_backoff_base_ms),
+            ("reconcile.throttle_window_ms", self.throttle_window_ms),
+            ("reconcile.throttle_moves_max", self.throttle_moves_max as u64),
+            ("reconcile.node_down_ms", self.node_down_ms),
+            ("reconcile.mass_failure_window_ms", self.mass_failure_window_ms),
+            ("reconcile.verify_interval_ms", self.verify_interval_ms),
+            ("reconcile.actions_per_pass_max", self.actions_per_pass_max as u64),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return invalid(field, "must be above 0".to_string());
+            }
+        }
+        if self.pull_backoff_max_ms < self.pull_backoff_base_ms {
+            return invalid("reconcile.pull_backoff_max_ms", "must be at least pull_backoff_base_ms".to_string());
+        }
+        if self.mass_failure_share_permille == 0 || self.mass_failure_share_permille > 1000 {
+            return invalid("reconcile.mass_failure_share_permille", "must be in 1..=1000".to_string());
+        }
+        if self.avoid_exit_permille < 1000 || self.avoid_enter_permille <= self.avoid_exit_permille {
+            return invalid("reconcile.avoid_enter_permille", "needs enter > exit >= 1000 (hysteresis)".to_string());
+        }
+        if self.actions_per_pass_max > 1 << 20 {
+            return invalid("reconcile.actions_per_pass_max", "must be at most 1048576".to_string());
+        }
+        Ok(())
+    }
 }
 
 /// The limits fold applies. They shape the state (a full table rejects), so every
@@ -134,6 +236,7 @@ impl Default for Config {
             fsync: FsyncPolicy::Group { records: 64, bytes: LOG_GROUP_BYTES_DEFAULT },
             record_events_max: RECORD_EVENTS_MAX_DEFAULT,
             fold: FoldLimits::default(),
+            reconcile: ReconcileConfig::default(),
         }
     }
 }
@@ -198,7 +301,7 @@ impl Config {
         if fold.rtt_ewma_shift > 8 {
             return invalid("fold.rtt_ewma_shift", format!("{} is above 8", fold.rtt_ewma_shift));
         }
-        Ok(())
+        self.reconcile.validate()
     }
 }
 

@@ -136,7 +136,9 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
         ArchivedEventKind::ActionOutcome { action, outcome } => {
             let id = action.to_native();
             let success = matches!(outcome, ArchivedOutcome::Success);
-            state.inflight.settle(id, success).map(|_| ()).ok_or(RejectReason::UnknownAction(id))
+            let settled = state.inflight.settle(id, success).ok_or(RejectReason::UnknownAction(id))?;
+            settle_effects(state, &settled.action, success);
+            Ok(())
         }
         ArchivedEventKind::InventoryDigest { blob_count, digest } => {
             let index = origin.index();
@@ -148,6 +150,32 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
     }?;
     state.nodes.origin_seq_last[origin.index()] = origin_seq;
     Ok(())
+}
+
+/// What an action's end changes beyond the in-flight table: capacity frees, the blob
+/// is looked at again, a failed move backs the blob off (doubling, capped).
+pub fn settle_effects(state: &mut State, action: &crate::action::Action, success: bool) {
+    state.gates.capacity_freed = true;
+    if matches!(
+        action.kind,
+        crate::action::ActionKind::StartDaemon { .. } | crate::action::ActionKind::StopDaemon { .. }
+    ) {
+        state.daemons_dirty = true;
+    }
+    let Some(blob) = action.kind.blob() else { return };
+    let index = blob.index();
+    if action.kind.is_move() {
+        if success {
+            state.blobs.pull_failures[index] = 0;
+        } else {
+            let failures = state.blobs.pull_failures[index].saturating_add(1);
+            state.blobs.pull_failures[index] = failures;
+            let config = &state.reconcile;
+            let backoff_ms = config.pull_backoff_base_ms.saturating_mul(1u64 << (failures - 1).min(40));
+            state.blobs.backoff_until_ms[index] = state.now_ms + backoff_ms.min(config.pull_backoff_max_ms);
+        }
+    }
+    state.mark_blob_dirty(blob);
 }
 
 /// Interns a node announcing itself.
@@ -181,6 +209,7 @@ fn replica_update(state: &mut State, node: NodeRow, hash: &BlobHash, reported: A
     let blob = find_blob(state, hash)?;
     let next = native_replica_state(reported);
     let now_ms = state.now_ms;
+    let incarnation = state.nodes.incarnation[node.index()];
     let replicas = &mut state.replicas;
     let Some(row) = replicas.find(blob, node) else {
         if next == ReplicaState::Deleted {
@@ -189,26 +218,41 @@ fn replica_update(state: &mut State, node: NodeRow, hash: &BlobHash, reported: A
         if replicas.len() >= state.limits.replicas_max as usize {
             return Err(RejectReason::TableFull("replica"));
         }
-        replicas.insert(blob, node, next, now_ms);
+        let row = replicas.insert(blob, node, next, incarnation, now_ms);
+        state.blobs.replica_rows[blob.index()].push(row);
+        state.nodes.replica_rows[node.index()].push(row);
         state.blobs.healthy_count[blob.index()] += (next == ReplicaState::Healthy) as u32;
+        state.mark_blob_dirty(blob);
         return Ok(());
     };
     let index = row.index();
     let previous = replicas.state[index];
-    if previous == next {
-        return Ok(());
+    if next == ReplicaState::Healthy {
+        // A healthy report is a verification: it lifts rejoin fencing and resets the
+        // anti-entropy clock, even when the state itself does not change.
+        replicas.verified_incarnation[index] = incarnation;
+        replicas.verified_ms[index] = now_ms;
     }
-    replicas.state[index] = next;
-    replicas.since_ms[index] = now_ms;
-    let was_deleted = (previous == ReplicaState::Deleted) as u32;
-    let is_deleted = (next == ReplicaState::Deleted) as u32;
-    replicas.live = replicas.live + was_deleted - is_deleted;
-    let healthy = &mut state.blobs.healthy_count[blob.index()];
-    *healthy = *healthy + (next == ReplicaState::Healthy) as u32 - (previous == ReplicaState::Healthy) as u32;
+    if previous != next {
+        replicas.state[index] = next;
+        replicas.since_ms[index] = now_ms;
+        let was_deleted = (previous == ReplicaState::Deleted) as u32;
+        let is_deleted = (next == ReplicaState::Deleted) as u32;
+        replicas.live = replicas.live + was_deleted - is_deleted;
+        let healthy = &mut state.blobs.healthy_count[blob.index()];
+        *healthy = *healthy + (next == ReplicaState::Healthy) as u32 - (previous == ReplicaState::Healthy) as u32;
+    }
+    state.mark_blob_dirty(blob);
     Ok(())
 }
 
 fn daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &ArchivedDaemonSignal) -> Applied {
+    apply_daemon_signal(state, node, name, signal)?;
+    state.daemons_dirty = true;
+    Ok(())
+}
+
+fn apply_daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &ArchivedDaemonSignal) -> Applied {
     let unknown = || RejectReason::UnknownDaemon(truncated(name, state.limits.name_bytes_max));
     let spec = state.specs.find(name).ok_or_else(unknown)?;
     let row = state.daemons.find(spec, node);
@@ -293,26 +337,40 @@ fn rtt_sample(state: &mut State, from: NodeRow, peer: &str, rtt_us: u32) -> Appl
     Ok(())
 }
 
-/// Sets a node's status; a node back from Down or Left starts a new incarnation.
-fn set_status(state: &mut State, node: NodeRow, status: NodeStatus) {
+/// Sets a node's status. A node back from Down or Left, or heard from again after a
+/// silence longer than `node_down_ms`, starts a new incarnation: its copies stop
+/// counting until each is verified again (rejoin fencing).
+fn set_status(state: &mut State, node: NodeRow, status: NodeStatus, silent_return: bool) {
     let index = node.index();
     let previous = state.nodes.status[index];
-    let returns = matches!(previous, NodeStatus::Down | NodeStatus::Left) && status == NodeStatus::Up;
-    state.nodes.incarnation[index] = state.nodes.incarnation[index].saturating_add(returns as u32);
-    state.nodes.status[index] = status;
+    let returns =
+        status == NodeStatus::Up && (matches!(previous, NodeStatus::Down | NodeStatus::Left) || silent_return);
+    if returns {
+        state.nodes.incarnation[index] = state.nodes.incarnation[index].saturating_add(1);
+    }
+    if previous != status {
+        state.nodes.status[index] = status;
+        state.nodes.status_since_ms[index] = state.now_ms;
+    }
+    if returns || previous != status {
+        state.mark_node_blobs_dirty(node);
+        state.daemons_dirty = true;
+    }
 }
 
 fn node_health(state: &mut State, origin: NodeRow, health: &ArchivedNodeHealth) -> Applied {
     match health {
         ArchivedNodeHealth::Heartbeat { load_permille } => {
             let index = origin.index();
+            let silent_ms = state.now_ms.saturating_sub(state.nodes.last_heartbeat_ms[index]);
+            let silent_return = silent_ms > state.reconcile.node_down_ms;
             state.nodes.last_heartbeat_ms[index] = state.now_ms;
             state.nodes.load_permille[index] = load_permille.to_native().min(1000);
-            set_status(state, origin, NodeStatus::Up);
+            set_status(state, origin, NodeStatus::Up, silent_return);
         }
         ArchivedNodeHealth::Status { node, status } => {
             let node = find_node(state, node.as_str())?;
-            set_status(state, node, native_node_status(*status));
+            set_status(state, node, native_node_status(*status), false);
         }
     }
     Ok(())
@@ -331,6 +389,13 @@ fn node_or_all(state: &State, node: Option<&str>) -> Result<std::ops::Range<usiz
 
 fn admin(state: &mut State, operator: &str, command: &ArchivedAdminCommand) -> Applied {
     check_name(operator, state)?;
+    apply_admin(state, command)?;
+    // Node roles changed: daemons (drain, restart) and eligibility are looked at again.
+    state.daemons_dirty = true;
+    Ok(())
+}
+
+fn apply_admin(state: &mut State, command: &ArchivedAdminCommand) -> Applied {
     match command {
         ArchivedAdminCommand::EnterMaintenance { node } => {
             let index = find_node(state, node.as_str())?.index();
@@ -381,12 +446,13 @@ fn admin(state: &mut State, operator: &str, command: &ArchivedAdminCommand) -> A
                     let blob = find_blob(state, hash)?;
                     let row = state.replicas.find(blob, target).ok_or(RejectReason::UnknownReplica { blob: *hash })?;
                     state.replicas.drop_requested[row.index()] = true;
+                    state.mark_blob_dirty(blob);
                 }
                 None => {
-                    let replicas = &mut state.replicas;
-                    for (requested, &holder) in replicas.drop_requested.iter_mut().zip(&replicas.node) {
-                        *requested |= holder == target;
+                    for &row in &state.nodes.replica_rows[target.index()] {
+                        state.replicas.drop_requested[row.index()] = true;
                     }
+                    state.mark_node_blobs_dirty(target);
                 }
             }
         }
@@ -395,8 +461,16 @@ fn admin(state: &mut State, operator: &str, command: &ArchivedAdminCommand) -> A
                 let blob = find_blob(state, hash)?;
                 let epoch = &mut state.blobs.placement_epoch[blob.index()];
                 *epoch = epoch.wrapping_add(1);
+                state.blobs.plan_valid[blob.index()] = false;
+                state.mark_blob_dirty(blob);
             }
-            None => state.placement_epoch = state.placement_epoch.wrapping_add(1),
+            None => {
+                state.placement_epoch = state.placement_epoch.wrapping_add(1);
+                for index in 0..state.blobs.len() {
+                    state.blobs.plan_valid[index] = false;
+                    state.mark_blob_dirty(crate::state::ids::BlobRow::from_index(index));
+                }
+            }
         },
     }
     Ok(())
@@ -435,6 +509,8 @@ fn placement_intent(state: &mut State, intent: &ArchivedPlacementIntent) -> Appl
     state.blobs.zone_spread[index] = intent.zone_spread;
     state.blobs.pinned[index] = pinned;
     state.blobs.intent_ms[index] = state.now_ms;
+    state.blobs.plan_valid[index] = false;
+    state.mark_blob_dirty(blob);
     Ok(())
 }
 
@@ -487,6 +563,7 @@ fn daemon_intent(
         }
     };
     state.specs.upsert(spec, placement, state.now_ms);
+    state.daemons_dirty = true;
     Ok(())
 }
 
@@ -533,5 +610,6 @@ fn apply_capability(state: &mut State, node: NodeRow, capability: &ArchivedCapab
     nodes.zone[index] = zone;
     nodes.capacity_bytes[index] = capability.capacity_bytes.to_native();
     nodes.labels[index] = labels;
+    state.daemons_dirty = true;
     Ok(())
 }

@@ -37,6 +37,7 @@
 //! assert_eq!(state.summary().rejected, 0);
 //! ```
 
+pub mod action;
 pub mod config;
 pub mod event;
 pub mod fold;

@@ -28,6 +28,21 @@ pub struct BlobTable {
     /// Bumped (wrapping; compare for equality only) by "invalidate placement" for this blob.
     pub placement_epoch: Vec<u32>,
     pub healthy_count: Vec<u32>,
+    /// Replica rows of the blob, in row order (an index kept by fold).
+    pub replica_rows: Vec<SmallVec<[ReplicaRow; 4]>>,
+    /// Reconcile's cached placement: the nodes that should hold a copy, and whether
+    /// it must be recomputed (intent, epoch or node eligibility changed).
+    pub plan: Vec<SmallVec<[NodeRow; 8]>>,
+    pub plan_valid: Vec<bool>,
+    /// Consecutive failed or timed-out pulls, and the backoff they impose.
+    pub pull_failures: Vec<u8>,
+    pub backoff_until_ms: Vec<u64>,
+    /// The gate holding the blob's next action back (0: none) and when it opens
+    /// (0: when capacity frees). Written by reconcile, shown to operators.
+    pub held_by: Vec<u8>,
+    pub held_until_ms: Vec<u64>,
+    /// Reconcile must look at the blob again (set by fold, cleared by reconcile).
+    pub dirty: Vec<bool>,
     pub index: HashMap<BlobHash, BlobRow>,
 }
 
@@ -59,7 +74,15 @@ impl BlobTable {
         self.intent_ms.push(0);
         self.placement_epoch.push(0);
         self.healthy_count.push(0);
-        debug_assert!(self.healthy_count.len() == self.len() && self.index.len() == self.len());
+        self.replica_rows.push(SmallVec::new());
+        self.plan.push(SmallVec::new());
+        self.plan_valid.push(false);
+        self.pull_failures.push(0);
+        self.backoff_until_ms.push(0);
+        self.held_by.push(0);
+        self.held_until_ms.push(0);
+        self.dirty.push(false);
+        debug_assert!(self.dirty.len() == self.len() && self.index.len() == self.len());
         row
     }
 
@@ -79,6 +102,16 @@ impl BlobTable {
             hasher.u64(self.intent_ms[row]);
             hasher.u32(self.placement_epoch[row]);
             hasher.u32(self.healthy_count[row]);
+            hasher.u64(self.plan[row].len() as u64);
+            for node in &self.plan[row] {
+                hasher.u32(node.0);
+            }
+            hasher.bool(self.plan_valid[row]);
+            hasher.u8(self.pull_failures[row]);
+            hasher.u64(self.backoff_until_ms[row]);
+            hasher.u8(self.held_by[row]);
+            hasher.u64(self.held_until_ms[row]);
+            hasher.bool(self.dirty[row]);
         }
     }
 }
@@ -91,6 +124,13 @@ pub struct ReplicaTable {
     pub since_ms: Vec<u64>,
     /// An operator asked for this copy to go (reconcile keeps the last healthy one).
     pub drop_requested: Vec<bool>,
+    /// The holder's incarnation when the copy was last reported healthy: a copy counts
+    /// only while this equals the holder's current incarnation (rejoin fencing).
+    pub verified_incarnation: Vec<u32>,
+    /// When the copy was last reported healthy (anti-entropy re-verifies old ones).
+    pub verified_ms: Vec<u64>,
+    /// The holder is in the blob's plan (kept by reconcile with the plan).
+    pub planned: Vec<bool>,
     /// Rows whose state is not `Deleted`.
     pub live: u32,
     pub index: HashMap<u64, ReplicaRow>,
@@ -110,7 +150,14 @@ impl ReplicaTable {
         self.index.get(&pair_key(blob.0, node.0)).copied()
     }
 
-    pub fn insert(&mut self, blob: BlobRow, node: NodeRow, state: ReplicaState, now_ms: u64) -> ReplicaRow {
+    pub fn insert(
+        &mut self,
+        blob: BlobRow,
+        node: NodeRow,
+        state: ReplicaState,
+        incarnation: u32,
+        now_ms: u64,
+    ) -> ReplicaRow {
         let row = ReplicaRow::from_index(self.len());
         let previous = self.index.insert(pair_key(blob.0, node.0), row);
         assert!(previous.is_none(), "replica interned twice");
@@ -119,6 +166,9 @@ impl ReplicaTable {
         self.state.push(state);
         self.since_ms.push(now_ms);
         self.drop_requested.push(false);
+        self.verified_incarnation.push(incarnation);
+        self.verified_ms.push(if state == ReplicaState::Healthy { now_ms } else { 0 });
+        self.planned.push(false);
         self.live += (state != ReplicaState::Deleted) as u32;
         debug_assert!(self.state.len() == self.len() && self.index.len() == self.len());
         row
@@ -133,6 +183,9 @@ impl ReplicaTable {
             hasher.u8(self.state[row] as u8);
             hasher.u64(self.since_ms[row]);
             hasher.bool(self.drop_requested[row]);
+            hasher.u32(self.verified_incarnation[row]);
+            hasher.u64(self.verified_ms[row]);
+            hasher.bool(self.planned[row]);
         }
     }
 }

@@ -22,12 +22,12 @@ use hashbrown::HashMap;
 use self::blobs::{BlobTable, ReplicaTable};
 use self::daemons::{DaemonTable, SpecTable};
 use self::hash::StateHasher;
-use self::ids::SymbolId;
+use self::ids::{BlobRow, NodeRow, SymbolId};
 use self::inflight::InflightTable;
 use self::nodes::NodeTable;
 use self::rejections::Rejections;
 use self::rtt::RttTable;
-use crate::config::{Config, FoldLimits};
+use crate::config::{Config, FoldLimits, ReconcileConfig};
 
 /// Interned strings (zones, labels), in order of first appearance.
 #[derive(Debug, Default, Clone)]
@@ -87,6 +87,49 @@ pub struct State {
     pub symbols: Symbols,
     pub rejections: Rejections,
     pub limits: FoldLimits,
+    pub reconcile: ReconcileConfig,
+    /// Blobs fold touched since the last reconcile pass, each once (`blobs.dirty`).
+    pub dirty_blobs: Vec<BlobRow>,
+    /// Daemon intents, instances or nodes changed since the last pass.
+    pub daemons_dirty: bool,
+    /// Reconcile's own bookkeeping (gates, cursors), part of the state.
+    pub gates: Gates,
+}
+
+/// Reconcile's gate bookkeeping, carried from pass to pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gates {
+    /// Start of the current throttle window and the moves started in it.
+    pub window_start_ms: u64,
+    pub window_moves: u32,
+    /// Blobs an action was held back for, to look at again when a gate opens.
+    pub waiting: Vec<BlobRow>,
+    /// Earliest time a held gate opens (u64::MAX: none is timed).
+    pub next_open_ms: u64,
+    /// Capacity freed (an action settled or timed out) since the last pass.
+    pub capacity_freed: bool,
+    /// The mass-failure brake is on (too many nodes went down within the window).
+    pub brake: bool,
+    /// Global backpressure is raised (set through the log by the sequencer).
+    pub backpressure: bool,
+    /// Anti-entropy cursor over the replica table.
+    pub verify_cursor: u32,
+}
+
+impl Gates {
+    fn hash_into(&self, hasher: &mut StateHasher) {
+        hasher.section("gates", self.waiting.len());
+        hasher.u64(self.window_start_ms);
+        hasher.u32(self.window_moves);
+        for blob in &self.waiting {
+            hasher.u32(blob.0);
+        }
+        hasher.u64(self.next_open_ms);
+        hasher.bool(self.capacity_freed);
+        hasher.bool(self.brake);
+        hasher.bool(self.backpressure);
+        hasher.u32(self.verify_cursor);
+    }
 }
 
 impl State {
@@ -106,6 +149,10 @@ impl State {
             symbols: Symbols::default(),
             rejections: Rejections::new(config.fold.rejections_kept_max),
             limits: config.fold,
+            reconcile: config.reconcile,
+            dirty_blobs: Vec::new(),
+            daemons_dirty: false,
+            gates: Gates { next_open_ms: u64::MAX, ..Gates::default() },
         }
     }
 
@@ -126,7 +173,32 @@ impl State {
         self.rtt.hash_into(&mut hasher);
         self.inflight.hash_into(&mut hasher);
         self.rejections.hash_into(&mut hasher);
+        hasher.section("dirty", self.dirty_blobs.len());
+        for blob in &self.dirty_blobs {
+            hasher.u32(blob.0);
+        }
+        hasher.bool(self.daemons_dirty);
+        self.gates.hash_into(&mut hasher);
         hasher.finish()
+    }
+
+    /// Queues `blob` for the next reconcile pass (once).
+    #[inline]
+    pub fn mark_blob_dirty(&mut self, blob: BlobRow) {
+        let dirty = &mut self.blobs.dirty[blob.index()];
+        if !*dirty {
+            *dirty = true;
+            self.dirty_blobs.push(blob);
+        }
+    }
+
+    /// Queues every blob with a copy on `node` (its copies' standing changed).
+    pub fn mark_node_blobs_dirty(&mut self, node: NodeRow) {
+        for position in 0..self.nodes.replica_rows[node.index()].len() {
+            let replica = self.nodes.replica_rows[node.index()][position];
+            let blob = self.replicas.blob[replica.index()];
+            self.mark_blob_dirty(blob);
+        }
     }
 
     /// Asserts every cross-table invariant: derived counts match their columns, every

@@ -8,7 +8,12 @@ use hashbrown::HashMap;
 use smallvec::SmallVec;
 
 use super::hash::StateHasher;
-use super::ids::{NodeRow, SymbolId};
+use super::ids::{NodeRow, ReplicaRow, SymbolId};
+
+/// A stable 64-bit key for a node name: the first 8 bytes (LE) of its blake3 hash.
+pub fn node_key(name: &str) -> u64 {
+    u64::from_le_bytes(blake3::hash(name.as_bytes()).as_bytes()[..8].try_into().expect("8 bytes"))
+}
 use crate::event::NodeStatus;
 
 /// The maintenance lifecycle of the seed's section 12.
@@ -66,6 +71,16 @@ pub struct NodeTable {
     pub inventory_blob_count: Vec<u32>,
     pub inventory_digest: Vec<[u8; 16]>,
     pub inventory_reported_ms: Vec<u64>,
+    /// Stable 64-bit key of the name (placement hashes names, not rows).
+    pub key: Vec<u64>,
+    /// When the status last changed.
+    pub status_since_ms: Vec<u64>,
+    /// Replica rows held by the node, in row order (an index kept by fold).
+    pub replica_rows: Vec<Vec<ReplicaRow>>,
+    /// Reconcile's memo of the last pass: alive (up and heard from within
+    /// `node_down_ms`) and eligible for new copies. Changes drive re-planning.
+    pub live: Vec<bool>,
+    pub eligible: Vec<bool>,
     pub index: HashMap<Box<str>, NodeRow>,
 }
 
@@ -108,6 +123,11 @@ impl NodeTable {
         self.inventory_blob_count.push(0);
         self.inventory_digest.push([0; 16]);
         self.inventory_reported_ms.push(0);
+        self.key.push(node_key(&self.name[row.index()]));
+        self.status_since_ms.push(now_ms);
+        self.replica_rows.push(Vec::new());
+        self.live.push(false);
+        self.eligible.push(false);
         self.debug_check();
         row
     }
@@ -134,6 +154,11 @@ impl NodeTable {
                 self.inventory_blob_count.len(),
                 self.inventory_digest.len(),
                 self.inventory_reported_ms.len(),
+                self.key.len(),
+                self.status_since_ms.len(),
+                self.replica_rows.len(),
+                self.live.len(),
+                self.eligible.len(),
                 self.index.len(),
             ]
             .iter()
@@ -167,6 +192,11 @@ impl NodeTable {
             hasher.u32(self.inventory_blob_count[row]);
             hasher.fixed(&self.inventory_digest[row]);
             hasher.u64(self.inventory_reported_ms[row]);
+            hasher.u64(self.key[row]);
+            hasher.u64(self.status_since_ms[row]);
+            hasher.u64(self.replica_rows[row].len() as u64);
+            hasher.bool(self.live[row]);
+            hasher.bool(self.eligible[row]);
         }
     }
 }
