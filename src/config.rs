@@ -116,6 +116,10 @@ pub struct ReconcileConfig {
     pub verify_interval_ms: u64,
     /// Verifications in flight across the cluster.
     pub verify_inflight_max: u32,
+    /// Drops of surplus or corrupt copies in flight across the cluster.
+    pub drop_inflight_max: u32,
+    /// Daemon starts and stops in flight across the cluster.
+    pub daemon_inflight_max: u32,
     /// Locality: a node whose average RTT exceeds the cluster median by this factor
     /// (permille) is marked avoid; it is cleared below the exit factor (hysteresis).
     pub avoid_enter_permille: u32,
@@ -141,6 +145,8 @@ impl Default for ReconcileConfig {
             verify_slice_replicas: 256,
             verify_interval_ms: 24 * 3600 * 1000,
             verify_inflight_max: 32,
+            drop_inflight_max: 64,
+            daemon_inflight_max: 256,
             avoid_enter_permille: 3_000,
             avoid_exit_permille: 2_000,
             actions_per_pass_max: 4_096,
@@ -149,6 +155,14 @@ impl Default for ReconcileConfig {
 }
 
 impl ReconcileConfig {
+    /// The most tracked actions that can be in flight at once: the sum of the budgets.
+    pub fn tracked_inflight_max(&self) -> usize {
+        self.pull_inflight_max as usize
+            + self.verify_inflight_max as usize
+            + self.drop_inflight_max as usize
+            + self.daemon_inflight_max as usize
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
         let positive = [
@@ -162,7 +176,13 @@ impl ReconcileConfig {
             ("reconcile.mass_failure_window_ms", self.mass_failure_window_ms),
             ("reconcile.verify_interval_ms", self.verify_interval_ms),
             ("reconcile.actions_per_pass_max", self.actions_per_pass_max as u64),
+            ("reconcile.verify_inflight_max", self.verify_inflight_max as u64),
+            ("reconcile.drop_inflight_max", self.drop_inflight_max as u64),
+            ("reconcile.daemon_inflight_max", self.daemon_inflight_max as u64),
         ];
+        if self.tracked_inflight_max() > 1 << 16 {
+            return invalid("reconcile.pull_inflight_max", "in-flight budgets add up to more than 65536".to_string());
+        }
         for (field, value) in positive {
             if value == 0 {
                 return invalid(field, "must be above 0".to_string());

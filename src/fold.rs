@@ -141,10 +141,7 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
             Ok(())
         }
         ArchivedEventKind::InventoryDigest { blob_count, digest } => {
-            let index = origin.index();
-            state.nodes.inventory_blob_count[index] = blob_count.to_native();
-            state.nodes.inventory_digest[index] = *digest;
-            state.nodes.inventory_reported_ms[index] = state.now_ms;
+            inventory_digest(state, origin, blob_count.to_native(), *digest);
             Ok(())
         }
     }?;
@@ -178,12 +175,42 @@ pub fn settle_effects(state: &mut State, action: &crate::action::Action, success
     state.mark_blob_dirty(blob);
 }
 
+/// Records a node's inventory digest; when it disagrees with the log's view (the count
+/// and wrapping sum of the first 16 bytes of the hashes of its healthy copies), every
+/// healthy copy on the node is queued for verification (anti-entropy).
+fn inventory_digest(state: &mut State, node: NodeRow, blob_count: u32, digest: [u8; 16]) {
+    let index = node.index();
+    state.nodes.inventory_blob_count[index] = blob_count;
+    state.nodes.inventory_digest[index] = digest;
+    state.nodes.inventory_reported_ms[index] = state.now_ms;
+    let (mut count, mut sum) = (0u32, 0u128);
+    for &row in &state.nodes.replica_rows[index] {
+        if state.replicas.state[row.index()] == ReplicaState::Healthy {
+            let hash = &state.blobs.hash[state.replicas.blob[row.index()].index()];
+            count += 1;
+            sum = sum.wrapping_add(u128::from_le_bytes(hash[..16].try_into().expect("16 bytes")));
+        }
+    }
+    if count == blob_count && sum.to_le_bytes() == digest {
+        return;
+    }
+    for position in 0..state.nodes.replica_rows[index].len() {
+        let row = state.nodes.replica_rows[index][position];
+        if state.replicas.state[row.index()] == ReplicaState::Healthy {
+            state.replicas.verify_requested[row.index()] = true;
+            let blob = state.replicas.blob[row.index()];
+            state.mark_blob_dirty(blob);
+        }
+    }
+}
+
 /// Interns a node announcing itself.
 fn join(state: &mut State, name: &str, origin_seq: u64) -> Result<NodeRow, RejectReason> {
     check_name(name, state)?;
     if state.nodes.len() >= state.limits.nodes_max as usize {
         return Err(RejectReason::TableFull("node"));
     }
+    state.inflight.add_node();
     Ok(state.nodes.insert(name, origin_seq, state.now_ms))
 }
 
@@ -232,6 +259,7 @@ fn replica_update(state: &mut State, node: NodeRow, hash: &BlobHash, reported: A
         // anti-entropy clock, even when the state itself does not change.
         replicas.verified_incarnation[index] = incarnation;
         replicas.verified_ms[index] = now_ms;
+        replicas.verify_requested[index] = false;
     }
     if previous != next {
         replicas.state[index] = next;
@@ -248,7 +276,9 @@ fn replica_update(state: &mut State, node: NodeRow, hash: &BlobHash, reported: A
 
 fn daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &ArchivedDaemonSignal) -> Applied {
     apply_daemon_signal(state, node, name, signal)?;
-    state.daemons_dirty = true;
+    // Health and saturation reports do not change what should run; lifecycle does.
+    let lifecycle = !matches!(signal, ArchivedDaemonSignal::Health { .. } | ArchivedDaemonSignal::Saturation { .. });
+    state.daemons_dirty |= lifecycle;
     Ok(())
 }
 
@@ -325,6 +355,15 @@ fn rtt_sample(state: &mut State, from: NodeRow, peer: &str, rtt_us: u32) -> Appl
         return Err(RejectReason::RttToSelf);
     }
     let now_ms = state.now_ms;
+    let shift = state.limits.rtt_ewma_shift;
+    for node in [from, to] {
+        let average = &mut state.nodes.rtt_average_us[node.index()];
+        *average = if *average == 0 {
+            rtt_us
+        } else {
+            (*average as i64 + ((rtt_us as i64 - *average as i64) >> shift)) as u32
+        };
+    }
     match state.rtt.find(from, to) {
         Some(row) => state.rtt.record(row, rtt_us, state.limits.rtt_ewma_shift, now_ms),
         None => {
@@ -493,6 +532,9 @@ fn blob_announce(state: &mut State, origin: NodeRow, hash: &BlobHash, size_bytes
 
 fn placement_intent(state: &mut State, intent: &ArchivedPlacementIntent) -> Applied {
     let blob = find_blob(state, &intent.blob)?;
+    if intent.replicas as usize > crate::state::blobs::PLAN_NODES_MAX {
+        return Err(RejectReason::InvalidIntent("more replicas than PLAN_NODES_MAX (8)"));
+    }
     if intent.pinned.len() > intent.replicas as usize {
         return Err(RejectReason::InvalidIntent("more pinned nodes than replicas"));
     }

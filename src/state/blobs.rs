@@ -14,6 +14,9 @@ use super::hash::StateHasher;
 use super::ids::{pair_key, BlobRow, NodeRow, ReplicaRow};
 use crate::event::{BlobHash, ReplicaState};
 
+/// Most copies one blob's intent may ask for (plans are stored inline).
+pub const PLAN_NODES_MAX: usize = 8;
+
 #[derive(Debug, Default, Clone)]
 pub struct BlobTable {
     pub hash: Vec<BlobHash>,
@@ -32,8 +35,14 @@ pub struct BlobTable {
     pub replica_rows: Vec<SmallVec<[ReplicaRow; 4]>>,
     /// Reconcile's cached placement: the nodes that should hold a copy, and whether
     /// it must be recomputed (intent, epoch or node eligibility changed).
-    pub plan: Vec<SmallVec<[NodeRow; 8]>>,
+    pub plan: Vec<SmallVec<[NodeRow; PLAN_NODES_MAX]>>,
     pub plan_valid: Vec<bool>,
+    /// The lowest rendezvous score in the plan (a newly eligible node scoring below it
+    /// cannot enter the plan), and the plan's length (nodes available, at most wanted).
+    pub plan_floor: Vec<f64>,
+    pub plan_len: Vec<u8>,
+    /// Reconcile held the blob's next action back and looks again when a gate opens.
+    pub waiting: Vec<bool>,
     /// Consecutive failed or timed-out pulls, and the backoff they impose.
     pub pull_failures: Vec<u8>,
     pub backoff_until_ms: Vec<u64>,
@@ -77,6 +86,9 @@ impl BlobTable {
         self.replica_rows.push(SmallVec::new());
         self.plan.push(SmallVec::new());
         self.plan_valid.push(false);
+        self.plan_floor.push(0.0);
+        self.plan_len.push(0);
+        self.waiting.push(false);
         self.pull_failures.push(0);
         self.backoff_until_ms.push(0);
         self.held_by.push(0);
@@ -107,6 +119,9 @@ impl BlobTable {
                 hasher.u32(node.0);
             }
             hasher.bool(self.plan_valid[row]);
+            hasher.u64(self.plan_floor[row].to_bits());
+            hasher.u8(self.plan_len[row]);
+            hasher.bool(self.waiting[row]);
             hasher.u8(self.pull_failures[row]);
             hasher.u64(self.backoff_until_ms[row]);
             hasher.u8(self.held_by[row]);
@@ -131,6 +146,8 @@ pub struct ReplicaTable {
     pub verified_ms: Vec<u64>,
     /// The holder is in the blob's plan (kept by reconcile with the plan).
     pub planned: Vec<bool>,
+    /// The holder's inventory digest disagreed with the log: re-verify this copy.
+    pub verify_requested: Vec<bool>,
     /// Rows whose state is not `Deleted`.
     pub live: u32,
     pub index: HashMap<u64, ReplicaRow>,
@@ -169,6 +186,7 @@ impl ReplicaTable {
         self.verified_incarnation.push(incarnation);
         self.verified_ms.push(if state == ReplicaState::Healthy { now_ms } else { 0 });
         self.planned.push(false);
+        self.verify_requested.push(false);
         self.live += (state != ReplicaState::Deleted) as u32;
         debug_assert!(self.state.len() == self.len() && self.index.len() == self.len());
         row
@@ -186,6 +204,7 @@ impl ReplicaTable {
             hasher.u32(self.verified_incarnation[row]);
             hasher.u64(self.verified_ms[row]);
             hasher.bool(self.planned[row]);
+            hasher.bool(self.verify_requested[row]);
         }
     }
 }

@@ -1,12 +1,12 @@
-//! Actions emitted by reconcile and not yet settled, keyed by their deterministic id,
-//! with the move and verification budgets they consume and their deadlines.
+//! Actions emitted by reconcile and not yet settled, with the budgets they consume
+//! and their deadlines in log time.
 //!
 //! Invariants: an action id is inserted once (by reconcile) and removed once (by its
-//! outcome in fold, or its timeout in reconcile); `moves`, `moves_by_node` and
-//! `verifies` always equal what the table holds; iteration is in id or deadline
-//! order (`BTreeMap`/`BTreeSet`), never in hash order.
-
-use std::collections::{BTreeMap, BTreeSet};
+//! outcome in fold, or its timeout in reconcile); the table never holds more than
+//! its capacity (the sum of the in-flight budgets, reserved up front, so inserting
+//! never allocates); `moves`, `moves_by_node`, `verifies`, `drops`, `daemon_actions`
+//! always equal what the table holds. Entries are kept in insertion order, which is a
+//! function of the log, and the hash visits them in that order.
 
 use super::hash::StateHasher;
 use super::ids::NodeRow;
@@ -20,97 +20,134 @@ pub struct InflightAction {
     pub deadline_ms: u64,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct InflightTable {
-    pub actions: BTreeMap<ActionId, InflightAction>,
-    /// (deadline, id) of every action in flight, for timeouts in log time.
-    pub deadlines: BTreeSet<(u64, ActionId)>,
+    pub entries: Vec<InflightAction>,
+    pub capacity: usize,
     /// Pulls and migrations in flight, in all and per node (as target and as source).
     pub moves: u32,
     pub moves_by_node: Vec<u32>,
     pub verifies: u32,
+    pub drops: u32,
+    pub daemon_actions: u32,
     pub succeeded: u64,
     pub failed: u64,
     pub timed_out: u64,
 }
 
 impl InflightTable {
+    pub fn new(capacity: usize) -> InflightTable {
+        InflightTable {
+            entries: Vec::with_capacity(capacity),
+            capacity,
+            moves: 0,
+            moves_by_node: Vec::new(),
+            verifies: 0,
+            drops: 0,
+            daemon_actions: 0,
+            succeeded: 0,
+            failed: 0,
+            timed_out: 0,
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.actions.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.actions.is_empty()
+        self.entries.is_empty()
+    }
+
+    /// Grows the per-node counters with the node table (called when a node joins).
+    pub fn add_node(&mut self) {
+        self.moves_by_node.push(0);
     }
 
     fn count(&mut self, action: &Action, add: bool) {
-        let delta = |value: &mut u32| {
+        fn step(value: &mut u32, add: bool) {
             if add {
-                *value += 1
+                *value += 1;
             } else {
                 assert!(*value > 0, "in-flight count underflow");
-                *value -= 1
-            }
-        };
-        if action.kind.is_move() {
-            delta(&mut self.moves);
-            for node in [Some(action.node), action.kind.peer()].into_iter().flatten() {
-                if self.moves_by_node.len() <= node.index() {
-                    self.moves_by_node.resize(node.index() + 1, 0);
-                }
-                delta(&mut self.moves_by_node[node.index()]);
+                *value -= 1;
             }
         }
-        if matches!(action.kind, ActionKind::VerifyReplica { .. }) {
-            delta(&mut self.verifies);
+        match action.kind {
+            ActionKind::PullReplica { .. } | ActionKind::MigrateBlob { .. } => {
+                step(&mut self.moves, add);
+                step(&mut self.moves_by_node[action.node.index()], add);
+                let peer = action.kind.peer().expect("moves have a peer");
+                step(&mut self.moves_by_node[peer.index()], add);
+            }
+            ActionKind::VerifyReplica { .. } => step(&mut self.verifies, add),
+            ActionKind::DropReplica { .. } => step(&mut self.drops, add),
+            ActionKind::StartDaemon { .. } | ActionKind::StopDaemon { .. } => step(&mut self.daemon_actions, add),
+            ActionKind::ReduceHeat { .. } | ActionKind::MarkAvoid { .. } | ActionKind::ApplyBackoff { .. } => {
+                unreachable!("advisory actions are not tracked")
+            }
         }
     }
 
     /// Moves in flight into or out of `node`.
+    #[inline]
     pub fn moves_at(&self, node: NodeRow) -> u32 {
-        self.moves_by_node.get(node.index()).copied().unwrap_or(0)
+        self.moves_by_node[node.index()]
     }
 
     pub fn insert(&mut self, action: Action, emitted_ms: u64, deadline_ms: u64) {
         assert!(action.kind.is_tracked(), "advisory actions are not tracked");
-        let previous = self.actions.insert(action.id, InflightAction { action, emitted_ms, deadline_ms });
-        assert!(previous.is_none(), "action {:?} emitted twice", action.id);
-        self.deadlines.insert((deadline_ms, action.id));
+        assert!(self.entries.len() < self.capacity, "in-flight table over its budgets");
+        debug_assert!(self.entries.iter().all(|entry| entry.action.id != action.id), "action emitted twice");
+        self.entries.push(InflightAction { action, emitted_ms, deadline_ms });
         self.count(&action, true);
+    }
+
+    fn remove_at(&mut self, index: usize) -> InflightAction {
+        // `remove` (not `swap_remove`) keeps insertion order, so behaviour never depends
+        // on which entry happened to be moved.
+        let entry = self.entries.remove(index);
+        self.count(&entry.action, false);
+        entry
     }
 
     /// Removes a settled action; `None` when no such action is in flight.
     pub fn settle(&mut self, id: ActionId, success: bool) -> Option<InflightAction> {
-        let entry = self.remove(id)?;
+        let index = self.entries.iter().position(|entry| entry.action.id == id)?;
         if success {
             self.succeeded += 1;
         } else {
             self.failed += 1;
         }
-        Some(entry)
+        Some(self.remove_at(index))
     }
 
-    fn remove(&mut self, id: ActionId) -> Option<InflightAction> {
-        let entry = self.actions.remove(&id)?;
-        let removed = self.deadlines.remove(&(entry.deadline_ms, id));
-        assert!(removed, "deadline index out of step");
-        self.count(&entry.action, false);
-        Some(entry)
-    }
-
-    /// Removes and returns the first action whose deadline is at or before `now_ms`.
+    /// Removes and returns the earliest-deadline action (ties: lowest id) if its deadline
+    /// is at or before `now_ms`.
     pub fn pop_expired(&mut self, now_ms: u64) -> Option<InflightAction> {
-        let &(deadline_ms, id) = self.deadlines.first()?;
-        if deadline_ms > now_ms {
-            return None;
-        }
+        let (index, entry) = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| entry.deadline_ms <= now_ms)
+            .min_by_key(|(_, entry)| (entry.deadline_ms, entry.action.id))?;
+        let _ = entry;
         self.timed_out += 1;
-        self.remove(id)
+        Some(self.remove_at(index))
     }
 
-    /// Whether an action of the same kind on the same blob and node is in flight.
+    /// Whether the same action (node and kind) is already in flight.
+    #[inline]
     pub fn contains(&self, node: NodeRow, kind: &ActionKind) -> bool {
-        self.actions.values().any(|entry| entry.action.node == node && entry.action.kind == *kind)
+        self.entries.iter().any(|entry| entry.action.node == node && entry.action.kind == *kind)
+    }
+
+    /// Whether any move of `blob` into `node` is in flight.
+    #[inline]
+    pub fn move_into(&self, blob: crate::state::ids::BlobRow, node: NodeRow) -> bool {
+        self.entries.iter().any(|entry| {
+            entry.action.node == node && entry.action.kind.is_move() && entry.action.kind.blob() == Some(blob)
+        })
     }
 
     pub fn hash_into(&self, hasher: &mut StateHasher) {
@@ -118,11 +155,11 @@ impl InflightTable {
         for counter in [self.succeeded, self.failed, self.timed_out] {
             hasher.u64(counter);
         }
-        hasher.u32(self.moves);
-        hasher.u32(self.verifies);
-        for (id, entry) in &self.actions {
-            hasher.u64(id.position);
-            hasher.u32(id.index);
+        for counter in [self.moves, self.verifies, self.drops, self.daemon_actions] {
+            hasher.u32(counter);
+        }
+        hasher.u32_column(&self.moves_by_node);
+        for entry in &self.entries {
             hash_action(hasher, &entry.action);
             hasher.u64(entry.emitted_ms);
             hasher.u64(entry.deadline_ms);

@@ -145,7 +145,7 @@ impl State {
             specs: SpecTable::default(),
             daemons: DaemonTable::default(),
             rtt: RttTable::default(),
-            inflight: InflightTable::default(),
+            inflight: InflightTable::new(config.reconcile.tracked_inflight_max()),
             symbols: Symbols::default(),
             rejections: Rejections::new(config.fold.rejections_kept_max),
             limits: config.fold,

@@ -81,6 +81,10 @@ pub struct NodeTable {
     /// `node_down_ms`) and eligible for new copies. Changes drive re-planning.
     pub live: Vec<bool>,
     pub eligible: Vec<bool>,
+    /// Moving average of every RTT sample the node took part in (either end), in µs.
+    pub rtt_average_us: Vec<u32>,
+    /// A daemon on the node reported saturation; reduce_heat was sent (hysteresis).
+    pub hot: Vec<bool>,
     pub index: HashMap<Box<str>, NodeRow>,
 }
 
@@ -128,6 +132,8 @@ impl NodeTable {
         self.replica_rows.push(Vec::new());
         self.live.push(false);
         self.eligible.push(false);
+        self.rtt_average_us.push(0);
+        self.hot.push(false);
         self.debug_check();
         row
     }
@@ -159,6 +165,8 @@ impl NodeTable {
                 self.replica_rows.len(),
                 self.live.len(),
                 self.eligible.len(),
+                self.rtt_average_us.len(),
+                self.hot.len(),
                 self.index.len(),
             ]
             .iter()
@@ -197,6 +205,8 @@ impl NodeTable {
             hasher.u64(self.replica_rows[row].len() as u64);
             hasher.bool(self.live[row]);
             hasher.bool(self.eligible[row]);
+            hasher.u32(self.rtt_average_us[row]);
+            hasher.bool(self.hot[row]);
         }
     }
 }
