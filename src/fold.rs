@@ -355,6 +355,10 @@ fn rtt_sample(state: &mut State, from: NodeRow, peer: &str, rtt_us: u32) -> Appl
         return Err(RejectReason::RttToSelf);
     }
     let now_ms = state.now_ms;
+    // The measuring node moves its own coordinate toward what the sample says.
+    let remote = state.nodes.coordinate[to.index()];
+    let vivaldi = crate::locality::VivaldiConfig::default();
+    crate::locality::update(&mut state.nodes.coordinate[from.index()], from.0, &remote, to.0, rtt_us as f64, &vivaldi);
     let shift = state.limits.rtt_ewma_shift;
     for node in [from, to] {
         let average = &mut state.nodes.rtt_average_us[node.index()];

@@ -9,6 +9,7 @@ use smallvec::SmallVec;
 
 use super::hash::StateHasher;
 use super::ids::{NodeRow, ReplicaRow, SymbolId};
+use crate::locality::Coordinate;
 
 /// A stable 64-bit key for a node name: the first 8 bytes (LE) of its blake3 hash.
 pub fn node_key(name: &str) -> u64 {
@@ -85,6 +86,8 @@ pub struct NodeTable {
     pub rtt_average_us: Vec<u32>,
     /// A daemon on the node reported saturation; reduce_heat was sent (hysteresis).
     pub hot: Vec<bool>,
+    /// The node's Vivaldi network coordinate, moved by the RTT samples it takes.
+    pub coordinate: Vec<Coordinate>,
     pub index: HashMap<Box<str>, NodeRow>,
 }
 
@@ -134,6 +137,7 @@ impl NodeTable {
         self.eligible.push(false);
         self.rtt_average_us.push(0);
         self.hot.push(false);
+        self.coordinate.push(Coordinate::ORIGIN);
         self.debug_check();
         row
     }
@@ -167,6 +171,7 @@ impl NodeTable {
                 self.eligible.len(),
                 self.rtt_average_us.len(),
                 self.hot.len(),
+                self.coordinate.len(),
                 self.index.len(),
             ]
             .iter()
@@ -207,6 +212,10 @@ impl NodeTable {
             hasher.bool(self.eligible[row]);
             hasher.u32(self.rtt_average_us[row]);
             hasher.bool(self.hot[row]);
+            let coordinate = &self.coordinate[row];
+            for value in [coordinate.x_us, coordinate.y_us, coordinate.height_us, coordinate.error] {
+                hasher.u64(value.to_bits());
+            }
         }
     }
 }
