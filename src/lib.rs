@@ -48,3 +48,4 @@ pub mod sim;
 pub mod state;
 pub mod sync;
 pub mod wire;
+pub mod reconcile;

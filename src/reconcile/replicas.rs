@@ -1,0 +1,404 @@
+//! Replica enforcement: count compliance against the plan, repairs from the nearest
+//! healthy holder, drift correction by migration, verification of fenced or suspect
+//! copies, drops of corrupt and (once the plan is stable) surplus copies.
+//!
+//! Invariants: a copy counts only if it is healthy, on a live node, and verified in
+//! the node's current incarnation (rejoin fencing); a drop is emitted only when every
+//! planned node holds a counted copy that has been healthy for the stabilisation
+//! period, so the last healthy copy is never dropped; a pull or migration targets a
+//! node of the current plan, which only holds eligible nodes; every emission checks
+//! the gates in order (backoff, brake, backpressure, throttle, budgets) and records
+//! the gate that held it.
+
+use bumpalo::collections::Vec as BumpVec;
+use bumpalo::Bump;
+use smallvec::SmallVec;
+
+use super::gates::Gate;
+use super::{nodes, Out, Scope};
+use crate::action::ActionKind;
+use crate::event::ReplicaState;
+use crate::locality;
+use crate::placement::{self, Candidate};
+use crate::state::blobs::PLAN_NODES_MAX;
+use crate::state::ids::{BlobRow, NodeRow, ReplicaRow};
+use crate::state::State;
+
+/// Rendezvous epoch used for every plan: invalidating placement recomputes from the
+/// current eligibility and weights; it does not reshuffle blobs.
+const PLAN_EPOCH: u32 = 0;
+
+pub(crate) fn run(arena: &Bump, state: &mut State, out: &mut Out, plan_scratch: &mut Vec<(f64, u32)>, scope: Scope) {
+    let now_ms = state.now_ms;
+    let gate_may_open = state.gates.capacity_freed || now_ms >= state.gates.next_open_ms;
+    let mut blobs: BumpVec<BlobRow> = BumpVec::with_capacity_in(state.dirty_blobs.len(), arena);
+    for blob in state.dirty_blobs.drain(..) {
+        state.blobs.dirty[blob.index()] = false;
+        blobs.push(blob);
+    }
+    if gate_may_open {
+        state.gates.next_open_ms = u64::MAX;
+    }
+    if scope == Scope::Full {
+        flag_all(arena, state, &mut blobs);
+    } else if gate_may_open {
+        for (blob, &waiting) in state.blobs.waiting.iter().enumerate() {
+            if waiting {
+                blobs.push(BlobRow::from_index(blob));
+            }
+        }
+    }
+    if blobs.is_empty() {
+        return;
+    }
+    blobs.sort_unstable();
+    blobs.dedup();
+    let mut ordered = BumpVec::with_capacity_in(blobs.len(), arena);
+    for &blob in blobs.iter() {
+        ordered.push((priority(state, blob), blob));
+    }
+    ordered.sort_unstable();
+    let candidates = nodes::candidates(arena, state);
+    for &(_, blob) in ordered.iter() {
+        evaluate(arena, state, out, blob, &candidates, plan_scratch);
+    }
+}
+
+/// The full scan: one pass over the replica columns counts, per blob, the counted
+/// copies on planned nodes and whether anything else needs a look; then one pass over
+/// the blob columns flags the blobs that do.
+fn flag_all(arena: &Bump, state: &State, flagged: &mut BumpVec<BlobRow>) {
+    let blob_count = state.blobs.len();
+    let mut good = BumpVec::from_iter_in(std::iter::repeat_n(0u8, blob_count), arena);
+    let mut trouble = BumpVec::from_iter_in(std::iter::repeat_n(false, blob_count), arena);
+    let replicas = &state.replicas;
+    let (live, incarnation) = (&state.nodes.live, &state.nodes.incarnation);
+    for row in 0..replicas.len() {
+        let blob = replicas.blob[row].index();
+        let node = replicas.node[row].index();
+        let replica_state = replicas.state[row];
+        let healthy = replica_state == ReplicaState::Healthy;
+        let node_live = live[node];
+        let verified = replicas.verified_incarnation[row] == incarnation[node];
+        let counted = healthy & node_live & verified;
+        let planned = replicas.planned[row];
+        good[blob] += (counted & planned) as u8;
+        trouble[blob] |= (counted & !planned)
+            | ((replica_state == ReplicaState::Corrupt) & node_live)
+            | (healthy & node_live & !verified)
+            | (counted & (replicas.verify_requested[row] | replicas.drop_requested[row]));
+    }
+    let blobs = &state.blobs;
+    for blob in 0..blob_count {
+        let needs = !blobs.plan_valid[blob]
+            | trouble[blob]
+            | (good[blob] != blobs.plan_len[blob])
+            | blobs.waiting[blob];
+        if needs & (blobs.replicas_wanted[blob] > 0) {
+            flagged.push(BlobRow::from_index(blob));
+        }
+    }
+}
+
+/// One copy of a blob as evaluation sees it.
+#[derive(Clone, Copy)]
+struct Held {
+    row: ReplicaRow,
+    node: NodeRow,
+    counted: bool,
+    planned: bool,
+}
+
+fn counted(state: &State, row: usize) -> bool {
+    let node = state.replicas.node[row].index();
+    state.replicas.state[row] == ReplicaState::Healthy
+        && state.nodes.live[node]
+        && state.replicas.verified_incarnation[row] == state.nodes.incarnation[node]
+}
+
+/// 0 for a blob with fewer counted copies than wanted (repairs first), 1 otherwise.
+fn priority(state: &State, blob: BlobRow) -> u8 {
+    let counted_copies = state.blobs.replica_rows[blob.index()].iter().filter(|row| counted(state, row.index())).count();
+    (counted_copies >= state.blobs.replicas_wanted[blob.index()] as usize) as u8
+}
+
+/// Records that `gate` holds the blob's next action until `until_ms` (0: until
+/// capacity frees) and queues the blob to be looked at again then.
+fn hold(state: &mut State, blob: BlobRow, gate: Gate, until_ms: u64) {
+    let index = blob.index();
+    if state.blobs.held_by[index] == Gate::None as u8 || gate as u8 > 0 {
+        state.blobs.held_by[index] = gate as u8;
+        state.blobs.held_until_ms[index] = until_ms;
+    }
+    state.blobs.waiting[index] = gate != Gate::NoSource;
+    if until_ms > 0 {
+        state.gates.next_open_ms = state.gates.next_open_ms.min(until_ms);
+    }
+}
+
+/// Recomputes the blob's plan from the eligible candidates and refreshes the
+/// `planned` flag of its copies. Copies an operator asked to drop keep their node out.
+fn recompute_plan(arena: &Bump, state: &mut State, blob: BlobRow, candidates: &[Candidate], scratch: &mut Vec<(f64, u32)>) {
+    let index = blob.index();
+    let mut excluded: SmallVec<[NodeRow; 4]> = SmallVec::new();
+    for &row in &state.blobs.replica_rows[index] {
+        if state.replicas.drop_requested[row.index()] && state.replicas.state[row.index()] != ReplicaState::Deleted {
+            excluded.push(state.replicas.node[row.index()]);
+        }
+    }
+    let filtered;
+    let pool: &[Candidate] = if excluded.is_empty() {
+        candidates
+    } else {
+        filtered = BumpVec::from_iter_in(candidates.iter().copied().filter(|c| !excluded.contains(&c.node)), arena);
+        &filtered
+    };
+    let pinned: SmallVec<[NodeRow; 2]> = state.blobs.pinned[index]
+        .iter()
+        .copied()
+        .filter(|node| state.nodes.eligible[node.index()] && !excluded.contains(node))
+        .collect();
+    let wanted = state.blobs.replicas_wanted[index];
+    let mut plan = SmallVec::new();
+    let hash = state.blobs.hash[index];
+    placement::plan(&hash, PLAN_EPOCH, wanted, state.blobs.zone_spread[index], &pinned, pool, scratch, &mut plan);
+    debug_assert!(plan.len() <= PLAN_NODES_MAX && plan.iter().all(|node: &NodeRow| state.nodes.eligible[node.index()]));
+    let floor = plan
+        .iter()
+        .map(|node: &NodeRow| {
+            let node = node.index();
+            let weight = placement::weight(state.nodes.capacity_bytes[node], state.nodes.load_permille[node]);
+            placement::score(state.nodes.key[node], &hash, PLAN_EPOCH, weight)
+        })
+        .fold(f64::INFINITY, f64::min);
+    state.blobs.plan_len[index] = plan.len() as u8;
+    state.blobs.plan_floor[index] = if plan.is_empty() { f64::NEG_INFINITY } else { floor };
+    for position in 0..state.blobs.replica_rows[index].len() {
+        let row = state.blobs.replica_rows[index][position].index();
+        state.replicas.planned[row] = plan.contains(&state.replicas.node[row]);
+    }
+    state.blobs.plan[index] = plan;
+    state.blobs.plan_valid[index] = true;
+}
+
+/// Predicted RTT between two nodes from their network coordinates.
+fn predicted_us(state: &State, a: NodeRow, b: NodeRow) -> f64 {
+    locality::predict_us(&state.nodes.coordinate[a.index()], &state.nodes.coordinate[b.index()])
+}
+
+fn evaluate(
+    arena: &Bump,
+    state: &mut State,
+    out: &mut Out,
+    blob: BlobRow,
+    candidates: &[Candidate],
+    scratch: &mut Vec<(f64, u32)>,
+) {
+    let index = blob.index();
+    let previous_gate = state.blobs.held_by[index];
+    state.blobs.waiting[index] = false;
+    state.blobs.held_by[index] = Gate::None as u8;
+    state.blobs.held_until_ms[index] = 0;
+    let wanted = state.blobs.replicas_wanted[index] as usize;
+    if wanted == 0 {
+        return;
+    }
+    if !state.blobs.plan_valid[index] {
+        recompute_plan(arena, state, blob, candidates, scratch);
+    }
+    let now_ms = state.now_ms;
+    let config = state.reconcile;
+
+    let mut copies: SmallVec<[Held; 8]> = SmallVec::new();
+    let mut lost_recently = false;
+    for &row in &state.blobs.replica_rows[index] {
+        let r = row.index();
+        let node = state.replicas.node[r];
+        copies.push(Held { row, node, counted: counted(state, r), planned: state.replicas.planned[r] });
+        let healthy = state.replicas.state[r] == ReplicaState::Healthy;
+        lost_recently |= healthy && nodes::recently_down(state, node.index());
+    }
+    let counted_total = copies.iter().filter(|copy| copy.counted).count();
+
+    // Corrupt copies on live nodes are worthless: drop them.
+    for copy in copies.iter() {
+        let r = copy.row.index();
+        let live = state.nodes.live[copy.node.index()];
+        if state.replicas.state[r] != ReplicaState::Corrupt || !live {
+            continue;
+        }
+        let kind = ActionKind::DropReplica { blob };
+        if state.inflight.contains(copy.node, &kind) {
+            continue;
+        }
+        if state.inflight.drops >= config.drop_inflight_max || out.full() {
+            hold(state, blob, if out.full() { Gate::PassFull } else { Gate::DropBudget }, 0);
+            continue;
+        }
+        out.emit(state, copy.node, kind);
+    }
+
+    // Fenced copies (their node came back) and copies the inventory digest disputes
+    // are verified before they count (or keep counting).
+    for copy in copies.iter() {
+        let r = copy.row.index();
+        let node = copy.node.index();
+        let healthy_live = state.replicas.state[r] == ReplicaState::Healthy && state.nodes.live[node];
+        let fenced = state.replicas.verified_incarnation[r] != state.nodes.incarnation[node];
+        if !(healthy_live && (fenced || state.replicas.verify_requested[r])) {
+            continue;
+        }
+        let kind = ActionKind::VerifyReplica { blob };
+        if state.inflight.contains(copy.node, &kind) {
+            continue;
+        }
+        if state.inflight.verifies >= config.verify_inflight_max || out.full() {
+            hold(state, blob, if out.full() { Gate::PassFull } else { Gate::VerifyBudget }, 0);
+            continue;
+        }
+        out.emit(state, copy.node, kind);
+    }
+
+    // Every planned node without a counted copy gets one: a repair while the blob is
+    // under-replicated, otherwise a migration of an off-plan copy (drift correction).
+    let plan = state.blobs.plan[index].clone();
+    let repair = counted_total < wanted;
+    let mut moves_started: SmallVec<[NodeRow; 8]> = SmallVec::new();
+    for &target in plan.iter() {
+        if copies.iter().any(|copy| copy.counted && copy.node == target) || state.inflight.move_into(blob, target) {
+            continue;
+        }
+        if counted_total == 0 {
+            hold(state, blob, Gate::NoSource, 0);
+            break;
+        }
+        let gate = move_gate(state, blob, repair, lost_recently, target);
+        if let Some((gate, until_ms)) = gate {
+            if gate == Gate::Backoff && previous_gate != Gate::Backoff as u8 && !out.full() {
+                out.emit(state, target, ActionKind::ApplyBackoff { blob, until_ms });
+            }
+            hold(state, blob, gate, until_ms);
+            break;
+        }
+        let migrating_from = |state: &State, node: NodeRow| {
+            state.inflight.entries.iter().any(|entry| {
+                entry.action.kind == ActionKind::MigrateBlob { blob, from: node }
+            }) || moves_started.contains(&node)
+        };
+        let off_plan = copies.iter().find(|copy| copy.counted && !copy.planned && !migrating_from(state, copy.node));
+        let per_node_max = config.pull_inflight_per_node_max;
+        let kind = match off_plan {
+            Some(copy) if !repair && state.inflight.moves_at(copy.node) < per_node_max => {
+                ActionKind::MigrateBlob { blob, from: copy.node }
+            }
+            _ => {
+                let source = copies
+                    .iter()
+                    .filter(|copy| copy.counted && state.inflight.moves_at(copy.node) < per_node_max)
+                    .min_by(|a, b| {
+                        predicted_us(state, a.node, target)
+                            .total_cmp(&predicted_us(state, b.node, target))
+                            .then(a.node.cmp(&b.node))
+                    })
+                    .map(|copy| copy.node);
+                match source {
+                    Some(source) => ActionKind::PullReplica { blob, source },
+                    None => {
+                        hold(state, blob, Gate::NodeBudget, 0);
+                        break;
+                    }
+                }
+            }
+        };
+        if let ActionKind::MigrateBlob { from, .. } = kind {
+            moves_started.push(from);
+        }
+        state.gates.window_moves += 1;
+        out.emit(state, target, kind);
+    }
+
+    // Surplus and operator-dropped copies go only once every planned node holds a
+    // counted copy that has been healthy for the stabilisation period.
+    let plan_len = plan.len();
+    if plan_len == 0 || state.inflight.entries.iter().any(|entry| entry.action.kind.is_move() && entry.action.kind.blob() == Some(blob)) {
+        return;
+    }
+    let mut stable_at_ms = 0u64;
+    let mut satisfied = 0usize;
+    for &target in plan.iter() {
+        if let Some(copy) = copies.iter().find(|copy| copy.counted && copy.node == target) {
+            satisfied += 1;
+            stable_at_ms = stable_at_ms.max(state.replicas.since_ms[copy.row.index()] + config.stabilisation_ms);
+        }
+    }
+    let surplus = copies.iter().filter(|copy| copy.counted && !copy.planned).count();
+    if satisfied < plan_len || surplus == 0 {
+        return;
+    }
+    if now_ms < stable_at_ms {
+        hold(state, blob, Gate::Stabilisation, stable_at_ms);
+        return;
+    }
+    for copy in copies.iter().filter(|copy| copy.counted && !copy.planned) {
+        let kind = ActionKind::DropReplica { blob };
+        if state.inflight.contains(copy.node, &kind) {
+            continue;
+        }
+        if state.inflight.drops >= config.drop_inflight_max || out.full() {
+            hold(state, blob, if out.full() { Gate::PassFull } else { Gate::DropBudget }, 0);
+            break;
+        }
+        out.emit(state, copy.node, kind);
+    }
+}
+
+/// The first gate that holds a move of `blob` into `target`, with when it opens.
+fn move_gate(state: &State, blob: BlobRow, repair: bool, lost_recently: bool, target: NodeRow) -> Option<(Gate, u64)> {
+    let config = state.reconcile;
+    let index = blob.index();
+    if state.now_ms < state.blobs.backoff_until_ms[index] {
+        return Some((Gate::Backoff, state.blobs.backoff_until_ms[index]));
+    }
+    if state.gates.brake && lost_recently {
+        return Some((Gate::Brake, 0));
+    }
+    if state.gates.backpressure && !repair {
+        return Some((Gate::Backpressure, 0));
+    }
+    if state.gates.window_moves >= config.throttle_moves_max {
+        return Some((Gate::Throttle, state.gates.window_start_ms + config.throttle_window_ms));
+    }
+    if state.inflight.moves >= config.pull_inflight_max {
+        return Some((Gate::MoveBudget, 0));
+    }
+    if state.inflight.moves_at(target) >= config.pull_inflight_per_node_max {
+        return Some((Gate::NodeBudget, 0));
+    }
+    None
+}
+
+/// Anti-entropy: looks at the next `verify_slice_replicas` rows (rotating) and
+/// verifies counted copies not verified for `verify_interval_ms`.
+pub(crate) fn anti_entropy(state: &mut State, out: &mut Out) {
+    let rows = state.replicas.len();
+    if rows == 0 {
+        return;
+    }
+    let config = state.reconcile;
+    let slice = (config.verify_slice_replicas as usize).min(rows);
+    let mut cursor = state.gates.verify_cursor as usize % rows;
+    for _ in 0..slice {
+        let row = cursor;
+        cursor = (cursor + 1) % rows;
+        let due = state.now_ms.saturating_sub(state.replicas.verified_ms[row]) >= config.verify_interval_ms;
+        if !due || !counted(state, row) || state.inflight.verifies >= config.verify_inflight_max || out.full() {
+            continue;
+        }
+        let node = state.replicas.node[row];
+        let kind = ActionKind::VerifyReplica { blob: state.replicas.blob[row] };
+        if !state.inflight.contains(node, &kind) {
+            out.emit(state, node, kind);
+        }
+    }
+    state.gates.verify_cursor = cursor as u32;
+}
