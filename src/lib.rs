@@ -41,6 +41,7 @@ pub mod config;
 pub mod event;
 pub mod fold;
 pub mod logtool;
+pub mod placement;
 pub mod redex;
 pub mod sim;
 pub mod state;
