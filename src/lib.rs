@@ -43,6 +43,7 @@ pub mod event;
 pub mod fold;
 pub mod locality;
 pub mod logtool;
+pub mod placement;
 pub mod redex;
 pub mod sim;
 pub mod state;
