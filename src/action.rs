@@ -107,3 +107,25 @@ pub struct Action {
     pub node: NodeRow,
     pub kind: ActionKind,
 }
+
+/// A one-line description of an action with external names, e.g.
+/// `node-b: pull_replica blob 07070707… from node-a`.
+pub fn describe(state: &crate::state::State, action: &Action) -> String {
+    let node = |row: NodeRow| state.nodes.name[row.index()].to_string();
+    let blob = |row: BlobRow| {
+        let hash = &state.blobs.hash[row.index()];
+        format!("{:02x}{:02x}{:02x}{:02x}", hash[0], hash[1], hash[2], hash[3])
+    };
+    let detail = match action.kind {
+        ActionKind::StartDaemon { spec } | ActionKind::StopDaemon { spec } => {
+            state.specs.spec[spec.index()].name.clone()
+        }
+        ActionKind::PullReplica { blob: row, source } => format!("{} from {}", blob(row), node(source)),
+        ActionKind::MigrateBlob { blob: row, from } => format!("{} from {}", blob(row), node(from)),
+        ActionKind::DropReplica { blob: row } | ActionKind::VerifyReplica { blob: row } => blob(row),
+        ActionKind::ReduceHeat { permille } => format!("to {permille}"),
+        ActionKind::MarkAvoid { avoid } => avoid.to_string(),
+        ActionKind::ApplyBackoff { blob: row, until_ms } => format!("{} until {until_ms}", blob(row)),
+    };
+    format!("{}: {} {}", node(action.node), action.kind.name(), detail)
+}

@@ -246,6 +246,8 @@ fn replica_update(state: &mut State, node: NodeRow, hash: &BlobHash, reported: A
             return Err(RejectReason::TableFull("replica"));
         }
         let row = replicas.insert(blob, node, next, incarnation, now_ms);
+        let planned = state.blobs.plan_valid[blob.index()] && state.blobs.plan[blob.index()].contains(&node);
+        replicas.planned[row.index()] = planned;
         state.blobs.replica_rows[blob.index()].push(row);
         state.nodes.replica_rows[node.index()].push(row);
         state.blobs.healthy_count[blob.index()] += (next == ReplicaState::Healthy) as u32;

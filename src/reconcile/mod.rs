@@ -98,7 +98,12 @@ impl<'a> Out<'a> {
     }
 }
 
-fn run<'a>(arena: &'a Bump, plan_scratch: &mut Vec<(f64, u32)>, state: &mut State, scope: Scope) -> BumpVec<'a, Action> {
+fn run<'a>(
+    arena: &'a Bump,
+    plan_scratch: &mut Vec<(f64, u32)>,
+    state: &mut State,
+    scope: Scope,
+) -> BumpVec<'a, Action> {
     let max = state.reconcile.actions_per_pass_max as usize;
     let mut out = Out { actions: BumpVec::with_capacity_in(64.min(max), arena), position: state.position, max };
     let now_ms = state.now_ms;

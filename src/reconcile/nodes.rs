@@ -115,7 +115,8 @@ fn invalidate_plans(state: &mut State, lost: &[NodeRow], gained: &[NodeRow]) {
                 || gained.iter().any(|&node| {
                     let index = node.index();
                     let weight = placement::weight(state.nodes.capacity_bytes[index], state.nodes.load_permille[index]);
-                    let beats = placement::score(state.nodes.key[index], hash, epoch, weight) > state.blobs.plan_floor[blob];
+                    let beats =
+                        placement::score(state.nodes.key[index], hash, epoch, weight) > state.blobs.plan_floor[blob];
                     let zone = state.nodes.zone[index];
                     let new_zone = state.blobs.zone_spread[blob]
                         && !zone.is_none()

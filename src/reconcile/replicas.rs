@@ -90,10 +90,8 @@ fn flag_all(arena: &Bump, state: &State, flagged: &mut BumpVec<BlobRow>) {
     }
     let blobs = &state.blobs;
     for blob in 0..blob_count {
-        let needs = !blobs.plan_valid[blob]
-            | trouble[blob]
-            | (good[blob] != blobs.plan_len[blob])
-            | blobs.waiting[blob];
+        let needs =
+            !blobs.plan_valid[blob] | trouble[blob] | (good[blob] != blobs.plan_len[blob]) | blobs.waiting[blob];
         if needs & (blobs.replicas_wanted[blob] > 0) {
             flagged.push(BlobRow::from_index(blob));
         }
@@ -118,19 +116,26 @@ fn counted(state: &State, row: usize) -> bool {
 
 /// 0 for a blob with fewer counted copies than wanted (repairs first), 1 otherwise.
 fn priority(state: &State, blob: BlobRow) -> u8 {
-    let counted_copies = state.blobs.replica_rows[blob.index()].iter().filter(|row| counted(state, row.index())).count();
+    let counted_copies =
+        state.blobs.replica_rows[blob.index()].iter().filter(|row| counted(state, row.index())).count();
     (counted_copies >= state.blobs.replicas_wanted[blob.index()] as usize) as u8
 }
 
 /// Records that `gate` holds the blob's next action until `until_ms` (0: until
-/// capacity frees) and queues the blob to be looked at again then.
+/// capacity frees) and queues the blob to be looked at again then. The first gate of
+/// a pass is the one shown; every gate that can open re-queues the blob (a blob with
+/// no source is queued by fold when a copy reappears).
 fn hold(state: &mut State, blob: BlobRow, gate: Gate, until_ms: u64) {
     let index = blob.index();
-    if state.blobs.held_by[index] == Gate::None as u8 || gate as u8 > 0 {
+    if state.blobs.held_by[index] == Gate::None as u8 {
         state.blobs.held_by[index] = gate as u8;
         state.blobs.held_until_ms[index] = until_ms;
     }
-    state.blobs.waiting[index] = gate != Gate::NoSource;
+    state.blobs.waiting[index] |= gate != Gate::NoSource;
+    if gate == Gate::PassFull {
+        // Nothing frees "room in the pass": look again at the very next pass.
+        state.gates.next_open_ms = state.gates.next_open_ms.min(state.now_ms);
+    }
     if until_ms > 0 {
         state.gates.next_open_ms = state.gates.next_open_ms.min(until_ms);
     }
@@ -138,7 +143,13 @@ fn hold(state: &mut State, blob: BlobRow, gate: Gate, until_ms: u64) {
 
 /// Recomputes the blob's plan from the eligible candidates and refreshes the
 /// `planned` flag of its copies. Copies an operator asked to drop keep their node out.
-fn recompute_plan(arena: &Bump, state: &mut State, blob: BlobRow, candidates: &[Candidate], scratch: &mut Vec<(f64, u32)>) {
+fn recompute_plan(
+    arena: &Bump,
+    state: &mut State,
+    blob: BlobRow,
+    candidates: &[Candidate],
+    scratch: &mut Vec<(f64, u32)>,
+) {
     let index = blob.index();
     let mut excluded: SmallVec<[NodeRow; 4]> = SmallVec::new();
     for &row in &state.blobs.replica_rows[index] {
@@ -214,7 +225,9 @@ fn evaluate(
     for &row in &state.blobs.replica_rows[index] {
         let r = row.index();
         let node = state.replicas.node[r];
-        copies.push(Held { row, node, counted: counted(state, r), planned: state.replicas.planned[r] });
+        let planned = state.blobs.plan[index].contains(&node);
+        debug_assert_eq!(planned, state.replicas.planned[r], "planned flag out of step with the plan");
+        copies.push(Held { row, node, counted: counted(state, r), planned });
         let healthy = state.replicas.state[r] == ReplicaState::Healthy;
         lost_recently |= healthy && nodes::recently_down(state, node.index());
     }
@@ -272,6 +285,10 @@ fn evaluate(
             hold(state, blob, Gate::NoSource, 0);
             break;
         }
+        if out.full() {
+            hold(state, blob, Gate::PassFull, 0);
+            break;
+        }
         let gate = move_gate(state, blob, repair, lost_recently, target);
         if let Some((gate, until_ms)) = gate {
             if gate == Gate::Backoff && previous_gate != Gate::Backoff as u8 && !out.full() {
@@ -281,9 +298,8 @@ fn evaluate(
             break;
         }
         let migrating_from = |state: &State, node: NodeRow| {
-            state.inflight.entries.iter().any(|entry| {
-                entry.action.kind == ActionKind::MigrateBlob { blob, from: node }
-            }) || moves_started.contains(&node)
+            state.inflight.entries.iter().any(|entry| entry.action.kind == ActionKind::MigrateBlob { blob, from: node })
+                || moves_started.contains(&node)
         };
         let off_plan = copies.iter().find(|copy| copy.counted && !copy.planned && !migrating_from(state, copy.node));
         let per_node_max = config.pull_inflight_per_node_max;
@@ -320,7 +336,13 @@ fn evaluate(
     // Surplus and operator-dropped copies go only once every planned node holds a
     // counted copy that has been healthy for the stabilisation period.
     let plan_len = plan.len();
-    if plan_len == 0 || state.inflight.entries.iter().any(|entry| entry.action.kind.is_move() && entry.action.kind.blob() == Some(blob)) {
+    if plan_len == 0
+        || state
+            .inflight
+            .entries
+            .iter()
+            .any(|entry| entry.action.kind.is_move() && entry.action.kind.blob() == Some(blob))
+    {
         return;
     }
     let mut stable_at_ms = 0u64;
@@ -339,7 +361,11 @@ fn evaluate(
         hold(state, blob, Gate::Stabilisation, stable_at_ms);
         return;
     }
+    let mut remaining = copies.iter().filter(|copy| copy.counted).count();
     for copy in copies.iter().filter(|copy| copy.counted && !copy.planned) {
+        // Belt and braces: the plan is satisfied, so this always leaves copies.
+        assert!(remaining > satisfied.max(1), "a drop would leave fewer copies than the plan");
+        remaining -= 1;
         let kind = ActionKind::DropReplica { blob };
         if state.inflight.contains(copy.node, &kind) {
             continue;

@@ -1,0 +1,421 @@
+//! Reconcile, data-driven: each case is a small event list and the exact actions the
+//! pass after each record must emit (described with names), covering every action
+//! kind and every gate; plus full versus incremental equality on generated logs.
+
+mod common;
+
+use common::event;
+use meshos::action::describe;
+use meshos::config::{Config, ReconcileConfig};
+use meshos::event::*;
+use meshos::fold::fold_payload;
+use meshos::reconcile::{Reconciler, Scope};
+use meshos::state::State;
+use meshos::wire;
+
+/// Folds records one by one (100 ms apart unless a record says otherwise) and runs an
+/// incremental pass after each; returns the described actions of every pass.
+struct Harness {
+    state: State,
+    reconciler: Reconciler,
+    time_ms: u64,
+    seqs: std::collections::BTreeMap<String, u64>,
+}
+
+impl Harness {
+    fn new(reconcile: ReconcileConfig) -> Harness {
+        let config = Config { reconcile, ..Config::default() };
+        Harness {
+            state: State::new(&config),
+            reconciler: Reconciler::new(),
+            time_ms: 1_000_000,
+            seqs: Default::default(),
+        }
+    }
+
+    /// One record at `time_ms + after_ms`; the actions of the pass after it.
+    fn step(&mut self, after_ms: u64, events: Vec<Event>) -> Vec<String> {
+        self.time_ms += after_ms;
+        let payload = wire::encode_batch(&EventBatch { events });
+        let position = self.state.position + 1;
+        fold_payload(&mut self.state, position, self.time_ms, &payload);
+        assert_eq!(self.state.rejections.total, 0, "{:?}", self.state.rejections.kept);
+        let mut full = self.state.clone();
+        let full_actions: Vec<String> = {
+            let mut reconciler = Reconciler::new();
+            reconciler.pass(&mut full, Scope::Full).iter().map(|action| describe(&full, action)).collect()
+        };
+        let actions: Vec<String> = {
+            let state = &mut self.state;
+            let emitted = self.reconciler.pass(state, Scope::Incremental).to_vec();
+            emitted.iter().map(|action| describe(state, action)).collect()
+        };
+        assert_eq!(actions, full_actions, "incremental and full passes differ at position {position}");
+        assert_eq!(self.state.state_hash(), full.state_hash(), "states differ after the pass at {position}");
+        self.state.check_invariants();
+        actions
+    }
+
+    /// An event from `origin` with its next origin sequence number.
+    fn ev(&mut self, origin: &str, kind: EventKind) -> Event {
+        let seq = self.seqs.entry(origin.to_string()).or_insert(0);
+        *seq += 1;
+        event(origin, *seq, kind)
+    }
+
+    /// Nodes join with one zone each and a heartbeat.
+    fn join(&mut self, names: &[&str]) -> Vec<String> {
+        let mut events = Vec::new();
+        for (index, name) in names.iter().enumerate() {
+            let capability = Capability {
+                version: 1,
+                fork_of: 0,
+                zone: format!("z{index}"),
+                capacity_bytes: 1 << 40,
+                labels: vec!["storage".into()],
+            };
+            events.push(self.ev(name, EventKind::Capability(capability)));
+            events.push(self.ev(name, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })));
+        }
+        self.step(100, events)
+    }
+
+    fn heartbeats(&mut self, after_ms: u64, names: &[&str]) -> Vec<String> {
+        let events = names
+            .iter()
+            .map(|name| self.ev(name, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })))
+            .collect::<Vec<_>>();
+        self.step(after_ms, events)
+    }
+
+    fn replica(&mut self, node: &str, blob: BlobHash, state: ReplicaState) -> Event {
+        self.ev(node, EventKind::ReplicaUpdate { blob, state })
+    }
+
+    fn blob_with_intent(&mut self, origin: &str, blob: BlobHash, replicas: u8, pinned: &[&str]) -> Vec<Event> {
+        let announce = self.ev(origin, EventKind::BlobAnnounce { blob, size_bytes: 100 });
+        let intent = PlacementIntent {
+            blob,
+            replicas,
+            zone_spread: false,
+            pinned: pinned.iter().map(|name| name.to_string()).collect(),
+        };
+        let intent = self.ev(origin, EventKind::PlacementIntent(intent));
+        vec![announce, intent]
+    }
+
+    fn outcome(&mut self, node: &str, position: u64, index: u32, outcome: Outcome) -> Event {
+        self.ev(node, EventKind::ActionOutcome { action: ActionId { position, index }, outcome })
+    }
+}
+
+const B1: BlobHash = [0x11; 32];
+const B2: BlobHash = [0x22; 32];
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|item| item.to_string()).collect()
+}
+
+#[test]
+fn a_converged_cluster_emits_nothing() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    assert!(h.join(&["a", "b", "c"]).is_empty());
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.ev("a", EventKind::ReplicaUpdate { blob: B1, state: ReplicaState::Healthy }));
+    events.push(h.ev("b", EventKind::ReplicaUpdate { blob: B1, state: ReplicaState::Healthy }));
+    assert!(h.step(100, events).is_empty());
+    for _ in 0..5 {
+        assert!(h.heartbeats(1_000, &["a", "b", "c"]).is_empty());
+    }
+}
+
+#[test]
+fn a_missing_copy_is_pulled_from_a_holder_and_settles() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.ev("a", EventKind::ReplicaUpdate { blob: B1, state: ReplicaState::Healthy }));
+    assert_eq!(h.step(100, events), strings(&["b: pull_replica 11111111 from a"]));
+    assert_eq!(h.state.inflight.moves, 1);
+    let position = h.state.position;
+    let done = vec![h.outcome("b", position, 0, Outcome::Success), h.replica("b", B1, ReplicaState::Healthy)];
+    assert!(h.step(100, done).is_empty());
+    assert_eq!(h.state.inflight.moves, 0);
+}
+
+#[test]
+fn drift_is_migrated_then_the_old_copy_dropped_after_stabilisation() {
+    let mut h = Harness::new(ReconcileConfig { stabilisation_ms: 5_000, ..ReconcileConfig::default() });
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 1, &["b"]);
+    events.push(h.ev("a", EventKind::ReplicaUpdate { blob: B1, state: ReplicaState::Healthy }));
+    assert_eq!(h.step(100, events), strings(&["b: migrate_blob 11111111 from a"]));
+    let position = h.state.position;
+    let done = vec![h.outcome("b", position, 0, Outcome::Success), h.replica("b", B1, ReplicaState::Healthy)];
+    assert!(h.step(100, done).is_empty(), "the new copy is not stable yet");
+    let blob = h.state.blobs.find(&B1).unwrap().index();
+    assert_eq!(meshos::reconcile::gates::Gate::from_code(h.state.blobs.held_by[blob]).name(), "stabilisation");
+    assert!(h.heartbeats(2_000, &["a", "b", "c"]).is_empty());
+    assert_eq!(h.heartbeats(3_000, &["a", "b", "c"]), strings(&["a: drop_replica 11111111"]));
+}
+
+#[test]
+fn the_last_healthy_copy_is_never_dropped() {
+    let mut h = Harness::new(ReconcileConfig { stabilisation_ms: 0, ..ReconcileConfig::default() });
+    h.join(&["a", "b"]);
+    let mut events = h.blob_with_intent("a", B1, 1, &["b"]);
+    events.push(h.ev("a", EventKind::ReplicaUpdate { blob: B1, state: ReplicaState::Healthy }));
+    h.step(100, events);
+    // The migration fails for good: b never gets a copy; a's copy must stay.
+    for _ in 0..10 {
+        let actions = h.heartbeats(200_000, &["a", "b"]);
+        assert!(actions.iter().all(|action| !action.contains("drop_replica")), "{actions:?}");
+    }
+}
+
+#[test]
+fn a_rejoining_node_is_fenced_until_verified() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.ev("a", EventKind::ReplicaUpdate { blob: B1, state: ReplicaState::Healthy }));
+    events.push(h.ev("b", EventKind::ReplicaUpdate { blob: B1, state: ReplicaState::Healthy }));
+    h.step(100, events);
+    let down = h.ev("a", EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down }));
+    let actions = h.step(100, vec![down]);
+    assert!(actions.iter().all(|action| !action.starts_with("b:")), "{actions:?}");
+    let back = h.heartbeats(100, &["b"]);
+    assert!(back.contains(&"b: verify_replica 11111111".to_string()), "{back:?}");
+}
+
+#[test]
+fn daemons_start_where_wanted_and_stop_when_removed() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b"]);
+    let spec = DaemonSpec {
+        name: "web".into(),
+        command: "/bin/web".into(),
+        args: vec![],
+        env: vec![],
+        working_dir: "/".into(),
+        essential: false,
+        health_timeout_ms: 0,
+        restart: RestartPolicy::default(),
+        stop_grace_ms: 1_000,
+    };
+    let intent =
+        h.ev("a", EventKind::DaemonIntent { spec: Box::new(spec.clone()), runs_on: DaemonPlacement::AllNodes });
+    assert_eq!(h.step(100, vec![intent]), strings(&["a: start_daemon web", "b: start_daemon web"]));
+    let position = h.state.position;
+    let started = vec![
+        h.outcome("a", position, 0, Outcome::Success),
+        h.ev("a", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Started { pid: 10 } }),
+        h.outcome("b", position, 1, Outcome::Success),
+        h.ev("b", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Started { pid: 11 } }),
+    ];
+    assert!(h.step(100, started).is_empty());
+    let hot = h.ev("b", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Saturation { permille: 950 } });
+    assert_eq!(h.step(100, vec![hot]), strings(&["b: reduce_heat to 700"]));
+    let removed = h.ev("a", EventKind::DaemonIntent { spec: Box::new(spec), runs_on: DaemonPlacement::Nowhere });
+    assert_eq!(h.step(100, vec![removed]), strings(&["a: stop_daemon web", "b: stop_daemon web"]));
+}
+
+/// On a generated cluster life (no executor: actions time out and back off), the
+/// incremental pass after every record equals a full pass on the same state, and the
+/// states stay identical.
+#[test]
+fn incremental_equals_full_on_generated_logs() {
+    for seed in [1u64, 2, 3] {
+        let options = meshos::sim::gen::GenOptions {
+            seed,
+            nodes: 12,
+            blobs: 120,
+            replicas: 3,
+            events: 12_000,
+            record_events: 64,
+        };
+        let records = common::generate(options);
+        let mut state = State::new(&Config::default());
+        let mut incremental = Reconciler::new();
+        let mut full = Reconciler::new();
+        let mut emitted = 0usize;
+        for (index, (time_ms, payload)) in records.iter().enumerate() {
+            fold_payload(&mut state, index as u64 + 1, *time_ms, payload);
+            let mut other = state.clone();
+            let expected: Vec<_> = full.pass(&mut other, Scope::Full).to_vec();
+            let actions: Vec<_> = incremental.pass(&mut state, Scope::Incremental).to_vec();
+            assert_eq!(actions, expected, "seed {seed}: passes differ after record {}", index + 1);
+            assert_eq!(state.state_hash(), other.state_hash(), "seed {seed}: states differ after record {}", index + 1);
+            emitted += actions.len();
+        }
+        state.check_invariants();
+        assert!(emitted > 0, "seed {seed}: the generated churn should need actions");
+        println!("seed {seed}: {emitted} actions over {} records", records.len());
+    }
+}
+
+fn held(h: &Harness, blob: BlobHash) -> &'static str {
+    let row = h.state.blobs.find(&blob).unwrap().index();
+    meshos::reconcile::gates::Gate::from_code(h.state.blobs.held_by[row]).name()
+}
+
+/// Two blobs, each with one healthy copy on `a`, pinned to a and b (2 replicas).
+fn two_degraded_blobs(h: &mut Harness) -> Vec<String> {
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.extend(h.blob_with_intent("a", B2, 2, &["a", "b"]));
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    events.push(h.replica("a", B2, ReplicaState::Healthy));
+    h.step(100, events)
+}
+
+#[test]
+fn move_budget_holds_the_second_pull_until_the_first_settles() {
+    let mut h = Harness::new(ReconcileConfig { pull_inflight_max: 1, ..ReconcileConfig::default() });
+    assert_eq!(two_degraded_blobs(&mut h), strings(&["b: pull_replica 11111111 from a"]));
+    assert_eq!(held(&h, B2), "move_budget");
+    let position = h.state.position;
+    let done = vec![h.outcome("b", position, 0, Outcome::Success), h.replica("b", B1, ReplicaState::Healthy)];
+    assert_eq!(h.step(100, done), strings(&["b: pull_replica 22222222 from a"]));
+    assert_eq!(held(&h, B2), "none");
+}
+
+#[test]
+fn node_budget_limits_pulls_into_one_node() {
+    let mut h = Harness::new(ReconcileConfig { pull_inflight_per_node_max: 1, ..ReconcileConfig::default() });
+    assert_eq!(two_degraded_blobs(&mut h), strings(&["b: pull_replica 11111111 from a"]));
+    assert_eq!(held(&h, B2), "node_budget");
+}
+
+#[test]
+fn throttle_window_caps_moves_and_reopens() {
+    let mut h = Harness::new(ReconcileConfig {
+        throttle_moves_max: 1,
+        throttle_window_ms: 10_000,
+        ..ReconcileConfig::default()
+    });
+    assert_eq!(two_degraded_blobs(&mut h), strings(&["b: pull_replica 11111111 from a"]));
+    assert_eq!(held(&h, B2), "throttle");
+    assert!(h.heartbeats(5_000, &["a", "b", "c"]).is_empty());
+    assert_eq!(h.heartbeats(5_000, &["a", "b", "c"]), strings(&["b: pull_replica 22222222 from a"]));
+}
+
+#[test]
+fn a_failed_pull_backs_off_and_says_so() {
+    let mut h = Harness::new(ReconcileConfig { pull_backoff_base_ms: 4_000, ..ReconcileConfig::default() });
+    h.join(&["a", "b"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    assert_eq!(h.step(100, events), strings(&["b: pull_replica 11111111 from a"]));
+    let position = h.state.position;
+    let failed = h.outcome("b", position, 0, Outcome::Failure { reason: "connection reset".into() });
+    let until = h.time_ms + 100 + 4_000;
+    assert_eq!(h.step(100, vec![failed]), vec![format!("b: apply_backoff 11111111 until {until}")]);
+    assert_eq!(held(&h, B1), "backoff");
+    assert!(h.heartbeats(2_000, &["a", "b"]).is_empty());
+    assert_eq!(h.heartbeats(2_000, &["a", "b"]), strings(&["b: pull_replica 11111111 from a"]));
+}
+
+#[test]
+fn a_timed_out_pull_is_retried_after_backoff() {
+    let config =
+        ReconcileConfig { action_timeout_ms: 5_000, pull_backoff_base_ms: 1_000, ..ReconcileConfig::default() };
+    let mut h = Harness::new(config);
+    h.join(&["a", "b"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    h.step(100, events);
+    let timed_out = h.heartbeats(5_000, &["a", "b"]);
+    assert!(timed_out[0].starts_with("b: apply_backoff 11111111"), "{timed_out:?}");
+    assert_eq!(h.state.inflight.timed_out, 1);
+    assert_eq!(h.heartbeats(1_000, &["a", "b"]), strings(&["b: pull_replica 11111111 from a"]));
+}
+
+#[test]
+fn backpressure_lets_only_repairs_out() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b", "c"]);
+    h.state.gates.backpressure = true;
+    let mut events = h.blob_with_intent("a", B1, 1, &["b"]);
+    events.extend(h.blob_with_intent("a", B2, 2, &["a", "b"]));
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    events.push(h.replica("a", B2, ReplicaState::Healthy));
+    assert_eq!(
+        h.step(100, events),
+        strings(&["b: pull_replica 22222222 from a"]),
+        "the repair goes, the migration waits"
+    );
+    assert_eq!(held(&h, B1), "backpressure");
+}
+
+#[test]
+fn no_source_is_recorded_when_every_copy_is_gone() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.replica("a", B1, ReplicaState::Corrupt));
+    assert_eq!(h.step(100, events), strings(&["a: drop_replica 11111111"]));
+    assert_eq!(held(&h, B1), "no_source");
+}
+
+#[test]
+fn the_brake_holds_repairs_when_many_nodes_vanish_at_once() {
+    let mut h = Harness::new(ReconcileConfig { node_down_ms: 3_000, ..ReconcileConfig::default() });
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    h.join(&names);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    events.push(h.replica("b", B1, ReplicaState::Healthy));
+    h.step(100, events);
+    // b, c and d fall silent together: 3 of 8 is over the 25 % share.
+    h.heartbeats(2_000, &["a", "e", "f", "g", "h"]);
+    let actions = h.heartbeats(2_000, &["a", "e", "f", "g", "h"]);
+    assert!(h.state.gates.brake, "brake should be on");
+    assert!(actions.iter().all(|action| !action.contains("pull_replica")), "{actions:?}");
+    assert_eq!(held(&h, B1), "brake");
+}
+
+#[test]
+fn a_slow_node_is_marked_avoid_with_hysteresis() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b", "c", "d"]);
+    let mut samples = Vec::new();
+    for (from, to, rtt_us) in
+        [("a", "b", 1_000), ("b", "c", 1_000), ("c", "a", 1_000), ("a", "d", 9_000), ("b", "d", 9_000)]
+    {
+        samples.push(h.ev(from, EventKind::Rtt { peer: to.into(), rtt_us }));
+    }
+    let actions = h.step(100, samples);
+    assert_eq!(actions, strings(&["d: mark_avoid true"]));
+    assert!(h.state.nodes.avoid[h.state.nodes.find("d").unwrap().index()]);
+}
+
+#[test]
+fn budgets_hold_verifications_drops_and_full_passes() {
+    let config = ReconcileConfig { verify_inflight_max: 1, drop_inflight_max: 1, ..ReconcileConfig::default() };
+    let mut h = Harness::new(config);
+    h.join(&["a", "b"]);
+    let mut events = h.blob_with_intent("a", B1, 1, &["a"]);
+    events.extend(h.blob_with_intent("a", B2, 1, &["a"]));
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    events.push(h.replica("a", B2, ReplicaState::Healthy));
+    events.push(h.replica("b", B1, ReplicaState::Corrupt));
+    events.push(h.replica("b", B2, ReplicaState::Corrupt));
+    assert_eq!(h.step(100, events), strings(&["b: drop_replica 11111111"]));
+    assert_eq!(held(&h, B2), "drop_budget");
+    let position = h.state.position;
+    let dropped = vec![h.outcome("b", position, 0, Outcome::Success), h.replica("b", B1, ReplicaState::Deleted)];
+    assert_eq!(h.step(100, dropped), strings(&["b: drop_replica 22222222"]));
+    let position = h.state.position;
+    let dropped = vec![h.outcome("b", position, 0, Outcome::Success), h.replica("b", B2, ReplicaState::Deleted)];
+    assert!(h.step(100, dropped).is_empty());
+    let down = h.ev("b", EventKind::NodeHealth(NodeHealth::Status { node: "a".into(), status: NodeStatus::Down }));
+    h.step(100, vec![down]);
+    let back = h.heartbeats(100, &["a"]);
+    assert_eq!(back, strings(&["a: verify_replica 11111111"]));
+    assert_eq!(held(&h, B2), "verify_budget");
+
+    let mut tight = Harness::new(ReconcileConfig { actions_per_pass_max: 1, ..ReconcileConfig::default() });
+    assert_eq!(two_degraded_blobs(&mut tight), strings(&["b: pull_replica 11111111 from a"]));
+    assert_eq!(held(&tight, B2), "pass_full");
+}
