@@ -533,6 +533,9 @@ fn blob_announce(state: &mut State, origin: NodeRow, hash: &BlobHash, size_bytes
         return Err(RejectReason::TableFull("blob"));
     }
     state.blobs.insert(*hash, size_bytes, origin, state.now_ms);
+    // Room for every blob to be dirty at once: reconcile never grows this list.
+    let room = state.blobs.len().saturating_sub(state.dirty_blobs.len());
+    state.dirty_blobs.reserve(room);
     Ok(())
 }
 

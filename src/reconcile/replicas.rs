@@ -151,7 +151,7 @@ fn recompute_plan(
     scratch: &mut Vec<(f64, u32)>,
 ) {
     let index = blob.index();
-    let mut excluded: SmallVec<[NodeRow; 4]> = SmallVec::new();
+    let mut excluded: BumpVec<NodeRow> = BumpVec::new_in(arena);
     for &row in &state.blobs.replica_rows[index] {
         if state.replicas.drop_requested[row.index()] && state.replicas.state[row.index()] != ReplicaState::Deleted {
             excluded.push(state.replicas.node[row.index()]);
@@ -164,11 +164,13 @@ fn recompute_plan(
         filtered = BumpVec::from_iter_in(candidates.iter().copied().filter(|c| !excluded.contains(&c.node)), arena);
         &filtered
     };
-    let pinned: SmallVec<[NodeRow; 2]> = state.blobs.pinned[index]
-        .iter()
-        .copied()
-        .filter(|node| state.nodes.eligible[node.index()] && !excluded.contains(node))
-        .collect();
+    let pinned = BumpVec::from_iter_in(
+        state.blobs.pinned[index]
+            .iter()
+            .copied()
+            .filter(|node| state.nodes.eligible[node.index()] && !excluded.contains(node)),
+        arena,
+    );
     let wanted = state.blobs.replicas_wanted[index];
     let mut plan = SmallVec::new();
     let hash = state.blobs.hash[index];
@@ -220,7 +222,7 @@ fn evaluate(
     let now_ms = state.now_ms;
     let config = state.reconcile;
 
-    let mut copies: SmallVec<[Held; 8]> = SmallVec::new();
+    let mut copies: BumpVec<Held> = BumpVec::with_capacity_in(state.blobs.replica_rows[index].len(), arena);
     let mut lost_recently = false;
     for &row in &state.blobs.replica_rows[index] {
         let r = row.index();

@@ -68,3 +68,30 @@ row_id!(
 pub fn pair_key(high: u32, low: u32) -> u64 {
     (high as u64) << 32 | low as u64
 }
+
+/// A `Vec` whose clone keeps the original's capacity: for working lists that must
+/// never grow during a reconcile pass (their room is reserved up front), so that a
+/// cloned state (tests, benches, the simulator) allocates no more than the original.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reserved<T>(pub Vec<T>);
+
+impl<T: Clone> Clone for Reserved<T> {
+    fn clone(&self) -> Self {
+        let mut items = Vec::with_capacity(self.0.capacity());
+        items.extend_from_slice(&self.0);
+        Reserved(items)
+    }
+}
+
+impl<T> std::ops::Deref for Reserved<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for Reserved<T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        &mut self.0
+    }
+}

@@ -9,7 +9,7 @@
 //! function of the log, and the hash visits them in that order.
 
 use super::hash::StateHasher;
-use super::ids::NodeRow;
+use super::ids::{NodeRow, Reserved};
 use crate::action::{Action, ActionKind};
 use crate::event::ActionId;
 
@@ -22,7 +22,7 @@ pub struct InflightAction {
 
 #[derive(Debug, Clone)]
 pub struct InflightTable {
-    pub entries: Vec<InflightAction>,
+    pub entries: Reserved<InflightAction>,
     pub capacity: usize,
     /// Pulls and migrations in flight, in all and per node (as target and as source).
     pub moves: u32,
@@ -38,7 +38,7 @@ pub struct InflightTable {
 impl InflightTable {
     pub fn new(capacity: usize) -> InflightTable {
         InflightTable {
-            entries: Vec::with_capacity(capacity),
+            entries: Reserved(Vec::with_capacity(capacity)),
             capacity,
             moves: 0,
             moves_by_node: Vec::new(),
@@ -159,7 +159,7 @@ impl InflightTable {
             hasher.u32(counter);
         }
         hasher.u32_column(&self.moves_by_node);
-        for entry in &self.entries {
+        for entry in self.entries.iter() {
             hash_action(hasher, &entry.action);
             hasher.u64(entry.emitted_ms);
             hasher.u64(entry.deadline_ms);

@@ -22,7 +22,7 @@ use hashbrown::HashMap;
 use self::blobs::{BlobTable, ReplicaTable};
 use self::daemons::{DaemonTable, SpecTable};
 use self::hash::StateHasher;
-use self::ids::{BlobRow, NodeRow, SymbolId};
+use self::ids::{BlobRow, NodeRow, Reserved, SymbolId};
 use self::inflight::InflightTable;
 use self::nodes::NodeTable;
 use self::rejections::Rejections;
@@ -89,7 +89,7 @@ pub struct State {
     pub limits: FoldLimits,
     pub reconcile: ReconcileConfig,
     /// Blobs fold touched since the last reconcile pass, each once (`blobs.dirty`).
-    pub dirty_blobs: Vec<BlobRow>,
+    pub dirty_blobs: Reserved<BlobRow>,
     /// Daemon intents, instances or nodes changed since the last pass.
     pub daemons_dirty: bool,
     /// Reconcile's own bookkeeping (gates, cursors), part of the state.
@@ -150,7 +150,7 @@ impl State {
             rejections: Rejections::new(config.fold.rejections_kept_max),
             limits: config.fold,
             reconcile: config.reconcile,
-            dirty_blobs: Vec::new(),
+            dirty_blobs: Reserved(Vec::new()),
             daemons_dirty: false,
             gates: Gates { next_open_ms: u64::MAX, ..Gates::default() },
         }
@@ -174,7 +174,7 @@ impl State {
         self.inflight.hash_into(&mut hasher);
         self.rejections.hash_into(&mut hasher);
         hasher.section("dirty", self.dirty_blobs.len());
-        for blob in &self.dirty_blobs {
+        for blob in self.dirty_blobs.iter() {
             hasher.u32(blob.0);
         }
         hasher.bool(self.daemons_dirty);

@@ -1,0 +1,118 @@
+//! Ready-made states for benchmarks and tests: a converged cluster of a given size,
+//! built only through fold and reconcile (as a node would build it from its log).
+//!
+//! Invariant: the state returned is converged: a full pass over it emits nothing.
+
+use crate::config::Config;
+use crate::event::{BlobHash, Capability, Event, EventBatch, EventKind, NodeHealth, PlacementIntent, ReplicaState};
+use crate::fold::fold_payload;
+use crate::reconcile::{Reconciler, Scope};
+use crate::state::State;
+use crate::wire;
+
+/// Log time of the fixture's records (2026-01-01T00:00:00Z plus a little).
+pub const FIXTURE_EPOCH_MS: u64 = 1_767_225_600_000;
+/// Events per record when building a fixture.
+const RECORD_EVENTS: usize = 4096;
+
+/// The content hash of fixture blob `index`.
+pub fn blob_hash(index: u64) -> BlobHash {
+    *blake3::hash(&index.to_le_bytes()).as_bytes()
+}
+
+/// The name of fixture node `index`.
+pub fn node_name(index: u32) -> String {
+    format!("node-{index:05}")
+}
+
+/// Appends events to a state one record at a time, with per-origin sequence numbers.
+pub struct Feeder {
+    pub state: State,
+    seqs: Vec<u64>,
+    pending: Vec<Event>,
+    pub time_ms: u64,
+}
+
+impl Feeder {
+    pub fn new(config: &Config, nodes: u32) -> Feeder {
+        Feeder {
+            state: State::new(config),
+            seqs: vec![0; nodes as usize],
+            pending: Vec::new(),
+            time_ms: FIXTURE_EPOCH_MS,
+        }
+    }
+
+    /// Continues from these per-node origin sequence numbers (for a cloned state).
+    pub fn set_seqs(&mut self, seqs: Vec<u64>) {
+        assert_eq!(seqs.len(), self.seqs.len());
+        self.seqs = seqs;
+    }
+
+    /// Queues an event from fixture node `origin`.
+    pub fn push(&mut self, origin: u32, kind: EventKind) {
+        self.seqs[origin as usize] += 1;
+        self.pending.push(Event { origin: node_name(origin), origin_seq: self.seqs[origin as usize], kind });
+        if self.pending.len() >= RECORD_EVENTS {
+            self.flush();
+        }
+    }
+
+    /// Folds the queued events as one record (time advances 1 ms per record).
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let payload = wire::encode_batch(&EventBatch { events: std::mem::take(&mut self.pending) });
+        self.time_ms += 1;
+        let position = self.state.position + 1;
+        fold_payload(&mut self.state, position, self.time_ms, &payload);
+    }
+}
+
+/// A converged cluster: `nodes` nodes in 3 zones, `blobs` blobs with `replicas`
+/// copies each, every copy healthy on its planned node. Built through fold, with one
+/// full reconcile pass to compute the plans.
+pub fn converged_cluster(config: &Config, nodes: u32, blobs: u32, replicas: u8) -> State {
+    assert!(nodes >= replicas as u32 && replicas > 0, "fixture needs at least `replicas` nodes");
+    let mut feeder = Feeder::new(config, nodes);
+    for node in 0..nodes {
+        let capability = Capability {
+            version: 1,
+            fork_of: 0,
+            zone: format!("zone-{}", node % 3),
+            capacity_bytes: 1 << 40,
+            labels: vec!["storage".to_string()],
+        };
+        feeder.push(node, EventKind::Capability(capability));
+        feeder.push(node, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 }));
+    }
+    for blob in 0..blobs as u64 {
+        let hash = blob_hash(blob);
+        let origin = (blob % nodes as u64) as u32;
+        feeder.push(origin, EventKind::BlobAnnounce { blob: hash, size_bytes: 1 << 20 });
+        let intent = PlacementIntent { blob: hash, replicas, zone_spread: true, pinned: Vec::new() };
+        feeder.push(origin, EventKind::PlacementIntent(intent));
+    }
+    feeder.flush();
+    // Plans come from a pass (no copy exists yet: every blob waits for a source).
+    let mut reconciler = Reconciler::new();
+    let _ = reconciler.pass(&mut feeder.state, Scope::Full);
+    for blob in 0..blobs as usize {
+        let plan = feeder.state.blobs.plan[blob].clone();
+        let hash = feeder.state.blobs.hash[blob];
+        for node in plan {
+            feeder.push(node.0, EventKind::ReplicaUpdate { blob: hash, state: ReplicaState::Healthy });
+        }
+    }
+    feeder.flush();
+    // Past the stabilisation period, with fresh heartbeats.
+    feeder.time_ms += config.reconcile.stabilisation_ms;
+    for node in 0..nodes {
+        feeder.push(node, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 }));
+    }
+    feeder.flush();
+    let actions = reconciler.pass(&mut feeder.state, Scope::Full).len();
+    assert_eq!(actions, 0, "the fixture cluster must be converged");
+    feeder.state
+}
