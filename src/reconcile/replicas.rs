@@ -68,30 +68,49 @@ pub(crate) fn run(arena: &Bump, state: &mut State, out: &mut Out, plan_scratch: 
 /// copies on planned nodes and whether anything else needs a look; then one pass over
 /// the blob columns flags the blobs that do.
 fn flag_all(arena: &Bump, state: &State, flagged: &mut BumpVec<BlobRow>) {
+    // Per blob, one byte: the counted copies on planned nodes in the low 7 bits (a plan
+    // holds at most 8 nodes), "something else needs a look" in the high bit.
+    const TROUBLE: u8 = 0x80;
+    const _: () = assert!(PLAN_NODES_MAX < TROUBLE as usize);
     let blob_count = state.blobs.len();
-    let mut good = BumpVec::from_iter_in(std::iter::repeat_n(0u8, blob_count), arena);
-    let mut trouble = BumpVec::from_iter_in(std::iter::repeat_n(false, blob_count), arena);
+    let tally: &mut [u8] = arena.alloc_slice_fill_copy(blob_count, 0u8);
     let replicas = &state.replicas;
     let (live, incarnation) = (&state.nodes.live, &state.nodes.incarnation);
-    for row in 0..replicas.len() {
-        let blob = replicas.blob[row].index();
-        let node = replicas.node[row].index();
-        let replica_state = replicas.state[row];
+    // Slices of one known length, so the column reads below need no bounds checks.
+    let rows = replicas.len();
+    let (blobs_of, nodes_of, states) = (&replicas.blob[..rows], &replicas.node[..rows], &replicas.state[..rows]);
+    let verified_of = &replicas.verified_incarnation[..rows];
+    let (planned_of, verify_of, drop_of) =
+        (&replicas.planned[..rows], &replicas.verify_requested[..rows], &replicas.drop_requested[..rows]);
+    let (mut current, mut count, mut flags) = (blobs_of.first().map_or(0, |blob| blob.index()), 0u8, 0u8);
+    for row in 0..rows {
+        let blob = blobs_of[row].index();
+        let node = nodes_of[row].index();
+        let replica_state = states[row];
         let healthy = replica_state == ReplicaState::Healthy;
         let node_live = live[node];
-        let verified = replicas.verified_incarnation[row] == incarnation[node];
+        let verified = verified_of[row] == incarnation[node];
         let counted = healthy & node_live & verified;
-        let planned = replicas.planned[row];
-        good[blob] += (counted & planned) as u8;
-        trouble[blob] |= (counted & !planned)
+        let planned = planned_of[row];
+        let trouble = (counted & !planned)
             | ((replica_state == ReplicaState::Corrupt) & node_live)
             | (healthy & node_live & !verified)
-            | (counted & (replicas.verify_requested[row] | replicas.drop_requested[row]));
+            | (counted & (verify_of[row] | drop_of[row]));
+        // Copies of a blob are mostly adjacent rows: accumulate in a register and write
+        // the byte back when the blob changes, instead of a read-modify-write per row.
+        if blob != current {
+            tally[current] = (tally[current] + count) | flags;
+            (current, count, flags) = (blob, 0, 0);
+        }
+        count += (counted & planned) as u8;
+        flags |= trouble as u8 * TROUBLE;
+    }
+    if rows > 0 {
+        tally[current] = (tally[current] + count) | flags;
     }
     let blobs = &state.blobs;
     for blob in 0..blob_count {
-        let needs =
-            !blobs.plan_valid[blob] | trouble[blob] | (good[blob] != blobs.plan_len[blob]) | blobs.waiting[blob];
+        let needs = !blobs.plan_valid[blob] | (tally[blob] != blobs.plan_len[blob]) | blobs.waiting[blob];
         if needs & (blobs.replicas_wanted[blob] > 0) {
             flagged.push(BlobRow::from_index(blob));
         }
