@@ -109,8 +109,8 @@ fn flag_all(arena: &Bump, state: &State, flagged: &mut BumpVec<BlobRow>) {
         tally[current] = (tally[current] + count) | flags;
     }
     let blobs = &state.blobs;
-    for blob in 0..blob_count {
-        let needs = !blobs.plan_valid[blob] | (tally[blob] != blobs.plan_len[blob]) | blobs.waiting[blob];
+    for (blob, &tallied) in tally.iter().enumerate() {
+        let needs = !blobs.plan_valid[blob] | (tallied != blobs.plan_len[blob]) | blobs.waiting[blob];
         if needs & (blobs.replicas_wanted[blob] > 0) {
             flagged.push(BlobRow::from_index(blob));
         }
