@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::config::Config;
 use crate::event::EventBatch;
 use crate::fold::fold_payload;
+use crate::reconcile::{Reconciler, Scope};
 use crate::redex::embedded::{self, EmbeddedLog, RecoveryReport, VerifyReport};
 use crate::redex::{Redex, RedexError};
 use crate::sim::gen::{GenError, GenOptions, Generator};
@@ -95,12 +96,21 @@ pub struct ReplayReport {
     pub recovery: RecoveryReport,
     pub records: u64,
     pub events: u64,
+    /// Actions reconcile emitted over the replay (a node executes its own share).
+    pub actions: u64,
     pub summary: Summary,
     pub state: State,
 }
 
-/// Opens the log (recovering a torn or damaged tail) and folds every record.
-pub fn replay(dir: &Path, config: &Config, progress: &mut dyn FnMut(Progress)) -> Result<ReplayReport, ToolError> {
+/// Opens the log (recovering a torn or damaged tail) and folds every record; with
+/// `reconcile`, also runs the incremental reconcile pass after each record, as a node
+/// does, so the result is the node's whole state (in-flight actions and gates included).
+pub fn replay(
+    dir: &Path,
+    config: &Config,
+    reconcile: bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ReplayReport, ToolError> {
     config.validate()?;
     if !has_segments(dir)? {
         return Err(ToolError::NoLog { path: dir.to_path_buf() });
@@ -108,9 +118,14 @@ pub fn replay(dir: &Path, config: &Config, progress: &mut dyn FnMut(Progress)) -
     let (mut log, recovery) = EmbeddedLog::open(dir, config)?;
     let total = log.last_position();
     let mut state = State::new(config);
+    let mut reconciler = Reconciler::new();
     let mut events = 0u64;
+    let mut actions = 0u64;
     log.read_from(1, &mut |record| {
         fold_payload(&mut state, record.position, record.time_ms, record.payload);
+        if reconcile {
+            actions += reconciler.pass(&mut state, Scope::Incremental).len() as u64;
+        }
         events = state.events_applied + state.rejections.total;
         progress(Progress { done: record.position, total, unit: "records" });
         true
@@ -119,7 +134,7 @@ pub fn replay(dir: &Path, config: &Config, progress: &mut dyn FnMut(Progress)) -
     if cfg!(debug_assertions) {
         state.check_invariants();
     }
-    Ok(ReplayReport { recovery, records: total, events, summary: state.summary(), state })
+    Ok(ReplayReport { recovery, records: total, events, actions, summary: state.summary(), state })
 }
 
 /// Checks every record without changing anything.

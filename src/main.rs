@@ -114,6 +114,10 @@ enum LogCommand {
         /// Also print the last rejected events with their reasons (up to this many).
         #[arg(long, default_value_t = 0)]
         show_rejections: usize,
+        /// Also run the reconcile pass after every record, as a node does, so the hash
+        /// covers in-flight actions and gates too (slower on churny logs).
+        #[arg(long)]
+        reconcile: bool,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -220,10 +224,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Log(LogCommand::Replay { dir, output, show_rejections, limits }) => {
+        Command::Log(LogCommand::Replay { dir, output, show_rejections, reconcile, limits }) => {
             let config = Config { fsync: FsyncPolicy::Manual, ..limits.config() };
             let mut printer = ProgressPrinter::new("replay");
-            let report = logtool::replay(&dir, &config, &mut |progress| printer.update(progress))
+            let report = logtool::replay(&dir, &config, reconcile, &mut |progress| printer.update(progress))
                 .with_context(|| format!("cannot replay {}", dir.display()))?;
             printer.finish();
             let recovery = &report.recovery;
@@ -264,6 +268,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!(
                     "recovered: dropped the tail after position {}: {} records, {} bytes ({damage}){quarantine}",
                     recovery.last_position, recovery.dropped_records, recovery.dropped_bytes
+                );
+            }
+            if reconcile {
+                println!(
+                    "reconcile: {} actions emitted, {} in flight at the end",
+                    report.actions,
+                    report.state.inflight.len()
                 );
             }
             for rejection in report.state.rejections.kept.iter().rev().take(show_rejections).rev() {

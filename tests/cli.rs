@@ -58,6 +58,11 @@ fn gen_then_replay_twice_prints_the_same_last_line() {
     assert!(hash.chars().all(|character| character.is_ascii_hexdigit()));
     assert!(line.contains(" nodes=20 blobs=500 ") && line.ends_with(" rejected=0"), "{line}");
 
+    let reconciled = meshos(&["log", "replay", log.to_str().unwrap(), "--reconcile"]);
+    let again = meshos(&["log", "replay", log.to_str().unwrap(), "--reconcile"]);
+    assert!(stdout(&reconciled).contains("reconcile: "), "{}", stdout(&reconciled));
+    assert_eq!(last_line(&reconciled), last_line(&again), "reconcile is deterministic too");
+
     let json = meshos(&["log", "replay", log.to_str().unwrap(), "-o", "json"]);
     let json = stdout(&json);
     assert!(json.trim_start().starts_with('{') && json.contains(&format!("\"state_hash\":\"{hash}\"")), "{json}");

@@ -32,8 +32,10 @@ pub(crate) fn run(arena: &Bump, state: &mut State, out: &mut Out, plan_scratch: 
     let now_ms = state.now_ms;
     let gate_may_open = state.gates.capacity_freed || now_ms >= state.gates.next_open_ms;
     let mut blobs: BumpVec<BlobRow> = BumpVec::with_capacity_in(state.dirty_blobs.len(), arena);
+    let touched: &mut [bool] = arena.alloc_slice_fill_copy(state.blobs.len(), false);
     for blob in state.dirty_blobs.drain(..) {
         state.blobs.dirty[blob.index()] = false;
+        touched[blob.index()] = true;
         blobs.push(blob);
     }
     if gate_may_open {
@@ -60,7 +62,32 @@ pub(crate) fn run(arena: &Bump, state: &mut State, out: &mut Out, plan_scratch: 
     ordered.sort_unstable();
     let candidates = nodes::candidates(arena, state);
     for &(_, blob) in ordered.iter() {
+        if !touched[blob.index()] && still_held(state, blob) {
+            // Nothing about the blob changed and its gate is still closed: evaluating it
+            // would hold it again. Keep the hold (and its timer).
+            let until_ms = state.blobs.held_until_ms[blob.index()];
+            if until_ms > 0 {
+                state.gates.next_open_ms = state.gates.next_open_ms.min(until_ms);
+            }
+            continue;
+        }
         evaluate(arena, state, out, blob, &candidates, plan_scratch);
+    }
+}
+
+/// Whether the gate recorded on a waiting blob is still closed.
+fn still_held(state: &State, blob: BlobRow) -> bool {
+    let index = blob.index();
+    let config = &state.reconcile;
+    match Gate::from_code(state.blobs.held_by[index]) {
+        Gate::MoveBudget => state.inflight.moves >= config.pull_inflight_max,
+        Gate::Throttle => state.gates.window_moves >= config.throttle_moves_max,
+        Gate::Backoff | Gate::Stabilisation => state.now_ms < state.blobs.held_until_ms[index],
+        Gate::Brake => state.gates.brake,
+        Gate::Backpressure => state.gates.backpressure,
+        Gate::DropBudget => state.inflight.drops >= config.drop_inflight_max,
+        Gate::VerifyBudget => state.inflight.verifies >= config.verify_inflight_max,
+        Gate::NodeBudget | Gate::PassFull | Gate::NoSource | Gate::None => false,
     }
 }
 
