@@ -419,3 +419,66 @@ fn budgets_hold_verifications_drops_and_full_passes() {
     assert_eq!(two_degraded_blobs(&mut tight), strings(&["b: pull_replica 11111111 from a"]));
     assert_eq!(held(&tight, B2), "pass_full");
 }
+
+#[test]
+fn a_cordoned_node_drains_by_migration_then_drop() {
+    let mut h = Harness::new(ReconcileConfig { stabilisation_ms: 1_000, ..ReconcileConfig::default() });
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    events.push(h.replica("b", B1, ReplicaState::Healthy));
+    assert!(h.step(100, events).is_empty());
+    let cordon =
+        h.ev("a", EventKind::Admin { operator: "ops".into(), command: AdminCommand::Cordon { node: "b".into() } });
+    assert_eq!(h.step(100, vec![cordon]), strings(&["c: migrate_blob 11111111 from b"]));
+    let position = h.state.position;
+    let done = vec![h.outcome("c", position, 0, Outcome::Success), h.replica("c", B1, ReplicaState::Healthy)];
+    assert!(h.step(100, done).is_empty(), "b's copy stays until c's is stable");
+    assert_eq!(h.heartbeats(1_000, &["a", "b", "c"]), strings(&["b: drop_replica 11111111"]));
+}
+
+#[test]
+fn an_inventory_digest_that_disagrees_triggers_verification() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    events.push(h.replica("b", B1, ReplicaState::Healthy));
+    h.step(100, events);
+    let agrees = u128::from_le_bytes(B1[..16].try_into().unwrap()).to_le_bytes();
+    let good = h.ev("a", EventKind::InventoryDigest { blob_count: 1, digest: agrees });
+    assert!(h.step(100, vec![good]).is_empty());
+    let bad = h.ev("b", EventKind::InventoryDigest { blob_count: 0, digest: [0; 16] });
+    assert_eq!(h.step(100, vec![bad]), strings(&["b: verify_replica 11111111"]));
+}
+
+#[test]
+fn anti_entropy_reverifies_old_copies_a_slice_at_a_time() {
+    let config = ReconcileConfig { verify_interval_ms: 60_000, verify_slice_replicas: 1, ..ReconcileConfig::default() };
+    let mut h = Harness::new(config);
+    h.join(&["a", "b"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    events.push(h.replica("b", B1, ReplicaState::Healthy));
+    h.step(100, events);
+    assert!(h.heartbeats(30_000, &["a", "b"]).is_empty(), "not due yet");
+    assert_eq!(h.heartbeats(30_000, &["a", "b"]), strings(&["a: verify_replica 11111111"]));
+    assert_eq!(h.heartbeats(100, &["a", "b"]), strings(&["b: verify_replica 11111111"]), "the slice rotates");
+}
+
+#[test]
+fn invalidate_placement_recomputes_without_moving_a_satisfied_blob() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    events.push(h.replica("b", B1, ReplicaState::Healthy));
+    h.step(100, events);
+    let invalidate = h.ev(
+        "a",
+        EventKind::Admin { operator: "ops".into(), command: AdminCommand::InvalidatePlacement { blob: None } },
+    );
+    assert!(h.step(100, vec![invalidate]).is_empty(), "same inputs, same plan: nothing moves");
+    let blob = h.state.blobs.find(&B1).unwrap().index();
+    assert!(h.state.blobs.plan_valid[blob], "the plan was recomputed");
+}
