@@ -30,8 +30,8 @@ use smallvec::SmallVec;
 use crate::action::{Action, ActionKind};
 use crate::config::{Config, ReconcileConfig};
 use crate::event::{
-    BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventBatch, EventKind, NodeHealth,
-    Outcome, PlacementIntent, ReplicaState, RestartPolicy,
+    BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventBatch, EventKind, NodeHealth, Outcome,
+    PlacementIntent, ReplicaState, RestartPolicy,
 };
 use crate::fold::fold_payload;
 use crate::reconcile::{Reconciler, Scope};
@@ -292,8 +292,9 @@ impl Sim {
         };
         let nodes = options.nodes as usize;
         let blobs = options.blobs as usize;
-        let coordinate =
-            (0..nodes).map(|_| (rng.below(20_000) as i64, rng.below(20_000) as i64, 100 + rng.below(900) as i64)).collect();
+        let coordinate = (0..nodes)
+            .map(|_| (rng.below(20_000) as i64, rng.below(20_000) as i64, 100 + rng.below(900) as i64))
+            .collect();
         let hashes = (0..blobs as u64)
             .map(|blob| {
                 let mut input = [0u8; 24];
@@ -716,7 +717,8 @@ impl Sim {
                     if self.disk_copy(blob.index(), node) == Some(Disk::Healthy) {
                         self.stats.redundant_moves += 1;
                     }
-                    let roll = self.rng.below(100);
+                    // Failed and slow transfers are faults: none in the quiet phase.
+                    let roll = if self.step > self.fault_steps { 100 } else { self.rng.below(100) };
                     if roll < self.rates.move_late_percent {
                         (self.reconcile.action_timeout_ms + 1_000 + self.rng.below(20_000), Fate::Late)
                     } else if roll < self.rates.move_late_percent + self.rates.move_fail_percent {
@@ -806,7 +808,10 @@ impl Sim {
                     let pid = self.next_pid;
                     self.next_pid += 1;
                     self.daemon_running[node][spec] = true;
-                    self.emit(node, EventKind::Daemon { daemon: name.to_string(), signal: DaemonSignal::Started { pid } });
+                    self.emit(
+                        node,
+                        EventKind::Daemon { daemon: name.to_string(), signal: DaemonSignal::Started { pid } },
+                    );
                     let signal = DaemonSignal::Registered { pid };
                     self.emit(node, EventKind::Daemon { daemon: name.to_string(), signal });
                     self.outcome(&action, true, "");
@@ -902,7 +907,9 @@ impl Sim {
             let plan = &state.blobs.plan[blob];
             let gate = crate::reconcile::gates::Gate::from_code(state.blobs.held_by[blob]).name();
             let wanted = self.replicas_wanted[blob];
-            if state.blobs.replicas_wanted[blob] != wanted || !state.blobs.plan_valid[blob] || plan.len() != wanted as usize
+            if state.blobs.replicas_wanted[blob] != wanted
+                || !state.blobs.plan_valid[blob]
+                || plan.len() != wanted as usize
             {
                 return Err(format!("blob {blob}: plan of {} nodes for {wanted} wanted (held by {gate})", plan.len()));
             }
@@ -926,7 +933,10 @@ impl Sim {
             }
             for node in plan.iter() {
                 if state.replicas.find(BlobRow::from_index(blob), *node).is_none() {
-                    return Err(format!("blob {blob}: no copy on planned {} (held by {gate})", self.names[node.index()]));
+                    return Err(format!(
+                        "blob {blob}: no copy on planned {} (held by {gate})",
+                        self.names[node.index()]
+                    ));
                 }
             }
             let disk_ok = self.disk[blob].len() == plan.len()
