@@ -261,7 +261,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!(
                 "sim: crashes={} partitions={} slow_nodes={} corruptions={} intent_changes={} lost_actions={} \
                  abandoned={} failed_moves={} late_moves={} redundant_moves={} timed_out={} drops={} verifies={} \
-                 converged_at_step={}",
+                 avoid_marks={} backoffs={} brake_steps={} fenced_rejoins={} converged_at_step={}",
                 stats.crashes,
                 stats.partitions,
                 stats.slow_nodes,
@@ -275,6 +275,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 stats.timed_out,
                 stats.drops,
                 stats.verifies,
+                stats.avoid_marks,
+                stats.backoffs,
+                stats.brake_steps,
+                stats.fenced_rejoins,
                 stats.converged_at_step
             );
             if !report.converged {

@@ -103,6 +103,13 @@ pub struct SimStats {
     pub drops: u64,
     pub verifies: u64,
     pub timed_out: u64,
+    /// Advisory actions seen: avoid marks set, backoffs applied.
+    pub avoid_marks: u64,
+    pub backoffs: u64,
+    /// Steps after which the mass-failure brake was on.
+    pub brake_steps: u32,
+    /// Rejoins that started a new incarnation (their copies were fenced).
+    pub fenced_rejoins: u64,
     /// The first quiet-phase step after which the cluster was converged (0: never).
     pub converged_at_step: u32,
     /// Why the cluster was not converged at the last step (empty when it was).
@@ -534,6 +541,14 @@ impl Sim {
         let timed_out_before = self.state.inflight.timed_out;
         let actions = self.commit();
         self.stats.timed_out += self.state.inflight.timed_out - timed_out_before;
+        self.stats.brake_steps += self.state.gates.brake as u32;
+        for action in &actions {
+            match action.kind {
+                ActionKind::MarkAvoid { avoid: true } => self.stats.avoid_marks += 1,
+                ActionKind::ApplyBackoff { .. } => self.stats.backoffs += 1,
+                _ => {}
+            }
+        }
         self.schedule(&actions);
         self.check_after_pass(&actions);
         self.account_plans();
@@ -595,14 +610,19 @@ impl Sim {
                         self.daemon_died[node][spec] = true;
                     }
                 }
+                self.tear_writes(node);
                 self.faults += 1;
                 self.stats.crashes += 1;
             }
         }
         let unreachable = (0..nodes).filter(|&node| !self.reachable(node)).count();
         if self.rng.below(1000) < rates.partition_permille && unreachable + 2 <= down_max {
-            let size = 2 + self.rng.below((down_max - unreachable - 1).min(2 + nodes / 25) as u64) as usize;
-            let until_ms = self.now_ms + 5_000 + self.rng.below(85_000);
+            // One partition in four cuts off every node the down cap allows (a tenth of
+            // the cluster, enough to trip the mass-failure brake) for long enough.
+            let room = down_max - unreachable;
+            let large = self.rng.below(4) == 0;
+            let size = if large { room } else { 2 + self.rng.below((room - 1).min(2 + nodes / 25) as u64) as usize };
+            let until_ms = self.now_ms + if large { 70_000 } else { 5_000 } + self.rng.below(85_000);
             let first = self.rng.below(nodes as u64) as usize;
             let mut cut = 0;
             for offset in 0..nodes {
@@ -649,6 +669,28 @@ impl Sim {
         }
         self.faults += 1;
         self.stats.corruptions += 1;
+    }
+
+    /// A crash tears a few of the node's copies (they read back corrupt), each only if
+    /// its blob keeps two other healthy copies: what the node reports after it comes
+    /// back must be verified before it counts (rejoin fencing).
+    fn tear_writes(&mut self, node: usize) {
+        let held: Vec<u32> = self.held[node].iter().copied().collect();
+        if held.is_empty() {
+            return;
+        }
+        for _ in 0..3 {
+            let blob = held[self.rng.below(held.len() as u64) as usize] as usize;
+            if self.disk_copy(blob, node) != Some(Disk::Healthy) || self.healthy_on_disk(blob) < 3 {
+                continue;
+            }
+            let incarnation = self.state.nodes.incarnation[node];
+            self.write_disk(blob, node, Disk::Corrupt { incarnation });
+            self.stats.corruptions += 1;
+            if self.state.blobs.plan[blob].contains(&NodeRow::from_index(node)) {
+                self.needed += 1;
+            }
+        }
     }
 
     /// An operator changes a blob's intent: one copy more or fewer, or a pinned node.
@@ -835,6 +877,7 @@ impl Sim {
         let mut found = check_actions(&self.state, actions);
         found.extend(check_budgets(&self.state));
         found.extend(self.check_counted_copies());
+        found.extend(self.check_drops(actions));
         for what in found {
             self.violate(what);
         }
@@ -863,6 +906,35 @@ impl Sim {
                     self.names[node], nodes.incarnation[node]
                 )),
                 None => found.push(format!("(c) blob {blob} counted on {} which holds no copy", self.names[node])),
+            }
+        }
+        found
+    }
+
+    /// (a, c) at emission: a drop of a copy the state calls healthy (surplus or
+    /// operator-dropped) goes out only while every planned node really holds the blob,
+    /// healthy or corrupt only since its current incarnation (undetectable yet): a drop
+    /// justified by a fenced or vanished copy is caught here, before it executes.
+    fn check_drops(&self, actions: &[Action]) -> Vec<String> {
+        let mut found = Vec::new();
+        let state = &self.state;
+        for action in actions {
+            let ActionKind::DropReplica { blob } = action.kind else { continue };
+            let row = state.replicas.find(blob, action.node).expect("a drop names an existing copy");
+            if state.replicas.state[row.index()] != ReplicaState::Healthy {
+                continue;
+            }
+            for node in state.blobs.plan[blob.index()].iter() {
+                let incarnation = state.nodes.incarnation[node.index()];
+                match self.disk_copy(blob.index(), node.index()) {
+                    Some(Disk::Healthy) => {}
+                    Some(Disk::Corrupt { incarnation: since }) if since >= incarnation => {}
+                    truth => found.push(format!(
+                        "(c) {} while planned {} holds {truth:?} (incarnation {incarnation})",
+                        crate::action::describe(state, action),
+                        self.names[node.index()]
+                    )),
+                }
             }
         }
         found
@@ -970,6 +1042,7 @@ impl Sim {
                 what: format!("... and {dropped} more violations not kept"),
             });
         }
+        self.stats.fenced_rejoins = self.state.nodes.incarnation.iter().map(|&count| count as u64).sum();
         SimReport {
             seed: self.options.seed,
             steps: self.options.steps,
