@@ -226,11 +226,11 @@ fn verify_flags_an_intact_record_with_an_invalid_payload_and_replay_rejects_it()
 
 #[test]
 fn sim_prints_its_report_line_last_and_refuses_bad_flags() {
-    let args = ["sim", "--seed", "4", "--nodes", "10", "--blobs", "60", "--replicas", "2", "--steps", "600"];
+    let args = ["sim", "--seed", "4", "--nodes", "10", "--blobs", "60", "--replicas", "2", "--steps", "1500"];
     let output = meshos(&args);
     assert_eq!(output.status.code(), Some(0), "{}{}", stdout(&output), stderr(&output));
     let line = last_line(&output);
-    assert!(line.starts_with("sim: seed=4 steps=600 faults="), "{line}");
+    assert!(line.starts_with("sim: seed=4 steps=1500 faults="), "{line}");
     assert!(line.contains(" violations=0 converged=true moves="), "{line}");
     assert_eq!(meshos(&args).stdout, output.stdout, "the same flags give the same run");
 
