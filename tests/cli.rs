@@ -228,3 +228,20 @@ fn verify_flags_an_intact_record_with_an_invalid_payload_and_replay_rejects_it()
     assert!(last_line(&replay).starts_with("position=2 ") && last_line(&replay).ends_with(" rejected=2"), "{text}");
     assert_eq!(stdout(&meshos(&["log", "verify", path])), stdout(&verify), "verify and replay changed nothing");
 }
+
+#[test]
+fn sim_prints_its_report_line_last_and_refuses_bad_flags() {
+    let args = ["sim", "--seed", "4", "--nodes", "10", "--blobs", "60", "--replicas", "2", "--steps", "1500"];
+    let output = meshos(&args);
+    assert_eq!(output.status.code(), Some(0), "{}{}", stdout(&output), stderr(&output));
+    let line = last_line(&output);
+    assert!(line.starts_with("sim: seed=4 steps=1500 faults="), "{line}");
+    assert!(line.contains(" violations=0 converged=true moves="), "{line}");
+    assert_eq!(meshos(&args).stdout, output.stdout, "the same flags give the same run");
+
+    let bad = meshos(&["sim", "--nodes", "3", "--replicas", "3"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("--replicas"), "{}", stderr(&bad));
+    let help = stdout(&meshos(&["sim", "--help"]));
+    assert!(help.contains("--seed") && help.contains("converged=<true|false>"), "{help}");
+}
