@@ -150,7 +150,20 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
 }
 
 /// What an action's end changes beyond the in-flight table: capacity frees, the blob
-/// is looked at again, a failed move backs the blob off (doubling, capped).
+/// is looked at again, a failed move backs the blob off (doubling, capped). A
+/// cancelled action (its node went away) frees capacity without backing off.
+pub fn cancel_effects(state: &mut State, action: &crate::action::Action) {
+    state.gates.capacity_freed = true;
+    state.daemons_dirty |= matches!(
+        action.kind,
+        crate::action::ActionKind::StartDaemon { .. } | crate::action::ActionKind::StopDaemon { .. }
+    );
+    if let Some(blob) = action.kind.blob() {
+        state.mark_blob_dirty(blob);
+    }
+}
+
+/// See `cancel_effects`; this is the outcome (or timeout) path.
 pub fn settle_effects(state: &mut State, action: &crate::action::Action, success: bool) {
     state.gates.capacity_freed = true;
     if matches!(

@@ -482,3 +482,15 @@ fn invalidate_placement_recomputes_without_moving_a_satisfied_blob() {
     let blob = h.state.blobs.find(&B1).unwrap().index();
     assert!(h.state.blobs.plan_valid[blob], "the plan was recomputed");
 }
+
+#[test]
+fn work_on_a_node_that_goes_away_is_cancelled_not_left_to_time_out() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    assert_eq!(h.step(100, events), strings(&["b: pull_replica 11111111 from a"]));
+    let down = h.ev("a", EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down }));
+    assert_eq!(h.step(100, vec![down]), strings(&["c: pull_replica 11111111 from a"]), "repair goes elsewhere at once");
+    assert_eq!((h.state.inflight.cancelled, h.state.inflight.moves), (1, 1));
+}

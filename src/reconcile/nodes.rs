@@ -81,6 +81,13 @@ pub(crate) fn refresh(arena: &Bump, state: &mut State, out: &mut Out, _plan_scra
             state.nodes.live[node] = live;
             state.daemons_dirty = true;
             state.mark_node_blobs_dirty(row);
+            if !live {
+                // Work addressed to a node that went away, or reading from it, is lost:
+                // free its budget now instead of waiting out the action timeout.
+                while let Some(lost_action) = state.inflight.cancel_first_involving(row) {
+                    crate::fold::cancel_effects(state, &lost_action.action);
+                }
+            }
         }
         if eligible != state.nodes.eligible[node] {
             state.nodes.eligible[node] = eligible;

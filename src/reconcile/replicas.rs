@@ -329,6 +329,16 @@ fn evaluate(
         if copies.iter().any(|copy| copy.counted && copy.node == target) || state.inflight.move_into(blob, target) {
             continue;
         }
+        // A healthy copy already on the (live) target waits for its verification
+        // (rejoin fencing or a disputed inventory) instead of being fetched again.
+        let pending_verification = copies.iter().any(|copy| {
+            copy.node == target
+                && state.replicas.state[copy.row.index()] == ReplicaState::Healthy
+                && state.nodes.live[target.index()]
+        });
+        if pending_verification {
+            continue;
+        }
         if counted_total == 0 {
             hold(state, blob, Gate::NoSource, 0);
             break;

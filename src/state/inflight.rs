@@ -33,6 +33,8 @@ pub struct InflightTable {
     pub succeeded: u64,
     pub failed: u64,
     pub timed_out: u64,
+    /// Cancelled because their executor or their source stopped being live.
+    pub cancelled: u64,
 }
 
 impl InflightTable {
@@ -48,6 +50,7 @@ impl InflightTable {
             succeeded: 0,
             failed: 0,
             timed_out: 0,
+            cancelled: 0,
         }
     }
 
@@ -136,6 +139,17 @@ impl InflightTable {
         Some(self.remove_at(index))
     }
 
+    /// Removes and returns the first action (in table order) executed by `node` or
+    /// reading from it: its work is lost with the node.
+    pub fn cancel_first_involving(&mut self, node: NodeRow) -> Option<InflightAction> {
+        let index = self
+            .entries
+            .iter()
+            .position(|entry| entry.action.node == node || entry.action.kind.peer() == Some(node))?;
+        self.cancelled += 1;
+        Some(self.remove_at(index))
+    }
+
     /// Whether the same action (node and kind) is already in flight.
     #[inline]
     pub fn contains(&self, node: NodeRow, kind: &ActionKind) -> bool {
@@ -152,7 +166,7 @@ impl InflightTable {
 
     pub fn hash_into(&self, hasher: &mut StateHasher) {
         hasher.section("inflight", self.len());
-        for counter in [self.succeeded, self.failed, self.timed_out] {
+        for counter in [self.succeeded, self.failed, self.timed_out, self.cancelled] {
             hasher.u64(counter);
         }
         for counter in [self.moves, self.verifies, self.drops, self.daemon_actions] {
