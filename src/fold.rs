@@ -188,23 +188,29 @@ pub fn settle_effects(state: &mut State, action: &crate::action::Action, success
     state.mark_blob_dirty(blob);
 }
 
+/// Adds (or removes) a healthy copy of `hash` to the log's view of `node`'s inventory.
+fn count_inventory(state: &mut State, node: NodeRow, hash: &BlobHash, add: bool) {
+    let index = node.index();
+    let part = u128::from_le_bytes(hash[..16].try_into().expect("16 bytes"));
+    let (copies, digest) = (&mut state.nodes.healthy_copies[index], &mut state.nodes.healthy_digest[index]);
+    if add {
+        *copies += 1;
+        *digest = digest.wrapping_add(part);
+    } else {
+        *copies -= 1;
+        *digest = digest.wrapping_sub(part);
+    }
+}
+
 /// Records a node's inventory digest; when it disagrees with the log's view (the count
-/// and wrapping sum of the first 16 bytes of the hashes of its healthy copies), every
-/// healthy copy on the node is queued for verification (anti-entropy).
+/// and wrapping sum of the first 16 bytes of the hashes of its healthy copies, kept
+/// incrementally), every healthy copy on the node is queued for verification.
 fn inventory_digest(state: &mut State, node: NodeRow, blob_count: u32, digest: [u8; 16]) {
     let index = node.index();
     state.nodes.inventory_blob_count[index] = blob_count;
     state.nodes.inventory_digest[index] = digest;
     state.nodes.inventory_reported_ms[index] = state.now_ms;
-    let (mut count, mut sum) = (0u32, 0u128);
-    for &row in &state.nodes.replica_rows[index] {
-        if state.replicas.state[row.index()] == ReplicaState::Healthy {
-            let hash = &state.blobs.hash[state.replicas.blob[row.index()].index()];
-            count += 1;
-            sum = sum.wrapping_add(u128::from_le_bytes(hash[..16].try_into().expect("16 bytes")));
-        }
-    }
-    if count == blob_count && sum.to_le_bytes() == digest {
+    if state.nodes.healthy_copies[index] == blob_count && state.nodes.healthy_digest[index].to_le_bytes() == digest {
         return;
     }
     for position in 0..state.nodes.replica_rows[index].len() {
@@ -264,6 +270,9 @@ fn replica_update(state: &mut State, node: NodeRow, hash: &BlobHash, reported: A
         state.blobs.replica_rows[blob.index()].push(row);
         state.nodes.replica_rows[node.index()].push(row);
         state.blobs.healthy_count[blob.index()] += (next == ReplicaState::Healthy) as u32;
+        if next == ReplicaState::Healthy {
+            count_inventory(state, node, hash, true);
+        }
         state.mark_blob_dirty(blob);
         return Ok(());
     };
@@ -284,6 +293,9 @@ fn replica_update(state: &mut State, node: NodeRow, hash: &BlobHash, reported: A
         replicas.live = replicas.live + was_deleted - is_deleted;
         let healthy = &mut state.blobs.healthy_count[blob.index()];
         *healthy = *healthy + (next == ReplicaState::Healthy) as u32 - (previous == ReplicaState::Healthy) as u32;
+        if (next == ReplicaState::Healthy) != (previous == ReplicaState::Healthy) {
+            count_inventory(state, node, hash, next == ReplicaState::Healthy);
+        }
     }
     state.mark_blob_dirty(blob);
     Ok(())
@@ -410,10 +422,13 @@ fn set_status(state: &mut State, node: NodeRow, status: NodeStatus, silent_retur
         state.nodes.status[index] = status;
         state.nodes.status_since_ms[index] = state.now_ms;
     }
-    if returns || previous != status {
+    if returns {
+        // The node's copies are fenced now: look at its blobs again. (Liveness changes
+        // without a new incarnation are seen by reconcile's node refresh, which marks
+        // the node's blobs itself.)
         state.mark_node_blobs_dirty(node);
-        state.daemons_dirty = true;
     }
+    state.daemons_dirty |= returns || previous != status;
 }
 
 fn node_health(state: &mut State, origin: NodeRow, health: &ArchivedNodeHealth) -> Applied {

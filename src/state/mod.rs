@@ -221,6 +221,18 @@ impl State {
             live += (state != crate::event::ReplicaState::Deleted) as u32;
         }
         assert_eq!(healthy, self.blobs.healthy_count, "blob healthy counts drifted from the replica table");
+        let mut copies = vec![0u32; nodes];
+        let mut digests = vec![0u128; nodes];
+        for row in 0..self.replicas.len() {
+            if self.replicas.state[row] == crate::event::ReplicaState::Healthy {
+                let node = self.replicas.node[row].index();
+                let hash = &self.blobs.hash[self.replicas.blob[row].index()];
+                copies[node] += 1;
+                digests[node] = digests[node].wrapping_add(u128::from_le_bytes(hash[..16].try_into().expect("16")));
+            }
+        }
+        assert_eq!(copies, self.nodes.healthy_copies, "node inventory counts drifted");
+        assert_eq!(digests, self.nodes.healthy_digest, "node inventory digests drifted");
         assert_eq!(live, self.replicas.live, "live replica count drifted");
         let running = self.daemons.state.iter().filter(|state| state.is_running()).count() as u32;
         assert_eq!(running, self.daemons.running, "running daemon count drifted");

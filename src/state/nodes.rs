@@ -88,6 +88,10 @@ pub struct NodeTable {
     pub hot: Vec<bool>,
     /// The node's Vivaldi network coordinate, moved by the RTT samples it takes.
     pub coordinate: Vec<Coordinate>,
+    /// The log's view of the node's inventory, kept by fold: healthy copies and the
+    /// wrapping sum of the first 16 bytes (LE) of their hashes.
+    pub healthy_copies: Vec<u32>,
+    pub healthy_digest: Vec<u128>,
     pub index: HashMap<Box<str>, NodeRow>,
 }
 
@@ -138,6 +142,8 @@ impl NodeTable {
         self.rtt_average_us.push(0);
         self.hot.push(false);
         self.coordinate.push(Coordinate::ORIGIN);
+        self.healthy_copies.push(0);
+        self.healthy_digest.push(0);
         self.debug_check();
         row
     }
@@ -172,6 +178,8 @@ impl NodeTable {
                 self.rtt_average_us.len(),
                 self.hot.len(),
                 self.coordinate.len(),
+                self.healthy_copies.len(),
+                self.healthy_digest.len(),
                 self.index.len(),
             ]
             .iter()
@@ -216,6 +224,8 @@ impl NodeTable {
             for value in [coordinate.x_us, coordinate.y_us, coordinate.height_us, coordinate.error] {
                 hasher.u64(value.to_bits());
             }
+            hasher.u32(self.healthy_copies[row]);
+            hasher.fixed(&self.healthy_digest[row].to_le_bytes());
         }
     }
 }
