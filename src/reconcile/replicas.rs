@@ -288,15 +288,7 @@ fn evaluate(
         if state.replicas.state[r] != ReplicaState::Corrupt || !live {
             continue;
         }
-        let kind = ActionKind::DropReplica { blob };
-        if state.inflight.contains(copy.node, &kind) {
-            continue;
-        }
-        if state.inflight.drops >= config.drop_inflight_max || out.full() {
-            hold(state, blob, if out.full() { Gate::PassFull } else { Gate::DropBudget }, 0);
-            continue;
-        }
-        out.emit(state, copy.node, kind);
+        emit_budgeted(state, out, blob, copy.node, ActionKind::DropReplica { blob });
     }
 
     // Fenced copies (their node came back) and copies the inventory digest disputes
@@ -309,15 +301,7 @@ fn evaluate(
         if !(healthy_live && (fenced || state.replicas.verify_requested[r])) {
             continue;
         }
-        let kind = ActionKind::VerifyReplica { blob };
-        if state.inflight.contains(copy.node, &kind) {
-            continue;
-        }
-        if state.inflight.verifies >= config.verify_inflight_max || out.full() {
-            hold(state, blob, if out.full() { Gate::PassFull } else { Gate::VerifyBudget }, 0);
-            continue;
-        }
-        out.emit(state, copy.node, kind);
+        emit_budgeted(state, out, blob, copy.node, ActionKind::VerifyReplica { blob });
     }
 
     // Every planned node without a counted copy gets one: a repair while the blob is
@@ -424,16 +408,31 @@ fn evaluate(
         // Belt and braces: the plan is satisfied, so this always leaves copies.
         assert!(remaining > satisfied.max(1), "a drop would leave fewer copies than the plan");
         remaining -= 1;
-        let kind = ActionKind::DropReplica { blob };
-        if state.inflight.contains(copy.node, &kind) {
-            continue;
-        }
-        if state.inflight.drops >= config.drop_inflight_max || out.full() {
-            hold(state, blob, if out.full() { Gate::PassFull } else { Gate::DropBudget }, 0);
+        if !emit_budgeted(state, out, blob, copy.node, ActionKind::DropReplica { blob }) {
             break;
         }
-        out.emit(state, copy.node, kind);
     }
+}
+
+/// Emits a drop or a verification of `blob` on `node` unless the same is in flight;
+/// holds the blob when the pass is full or the kind's budget is used up. Returns
+/// false when held.
+fn emit_budgeted(state: &mut State, out: &mut Out, blob: BlobRow, node: NodeRow, kind: ActionKind) -> bool {
+    if state.inflight.contains(node, &kind) {
+        return true;
+    }
+    let config = &state.reconcile;
+    let (used, budget, gate) = match kind {
+        ActionKind::DropReplica { .. } => (state.inflight.drops, config.drop_inflight_max, Gate::DropBudget),
+        ActionKind::VerifyReplica { .. } => (state.inflight.verifies, config.verify_inflight_max, Gate::VerifyBudget),
+        _ => unreachable!("only drops and verifications are budgeted here"),
+    };
+    if out.full() || used >= budget {
+        hold(state, blob, if out.full() { Gate::PassFull } else { gate }, 0);
+        return false;
+    }
+    out.emit(state, node, kind);
+    true
 }
 
 /// The first gate that holds a move of `blob` into `target`, with when it opens.
