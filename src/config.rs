@@ -89,7 +89,8 @@ pub struct Config {
 /// Defaults follow the anchors: Nomad's min_healthy_time (10 s) for stabilisation,
 /// Ceph's one backfill per disk (a small per-node pull budget), Kubernetes' backoff
 /// doubling to 5 minutes, and a mass-failure brake like Ceph's auto-out floor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ReconcileConfig {
     /// Pulls and migrations in flight across the cluster.
     pub pull_inflight_max: u32,
@@ -206,7 +207,8 @@ impl ReconcileConfig {
 
 /// The limits fold applies. They shape the state (a full table rejects), so every
 /// node of a cluster must fold with the same values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FoldLimits {
     /// How many rejected events the state keeps in its ring (all are counted).
     pub rejections_kept_max: u32,

@@ -43,6 +43,7 @@ pub mod event;
 pub mod fold;
 pub mod locality;
 pub mod logtool;
+pub mod node;
 pub mod placement;
 pub mod reconcile;
 pub mod redex;

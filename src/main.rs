@@ -37,6 +37,9 @@ enum Command {
     /// Work with an event log directory (generate, replay, verify).
     #[command(subcommand)]
     Log(LogCommand),
+    /// Print or check a node config file (TOML).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Simulate a cluster under faults and check reconcile's invariants after every pass.
     ///
     /// The simulator is every node's executor: it keeps the ground truth (which node
@@ -96,6 +99,17 @@ impl LimitArgs {
     fn config(&self) -> Config {
         Config { frame_bytes_max: self.frame_bytes_max, segment_bytes_max: self.segment_bytes_max, ..Config::default() }
     }
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the documented default config: every field, its default and what it does.
+    Default,
+    /// Parse and check a config file; exit 1 naming the field and why if it is bad.
+    Check {
+        /// The config file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -244,6 +258,15 @@ fn json_string(text: &str) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Config(ConfigCommand::Default) => {
+            print!("{}", meshos::node::config::EXAMPLE_TOML);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            let config = meshos::node::config::NodeConfig::load(&file)?;
+            println!("{}: ok (node `{}`, data in {})", file.display(), config.name, config.data_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sim { seed, nodes, blobs, replicas, steps } => {
             let options = SimOptions { seed, nodes, blobs, replicas, steps };
             if let Err(reason) = options.check() {

@@ -245,3 +245,21 @@ fn sim_prints_its_report_line_last_and_refuses_bad_flags() {
     let help = stdout(&meshos(&["sim", "--help"]));
     assert!(help.contains("--seed") && help.contains("converged=<true|false>"), "{help}");
 }
+
+#[test]
+fn config_default_round_trips_and_check_names_bad_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("node.toml");
+    std::fs::write(&good, stdout(&meshos(&["config", "default"]))).unwrap();
+    let checked = meshos(&["config", "check", good.to_str().unwrap()]);
+    assert!(checked.status.success(), "{}", stderr(&checked));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[reconcile]\nstabilisation_ms = \"soon\"\n").unwrap();
+    let refused = meshos(&["config", "check", bad.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("stabilisation_ms") && stderr(&refused).contains("bad.toml"),
+        "{}",
+        stderr(&refused)
+    );
+}

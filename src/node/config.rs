@@ -1,0 +1,227 @@
+//! The node's config file: TOML, every field optional with a documented default
+//! (`example.toml` is the reference and is what `--print-default-config` prints),
+//! unknown fields refused, every value checked at start.
+//!
+//! Invariants: `NodeConfig::load` either returns a config whose `to_config()` passes
+//! `Config::validate` and whose ingest values are in bounds, or an error that names
+//! the file, the field and why; the example file parses to exactly the defaults.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::config::{Config, FoldLimits, FsyncPolicy, ReconcileConfig};
+
+/// The documented example, with every default.
+pub const EXAMPLE_TOML: &str = include_str!("example.toml");
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's name, unique in the cluster: the origin of its events.
+    pub name: String,
+    /// Where the node keeps its log, blobs and local sockets.
+    pub data_dir: PathBuf,
+    /// error, warn, info, debug or trace (RUST_LOG overrides it).
+    pub log_level: String,
+    pub ingest: IngestConfig,
+    pub log: LogConfig,
+    pub fold: FoldLimits,
+    pub reconcile: ReconcileConfig,
+}
+
+/// Sockets, queues, group commit and backpressure of the ingest path.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    pub listen_tcp: String,
+    pub sdk_socket: PathBuf,
+    pub connections_max: u32,
+    pub connection_buffer_bytes: u32,
+    pub queue_frames: u32,
+    pub frames_per_round_max: u32,
+    pub records_per_commit_max: u32,
+    pub backpressure_queue_high_permille: u32,
+    pub backpressure_queue_low_permille: u32,
+    pub backpressure_commit_high_ms: u32,
+    pub backpressure_commit_low_ms: u32,
+}
+
+/// The embedded log.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub frame_bytes_max: u32,
+    pub segment_bytes_max: u64,
+    /// always, group:<records>, manual or never.
+    pub fsync: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: "node-1".to_string(),
+            data_dir: PathBuf::from("/var/lib/meshos"),
+            log_level: "info".to_string(),
+            ingest: IngestConfig::default(),
+            log: LogConfig::default(),
+            fold: FoldLimits::default(),
+            reconcile: ReconcileConfig::default(),
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            listen_tcp: "127.0.0.1:7400".to_string(),
+            sdk_socket: PathBuf::from("sdk.sock"),
+            connections_max: 4096,
+            connection_buffer_bytes: 8 << 20,
+            queue_frames: 64,
+            frames_per_round_max: 8,
+            records_per_commit_max: 256,
+            backpressure_queue_high_permille: 800,
+            backpressure_queue_low_permille: 500,
+            backpressure_commit_high_ms: 50,
+            backpressure_commit_low_ms: 20,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        let config = Config::default();
+        LogConfig {
+            frame_bytes_max: config.frame_bytes_max,
+            segment_bytes_max: config.segment_bytes_max,
+            fsync: "manual".to_string(),
+        }
+    }
+}
+
+/// A config file that cannot be used, naming the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+impl NodeConfig {
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<NodeConfig, NodeConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| NodeConfigError::Read { path: path.to_path_buf(), source })?;
+        NodeConfig::parse(&text).map_err(|reason| NodeConfigError::Invalid { path: path.to_path_buf(), reason })
+    }
+
+    /// Parses and checks config text; the error names the field and why.
+    pub fn parse(text: &str) -> Result<NodeConfig, String> {
+        let config: NodeConfig = toml::from_str(text).map_err(|error| error.to_string().trim_end().to_string())?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks every field beyond what parsing checks.
+    pub fn check(&self) -> Result<(), String> {
+        let field = |name: &str, reason: String| Err(format!("config field `{name}`: {reason}"));
+        if self.name.is_empty() || self.name.len() > self.fold.name_bytes_max as usize {
+            return field("name", format!("must be 1..={} bytes", self.fold.name_bytes_max));
+        }
+        if !LOG_LEVELS.contains(&self.log_level.as_str()) {
+            return field("log_level", format!("`{}` is not one of {}", self.log_level, LOG_LEVELS.join(", ")));
+        }
+        if self.ingest.listen_tcp.parse::<std::net::SocketAddr>().is_err() {
+            return field(
+                "ingest.listen_tcp",
+                format!("`{}` is not an address like 127.0.0.1:7400", self.ingest.listen_tcp),
+            );
+        }
+        let ingest = &self.ingest;
+        let bounded = [
+            ("ingest.connections_max", ingest.connections_max, 1, 1 << 20),
+            ("ingest.queue_frames", ingest.queue_frames, 2, 1 << 16),
+            ("ingest.frames_per_round_max", ingest.frames_per_round_max, 1, 1 << 16),
+            ("ingest.records_per_commit_max", ingest.records_per_commit_max, 1, 1 << 16),
+            ("ingest.backpressure_queue_high_permille", ingest.backpressure_queue_high_permille, 1, 1000),
+            ("ingest.backpressure_commit_high_ms", ingest.backpressure_commit_high_ms, 1, 60_000),
+        ];
+        for (name, value, low, high) in bounded {
+            if value < low || value > high {
+                return field(name, format!("{value} is outside {low}..={high}"));
+            }
+        }
+        if ingest.backpressure_queue_low_permille >= ingest.backpressure_queue_high_permille {
+            return field("ingest.backpressure_queue_low_permille", "must be below the high mark".to_string());
+        }
+        if ingest.backpressure_commit_low_ms >= ingest.backpressure_commit_high_ms {
+            return field("ingest.backpressure_commit_low_ms", "must be below the high mark".to_string());
+        }
+        if ingest.connection_buffer_bytes < self.log.frame_bytes_max {
+            return field(
+                "ingest.connection_buffer_bytes",
+                format!(
+                    "{} must hold one frame of log.frame_bytes_max ({})",
+                    ingest.connection_buffer_bytes, self.log.frame_bytes_max
+                ),
+            );
+        }
+        let fsync =
+            self.log.fsync.parse::<FsyncPolicy>().map_err(|error| format!("config field `log.fsync`: {error}"))?;
+        let config = Config { fsync, ..self.to_config_unchecked() };
+        config.validate().map_err(|error| error.to_string())
+    }
+
+    fn to_config_unchecked(&self) -> Config {
+        Config {
+            frame_bytes_max: self.log.frame_bytes_max,
+            segment_bytes_max: self.log.segment_bytes_max,
+            fsync: FsyncPolicy::Manual,
+            fold: self.fold,
+            reconcile: self.reconcile,
+            ..Config::default()
+        }
+    }
+
+    /// The library limits this file sets (call after `check`).
+    pub fn to_config(&self) -> Config {
+        let fsync = self.log.fsync.parse::<FsyncPolicy>().expect("checked by NodeConfig::check");
+        Config { fsync, ..self.to_config_unchecked() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_is_exactly_the_defaults() {
+        assert_eq!(NodeConfig::parse(EXAMPLE_TOML).unwrap(), NodeConfig::default());
+        assert_eq!(NodeConfig::parse("").unwrap(), NodeConfig::default(), "every field is optional");
+        NodeConfig::default().to_config().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            ("log_level = \"loud\"", "log_level"),
+            ("[ingest]\nlisten_tcp = \"nowhere\"", "ingest.listen_tcp"),
+            ("[ingest]\nqueue_frames = 1", "ingest.queue_frames"),
+            ("[ingest]\nconnection_buffer_bytes = 100", "ingest.connection_buffer_bytes"),
+            ("[log]\nfsync = \"sometimes\"", "fsync"),
+            ("[log]\nframe_bytes_max = 3", "frame_bytes_max"),
+            ("[reconcile]\npull_inflight_max = 0", "reconcile.pull_inflight_max"),
+            ("[fold]\nsymbols_max = 0", "fold.symbols_max"),
+            ("colour = \"blue\"", "colour"),
+            ("[ingest]\nqueue_frames = \"many\"", "queue_frames"),
+        ];
+        for (text, field) in cases {
+            let error = NodeConfig::parse(text).unwrap_err();
+            assert!(error.contains(field), "`{text}` gave `{error}`, which does not name `{field}`");
+        }
+    }
+}
