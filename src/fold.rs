@@ -519,11 +519,13 @@ fn apply_admin(state: &mut State, command: &ArchivedAdminCommand) -> Applied {
                     let blob = find_blob(state, hash)?;
                     let row = state.replicas.find(blob, target).ok_or(RejectReason::UnknownReplica { blob: *hash })?;
                     state.replicas.drop_requested[row.index()] = true;
+                    state.blobs.plan_valid[blob.index()] = false;
                     state.mark_blob_dirty(blob);
                 }
                 None => {
                     for &row in &state.nodes.replica_rows[target.index()] {
                         state.replicas.drop_requested[row.index()] = true;
+                        state.blobs.plan_valid[state.replicas.blob[row.index()].index()] = false;
                     }
                     state.mark_node_blobs_dirty(target);
                 }

@@ -494,3 +494,202 @@ fn work_on_a_node_that_goes_away_is_cancelled_not_left_to_time_out() {
     assert_eq!(h.step(100, vec![down]), strings(&["c: pull_replica 11111111 from a"]), "repair goes elsewhere at once");
     assert_eq!((h.state.inflight.cancelled, h.state.inflight.moves), (1, 1));
 }
+
+const B3: BlobHash = [0x33; 32];
+
+/// A blob held by a node budget is not re-evaluated by either scope until capacity
+/// frees, even when another blob takes the last global move slot meanwhile (found by
+/// review: the full pass used to re-hold it by `move_budget`, diverging).
+#[test]
+fn a_node_budget_hold_is_the_same_in_full_and_incremental_passes() {
+    let mut h = Harness::new(ReconcileConfig {
+        pull_inflight_max: 2,
+        pull_inflight_per_node_max: 1,
+        ..ReconcileConfig::default()
+    });
+    h.join(&["a", "b", "c", "d"]);
+    // Y (row 0): repair into b from a. X (row 1): drift, migrate c -> b, held by b's node budget.
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    events.extend(h.blob_with_intent("a", B2, 1, &["b"]));
+    events.push(h.replica("c", B2, ReplicaState::Healthy));
+    let first = h.step(100, events);
+    assert_eq!(first, strings(&["b: pull_replica 11111111 from a"]));
+    assert_eq!(held(&h, B2), "node_budget");
+    // Z (row 2, a repair, so evaluated first): takes the last global move slot. The
+    // harness asserts that the full pass reaches the same state hash: it does not.
+    let mut events = h.blob_with_intent("c", B3, 2, &["c", "d"]);
+    events.push(h.replica("c", B3, ReplicaState::Healthy));
+    h.step(100, events);
+}
+
+/// A surplus copy's drop is in flight when the plan moves onto that copy's node (the
+/// planned node is cordoned): the copy being dropped does not count, so the other copy
+/// is not dropped too (found by review: both copies were being deleted at once).
+#[test]
+fn a_copy_being_dropped_never_counts_so_two_drops_cannot_take_every_copy() {
+    let mut h = Harness::new(ReconcileConfig { stabilisation_ms: 0, ..ReconcileConfig::default() });
+    h.join(&["a", "b"]);
+    let mut events = h.blob_with_intent("a", B1, 1, &["b"]);
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    events.push(h.replica("b", B1, ReplicaState::Healthy));
+    assert_eq!(h.step(100, events), strings(&["a: drop_replica 11111111"]));
+    let cordon =
+        h.ev("a", EventKind::Admin { operator: "ops".into(), command: AdminCommand::Cordon { node: "b".into() } });
+    let actions = h.step(100, vec![cordon]);
+    let drops = h.state.inflight.drops;
+    assert!(drops < 2, "both copies have a drop in flight: {actions:?}");
+}
+
+/// An operator's "drop replicas" on a planned copy invalidates the plan, so the copy
+/// is replaced elsewhere first and then dropped (found by review: it was ignored).
+#[test]
+fn an_operator_drop_of_a_planned_copy_replans_the_blob() {
+    let mut h = Harness::new(ReconcileConfig { stabilisation_ms: 0, ..ReconcileConfig::default() });
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 1, &[]);
+    h.step(100, events.split_off(0));
+    let blob = h.state.blobs.find(&B1).unwrap().index();
+    let planned = h.state.blobs.plan[blob][0].index();
+    let holder = h.state.nodes.name[planned].to_string();
+    let copy = h.replica(&holder, B1, ReplicaState::Healthy);
+    assert!(h.step(100, vec![copy]).is_empty());
+    let drop = h.ev(
+        "a",
+        EventKind::Admin {
+            operator: "ops".into(),
+            command: AdminCommand::DropReplicas { node: holder.clone(), blob: Some(B1) },
+        },
+    );
+    let actions = h.step(100, vec![drop]);
+    assert!(!actions.is_empty(), "the operator asked {holder}'s copy to go; nothing moves");
+}
+
+/// A pinned node that comes back (uncordoned) is planned again for every blob pinned
+/// to it (found by review: only those it happened to outscore were replanned).
+#[test]
+fn a_returning_pinned_node_is_planned_again() {
+    let mut h = Harness::new(ReconcileConfig { stabilisation_ms: 0, ..ReconcileConfig::default() });
+    h.join(&["a", "b", "c", "d", "e"]);
+    let hashes: Vec<BlobHash> = (0u8..32).map(|i| [i.wrapping_mul(7).wrapping_add(1); 32]).collect();
+    let mut events = Vec::new();
+    for hash in &hashes {
+        events.extend(h.blob_with_intent("a", *hash, 1, &["b"]));
+    }
+    h.step(100, events);
+    let cordon =
+        h.ev("a", EventKind::Admin { operator: "ops".into(), command: AdminCommand::Cordon { node: "b".into() } });
+    h.step(100, vec![cordon]);
+    let uncordon =
+        h.ev("a", EventKind::Admin { operator: "ops".into(), command: AdminCommand::Uncordon { node: "b".into() } });
+    h.step(100, vec![uncordon]);
+    let b = h.state.nodes.find("b").unwrap();
+    let off_pin = hashes
+        .iter()
+        .filter(|hash| !h.state.blobs.plan[h.state.blobs.find(hash).unwrap().index()].contains(&b))
+        .count();
+    assert_eq!(off_pin, 0, "{off_pin} of 32 blobs pinned to b no longer plan b after b is uncordoned");
+}
+
+/// After a node flaps (with or without a global "invalidate placement" first), every
+/// plan equals a fresh recompute (found by review: the gain check scored with another
+/// epoch than the plans).
+fn stale_plans_after_flap(invalidate_first: bool) -> usize {
+    let mut h = Harness::new(ReconcileConfig { stabilisation_ms: 0, ..ReconcileConfig::default() });
+    h.join(&["a", "b", "c", "d", "e", "f"]);
+    let hashes: Vec<BlobHash> = (0u8..64).map(|i| [i.wrapping_mul(5).wrapping_add(3); 32]).collect();
+    let mut events = Vec::new();
+    for hash in &hashes {
+        events.extend(h.blob_with_intent("a", *hash, 2, &[]));
+    }
+    h.step(100, events);
+    if invalidate_first {
+        let all = h.ev(
+            "a",
+            EventKind::Admin { operator: "ops".into(), command: AdminCommand::InvalidatePlacement { blob: None } },
+        );
+        h.step(100, vec![all]);
+    }
+    let cordon =
+        h.ev("a", EventKind::Admin { operator: "ops".into(), command: AdminCommand::Cordon { node: "c".into() } });
+    h.step(100, vec![cordon]);
+    let uncordon =
+        h.ev("a", EventKind::Admin { operator: "ops".into(), command: AdminCommand::Uncordon { node: "c".into() } });
+    h.step(100, vec![uncordon]);
+    let mut fresh = h.state.clone();
+    for blob in 0..fresh.blobs.len() {
+        fresh.blobs.plan_valid[blob] = false;
+    }
+    Reconciler::new().pass(&mut fresh, Scope::Full);
+    (0..h.state.blobs.len()).filter(|&blob| h.state.blobs.plan[blob] != fresh.blobs.plan[blob]).count()
+}
+
+#[test]
+fn plans_after_invalidate_and_a_node_flap_match_a_fresh_recompute() {
+    assert_eq!(stale_plans_after_flap(false), 0, "control");
+    assert_eq!(stale_plans_after_flap(true), 0, "plans differ from a fresh recompute");
+}
+
+/// The brake holds a blob's repair only while the blob's own lost copy is within the
+/// window, even if rolling failures keep the brake on for other nodes (found by review).
+#[test]
+fn the_brake_releases_a_blob_once_its_own_loss_leaves_the_window() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    let names = ["a", "b", "c", "d", "e"];
+    h.join(&names);
+    let events = h.blob_with_intent("a", B1, 2, &[]);
+    h.step(100, events);
+    let row = h.state.blobs.find(&B1).unwrap();
+    let plan: Vec<String> =
+        h.state.blobs.plan[row.index()].iter().map(|n| h.state.nodes.name[n.index()].to_string()).collect();
+    let (p1, p2) = (plan[0].clone(), plan[1].clone());
+    let others: Vec<&str> = names.iter().copied().filter(|n| *n != p1 && *n != p2).collect();
+    let copies = vec![h.replica(&p1, B1, ReplicaState::Healthy), h.replica(&p2, B1, ReplicaState::Healthy)];
+    h.step(100, copies);
+    let down = |h: &mut Harness, node: &str| {
+        h.ev(&p2, EventKind::NodeHealth(NodeHealth::Status { node: node.into(), status: NodeStatus::Down }))
+    };
+    // t0: p1 and o1 down -> brake; the repair of p1's copy waits on it.
+    let events = vec![down(&mut h, &p1), down(&mut h, others[0])];
+    h.step(1_000, events);
+    assert!(h.state.gates.brake);
+    assert_eq!(held(&h, B1), "brake");
+    // Rolling failures keep the brake on: o1 back and o2 down at +40 s, o1 down at +55 s.
+    h.heartbeats(20_000, &[p2.as_str(), others[1], others[2]]);
+    let mut events = vec![down(&mut h, others[1])];
+    events.push(h.ev(others[0], EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })));
+    events.push(h.ev(others[2], EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })));
+    events.push(h.ev(&p2, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })));
+    h.step(20_000, events);
+    let mut events = vec![down(&mut h, others[0])];
+    events.push(h.ev(others[2], EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })));
+    h.step(15_000, events);
+    // +75 s: p1 went down 75 s ago (window 60 s); the brake is on for o1 and o2 only.
+    let actions = h.heartbeats(20_000, &[p2.as_str(), others[2]]);
+    assert!(h.state.gates.brake);
+    let p1_row = h.state.nodes.find(&p1).unwrap().index();
+    assert!(!meshos::reconcile::nodes::recently_down(&h.state, p1_row));
+    // The blob's own loss left the window: the brake (still on for others) lets its
+    // repair go, and a fresh look at the blob finds nothing more to do.
+    assert!(actions.iter().any(|action| action.contains("pull_replica 11111111")), "{actions:?}");
+    let mut fresh = h.state.clone();
+    fresh.mark_blob_dirty(row);
+    assert!(Reconciler::new().pass(&mut fresh, Scope::Full).is_empty());
+}
+
+/// With a short plan (fewer eligible nodes than wanted), a counted copy on a live but
+/// ineligible (cordoned) node is kept: dropping it would leave fewer copies than wanted.
+#[test]
+fn a_short_plan_keeps_copies_up_to_the_intent() {
+    let mut h = Harness::new(ReconcileConfig { stabilisation_ms: 0, ..ReconcileConfig::default() });
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 3, &[]);
+    for node in ["a", "b", "c"] {
+        events.push(h.replica(node, B1, ReplicaState::Healthy));
+    }
+    assert!(h.step(100, events).is_empty());
+    let cordon =
+        h.ev("a", EventKind::Admin { operator: "ops".into(), command: AdminCommand::Cordon { node: "c".into() } });
+    let actions = h.step(100, vec![cordon]);
+    assert!(actions.is_empty(), "3 wanted, 3 held, and reconcile drops one: {actions:?}");
+}

@@ -36,7 +36,7 @@ pub fn is_live(state: &State, node: usize, now_ms: u64) -> bool {
 
 /// When a node that is not live went down: its Down/Left status, or the end of the
 /// heartbeat grace period.
-fn down_at_ms(state: &State, node: usize) -> u64 {
+pub fn down_at_ms(state: &State, node: usize) -> u64 {
     match state.nodes.status[node] {
         NodeStatus::Down | NodeStatus::Left => state.nodes.status_since_ms[node],
         _ => state.nodes.last_heartbeat_ms[node] + state.reconcile.node_down_ms,
@@ -117,18 +117,19 @@ fn invalidate_plans(state: &mut State, lost: &[NodeRow], gained: &[NodeRow]) {
         if !stale && !gained.is_empty() {
             let short = (state.blobs.plan_len[blob] as usize) < state.blobs.replicas_wanted[blob] as usize;
             let hash = &state.blobs.hash[blob];
-            let epoch = state.blobs.placement_epoch[blob] ^ state.placement_epoch;
+            let epoch = super::replicas::PLAN_EPOCH;
             stale = short
                 || gained.iter().any(|&node| {
                     let index = node.index();
                     let weight = placement::weight(state.nodes.capacity_bytes[index], state.nodes.load_permille[index]);
                     let beats =
                         placement::score(state.nodes.key[index], hash, epoch, weight) > state.blobs.plan_floor[blob];
+                    let pinned = state.blobs.pinned[blob].contains(&node);
                     let zone = state.nodes.zone[index];
                     let new_zone = state.blobs.zone_spread[blob]
                         && !zone.is_none()
                         && !plan.iter().any(|planned| state.nodes.zone[planned.index()] == zone);
-                    beats || new_zone
+                    beats || new_zone || pinned
                 });
         }
         if stale {
@@ -164,8 +165,9 @@ fn brake(state: &mut State, now_ms: u64) {
         state.gates.brake = brake;
         state.gates.capacity_freed = true;
     }
+    state.gates.brake_until_ms = if brake { earliest + config.mass_failure_window_ms } else { u64::MAX };
     if brake {
-        state.gates.next_open_ms = state.gates.next_open_ms.min(earliest + config.mass_failure_window_ms);
+        state.gates.next_open_ms = state.gates.next_open_ms.min(state.gates.brake_until_ms);
     }
 }
 

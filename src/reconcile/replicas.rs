@@ -26,7 +26,7 @@ use crate::state::State;
 
 /// Rendezvous epoch used for every plan: invalidating placement recomputes from the
 /// current eligibility and weights; it does not reshuffle blobs.
-const PLAN_EPOCH: u32 = 0;
+pub(crate) const PLAN_EPOCH: u32 = 0;
 
 pub(crate) fn run(arena: &Bump, state: &mut State, out: &mut Out, plan_scratch: &mut Vec<(f64, u32)>, scope: Scope) {
     let now_ms = state.now_ms;
@@ -40,6 +40,9 @@ pub(crate) fn run(arena: &Bump, state: &mut State, out: &mut Out, plan_scratch: 
     }
     if gate_may_open {
         state.gates.next_open_ms = u64::MAX;
+        if state.gates.brake {
+            state.gates.next_open_ms = state.gates.brake_until_ms;
+        }
     }
     if scope == Scope::Full {
         flag_all(arena, state, &mut blobs);
@@ -62,9 +65,11 @@ pub(crate) fn run(arena: &Bump, state: &mut State, out: &mut Out, plan_scratch: 
     ordered.sort_unstable();
     let candidates = nodes::candidates(arena, state);
     for &(_, blob) in ordered.iter() {
-        if !touched[blob.index()] && still_held(state, blob) {
-            // Nothing about the blob changed and its gate is still closed: evaluating it
-            // would hold it again. Keep the hold (and its timer).
+        let waiting = state.blobs.waiting[blob.index()];
+        if !touched[blob.index()] && waiting && (!gate_may_open || still_held(state, blob)) {
+            // Nothing about the blob changed and no gate can have opened for it (the
+            // same rule in both scopes): evaluating it would hold it again. Keep the
+            // hold and its timer.
             let until_ms = state.blobs.held_until_ms[blob.index()];
             if until_ms > 0 {
                 state.gates.next_open_ms = state.gates.next_open_ms.min(until_ms);
@@ -75,6 +80,15 @@ pub(crate) fn run(arena: &Bump, state: &mut State, out: &mut Out, plan_scratch: 
     }
 }
 
+/// Whether a healthy copy of the blob sits on a node that went down within the brake
+/// window (its repair is what the brake holds).
+fn has_recent_loss(state: &State, blob: BlobRow) -> bool {
+    state.blobs.replica_rows[blob.index()].iter().any(|row| {
+        state.replicas.state[row.index()] == ReplicaState::Healthy
+            && nodes::recently_down(state, state.replicas.node[row.index()].index())
+    })
+}
+
 /// Whether the gate recorded on a waiting blob is still closed.
 fn still_held(state: &State, blob: BlobRow) -> bool {
     let index = blob.index();
@@ -83,11 +97,14 @@ fn still_held(state: &State, blob: BlobRow) -> bool {
         Gate::MoveBudget => state.inflight.moves >= config.pull_inflight_max,
         Gate::Throttle => state.gates.window_moves >= config.throttle_moves_max,
         Gate::Backoff | Gate::Stabilisation => state.now_ms < state.blobs.held_until_ms[index],
-        Gate::Brake => state.gates.brake,
+        Gate::Brake => state.gates.brake && has_recent_loss(state, blob),
         Gate::Backpressure => state.gates.backpressure,
         Gate::DropBudget => state.inflight.drops >= config.drop_inflight_max,
         Gate::VerifyBudget => state.inflight.verifies >= config.verify_inflight_max,
-        Gate::NodeBudget | Gate::PassFull | Gate::NoSource | Gate::None => false,
+        // Node budgets free only through settles, timeouts and cancels, which all set
+        // `capacity_freed`.
+        Gate::NodeBudget => !state.gates.capacity_freed,
+        Gate::PassFull | Gate::NoSource | Gate::None => false,
     }
 }
 
@@ -254,7 +271,6 @@ fn evaluate(
     scratch: &mut Vec<(f64, u32)>,
 ) {
     let index = blob.index();
-    let previous_gate = state.blobs.held_by[index];
     state.blobs.waiting[index] = false;
     state.blobs.held_by[index] = Gate::None as u8;
     state.blobs.held_until_ms[index] = 0;
@@ -275,7 +291,10 @@ fn evaluate(
         let node = state.replicas.node[r];
         let planned = state.blobs.plan[index].contains(&node);
         debug_assert_eq!(planned, state.replicas.planned[r], "planned flag out of step with the plan");
-        copies.push(Held { row, node, counted: counted(state, r), planned });
+        // A copy with a drop in flight is as good as gone: it neither counts nor serves
+        // as a source, so a second drop can never take the last copies.
+        let dropping = state.inflight.contains(node, &ActionKind::DropReplica { blob });
+        copies.push(Held { row, node, counted: counted(state, r) && !dropping, planned });
         let healthy = state.replicas.state[r] == ReplicaState::Healthy;
         lost_recently |= healthy && nodes::recently_down(state, node.index());
     }
@@ -320,7 +339,7 @@ fn evaluate(
                 && state.replicas.state[copy.row.index()] == ReplicaState::Healthy
                 && state.nodes.live[target.index()]
         });
-        if pending_verification {
+        if pending_verification || state.inflight.contains(target, &ActionKind::DropReplica { blob }) {
             continue;
         }
         if counted_total == 0 {
@@ -332,8 +351,13 @@ fn evaluate(
             break;
         }
         let gate = move_gate(state, blob, repair, lost_recently, target);
+        let gate = match gate {
+            Some((Gate::Brake, _)) => Some((Gate::Brake, brake_opens_ms(state, blob))),
+            other => other,
+        };
         if let Some((gate, until_ms)) = gate {
-            if gate == Gate::Backoff && previous_gate != Gate::Backoff as u8 && !out.full() {
+            if gate == Gate::Backoff && state.blobs.backoff_announced_ms[index] != until_ms && !out.full() {
+                state.blobs.backoff_announced_ms[index] = until_ms;
                 out.emit(state, target, ActionKind::ApplyBackoff { blob, until_ms });
             }
             hold(state, blob, gate, until_ms);
@@ -405,6 +429,16 @@ fn evaluate(
     }
     let mut remaining = copies.iter().filter(|copy| copy.counted).count();
     for copy in copies.iter().filter(|copy| copy.counted && !copy.planned) {
+        // A short plan (fewer eligible nodes than wanted) keeps extra copies up to the
+        // intent, unless the operator wants this one gone (drop requested, draining,
+        // maintenance): a cordoned or avoided node's copy still protects the blob.
+        let node = copy.node.index();
+        let wanted_gone = state.replicas.drop_requested[copy.row.index()]
+            || state.nodes.draining[node]
+            || state.nodes.maintenance[node].in_maintenance();
+        if !wanted_gone && remaining <= wanted {
+            continue;
+        }
         // Belt and braces: the plan is satisfied, so this always leaves copies.
         assert!(remaining > satisfied.max(1), "a drop would leave fewer copies than the plan");
         remaining -= 1;
@@ -433,6 +467,17 @@ fn emit_budgeted(state: &mut State, out: &mut Out, blob: BlobRow, node: NodeRow,
     }
     out.emit(state, node, kind);
     true
+}
+
+/// When the brake stops holding this blob: its last lost copy leaves the window.
+fn brake_opens_ms(state: &State, blob: BlobRow) -> u64 {
+    state.blobs.replica_rows[blob.index()]
+        .iter()
+        .map(|row| state.replicas.node[row.index()].index())
+        .filter(|&node| nodes::recently_down(state, node))
+        .map(|node| nodes::down_at_ms(state, node) + state.reconcile.mass_failure_window_ms)
+        .max()
+        .unwrap_or(0)
 }
 
 /// The first gate that holds a move of `blob` into `target`, with when it opens.
@@ -473,8 +518,13 @@ pub(crate) fn anti_entropy(state: &mut State, out: &mut Out) {
     for _ in 0..slice {
         let row = cursor;
         cursor = (cursor + 1) % rows;
+        if state.inflight.verifies >= config.verify_inflight_max || out.full() {
+            // Stop here, so the rows not looked at are the first of the next slice.
+            cursor = row;
+            break;
+        }
         let due = state.now_ms.saturating_sub(state.replicas.verified_ms[row]) >= config.verify_interval_ms;
-        if !due || !counted(state, row) || state.inflight.verifies >= config.verify_inflight_max || out.full() {
+        if !due || !counted(state, row) {
             continue;
         }
         let node = state.replicas.node[row];

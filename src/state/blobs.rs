@@ -46,6 +46,8 @@ pub struct BlobTable {
     /// Consecutive failed or timed-out pulls, and the backoff they impose.
     pub pull_failures: Vec<u8>,
     pub backoff_until_ms: Vec<u64>,
+    /// The backoff an `apply_backoff` action already announced (sent once per period).
+    pub backoff_announced_ms: Vec<u64>,
     /// The gate holding the blob's next action back (0: none) and when it opens
     /// (0: when capacity frees). Written by reconcile, shown to operators.
     pub held_by: Vec<u8>,
@@ -91,6 +93,7 @@ impl BlobTable {
         self.waiting.push(false);
         self.pull_failures.push(0);
         self.backoff_until_ms.push(0);
+        self.backoff_announced_ms.push(0);
         self.held_by.push(0);
         self.held_until_ms.push(0);
         self.dirty.push(false);
@@ -124,6 +127,7 @@ impl BlobTable {
             hasher.bool(self.waiting[row]);
             hasher.u8(self.pull_failures[row]);
             hasher.u64(self.backoff_until_ms[row]);
+            hasher.u64(self.backoff_announced_ms[row]);
             hasher.u8(self.held_by[row]);
             hasher.u64(self.held_until_ms[row]);
             hasher.bool(self.dirty[row]);

@@ -108,8 +108,10 @@ pub struct Gates {
     pub next_open_ms: u64,
     /// Capacity freed (an action settled or timed out) since the last pass.
     pub capacity_freed: bool,
-    /// The mass-failure brake is on (too many nodes went down within the window).
+    /// The mass-failure brake is on (too many nodes went down within the window), and
+    /// when its earliest counted failure leaves the window (u64::MAX when off).
     pub brake: bool,
+    pub brake_until_ms: u64,
     /// Global backpressure is raised (set through the log by the sequencer).
     pub backpressure: bool,
     /// Anti-entropy cursor over the replica table.
@@ -127,6 +129,7 @@ impl Gates {
         hasher.u64(self.next_open_ms);
         hasher.bool(self.capacity_freed);
         hasher.bool(self.brake);
+        hasher.u64(self.brake_until_ms);
         hasher.bool(self.backpressure);
         hasher.u32(self.verify_cursor);
     }
@@ -152,7 +155,7 @@ impl State {
             reconcile: config.reconcile,
             dirty_blobs: Reserved(Vec::new()),
             daemons_dirty: false,
-            gates: Gates { next_open_ms: u64::MAX, ..Gates::default() },
+            gates: Gates { next_open_ms: u64::MAX, brake_until_ms: u64::MAX, ..Gates::default() },
         }
     }
 
