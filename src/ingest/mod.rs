@@ -13,4 +13,5 @@
 //! a clock except `Signal::wait`'s timeout. Never: drops an item, blocks a producer
 //! (only the consumer sleeps), or does I/O (the reactor's mio waker lives outside).
 
+pub mod park;
 pub mod ring;
