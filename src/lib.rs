@@ -41,6 +41,7 @@ pub mod action;
 pub mod config;
 pub mod event;
 pub mod fold;
+pub mod ingest;
 pub mod locality;
 pub mod logtool;
 pub mod node;
