@@ -51,4 +51,5 @@ pub mod redex;
 pub mod sim;
 pub mod state;
 pub mod sync;
+pub mod sys;
 pub mod wire;

@@ -1,0 +1,780 @@
+//! The ingest reactor: one thread, mio readiness, every client socket of a node.
+//!
+//! Purpose: accept clients on a TCP and/or a Unix listener, read what they send
+//! without blocking, cut it into whole wire frames, check each frame
+//! (`wire::decode_frame` against `frame_bytes_max`, kind `Events` only) and push it,
+//! as received (header included), into that connection's SPSC ring for the
+//! sequencer. Each accepted connection becomes a [`Source`] handed to the consumer
+//! through an mpsc channel; [`Signal::notify`] wakes the consumer after each round
+//! of pushes, each new source and each closed connection.
+//!
+//! Back-pressure without loss: when a ring is full the frame stays in the
+//! connection's buffer, the reactor calls `mark_blocked`; if that returns true the
+//! socket is deregistered (mio has no empty interest set, so "no READABLE" is a
+//! deregistration), the kernel buffers fill and TCP pushes back on the sender. The
+//! consumer's `take_unblocked` tells it to call [`Reactor::resume`] (or a
+//! [`Resumer`]), which queues the id and wakes the reactor through a `mio::Waker`;
+//! the reactor registers READABLE again and pushes the buffered frames first.
+//!
+//! Invariants:
+//! 1. A frame is pushed only whole and checked; a partial frame left by a peer that
+//!    disconnects is discarded and counted (`disconnected_mid_frame`), never pushed.
+//! 2. Nothing is dropped: a frame leaves the buffer only once `try_push` took it.
+//! 3. Per connection, frames are pushed in the order received.
+//! 4. A bad frame (any `FrameError`, or a kind other than `Events`) gets one error
+//!    frame (`FrameKind::Error`, the error's text) written best effort without
+//!    blocking, then that connection alone is closed; the count is kept per
+//!    `FrameError::reason_code` ([`ERROR_REASONS`]).
+//! 5. At most `connections_max` connections are open; one more is accepted, sent an
+//!    error frame saying so, closed and counted (`rejected_connections`).
+//! 6. A connection's read buffer starts empty (an idle connection costs nothing but
+//!    its struct) and never holds more than `connection_buffer_bytes`; start refuses a
+//!    configuration where one frame of `frame_bytes_max` would not fit.
+//! 7. Nothing here panics on input; socket errors close the one connection.
+//!
+//! Not done here: payload validation (`wire::access_batch`) is left to the
+//! sequencer, which must copy the payload to an aligned buffer anyway; a peer that
+//! streams without pause is read until the socket would block or its ring fills
+//! (the ring bounds how long one connection holds the thread).
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+
+use crate::ingest::park::Signal;
+use crate::ingest::ring::{ring, Consumer, Producer};
+use crate::wire::{self, FrameError, FrameKind};
+
+/// The `FrameError::reason_code`s in variant order; `ReactorStats::errors_by_reason`
+/// is indexed like this array.
+pub const ERROR_REASONS: [&str; 8] =
+    ["truncated", "oversized", "bad_magic", "bad_version", "bad_kind", "bad_checksum", "bad_padding", "bad_payload"];
+
+/// Index of `error` in [`ERROR_REASONS`].
+pub fn reason_index(error: &FrameError) -> usize {
+    let index = match error {
+        FrameError::Truncated { .. } => 0,
+        FrameError::Oversized { .. } => 1,
+        FrameError::BadMagic { .. } => 2,
+        FrameError::BadVersion { .. } => 3,
+        FrameError::BadKind { .. } => 4,
+        FrameError::BadChecksum { .. } => 5,
+        FrameError::BadPadding => 6,
+        FrameError::BadPayload { .. } => 7,
+    };
+    debug_assert_eq!(ERROR_REASONS[index], error.reason_code());
+    index
+}
+
+const WAKE_TOKEN: Token = Token(0);
+const TCP_LISTENER_TOKEN: Token = Token(1);
+const UNIX_LISTENER_TOKEN: Token = Token(2);
+/// Connection ids start here; a connection's token is its id.
+const FIRST_CONNECTION_ID: u64 = 16;
+/// Bytes added to a read buffer at most per read call.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+/// An empty read buffer larger than this is released (idle connections stay cheap).
+const IDLE_BUFFER_KEEP_BYTES: usize = 64 << 10;
+/// Bytes of an error frame's text at most.
+const ERROR_TEXT_BYTES_MAX: usize = 1024;
+/// Bytes read and discarded after an error, before closing (so an unread input does
+/// not turn the close into a reset that could destroy the error frame).
+const DRAIN_ON_CLOSE_BYTES_MAX: usize = 256 << 10;
+const EVENTS_CAPACITY: usize = 256;
+
+/// Where and how much the reactor accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReactorConfig {
+    pub listen_tcp: Option<SocketAddr>,
+    pub listen_unix: Option<PathBuf>,
+    pub connections_max: u32,
+    pub connection_buffer_bytes: u32,
+    /// Ring length per connection, rounded up to a power of two (at least 2).
+    pub queue_frames: u32,
+    pub frame_bytes_max: u32,
+}
+
+/// The kind of socket a [`Source`] came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Tcp,
+    Unix,
+}
+
+/// One accepted connection as the consumer (the sequencer) sees it: its id and the
+/// ring of whole, checked frames (`Vec<u8>`, header included, as received) it
+/// produces. The ring is abandoned (`Consumer::is_abandoned`) once the connection
+/// is closed and every frame was popped.
+pub struct Source {
+    pub id: u64,
+    pub frames: Consumer<Vec<u8>>,
+    pub kind: SourceKind,
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReactorStats {
+    /// Connections accepted as sources.
+    pub accepted: u64,
+    /// Sources closed (by the peer, an error or shutdown).
+    pub closed: u64,
+    pub frames_in: u64,
+    pub bytes_in: u64,
+    /// Sources not being read right now because their ring is full.
+    pub paused_now: u64,
+    /// Times a source was paused.
+    pub pauses: u64,
+    /// Times a paused source was read again.
+    pub resumes: u64,
+    /// Connections over `connections_max`, answered with an error frame and closed.
+    pub rejected_connections: u64,
+    /// Connections closed by the peer in the middle of a frame (partial frame discarded).
+    pub disconnected_mid_frame: u64,
+    /// Valid frames of a kind clients may not send (anything but `Events`).
+    pub unexpected_kind: u64,
+    /// Frame errors, indexed like [`ERROR_REASONS`].
+    pub errors_by_reason: [u64; ERROR_REASONS.len()],
+}
+
+/// Why the reactor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReactorError {
+    #[error("reactor configuration: {field}: {reason}")]
+    Config { field: &'static str, reason: String },
+    #[error("cannot bind TCP listener on {addr}: {source}")]
+    BindTcp { addr: SocketAddr, source: io::Error },
+    #[error("cannot bind Unix listener at {path}: {source}")]
+    BindUnix { path: PathBuf, source: io::Error },
+    #[error("cannot set up the poller: {0}")]
+    Poll(#[source] io::Error),
+    #[error("cannot start the reactor thread: {0}")]
+    Thread(#[source] io::Error),
+}
+
+#[derive(Default)]
+struct StatCells {
+    accepted: AtomicU64,
+    closed: AtomicU64,
+    frames_in: AtomicU64,
+    bytes_in: AtomicU64,
+    paused_now: AtomicU64,
+    pauses: AtomicU64,
+    resumes: AtomicU64,
+    rejected_connections: AtomicU64,
+    disconnected_mid_frame: AtomicU64,
+    unexpected_kind: AtomicU64,
+    errors_by_reason: [AtomicU64; ERROR_REASONS.len()],
+}
+
+fn bump(cell: &AtomicU64, by: u64) {
+    cell.fetch_add(by, Ordering::Relaxed);
+}
+
+impl StatCells {
+    fn snapshot(&self) -> ReactorStats {
+        let load = |cell: &AtomicU64| cell.load(Ordering::Relaxed);
+        ReactorStats {
+            accepted: load(&self.accepted),
+            closed: load(&self.closed),
+            frames_in: load(&self.frames_in),
+            bytes_in: load(&self.bytes_in),
+            paused_now: load(&self.paused_now),
+            pauses: load(&self.pauses),
+            resumes: load(&self.resumes),
+            rejected_connections: load(&self.rejected_connections),
+            disconnected_mid_frame: load(&self.disconnected_mid_frame),
+            unexpected_kind: load(&self.unexpected_kind),
+            errors_by_reason: std::array::from_fn(|index| load(&self.errors_by_reason[index])),
+        }
+    }
+}
+
+/// State shared by the handle, resumers and the reactor thread.
+struct Shared {
+    waker: Waker,
+    resume_ids: Mutex<Vec<u64>>,
+    stopping: AtomicBool,
+    stats: StatCells,
+}
+
+/// A cloneable, `Send` handle that asks the reactor to read a paused source again
+/// (for a consumer thread that does not own the [`Reactor`]).
+#[derive(Clone)]
+pub struct Resumer {
+    shared: Arc<Shared>,
+}
+
+impl Resumer {
+    /// Queues `source_id` to be read again and wakes the reactor. Harmless when the
+    /// source is not paused or is gone.
+    pub fn resume(&self, source_id: u64) {
+        self.shared.resume_ids.lock().unwrap_or_else(PoisonError::into_inner).push(source_id);
+        // A failed wake means the poller is gone, so the reactor is stopping anyway.
+        let _ = self.shared.waker.wake();
+    }
+}
+
+/// Handle of the running reactor thread: resume, stats, shutdown.
+pub struct Reactor {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    local_tcp_addr: Option<SocketAddr>,
+}
+
+impl Reactor {
+    /// Binds the listeners and starts the reactor thread. New connections' `Source`s
+    /// are sent on the returned channel and `signal.notify()` wakes the consumer after
+    /// each round of pushes, new source or closed connection.
+    pub fn start(
+        config: ReactorConfig,
+        signal: Arc<Signal>,
+    ) -> Result<(Reactor, mpsc::Receiver<Source>), ReactorError> {
+        check_config(&config)?;
+        let poll = Poll::new().map_err(ReactorError::Poll)?;
+        let waker = Waker::new(poll.registry(), WAKE_TOKEN).map_err(ReactorError::Poll)?;
+        let mut tcp_listener = None;
+        let mut local_tcp_addr = None;
+        if let Some(addr) = config.listen_tcp {
+            let mut listener = TcpListener::bind(addr).map_err(|source| ReactorError::BindTcp { addr, source })?;
+            local_tcp_addr = Some(listener.local_addr().map_err(|source| ReactorError::BindTcp { addr, source })?);
+            poll.registry()
+                .register(&mut listener, TCP_LISTENER_TOKEN, Interest::READABLE)
+                .map_err(ReactorError::Poll)?;
+            tcp_listener = Some(listener);
+        }
+        let mut unix_listener = None;
+        if let Some(path) = &config.listen_unix {
+            remove_stale_socket(path);
+            let bind_error = |source| ReactorError::BindUnix { path: path.clone(), source };
+            let mut listener = UnixListener::bind(path).map_err(bind_error)?;
+            poll.registry()
+                .register(&mut listener, UNIX_LISTENER_TOKEN, Interest::READABLE)
+                .map_err(ReactorError::Poll)?;
+            unix_listener = Some(listener);
+        }
+        let shared = Arc::new(Shared {
+            waker,
+            resume_ids: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            stats: StatCells::default(),
+        });
+        let (sources_tx, sources_rx) = mpsc::channel();
+        let ring_frames = (config.queue_frames as usize).next_power_of_two().max(2);
+        let event_loop = EventLoop {
+            poll,
+            shared: Arc::clone(&shared),
+            signal,
+            sources_tx,
+            tcp_listener,
+            unix_listener,
+            unix_path: config.listen_unix.clone(),
+            connections: HashMap::new(),
+            next_id: FIRST_CONNECTION_ID,
+            ring_frames,
+            config,
+            pushed: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("meshos-reactor".to_string())
+            .spawn(move || event_loop.run())
+            .map_err(ReactorError::Thread)?;
+        Ok((Reactor { shared, thread: Some(thread), local_tcp_addr }, sources_rx))
+    }
+
+    /// The bound TCP address (the real port when the config asked for port 0).
+    pub fn local_tcp_addr(&self) -> Option<SocketAddr> {
+        self.local_tcp_addr
+    }
+
+    /// The consumer calls this when `take_unblocked()` said a paused source may be
+    /// read again.
+    pub fn resume(&self, source_id: u64) {
+        self.resumer().resume(source_id);
+    }
+
+    /// A handle for another thread to call `resume` with.
+    pub fn resumer(&self) -> Resumer {
+        Resumer { shared: Arc::clone(&self.shared) }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ReactorStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Stops accepting, closes listeners and connections, joins the thread.
+    pub fn shutdown(mut self) -> ReactorStats {
+        self.stop();
+        self.stats()
+    }
+
+    fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.shared.stopping.store(true, Ordering::Release);
+            let _ = self.shared.waker.wake();
+            // The thread only ends by returning; a panic in it is a bug, and it is
+            // reported here rather than swallowed.
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
+impl Drop for Reactor {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.stop();
+        }
+    }
+}
+
+fn check_config(config: &ReactorConfig) -> Result<(), ReactorError> {
+    let bad = |field, reason: String| Err(ReactorError::Config { field, reason });
+    if config.listen_tcp.is_none() && config.listen_unix.is_none() {
+        return bad("listen_tcp", "neither a TCP address nor a Unix socket to listen on".to_string());
+    }
+    if config.connections_max == 0 {
+        return bad("connections_max", "must be at least 1".to_string());
+    }
+    if config.queue_frames == 0 || config.queue_frames > 1 << 20 {
+        return bad("queue_frames", format!("{} is outside 1..=1048576", config.queue_frames));
+    }
+    if (config.frame_bytes_max as usize) < wire::HEADER_BYTES {
+        return bad("frame_bytes_max", format!("{} is below the header size", config.frame_bytes_max));
+    }
+    if config.connection_buffer_bytes < config.frame_bytes_max {
+        return bad(
+            "connection_buffer_bytes",
+            format!(
+                "{} cannot hold one frame of frame_bytes_max ({})",
+                config.connection_buffer_bytes, config.frame_bytes_max
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Removes a leftover Unix socket file at `path` (a previous run that did not clean
+/// up); anything that is not a socket is left alone and bind reports the conflict.
+fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        if metadata.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A connected socket of either kind.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn kind(&self) -> SourceKind {
+        match self {
+            Stream::Tcp(_) => SourceKind::Tcp,
+            Stream::Unix(_) => SourceKind::Unix,
+        }
+    }
+
+    fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        match self {
+            Stream::Tcp(stream) => registry.register(stream, token, Interest::READABLE),
+            Stream::Unix(stream) => registry.register(stream, token, Interest::READABLE),
+        }
+    }
+
+    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        match self {
+            Stream::Tcp(stream) => registry.deregister(stream),
+            Stream::Unix(stream) => registry.deregister(stream),
+        }
+    }
+
+    fn read(&mut self, into: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(stream) => stream.read(into),
+            Stream::Unix(stream) => stream.read(into),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(stream) => stream.write(bytes),
+            Stream::Unix(stream) => stream.write(bytes),
+        }
+    }
+
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Tcp(stream) => stream.shutdown(Shutdown::Write),
+            Stream::Unix(stream) => stream.shutdown(Shutdown::Write),
+        };
+    }
+
+    /// Writes an error frame carrying `text`, best effort: whatever the socket takes
+    /// now without blocking; the rest is dropped, as the connection is closing.
+    fn write_error_frame(&mut self, text: &str) {
+        let mut end = text.len().min(ERROR_TEXT_BYTES_MAX);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut frame = Vec::new();
+        wire::encode_frame(&mut frame, FrameKind::Error, 0, 0, &text.as_bytes()[..end]);
+        let mut written = 0;
+        while written < frame.len() {
+            match self.write(&frame[written..]) {
+                Ok(0) => break,
+                Ok(count) => written += count,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        self.shutdown_write();
+        // Read and discard what the peer already sent, so closing does not reset the
+        // connection (a reset can destroy the error frame before the peer reads it).
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < DRAIN_ON_CLOSE_BYTES_MAX {
+            match self.read(&mut sink) {
+                Ok(0) => break,
+                Ok(count) => drained += count,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// One accepted connection, owned by the reactor thread.
+struct Connection {
+    stream: Stream,
+    frames: Producer<Vec<u8>>,
+    /// Received bytes not yet pushed: whole frames waiting for ring room, then at
+    /// most one partial frame. Never longer than `connection_buffer_bytes`.
+    buffer: Vec<u8>,
+    /// True while deregistered because the ring is full.
+    paused: bool,
+}
+
+/// What reading a connection ended with.
+enum Outcome {
+    /// The socket would block; keep the connection.
+    Idle,
+    /// The ring is full and the connection is paused.
+    Paused,
+    /// Close the connection (the counters are already updated).
+    Close,
+}
+
+struct EventLoop {
+    poll: Poll,
+    shared: Arc<Shared>,
+    signal: Arc<Signal>,
+    sources_tx: mpsc::Sender<Source>,
+    tcp_listener: Option<TcpListener>,
+    unix_listener: Option<UnixListener>,
+    unix_path: Option<PathBuf>,
+    connections: HashMap<u64, Connection>,
+    next_id: u64,
+    ring_frames: usize,
+    config: ReactorConfig,
+    /// Something was pushed, accepted or closed since the last notify.
+    pushed: bool,
+}
+
+impl EventLoop {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        while !self.shared.stopping.load(Ordering::Acquire) {
+            if let Err(error) = self.poll.poll(&mut events, None) {
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // The poller itself failed: nothing more can be read. Close down as
+                // shutdown would; the consumer sees every source abandoned.
+                break;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKE_TOKEN => {}
+                    TCP_LISTENER_TOKEN | UNIX_LISTENER_TOKEN => self.accept_all(event.token()),
+                    Token(token) => self.on_readable(token as u64),
+                }
+            }
+            self.resume_queued();
+            if self.pushed {
+                self.pushed = false;
+                self.signal.notify();
+            }
+        }
+        self.close_all();
+    }
+
+    fn stats(&self) -> &StatCells {
+        &self.shared.stats
+    }
+
+    fn accept_all(&mut self, token: Token) {
+        loop {
+            let accepted = if token == TCP_LISTENER_TOKEN {
+                match &self.tcp_listener {
+                    Some(listener) => listener.accept().map(|(stream, _)| Stream::Tcp(stream)),
+                    None => return,
+                }
+            } else {
+                match &self.unix_listener {
+                    Some(listener) => listener.accept().map(|(stream, _)| Stream::Unix(stream)),
+                    None => return,
+                }
+            };
+            match accepted {
+                Ok(stream) => self.admit(stream),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                // WouldBlock: all accepted. Other errors (out of descriptors, a peer
+                // gone before accept) end this round; the next readiness retries.
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn admit(&mut self, mut stream: Stream) {
+        if self.connections.len() >= self.config.connections_max as usize {
+            bump(&self.stats().rejected_connections, 1);
+            stream.write_error_frame(&format!(
+                "connection refused: {} connections open, the limit is {} (connections_max)",
+                self.connections.len(),
+                self.config.connections_max
+            ));
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let Ok(token) = usize::try_from(id) else { return };
+        if stream.register(self.poll.registry(), Token(token)).is_err() {
+            return;
+        }
+        let (producer, consumer) = ring(self.ring_frames);
+        let kind = stream.kind();
+        if self.sources_tx.send(Source { id, frames: consumer, kind }).is_err() {
+            // Nobody consumes: do not keep the connection.
+            let _ = stream.deregister(self.poll.registry());
+            return;
+        }
+        bump(&self.stats().accepted, 1);
+        self.connections.insert(id, Connection { stream, frames: producer, buffer: Vec::new(), paused: false });
+        self.pushed = true;
+        // Data may already be waiting; edge-triggered readiness reports it, but
+        // reading now costs one failed read at most.
+        self.on_readable(id);
+    }
+
+    fn on_readable(&mut self, id: u64) {
+        let Some(connection) = self.connections.get_mut(&id) else { return };
+        if connection.paused {
+            return;
+        }
+        let outcome = read_connection(connection, &self.config, &self.shared.stats, &mut self.pushed);
+        self.settle(id, outcome);
+    }
+
+    fn settle(&mut self, id: u64, outcome: Outcome) {
+        match outcome {
+            Outcome::Idle => {}
+            Outcome::Paused => {
+                let Some(connection) = self.connections.get_mut(&id) else { return };
+                debug_assert!(!connection.paused);
+                if connection.stream.deregister(self.poll.registry()).is_err() {
+                    self.close(id);
+                    return;
+                }
+                connection.paused = true;
+                bump(&self.stats().paused_now, 1);
+                bump(&self.stats().pauses, 1);
+            }
+            Outcome::Close => self.close(id),
+        }
+    }
+
+    fn resume_queued(&mut self) {
+        let ids = std::mem::take(&mut *self.shared.resume_ids.lock().unwrap_or_else(PoisonError::into_inner));
+        for id in ids {
+            let Some(connection) = self.connections.get_mut(&id) else { continue };
+            if !connection.paused {
+                continue; // a spurious resume (module docs of ingest::ring, step 3)
+            }
+            let Ok(token) = usize::try_from(id) else { continue };
+            connection.paused = false;
+            self.shared.stats.paused_now.fetch_sub(1, Ordering::Relaxed);
+            bump(&self.shared.stats.resumes, 1);
+            if connection.stream.register(self.poll.registry(), Token(token)).is_err() {
+                self.close(id);
+                continue;
+            }
+            // Buffered frames first, then whatever the socket holds.
+            self.on_readable(id);
+        }
+    }
+
+    fn close(&mut self, id: u64) {
+        if let Some(mut connection) = self.connections.remove(&id) {
+            if !connection.paused {
+                let _ = connection.stream.deregister(self.poll.registry());
+            } else {
+                self.shared.stats.paused_now.fetch_sub(1, Ordering::Relaxed);
+            }
+            bump(&self.stats().closed, 1);
+            // Dropping the producer abandons the ring once the consumer drains it.
+            self.pushed = true;
+        }
+    }
+
+    fn close_all(&mut self) {
+        self.tcp_listener = None;
+        self.unix_listener = None;
+        if let Some(path) = &self.unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+        let ids: Vec<u64> = self.connections.keys().copied().collect();
+        for id in ids {
+            self.close(id);
+        }
+        self.signal.notify();
+    }
+}
+
+/// Pushes every whole frame in the buffer, then reads until the socket would block
+/// (splitting frames after each read), the ring is full or the connection must close.
+fn read_connection(
+    connection: &mut Connection,
+    config: &ReactorConfig,
+    stats: &StatCells,
+    pushed: &mut bool,
+) -> Outcome {
+    let buffer_max = config.connection_buffer_bytes as usize;
+    loop {
+        match push_frames(connection, config, stats, pushed) {
+            Outcome::Idle => {}
+            other => return other,
+        }
+        // Only a partial frame is left, shorter than frame_bytes_max <= buffer_max.
+        let held = connection.buffer.len();
+        assert!(held < buffer_max, "partial frame of {held} bytes fills the buffer of {buffer_max}");
+        if held == 0 && connection.buffer.capacity() > IDLE_BUFFER_KEEP_BYTES {
+            connection.buffer = Vec::new();
+        }
+        let room = (buffer_max - held).min(READ_CHUNK_BYTES);
+        if connection.buffer.capacity() < held + room {
+            let target = (connection.buffer.capacity() * 2).clamp(held + room, buffer_max);
+            connection.buffer.reserve_exact(target - held);
+        }
+        connection.buffer.resize(held + room, 0);
+        let result = connection.stream.read(&mut connection.buffer[held..]);
+        let count = match &result {
+            Ok(count) => *count,
+            Err(_) => 0,
+        };
+        connection.buffer.truncate(held + count);
+        match result {
+            Ok(0) => {
+                if held > 0 {
+                    bump(&stats.disconnected_mid_frame, 1);
+                }
+                return Outcome::Close;
+            }
+            Ok(count) => bump(&stats.bytes_in, count as u64),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Outcome::Idle,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                if held > 0 {
+                    bump(&stats.disconnected_mid_frame, 1);
+                }
+                return Outcome::Close;
+            }
+        }
+    }
+}
+
+/// Pushes every whole, checked frame at the front of the buffer. `Idle`: what is
+/// left is a partial frame (or nothing). `Paused`: the ring is full and blocked.
+/// `Close`: a bad frame was answered with an error frame, or the consumer is gone.
+fn push_frames(connection: &mut Connection, config: &ReactorConfig, stats: &StatCells, pushed: &mut bool) -> Outcome {
+    let mut consumed = 0;
+    let outcome = loop {
+        let rest = &connection.buffer[consumed..];
+        if rest.len() < wire::HEADER_BYTES {
+            break Outcome::Idle;
+        }
+        let frame_bytes = match wire::decode_header(rest, config.frame_bytes_max) {
+            Ok(header) => header.frame_bytes(),
+            Err(error) => break reject_frame(connection, stats, &error),
+        };
+        if rest.len() < frame_bytes {
+            break Outcome::Idle;
+        }
+        match wire::decode_frame(&rest[..frame_bytes], config.frame_bytes_max) {
+            Ok(frame) if frame.header.kind == FrameKind::Events => {}
+            Ok(frame) => {
+                bump(&stats.unexpected_kind, 1);
+                connection.stream.write_error_frame(&format!(
+                    "frame kind {:?} is not accepted from clients: only Events frames",
+                    frame.header.kind
+                ));
+                break Outcome::Close;
+            }
+            Err(error) => break reject_frame(connection, stats, &error),
+        }
+        match push_or_block(&mut connection.frames, rest[..frame_bytes].to_vec()) {
+            Push::Pushed => {}
+            Push::Blocked => break Outcome::Paused,
+            Push::ConsumerGone => break Outcome::Close,
+        }
+        consumed += frame_bytes;
+        *pushed = true;
+        bump(&stats.frames_in, 1);
+    };
+    connection.buffer.drain(..consumed);
+    outcome
+}
+
+enum Push {
+    Pushed,
+    /// The ring is full and `mark_blocked` said stop reading; the frame stays buffered.
+    Blocked,
+    ConsumerGone,
+}
+
+/// `try_push`, and on a full ring the blocked handshake of `ingest::ring` (step 1):
+/// room that appeared meanwhile means push again.
+fn push_or_block(frames: &mut Producer<Vec<u8>>, frame: Vec<u8>) -> Push {
+    let mut frame = frame;
+    loop {
+        match frames.try_push(frame) {
+            Ok(()) => return Push::Pushed,
+            Err(back) => frame = back,
+        }
+        if frames.is_closed() {
+            return Push::ConsumerGone;
+        }
+        if frames.mark_blocked() {
+            return Push::Blocked;
+        }
+    }
+}
+
+fn reject_frame(connection: &mut Connection, stats: &StatCells, error: &FrameError) -> Outcome {
+    bump(&stats.errors_by_reason[reason_index(error)], 1);
+    connection.stream.write_error_frame(&error.to_string());
+    Outcome::Close
+}
