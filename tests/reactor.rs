@@ -17,6 +17,8 @@ use meshos::sys::reactor::{Reactor, ReactorConfig, ReactorError, Resumer, Source
 use meshos::wire::{self, FrameKind};
 
 const FRAME_BYTES_MAX: u32 = 64 << 10;
+/// The reactor reads at most 16 chunks of 64 KiB per connection per round.
+const READ_BUDGET_BYTES: usize = 16 * (64 << 10);
 const WAIT_LIMIT: Duration = Duration::from_secs(10);
 
 fn tcp_config(queue_frames: u32, connections_max: u32) -> ReactorConfig {
@@ -309,6 +311,31 @@ fn a_partial_frame_from_a_departed_peer_is_discarded() {
     assert_in_order(&consumed, 3);
     assert_eq!(consumed.events, 12);
     assert_eq!((stats.frames_in, stats.disconnected_mid_frame, stats.closed), (3, 1, 1));
+}
+
+/// One client streams megabytes into a long ring while another sends a little: the
+/// stream is read in budgeted rounds and both arrive whole.
+#[test]
+fn a_big_stream_is_read_in_rounds() {
+    const BIG_FRAMES: u64 = 400;
+    const BIG_EVENTS: u64 = 100;
+    let (reactor, consumer) = start(tcp_config(4096, 16), Duration::ZERO);
+    let addr = reactor.local_tcp_addr().unwrap();
+    let frames: Vec<u8> = (1..=BIG_FRAMES).flat_map(|seq| events_frame(1, seq, BIG_EVENTS)).collect();
+    assert!(frames.len() > 2 * READ_BUDGET_BYTES, "the stream must exceed a round's budget");
+    let big = std::thread::spawn(move || TcpStream::connect(addr).unwrap().write_all(&frames).unwrap());
+    let small = tcp_client(addr, 2, 50, 1);
+    big.join().unwrap();
+    small.join().unwrap();
+    let expected = BIG_FRAMES * BIG_EVENTS + 50;
+    consumer.wait_for("every event", |consumed| consumed.events == expected && consumed.abandoned == 2);
+    let stats = reactor.shutdown();
+    let consumed = consumer.finish();
+    for seqs in consumed.seqs.values() {
+        assert!(seqs.iter().copied().eq(1..=seqs.len() as u64), "out of order");
+    }
+    assert_eq!(stats.frames_in, BIG_FRAMES + 50);
+    eprintln!("{} bytes in, budget spent {} times", stats.bytes_in, stats.budget_spent);
 }
 
 #[test]

@@ -33,9 +33,10 @@
 //! 7. Nothing here panics on input; socket errors close the one connection.
 //!
 //! Not done here: payload validation (`wire::access_batch`) is left to the
-//! sequencer, which must copy the payload to an aligned buffer anyway; a peer that
-//! streams without pause is read until the socket would block or its ring fills
-//! (the ring bounds how long one connection holds the thread).
+//! sequencer, which must copy the payload to an aligned buffer anyway. Fairness: a
+//! connection is read at most `READS_PER_ROUND_MAX` times per round, then served
+//! again after the others (readiness is edge-triggered, so the reactor keeps its own
+//! list of connections that may still hold bytes).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -45,6 +46,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
@@ -89,6 +91,9 @@ const ERROR_TEXT_BYTES_MAX: usize = 1024;
 /// not turn the close into a reset that could destroy the error frame).
 const DRAIN_ON_CLOSE_BYTES_MAX: usize = 256 << 10;
 const EVENTS_CAPACITY: usize = 256;
+/// Reads of one connection per round at most, so one busy peer with a fast
+/// consumer cannot hold the thread while others wait.
+const READS_PER_ROUND_MAX: u32 = 16;
 
 /// Where and how much the reactor accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +139,9 @@ pub struct ReactorStats {
     pub pauses: u64,
     /// Times a paused source was read again.
     pub resumes: u64,
+    /// Times a connection spent its read budget of a round and was served again
+    /// after the other ready connections.
+    pub budget_spent: u64,
     /// Connections over `connections_max`, answered with an error frame and closed.
     pub rejected_connections: u64,
     /// Connections closed by the peer in the middle of a frame (partial frame discarded).
@@ -168,6 +176,7 @@ struct StatCells {
     paused_now: AtomicU64,
     pauses: AtomicU64,
     resumes: AtomicU64,
+    budget_spent: AtomicU64,
     rejected_connections: AtomicU64,
     disconnected_mid_frame: AtomicU64,
     unexpected_kind: AtomicU64,
@@ -189,6 +198,7 @@ impl StatCells {
             paused_now: load(&self.paused_now),
             pauses: load(&self.pauses),
             resumes: load(&self.resumes),
+            budget_spent: load(&self.budget_spent),
             rejected_connections: load(&self.rejected_connections),
             disconnected_mid_frame: load(&self.disconnected_mid_frame),
             unexpected_kind: load(&self.unexpected_kind),
@@ -281,6 +291,7 @@ impl Reactor {
             ring_frames,
             config,
             pushed: false,
+            read_again: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("meshos-reactor".to_string())
@@ -364,11 +375,13 @@ fn check_config(config: &ReactorConfig) -> Result<(), ReactorError> {
 }
 
 /// Removes a leftover Unix socket file at `path` (a previous run that did not clean
-/// up); anything that is not a socket is left alone and bind reports the conflict.
+/// up and nobody accepts on); anything else is left alone and bind reports the
+/// conflict.
 fn remove_stale_socket(path: &std::path::Path) {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(metadata) = std::fs::symlink_metadata(path) {
-        if metadata.file_type().is_socket() {
+        // A socket somebody still accepts on is live: leave it, bind fails.
+        if metadata.file_type().is_socket() && std::os::unix::net::UnixStream::connect(path).is_err() {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -472,6 +485,10 @@ struct Connection {
 enum Outcome {
     /// The socket would block; keep the connection.
     Idle,
+    /// The read budget of this round is spent and the socket may hold more: read
+    /// it again after the other ready connections (edge-triggered readiness will not
+    /// report it again).
+    Budget,
     /// The ring is full and the connection is paused.
     Paused,
     /// Close the connection (the counters are already updated).
@@ -492,13 +509,17 @@ struct EventLoop {
     config: ReactorConfig,
     /// Something was pushed, accepted or closed since the last notify.
     pushed: bool,
+    /// Connections that spent their read budget with the socket still readable.
+    read_again: Vec<u64>,
 }
 
 impl EventLoop {
     fn run(mut self) {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         while !self.shared.stopping.load(Ordering::Acquire) {
-            if let Err(error) = self.poll.poll(&mut events, None) {
+            // Connections that used their read budget are served again at once.
+            let timeout = if self.read_again.is_empty() { None } else { Some(Duration::ZERO) };
+            if let Err(error) = self.poll.poll(&mut events, timeout) {
                 if error.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -514,6 +535,9 @@ impl EventLoop {
                 }
             }
             self.resume_queued();
+            for id in std::mem::take(&mut self.read_again) {
+                self.on_readable(id);
+            }
             if self.pushed {
                 self.pushed = false;
                 self.signal.notify();
@@ -592,6 +616,10 @@ impl EventLoop {
     fn settle(&mut self, id: u64, outcome: Outcome) {
         match outcome {
             Outcome::Idle => {}
+            Outcome::Budget => {
+                bump(&self.stats().budget_spent, 1);
+                self.read_again.push(id);
+            }
             Outcome::Paused => {
                 let Some(connection) = self.connections.get_mut(&id) else { return };
                 debug_assert!(!connection.paused);
@@ -655,7 +683,8 @@ impl EventLoop {
 }
 
 /// Pushes every whole frame in the buffer, then reads until the socket would block
-/// (splitting frames after each read), the ring is full or the connection must close.
+/// (splitting frames after each read), the ring is full, the round's read budget is
+/// spent or the connection must close.
 fn read_connection(
     connection: &mut Connection,
     config: &ReactorConfig,
@@ -663,6 +692,7 @@ fn read_connection(
     pushed: &mut bool,
 ) -> Outcome {
     let buffer_max = config.connection_buffer_bytes as usize;
+    let mut reads_left = READS_PER_ROUND_MAX;
     loop {
         match push_frames(connection, config, stats, pushed) {
             Outcome::Idle => {}
@@ -674,6 +704,10 @@ fn read_connection(
         if held == 0 && connection.buffer.capacity() > IDLE_BUFFER_KEEP_BYTES {
             connection.buffer = Vec::new();
         }
+        if reads_left == 0 {
+            return Outcome::Budget;
+        }
+        reads_left -= 1;
         let room = (buffer_max - held).min(READ_CHUNK_BYTES);
         if connection.buffer.capacity() < held + room {
             let target = (connection.buffer.capacity() * 2).clamp(held + room, buffer_max);
@@ -777,4 +811,49 @@ fn reject_frame(connection: &mut Connection, stats: &StatCells, error: &FrameErr
     bump(&stats.errors_by_reason[reason_index(error)], 1);
     connection.stream.write_error_frame(&error.to_string());
     Outcome::Close
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_index_follows_reason_code() {
+        let errors = [
+            FrameError::Truncated { needed: 1, available: 0 },
+            FrameError::Oversized { frame_bytes: 2, frame_bytes_max: 1 },
+            FrameError::BadMagic { found: [0; 4] },
+            FrameError::BadVersion { found: 9 },
+            FrameError::BadKind { found: 9 },
+            FrameError::BadChecksum { expected: 1, actual: 2 },
+            FrameError::BadPadding,
+            FrameError::BadPayload { reason: String::new() },
+        ];
+        for (index, error) in errors.iter().enumerate() {
+            assert_eq!(reason_index(error), index);
+            assert_eq!(ERROR_REASONS[index], error.reason_code());
+        }
+    }
+
+    #[test]
+    fn bad_configurations_name_their_field() {
+        let good = ReactorConfig {
+            listen_tcp: Some("127.0.0.1:0".parse().unwrap()),
+            listen_unix: None,
+            connections_max: 4,
+            connection_buffer_bytes: 4096,
+            queue_frames: 3,
+            frame_bytes_max: 4096,
+        };
+        assert!(check_config(&good).is_ok());
+        let field = |config: ReactorConfig| match check_config(&config) {
+            Err(ReactorError::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        assert_eq!(field(ReactorConfig { listen_tcp: None, ..good.clone() }), "listen_tcp");
+        assert_eq!(field(ReactorConfig { connections_max: 0, ..good.clone() }), "connections_max");
+        assert_eq!(field(ReactorConfig { queue_frames: 0, ..good.clone() }), "queue_frames");
+        assert_eq!(field(ReactorConfig { frame_bytes_max: 16, ..good.clone() }), "frame_bytes_max");
+        assert_eq!(field(ReactorConfig { connection_buffer_bytes: 4095, ..good }), "connection_buffer_bytes");
+    }
 }
