@@ -720,6 +720,7 @@ fn read_connection(
             Err(_) => 0,
         };
         connection.buffer.truncate(held + count);
+        debug_assert!(connection.buffer.len() <= buffer_max, "read buffer over connection_buffer_bytes");
         match result {
             Ok(0) => {
                 if held > 0 {
