@@ -38,11 +38,11 @@
 //! again after the others (readiness is edge-triggered, so the reactor keeps its own
 //! list of connections that may still hold bytes).
 
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
