@@ -108,7 +108,7 @@ fn run<'a>(
     let mut out = Out { actions: BumpVec::with_capacity_in(64.min(max), arena), position: state.position, max };
     let now_ms = state.now_ms;
 
-    nodes::refresh(arena, state, &mut out, plan_scratch);
+    nodes::refresh(arena, state, &mut out);
 
     while let Some(expired) = state.inflight.pop_expired(now_ms) {
         crate::fold::settle_effects(state, &expired.action, false);

@@ -60,7 +60,7 @@ pub fn candidates<'a>(arena: &'a Bump, state: &State) -> BumpVec<'a, Candidate> 
     out
 }
 
-pub(crate) fn refresh(arena: &Bump, state: &mut State, out: &mut Out, _plan_scratch: &mut Vec<(f64, u32)>) {
+pub(crate) fn refresh(arena: &Bump, state: &mut State, out: &mut Out) {
     let now_ms = state.now_ms;
     mark_slow_nodes(arena, state, out);
 

@@ -102,8 +102,6 @@ pub struct Gates {
     /// Start of the current throttle window and the moves started in it.
     pub window_start_ms: u64,
     pub window_moves: u32,
-    /// Blobs an action was held back for, to look at again when a gate opens.
-    pub waiting: Vec<BlobRow>,
     /// Earliest time a held gate opens (u64::MAX: none is timed).
     pub next_open_ms: u64,
     /// Capacity freed (an action settled or timed out) since the last pass.
@@ -120,12 +118,9 @@ pub struct Gates {
 
 impl Gates {
     fn hash_into(&self, hasher: &mut StateHasher) {
-        hasher.section("gates", self.waiting.len());
+        hasher.section("gates", 0);
         hasher.u64(self.window_start_ms);
         hasher.u32(self.window_moves);
-        for blob in &self.waiting {
-            hasher.u32(blob.0);
-        }
         hasher.u64(self.next_open_ms);
         hasher.bool(self.capacity_freed);
         hasher.bool(self.brake);
