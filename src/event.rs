@@ -60,6 +60,9 @@ pub enum EventKind {
     ActionOutcome { action: ActionId, outcome: Outcome },
     /// The origin node's digest of the blobs it holds on disk.
     InventoryDigest { blob_count: u32, digest: [u8; 16] },
+    /// The origin node's sequencer raised (or lowered) global backpressure: its
+    /// queues run deep or its commits are slow, so non-repair moves wait.
+    Backpressure { raised: bool },
 }
 
 /// State of one node's copy of one blob, as its holder reports it.
@@ -285,6 +288,7 @@ impl EventKind {
             EventKind::Capability(_) => 8,
             EventKind::ActionOutcome { .. } => 9,
             EventKind::InventoryDigest { .. } => 10,
+            EventKind::Backpressure { .. } => 11,
         }
     }
 }
@@ -304,12 +308,13 @@ impl ArchivedEventKind {
             ArchivedEventKind::Capability(_) => 8,
             ArchivedEventKind::ActionOutcome { .. } => 9,
             ArchivedEventKind::InventoryDigest { .. } => 10,
+            ArchivedEventKind::Backpressure { .. } => 11,
         })
     }
 }
 
 /// Names of event kinds, indexed by their code.
-pub const EVENT_KIND_NAMES: [&str; 11] = [
+pub const EVENT_KIND_NAMES: [&str; 12] = [
     "replica_update",
     "daemon",
     "rtt",
@@ -321,6 +326,7 @@ pub const EVENT_KIND_NAMES: [&str; 11] = [
     "capability",
     "action_outcome",
     "inventory_digest",
+    "backpressure",
 ];
 
 fn archived_kind_name(code: u8) -> &'static str {

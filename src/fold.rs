@@ -144,6 +144,10 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
             inventory_digest(state, origin, blob_count.to_native(), *digest);
             Ok(())
         }
+        ArchivedEventKind::Backpressure { raised } => {
+            state.nodes.backpressure[origin.index()] = *raised;
+            Ok(())
+        }
     }?;
     state.nodes.origin_seq_last[origin.index()] = origin_seq;
     Ok(())

@@ -3,12 +3,15 @@
 //! ```text
 //! offset  size  field
 //!  0      4     magic "MSHF"
-//!  4      2     version (u16 LE), currently 1
-//!  6      2     kind (u16 LE): 1 events (a batch on a socket), 2 record (a log record), 3 error
+//!  4      2     version (u16 LE), currently 2
+//!  6      2     kind (u16 LE): 1 events (a batch on a socket), 2 record (a log record), 3 error,
+//!               4 events with an acknowledgement wanted, 5 acknowledgement
 //!  8      4     payload length in bytes (u32 LE), padding excluded
 //! 12      4     CRC-32C (u32 LE) over bytes 0..12, bytes 16..32 and the payload
 //! 16      8     seq (u64 LE): the log position of a record; the sender's frame number on a socket
-//! 24      8     time_ms (u64 LE): the commit time a log stamps on a record; 0 on a socket
+//!               (an acknowledgement repeats the sender's frame number it acknowledges)
+//! 24      8     time_ms (u64 LE): the commit time a log stamps on a record (and an
+//!               acknowledgement carries); 0 from a client
 //! 32      n     payload: an archived `EventBatch` (records, events) or UTF-8 text (error)
 //! 32+n    p     zero padding up to a multiple of 16, so frames stay aligned back to back
 //! ```
@@ -25,7 +28,7 @@ use rkyv::util::AlignedVec;
 use crate::event::{ArchivedEventBatch, EventBatch};
 
 pub const MAGIC: [u8; 4] = *b"MSHF";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HEADER_BYTES: usize = 32;
 /// Frames and payloads start on this alignment, enough for every archived type.
 pub const ALIGN_BYTES: usize = 16;
@@ -46,6 +49,12 @@ pub enum FrameKind {
     Record = 2,
     /// A UTF-8 error message, answering a bad frame.
     Error = 3,
+    /// A batch of events whose sender wants an acknowledgement once it is durable.
+    EventsAckWanted = 4,
+    /// The node's answer to `EventsAckWanted`: every frame of this connection up to
+    /// `seq` is durable in the log; the payload is the last record's position (u64 LE)
+    /// and 8 zero bytes.
+    Ack = 5,
 }
 
 impl FrameKind {
@@ -54,6 +63,8 @@ impl FrameKind {
             1 => Some(FrameKind::Events),
             2 => Some(FrameKind::Record),
             3 => Some(FrameKind::Error),
+            4 => Some(FrameKind::EventsAckWanted),
+            5 => Some(FrameKind::Ack),
             _ => None,
         }
     }
@@ -156,6 +167,22 @@ pub fn encode_frame(out: &mut Vec<u8>, kind: FrameKind, seq: u64, time_ms: u64, 
     out.extend_from_slice(&header_bytes(kind, seq, time_ms, payload));
     out.extend_from_slice(payload);
     out.resize(out.len() + padding_bytes(payload.len()), 0);
+}
+
+/// Bytes of an `Ack` frame's payload.
+pub const ACK_PAYLOAD_BYTES: usize = 16;
+
+/// Appends an `Ack` frame: frames up to `seq` are durable, the last at log `position`
+/// committed at `time_ms`.
+pub fn encode_ack(out: &mut Vec<u8>, seq: u64, position: u64, time_ms: u64) {
+    let mut payload = [0u8; ACK_PAYLOAD_BYTES];
+    payload[0..8].copy_from_slice(&position.to_le_bytes());
+    encode_frame(out, FrameKind::Ack, seq, time_ms, &payload);
+}
+
+/// The log position an `Ack` frame's payload carries.
+pub fn ack_position(payload: &[u8]) -> Option<u64> {
+    (payload.len() == ACK_PAYLOAD_BYTES).then(|| read_u64(payload, 0))
 }
 
 fn read_u16(bytes: &[u8], at: usize) -> u16 {

@@ -332,10 +332,12 @@ fn a_timed_out_pull_is_retried_after_backoff() {
 }
 
 #[test]
-fn backpressure_lets_only_repairs_out() {
+fn backpressure_from_the_log_lets_only_repairs_out_until_lowered() {
     let mut h = Harness::new(ReconcileConfig::default());
     h.join(&["a", "b", "c"]);
-    h.state.gates.backpressure = true;
+    let raise = h.ev("c", EventKind::Backpressure { raised: true });
+    assert!(h.step(10, vec![raise]).is_empty());
+    assert!(h.state.gates.backpressure, "a live node's raised backpressure holds the cluster");
     let mut events = h.blob_with_intent("a", B1, 1, &["b"]);
     events.extend(h.blob_with_intent("a", B2, 2, &["a", "b"]));
     events.push(h.replica("a", B1, ReplicaState::Healthy));
@@ -346,6 +348,20 @@ fn backpressure_lets_only_repairs_out() {
         "the repair goes, the migration waits"
     );
     assert_eq!(held(&h, B1), "backpressure");
+    let lower = h.ev("c", EventKind::Backpressure { raised: false });
+    assert_eq!(h.step(10, vec![lower]), strings(&["b: migrate_blob 11111111 from a"]), "lowered: the migration goes");
+    assert!(!h.state.gates.backpressure);
+}
+
+#[test]
+fn backpressure_of_a_node_that_went_down_does_not_hold_the_cluster() {
+    let mut h = Harness::new(ReconcileConfig { node_down_ms: 1_000, ..ReconcileConfig::default() });
+    h.join(&["a", "b", "c"]);
+    let raise = h.ev("c", EventKind::Backpressure { raised: true });
+    h.step(10, vec![raise]);
+    assert!(h.state.gates.backpressure);
+    h.heartbeats(2_000, &["a", "b"]);
+    assert!(!h.state.gates.backpressure, "c stopped heartbeating: its mark no longer counts");
 }
 
 #[test]

@@ -67,8 +67,11 @@ pub(crate) fn refresh(arena: &Bump, state: &mut State, out: &mut Out) {
     let node_count = state.nodes.len();
     let mut lost: BumpVec<NodeRow> = BumpVec::new_in(arena);
     let mut gained: BumpVec<NodeRow> = BumpVec::new_in(arena);
+    let mut backpressure = false;
     for node in 0..node_count {
         let live = is_live(state, node, now_ms);
+        // A node that went away cannot lower what it raised: only live nodes count.
+        backpressure |= live & state.nodes.backpressure[node];
         let nodes = &state.nodes;
         let eligible = live
             && !nodes.cordoned[node]
@@ -100,6 +103,11 @@ pub(crate) fn refresh(arena: &Bump, state: &mut State, out: &mut Out) {
     }
     if !lost.is_empty() || !gained.is_empty() {
         invalidate_plans(state, &lost, &gained);
+    }
+    if backpressure != state.gates.backpressure {
+        state.gates.backpressure = backpressure;
+        // Lowered: the moves it held may go now.
+        state.gates.capacity_freed |= !backpressure;
     }
     brake(state, now_ms);
 }

@@ -63,6 +63,8 @@ pub struct NodeTable {
     pub draining: Vec<bool>,
     pub maintenance: Vec<MaintenanceState>,
     pub avoid: Vec<bool>,
+    /// The node's sequencer has raised global backpressure (a `Backpressure` event).
+    pub backpressure: Vec<bool>,
     /// Bumped (wrapping; compare for equality only) by each "restart all daemons" aimed at the node.
     pub restart_generation: Vec<u32>,
     pub capability_version: Vec<u64>,
@@ -126,6 +128,7 @@ impl NodeTable {
         self.draining.push(false);
         self.maintenance.push(MaintenanceState::Active);
         self.avoid.push(false);
+        self.backpressure.push(false);
         self.restart_generation.push(0);
         self.capability_version.push(0);
         self.zone.push(SymbolId::NONE);
@@ -162,6 +165,7 @@ impl NodeTable {
                 self.draining.len(),
                 self.maintenance.len(),
                 self.avoid.len(),
+                self.backpressure.len(),
                 self.restart_generation.len(),
                 self.capability_version.len(),
                 self.zone.len(),
@@ -202,6 +206,7 @@ impl NodeTable {
             hasher.bool(self.draining[row]);
             hasher.u8(self.maintenance[row] as u8);
             hasher.bool(self.avoid[row]);
+            hasher.bool(self.backpressure[row]);
             hasher.u32(self.restart_generation[row]);
             hasher.u64(self.capability_version[row]);
             hasher.u32(self.zone[row].0);
