@@ -39,14 +39,17 @@
 
 pub mod action;
 pub mod config;
+pub mod engine;
 pub mod event;
 pub mod fold;
 pub mod ingest;
+pub mod loadgen;
 pub mod locality;
 pub mod logtool;
 pub mod node;
 pub mod placement;
 pub mod reconcile;
+pub mod sequencer;
 pub mod redex;
 pub mod sim;
 pub mod state;

@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::event::EventBatch;
-use crate::fold::fold_payload;
-use crate::reconcile::{Reconciler, Scope};
+use crate::engine::Engine;
 use crate::redex::embedded::{self, EmbeddedLog, RecoveryReport, VerifyReport};
 use crate::redex::{Redex, RedexError};
 use crate::sim::gen::{GenError, GenOptions, Generator};
@@ -117,19 +116,21 @@ pub fn replay(
     }
     let (mut log, recovery) = EmbeddedLog::open(dir, config)?;
     let total = log.last_position();
-    let mut state = State::new(config);
-    let mut reconciler = Reconciler::new();
+    let mut engine = Engine::new(config);
     let mut events = 0u64;
     let mut actions = 0u64;
     log.read_from(1, &mut |record| {
-        fold_payload(&mut state, record.position, record.time_ms, record.payload);
         if reconcile {
-            actions += reconciler.pass(&mut state, Scope::Incremental).len() as u64;
+            actions += engine.apply(record.position, record.time_ms, record.payload).1.len() as u64;
+        } else {
+            engine.fold_only(record.position, record.time_ms, record.payload);
         }
+        let state = &engine.state;
         events = state.events_applied + state.rejections.total;
         progress(Progress { done: record.position, total, unit: "records" });
         true
     })?;
+    let state = engine.state;
     assert_eq!(state.position, total, "replay folds every record");
     if cfg!(debug_assertions) {
         state.check_invariants();

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::config::{Config, FoldLimits, FsyncPolicy, ReconcileConfig};
+use crate::sequencer::SequencerConfig;
+use crate::sys::reactor::ReactorConfig;
 
 /// The documented example, with every default.
 pub const EXAMPLE_TOML: &str = include_str!("example.toml");
@@ -24,6 +26,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// error, warn, info, debug or trace (RUST_LOG overrides it).
     pub log_level: String,
+    /// How often the node appends its own heartbeat (keeps log time moving).
+    pub heartbeat_ms: u32,
     pub ingest: IngestConfig,
     pub log: LogConfig,
     pub fold: FoldLimits,
@@ -41,6 +45,7 @@ pub struct IngestConfig {
     pub queue_frames: u32,
     pub frames_per_round_max: u32,
     pub records_per_commit_max: u32,
+    pub commit_bytes_max: u32,
     pub backpressure_queue_high_permille: u32,
     pub backpressure_queue_low_permille: u32,
     pub backpressure_commit_high_ms: u32,
@@ -63,6 +68,7 @@ impl Default for NodeConfig {
             name: "node-1".to_string(),
             data_dir: PathBuf::from("/var/lib/meshos"),
             log_level: "info".to_string(),
+            heartbeat_ms: 1000,
             ingest: IngestConfig::default(),
             log: LogConfig::default(),
             fold: FoldLimits::default(),
@@ -81,6 +87,7 @@ impl Default for IngestConfig {
             queue_frames: 64,
             frames_per_round_max: 8,
             records_per_commit_max: 256,
+            commit_bytes_max: 16 << 20,
             backpressure_queue_high_permille: 800,
             backpressure_queue_low_permille: 500,
             backpressure_commit_high_ms: 50,
@@ -108,6 +115,9 @@ pub enum NodeConfigError {
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
+
+/// `sun_path` holds 108 bytes on Linux, the terminating zero included.
+const SOCKET_PATH_BYTES_MAX: usize = 108;
 
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
@@ -143,6 +153,7 @@ impl NodeConfig {
         }
         let ingest = &self.ingest;
         let bounded = [
+            ("heartbeat_ms", self.heartbeat_ms, 10, 3_600_000),
             ("ingest.connections_max", ingest.connections_max, 1, 1 << 20),
             ("ingest.queue_frames", ingest.queue_frames, 2, 1 << 16),
             ("ingest.frames_per_round_max", ingest.frames_per_round_max, 1, 1 << 16),
@@ -170,6 +181,26 @@ impl NodeConfig {
                 ),
             );
         }
+        if ingest.commit_bytes_max < self.log.frame_bytes_max {
+            return field(
+                "ingest.commit_bytes_max",
+                format!(
+                    "{} must hold one frame of log.frame_bytes_max ({})",
+                    ingest.commit_bytes_max, self.log.frame_bytes_max
+                ),
+            );
+        }
+        let socket_bytes = self.sdk_socket_path().as_os_str().len();
+        if socket_bytes >= SOCKET_PATH_BYTES_MAX {
+            return field(
+                "ingest.sdk_socket",
+                format!(
+                    "`{}` is {socket_bytes} bytes long; a Unix socket path must be under {SOCKET_PATH_BYTES_MAX} \
+                     (use a shorter data_dir or an absolute sdk_socket)",
+                    self.sdk_socket_path().display()
+                ),
+            );
+        }
         let fsync =
             self.log.fsync.parse::<FsyncPolicy>().map_err(|error| format!("config field `log.fsync`: {error}"))?;
         let config = Config { fsync, ..self.to_config_unchecked() };
@@ -184,6 +215,44 @@ impl NodeConfig {
             fold: self.fold,
             reconcile: self.reconcile,
             ..Config::default()
+        }
+    }
+
+    /// The log directory: `data_dir/log`.
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir.join("log")
+    }
+
+    /// The SDK socket: `ingest.sdk_socket`, relative to `data_dir` unless absolute.
+    pub fn sdk_socket_path(&self) -> PathBuf {
+        self.data_dir.join(&self.ingest.sdk_socket)
+    }
+
+    /// The reactor's listeners and limits (call after `check`).
+    pub fn reactor_config(&self) -> ReactorConfig {
+        ReactorConfig {
+            listen_tcp: Some(self.ingest.listen_tcp.parse().expect("checked by NodeConfig::check")),
+            listen_unix: Some(self.sdk_socket_path()),
+            connections_max: self.ingest.connections_max,
+            connection_buffer_bytes: self.ingest.connection_buffer_bytes,
+            queue_frames: self.ingest.queue_frames,
+            frame_bytes_max: self.log.frame_bytes_max,
+        }
+    }
+
+    /// The sequencer's limits and marks (call after `check`).
+    pub fn sequencer_config(&self) -> SequencerConfig {
+        let ingest = &self.ingest;
+        SequencerConfig {
+            node_name: self.name.clone(),
+            frame_bytes_max: self.log.frame_bytes_max,
+            frames_per_round_max: ingest.frames_per_round_max,
+            records_per_commit_max: ingest.records_per_commit_max,
+            commit_bytes_max: ingest.commit_bytes_max,
+            backpressure_queue_high_permille: ingest.backpressure_queue_high_permille,
+            backpressure_queue_low_permille: ingest.backpressure_queue_low_permille,
+            backpressure_commit_high_ms: ingest.backpressure_commit_high_ms,
+            backpressure_commit_low_ms: ingest.backpressure_commit_low_ms,
         }
     }
 
@@ -211,6 +280,9 @@ mod tests {
             ("log_level = \"loud\"", "log_level"),
             ("[ingest]\nlisten_tcp = \"nowhere\"", "ingest.listen_tcp"),
             ("[ingest]\nqueue_frames = 1", "ingest.queue_frames"),
+            ("heartbeat_ms = 1", "heartbeat_ms"),
+            ("[ingest]\ncommit_bytes_max = 1024", "ingest.commit_bytes_max"),
+            ("data_dir = \"/tmp/a-very-long-directory-name-that-goes-on-and-on-and-on-and-on-and-on-and-on-and-on\"", "ingest.sdk_socket"),
             ("[ingest]\nconnection_buffer_bytes = 100", "ingest.connection_buffer_bytes"),
             ("[log]\nfsync = \"sometimes\"", "fsync"),
             ("[log]\nframe_bytes_max = 3", "frame_bytes_max"),

@@ -1,4 +1,5 @@
-//! The node process: its config file now; the reactor, sequencer and main loop that
-//! run ingest, the log, fold, reconcile and the dispatcher arrive with issue 4.
+//! The node process: its config file and its main loop ([`run`]): reactor, sequencer,
+//! embedded log, fold, reconcile and the dispatcher.
 
 pub mod config;
+pub mod run;

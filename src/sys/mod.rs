@@ -1,9 +1,15 @@
-//! System boundary: the one place that touches the operating system's sockets.
+//! System boundary: the one place that touches the operating system's sockets and
+//! signals.
 //!
 //! [`reactor`] owns every listener and connection (TCP and Unix), turns the bytes
 //! clients send into whole, checked wire frames and hands them to the sequencer
-//! through the `ingest` rings. Invariants: no other module imports `mio` or opens a
-//! socket; nothing here panics on what a peer sends; every limit (connections, frame
-//! size, per-connection buffer, ring length) comes from the configuration.
+//! through the `ingest` rings. [`client`] is the blocking client side of the same
+//! protocol (tests, the load tool, later the SDK); [`signals`] turns SIGTERM and
+//! SIGINT into a flag the node's loop polls. Invariants: no other module imports
+//! `mio` or opens a socket; nothing here panics on what a peer sends; every limit
+//! (connections, frame size, per-connection buffer, ring length) comes from the
+//! configuration.
 
+pub mod client;
 pub mod reactor;
+pub mod signals;

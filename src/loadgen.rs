@@ -1,0 +1,304 @@
+//! Load generation for the ingest benchmark, the load tool (`perf/load.rs`) and the
+//! end-to-end tests: pre-built event frames whose sequence numbers are patched in
+//! place, and one writer thread plus one acknowledgement reader per connection.
+//!
+//! A connection of origin `load-<i>` first sends a setup frame (its joining
+//! heartbeat and the announcement of its own blob), then frames of `events_per_frame`
+//! small events cycling through the kinds a node hears most: heartbeats, RTT samples
+//! (to the node under test) and replica updates (of its own blob). Every event is
+//! under 128 bytes on the wire and valid, so fold applies every one and a test can
+//! count them: after the run, origin `load-<i>`'s last origin_seq equals the events
+//! that connection sent.
+//!
+//! Invariants: a template's archived layout never changes after it is built (only the
+//! 8-byte `origin_seq` fields and the header are rewritten), so a patched frame is a
+//! valid frame; frame numbers and origin sequence numbers strictly increase per
+//! connection. Timing lives here, not in fold or reconcile.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::event::{Event, EventBatch, EventKind, NodeHealth, ReplicaState};
+use crate::sys::client::{Client, ClientError, Replies};
+use crate::wire::{self, FrameKind};
+
+/// Frames whose send time a connection remembers, for ack latency.
+const SEND_TIMES: usize = 4096;
+
+/// A frame of events whose sequence numbers can be rewritten in place.
+pub struct FrameTemplate {
+    frame: Vec<u8>,
+    payload_bytes: usize,
+    /// Offsets of each event's `origin_seq` field within the payload.
+    seq_offsets: Vec<usize>,
+}
+
+/// The blob connection `index` announces and reports on.
+pub fn load_blob(index: u32) -> [u8; 32] {
+    *blake3::hash(format!("load-blob-{index}").as_bytes()).as_bytes()
+}
+
+/// The origin name of load connection `index`.
+pub fn load_origin(index: u32) -> String {
+    format!("load-{index}")
+}
+
+impl FrameTemplate {
+    /// A template of `kinds` (one event each) from `origin`.
+    pub fn new(origin: &str, kinds: Vec<EventKind>) -> FrameTemplate {
+        let events =
+            kinds.into_iter().enumerate().map(|(index, kind)| Event { origin: origin.to_string(), origin_seq: index as u64 + 1, kind }).collect();
+        let payload = wire::encode_batch(&EventBatch { events });
+        let batch = wire::access_batch(&payload).expect("a freshly archived batch validates");
+        let base = payload.as_ptr() as usize;
+        let seq_offsets =
+            batch.events.iter().map(|event| (&event.origin_seq as *const _ as *const u8) as usize - base).collect();
+        let mut frame = Vec::new();
+        wire::encode_frame(&mut frame, FrameKind::Events, 1, 0, &payload);
+        FrameTemplate { frame, payload_bytes: payload.len(), seq_offsets }
+    }
+
+    /// The steady-state frame of load connection `index`: `events` events cycling
+    /// heartbeat, RTT sample to `peer`, replica update.
+    pub fn steady(index: u32, events: u32, peer: &str) -> FrameTemplate {
+        let blob = load_blob(index);
+        let kinds = (0..events)
+            .map(|at| match at % 3 {
+                0 => EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 }),
+                1 => EventKind::Rtt { peer: peer.to_string(), rtt_us: 200 + at },
+                _ => EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
+            })
+            .collect();
+        FrameTemplate::new(&load_origin(index), kinds)
+    }
+
+    /// The setup frame of load connection `index`: join, announce its blob, report
+    /// its copy healthy.
+    pub fn setup(index: u32) -> FrameTemplate {
+        let blob = load_blob(index);
+        FrameTemplate::new(
+            &load_origin(index),
+            vec![
+                EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 }),
+                EventKind::BlobAnnounce { blob, size_bytes: 4096 },
+                EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
+            ],
+        )
+    }
+
+    pub fn events(&self) -> u64 {
+        self.seq_offsets.len() as u64
+    }
+
+    /// Bytes on the wire per frame.
+    pub fn frame_bytes(&self) -> usize {
+        self.frame.len()
+    }
+
+    /// Rewrites the frame as frame `frame_seq` whose events carry origin sequence
+    /// numbers from `first_origin_seq`, and returns it.
+    pub fn fill(&mut self, frame_seq: u64, first_origin_seq: u64, ack: bool) -> &[u8] {
+        let payload_start = wire::HEADER_BYTES;
+        for (index, &offset) in self.seq_offsets.iter().enumerate() {
+            let at = payload_start + offset;
+            self.frame[at..at + 8].copy_from_slice(&(first_origin_seq + index as u64).to_le_bytes());
+        }
+        let kind = if ack { FrameKind::EventsAckWanted } else { FrameKind::Events };
+        let payload = &self.frame[payload_start..payload_start + self.payload_bytes];
+        let header = wire::header_bytes(kind, frame_seq, 0, payload);
+        self.frame[..wire::HEADER_BYTES].copy_from_slice(&header);
+        &self.frame
+    }
+}
+
+/// What one load run does.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub connections: u32,
+    /// Index of the first connection (origins `load-<first>`...), so runs can share a node.
+    pub first_index: u32,
+    pub events_per_frame: u32,
+    /// Frames each connection sends after its setup frame.
+    pub frames_per_connection: u64,
+    /// Frames per write call.
+    pub frames_per_write: u32,
+    /// The node's name (the RTT samples' peer).
+    pub peer: String,
+}
+
+/// What one connection did.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionResult {
+    pub origin: String,
+    /// Events sent (setup included) and acknowledged.
+    pub events_sent: u64,
+    pub events_acked: u64,
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+    /// Ack latencies (send of a frame to its ack), microseconds.
+    pub ack_latency_us: Vec<u32>,
+    pub error: Option<String>,
+}
+
+/// Events acknowledged once frame `seq` is: the setup frame is frame 1.
+fn events_through(seq: u64, setup_events: u64, steady_events: u64) -> u64 {
+    if seq == 0 {
+        0
+    } else {
+        setup_events + (seq - 1) * steady_events
+    }
+}
+
+/// Runs `options.connections` connections against `addr` until each sent its frames
+/// and saw them all acknowledged (or failed); returns one result per connection.
+pub fn run(addr: SocketAddr, options: &LoadOptions, ack_timeout: Duration) -> Vec<ConnectionResult> {
+    let handles: Vec<JoinHandle<ConnectionResult>> = (0..options.connections)
+        .map(|offset| {
+            let options = options.clone();
+            std::thread::Builder::new()
+                .name(format!("load-{offset}"))
+                .stack_size(256 << 10)
+                .spawn(move || drive(addr, options.first_index + offset, &options, ack_timeout))
+                .expect("spawn a load thread")
+        })
+        .collect();
+    handles.into_iter().map(|handle| handle.join().expect("a load thread panicked")).collect()
+}
+
+fn drive(addr: SocketAddr, index: u32, options: &LoadOptions, ack_timeout: Duration) -> ConnectionResult {
+    let mut result = ConnectionResult { origin: load_origin(index), ..ConnectionResult::default() };
+    let (client, replies) = match Client::connect_tcp(addr) {
+        Ok(pair) => pair,
+        Err(error) => {
+            result.error = Some(error.to_string());
+            return result;
+        }
+    };
+    let send_times = Arc::new(Mutex::new(vec![Instant::now(); SEND_TIMES]));
+    let mut setup = FrameTemplate::setup(index);
+    let mut steady = FrameTemplate::steady(index, options.events_per_frame, &options.peer);
+    let (setup_events, steady_events) = (setup.events(), steady.events());
+    let last_seq = 1 + options.frames_per_connection;
+    let reader = {
+        let send_times = Arc::clone(&send_times);
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || read_acks(replies, last_seq, send_times, ack_timeout))
+            .expect("spawn an ack reader")
+    };
+    let sent = send_all(client, &mut setup, &mut steady, options, &send_times, &mut result);
+    let (acked_seq, latencies, read_error) = reader.join().expect("an ack reader panicked");
+    result.events_acked = events_through(acked_seq, setup_events, steady_events);
+    result.ack_latency_us = latencies;
+    if let Err(error) = sent {
+        result.error = Some(error.to_string());
+    } else if let Some(error) = read_error {
+        result.error = Some(error);
+    }
+    result
+}
+
+fn send_all(
+    mut client: Client,
+    setup: &mut FrameTemplate,
+    steady: &mut FrameTemplate,
+    options: &LoadOptions,
+    send_times: &Mutex<Vec<Instant>>,
+    result: &mut ConnectionResult,
+) -> Result<(), ClientError> {
+    let per_write = options.frames_per_write.max(1) as u64;
+    let mut chunk = Vec::with_capacity(steady.frame_bytes() * per_write as usize);
+    send_times.lock().expect("send times")[1] = Instant::now();
+    client.send_raw(setup.fill(1, 1, true))?;
+    result.events_sent = setup.events();
+    result.frames_sent = 1;
+    result.bytes_sent = setup.frame_bytes() as u64;
+    let mut origin_seq = 1 + setup.events();
+    let last_seq = 1 + options.frames_per_connection;
+    let mut seq = 2;
+    while seq <= last_seq {
+        let first = seq;
+        while seq <= last_seq && seq - first < per_write {
+            chunk.extend_from_slice(steady.fill(seq, origin_seq, true));
+            origin_seq += steady.events();
+            seq += 1;
+        }
+        let now = Instant::now();
+        {
+            let mut times = send_times.lock().expect("send times");
+            for frame in first..seq {
+                times[frame as usize % SEND_TIMES] = now;
+            }
+        }
+        client.send_raw(&chunk)?;
+        result.frames_sent = seq - 1;
+        result.events_sent += (seq - first) * steady.events();
+        result.bytes_sent += chunk.len() as u64;
+        chunk.clear();
+    }
+    // Keep the sending half open until the reader is done: dropping it would not
+    // close the socket (the reader holds a clone), but be explicit about lifetime.
+    drop(client);
+    Ok(())
+}
+
+fn read_acks(
+    mut replies: Replies,
+    last_seq: u64,
+    send_times: Arc<Mutex<Vec<Instant>>>,
+    ack_timeout: Duration,
+) -> (u64, Vec<u32>, Option<String>) {
+    let mut latencies = Vec::new();
+    loop {
+        if replies.acked().seq >= last_seq {
+            return (replies.acked().seq, latencies, None);
+        }
+        match replies.next_ack(Some(ack_timeout)) {
+            Ok(ack) => {
+                let sent_at = send_times.lock().expect("send times")[ack.seq as usize % SEND_TIMES];
+                latencies.push(sent_at.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            }
+            Err(error) => return (replies.acked().seq, latencies, Some(error.to_string())),
+        }
+    }
+}
+
+/// The value at `permille` of the sorted samples (0 when empty).
+pub fn percentile(sorted: &[u32], permille: u32) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let at = (sorted.len() - 1) * permille as usize / 1000;
+    sorted[at]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filled_template_is_a_valid_frame_with_the_given_numbers() {
+        let mut template = FrameTemplate::steady(3, 64, "node-1");
+        let frame = template.fill(9, 1000, true).to_vec();
+        let decoded = wire::decode_frame(&frame, 1 << 20).unwrap();
+        assert_eq!((decoded.header.kind, decoded.header.seq), (FrameKind::EventsAckWanted, 9));
+        let batch = wire::decode_batch(decoded.payload).unwrap();
+        assert_eq!(batch.events.len(), 64);
+        for (index, event) in batch.events.iter().enumerate() {
+            assert_eq!(event.origin, "load-3");
+            assert_eq!(event.origin_seq, 1000 + index as u64);
+        }
+        let per_event = frame.len() / 64;
+        assert!(per_event < 128, "{per_event} bytes per event on the wire");
+    }
+
+    #[test]
+    fn percentiles_pick_from_sorted_samples() {
+        let samples: Vec<u32> = (1..=1000).collect();
+        assert_eq!(percentile(&samples, 500), 500);
+        assert_eq!(percentile(&samples, 990), 990);
+        assert_eq!(percentile(&[], 500), 0);
+    }
+}

@@ -1,0 +1,470 @@
+//! The sequencer: merges every source's queue into one sequence of log records,
+//! commits them in groups with one fsync, and acknowledges what is durable.
+//!
+//! One collection ([`Sequencer::collect`]) serves the sources round-robin, taking at
+//! most `frames_per_round_max` frames from each per round, until the queues are empty
+//! or the group is full (`records_per_commit_max` records or `commit_bytes_max`
+//! bytes); the next collection starts at the source after the last one served, so a
+//! chatty connection cannot starve the others. Each client frame (a batch of events)
+//! becomes one log record; the node's own events (heartbeats, backpressure) gathered
+//! since the last collection become one record at the front of the group. The payloads
+//! are copied once, into one 16-byte-aligned group buffer, where they are validated
+//! (`wire::access_batch`) and later folded in place.
+//!
+//! Origins: events from a local source (the Unix socket: daemons, the node's own
+//! executors) must name this node as their origin, and the sequencer stamps their
+//! `origin_seq` from the node's own counter, patching the archived field in place;
+//! events from TCP sources (peers, the admin CLI) carry their own origin and sequence
+//! numbers, which fold checks. [`Sequencer::commit`] appends every record of the group,
+//! syncs the log once, and only then queues an `Ack` for each source that asked
+//! (`EventsAckWanted`), carrying that source's highest frame number in the group.
+//!
+//! Backpressure: after each commit the fullest queue (permille of its ring) and the
+//! commit's latency are compared with the high marks; crossing either raises global
+//! backpressure, and only falling below both low marks lowers it (hysteresis). Each
+//! change is an event of this node in the log, so every node's reconcile sees it.
+//!
+//! Invariants: a record is appended only whole and validated; acks follow the sync
+//! that made their records durable; frames of one source keep their order; a bad
+//! frame closes its source (the reactor sends the error) and the frames after it are
+//! discarded and counted, never appended; nothing here reads the log back or folds.
+
+use std::time::Instant;
+
+use rkyv::util::AlignedVec;
+
+use crate::event::{Event, EventBatch, EventKind};
+use crate::ingest::ring::Consumer;
+use crate::redex::{Redex, RedexError, Stamp};
+use crate::sys::reactor::{Command, Source, SourceKind};
+use crate::wire::{self, FrameError, FrameKind};
+
+/// Limits and marks of the sequencer (from the node config's `[ingest]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequencerConfig {
+    /// This node's name: the origin of its own and its local sources' events.
+    pub node_name: String,
+    pub frame_bytes_max: u32,
+    pub frames_per_round_max: u32,
+    pub records_per_commit_max: u32,
+    pub commit_bytes_max: u32,
+    pub backpressure_queue_high_permille: u32,
+    pub backpressure_queue_low_permille: u32,
+    pub backpressure_commit_high_ms: u32,
+    pub backpressure_commit_low_ms: u32,
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SequencerStats {
+    pub frames: u64,
+    pub events: u64,
+    pub records: u64,
+    pub commits: u64,
+    pub acks: u64,
+    /// Frames whose payload failed validation or named a foreign origin on a local socket.
+    pub rejected_frames: u64,
+    /// Frames a source sent after a rejected one (the connection is closing).
+    pub discarded_frames: u64,
+    pub backpressure_raised: u64,
+    pub backpressure_lowered: u64,
+    /// The slowest commit (appends and the fsync), in microseconds.
+    pub commit_us_max: u64,
+}
+
+/// One record of the current group: where its payload sits in the group buffer and
+/// whom to acknowledge.
+#[derive(Debug, Clone, Copy)]
+struct GroupRecord {
+    offset: usize,
+    bytes: usize,
+    /// Index into `sources`, or `usize::MAX` for the node's own events.
+    source: usize,
+    frame_seq: u64,
+    ack_wanted: bool,
+    events: u64,
+}
+
+struct SourceSlot {
+    id: u64,
+    kind: SourceKind,
+    frames: Consumer<Vec<u8>>,
+    /// A frame of this source was rejected: the rest are discarded.
+    rejected: bool,
+    /// Highest frame seq to acknowledge after the current group's sync (0: none).
+    ack_seq: u64,
+    ack_position: u64,
+}
+
+/// What a commit made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    pub records: u64,
+    pub events: u64,
+    pub last: Stamp,
+    pub commit_us: u64,
+}
+
+/// The merge-and-commit stage between the rings and the log.
+pub struct Sequencer {
+    config: SequencerConfig,
+    sources: Vec<SourceSlot>,
+    /// The source the next collection starts at.
+    cursor: usize,
+    group: AlignedVec<{ wire::ALIGN_BYTES }>,
+    records: Vec<GroupRecord>,
+    stamps: Vec<Stamp>,
+    /// Events of this node waiting for the next group.
+    own_events: Vec<EventKind>,
+    /// The last origin_seq this node used.
+    own_seq: u64,
+    backpressure: bool,
+    stats: SequencerStats,
+    /// Replies for the reactor (acks, resumes, closes), taken by the caller.
+    commands: Vec<Command>,
+    patch_offsets: Vec<usize>,
+    own_batch: EventBatch,
+}
+
+/// Bytes from the start of `base` to `field` (both inside one buffer).
+fn offset_in(base: &[u8], field: *const u8) -> usize {
+    field as usize - base.as_ptr() as usize
+}
+
+impl Sequencer {
+    /// A sequencer whose own events continue after `own_seq_last` (the highest
+    /// origin_seq of this node in the folded state).
+    pub fn new(config: SequencerConfig, own_seq_last: u64) -> Sequencer {
+        assert!(config.frames_per_round_max >= 1 && config.records_per_commit_max >= 1);
+        assert!(config.commit_bytes_max >= config.frame_bytes_max, "a group must hold one frame");
+        assert!(config.backpressure_queue_low_permille < config.backpressure_queue_high_permille);
+        assert!(config.backpressure_commit_low_ms < config.backpressure_commit_high_ms);
+        Sequencer {
+            group: AlignedVec::with_capacity(config.commit_bytes_max as usize),
+            records: Vec::with_capacity(config.records_per_commit_max as usize + 1),
+            stamps: Vec::with_capacity(config.records_per_commit_max as usize + 1),
+            config,
+            sources: Vec::new(),
+            cursor: 0,
+            own_events: Vec::new(),
+            own_seq: own_seq_last,
+            backpressure: false,
+            stats: SequencerStats::default(),
+            commands: Vec::new(),
+            patch_offsets: Vec::new(),
+            own_batch: EventBatch::default(),
+        }
+    }
+
+    /// Takes a newly accepted source into the rotation.
+    pub fn add_source(&mut self, source: Source) {
+        self.sources.push(SourceSlot {
+            id: source.id,
+            kind: source.kind,
+            frames: source.frames,
+            rejected: false,
+            ack_seq: 0,
+            ack_position: 0,
+        });
+    }
+
+    /// Queues an event of this node for the next group.
+    pub fn push_own(&mut self, kind: EventKind) {
+        self.own_events.push(kind);
+    }
+
+    pub fn stats(&self) -> &SequencerStats {
+        &self.stats
+    }
+
+    /// Sources in the rotation (open, or closed with frames left).
+    pub fn source_count(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Whether global backpressure is raised by this node.
+    pub fn backpressure(&self) -> bool {
+        self.backpressure
+    }
+
+    /// Replies for the reactor since the last call (send them with `Resumer::send`).
+    pub fn commands(&mut self) -> &mut Vec<Command> {
+        &mut self.commands
+    }
+
+    /// Records collected and not yet committed.
+    pub fn pending_records(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Collects the next group from the queues (and this node's own events); returns
+    /// the number of records in it. Call [`Sequencer::commit`] next when non-zero.
+    pub fn collect(&mut self) -> usize {
+        assert!(self.records.is_empty(), "collect after commit");
+        self.group.clear();
+        if !self.own_events.is_empty() {
+            self.collect_own();
+        }
+        let records_max = self.config.records_per_commit_max as usize;
+        let bytes_max = self.config.commit_bytes_max as usize;
+        let per_round = self.config.frames_per_round_max as usize;
+        let mut full = false;
+        while !full && !self.sources.is_empty() {
+            let mut progressed = false;
+            let count = self.sources.len();
+            for step in 0..count {
+                let index = (self.cursor + step) % count;
+                for _ in 0..per_round {
+                    let Some(frame) = self.sources[index].frames.pop() else { break };
+                    progressed = true;
+                    self.take_frame(index, &frame);
+                    if self.records.len() >= records_max || self.group.len() >= bytes_max {
+                        full = true;
+                        break;
+                    }
+                }
+                if full {
+                    // The next collection starts after the source served last.
+                    self.cursor = (index + 1) % count;
+                    break;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.tend_sources();
+        self.records.len()
+    }
+
+    /// Resumes sources whose producer paused on a full ring and, between groups (the
+    /// group's records name sources by index), drops the closed, drained ones, keeping
+    /// the cursor on the same next source.
+    fn tend_sources(&mut self) {
+        let may_remove = self.records.is_empty();
+        let mut index = 0;
+        while index < self.sources.len() {
+            let slot = &mut self.sources[index];
+            if slot.frames.take_unblocked() {
+                self.commands.push(Command::Resume { source: slot.id });
+            }
+            if may_remove && slot.frames.is_abandoned() {
+                self.sources.remove(index);
+                if self.cursor > index {
+                    self.cursor -= 1;
+                }
+                continue;
+            }
+            index += 1;
+        }
+        if self.cursor >= self.sources.len() {
+            self.cursor = 0;
+        }
+    }
+
+    fn collect_own(&mut self) {
+        self.own_batch.events.clear();
+        for kind in self.own_events.drain(..) {
+            self.own_seq += 1;
+            self.own_batch.events.push(Event { origin: self.config.node_name.clone(), origin_seq: self.own_seq, kind });
+        }
+        let payload = wire::encode_batch(&self.own_batch);
+        let offset = self.group.len();
+        self.group.extend_from_slice(&payload);
+        pad_to_alignment(&mut self.group);
+        let events = self.own_batch.events.len() as u64;
+        self.records.push(GroupRecord {
+            offset,
+            bytes: payload.len(),
+            source: usize::MAX,
+            frame_seq: 0,
+            ack_wanted: false,
+            events,
+        });
+    }
+
+    /// Copies one frame's payload into the group, validates it and, for a local
+    /// source, stamps its origin sequence numbers.
+    fn take_frame(&mut self, index: usize, frame: &[u8]) {
+        self.stats.frames += 1;
+        if self.sources[index].rejected {
+            self.stats.discarded_frames += 1;
+            return;
+        }
+        // The reactor checked the whole frame; a failure here is a bug upstream, but
+        // it is still answered as bad input rather than a panic.
+        let header = match wire::decode_header(frame, self.config.frame_bytes_max) {
+            Ok(header) if header.frame_bytes() == frame.len() => header,
+            Ok(header) => {
+                let (needed, available) = (header.frame_bytes() as u64, frame.len() as u64);
+                return self.reject(index, FrameError::Truncated { needed, available });
+            }
+            Err(error) => return self.reject(index, error),
+        };
+        let ack_wanted = match header.kind {
+            FrameKind::Events => false,
+            FrameKind::EventsAckWanted => true,
+            other => {
+                let reason = format!("frame kind {other:?} is not accepted from clients");
+                return self.reject(index, FrameError::BadPayload { reason });
+            }
+        };
+        let payload = &frame[wire::HEADER_BYTES..wire::HEADER_BYTES + header.payload_bytes as usize];
+        let offset = self.group.len();
+        self.group.extend_from_slice(payload);
+        let local = self.sources[index].kind == SourceKind::Unix;
+        let checked = {
+            let bytes = &self.group[offset..];
+            match wire::access_batch(bytes) {
+                Err(error) => Err(error),
+                Ok(batch) => {
+                    self.patch_offsets.clear();
+                    let mut foreign = None;
+                    for event in batch.events.iter() {
+                        if local {
+                            if event.origin.as_str() != self.config.node_name {
+                                foreign = Some(event.origin.as_str().to_string());
+                                break;
+                            }
+                            let field = &event.origin_seq as *const _ as *const u8;
+                            self.patch_offsets.push(offset_in(bytes, field));
+                        }
+                    }
+                    match foreign {
+                        Some(origin) => Err(FrameError::BadPayload {
+                            reason: format!(
+                                "events on the local socket must name this node `{}` as their origin, not `{}`",
+                                self.config.node_name,
+                                origin.chars().take(64).collect::<String>()
+                            ),
+                        }),
+                        None => Ok(batch.events.len() as u64),
+                    }
+                }
+            }
+        };
+        let events = match checked {
+            Ok(events) => events,
+            Err(error) => {
+                self.group.resize(offset, 0);
+                return self.reject(index, error);
+            }
+        };
+        for &at in &self.patch_offsets {
+            self.own_seq += 1;
+            self.group[offset + at..offset + at + 8].copy_from_slice(&self.own_seq.to_le_bytes());
+        }
+        pad_to_alignment(&mut self.group);
+        self.stats.events += events;
+        self.records.push(GroupRecord {
+            offset,
+            bytes: payload.len(),
+            source: index,
+            frame_seq: header.seq,
+            ack_wanted,
+            events,
+        });
+    }
+
+    fn reject(&mut self, index: usize, error: FrameError) {
+        let slot = &mut self.sources[index];
+        slot.rejected = true;
+        self.stats.rejected_frames += 1;
+        self.commands.push(Command::Close { source: slot.id, error });
+    }
+
+    /// Appends every record of the group, syncs the log once, queues the acks and
+    /// updates backpressure. On error the group is kept (nothing was acknowledged).
+    pub fn commit(&mut self, log: &mut dyn Redex) -> Result<Committed, RedexError> {
+        assert!(!self.records.is_empty(), "commit of an empty group");
+        let started = Instant::now();
+        self.stamps.clear();
+        for record in &self.records {
+            let stamp = log.append(&self.group[record.offset..record.offset + record.bytes])?;
+            self.stamps.push(stamp);
+        }
+        let durable = log.sync()?;
+        let last = *self.stamps.last().expect("a non-empty group");
+        assert!(durable >= last.position, "sync made the group durable");
+        let commit_us = started.elapsed().as_micros() as u64;
+        for (record, stamp) in self.records.iter().zip(&self.stamps) {
+            if record.ack_wanted {
+                let slot = &mut self.sources[record.source];
+                debug_assert!(record.frame_seq >= slot.ack_seq || slot.ack_seq == 0);
+                slot.ack_seq = record.frame_seq;
+                slot.ack_position = stamp.position;
+            }
+        }
+        for slot in &mut self.sources {
+            if slot.ack_seq > 0 {
+                self.commands.push(Command::Ack {
+                    source: slot.id,
+                    seq: slot.ack_seq,
+                    position: slot.ack_position,
+                    time_ms: last.time_ms,
+                });
+                self.stats.acks += 1;
+                slot.ack_seq = 0;
+            }
+        }
+        let records = self.records.len() as u64;
+        let events = self.records.iter().map(|record| record.events).sum();
+        self.stats.records += records;
+        self.stats.commits += 1;
+        self.stats.commit_us_max = self.stats.commit_us_max.max(commit_us);
+        self.update_backpressure(commit_us);
+        Ok(Committed { records, events, last, commit_us })
+    }
+
+    /// The records of the last commit, in log order: stamp and payload (aligned, ready
+    /// for `fold::fold_payload`). Valid until the next `collect`.
+    pub fn committed(&self) -> impl Iterator<Item = (Stamp, &[u8])> + '_ {
+        self.records
+            .iter()
+            .zip(&self.stamps)
+            .map(|(record, stamp)| (*stamp, &self.group[record.offset..record.offset + record.bytes]))
+    }
+
+    /// Ends a commit once its records were folded: the next `collect` may start.
+    pub fn release(&mut self) {
+        assert_eq!(self.records.len(), self.stamps.len(), "release after commit");
+        self.records.clear();
+        self.stamps.clear();
+        self.tend_sources();
+    }
+
+    /// The fullest queue, in permille of its ring.
+    pub fn queue_fill_permille(&self) -> u32 {
+        let fill = |slot: &SourceSlot| (slot.frames.len() * 1000 / slot.frames.capacity().max(1)) as u32;
+        self.sources.iter().map(fill).max().unwrap_or(0)
+    }
+
+    fn update_backpressure(&mut self, commit_us: u64) {
+        let config = &self.config;
+        let fill = self.queue_fill_permille();
+        let commit_ms = commit_us / 1000;
+        let high = fill >= config.backpressure_queue_high_permille
+            || commit_ms >= config.backpressure_commit_high_ms as u64;
+        let low = fill < config.backpressure_queue_low_permille && commit_ms < config.backpressure_commit_low_ms as u64;
+        if !self.backpressure && high {
+            self.backpressure = true;
+            self.stats.backpressure_raised += 1;
+            self.push_own(EventKind::Backpressure { raised: true });
+        } else if self.backpressure && low {
+            self.backpressure = false;
+            self.stats.backpressure_lowered += 1;
+            self.push_own(EventKind::Backpressure { raised: false });
+        }
+    }
+
+    /// True when every source is closed and drained and nothing is pending: what a
+    /// clean shutdown waits for.
+    pub fn drained(&self) -> bool {
+        self.records.is_empty() && self.own_events.is_empty() && self.sources.is_empty()
+    }
+}
+
+fn pad_to_alignment(group: &mut AlignedVec<{ wire::ALIGN_BYTES }>) {
+    let padded = group.len() + wire::padding_bytes(group.len());
+    group.resize(padded, 0);
+}
