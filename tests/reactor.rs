@@ -1,6 +1,9 @@
 //! The reactor end to end on loopback: every event sent arrives once, in order per
 //! connection, through pauses and resumes; bad input and excess connections get an
-//! error frame and close alone; Unix sockets work; shutdown joins.
+//! error frame and close alone; Unix sockets work; shutdown joins. The reply path:
+//! acks reach the client cumulative and in order, a client that never reads its acks
+//! costs a bounded amount and slows nobody, a consumer's `Close` answers with an error
+//! frame, and a paused source still gets its acks.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -13,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use meshos::event::{Event, EventBatch, EventKind, NodeHealth};
 use meshos::ingest::park::Signal;
-use meshos::sys::reactor::{Reactor, ReactorConfig, ReactorError, Resumer, Source, SourceKind, ERROR_REASONS};
-use meshos::wire::{self, FrameKind};
+use meshos::sys::reactor::{
+    Command, Reactor, ReactorConfig, ReactorError, ReactorStats, Resumer, Source, SourceKind, ERROR_REASONS,
+};
+use meshos::wire::{self, FrameError, FrameHeader, FrameKind};
 
 const FRAME_BYTES_MAX: u32 = 64 << 10;
 /// The reactor reads at most 16 chunks of 64 KiB per connection per round.
@@ -35,6 +40,15 @@ fn tcp_config(queue_frames: u32, connections_max: u32) -> ReactorConfig {
 /// Frame `seq` (from 1) of client `client`: `events_per_frame` heartbeats whose
 /// origin names the client and whose `origin_seq` continues across frames.
 fn events_frame(client: u64, seq: u64, events_per_frame: u64) -> Vec<u8> {
+    client_frame(FrameKind::Events, client, seq, events_per_frame)
+}
+
+/// As `events_frame`, asking for an acknowledgement.
+fn ack_wanted_frame(client: u64, seq: u64, events_per_frame: u64) -> Vec<u8> {
+    client_frame(FrameKind::EventsAckWanted, client, seq, events_per_frame)
+}
+
+fn client_frame(kind: FrameKind, client: u64, seq: u64, events_per_frame: u64) -> Vec<u8> {
     let events = (0..events_per_frame)
         .map(|index| Event {
             origin: format!("client-{client}"),
@@ -44,8 +58,13 @@ fn events_frame(client: u64, seq: u64, events_per_frame: u64) -> Vec<u8> {
         .collect();
     let payload = wire::encode_batch(&EventBatch { events });
     let mut frame = Vec::new();
-    wire::encode_frame(&mut frame, FrameKind::Events, seq, 0, &payload);
+    wire::encode_frame(&mut frame, kind, seq, 0, &payload);
     frame
+}
+
+/// The commit time the test consumer stamps on an ack of log `position`.
+fn commit_time_ms(position: u64) -> u64 {
+    1_000_000 + position
 }
 
 /// What the test consumer saw.
@@ -59,6 +78,10 @@ struct Consumed {
     events: u64,
     abandoned: u64,
     resumes: u64,
+    /// Frames popped from every source: the test's stand-in for a log position.
+    position: u64,
+    /// `Ack` commands sent (one per drain of a source that sent `EventsAckWanted`).
+    acks: u64,
     /// Anything wrong in a frame (the test fails on it).
     errors: Vec<String>,
 }
@@ -112,6 +135,7 @@ fn consume(
 ) {
     let mut sources: Vec<Source> = Vec::new();
     let mut aligned = rkyv::util::AlignedVec::<16>::new();
+    let mut commands: Vec<Command> = Vec::new();
     loop {
         let mut progress = false;
         while let Ok(source) = new_sources.try_recv() {
@@ -121,14 +145,19 @@ fn consume(
         }
         for source in &mut sources {
             let mut popped = 0;
+            let mut ack_seq = None;
             while let Some(frame) = source.frames.pop() {
                 popped += 1;
                 if !frame_delay.is_zero() {
                     std::thread::sleep(frame_delay);
                 }
                 let mut consumed = consumed.lock().unwrap();
+                consumed.position += 1;
                 match wire::decode_frame(&frame, FRAME_BYTES_MAX) {
                     Ok(decoded) => {
+                        if decoded.header.kind == FrameKind::EventsAckWanted {
+                            ack_seq = Some(decoded.header.seq);
+                        }
                         aligned.clear();
                         aligned.extend_from_slice(decoded.payload);
                         match wire::access_batch(&aligned) {
@@ -158,12 +187,22 @@ fn consume(
             }
             if popped > 0 {
                 progress = true;
+                let mut consumed = consumed.lock().unwrap();
+                // One cumulative ack per drain, as a sequencer acks a commit group.
+                if let Some(seq) = ack_seq {
+                    let position = consumed.position;
+                    let time_ms = commit_time_ms(position);
+                    commands.push(Command::Ack { source: source.id, seq, position, time_ms });
+                    consumed.acks += 1;
+                }
                 if source.frames.take_unblocked() {
-                    consumed.lock().unwrap().resumes += 1;
-                    resumer.resume(source.id);
+                    consumed.resumes += 1;
+                    commands.push(Command::Resume { source: source.id });
                 }
             }
         }
+        resumer.send(&mut commands);
+        assert!(commands.is_empty(), "send drains the commands");
         let before = sources.len();
         sources.retain(|source| !source.frames.is_abandoned());
         consumed.lock().unwrap().abandoned += (before - sources.len()) as u64;
@@ -199,6 +238,128 @@ fn read_error_frame(mut stream: impl Read) -> String {
     assert_eq!(frame.header.kind, FrameKind::Error);
     assert_eq!(frame.header.frame_bytes(), bytes.len(), "exactly one frame before the close");
     String::from_utf8(frame.payload.to_vec()).unwrap()
+}
+
+/// One acknowledgement as a client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AckSeen {
+    seq: u64,
+    position: u64,
+    time_ms: u64,
+}
+
+/// Reads one whole, checked frame; `None` when the stream ends at a frame boundary.
+fn read_frame(stream: &mut impl Read) -> Option<(FrameHeader, Vec<u8>)> {
+    let mut header = [0u8; wire::HEADER_BYTES];
+    let mut filled = 0;
+    while filled < header.len() {
+        match stream.read(&mut header[filled..]) {
+            Ok(0) => {
+                assert_eq!(filled, 0, "the stream ends inside a frame header");
+                return None;
+            }
+            Ok(count) => filled += count,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => panic!("reading a frame: {error}"),
+        }
+    }
+    let decoded = wire::decode_header(&header, FRAME_BYTES_MAX).expect("a frame header");
+    let mut frame = header.to_vec();
+    frame.resize(decoded.frame_bytes(), 0);
+    stream.read_exact(&mut frame[wire::HEADER_BYTES..]).expect("the rest of the frame");
+    let checked = wire::decode_frame(&frame, FRAME_BYTES_MAX).expect("a valid frame");
+    Some((checked.header, checked.payload.to_vec()))
+}
+
+/// Reads acks until the one for `final_seq`; every frame must be an ack, with seqs
+/// and positions strictly increasing.
+fn read_acks_until(stream: &mut impl Read, final_seq: u64) -> Vec<AckSeen> {
+    let mut acks: Vec<AckSeen> = Vec::new();
+    loop {
+        let (header, payload) = read_frame(stream).expect("the connection ended before the final ack");
+        assert_eq!(header.kind, FrameKind::Ack, "only acks come back on this connection");
+        let position = wire::ack_position(&payload).expect("an ack payload");
+        assert_eq!(&payload[8..], &[0u8; 8], "the ack payload ends in 8 zero bytes");
+        let ack = AckSeen { seq: header.seq, position, time_ms: header.time_ms };
+        if let Some(last) = acks.last() {
+            assert!(ack.seq > last.seq && ack.position > last.position, "{ack:?} after {last:?}");
+        }
+        assert!(ack.seq <= final_seq, "{ack:?} beyond the final seq {final_seq}");
+        acks.push(ack);
+        if ack.seq == final_seq {
+            return acks;
+        }
+    }
+}
+
+/// Client `client` sends `frames` `EventsAckWanted` frames while another thread
+/// reads its acks; returns the acks once frame `frames` is acknowledged, then closes.
+fn acking_client(addr: SocketAddr, client: u64, frames: u64) -> JoinHandle<Vec<AckSeen>> {
+    std::thread::spawn(move || {
+        let stream = connect_with_timeout(addr);
+        let mut reader = stream.try_clone().unwrap();
+        let reading = std::thread::spawn(move || read_acks_until(&mut reader, frames));
+        let mut writer = &stream;
+        for seq in 1..=frames {
+            writer.write_all(&ack_wanted_frame(client, seq, 1)).unwrap();
+        }
+        reading.join().unwrap()
+    })
+}
+
+/// The source id of client `client` once the consumer popped `frames` of its frames.
+fn source_with_frames(consumed: &Consumed, client: u64, frames: u64) -> Option<u64> {
+    let origin = format!("client-{client}");
+    let (id, _) = consumed.origins.iter().find(|(_, known)| **known == origin)?;
+    (consumed.seqs.get(id)?.len() as u64 == frames).then_some(*id)
+}
+
+/// Polls the reactor's counters until `done` holds.
+fn wait_for_stats(reactor: &Reactor, what: &str, done: impl Fn(&ReactorStats) -> bool) -> ReactorStats {
+    let start = Instant::now();
+    loop {
+        let stats = reactor.stats();
+        if done(&stats) {
+            return stats;
+        }
+        assert!(start.elapsed() < WAIT_LIMIT, "timed out waiting for {what}: {stats:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn ack_command(source: u64, seq: u64) -> Command {
+    Command::Ack { source, seq, position: seq, time_ms: commit_time_ms(seq) }
+}
+
+/// Sends one ack per call, as a sequencer committing one frame at a time would.
+fn send_acks_one_by_one(reactor: &Reactor, source: u64, seqs: std::ops::RangeInclusive<u64>) {
+    let mut commands = Vec::with_capacity(1);
+    for seq in seqs {
+        commands.push(ack_command(source, seq));
+        reactor.send(&mut commands);
+        assert!(commands.is_empty());
+    }
+}
+
+/// Acks `source` from `first_seq` on, one at a time, each once the reactor has dealt
+/// with the one before, until a write blocks (the peer must not be reading and no
+/// other connection may get acks meanwhile); returns the last seq sent. A Unix socket
+/// fills after a few hundred acks; TCP on loopback takes megabytes, so the tests
+/// that need a full socket use Unix clients.
+fn ack_until_blocked(reactor: &Reactor, source: u64, first_seq: u64) -> u64 {
+    const ACKS_MAX: u64 = 100_000;
+    let before = reactor.stats();
+    let accounted = |stats: &ReactorStats| stats.acks_sent + stats.acks_coalesced;
+    for (index, seq) in (first_seq..first_seq + ACKS_MAX).enumerate() {
+        reactor.send(&mut vec![ack_command(source, seq)]);
+        let stats = wait_for_stats(reactor, "the ack written or a blocked write", |stats| {
+            stats.writes_blocked > before.writes_blocked || accounted(stats) > accounted(&before) + index as u64
+        });
+        if stats.writes_blocked > before.writes_blocked {
+            return seq;
+        }
+    }
+    panic!("{ACKS_MAX} acks written without the socket filling: {:?}", reactor.stats());
 }
 
 fn connect_with_timeout(addr: SocketAddr) -> TcpStream {
@@ -447,4 +608,215 @@ fn a_configuration_that_cannot_hold_a_frame_is_refused() {
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("started with a buffer smaller than a frame"),
     }
+}
+
+#[test]
+fn acks_arrive_cumulative_and_in_order() {
+    const CLIENTS: u64 = 2;
+    const FRAMES: u64 = 1_000;
+    let (reactor, consumer) = start(tcp_config(8, 16), Duration::ZERO);
+    let addr = reactor.local_tcp_addr().unwrap();
+    let clients: Vec<_> = (0..CLIENTS).map(|client| acking_client(addr, client, FRAMES)).collect();
+    let acks: Vec<Vec<AckSeen>> = clients.into_iter().map(|client| client.join().unwrap()).collect();
+    consumer.wait_for("every frame and both closes", |consumed| {
+        consumed.events == CLIENTS * FRAMES && consumed.abandoned == CLIENTS
+    });
+    let stats = reactor.shutdown();
+    let consumed = consumer.finish();
+    assert_in_order(&consumed, FRAMES);
+    for client_acks in &acks {
+        assert_eq!(client_acks.last().map(|ack| ack.seq), Some(FRAMES), "the final frame is acknowledged");
+        for ack in client_acks {
+            assert_eq!(ack.time_ms, commit_time_ms(ack.position), "{ack:?}");
+        }
+    }
+    let acks_read: u64 = acks.iter().map(|client_acks| client_acks.len() as u64).sum();
+    assert_eq!(stats.acks_sent, acks_read, "every ack written whole was read");
+    assert_eq!(stats.acks_sent + stats.acks_coalesced, consumed.acks, "each ack was written or superseded");
+    assert_eq!((stats.frames_in, stats.closed, stats.closed_by_consumer), (CLIENTS * FRAMES, CLIENTS, 0));
+    assert_eq!(stats.errors_by_reason, [0; ERROR_REASONS.len()]);
+    eprintln!("{} acks commanded, {} sent, {} coalesced", consumed.acks, stats.acks_sent, stats.acks_coalesced);
+}
+
+/// A client that sends and never reads its acks while it is acked tens of thousands
+/// of times: once its socket is full the reactor keeps at most one ack being written
+/// and one pending for it (the rest are coalesced), another client gets every ack
+/// meanwhile, and once the silent client reads it finds the newest ack last.
+#[test]
+fn a_client_that_never_reads_its_acks_costs_a_bounded_amount() {
+    const SILENT_FRAMES: u64 = 10;
+    const FLOOD_ACKS: u64 = 50_000;
+    const READER_FRAMES: u64 = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sdk.sock");
+    let config = ReactorConfig { listen_unix: Some(path.clone()), ..tcp_config(64, 16) };
+    let (reactor, consumer) = start(config, Duration::ZERO);
+    let addr = reactor.local_tcp_addr().unwrap();
+    // On a Unix socket, so that it fills after a few hundred acks.
+    let mut silent = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    silent.set_read_timeout(Some(WAIT_LIMIT)).unwrap();
+    for seq in 1..=SILENT_FRAMES {
+        silent.write_all(&ack_wanted_frame(1, seq, 1)).unwrap();
+    }
+    consumer.wait_for("the silent client's frames acked", |consumed| {
+        let stats = reactor.stats();
+        source_with_frames(consumed, 1, SILENT_FRAMES).is_some()
+            && consumed.acks > 0
+            && stats.acks_sent + stats.acks_coalesced == consumed.acks
+    });
+    let silent_id = source_with_frames(&consumer.consumed.lock().unwrap(), 1, SILENT_FRAMES).unwrap();
+    // The reactor does not relate ack seqs to the frames it received, so the test
+    // acknowledges far more seqs than the silent client sent.
+    let filled_seq = ack_until_blocked(&reactor, silent_id, SILENT_FRAMES + 1);
+
+    let reader = acking_client(addr, 2, READER_FRAMES);
+    let final_seq = filled_seq + FLOOD_ACKS;
+    send_acks_one_by_one(&reactor, silent_id, filled_seq + 1..=final_seq);
+    let reader_acks = reader.join().unwrap();
+    assert_eq!(reader_acks.last().map(|ack| ack.seq), Some(READER_FRAMES));
+
+    consumer.wait_for("the reader's frames", |consumed| consumed.events == SILENT_FRAMES + READER_FRAMES);
+    let acks_total = consumer.consumed.lock().unwrap().acks + (final_seq - SILENT_FRAMES);
+    // Every accepted ack is written, superseded, or one of the two the silent
+    // connection may hold (being written, pending): nothing else is kept.
+    let stats = wait_for_stats(&reactor, "every ack accounted for", |stats| {
+        stats.acks_sent + stats.acks_coalesced + 2 >= acks_total
+    });
+    assert!(stats.acks_sent + stats.acks_coalesced <= acks_total, "{stats:?}");
+    assert!(stats.acks_coalesced >= FLOOD_ACKS - 2, "the flood on a full socket is coalesced: {stats:?}");
+
+    let silent_acks = read_acks_until(&mut silent, final_seq);
+    assert!((silent_acks.len() as u64) < filled_seq, "{} acks read", silent_acks.len());
+    let stats =
+        wait_for_stats(&reactor, "the last ack written", |stats| stats.acks_sent + stats.acks_coalesced == acks_total);
+    drop(silent);
+    consumer.wait_for("both closes", |consumed| consumed.abandoned == 2);
+    let final_stats = reactor.shutdown();
+    consumer.finish();
+    assert_eq!(final_stats.closed, 2);
+    assert_eq!(final_stats.errors_by_reason, [0; ERROR_REASONS.len()]);
+    eprintln!(
+        "filled after {filled_seq} acks; {} silent acks read; {} sent, {} coalesced, {} blocked writes",
+        silent_acks.len(),
+        stats.acks_sent,
+        stats.acks_coalesced,
+        stats.writes_blocked
+    );
+}
+
+#[test]
+fn a_close_command_sends_the_error_and_closes_that_source_alone() {
+    const READER_FRAMES: u64 = 500;
+    let (reactor, consumer) = start(tcp_config(8, 16), Duration::ZERO);
+    let addr = reactor.local_tcp_addr().unwrap();
+    let mut victim = connect_with_timeout(addr);
+    for seq in 1..=3 {
+        victim.write_all(&events_frame(1, seq, 2)).unwrap();
+    }
+    consumer.wait_for("the victim's frames", |consumed| source_with_frames(consumed, 1, 3).is_some());
+    let victim_id = source_with_frames(&consumer.consumed.lock().unwrap(), 1, 3).unwrap();
+    let bystander = acking_client(addr, 2, READER_FRAMES);
+
+    let error = FrameError::BadPayload { reason: "event 2 names no node".to_string() };
+    let mut commands = vec![Command::Close { source: victim_id, error: error.clone() }];
+    reactor.send(&mut commands);
+    assert!(commands.is_empty());
+    assert_eq!(read_error_frame(&mut victim), error.to_string(), "the error's text, then the end");
+
+    // The source is gone: more commands for it, or for an id never given out, are
+    // ignored; an empty send does nothing.
+    let unknown = 1 << 40;
+    let mut commands = Vec::new();
+    for source in [victim_id, unknown] {
+        commands.push(Command::Close { source, error: error.clone() });
+        commands.push(Command::Ack { source, seq: 9, position: 9, time_ms: 9 });
+        commands.push(Command::Resume { source });
+    }
+    reactor.send(&mut commands);
+    reactor.send(&mut Vec::new());
+
+    let bystander_acks = bystander.join().unwrap();
+    assert_eq!(bystander_acks.last().map(|ack| ack.seq), Some(READER_FRAMES));
+    consumer.wait_for("both sources closed", |consumed| {
+        consumed.abandoned == 2 && consumed.events == 3 * 2 + READER_FRAMES
+    });
+    let stats = reactor.shutdown();
+    let consumed = consumer.finish();
+    assert_eq!(consumed.seqs[&victim_id], vec![1, 2, 3]);
+    let index = |code: &str| ERROR_REASONS.iter().position(|known| *known == code).unwrap();
+    assert_eq!(stats.errors_by_reason[index("bad_payload")], 1);
+    assert_eq!(stats.errors_by_reason.iter().sum::<u64>(), 1);
+    assert_eq!((stats.closed_by_consumer, stats.closed, stats.unexpected_kind), (1, 2, 0));
+}
+
+/// A source paused on a full ring still gets its acks, including through a socket
+/// that fills (WRITABLE while READABLE is withheld), and reads on after resuming.
+#[test]
+fn a_paused_source_still_gets_its_acks() {
+    const FRAMES: u64 = 10;
+    const FLOOD_ACKS: u64 = 50_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sdk.sock");
+    let config = ReactorConfig { listen_tcp: None, listen_unix: Some(path.clone()), ..tcp_config(2, 16) };
+    // No consumer thread: the test holds the source, so its ring of 2 stays full.
+    let (reactor, new_sources) = Reactor::start(config, Signal::new()).unwrap();
+    // On a Unix socket, so that it fills after a few hundred acks.
+    let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    client.set_read_timeout(Some(WAIT_LIMIT)).unwrap();
+    for seq in 1..=FRAMES {
+        client.write_all(&ack_wanted_frame(1, seq, 1)).unwrap();
+    }
+    wait_for_stats(&reactor, "the source paused", |stats| stats.paused_now == 1);
+    let mut source = new_sources.recv_timeout(WAIT_LIMIT).unwrap();
+
+    // The two frames in the ring are durable.
+    reactor.send(&mut vec![ack_command(source.id, 2)]);
+    let first = read_acks_until(&mut client, 2);
+    assert_eq!(first, vec![AckSeen { seq: 2, position: 2, time_ms: commit_time_ms(2) }]);
+
+    // Many more while the client does not read: the socket fills and the reactor
+    // waits for WRITABLE alone. The reactor does not relate ack seqs to frames.
+    let filled_seq = ack_until_blocked(&reactor, source.id, 3);
+    let flood_last = filled_seq + FLOOD_ACKS;
+    send_acks_one_by_one(&reactor, source.id, filled_seq + 1..=flood_last);
+    // Every ack (seq 2, then 3..=flood_last) is written, superseded or one of the two
+    // held (being written, pending): the flood is dealt with before the client reads.
+    let acks_total = flood_last - 1;
+    let stats = wait_for_stats(&reactor, "the flood dealt with", |stats| {
+        stats.acks_sent + stats.acks_coalesced + 2 >= acks_total
+    });
+    assert!(stats.acks_sent + stats.acks_coalesced <= acks_total, "{stats:?}");
+    assert_eq!((stats.paused_now, stats.pauses, stats.frames_in), (1, 1, 2), "still paused");
+    let flood = read_acks_until(&mut client, flood_last);
+    assert!((flood.len() as u64) < filled_seq, "{} acks read", flood.len());
+    assert_eq!(reactor.stats().paused_now, 1, "acks do not resume reading");
+
+    // Resume: every frame arrives, and acks still flow.
+    let mut popped = 0;
+    let start = Instant::now();
+    while popped < FRAMES {
+        assert!(start.elapsed() < WAIT_LIMIT, "{popped} frames popped: {:?}", reactor.stats());
+        match source.frames.pop() {
+            Some(frame) => {
+                let header = wire::decode_frame(&frame, FRAME_BYTES_MAX).unwrap().header;
+                assert_eq!((header.kind, header.seq), (FrameKind::EventsAckWanted, popped + 1));
+                popped += 1;
+                if source.frames.take_unblocked() {
+                    reactor.resume(source.id);
+                }
+            }
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    let last = flood_last + 1;
+    reactor.send(&mut vec![ack_command(source.id, last)]);
+    assert_eq!(read_acks_until(&mut client, last).len(), 1);
+    let stats = wait_for_stats(&reactor, "every ack accounted for", |stats| {
+        stats.acks_sent + stats.acks_coalesced == acks_total + 1
+    });
+    assert_eq!((stats.paused_now, stats.frames_in), (0, FRAMES));
+    assert!(stats.resumes >= 1 && stats.writes_blocked >= 1, "{stats:?}");
+    let stats = reactor.shutdown();
+    assert_eq!((stats.closed, stats.paused_now), (1, 0));
+    assert_eq!(client.read(&mut [0u8; 16]).unwrap(), 0, "shutdown closed the connection");
 }

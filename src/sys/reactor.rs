@@ -2,41 +2,78 @@
 //!
 //! Purpose: accept clients on a TCP and/or a Unix listener, read what they send
 //! without blocking, cut it into whole wire frames, check each frame
-//! (`wire::decode_frame` against `frame_bytes_max`, kind `Events` only) and push it,
-//! as received (header included), into that connection's SPSC ring for the
-//! sequencer. Each accepted connection becomes a [`Source`] handed to the consumer
-//! through an mpsc channel; [`Signal::notify`] wakes the consumer after each round
-//! of pushes, each new source and each closed connection.
+//! (`wire::decode_frame` against `frame_bytes_max`, kind `Events` or
+//! `EventsAckWanted` only) and push it, as received (header included), into that
+//! connection's SPSC ring for the sequencer, which reads the kind from the header.
+//! Each accepted connection becomes a [`Source`] handed to the consumer through an
+//! mpsc channel; [`Signal::notify`] wakes the consumer after each round of pushes,
+//! each new source and each closed connection. The consumer answers through
+//! [`Command`]s (resume, acknowledge, close), which the reactor alone turns into
+//! socket operations.
 //!
 //! Back-pressure without loss: when a ring is full the frame stays in the
 //! connection's buffer, the reactor calls `mark_blocked`; if that returns true the
-//! socket is deregistered (mio has no empty interest set, so "no READABLE" is a
-//! deregistration), the kernel buffers fill and TCP pushes back on the sender. The
-//! consumer's `take_unblocked` tells it to call [`Reactor::resume`] (or a
-//! [`Resumer`]), which queues the id and wakes the reactor through a `mio::Waker`;
-//! the reactor registers READABLE again and pushes the buffered frames first.
+//! connection is paused: READABLE is withdrawn from its registration, the kernel
+//! buffers fill and TCP pushes back on the sender. The consumer's `take_unblocked`
+//! tells it to send [`Command::Resume`] (or call `resume`); the reactor asks for
+//! READABLE again and pushes the buffered frames first.
+//!
+//! The command path: [`Resumer::send`] / [`Reactor::send`] append commands to one
+//! shared queue under one lock and wake the reactor through a `mio::Waker`; the
+//! reactor takes the whole queue once per round and acts on it in order. A command
+//! for a source that is unknown or already closed is ignored.
+//!
+//! The reply path: [`Command::Ack`] says every frame of a source up to `seq` is
+//! durable. Each connection keeps at most one pending ack (not yet encoded) and an
+//! output buffer holding at most one frame being written (an `Ack`, or the error
+//! frame of a close), never more than `OUTPUT_BYTES_MAX`. An ack whose seq is not
+//! above the highest one pending, being written or written is ignored; a newer ack
+//! replaces the pending one (counted in `acks_coalesced`). Acks are cumulative, so
+//! the newest says everything the older ones said: coalescing loses nothing, and a
+//! client that never reads its acks costs O(1) memory and never stalls the reactor
+//! or other connections. The pending ack is encoded only when the output is empty,
+//! so it stays replaceable as long as possible. Writes never block: on WouldBlock
+//! the connection asks for WRITABLE and finishes when the socket is writable.
+//!
+//! Registration: a connection wants READABLE unless paused, plus WRITABLE while it
+//! has anything to write; wanting neither means deregistered (mio has no empty
+//! interest set). `interest` records what is registered; changes go through
+//! register / reregister / deregister, and a failure closes the connection.
 //!
 //! Invariants:
 //! 1. A frame is pushed only whole and checked; a partial frame left by a peer that
 //!    disconnects is discarded and counted (`disconnected_mid_frame`), never pushed.
-//! 2. Nothing is dropped: a frame leaves the buffer only once `try_push` took it.
-//! 3. Per connection, frames are pushed in the order received.
-//! 4. A bad frame (any `FrameError`, or a kind other than `Events`) gets one error
-//!    frame (`FrameKind::Error`, the error's text) written best effort without
-//!    blocking, then that connection alone is closed; the count is kept per
+//! 2. Nothing received is dropped: a frame leaves the buffer only once `try_push`
+//!    took it.
+//! 3. Per connection, frames are pushed in the order received, and acks are written
+//!    with strictly increasing seqs; each frame on the wire is whole unless the
+//!    connection closes while it is being written.
+//! 4. A bad frame (any `FrameError`, or a kind other than `Events` and
+//!    `EventsAckWanted`), or a [`Command::Close`], gets one error frame
+//!    (`FrameKind::Error`, the error's text) written best effort without blocking,
+//!    after the ack being written and the pending one if the socket takes them all
+//!    (otherwise no error frame, since it cannot be written without blocking), then
+//!    that connection alone is closed; the count is kept per
 //!    `FrameError::reason_code` ([`ERROR_REASONS`]).
 //! 5. At most `connections_max` connections are open; one more is accepted, sent an
 //!    error frame saying so, closed and counted (`rejected_connections`).
 //! 6. A connection's read buffer starts empty (an idle connection costs nothing but
 //!    its struct) and never holds more than `connection_buffer_bytes`; start refuses a
-//!    configuration where one frame of `frame_bytes_max` would not fit.
-//! 7. Nothing here panics on input; socket errors close the one connection.
+//!    configuration where one frame of `frame_bytes_max` would not fit. Its output
+//!    buffer starts empty and never holds more than `OUTPUT_BYTES_MAX`; its pending
+//!    ack is one fixed-size value.
+//! 7. `paused` means READABLE is withheld, whatever the output needs; `paused_now`
+//!    counts the paused connections that are open.
+//! 8. Nothing here panics on input; socket errors (reading or writing) close the one
+//!    connection. A peer that closes while acks are pending is simply closed.
 //!
 //! Not done here: payload validation (`wire::access_batch`) is left to the
-//! sequencer, which must copy the payload to an aligned buffer anyway. Fairness: a
-//! connection is read at most `READS_PER_ROUND_MAX` times per round, then served
-//! again after the others (readiness is edge-triggered, so the reactor keeps its own
-//! list of connections that may still hold bytes).
+//! sequencer, which must copy the payload to an aligned buffer anyway, and reports a
+//! bad payload back with [`Command::Close`]. Fairness: a connection is read at most
+//! `READS_PER_ROUND_MAX` times per round, then served again after the others
+//! (readiness is edge-triggered, so the reactor keeps its own list of connections
+//! that may still hold bytes). Shutdown closes connections without writing their
+//! pending acks.
 
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use std::collections::HashMap;
@@ -87,6 +124,17 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 const IDLE_BUFFER_KEEP_BYTES: usize = 64 << 10;
 /// Bytes of an error frame's text at most.
 const ERROR_TEXT_BYTES_MAX: usize = 1024;
+/// Bytes of an error frame at most (header, text, padding).
+const ERROR_FRAME_BYTES_MAX: usize = wire::frame_bytes(ERROR_TEXT_BYTES_MAX);
+/// Bytes of an `Ack` frame.
+const ACK_FRAME_BYTES: usize = wire::frame_bytes(wire::ACK_PAYLOAD_BYTES);
+/// Bytes a connection's output buffer holds at most: the one frame being written,
+/// an ack or the closing error frame. Acks never queue behind each other (they are
+/// coalesced instead), so this bound is what a connection's write side costs.
+const OUTPUT_BYTES_MAX: usize = 4 << 10;
+const _: () = assert!(ACK_FRAME_BYTES <= OUTPUT_BYTES_MAX);
+const _: () = assert!(ERROR_FRAME_BYTES_MAX <= OUTPUT_BYTES_MAX);
+const _: () = assert!(OUTPUT_BYTES_MAX <= IDLE_BUFFER_KEEP_BYTES);
 /// Bytes read and discarded after an error, before closing (so an unread input does
 /// not turn the close into a reset that could destroy the error frame).
 const DRAIN_ON_CLOSE_BYTES_MAX: usize = 256 << 10;
@@ -115,13 +163,31 @@ pub enum SourceKind {
 }
 
 /// One accepted connection as the consumer (the sequencer) sees it: its id and the
-/// ring of whole, checked frames (`Vec<u8>`, header included, as received) it
-/// produces. The ring is abandoned (`Consumer::is_abandoned`) once the connection
-/// is closed and every frame was popped.
+/// ring of whole, checked frames (`Vec<u8>`, header included, as received; kind
+/// `Events` or `EventsAckWanted`) it produces. The ring is abandoned
+/// (`Consumer::is_abandoned`) once the connection is closed and every frame was
+/// popped.
 pub struct Source {
     pub id: u64,
     pub frames: Consumer<Vec<u8>>,
     pub kind: SourceKind,
+}
+
+/// What the consumer asks of the reactor, through [`Resumer::send`] or
+/// [`Reactor::send`]. A command for a source that is unknown or closed is ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Read a paused source again (what `resume` does).
+    Resume { source: u64 },
+    /// Every frame of `source` up to its frame `seq` is durable, the last at log
+    /// `position` committed at `time_ms`. Cumulative: a newer ack supersedes an older
+    /// one not yet written, and an ack not above one already pending or written is
+    /// ignored.
+    Ack { source: u64, seq: u64, position: u64, time_ms: u64 },
+    /// The consumer found a frame of `source` bad (e.g. payload validation): send an
+    /// error frame with `error`'s text, count it under `error.reason_code()` in
+    /// `errors_by_reason`, close that connection.
+    Close { source: u64, error: FrameError },
 }
 
 /// Counters since start.
@@ -129,7 +195,7 @@ pub struct Source {
 pub struct ReactorStats {
     /// Connections accepted as sources.
     pub accepted: u64,
-    /// Sources closed (by the peer, an error or shutdown).
+    /// Sources closed (by the peer, an error, the consumer or shutdown).
     pub closed: u64,
     pub frames_in: u64,
     pub bytes_in: u64,
@@ -146,10 +212,21 @@ pub struct ReactorStats {
     pub rejected_connections: u64,
     /// Connections closed by the peer in the middle of a frame (partial frame discarded).
     pub disconnected_mid_frame: u64,
-    /// Valid frames of a kind clients may not send (anything but `Events`).
+    /// Valid frames of a kind clients may not send (anything but `Events` and
+    /// `EventsAckWanted`).
     pub unexpected_kind: u64,
-    /// Frame errors, indexed like [`ERROR_REASONS`].
+    /// Frame errors, indexed like [`ERROR_REASONS`] (the consumer's `Close` commands
+    /// included).
     pub errors_by_reason: [u64; ERROR_REASONS.len()],
+    /// Ack frames fully written.
+    pub acks_sent: u64,
+    /// Acks superseded by a newer ack of the same connection before being written.
+    pub acks_coalesced: u64,
+    /// `Close` commands acted on (the source was still open).
+    pub closed_by_consumer: u64,
+    /// Times a write would block and the connection waited for WRITABLE (its peer
+    /// reads slower than it is answered).
+    pub writes_blocked: u64,
 }
 
 /// Why the reactor could not start.
@@ -181,6 +258,10 @@ struct StatCells {
     disconnected_mid_frame: AtomicU64,
     unexpected_kind: AtomicU64,
     errors_by_reason: [AtomicU64; ERROR_REASONS.len()],
+    acks_sent: AtomicU64,
+    acks_coalesced: AtomicU64,
+    closed_by_consumer: AtomicU64,
+    writes_blocked: AtomicU64,
 }
 
 fn bump(cell: &AtomicU64, by: u64) {
@@ -203,6 +284,10 @@ impl StatCells {
             disconnected_mid_frame: load(&self.disconnected_mid_frame),
             unexpected_kind: load(&self.unexpected_kind),
             errors_by_reason: std::array::from_fn(|index| load(&self.errors_by_reason[index])),
+            acks_sent: load(&self.acks_sent),
+            acks_coalesced: load(&self.acks_coalesced),
+            closed_by_consumer: load(&self.closed_by_consumer),
+            writes_blocked: load(&self.writes_blocked),
         }
     }
 }
@@ -210,13 +295,26 @@ impl StatCells {
 /// State shared by the handle, resumers and the reactor thread.
 struct Shared {
     waker: Waker,
-    resume_ids: Mutex<Vec<u64>>,
+    /// Commands sent and not yet taken by the reactor thread, in sending order.
+    commands: Mutex<Vec<Command>>,
     stopping: AtomicBool,
     stats: StatCells,
 }
 
-/// A cloneable, `Send` handle that asks the reactor to read a paused source again
-/// (for a consumer thread that does not own the [`Reactor`]).
+impl Shared {
+    /// Appends `commands` (drained) under one lock and wakes the reactor once.
+    fn send(&self, commands: &mut Vec<Command>) {
+        if commands.is_empty() {
+            return;
+        }
+        self.commands.lock().unwrap_or_else(PoisonError::into_inner).append(commands);
+        // A failed wake means the poller is gone, so the reactor is stopping anyway.
+        let _ = self.waker.wake();
+    }
+}
+
+/// A cloneable, `Send` handle that sends [`Command`]s to the reactor (for a consumer
+/// thread that does not own the [`Reactor`]).
 #[derive(Clone)]
 pub struct Resumer {
     shared: Arc<Shared>,
@@ -226,13 +324,19 @@ impl Resumer {
     /// Queues `source_id` to be read again and wakes the reactor. Harmless when the
     /// source is not paused or is gone.
     pub fn resume(&self, source_id: u64) {
-        self.shared.resume_ids.lock().unwrap_or_else(PoisonError::into_inner).push(source_id);
-        // A failed wake means the poller is gone, so the reactor is stopping anyway.
+        self.shared.commands.lock().unwrap_or_else(PoisonError::into_inner).push(Command::Resume { source: source_id });
         let _ = self.shared.waker.wake();
+    }
+
+    /// Moves every command out of `commands` (left empty, its capacity kept) into the
+    /// reactor's queue under one lock, and wakes the reactor once; nothing when
+    /// `commands` is empty.
+    pub fn send(&self, commands: &mut Vec<Command>) {
+        self.shared.send(commands);
     }
 }
 
-/// Handle of the running reactor thread: resume, stats, shutdown.
+/// Handle of the running reactor thread: commands, stats, shutdown.
 pub struct Reactor {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -272,7 +376,7 @@ impl Reactor {
         }
         let shared = Arc::new(Shared {
             waker,
-            resume_ids: Mutex::new(Vec::new()),
+            commands: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             stats: StatCells::default(),
         });
@@ -292,6 +396,8 @@ impl Reactor {
             config,
             pushed: false,
             read_again: Vec::new(),
+            commands: Vec::new(),
+            flush_wanted: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("meshos-reactor".to_string())
@@ -311,7 +417,13 @@ impl Reactor {
         self.resumer().resume(source_id);
     }
 
-    /// A handle for another thread to call `resume` with.
+    /// As [`Resumer::send`]: moves every command out of `commands` into the
+    /// reactor's queue under one lock and wakes the reactor once.
+    pub fn send(&self, commands: &mut Vec<Command>) {
+        self.shared.send(commands);
+    }
+
+    /// A handle for another thread to call `resume` and `send` with.
     pub fn resumer(&self) -> Resumer {
         Resumer { shared: Arc::clone(&self.shared) }
     }
@@ -401,17 +513,22 @@ impl Stream {
         }
     }
 
-    fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        match self {
-            Stream::Tcp(stream) => registry.register(stream, token, Interest::READABLE),
-            Stream::Unix(stream) => registry.register(stream, token, Interest::READABLE),
-        }
-    }
-
-    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
-        match self {
-            Stream::Tcp(stream) => registry.deregister(stream),
-            Stream::Unix(stream) => registry.deregister(stream),
+    /// Moves the registration from `current` to `wanted` (`None`: not registered).
+    fn set_interest(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        current: Option<Interest>,
+        wanted: Option<Interest>,
+    ) -> io::Result<()> {
+        match (self, current, wanted) {
+            (_, None, None) => Ok(()),
+            (Stream::Tcp(stream), Some(_), None) => registry.deregister(stream),
+            (Stream::Unix(stream), Some(_), None) => registry.deregister(stream),
+            (Stream::Tcp(stream), None, Some(interest)) => registry.register(stream, token, interest),
+            (Stream::Unix(stream), None, Some(interest)) => registry.register(stream, token, interest),
+            (Stream::Tcp(stream), Some(_), Some(interest)) => registry.reregister(stream, token, interest),
+            (Stream::Unix(stream), Some(_), Some(interest)) => registry.reregister(stream, token, interest),
         }
     }
 
@@ -437,14 +554,11 @@ impl Stream {
     }
 
     /// Writes an error frame carrying `text`, best effort: whatever the socket takes
-    /// now without blocking; the rest is dropped, as the connection is closing.
+    /// now without blocking; the rest is dropped, as the connection is closing. For a
+    /// socket with nothing else to write (a connection refused at accept).
     fn write_error_frame(&mut self, text: &str) {
-        let mut end = text.len().min(ERROR_TEXT_BYTES_MAX);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
         let mut frame = Vec::new();
-        wire::encode_frame(&mut frame, FrameKind::Error, 0, 0, &text.as_bytes()[..end]);
+        encode_error_frame(&mut frame, text);
         let mut written = 0;
         while written < frame.len() {
             match self.write(&frame[written..]) {
@@ -454,9 +568,14 @@ impl Stream {
                 Err(_) => break,
             }
         }
+        self.shutdown_and_drain();
+    }
+
+    /// Shuts the write side and reads and discards what the peer already sent, so
+    /// closing does not reset the connection (a reset can destroy the last frame
+    /// written before the peer reads it).
+    fn shutdown_and_drain(&mut self) {
         self.shutdown_write();
-        // Read and discard what the peer already sent, so closing does not reset the
-        // connection (a reset can destroy the error frame before the peer reads it).
         let mut sink = [0u8; 4096];
         let mut drained = 0;
         while drained < DRAIN_ON_CLOSE_BYTES_MAX {
@@ -470,6 +589,36 @@ impl Stream {
     }
 }
 
+/// Appends an error frame carrying `text`, cut to [`ERROR_TEXT_BYTES_MAX`] bytes on
+/// a character boundary.
+fn encode_error_frame(out: &mut Vec<u8>, text: &str) {
+    let mut end = text.len().min(ERROR_TEXT_BYTES_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let start = out.len();
+    wire::encode_frame(out, FrameKind::Error, 0, 0, &text.as_bytes()[..end]);
+    debug_assert!(out.len() - start <= ERROR_FRAME_BYTES_MAX);
+}
+
+/// An acknowledgement not yet encoded: the fields of [`Command::Ack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PendingAck {
+    seq: u64,
+    position: u64,
+    time_ms: u64,
+}
+
+/// How writing a connection's output ended.
+enum Flush {
+    /// Everything is written: the output is empty and no ack is pending.
+    Done,
+    /// The socket would block with bytes left in the output; wait for WRITABLE.
+    Blocked,
+    /// The socket failed or the peer is gone: close the connection.
+    Failed,
+}
+
 /// One accepted connection, owned by the reactor thread.
 struct Connection {
     stream: Stream,
@@ -477,8 +626,113 @@ struct Connection {
     /// Received bytes not yet pushed: whole frames waiting for ring room, then at
     /// most one partial frame. Never longer than `connection_buffer_bytes`.
     buffer: Vec<u8>,
-    /// True while deregistered because the ring is full.
+    /// True while READABLE is withheld because the ring is full.
     paused: bool,
+    /// What the socket is registered for; `None` while deregistered.
+    interest: Option<Interest>,
+    /// The one frame being written (bytes `output_written_bytes..` still to go), or
+    /// empty. Never longer than `OUTPUT_BYTES_MAX`.
+    output: Vec<u8>,
+    output_written_bytes: usize,
+    /// The frame in `output` is an ack (counted in `acks_sent` once written whole).
+    output_holds_ack: bool,
+    /// The newest ack not yet encoded; encoded only once `output` is empty.
+    pending_ack: Option<PendingAck>,
+    /// The highest seq acknowledged so far (pending, being written or written).
+    ack_seq_highest: Option<u64>,
+}
+
+impl Connection {
+    fn new(stream: Stream, frames: Producer<Vec<u8>>, interest: Interest) -> Connection {
+        Connection {
+            stream,
+            frames,
+            buffer: Vec::new(),
+            paused: false,
+            interest: Some(interest),
+            output: Vec::new(),
+            output_written_bytes: 0,
+            output_holds_ack: false,
+            pending_ack: None,
+            ack_seq_highest: None,
+        }
+    }
+
+    /// READABLE unless paused, WRITABLE while something is left to write.
+    fn wanted_interest(&self) -> Option<Interest> {
+        let readable = (!self.paused).then_some(Interest::READABLE);
+        let writable = (!self.output.is_empty() || self.pending_ack.is_some()).then_some(Interest::WRITABLE);
+        match (readable, writable) {
+            (Some(readable), Some(writable)) => Some(readable | writable),
+            (readable, writable) => readable.or(writable),
+        }
+    }
+
+    /// Records `ack` unless an ack at or above its seq was already accepted; a pending
+    /// ack it replaces is counted as coalesced. True when the caller should flush
+    /// (nothing was waiting to be written before; otherwise a flush is already due,
+    /// either queued this round or on WRITABLE).
+    fn queue_ack(&mut self, ack: PendingAck, stats: &StatCells) -> bool {
+        if self.ack_seq_highest.is_some_and(|highest| ack.seq <= highest) {
+            return false;
+        }
+        self.ack_seq_highest = Some(ack.seq);
+        match self.pending_ack.replace(ack) {
+            Some(_) => {
+                bump(&stats.acks_coalesced, 1);
+                false
+            }
+            None => self.output.is_empty(),
+        }
+    }
+
+    /// Writes the output, then the pending ack, until both are done or the socket
+    /// would block or fails.
+    fn flush(&mut self, stats: &StatCells) -> Flush {
+        loop {
+            if self.output.is_empty() {
+                let Some(ack) = self.pending_ack.take() else { return Flush::Done };
+                wire::encode_ack(&mut self.output, ack.seq, ack.position, ack.time_ms);
+                self.output_holds_ack = true;
+                debug_assert_eq!(self.output.len(), ACK_FRAME_BYTES);
+            }
+            assert!(self.output.len() <= OUTPUT_BYTES_MAX, "output of {} bytes", self.output.len());
+            assert!(self.output_written_bytes < self.output.len(), "output written past its end");
+            match self.stream.write(&self.output[self.output_written_bytes..]) {
+                Ok(0) => return Flush::Failed,
+                Ok(count) => {
+                    self.output_written_bytes += count;
+                    if self.output_written_bytes == self.output.len() {
+                        if self.output_holds_ack {
+                            bump(&stats.acks_sent, 1);
+                        }
+                        self.output.clear();
+                        self.output_written_bytes = 0;
+                        self.output_holds_ack = false;
+                    }
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    bump(&stats.writes_blocked, 1);
+                    return Flush::Blocked;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Flush::Failed,
+            }
+        }
+    }
+
+    /// The last words before closing: the output and the pending ack, then an error
+    /// frame carrying `text` if everything before it was written (so it is never
+    /// spliced into a half-written frame), all without blocking; then shut the write
+    /// side and drain. The caller closes the connection.
+    fn finish_with_error(&mut self, text: &str, stats: &StatCells) {
+        if let Flush::Done = self.flush(stats) {
+            encode_error_frame(&mut self.output, text);
+            self.output_holds_ack = false;
+            let _ = self.flush(stats);
+        }
+        self.stream.shutdown_and_drain();
+    }
 }
 
 /// What reading a connection ended with.
@@ -489,7 +743,7 @@ enum Outcome {
     /// it again after the other ready connections (edge-triggered readiness will not
     /// report it again).
     Budget,
-    /// The ring is full and the connection is paused.
+    /// The ring is full and blocked: pause the connection.
     Paused,
     /// Close the connection (the counters are already updated).
     Close,
@@ -511,6 +765,10 @@ struct EventLoop {
     pushed: bool,
     /// Connections that spent their read budget with the socket still readable.
     read_again: Vec<u64>,
+    /// Commands taken from the shared queue (kept to reuse its allocation).
+    commands: Vec<Command>,
+    /// Connections given an ack this round with nothing waiting to be written before.
+    flush_wanted: Vec<u64>,
 }
 
 impl EventLoop {
@@ -531,10 +789,21 @@ impl EventLoop {
                 match event.token() {
                     WAKE_TOKEN => {}
                     TCP_LISTENER_TOKEN | UNIX_LISTENER_TOKEN => self.accept_all(event.token()),
-                    Token(token) => self.on_readable(token as u64),
+                    Token(token) => {
+                        let id = token as u64;
+                        let writable = event.is_writable() || event.is_write_closed();
+                        if writable {
+                            self.on_writable(id);
+                        }
+                        // Anything else (readable, read closed, an error) is found
+                        // out by reading, as is a connection that is not paused.
+                        if !writable || event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_readable(id);
+                        }
+                    }
                 }
             }
-            self.resume_queued();
+            self.run_commands();
             for id in std::mem::take(&mut self.read_again) {
                 self.on_readable(id);
             }
@@ -586,18 +855,18 @@ impl EventLoop {
         let id = self.next_id;
         self.next_id += 1;
         let Ok(token) = usize::try_from(id) else { return };
-        if stream.register(self.poll.registry(), Token(token)).is_err() {
+        if stream.set_interest(self.poll.registry(), Token(token), None, Some(Interest::READABLE)).is_err() {
             return;
         }
         let (producer, consumer) = ring(self.ring_frames);
         let kind = stream.kind();
         if self.sources_tx.send(Source { id, frames: consumer, kind }).is_err() {
             // Nobody consumes: do not keep the connection.
-            let _ = stream.deregister(self.poll.registry());
+            let _ = stream.set_interest(self.poll.registry(), Token(token), Some(Interest::READABLE), None);
             return;
         }
         bump(&self.stats().accepted, 1);
-        self.connections.insert(id, Connection { stream, frames: producer, buffer: Vec::new(), paused: false });
+        self.connections.insert(id, Connection::new(stream, producer, Interest::READABLE));
         self.pushed = true;
         // Data may already be waiting; edge-triggered readiness reports it, but
         // reading now costs one failed read at most.
@@ -613,6 +882,31 @@ impl EventLoop {
         self.settle(id, outcome);
     }
 
+    /// Writes what the connection has to write, then asks for WRITABLE if the socket
+    /// would block (or drops it when everything went out).
+    fn on_writable(&mut self, id: u64) {
+        let Some(connection) = self.connections.get_mut(&id) else { return };
+        match connection.flush(&self.shared.stats) {
+            Flush::Done | Flush::Blocked => self.update_interest(id),
+            Flush::Failed => self.close(id),
+        }
+    }
+
+    /// Registers the connection for what it wants now (see `wanted_interest`);
+    /// closes it if the poller refuses.
+    fn update_interest(&mut self, id: u64) {
+        let Some(connection) = self.connections.get_mut(&id) else { return };
+        let wanted = connection.wanted_interest();
+        if wanted == connection.interest {
+            return;
+        }
+        let Ok(token) = usize::try_from(id) else { return };
+        match connection.stream.set_interest(self.poll.registry(), Token(token), connection.interest, wanted) {
+            Ok(()) => connection.interest = wanted,
+            Err(_) => self.close(id),
+        }
+    }
+
     fn settle(&mut self, id: u64, outcome: Outcome) {
         match outcome {
             Outcome::Idle => {}
@@ -622,44 +916,73 @@ impl EventLoop {
             }
             Outcome::Paused => {
                 let Some(connection) = self.connections.get_mut(&id) else { return };
-                debug_assert!(!connection.paused);
-                if connection.stream.deregister(self.poll.registry()).is_err() {
-                    self.close(id);
-                    return;
-                }
+                assert!(!connection.paused, "connection {id} paused twice");
                 connection.paused = true;
                 bump(&self.stats().paused_now, 1);
                 bump(&self.stats().pauses, 1);
+                self.update_interest(id);
             }
             Outcome::Close => self.close(id),
         }
     }
 
-    fn resume_queued(&mut self) {
-        let ids = std::mem::take(&mut *self.shared.resume_ids.lock().unwrap_or_else(PoisonError::into_inner));
-        for id in ids {
-            let Some(connection) = self.connections.get_mut(&id) else { continue };
-            if !connection.paused {
-                continue; // a spurious resume (module docs of ingest::ring, step 3)
-            }
-            let Ok(token) = usize::try_from(id) else { continue };
-            connection.paused = false;
-            self.shared.stats.paused_now.fetch_sub(1, Ordering::Relaxed);
-            bump(&self.shared.stats.resumes, 1);
-            if connection.stream.register(self.poll.registry(), Token(token)).is_err() {
-                self.close(id);
-                continue;
-            }
-            // Buffered frames first, then whatever the socket holds.
-            self.on_readable(id);
+    /// Takes every queued command and acts on it in order, then writes the acks.
+    fn run_commands(&mut self) {
+        {
+            let mut queue = self.shared.commands.lock().unwrap_or_else(PoisonError::into_inner);
+            debug_assert!(self.commands.is_empty());
+            std::mem::swap(&mut *queue, &mut self.commands);
         }
+        let mut commands = std::mem::take(&mut self.commands);
+        for command in commands.drain(..) {
+            match command {
+                Command::Resume { source } => self.resume(source),
+                Command::Ack { source, seq, position, time_ms } => {
+                    let Some(connection) = self.connections.get_mut(&source) else { continue };
+                    if connection.queue_ack(PendingAck { seq, position, time_ms }, &self.shared.stats) {
+                        self.flush_wanted.push(source);
+                    }
+                }
+                Command::Close { source, error } => self.close_by_consumer(source, &error),
+            }
+        }
+        self.commands = commands;
+        let mut flush_wanted = std::mem::take(&mut self.flush_wanted);
+        for id in flush_wanted.drain(..) {
+            self.on_writable(id);
+        }
+        self.flush_wanted = flush_wanted;
+    }
+
+    fn resume(&mut self, id: u64) {
+        let Some(connection) = self.connections.get_mut(&id) else { return };
+        if !connection.paused {
+            return; // a spurious resume (module docs of ingest::ring, step 3)
+        }
+        connection.paused = false;
+        self.shared.stats.paused_now.fetch_sub(1, Ordering::Relaxed);
+        bump(&self.shared.stats.resumes, 1);
+        self.update_interest(id);
+        // Buffered frames first, then whatever the socket holds (nothing if the
+        // registration failed and the connection is gone).
+        self.on_readable(id);
+    }
+
+    fn close_by_consumer(&mut self, id: u64, error: &FrameError) {
+        let Some(connection) = self.connections.get_mut(&id) else { return };
+        bump(&self.shared.stats.closed_by_consumer, 1);
+        bump(&self.shared.stats.errors_by_reason[reason_index(error)], 1);
+        connection.finish_with_error(&error.to_string(), &self.shared.stats);
+        self.close(id);
     }
 
     fn close(&mut self, id: u64) {
         if let Some(mut connection) = self.connections.remove(&id) {
-            if !connection.paused {
-                let _ = connection.stream.deregister(self.poll.registry());
-            } else {
+            if connection.interest.is_some() {
+                let token = Token(usize::try_from(id).unwrap_or(usize::MAX));
+                let _ = connection.stream.set_interest(self.poll.registry(), token, connection.interest, None);
+            }
+            if connection.paused {
                 self.shared.stats.paused_now.fetch_sub(1, Ordering::Relaxed);
             }
             bump(&self.stats().closed, 1);
@@ -759,13 +1082,14 @@ fn push_frames(connection: &mut Connection, config: &ReactorConfig, stats: &Stat
             break Outcome::Idle;
         }
         match wire::decode_frame(&rest[..frame_bytes], config.frame_bytes_max) {
-            Ok(frame) if frame.header.kind == FrameKind::Events => {}
+            Ok(frame) if matches!(frame.header.kind, FrameKind::Events | FrameKind::EventsAckWanted) => {}
             Ok(frame) => {
                 bump(&stats.unexpected_kind, 1);
-                connection.stream.write_error_frame(&format!(
-                    "frame kind {:?} is not accepted from clients: only Events frames",
+                let text = format!(
+                    "frame kind {:?} is not accepted from clients: only Events and EventsAckWanted frames",
                     frame.header.kind
-                ));
+                );
+                connection.finish_with_error(&text, stats);
                 break Outcome::Close;
             }
             Err(error) => break reject_frame(connection, stats, &error),
@@ -810,7 +1134,7 @@ fn push_or_block(frames: &mut Producer<Vec<u8>>, frame: Vec<u8>) -> Push {
 
 fn reject_frame(connection: &mut Connection, stats: &StatCells, error: &FrameError) -> Outcome {
     bump(&stats.errors_by_reason[reason_index(error)], 1);
-    connection.stream.write_error_frame(&error.to_string());
+    connection.finish_with_error(&error.to_string(), stats);
     Outcome::Close
 }
 
@@ -834,6 +1158,34 @@ mod tests {
             assert_eq!(reason_index(error), index);
             assert_eq!(ERROR_REASONS[index], error.reason_code());
         }
+    }
+
+    #[test]
+    fn acks_keep_only_the_newest_pending_and_never_go_back() {
+        let (near, mut far) = UnixStream::pair().unwrap();
+        let (producer, _consumer) = ring(2);
+        let mut connection = Connection::new(Stream::Unix(near), producer, Interest::READABLE);
+        let stats = StatCells::default();
+        let ack = |seq| PendingAck { seq, position: seq * 10, time_ms: seq * 100 };
+        assert_eq!(connection.wanted_interest(), Some(Interest::READABLE));
+        assert!(connection.queue_ack(ack(5), &stats), "the first ack asks for a flush");
+        assert_eq!(connection.wanted_interest(), Some(Interest::READABLE | Interest::WRITABLE));
+        assert!(!connection.queue_ack(ack(5), &stats), "an equal seq is ignored");
+        assert!(!connection.queue_ack(ack(3), &stats), "a lower seq is ignored");
+        assert!(!connection.queue_ack(ack(7), &stats), "a flush is already due");
+        assert_eq!(connection.pending_ack, Some(ack(7)));
+        assert_eq!(stats.acks_coalesced.load(Ordering::Relaxed), 1);
+        assert!(matches!(connection.flush(&stats), Flush::Done));
+        assert_eq!(stats.acks_sent.load(Ordering::Relaxed), 1);
+        assert!(connection.output.is_empty() && connection.pending_ack.is_none());
+        assert!(!connection.queue_ack(ack(6), &stats), "below the ack already written");
+        connection.paused = true;
+        assert_eq!(connection.wanted_interest(), None, "paused with nothing to write: deregistered");
+        let mut written = [0u8; ACK_FRAME_BYTES];
+        far.read_exact(&mut written).unwrap();
+        let frame = wire::decode_frame(&written, ACK_FRAME_BYTES as u32).unwrap();
+        assert_eq!((frame.header.kind, frame.header.seq, frame.header.time_ms), (FrameKind::Ack, 7, 700));
+        assert_eq!(wire::ack_position(frame.payload), Some(70));
     }
 
     #[test]
