@@ -191,6 +191,13 @@ fn main() {
         loadgen::percentile(&latencies, 999),
     );
     let commits = report.sequencer.commits.max(1);
+    let mut commit_us = report.sequencer.commit_us_samples.clone();
+    commit_us.sort_unstable();
+    let (commit_p50, commit_p99, commit_p999) = (
+        loadgen::percentile(&commit_us, 500),
+        loadgen::percentile(&commit_us, 990),
+        loadgen::percentile(&commit_us, 999),
+    );
     println!(
         "raw loopback: {} connections, {:.1} M events/s equivalent ({:.0} MB/s, {:.1} bytes/event)",
         flags.connections,
@@ -217,6 +224,7 @@ fn main() {
         report.sequencer.records as f64 / commits as f64,
         report.sequencer.commit_us_max
     );
+    println!("commit latency (appends + one fsync per group): p50 {commit_p50} us, p99 {commit_p99} us, p999 {commit_p999} us");
     println!(
         "node report: position {} events applied {} rejected {} backpressure raised {} lowered {}; reactor errors {:?}, mid-frame {}",
         report.position,
@@ -235,7 +243,7 @@ fn main() {
     }
     if flags.json {
         println!(
-            "{{\"connections\":{},\"hostile\":{},\"events_per_second\":{:.0},\"raw_events_per_second\":{:.0},\"ack_p50_us\":{p50},\"ack_p99_us\":{p99},\"ack_p999_us\":{p999},\"sent\":{sent},\"acked\":{acked},\"commits\":{commits}}}",
+            "{{\"connections\":{},\"hostile\":{},\"events_per_second\":{:.0},\"raw_events_per_second\":{:.0},\"ack_p50_us\":{p50},\"ack_p99_us\":{p99},\"ack_p999_us\":{p999},\"commit_p50_us\":{commit_p50},\"commit_p99_us\":{commit_p99},\"commit_p999_us\":{commit_p999},\"sent\":{sent},\"acked\":{acked},\"commits\":{commits}}}",
             flags.connections, flags.hostile, events_per_second, raw_events_per_second
         );
     }

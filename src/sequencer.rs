@@ -70,7 +70,13 @@ pub struct SequencerStats {
     pub backpressure_lowered: u64,
     /// The slowest commit (appends and the fsync), in microseconds.
     pub commit_us_max: u64,
+    /// The latest commits' durations (appends and the fsync), microseconds, at most
+    /// `COMMIT_SAMPLES_MAX` (then overwritten in a ring), for percentiles.
+    pub commit_us_samples: Vec<u32>,
 }
+
+/// Commit durations kept for percentiles.
+pub const COMMIT_SAMPLES_MAX: usize = 1 << 16;
 
 /// One record of the current group: where its payload sits in the group buffer and
 /// whom to acknowledge.
@@ -412,6 +418,12 @@ impl Sequencer {
         self.stats.records += records;
         self.stats.commits += 1;
         self.stats.commit_us_max = self.stats.commit_us_max.max(commit_us);
+        let sample = commit_us.min(u32::MAX as u64) as u32;
+        if self.stats.commit_us_samples.len() < COMMIT_SAMPLES_MAX {
+            self.stats.commit_us_samples.push(sample);
+        } else {
+            self.stats.commit_us_samples[(self.stats.commits as usize) % COMMIT_SAMPLES_MAX] = sample;
+        }
         self.update_backpressure(commit_us);
         Ok(Committed { records, events, last, commit_us })
     }
