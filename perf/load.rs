@@ -168,6 +168,7 @@ fn main() {
         frames_per_connection,
         frames_per_write: flags.frames_per_write,
         peer: "load-node".to_string(),
+        resume_after: 0,
     };
     let started = Instant::now();
     let results = loadgen::run(addr, &options, Duration::from_secs(120));

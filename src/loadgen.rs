@@ -126,6 +126,10 @@ pub struct LoadOptions {
     pub frames_per_write: u32,
     /// The node's name (the RTT samples' peer).
     pub peer: String,
+    /// Events each origin already sent in earlier runs against the same node: 0 for
+    /// new origins (a setup frame first); else no setup frame, and origin sequence
+    /// numbers continue after this.
+    pub resume_after: u64,
 }
 
 /// What one connection did.
@@ -142,12 +146,12 @@ pub struct ConnectionResult {
     pub error: Option<String>,
 }
 
-/// Events acknowledged once frame `seq` is: the setup frame is frame 1.
-fn events_through(seq: u64, setup_events: u64, steady_events: u64) -> u64 {
+/// Events acknowledged once frame `seq` is (the setup frame, if any, is frame 1).
+fn events_through(seq: u64, setup_frames: u64, setup_events: u64, steady_events: u64) -> u64 {
     if seq == 0 {
         0
     } else {
-        setup_events + (seq - 1) * steady_events
+        setup_events + (seq - setup_frames) * steady_events
     }
 }
 
@@ -179,8 +183,9 @@ fn drive(addr: SocketAddr, index: u32, options: &LoadOptions, ack_timeout: Durat
     let send_times = Arc::new(Mutex::new(vec![Instant::now(); SEND_TIMES]));
     let mut setup = FrameTemplate::setup(index);
     let mut steady = FrameTemplate::steady(index, options.events_per_frame, &options.peer);
-    let (setup_events, steady_events) = (setup.events(), steady.events());
-    let last_seq = 1 + options.frames_per_connection;
+    let setup_frames = (options.resume_after == 0) as u64;
+    let (setup_events, steady_events) = (setup.events() * setup_frames, steady.events());
+    let last_seq = setup_frames + options.frames_per_connection;
     let reader = {
         let send_times = Arc::clone(&send_times);
         std::thread::Builder::new()
@@ -190,7 +195,7 @@ fn drive(addr: SocketAddr, index: u32, options: &LoadOptions, ack_timeout: Durat
     };
     let sent = send_all(client, &mut setup, &mut steady, options, &send_times, &mut result);
     let (acked_seq, latencies, read_error) = reader.join().expect("an ack reader panicked");
-    result.events_acked = events_through(acked_seq, setup_events, steady_events);
+    result.events_acked = events_through(acked_seq, setup_frames, setup_events, steady_events);
     result.ack_latency_us = latencies;
     if let Err(error) = sent {
         result.error = Some(error.to_string());
@@ -210,14 +215,18 @@ fn send_all(
 ) -> Result<(), ClientError> {
     let per_write = options.frames_per_write.max(1) as u64;
     let mut chunk = Vec::with_capacity(steady.frame_bytes() * per_write as usize);
-    send_times.lock().expect("send times")[1] = Instant::now();
-    client.send_raw(setup.fill(1, 1, true))?;
-    result.events_sent = setup.events();
-    result.frames_sent = 1;
-    result.bytes_sent = setup.frame_bytes() as u64;
-    let mut origin_seq = 1 + setup.events();
-    let last_seq = 1 + options.frames_per_connection;
-    let mut seq = 2;
+    let mut origin_seq = options.resume_after + 1;
+    let mut seq = 1;
+    if options.resume_after == 0 {
+        send_times.lock().expect("send times")[1] = Instant::now();
+        client.send_raw(setup.fill(1, 1, true))?;
+        result.events_sent = setup.events();
+        result.frames_sent = 1;
+        result.bytes_sent = setup.frame_bytes() as u64;
+        origin_seq += setup.events();
+        seq = 2;
+    }
+    let last_seq = seq - 1 + options.frames_per_connection;
     while seq <= last_seq {
         let first = seq;
         while seq <= last_seq && seq - first < per_write {

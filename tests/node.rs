@@ -102,6 +102,7 @@ fn load(addr: SocketAddr, first_index: u32, connections: u32, frames: u64) -> Ve
         frames_per_connection: frames,
         frames_per_write: 4,
         peer: "node-1".to_string(),
+        resume_after: 0,
     };
     loadgen::run(addr, &options, ACK_TIMEOUT)
 }

@@ -1,0 +1,137 @@
+//! Ingest end to end: events per second from 1, 16 and 256 loopback connections into
+//! a real node (reactor, sequencer, embedded log with one fsync per group, fold and
+//! reconcile), each iteration sending `EVENTS_PER_ITERATION` small events and waiting
+//! until every one is acknowledged (acknowledged means durable and folded); beside it,
+//! `raw_loopback` pushes the same bytes through plain sockets into a discarding reader.
+//! Commit latency percentiles and the hostile-client comparison come from the load
+//! tool (`perf/load.rs`), recorded in `perf/ingest.md`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use meshos::loadgen::{self, FrameTemplate, LoadOptions};
+use meshos::node::config::NodeConfig;
+use meshos::sys::signals::StopFlag;
+
+const EVENTS_PER_ITERATION: u64 = 1 << 20;
+const EVENTS_PER_FRAME: u32 = 64;
+const FRAMES_PER_WRITE: u32 = 8;
+
+fn start_node(dir: &std::path::Path) -> (std::thread::JoinHandle<()>, StopFlag, SocketAddr) {
+    let text = format!(
+        "name = \"bench-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n",
+        dir.display()
+    );
+    let config = NodeConfig::parse(&text).unwrap();
+    let stop = StopFlag::new();
+    let node = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            meshos::node::run::run(&config, &stop).expect("the node runs");
+        })
+    };
+    let addr_file = dir.join(meshos::node::run::ADDR_FILE);
+    let addr = loop {
+        if let Some(addr) = std::fs::read_to_string(&addr_file).ok().and_then(|text| text.trim().parse().ok()) {
+            break addr;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (node, stop, addr)
+}
+
+fn node_end_to_end(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ingest/node");
+    group.sample_size(10).measurement_time(Duration::from_secs(10)).throughput(Throughput::Elements(EVENTS_PER_ITERATION));
+    for connections in [1u32, 16, 256] {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, stop, addr) = start_node(dir.path());
+        // The same origins every iteration (a fixed set of clients, as in a cluster),
+        // their sequence numbers continuing.
+        let mut sent_per_origin = 0u64;
+        group.bench_function(format!("{connections}"), |b| {
+            b.iter_custom(|iterations| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iterations {
+                    let options = LoadOptions {
+                        connections,
+                        first_index: 0,
+                        events_per_frame: EVENTS_PER_FRAME,
+                        frames_per_connection: EVENTS_PER_ITERATION / EVENTS_PER_FRAME as u64 / connections as u64,
+                        frames_per_write: FRAMES_PER_WRITE,
+                        peer: "bench-node".to_string(),
+                        resume_after: sent_per_origin,
+                    };
+                    let started = Instant::now();
+                    let results = loadgen::run(addr, &options, Duration::from_secs(60));
+                    total += started.elapsed();
+                    for result in &results {
+                        assert_eq!(result.error, None);
+                        assert_eq!(result.events_acked, result.events_sent);
+                    }
+                    sent_per_origin += results[0].events_sent;
+                }
+                total
+            })
+        });
+        stop.set();
+        node.join().unwrap();
+    }
+    group.finish();
+}
+
+fn raw_loopback(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ingest/raw_loopback");
+    group.sample_size(10).throughput(Throughput::Elements(EVENTS_PER_ITERATION));
+    let frame = FrameTemplate::steady(0, EVENTS_PER_FRAME, "bench-node").fill(2, 4, true).to_vec();
+    let chunk: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * FRAMES_PER_WRITE as usize).collect();
+    for connections in [1u32, 16, 256] {
+        let frames_per_connection = EVENTS_PER_ITERATION / EVENTS_PER_FRAME as u64 / connections as u64;
+        group.bench_function(format!("{connections}"), |b| {
+            b.iter_custom(|iterations| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iterations {
+                    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                    let addr = listener.local_addr().unwrap();
+                    let readers = std::thread::spawn(move || {
+                        let handles: Vec<_> = (0..connections)
+                            .map(|_| {
+                                let (mut stream, _) = listener.accept().unwrap();
+                                std::thread::spawn(move || {
+                                    let mut buffer = vec![0u8; 64 << 10];
+                                    while matches!(stream.read(&mut buffer), Ok(count) if count > 0) {}
+                                })
+                            })
+                            .collect();
+                        handles.into_iter().for_each(|handle| handle.join().unwrap());
+                    });
+                    let streams: Vec<TcpStream> = (0..connections).map(|_| TcpStream::connect(addr).unwrap()).collect();
+                    let started = Instant::now();
+                    let writers: Vec<_> = streams
+                        .into_iter()
+                        .map(|mut stream| {
+                            let chunk = chunk.clone();
+                            std::thread::spawn(move || {
+                                let mut sent = 0;
+                                while sent < frames_per_connection {
+                                    stream.write_all(&chunk).unwrap();
+                                    sent += FRAMES_PER_WRITE as u64;
+                                }
+                            })
+                        })
+                        .collect();
+                    writers.into_iter().for_each(|writer| writer.join().unwrap());
+                    readers.join().unwrap();
+                    total += started.elapsed();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, node_end_to_end, raw_loopback);
+criterion_main!(benches);

@@ -1,0 +1,170 @@
+//! The sequencer on its own, with real rings and a real embedded log: fairness across
+//! sources, one record per frame, origin stamping for local sources, acks only after
+//! the sync, rejection of a bad frame and what follows it, backpressure with hysteresis.
+
+use meshos::config::{Config, FsyncPolicy};
+use meshos::event::{Event, EventBatch, EventKind, NodeHealth};
+use meshos::ingest::ring::{ring, Producer};
+use meshos::redex::embedded::EmbeddedLog;
+use meshos::sequencer::{Sequencer, SequencerConfig};
+use meshos::sys::reactor::{Command, Source, SourceKind};
+use meshos::wire::{self, FrameKind};
+
+fn config(frames_per_round_max: u32, records_per_commit_max: u32) -> SequencerConfig {
+    SequencerConfig {
+        node_name: "node-1".to_string(),
+        frame_bytes_max: 1 << 20,
+        frames_per_round_max,
+        records_per_commit_max,
+        commit_bytes_max: 1 << 20,
+        backpressure_queue_high_permille: 800,
+        backpressure_queue_low_permille: 500,
+        backpressure_commit_high_ms: 60_000,
+        backpressure_commit_low_ms: 59_999,
+    }
+}
+
+fn frame(origin: &str, first_seq: u64, count: u64, frame_seq: u64, ack: bool) -> Vec<u8> {
+    let events = (0..count)
+        .map(|index| Event {
+            origin: origin.to_string(),
+            origin_seq: first_seq + index,
+            kind: EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 1 }),
+        })
+        .collect();
+    let payload = wire::encode_batch(&EventBatch { events });
+    let mut out = Vec::new();
+    let kind = if ack { FrameKind::EventsAckWanted } else { FrameKind::Events };
+    wire::encode_frame(&mut out, kind, frame_seq, 0, &payload);
+    out
+}
+
+fn source(id: u64, kind: SourceKind, capacity: usize) -> (Producer<Vec<u8>>, Source) {
+    let (producer, consumer) = ring(capacity);
+    (producer, Source { id, frames: consumer, kind })
+}
+
+fn open_log(dir: &std::path::Path) -> EmbeddedLog {
+    EmbeddedLog::open(dir, &Config { fsync: FsyncPolicy::Manual, ..Config::default() }).unwrap().0
+}
+
+/// (origin, origin_seq) of every event of the last commit, record by record.
+fn committed(sequencer: &Sequencer) -> Vec<Vec<(String, u64)>> {
+    sequencer
+        .committed()
+        .map(|(_, payload)| {
+            let batch = wire::access_batch(payload).unwrap();
+            batch.events.iter().map(|event| (event.origin.to_string(), event.origin_seq.to_native())).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn sources_are_served_round_robin_and_a_full_group_resumes_after_the_last_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_log(dir.path());
+    let mut sequencer = Sequencer::new(config(2, 4), 0);
+    let (mut chatty, chatty_source) = source(20, SourceKind::Tcp, 16);
+    let (mut quiet, quiet_source) = source(21, SourceKind::Tcp, 16);
+    let (mut third, third_source) = source(22, SourceKind::Tcp, 16);
+    for seq in 1..=8 {
+        chatty.try_push(frame("a", seq, 1, seq, false)).unwrap();
+    }
+    quiet.try_push(frame("b", 1, 1, 1, false)).unwrap();
+    third.try_push(frame("c", 1, 1, 1, false)).unwrap();
+    for source in [chatty_source, quiet_source, third_source] {
+        sequencer.add_source(source);
+    }
+    assert_eq!(sequencer.collect(), 4);
+    sequencer.commit(&mut log).unwrap();
+    let origins: Vec<String> = committed(&sequencer).into_iter().map(|record| record[0].0.clone()).collect();
+    assert_eq!(origins, ["a", "a", "b", "c"], "two from the chatty source, then the others");
+    sequencer.release();
+    assert_eq!(sequencer.collect(), 4);
+    sequencer.commit(&mut log).unwrap();
+    let seqs: Vec<u64> = committed(&sequencer).into_iter().map(|record| record[0].1).collect();
+    assert_eq!(seqs, [3, 4, 5, 6], "per source, frames keep their order");
+    sequencer.release();
+}
+
+#[test]
+fn local_sources_get_this_nodes_sequence_numbers_and_a_foreign_origin_closes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_log(dir.path());
+    let mut sequencer = Sequencer::new(config(8, 64), 41);
+    let (mut local, local_source) = source(30, SourceKind::Unix, 8);
+    sequencer.add_source(local_source);
+    local.try_push(frame("node-1", 0, 3, 1, false)).unwrap();
+    local.try_push(frame("intruder", 0, 1, 2, false)).unwrap();
+    local.try_push(frame("node-1", 0, 1, 3, false)).unwrap();
+    assert_eq!(sequencer.collect(), 1, "the foreign frame and the one after it are not recorded");
+    sequencer.commit(&mut log).unwrap();
+    assert_eq!(committed(&sequencer), vec![vec![("node-1".to_string(), 42), ("node-1".to_string(), 43), ("node-1".to_string(), 44)]]);
+    sequencer.release();
+    let closes: Vec<&Command> =
+        sequencer.commands().iter().filter(|command| matches!(command, Command::Close { source: 30, .. })).collect();
+    assert_eq!(closes.len(), 1);
+    if let Command::Close { error, .. } = closes[0] {
+        assert!(error.to_string().contains("intruder"), "{error}");
+    }
+    assert_eq!((sequencer.stats().rejected_frames, sequencer.stats().discarded_frames), (1, 1));
+}
+
+#[test]
+fn acks_are_queued_after_the_sync_with_the_highest_frame_of_each_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_log(dir.path());
+    let mut sequencer = Sequencer::new(config(8, 64), 0);
+    let (mut client, client_source) = source(40, SourceKind::Tcp, 8);
+    sequencer.add_source(client_source);
+    client.try_push(frame("a", 1, 2, 1, true)).unwrap();
+    client.try_push(frame("a", 3, 2, 2, false)).unwrap();
+    client.try_push(frame("a", 5, 2, 3, true)).unwrap();
+    assert_eq!(sequencer.collect(), 3);
+    assert!(sequencer.commands().iter().all(|command| !matches!(command, Command::Ack { .. })), "nothing before the sync");
+    let committed = sequencer.commit(&mut log).unwrap();
+    assert_eq!((committed.records, committed.events), (3, 6));
+    let acks: Vec<Command> =
+        sequencer.commands().drain(..).filter(|command| matches!(command, Command::Ack { .. })).collect();
+    assert_eq!(acks, vec![Command::Ack { source: 40, seq: 3, position: 3, time_ms: committed.last.time_ms }]);
+    assert_eq!(meshos::redex::Redex::durable_position(&log), 3);
+    sequencer.release();
+}
+
+#[test]
+fn backpressure_rises_above_the_high_mark_and_falls_only_below_the_low_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_log(dir.path());
+    // One frame per group, so the queue drains one frame per commit.
+    let mut sequencer = Sequencer::new(config(1, 1), 0);
+    let (mut client, client_source) = source(50, SourceKind::Tcp, 16);
+    sequencer.add_source(client_source);
+    for seq in 1..=15 {
+        client.try_push(frame("a", seq, 1, seq, false)).unwrap();
+    }
+    let mut raised_at = None;
+    let mut lowered_at = None;
+    let mut own_events = Vec::new();
+    for commit in 0..40 {
+        if sequencer.collect() == 0 {
+            break;
+        }
+        sequencer.commit(&mut log).unwrap();
+        for record in committed(&sequencer) {
+            own_events.extend(record.into_iter().filter(|(origin, _)| origin == "node-1"));
+        }
+        sequencer.release();
+        if sequencer.backpressure() && raised_at.is_none() {
+            raised_at = Some((commit, sequencer.queue_fill_permille()));
+        }
+        if !sequencer.backpressure() && raised_at.is_some() && lowered_at.is_none() {
+            lowered_at = Some((commit, sequencer.queue_fill_permille()));
+        }
+    }
+    let (_, fill_raised) = raised_at.expect("raised");
+    let (_, fill_lowered) = lowered_at.expect("lowered");
+    assert!(fill_raised >= 800, "raised at {fill_raised} permille");
+    assert!(fill_lowered < 500, "lowered at {fill_lowered} permille: hysteresis");
+    assert_eq!(sequencer.stats().backpressure_raised, 1, "no flapping between the marks");
+    assert_eq!(own_events.len(), 2, "one event raises it, one lowers it, both in the log: {own_events:?}");
+}
