@@ -46,13 +46,15 @@ fn node_end_to_end(c: &mut Criterion) {
     let mut group = c.benchmark_group("ingest/node");
     group.sample_size(10).measurement_time(Duration::from_secs(10)).throughput(Throughput::Elements(EVENTS_PER_ITERATION));
     for connections in [1u32, 16, 256] {
-        let dir = tempfile::tempdir().unwrap();
-        let (node, stop, addr) = start_node(dir.path());
-        // The same origins every iteration (a fixed set of clients, as in a cluster),
-        // their sequence numbers continuing.
-        let mut sent_per_origin = 0u64;
         group.bench_function(format!("{connections}"), |b| {
             b.iter_custom(|iterations| {
+                // A fresh node per sample (not timed), so the log of earlier samples
+                // does not pile up in the page cache and skew later ones.
+                let dir = tempfile::tempdir().unwrap();
+                let (node, stop, addr) = start_node(dir.path());
+                // The same origins every iteration (a fixed set of clients), their
+                // sequence numbers continuing.
+                let mut sent_per_origin = 0u64;
                 let mut total = Duration::ZERO;
                 for _ in 0..iterations {
                     let options = LoadOptions {
@@ -73,11 +75,11 @@ fn node_end_to_end(c: &mut Criterion) {
                     }
                     sent_per_origin += results[0].events_sent;
                 }
+                stop.set();
+                node.join().unwrap();
                 total
             })
         });
-        stop.set();
-        node.join().unwrap();
     }
     group.finish();
 }
