@@ -44,7 +44,10 @@ fn start_node(dir: &std::path::Path) -> (std::thread::JoinHandle<()>, StopFlag, 
 
 fn node_end_to_end(c: &mut Criterion) {
     let mut group = c.benchmark_group("ingest/node");
-    group.sample_size(10).measurement_time(Duration::from_secs(10)).throughput(Throughput::Elements(EVENTS_PER_ITERATION));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .throughput(Throughput::Elements(EVENTS_PER_ITERATION));
     for connections in [1u32, 16, 256] {
         group.bench_function(format!("{connections}"), |b| {
             b.iter_custom(|iterations| {

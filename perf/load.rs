@@ -33,11 +33,19 @@ struct Flags {
 }
 
 fn parse_flags() -> Flags {
-    let mut flags =
-        Flags { connections: 16, events: 4_000_000, events_per_frame: 64, frames_per_write: 8, hostile: false, idle: 1000, json: false };
+    let mut flags = Flags {
+        connections: 16,
+        events: 4_000_000,
+        events_per_frame: 64,
+        frames_per_write: 8,
+        hostile: false,
+        idle: 1000,
+        json: false,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value")).parse::<u64>().expect("a number");
+        let mut value =
+            || args.next().unwrap_or_else(|| panic!("{arg} needs a value")).parse::<u64>().expect("a number");
         match arg.as_str() {
             "--connections" => flags.connections = value() as u32,
             "--events" => flags.events = value(),
@@ -125,7 +133,10 @@ fn hostile_clients(addr: SocketAddr, idle: u32) -> Hostile {
     Hostile { _idle: idle, _deaf: deaf, garbage }
 }
 
-fn start_node(dir: &Path, connections_max: u32) -> (std::thread::JoinHandle<meshos::node::run::NodeReport>, StopFlag, SocketAddr) {
+fn start_node(
+    dir: &Path,
+    connections_max: u32,
+) -> (std::thread::JoinHandle<meshos::node::run::NodeReport>, StopFlag, SocketAddr) {
     let text = format!(
         "name = \"load-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_max = {connections_max}\n",
         dir.display()
@@ -155,7 +166,8 @@ fn main() {
     let frame = template.fill(2, 4, true).to_vec();
     let bytes_per_event = frame.len() as f64 / flags.events_per_frame as f64;
 
-    let (raw_seconds, raw_bytes) = raw_loopback(flags.connections, frames_per_connection, &frame, flags.frames_per_write);
+    let (raw_seconds, raw_bytes) =
+        raw_loopback(flags.connections, frames_per_connection, &frame, flags.frames_per_write);
     let raw_events_per_second = raw_bytes as f64 / bytes_per_event / raw_seconds;
 
     let dir = tempfile::tempdir().unwrap();

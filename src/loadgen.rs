@@ -48,8 +48,11 @@ pub fn load_origin(index: u32) -> String {
 impl FrameTemplate {
     /// A template of `kinds` (one event each) from `origin`.
     pub fn new(origin: &str, kinds: Vec<EventKind>) -> FrameTemplate {
-        let events =
-            kinds.into_iter().enumerate().map(|(index, kind)| Event { origin: origin.to_string(), origin_seq: index as u64 + 1, kind }).collect();
+        let events = kinds
+            .into_iter()
+            .enumerate()
+            .map(|(index, kind)| Event { origin: origin.to_string(), origin_seq: index as u64 + 1, kind })
+            .collect();
         let payload = wire::encode_batch(&EventBatch { events });
         let batch = wire::access_batch(&payload).expect("a freshly archived batch validates");
         let base = payload.as_ptr() as usize;

@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::event::EventBatch;
 use crate::engine::Engine;
+use crate::event::EventBatch;
 use crate::redex::embedded::{self, EmbeddedLog, RecoveryReport, VerifyReport};
 use crate::redex::{Redex, RedexError};
 use crate::sim::gen::{GenError, GenOptions, Generator};

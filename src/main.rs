@@ -287,7 +287,8 @@ fn init_tracing(config_level: &str) -> anyhow::Result<()> {
         }
         _ => config_level.parse().with_context(|| format!("log_level `{config_level}`"))?,
     };
-    let format = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let format =
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     tracing_subscriber::registry().with(format).with(filter).init();
     Ok(())
 }

@@ -263,3 +263,24 @@ fn config_default_round_trips_and_check_names_bad_fields() {
         stderr(&refused)
     );
 }
+
+#[test]
+fn node_refuses_a_bad_config_or_rust_log_naming_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "name = \"n1\"\n[ingest]\nqueue_frames = 1\n").unwrap();
+    let output = meshos(&["node", "--config", config.to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("ingest.queue_frames"), "{}", stderr(&output));
+
+    let data_dir = dir.path().join("data");
+    std::fs::write(&config, format!("name = \"n1\"\ndata_dir = \"{}\"\n", data_dir.display())).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["node", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "meshos=loud")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("RUST_LOG"), "{}", stderr(&output));
+    assert!(!data_dir.exists(), "nothing is started on a bad level");
+}

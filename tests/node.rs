@@ -69,14 +69,18 @@ fn stderr_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
 }
 
-fn signal(node: &Node, name: &str) {
-    let status = Command::new("kill").args([&format!("-{name}"), &node.child.id().to_string()]).status().unwrap();
-    assert!(status.success());
+/// Sends SIGTERM to the node.
+fn sigterm(node: &Node) {
+    let pid = libc::pid_t::try_from(node.child.id()).unwrap();
+    // SAFETY: kill(2) takes plain integers and touches no memory of this process; the
+    // pid is our own child, not yet reaped (so not reused).
+    let result = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(result, 0, "kill: {}", std::io::Error::last_os_error());
 }
 
 /// SIGTERM, wait; returns (exit success, stdout).
 fn terminate(mut node: Node) -> (bool, String) {
-    signal(&node, "TERM");
+    sigterm(&node);
     let status = node.child.wait().unwrap();
     let mut stdout = String::new();
     node.child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
@@ -131,6 +135,23 @@ fn every_event_of_good_clients_is_folded_despite_bad_clients_and_sigterm_is_clea
     }
     let deaf_events = 3 + 299 * 64;
 
+    // A local client (a daemon's path): its events name this node and get this node's
+    // sequence numbers from the sequencer.
+    let (mut local, mut local_replies) =
+        meshos::sys::client::Client::connect_unix(&dir.path().join("sdk.sock")).unwrap();
+    let local_batch = meshos::event::EventBatch {
+        events: (0..5)
+            .map(|_| meshos::event::Event {
+                origin: "node-1".to_string(),
+                origin_seq: 0,
+                kind: meshos::event::EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 7 }),
+            })
+            .collect(),
+    };
+    let local_seq = local.send(&local_batch, true).unwrap();
+    let local_ack = local_replies.wait_acked(local_seq, ACK_TIMEOUT).unwrap();
+    assert!(local_ack.position > 0);
+
     let results = load(node.addr, 0, 4, 300);
     let mut reply = [0u8; 256];
     let read = garbage.read(&mut reply).unwrap_or(0);
@@ -152,7 +173,23 @@ fn every_event_of_good_clients_is_folded_despite_bad_clients_and_sigterm_is_clea
     }
     assert_eq!(origin_seq_last(&replay.state, "load-901"), deaf_events, "the deaf client's events are all folded");
     assert_eq!(origin_seq_last(&replay.state, "load-900"), 0, "half a frame is never folded");
-    assert_eq!(replay.state.rejections.total, 0, "every folded event was applied");
+    assert_eq!(replay.state.rejections.total, 0, "every folded event was applied, the local ones included");
+    // The local frame's record: this node's origin, sequence numbers stamped in order.
+    let (mut log, _) =
+        meshos::redex::embedded::EmbeddedLog::open(&dir.path().join("log"), &library_config(dir.path())).unwrap();
+    let mut stamped = Vec::new();
+    meshos::redex::Redex::read_from(&mut log, local_ack.position, &mut |record| {
+        let batch = meshos::wire::decode_batch(record.payload).unwrap();
+        stamped = batch.events.iter().map(|event| (event.origin.clone(), event.origin_seq)).collect();
+        false
+    })
+    .unwrap();
+    assert_eq!(stamped.len(), 5);
+    let first = stamped[0].1;
+    assert!(first > 0, "stamped by the sequencer, not the client's 0");
+    for (index, (origin, seq)) in stamped.iter().enumerate() {
+        assert_eq!((origin.as_str(), *seq), ("node-1", first + index as u64));
+    }
     let stderr = stderr_of(dir.path());
     assert!(stderr.contains("stopped cleanly"), "{stderr}");
 }
@@ -164,11 +201,18 @@ fn after_sigkill_every_acknowledged_event_is_recovered_with_the_replay_hash() {
     let addr = node.addr;
     let loader = std::thread::spawn(move || load(addr, 0, 8, 100_000));
     std::thread::sleep(Duration::from_millis(1500));
-    signal(&node, "KILL");
+    node.child.kill().unwrap(); // SIGKILL
     node.child.wait().unwrap();
     let results = loader.join().unwrap();
     let acked: u64 = results.iter().map(|result| result.events_acked).sum();
-    assert!(acked > 0, "some events were acknowledged before the kill: {:?}", results.iter().map(|r| (r.events_sent, r.events_acked, r.frames_sent, r.error.clone(), r.ack_latency_us.len())).collect::<Vec<_>>());
+    assert!(
+        acked > 0,
+        "some events were acknowledged before the kill: {:?}",
+        results
+            .iter()
+            .map(|r| (r.events_sent, r.events_acked, r.frames_sent, r.error.clone(), r.ack_latency_us.len()))
+            .collect::<Vec<_>>()
+    );
 
     let config = library_config(dir.path());
     let replay = logtool::replay(&dir.path().join("log"), &config, true, &mut |_| {}).unwrap();
@@ -186,7 +230,11 @@ fn after_sigkill_every_acknowledged_event_is_recovered_with_the_replay_hash() {
     let stderr = stderr_of(dir.path());
     let recovered = stderr.lines().find(|line| line.contains("recovered from the log")).expect("a recovery line");
     assert_eq!(field(recovered, "position"), replay.state.position.to_string());
-    assert_eq!(field(recovered, "state_hash"), hash_hex(replay.state.state_hash()), "restart recovers the replay's hash");
+    assert_eq!(
+        field(recovered, "state_hash"),
+        hash_hex(replay.state.state_hash()),
+        "restart recovers the replay's hash"
+    );
     let (clean, _) = terminate(node);
     assert!(clean);
     eprintln!("sigkill: {acked} events acknowledged before the kill, log position {}", replay.state.position);

@@ -99,7 +99,10 @@ fn local_sources_get_this_nodes_sequence_numbers_and_a_foreign_origin_closes_the
     local.try_push(frame("node-1", 0, 1, 3, false)).unwrap();
     assert_eq!(sequencer.collect(), 1, "the foreign frame and the one after it are not recorded");
     sequencer.commit(&mut log).unwrap();
-    assert_eq!(committed(&sequencer), vec![vec![("node-1".to_string(), 42), ("node-1".to_string(), 43), ("node-1".to_string(), 44)]]);
+    assert_eq!(
+        committed(&sequencer),
+        vec![vec![("node-1".to_string(), 42), ("node-1".to_string(), 43), ("node-1".to_string(), 44)]]
+    );
     sequencer.release();
     let closes: Vec<&Command> =
         sequencer.commands().iter().filter(|command| matches!(command, Command::Close { source: 30, .. })).collect();
@@ -121,7 +124,10 @@ fn acks_are_queued_after_the_sync_with_the_highest_frame_of_each_source() {
     client.try_push(frame("a", 3, 2, 2, false)).unwrap();
     client.try_push(frame("a", 5, 2, 3, true)).unwrap();
     assert_eq!(sequencer.collect(), 3);
-    assert!(sequencer.commands().iter().all(|command| !matches!(command, Command::Ack { .. })), "nothing before the sync");
+    assert!(
+        sequencer.commands().iter().all(|command| !matches!(command, Command::Ack { .. })),
+        "nothing before the sync"
+    );
     let committed = sequencer.commit(&mut log).unwrap();
     assert_eq!((committed.records, committed.events), (3, 6));
     let acks: Vec<Command> =
@@ -167,4 +173,44 @@ fn backpressure_rises_above_the_high_mark_and_falls_only_below_the_low_mark() {
     assert!(fill_lowered < 500, "lowered at {fill_lowered} permille: hysteresis");
     assert_eq!(sequencer.stats().backpressure_raised, 1, "no flapping between the marks");
     assert_eq!(own_events.len(), 2, "one event raises it, one lowers it, both in the log: {own_events:?}");
+}
+
+#[test]
+fn an_idle_source_that_wakes_is_served_within_a_few_groups_while_another_keeps_the_sequencer_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_log(dir.path());
+    let mut sequencer = Sequencer::new(config(1, 2), 0);
+    let (mut busy, busy_source) = source(60, SourceKind::Tcp, 64);
+    let (mut quiet, quiet_source) = source(61, SourceKind::Tcp, 8);
+    sequencer.add_source(busy_source);
+    sequencer.add_source(quiet_source);
+    let mut busy_seq = 0;
+    let mut refill = |busy: &mut meshos::ingest::ring::Producer<Vec<u8>>| {
+        while busy.len() < 32 {
+            busy_seq += 1;
+            busy.try_push(frame("a", busy_seq, 1, busy_seq, false)).unwrap();
+        }
+    };
+    // Twenty groups with nothing from the quiet source: it counts as idle.
+    for _ in 0..20 {
+        refill(&mut busy);
+        assert_eq!(sequencer.collect(), 2);
+        sequencer.commit(&mut log).unwrap();
+        sequencer.release();
+    }
+    quiet.try_push(frame("b", 1, 1, 1, false)).unwrap();
+    let mut waited = None;
+    for group in 0..20 {
+        refill(&mut busy);
+        assert!(sequencer.collect() > 0);
+        sequencer.commit(&mut log).unwrap();
+        let served = committed(&sequencer).iter().any(|record| record[0].0 == "b");
+        sequencer.release();
+        if served {
+            waited = Some(group);
+            break;
+        }
+    }
+    let waited = waited.expect("the quiet source is served");
+    assert!(waited <= 8, "served after {waited} groups");
 }

@@ -282,7 +282,10 @@ mod tests {
             ("[ingest]\nqueue_frames = 1", "ingest.queue_frames"),
             ("heartbeat_ms = 1", "heartbeat_ms"),
             ("[ingest]\ncommit_bytes_max = 1024", "ingest.commit_bytes_max"),
-            ("data_dir = \"/tmp/a-very-long-directory-name-that-goes-on-and-on-and-on-and-on-and-on-and-on-and-on\"", "ingest.sdk_socket"),
+            (
+                "data_dir = \"/tmp/a-very-long-directory-name-that-goes-on-and-on-and-on-and-on-and-on-and-on-and-on\"",
+                "ingest.sdk_socket",
+            ),
             ("[ingest]\nconnection_buffer_bytes = 100", "ingest.connection_buffer_bytes"),
             ("[log]\nfsync = \"sometimes\"", "fsync"),
             ("[log]\nframe_bytes_max = 3", "frame_bytes_max"),

@@ -33,9 +33,9 @@ use crate::node::config::NodeConfig;
 use crate::redex::embedded::EmbeddedLog;
 use crate::redex::{Redex, RedexError};
 use crate::sequencer::{Sequencer, SequencerStats};
-use crate::sys::reactor::{Reactor, ReactorError, ReactorStats};
 use crate::state::ids::NodeRow;
 use crate::state::State;
+use crate::sys::reactor::{Reactor, ReactorError, ReactorStats};
 use crate::sys::signals::StopFlag;
 
 /// Longest sleep between looks at the stop flag.
@@ -148,7 +148,8 @@ pub fn run(config: &NodeConfig, stop: &StopFlag) -> Result<NodeReport, NodeError
         "recovered from the log"
     );
 
-    let own_seq_last = engine.state.nodes.find(&config.name).map_or(0, |row| engine.state.nodes.origin_seq_last[row.index()]);
+    let own_seq_last =
+        engine.state.nodes.find(&config.name).map_or(0, |row| engine.state.nodes.origin_seq_last[row.index()]);
     let mut sequencer = Sequencer::new(config.sequencer_config(), own_seq_last);
     let mut dispatcher = Dispatcher::open(config.data_dir.join(DISPATCH_FILE))?;
     let signal = Signal::new();
@@ -212,11 +213,7 @@ pub fn run(config: &NodeConfig, stop: &StopFlag) -> Result<NodeReport, NodeError
         sequencer: sequencer.stats().clone(),
         reactor: reactor_stats,
     };
-    tracing::info!(
-        position = report.position,
-        state_hash = format!("{:032x}", report.state_hash),
-        "stopped cleanly"
-    );
+    tracing::info!(position = report.position, state_hash = format!("{:032x}", report.state_hash), "stopped cleanly");
     Ok(report)
 }
 
@@ -233,7 +230,12 @@ fn commit_group(
         return Ok(false);
     }
     let committed = sequencer.commit(log)?;
-    tracing::trace!(records = committed.records, events = committed.events, commit_us = committed.commit_us, "committed");
+    tracing::trace!(
+        records = committed.records,
+        events = committed.events,
+        commit_us = committed.commit_us,
+        "committed"
+    );
     for (stamp, payload) in sequencer.committed() {
         let (state, actions) = engine.apply(stamp.position, stamp.time_ms, payload);
         dispatcher.record(state, state.nodes.find(name), actions);
