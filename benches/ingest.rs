@@ -7,39 +7,23 @@
 //! tool (`perf/load.rs`), recorded in `perf/ingest.md`.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use meshos::loadgen::{self, FrameTemplate, LoadOptions};
 use meshos::node::config::NodeConfig;
-use meshos::sys::signals::StopFlag;
 
 const EVENTS_PER_ITERATION: u64 = 1 << 20;
 const EVENTS_PER_FRAME: u32 = 64;
 const FRAMES_PER_WRITE: u32 = 8;
 
-fn start_node(dir: &std::path::Path) -> (std::thread::JoinHandle<()>, StopFlag, SocketAddr) {
+fn start_node(dir: &std::path::Path) -> meshos::node::run::Background {
     let text = format!(
         "name = \"bench-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n",
         dir.display()
     );
-    let config = NodeConfig::parse(&text).unwrap();
-    let stop = StopFlag::new();
-    let node = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            meshos::node::run::run(&config, &stop).expect("the node runs");
-        })
-    };
-    let addr_file = dir.join(meshos::node::run::ADDR_FILE);
-    let addr = loop {
-        if let Some(addr) = std::fs::read_to_string(&addr_file).ok().and_then(|text| text.trim().parse().ok()) {
-            break addr;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    (node, stop, addr)
+    meshos::node::run::spawn(NodeConfig::parse(&text).unwrap()).expect("the node starts")
 }
 
 fn node_end_to_end(c: &mut Criterion) {
@@ -54,7 +38,8 @@ fn node_end_to_end(c: &mut Criterion) {
                 // A fresh node per sample (not timed), so the log of earlier samples
                 // does not pile up in the page cache and skew later ones.
                 let dir = tempfile::tempdir().unwrap();
-                let (node, stop, addr) = start_node(dir.path());
+                let node = start_node(dir.path());
+                let addr = node.addr;
                 // The same origins every iteration (a fixed set of clients), their
                 // sequence numbers continuing.
                 let mut sent_per_origin = 0u64;
@@ -78,8 +63,7 @@ fn node_end_to_end(c: &mut Criterion) {
                     }
                     sent_per_origin += results[0].events_sent;
                 }
-                stop.set();
-                node.join().unwrap();
+                node.stop().expect("the node stops cleanly");
                 total
             })
         });

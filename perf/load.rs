@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use meshos::loadgen::{self, FrameTemplate, LoadOptions};
 use meshos::node::config::NodeConfig;
-use meshos::sys::signals::StopFlag;
 
 struct Flags {
     connections: u32,
@@ -133,30 +132,12 @@ fn hostile_clients(addr: SocketAddr, idle: u32) -> Hostile {
     Hostile { _idle: idle, _deaf: deaf, garbage }
 }
 
-fn start_node(
-    dir: &Path,
-    connections_max: u32,
-) -> (std::thread::JoinHandle<meshos::node::run::NodeReport>, StopFlag, SocketAddr) {
+fn start_node(dir: &Path, connections_max: u32) -> meshos::node::run::Background {
     let text = format!(
         "name = \"load-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_max = {connections_max}\n",
         dir.display()
     );
-    let config = NodeConfig::parse(&text).unwrap();
-    let stop = StopFlag::new();
-    let node = {
-        let stop = stop.clone();
-        std::thread::spawn(move || meshos::node::run::run(&config, &stop).expect("the node runs"))
-    };
-    let addr_file = dir.join(meshos::node::run::ADDR_FILE);
-    let started = Instant::now();
-    let addr = loop {
-        if let Some(addr) = std::fs::read_to_string(&addr_file).ok().and_then(|text| text.trim().parse().ok()) {
-            break addr;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "node did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    (node, stop, addr)
+    meshos::node::run::spawn(NodeConfig::parse(&text).unwrap()).expect("the node starts")
 }
 
 fn main() {
@@ -171,7 +152,8 @@ fn main() {
     let raw_events_per_second = raw_bytes as f64 / bytes_per_event / raw_seconds;
 
     let dir = tempfile::tempdir().unwrap();
-    let (node, stop, addr) = start_node(dir.path(), flags.idle + flags.connections + 64);
+    let node = start_node(dir.path(), flags.idle + flags.connections + 64);
+    let addr = node.addr;
     let hostile = flags.hostile.then(|| hostile_clients(addr, flags.idle));
     let options = LoadOptions {
         connections: flags.connections,
@@ -189,8 +171,7 @@ fn main() {
         let mut reply = [0u8; 256];
         hostile.garbage.read(&mut reply).unwrap_or(0) > 32
     });
-    stop.set();
-    let report = node.join().unwrap();
+    let report = node.stop().expect("the node stops cleanly");
 
     let sent: u64 = results.iter().map(|result| result.events_sent).sum();
     let acked: u64 = results.iter().map(|result| result.events_acked).sum();

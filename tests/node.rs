@@ -21,7 +21,6 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Node {
     child: Child,
-    dir: PathBuf,
     addr: SocketAddr,
 }
 
@@ -40,12 +39,13 @@ fn library_config(dir: &Path) -> meshos::config::Config {
     meshos::config::Config { fsync: FsyncPolicy::Manual, ..config }
 }
 
+#[allow(clippy::zombie_processes, reason = "the returned Node is waited on by terminate() or after kill()")]
 fn start(dir: &Path) -> Node {
     let config = write_config(dir);
     let addr_file = dir.join("node.addr");
     let _ = std::fs::remove_file(&addr_file);
     let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_meshos"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshos"))
         .args(["node", "--config"])
         .arg(&config)
         .env_remove("RUST_LOG")
@@ -57,10 +57,14 @@ fn start(dir: &Path) -> Node {
     loop {
         if let Ok(text) = std::fs::read_to_string(&addr_file) {
             if let Ok(addr) = text.trim().parse() {
-                return Node { child, dir: dir.to_path_buf(), addr };
+                return Node { child, addr };
             }
         }
-        assert!(started.elapsed() < START_LIMIT, "node did not start: {}", stderr_of(dir));
+        if started.elapsed() > START_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("node did not start: {}", stderr_of(dir));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }

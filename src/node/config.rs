@@ -283,7 +283,7 @@ mod tests {
             ("heartbeat_ms = 1", "heartbeat_ms"),
             ("[ingest]\ncommit_bytes_max = 1024", "ingest.commit_bytes_max"),
             (
-                "data_dir = \"/tmp/a-very-long-directory-name-that-goes-on-and-on-and-on-and-on-and-on-and-on-and-on\"",
+                "data_dir = \"/tmp/a-very-long-directory-name-that-goes-on-and-on-and-on-and-on-and-on-and-on-and-on/and-deeper-and-deeper-still\"",
                 "ingest.sdk_socket",
             ),
             ("[ingest]\nconnection_buffer_bytes = 100", "ingest.connection_buffer_bytes"),

@@ -119,8 +119,52 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), NodeError> {
     std::fs::rename(&temporary, path).map_err(io_error(path))
 }
 
+/// A node running on a thread of this process (benches, the load tool, embedding).
+pub struct Background {
+    pub addr: std::net::SocketAddr,
+    stop: StopFlag,
+    thread: std::thread::JoinHandle<Result<NodeReport, NodeError>>,
+}
+
+impl Background {
+    /// Stops the node as SIGTERM would and returns its report.
+    pub fn stop(self) -> Result<NodeReport, NodeError> {
+        self.stop.set();
+        self.thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+/// Starts the node on its own thread and returns once it listens (or failed to start).
+pub fn spawn(config: NodeConfig) -> Result<Background, NodeError> {
+    let stop = StopFlag::new();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("meshos-node".to_string())
+            .spawn(move || run_until(&config, &stop, Some(ready_tx)))
+            .map_err(|source| NodeError::Io { path: PathBuf::from("<thread>"), source })?
+    };
+    match ready_rx.recv() {
+        Ok(addr) => Ok(Background { addr, stop, thread }),
+        // The sender is gone before the node listened: it failed; its error says why.
+        Err(_) => Err(thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            .expect_err("a node that never listened returned an error")),
+    }
+}
+
 /// Runs the node until `stop` is set, then shuts down cleanly.
 pub fn run(config: &NodeConfig, stop: &StopFlag) -> Result<NodeReport, NodeError> {
+    run_until(config, stop, None)
+}
+
+fn run_until(
+    config: &NodeConfig,
+    stop: &StopFlag,
+    ready: Option<std::sync::mpsc::Sender<std::net::SocketAddr>>,
+) -> Result<NodeReport, NodeError> {
     let library_config = config.to_config();
     std::fs::create_dir_all(&config.data_dir).map_err(io_error(&config.data_dir))?;
     let (mut log, recovery) = EmbeddedLog::open(&config.log_dir(), &library_config)?;
@@ -157,6 +201,10 @@ pub fn run(config: &NodeConfig, stop: &StopFlag) -> Result<NodeReport, NodeError
     let resumer = reactor.resumer();
     let tcp_addr = reactor.local_tcp_addr().map(|addr| addr.to_string()).unwrap_or_default();
     write_atomically(&config.data_dir.join(ADDR_FILE), &format!("{tcp_addr}\n"))?;
+    if let (Some(ready), Some(addr)) = (ready, reactor.local_tcp_addr()) {
+        // The caller may have gone; the node runs on regardless.
+        let _ = ready.send(addr);
+    }
     tracing::info!(
         name = config.name,
         tcp = tcp_addr,
