@@ -16,7 +16,7 @@
 //! connection. Timing lives here, not in fold or reconcile.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,20 @@ use crate::event::{Event, EventBatch, EventKind, NodeHealth, ReplicaState};
 use crate::sys::client::{Client, ClientError, Replies};
 use crate::wire::{self, FrameKind};
 
-/// Frames whose send time a connection remembers, for ack latency.
+/// Frames whose send time a connection remembers, for ack latency; also the most
+/// frames a connection has unacknowledged (the writer waits), so every ack finds its
+/// frame's send time.
 const SEND_TIMES: usize = 4096;
+
+/// Send times and the acknowledged frame, shared by a connection's writer and reader.
+struct Window {
+    send_times: Vec<Instant>,
+    acked_seq: u64,
+    /// The reader stopped (error or done): the writer must not wait for it.
+    reader_done: bool,
+}
+
+type SharedWindow = Arc<(Mutex<Window>, Condvar)>;
 
 /// A frame of events whose sequence numbers can be rewritten in place.
 pub struct FrameTemplate {
@@ -183,20 +195,23 @@ fn drive(addr: SocketAddr, index: u32, options: &LoadOptions, ack_timeout: Durat
             return result;
         }
     };
-    let send_times = Arc::new(Mutex::new(vec![Instant::now(); SEND_TIMES]));
+    let window: SharedWindow = Arc::new((
+        Mutex::new(Window { send_times: vec![Instant::now(); SEND_TIMES], acked_seq: 0, reader_done: false }),
+        Condvar::new(),
+    ));
     let mut setup = FrameTemplate::setup(index);
     let mut steady = FrameTemplate::steady(index, options.events_per_frame, &options.peer);
     let setup_frames = (options.resume_after == 0) as u64;
     let (setup_events, steady_events) = (setup.events() * setup_frames, steady.events());
     let last_seq = setup_frames + options.frames_per_connection;
     let reader = {
-        let send_times = Arc::clone(&send_times);
+        let window = Arc::clone(&window);
         std::thread::Builder::new()
             .stack_size(256 << 10)
-            .spawn(move || read_acks(replies, last_seq, send_times, ack_timeout))
+            .spawn(move || read_acks(replies, last_seq, window, ack_timeout))
             .expect("spawn an ack reader")
     };
-    let sent = send_all(client, &mut setup, &mut steady, options, &send_times, &mut result);
+    let sent = send_all(client, &mut setup, &mut steady, options, &window, &mut result);
     let (acked_seq, latencies, read_error) = reader.join().expect("an ack reader panicked");
     result.events_acked = events_through(acked_seq, setup_frames, setup_events, steady_events);
     result.ack_latency_us = latencies;
@@ -213,7 +228,7 @@ fn send_all(
     setup: &mut FrameTemplate,
     steady: &mut FrameTemplate,
     options: &LoadOptions,
-    send_times: &Mutex<Vec<Instant>>,
+    window: &SharedWindow,
     result: &mut ConnectionResult,
 ) -> Result<(), ClientError> {
     let per_write = options.frames_per_write.max(1) as u64;
@@ -221,7 +236,7 @@ fn send_all(
     let mut origin_seq = options.resume_after + 1;
     let mut seq = 1;
     if options.resume_after == 0 {
-        send_times.lock().expect("send times")[1] = Instant::now();
+        window.0.lock().expect("window").send_times[1] = Instant::now();
         client.send_raw(setup.fill(1, 1, true))?;
         result.events_sent = setup.events();
         result.frames_sent = 1;
@@ -237,11 +252,17 @@ fn send_all(
             origin_seq += steady.events();
             seq += 1;
         }
-        let now = Instant::now();
         {
-            let mut times = send_times.lock().expect("send times");
+            let (lock, condvar) = &**window;
+            let mut shared = lock.lock().expect("window");
+            // Frame seq - 1 reuses the send-time slot of frame seq - 1 - SEND_TIMES:
+            // wait until that one is acknowledged.
+            while !shared.reader_done && seq - 1 > shared.acked_seq + SEND_TIMES as u64 {
+                shared = condvar.wait(shared).expect("window");
+            }
+            let now = Instant::now();
             for frame in first..seq {
-                times[frame as usize % SEND_TIMES] = now;
+                shared.send_times[frame as usize % SEND_TIMES] = now;
             }
         }
         client.send_raw(&chunk)?;
@@ -259,22 +280,29 @@ fn send_all(
 fn read_acks(
     mut replies: Replies,
     last_seq: u64,
-    send_times: Arc<Mutex<Vec<Instant>>>,
+    window: SharedWindow,
     ack_timeout: Duration,
 ) -> (u64, Vec<u32>, Option<String>) {
     let mut latencies = Vec::new();
-    loop {
+    let (lock, condvar) = &*window;
+    let error = loop {
         if replies.acked().seq >= last_seq {
-            return (replies.acked().seq, latencies, None);
+            break None;
         }
         match replies.next_ack(Some(ack_timeout)) {
             Ok(ack) => {
-                let sent_at = send_times.lock().expect("send times")[ack.seq as usize % SEND_TIMES];
+                let mut shared = lock.lock().expect("window");
+                let sent_at = shared.send_times[ack.seq as usize % SEND_TIMES];
                 latencies.push(sent_at.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                shared.acked_seq = shared.acked_seq.max(ack.seq);
+                condvar.notify_one();
             }
-            Err(error) => return (replies.acked().seq, latencies, Some(error.to_string())),
+            Err(error) => break Some(error.to_string()),
         }
-    }
+    };
+    lock.lock().expect("window").reader_done = true;
+    condvar.notify_one();
+    (replies.acked().seq, latencies, error)
 }
 
 /// The value at `permille` of the sorted samples (0 when empty).

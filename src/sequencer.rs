@@ -73,6 +73,8 @@ pub struct SequencerStats {
     pub backpressure_lowered: u64,
     /// The slowest commit (appends and the fsync), in microseconds.
     pub commit_us_max: u64,
+    /// Own events dropped because this node's origin sequence numbers ran out (2^64).
+    pub own_events_unnumbered: u64,
     /// The latest commits' durations (appends and the fsync), microseconds, at most
     /// `COMMIT_SAMPLES_MAX` (then overwritten in a ring), for percentiles.
     pub commit_us_samples: Vec<u32>,
@@ -106,6 +108,8 @@ struct SourceSlot {
     /// Collections in a row that took nothing from this source (saturating). From
     /// `IDLE_AFTER_COLLECTS` on, the source is looked at only in scanning collections.
     idle_collects: u8,
+    /// The last frame number taken; the next must be above it (numbers start at 1).
+    last_frame_seq: u64,
     /// Highest frame seq to acknowledge after the current group's sync (0: none).
     ack_seq: u64,
     ack_position: u64,
@@ -142,6 +146,9 @@ pub struct Sequencer {
     /// Collections so far, and whether the current one also looks at idle sources.
     collects: u64,
     scan_idle: bool,
+    /// Closes of sources whose frame was bad, held back until the acks of the frames
+    /// before it (in the same group) are queued: the reactor drops a closed source's acks.
+    pending_closes: Vec<Command>,
 }
 
 /// Collections without a frame after which a source counts as idle.
@@ -159,13 +166,14 @@ fn offset_in(base: &[u8], field: *const u8) -> usize {
 
 impl Sequencer {
     /// A sequencer whose own events continue after `own_seq_last` (the highest
-    /// origin_seq of this node in the folded state).
-    pub fn new(config: SequencerConfig, own_seq_last: u64) -> Sequencer {
+    /// origin_seq of this node in the folded state); `backpressure_raised` is this
+    /// node's backpressure mark in the folded state.
+    pub fn new(config: SequencerConfig, own_seq_last: u64, backpressure_raised: bool) -> Sequencer {
         assert!(config.frames_per_round_max >= 1 && config.records_per_commit_max >= 1);
         assert!(config.commit_bytes_max >= config.frame_bytes_max, "a group must hold one frame");
         assert!(config.backpressure_queue_low_permille < config.backpressure_queue_high_permille);
         assert!(config.backpressure_commit_low_ms < config.backpressure_commit_high_ms);
-        Sequencer {
+        let mut sequencer = Sequencer {
             group: AlignedVec::with_capacity(config.commit_bytes_max as usize),
             records: Vec::with_capacity(config.records_per_commit_max as usize + 1),
             stamps: Vec::with_capacity(config.records_per_commit_max as usize + 1),
@@ -181,7 +189,31 @@ impl Sequencer {
             own_batch: EventBatch::default(),
             collects: 0,
             scan_idle: true,
+            pending_closes: Vec::new(),
+        };
+        if backpressure_raised {
+            // Raised by an earlier run of this node (in the folded state) and never
+            // lowered: nothing in this run raised it, so lower it first thing.
+            sequencer.push_own(EventKind::Backpressure { raised: false });
+            sequencer.stats.backpressure_lowered += 1;
         }
+        sequencer
+    }
+
+    /// Lowers backpressure if this node raised it (a clean shutdown calls this so a
+    /// stopped node does not hold the cluster until it is declared down).
+    pub fn lower_backpressure(&mut self) {
+        if self.backpressure {
+            self.backpressure = false;
+            self.stats.backpressure_lowered += 1;
+            self.push_own(EventKind::Backpressure { raised: false });
+        }
+    }
+
+    /// The next origin sequence number of this node, or `None` once exhausted.
+    fn next_own_seq(&mut self) -> Option<u64> {
+        self.own_seq = self.own_seq.checked_add(1)?;
+        Some(self.own_seq)
     }
 
     /// Takes a newly accepted source into the rotation.
@@ -193,6 +225,7 @@ impl Sequencer {
             rejected: false,
             popped: false,
             idle_collects: 0,
+            last_frame_seq: 0,
             ack_seq: 0,
             ack_position: 0,
         });
@@ -238,14 +271,22 @@ impl Sequencer {
         let records_max = self.config.records_per_commit_max as usize;
         let bytes_max = self.config.commit_bytes_max as usize;
         let per_round = self.config.frames_per_round_max as usize;
+        if self.scan_idle {
+            // Wake the idle sources that have frames: they join the rotation below on
+            // equal terms, wherever the cursor is.
+            for slot in &mut self.sources {
+                if slot.idle_collects >= IDLE_AFTER_COLLECTS && !slot.frames.is_empty() {
+                    slot.idle_collects = 0;
+                }
+            }
+        }
         let mut full = false;
-        let mut first_round = true;
         while !full && !self.sources.is_empty() {
             let mut progressed = false;
             let count = self.sources.len();
             for step in 0..count {
                 let index = (self.cursor + step) % count;
-                if self.sources[index].idle_collects >= IDLE_AFTER_COLLECTS && !(self.scan_idle && first_round) {
+                if self.sources[index].idle_collects >= IDLE_AFTER_COLLECTS {
                     continue;
                 }
                 for _ in 0..per_round {
@@ -265,7 +306,6 @@ impl Sequencer {
                     break;
                 }
             }
-            first_round = false;
             if !progressed {
                 break;
             }
@@ -273,6 +313,8 @@ impl Sequencer {
         let found = self.records.len();
         self.resume_and_age();
         if self.records.is_empty() {
+            // No acks will follow: the closes can go now.
+            self.commands.append(&mut self.pending_closes);
             self.remove_abandoned();
         }
         self.collects += 1;
@@ -323,9 +365,16 @@ impl Sequencer {
 
     fn collect_own(&mut self) {
         self.own_batch.events.clear();
-        for kind in self.own_events.drain(..) {
-            self.own_seq += 1;
-            self.own_batch.events.push(Event { origin: self.config.node_name.clone(), origin_seq: self.own_seq, kind });
+        for kind in std::mem::take(&mut self.own_events) {
+            let Some(origin_seq) = self.next_own_seq() else {
+                // 2^64 events of this node: nothing can be numbered any more.
+                self.stats.own_events_unnumbered += 1;
+                continue;
+            };
+            self.own_batch.events.push(Event { origin: self.config.node_name.clone(), origin_seq, kind });
+        }
+        if self.own_batch.events.is_empty() {
+            return;
         }
         let payload = wire::encode_batch(&self.own_batch);
         let offset = self.group.len();
@@ -368,6 +417,14 @@ impl Sequencer {
                 return self.reject(index, FrameError::BadPayload { reason });
             }
         };
+        let last_frame_seq = self.sources[index].last_frame_seq;
+        if header.seq <= last_frame_seq {
+            let reason = format!(
+                "frame number {} does not follow {last_frame_seq}: frame numbers start at 1 and increase",
+                header.seq
+            );
+            return self.reject(index, FrameError::BadPayload { reason });
+        }
         let payload = &frame[wire::HEADER_BYTES..wire::HEADER_BYTES + header.payload_bytes as usize];
         let offset = self.group.len();
         self.group.extend_from_slice(payload);
@@ -378,24 +435,36 @@ impl Sequencer {
                 Err(error) => Err(error),
                 Ok(batch) => {
                     self.patch_offsets.clear();
-                    let mut foreign = None;
+                    let name = self.config.node_name.as_str();
+                    let mut wrong_origin = None;
                     for event in batch.events.iter() {
+                        let own = event.origin.as_str() == name;
+                        // Local events speak for this node; remote ones never may (this
+                        // node alone numbers its own events).
+                        if own != local {
+                            wrong_origin = Some(event.origin.as_str().chars().take(64).collect::<String>());
+                            break;
+                        }
                         if local {
-                            if event.origin.as_str() != self.config.node_name {
-                                foreign = Some(event.origin.as_str().to_string());
-                                break;
-                            }
                             let field = &event.origin_seq as *const _ as *const u8;
                             self.patch_offsets.push(offset_in(bytes, field));
                         }
                     }
-                    match foreign {
+                    let remaining = u64::MAX - self.own_seq;
+                    match wrong_origin {
+                        Some(origin) if local => Err(FrameError::BadPayload {
+                            reason: format!(
+                                "events on the local socket must name this node `{name}` as their origin, not `{origin}`"
+                            ),
+                        }),
                         Some(origin) => Err(FrameError::BadPayload {
                             reason: format!(
-                                "events on the local socket must name this node `{}` as their origin, not `{}`",
-                                self.config.node_name,
-                                origin.chars().take(64).collect::<String>()
+                                "events over TCP may not name this node `{origin}` as their origin: only the node \
+                                 itself and its local socket speak for it"
                             ),
+                        }),
+                        None if self.patch_offsets.len() as u64 > remaining => Err(FrameError::BadPayload {
+                            reason: "this node's origin sequence numbers are exhausted".to_string(),
                         }),
                         None => Ok(batch.events.len() as u64),
                     }
@@ -410,9 +479,11 @@ impl Sequencer {
             }
         };
         for &at in &self.patch_offsets {
+            // Checked above: enough numbers remain for every event of the frame.
             self.own_seq += 1;
             self.group[offset + at..offset + at + 8].copy_from_slice(&self.own_seq.to_le_bytes());
         }
+        self.sources[index].last_frame_seq = header.seq;
         pad_to_alignment(&mut self.group);
         self.stats.events += events;
         self.records.push(GroupRecord {
@@ -429,7 +500,7 @@ impl Sequencer {
         let slot = &mut self.sources[index];
         slot.rejected = true;
         self.stats.rejected_frames += 1;
-        self.commands.push(Command::Close { source: slot.id, error });
+        self.pending_closes.push(Command::Close { source: slot.id, error });
     }
 
     /// Appends every record of the group, syncs the log once, queues the acks and
@@ -449,7 +520,8 @@ impl Sequencer {
         for (record, stamp) in self.records.iter().zip(&self.stamps) {
             if record.ack_wanted {
                 let slot = &mut self.sources[record.source];
-                debug_assert!(record.frame_seq >= slot.ack_seq || slot.ack_seq == 0);
+                // Frame numbers increase per source (checked in take_frame).
+                debug_assert!(record.frame_seq > slot.ack_seq);
                 slot.ack_seq = record.frame_seq;
                 slot.ack_position = stamp.position;
             }
@@ -466,6 +538,8 @@ impl Sequencer {
                 slot.ack_seq = 0;
             }
         }
+        // After the acks of the frames before them.
+        self.commands.append(&mut self.pending_closes);
         let records = self.records.len() as u64;
         let events = self.records.iter().map(|record| record.events).sum();
         self.stats.records += records;
@@ -525,7 +599,10 @@ impl Sequencer {
     /// True when every source is closed and drained and nothing is pending: what a
     /// clean shutdown waits for.
     pub fn drained(&self) -> bool {
-        self.records.is_empty() && self.own_events.is_empty() && self.sources.is_empty()
+        self.records.is_empty()
+            && self.own_events.is_empty()
+            && self.sources.is_empty()
+            && self.pending_closes.is_empty()
     }
 }
 

@@ -166,6 +166,24 @@ impl NodeConfig {
                 return field(name, format!("{value} is outside {low}..={high}"));
             }
         }
+        if ingest.backpressure_queue_low_permille == 0 || ingest.backpressure_commit_low_ms == 0 {
+            let name = if ingest.backpressure_queue_low_permille == 0 {
+                "ingest.backpressure_queue_low_permille"
+            } else {
+                "ingest.backpressure_commit_low_ms"
+            };
+            return field(name, "must be at least 1: backpressure is lowered only below the low mark".to_string());
+        }
+        if (self.heartbeat_ms as u64) * 2 > self.reconcile.node_down_ms {
+            return field(
+                "heartbeat_ms",
+                format!(
+                    "{} must be at most half of reconcile.node_down_ms ({}), or the node counts itself down between \
+                     its own heartbeats",
+                    self.heartbeat_ms, self.reconcile.node_down_ms
+                ),
+            );
+        }
         if ingest.backpressure_queue_low_permille >= ingest.backpressure_queue_high_permille {
             return field("ingest.backpressure_queue_low_permille", "must be below the high mark".to_string());
         }
@@ -281,6 +299,9 @@ mod tests {
             ("[ingest]\nlisten_tcp = \"nowhere\"", "ingest.listen_tcp"),
             ("[ingest]\nqueue_frames = 1", "ingest.queue_frames"),
             ("heartbeat_ms = 1", "heartbeat_ms"),
+            ("heartbeat_ms = 40000", "heartbeat_ms"),
+            ("[ingest]\nbackpressure_queue_low_permille = 0", "ingest.backpressure_queue_low_permille"),
+            ("[ingest]\nbackpressure_commit_low_ms = 0", "ingest.backpressure_commit_low_ms"),
             ("[ingest]\ncommit_bytes_max = 1024", "ingest.commit_bytes_max"),
             (
                 "data_dir = \"/tmp/a-very-long-directory-name-that-goes-on-and-on-and-on-and-on-and-on-and-on-and-on/and-deeper-and-deeper-still\"",

@@ -8,8 +8,10 @@
 //! sources, queue this node's heartbeat when due, collect a group, commit it (one
 //! fsync), fold and reconcile each record, hand this node's actions to the
 //! dispatcher, send acks and resumes to the reactor; sleep on the ingest signal when
-//! there is nothing to do. Stop (SIGTERM, SIGINT): stop accepting and reading, drain
-//! every queue, commit, fsync, return the report.
+//! there is nothing to do. Stop (SIGTERM, SIGINT): the reactor stops accepting and
+//! reading (connections stay open), every queue is drained and committed and its acks
+//! sent, backpressure this node raised is lowered, then the connections close (acks
+//! written best effort), the log is fsynced and the report returned.
 //!
 //! The dispatcher is a stand-in until the executors exist: it RECORDS what this node
 //! would run (one line per action in `DATA_DIR/dispatched.log`) and runs nothing.
@@ -19,10 +21,10 @@
 //! dispatched only for records committed by this run (replayed ones were dispatched,
 //! or lost with the crash, before); nothing here panics on what a client sends.
 
+use crate::sync::Arc;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::action::{describe, Action};
@@ -35,9 +37,11 @@ use crate::redex::{Redex, RedexError};
 use crate::sequencer::{Sequencer, SequencerStats};
 use crate::state::ids::NodeRow;
 use crate::state::State;
-use crate::sys::reactor::{Reactor, ReactorError, ReactorStats};
+use crate::sys::reactor::{Command, Reactor, ReactorError, ReactorStats};
 use crate::sys::signals::StopFlag;
 
+/// Longest wait for the reactor to stop reading at shutdown.
+const QUIESCE_WAIT: Duration = Duration::from_secs(5);
 /// Longest sleep between looks at the stop flag.
 const STOP_POLL_MS: u64 = 100;
 /// How often the loop logs its counters at info level.
@@ -194,7 +198,9 @@ fn run_until(
 
     let own_seq_last =
         engine.state.nodes.find(&config.name).map_or(0, |row| engine.state.nodes.origin_seq_last[row.index()]);
-    let mut sequencer = Sequencer::new(config.sequencer_config(), own_seq_last);
+    let backpressure_raised =
+        engine.state.nodes.find(&config.name).is_some_and(|row| engine.state.nodes.backpressure[row.index()]);
+    let mut sequencer = Sequencer::new(config.sequencer_config(), own_seq_last, backpressure_raised);
     let mut dispatcher = Dispatcher::open(config.data_dir.join(DISPATCH_FILE))?;
     let signal = Signal::new();
     let (reactor, new_sources) = Reactor::start(config.reactor_config(), Arc::clone(&signal))?;
@@ -238,7 +244,28 @@ fn run_until(
         }
     }
 
-    tracing::info!("stopping: no new connections; draining the queues");
+    tracing::info!("stopping: no new connections, no more reads; draining the queues");
+    resumer.send(&mut vec![Command::Quiesce]);
+    let quiesce_started = Instant::now();
+    while !reactor.is_quiesced() && quiesce_started.elapsed() < QUIESCE_WAIT {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Nothing is pushed any more: drain every ring, commit and send the acks while the
+    // connections are still open. Two empty collections in a row have looked at every
+    // source, idle ones included.
+    let mut empty_collects = 0;
+    while empty_collects < 2 {
+        while let Ok(source) = new_sources.try_recv() {
+            sequencer.add_source(source);
+        }
+        let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut dispatcher, &config.name)?;
+        resumer.send(sequencer.commands());
+        empty_collects = if worked { 0 } else { empty_collects + 1 };
+    }
+    sequencer.lower_backpressure();
+    commit_group(&mut sequencer, &mut log, &mut engine, &mut dispatcher, &config.name)?;
+    resumer.send(sequencer.commands());
+    // Writes the acks sent above (best effort, without blocking), then closes.
     let reactor_stats = reactor.shutdown();
     while let Ok(source) = new_sources.try_recv() {
         sequencer.add_source(source);

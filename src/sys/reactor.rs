@@ -82,6 +82,9 @@ use std::net::{Shutdown, SocketAddr};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
+// The `Signal` is shared through `crate::sync::Arc` (loom's under `cfg(loom)`, where
+// `Signal::new` builds one); everything else here uses std's.
+use crate::sync::Arc as SignalArc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -188,6 +191,10 @@ pub enum Command {
     /// error frame with `error`'s text, count it under `error.reason_code()` in
     /// `errors_by_reason`, close that connection.
     Close { source: u64, error: FrameError },
+    /// The start of a clean shutdown: stop accepting (listeners closed) and stop
+    /// reading every connection, but keep them open so the acks of what is already
+    /// queued can still be written; `ReactorStats::quiesced` turns 1 once done.
+    Quiesce,
 }
 
 /// Counters since start.
@@ -224,6 +231,8 @@ pub struct ReactorStats {
     pub acks_coalesced: u64,
     /// `Close` commands acted on (the source was still open).
     pub closed_by_consumer: u64,
+    /// 1 once a `Quiesce` command took effect: nothing more is read or pushed.
+    pub quiesced: u64,
     /// Times a write would block and the connection waited for WRITABLE (its peer
     /// reads slower than it is answered).
     pub writes_blocked: u64,
@@ -261,6 +270,7 @@ struct StatCells {
     acks_sent: AtomicU64,
     acks_coalesced: AtomicU64,
     closed_by_consumer: AtomicU64,
+    quiesced: AtomicU64,
     writes_blocked: AtomicU64,
 }
 
@@ -287,6 +297,7 @@ impl StatCells {
             acks_sent: load(&self.acks_sent),
             acks_coalesced: load(&self.acks_coalesced),
             closed_by_consumer: load(&self.closed_by_consumer),
+            quiesced: load(&self.quiesced),
             writes_blocked: load(&self.writes_blocked),
         }
     }
@@ -349,7 +360,7 @@ impl Reactor {
     /// each round of pushes, new source or closed connection.
     pub fn start(
         config: ReactorConfig,
-        signal: Arc<Signal>,
+        signal: SignalArc<Signal>,
     ) -> Result<(Reactor, mpsc::Receiver<Source>), ReactorError> {
         check_config(&config)?;
         let poll = Poll::new().map_err(ReactorError::Poll)?;
@@ -426,6 +437,12 @@ impl Reactor {
     /// A handle for another thread to call `resume` and `send` with.
     pub fn resumer(&self) -> Resumer {
         Resumer { shared: Arc::clone(&self.shared) }
+    }
+
+    /// True once a `Quiesce` command took effect: nothing more will be pushed into
+    /// any ring, and every earlier push is visible to the caller.
+    pub fn is_quiesced(&self) -> bool {
+        self.shared.stats.quiesced.load(Ordering::Acquire) == 1
     }
 
     /// Counters so far.
@@ -628,6 +645,8 @@ struct Connection {
     buffer: Vec<u8>,
     /// True while READABLE is withheld because the ring is full.
     paused: bool,
+    /// False once the reactor quiesced: the socket is no longer read.
+    reading: bool,
     /// What the socket is registered for; `None` while deregistered.
     interest: Option<Interest>,
     /// The one frame being written (bytes `output_written_bytes..` still to go), or
@@ -649,6 +668,7 @@ impl Connection {
             frames,
             buffer: Vec::new(),
             paused: false,
+            reading: true,
             interest: Some(interest),
             output: Vec::new(),
             output_written_bytes: 0,
@@ -660,7 +680,7 @@ impl Connection {
 
     /// READABLE unless paused, WRITABLE while something is left to write.
     fn wanted_interest(&self) -> Option<Interest> {
-        let readable = (!self.paused).then_some(Interest::READABLE);
+        let readable = (!self.paused && self.reading).then_some(Interest::READABLE);
         let writable = (!self.output.is_empty() || self.pending_ack.is_some()).then_some(Interest::WRITABLE);
         match (readable, writable) {
             (Some(readable), Some(writable)) => Some(readable | writable),
@@ -752,7 +772,7 @@ enum Outcome {
 struct EventLoop {
     poll: Poll,
     shared: Arc<Shared>,
-    signal: Arc<Signal>,
+    signal: SignalArc<Signal>,
     sources_tx: mpsc::Sender<Source>,
     tcp_listener: Option<TcpListener>,
     unix_listener: Option<UnixListener>,
@@ -875,7 +895,7 @@ impl EventLoop {
 
     fn on_readable(&mut self, id: u64) {
         let Some(connection) = self.connections.get_mut(&id) else { return };
-        if connection.paused {
+        if connection.paused || !connection.reading {
             return;
         }
         let outcome = read_connection(connection, &self.config, &self.shared.stats, &mut self.pushed);
@@ -944,6 +964,7 @@ impl EventLoop {
                     }
                 }
                 Command::Close { source, error } => self.close_by_consumer(source, &error),
+                Command::Quiesce => self.quiesce(),
             }
         }
         self.commands = commands;
@@ -991,14 +1012,44 @@ impl EventLoop {
         }
     }
 
-    fn close_all(&mut self) {
-        self.tcp_listener = None;
-        self.unix_listener = None;
-        if let Some(path) = &self.unix_path {
-            let _ = std::fs::remove_file(path);
-        }
+    /// Stops accepting and reading; connections stay open for their acks.
+    fn quiesce(&mut self) {
+        self.close_listeners();
         let ids: Vec<u64> = self.connections.keys().copied().collect();
         for id in ids {
+            if let Some(connection) = self.connections.get_mut(&id) {
+                connection.reading = false;
+            }
+            self.update_interest(id);
+        }
+        self.read_again.clear();
+        // Release: every push before the quiesce is visible to a consumer that saw it
+        // (`Reactor::is_quiesced` loads with Acquire).
+        self.shared.stats.quiesced.store(1, Ordering::Release);
+    }
+
+    fn close_listeners(&mut self) {
+        self.tcp_listener = None;
+        self.unix_listener = None;
+        if let Some(path) = self.unix_path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    fn close_all(&mut self) {
+        self.close_listeners();
+        // Commands sent before shutdown (the acks of the last commits) still count:
+        // write them once, best effort without blocking, before closing.
+        self.run_commands();
+        let ids: Vec<u64> = self.connections.keys().copied().collect();
+        for id in ids {
+            if let Some(connection) = self.connections.get_mut(&id) {
+                if let Flush::Done = connection.flush(&self.shared.stats) {
+                    // FIN after the last ack, and unread input discarded (bounded), so
+                    // closing does not turn into a reset that could destroy that ack.
+                    connection.stream.shutdown_and_drain();
+                }
+            }
             self.close(id);
         }
         self.signal.notify();
