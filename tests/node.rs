@@ -42,18 +42,33 @@ fn library_config(dir: &Path) -> meshos::config::Config {
 
 #[allow(clippy::zombie_processes, reason = "the returned Node is waited on by terminate() or after kill()")]
 fn start(dir: &Path) -> Node {
+    start_limited(dir, None)
+}
+
+/// `start`, optionally under `ulimit -n fd_limit` (through `sh`, which then execs the node).
+#[allow(clippy::zombie_processes, reason = "the returned Node is waited on by terminate() or after kill()")]
+fn start_limited(dir: &Path, fd_limit: Option<u32>) -> Node {
     let config = write_config(dir);
     let addr_file = dir.join("node.addr");
     let _ = std::fs::remove_file(&addr_file);
     let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshos"))
-        .args(["node", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
+    let mut command = match fd_limit {
+        None => {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_meshos"));
+            command.args(["node", "--config"]).arg(&config);
+            command
+        }
+        Some(limit) => {
+            let mut command = Command::new("sh");
+            command.arg("-c").arg(format!(
+                "ulimit -n {limit} && exec '{}' node --config '{}'",
+                env!("CARGO_BIN_EXE_meshos"),
+                config.display()
+            ));
+            command
+        }
+    };
+    let mut child = command.env_remove("RUST_LOG").stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
     let started = Instant::now();
     loop {
         if let Ok(text) = std::fs::read_to_string(&addr_file) {
@@ -312,4 +327,41 @@ fn sigterm_during_load_drains_commits_and_acknowledges_what_was_queued() {
     eprintln!("sigterm: {acked} events acknowledged, {in_log_not_acked} in the log without an ack");
     let stderr = stderr_of(dir.path());
     assert!(stderr.contains("stopped cleanly"), "{stderr}");
+}
+
+#[test]
+fn connections_past_the_descriptor_limit_are_served_once_descriptors_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_limited(dir.path(), Some(64));
+    let heartbeat = |index: usize| meshos::event::EventBatch {
+        events: vec![meshos::event::Event {
+            origin: format!("fd-{index}"),
+            origin_seq: 1,
+            kind: meshos::event::EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 1 }),
+        }],
+    };
+    let mut clients: Vec<_> = (0..90)
+        .map(|index| {
+            let (mut client, replies) = meshos::sys::client::Client::connect_tcp(node.addr).unwrap();
+            let seq = client.send(&heartbeat(index), true).unwrap();
+            (client, replies, seq)
+        })
+        .collect();
+    // Some are served, the rest wait in the listen backlog: the node is out of descriptors.
+    let mut served = Vec::new();
+    let mut waiting = Vec::new();
+    for (index, (client, mut replies, seq)) in clients.drain(..).enumerate() {
+        match replies.wait_acked(seq, Duration::from_millis(if served.is_empty() { 5_000 } else { 50 })) {
+            Ok(_) => served.push((client, replies)),
+            Err(_) => waiting.push((index, client, replies, seq)),
+        }
+    }
+    assert!(!served.is_empty() && !waiting.is_empty(), "{} served, {} waiting", served.len(), waiting.len());
+    // Free descriptors: the node accepts the backlog without any new connection arriving.
+    served.clear();
+    for (index, _client, mut replies, seq) in waiting {
+        replies.wait_acked(seq, Duration::from_secs(10)).unwrap_or_else(|error| panic!("client {index}: {error}"));
+    }
+    let (clean, _) = terminate(node);
+    assert!(clean);
 }

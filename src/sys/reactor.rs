@@ -142,6 +142,8 @@ const _: () = assert!(OUTPUT_BYTES_MAX <= IDLE_BUFFER_KEEP_BYTES);
 /// not turn the close into a reset that could destroy the error frame).
 const DRAIN_ON_CLOSE_BYTES_MAX: usize = 256 << 10;
 const EVENTS_CAPACITY: usize = 256;
+/// Wait before accepting again after an accept error (e.g. out of descriptors).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Reads of one connection per round at most, so one busy peer with a fast
 /// consumer cannot hold the thread while others wait.
 const READS_PER_ROUND_MAX: u32 = 16;
@@ -233,6 +235,9 @@ pub struct ReactorStats {
     pub closed_by_consumer: u64,
     /// 1 once a `Quiesce` command took effect: nothing more is read or pushed.
     pub quiesced: u64,
+    /// Accept calls that failed for another reason than "nothing to accept" (e.g. out
+    /// of file descriptors); the listener is retried 100 ms later.
+    pub accept_errors: u64,
     /// Times a write would block and the connection waited for WRITABLE (its peer
     /// reads slower than it is answered).
     pub writes_blocked: u64,
@@ -271,6 +276,7 @@ struct StatCells {
     acks_coalesced: AtomicU64,
     closed_by_consumer: AtomicU64,
     quiesced: AtomicU64,
+    accept_errors: AtomicU64,
     writes_blocked: AtomicU64,
 }
 
@@ -298,6 +304,7 @@ impl StatCells {
             acks_coalesced: load(&self.acks_coalesced),
             closed_by_consumer: load(&self.closed_by_consumer),
             quiesced: load(&self.quiesced),
+            accept_errors: load(&self.accept_errors),
             writes_blocked: load(&self.writes_blocked),
         }
     }
@@ -407,6 +414,7 @@ impl Reactor {
             config,
             pushed: false,
             read_again: Vec::new(),
+            accept_retry: Vec::new(),
             commands: Vec::new(),
             flush_wanted: Vec::new(),
         };
@@ -785,6 +793,8 @@ struct EventLoop {
     pushed: bool,
     /// Connections that spent their read budget with the socket still readable.
     read_again: Vec<u64>,
+    /// Listeners whose accept failed (not WouldBlock), retried after `ACCEPT_RETRY`.
+    accept_retry: Vec<Token>,
     /// Commands taken from the shared queue (kept to reuse its allocation).
     commands: Vec<Command>,
     /// Connections given an ack this round with nothing waiting to be written before.
@@ -796,7 +806,13 @@ impl EventLoop {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         while !self.shared.stopping.load(Ordering::Acquire) {
             // Connections that used their read budget are served again at once.
-            let timeout = if self.read_again.is_empty() { None } else { Some(Duration::ZERO) };
+            let timeout = if !self.read_again.is_empty() {
+                Some(Duration::ZERO)
+            } else if !self.accept_retry.is_empty() {
+                Some(ACCEPT_RETRY)
+            } else {
+                None
+            };
             if let Err(error) = self.poll.poll(&mut events, timeout) {
                 if error.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -824,6 +840,11 @@ impl EventLoop {
                 }
             }
             self.run_commands();
+            let mut retry = std::mem::take(&mut self.accept_retry);
+            retry.dedup();
+            for token in retry {
+                self.accept_all(token);
+            }
             for id in std::mem::take(&mut self.read_again) {
                 self.on_readable(id);
             }
@@ -855,9 +876,15 @@ impl EventLoop {
             match accepted {
                 Ok(stream) => self.admit(stream),
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                // WouldBlock: all accepted. Other errors (out of descriptors, a peer
-                // gone before accept) end this round; the next readiness retries.
-                Err(_) => return,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                // Out of descriptors, a peer gone before accept: readiness is
+                // edge-triggered, so the backlog would wait for the next connection;
+                // retry after ACCEPT_RETRY instead.
+                Err(_) => {
+                    bump(&self.stats().accept_errors, 1);
+                    self.accept_retry.push(token);
+                    return;
+                }
             }
         }
     }
