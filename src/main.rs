@@ -318,6 +318,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCommand::Check { file }) => {
             let config = meshos::node::config::NodeConfig::load(&file)?;
             println!("{}: ok (node `{}`, data in {})", file.display(), config.name, config.data_dir.display());
+            println!(
+                "ingest memory at most {:.1} GiB: connections_max x (connection_buffer_bytes + queue_bytes_max + \
+                 frame_bytes_max)",
+                config.ingest_memory_bytes_max() as f64 / (1u64 << 30) as f64
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Sim { seed, nodes, blobs, replicas, steps } => {

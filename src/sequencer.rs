@@ -24,7 +24,8 @@
 //!
 //! Backpressure: after each commit the fullest queue (permille of its ring) and the
 //! commit's latency are compared with the high marks; crossing either raises global
-//! backpressure, and only falling below both low marks lowers it (hysteresis). Each
+//! backpressure, and only staying below both low marks for `backpressure_hold_ms`
+//! lowers it (hysteresis, and at most one raise per hold period). Each
 //! change is an event of this node in the log, so every node's reconcile sees it.
 //!
 //! Invariants: a record is appended only whole and validated; acks follow the sync
@@ -32,7 +33,7 @@
 //! frame closes its source (the reactor sends the error) and the frames after it are
 //! discarded and counted, never appended; nothing here reads the log back or folds.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rkyv::util::AlignedVec;
 
@@ -55,6 +56,9 @@ pub struct SequencerConfig {
     pub backpressure_queue_low_permille: u32,
     pub backpressure_commit_high_ms: u32,
     pub backpressure_commit_low_ms: u32,
+    /// Once raised, backpressure is lowered only after the low marks held this long
+    /// without a break (a saturating client fills and empties its ring every group).
+    pub backpressure_hold_ms: u32,
 }
 
 /// Counters since start.
@@ -138,6 +142,8 @@ pub struct Sequencer {
     /// The last origin_seq this node used.
     own_seq: u64,
     backpressure: bool,
+    /// Since when every commit was under both low marks (while raised).
+    low_since: Option<Instant>,
     stats: SequencerStats,
     /// Replies for the reactor (acks, resumes, closes), taken by the caller.
     commands: Vec<Command>,
@@ -183,6 +189,7 @@ impl Sequencer {
             own_events: Vec::new(),
             own_seq: own_seq_last,
             backpressure: false,
+            low_since: None,
             stats: SequencerStats::default(),
             commands: Vec::new(),
             patch_offsets: Vec::new(),
@@ -585,11 +592,20 @@ impl Sequencer {
         let high =
             fill >= config.backpressure_queue_high_permille || commit_ms >= config.backpressure_commit_high_ms as u64;
         let low = fill < config.backpressure_queue_low_permille && commit_ms < config.backpressure_commit_low_ms as u64;
+        if !low {
+            self.low_since = None;
+        } else if self.low_since.is_none() {
+            self.low_since = Some(Instant::now());
+        }
+        let held_low = self
+            .low_since
+            .is_some_and(|since| since.elapsed() >= Duration::from_millis(config.backpressure_hold_ms as u64));
         if !self.backpressure && high {
             self.backpressure = true;
+            self.low_since = None;
             self.stats.backpressure_raised += 1;
             self.push_own(EventKind::Backpressure { raised: true });
-        } else if self.backpressure && low {
+        } else if self.backpressure && held_low {
             self.backpressure = false;
             self.stats.backpressure_lowered += 1;
             self.push_own(EventKind::Backpressure { raised: false });

@@ -33,6 +33,7 @@ fn tcp_config(queue_frames: u32, connections_max: u32) -> ReactorConfig {
         connections_max,
         connection_buffer_bytes: 256 << 10,
         queue_frames,
+        queue_bytes_max: 1 << 30,
         frame_bytes_max: FRAME_BYTES_MAX,
     }
 }
@@ -76,6 +77,8 @@ struct Consumed {
     origins: HashMap<u64, String>,
     kinds: HashMap<u64, SourceKind>,
     events: u64,
+    /// The most frames seen in one ring at a pop.
+    queued_max: u64,
     abandoned: u64,
     resumes: u64,
     /// Frames popped from every source: the test's stand-in for a log position.
@@ -146,8 +149,15 @@ fn consume(
         for source in &mut sources {
             let mut popped = 0;
             let mut ack_seq = None;
-            while let Some(frame) = source.frames.pop() {
+            loop {
+                // Frames left behind this one: the most a ring ever held (+1).
+                let queued = source.frames.len();
+                let Some(frame) = source.frames.pop() else { break };
                 popped += 1;
+                {
+                    let mut consumed = consumed.lock().unwrap();
+                    consumed.queued_max = consumed.queued_max.max(queued as u64);
+                }
                 if !frame_delay.is_zero() {
                     std::thread::sleep(frame_delay);
                 }
@@ -519,6 +529,30 @@ fn a_slow_consumer_pauses_and_resumes_without_loss() {
     assert!(consumed.resumes >= stats.resumes, "the reactor resumed without being asked");
     assert_eq!(stats.paused_now, 0);
     eprintln!("{} pauses, {} resumes, {} resume calls", stats.pauses, stats.resumes, consumed.resumes);
+}
+
+#[test]
+fn a_byte_budget_pauses_a_connection_before_its_ring_is_full_without_loss() {
+    const CLIENTS: u64 = 2;
+    const FRAMES: u64 = 2_000;
+    let frame_bytes = events_frame(0, 1, 8).len() as u32;
+    // 64 slots, but only about two frames' worth of bytes: the budget pauses first.
+    let config = ReactorConfig { queue_bytes_max: frame_bytes * 2 + frame_bytes / 2, ..tcp_config(64, 16) };
+    let (reactor, consumer) = start(config, Duration::from_micros(20));
+    let addr = reactor.local_tcp_addr().unwrap();
+    let clients: Vec<_> = (0..CLIENTS).map(|client| tcp_client(addr, client, FRAMES, 8)).collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    consumer
+        .wait_for("every event", |consumed| consumed.events == CLIENTS * FRAMES * 8 && consumed.abandoned == CLIENTS);
+    let stats = reactor.shutdown();
+    let consumed = consumer.finish();
+    assert_in_order(&consumed, FRAMES);
+    assert_eq!(stats.frames_in, CLIENTS * FRAMES);
+    assert!(stats.pauses >= 10, "only {} pauses", stats.pauses);
+    assert!(consumed.queued_max <= 2, "a ring held {} frames, over the byte budget of 2.5 frames", consumed.queued_max);
+    assert_eq!(stats.paused_now, 0);
 }
 
 #[test]

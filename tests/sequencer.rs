@@ -21,6 +21,7 @@ fn config(frames_per_round_max: u32, records_per_commit_max: u32) -> SequencerCo
         backpressure_queue_low_permille: 500,
         backpressure_commit_high_ms: 60_000,
         backpressure_commit_low_ms: 59_999,
+        backpressure_hold_ms: 0,
     }
 }
 
@@ -372,4 +373,43 @@ fn a_restart_lowers_backpressure_an_earlier_run_left_raised() {
     assert_eq!(batch, ["node-1 11 Backpressure { raised: false }"]);
     sequencer.release();
     assert!(!sequencer.backpressure());
+}
+
+#[test]
+fn backpressure_is_lowered_only_after_the_low_marks_held_for_the_hold_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_log(dir.path());
+    let mut sequencer = Sequencer::new(SequencerConfig { backpressure_hold_ms: 200, ..config(1, 1) }, 0, false);
+    let (mut client, client_source) = source(90, SourceKind::Tcp, 8);
+    sequencer.add_source(client_source);
+    let mut seq = 0;
+    let mut cycle = |sequencer: &mut Sequencer, fill: bool| {
+        if fill {
+            while client.len() < 8 {
+                seq += 1;
+                client.try_push(frame("a", seq, 1, seq, false)).unwrap();
+            }
+        }
+        while sequencer.collect() > 0 {
+            sequencer.commit(&mut log).unwrap();
+            sequencer.release();
+        }
+    };
+    // A client that fills its ring every group: raised once, and it stays raised
+    // through empty-and-refill cycles shorter than the hold period.
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(100) {
+        cycle(&mut sequencer, true);
+    }
+    assert!(sequencer.backpressure());
+    assert_eq!((sequencer.stats().backpressure_raised, sequencer.stats().backpressure_lowered), (1, 0), "no flapping");
+    // Quiet for longer than the hold period: lowered.
+    let quiet = std::time::Instant::now();
+    while sequencer.backpressure() && quiet.elapsed() < std::time::Duration::from_secs(5) {
+        sequencer.push_own(EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 }));
+        cycle(&mut sequencer, false);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(!sequencer.backpressure());
+    assert!(quiet.elapsed() >= std::time::Duration::from_millis(200), "lowered only after the hold period");
 }

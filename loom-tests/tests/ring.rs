@@ -223,3 +223,58 @@ fn blocked_flag_repeated_blocks() {
         assert!(resumes >= blocks, "{resumes} resumes for {blocks} blocks");
     });
 }
+
+/// A producer with a byte budget (the reactor's `queue_bytes_max`): items weigh 2,
+/// the budget is 3, so the ring (4 slots) holds one item at a time unless it is
+/// empty. The producer blocks with `mark_blocked_while` on its own budget rule and
+/// sleeps until resumed; the consumer resumes it after pops when `take_unblocked`
+/// says so. Every item arrives, in order, and no block is left unresumed (a hang).
+#[test]
+fn blocked_on_a_byte_budget_is_resumed() {
+    loom_tests::builder().check(|| {
+        const WEIGHT: usize = 2;
+        const BUDGET: usize = 3;
+        let resume = Arc::new((Mutex::new(false), Condvar::new()));
+        let (mut producer, mut consumer) = ring::<u32>(4);
+        let pusher = {
+            let resume = Arc::clone(&resume);
+            thread::spawn(move || {
+                // Bytes in the ring as the producer knows them: its pushes minus what
+                // the ring's length says was popped.
+                let fits = |len: usize| len == 0 || (len + 1) * WEIGHT <= BUDGET;
+                for item in 0..3u32 {
+                    loop {
+                        if fits(producer.len()) && producer.try_push(item).is_ok() {
+                            break;
+                        }
+                        if producer.mark_blocked_while(|len| !fits(len)) {
+                            let (flag, condvar) = &*resume;
+                            let mut resumed = flag.lock().unwrap();
+                            while !*resumed {
+                                resumed = condvar.wait(resumed).unwrap();
+                            }
+                            *resumed = false;
+                        }
+                    }
+                }
+            })
+        };
+        let mut received = Vec::new();
+        while received.len() < 3 {
+            match consumer.pop() {
+                Some(item) => {
+                    received.push(item);
+                    if consumer.take_unblocked() {
+                        let (flag, condvar) = &*resume;
+                        *flag.lock().unwrap() = true;
+                        condvar.notify_one();
+                    }
+                }
+                None => thread::yield_now(),
+            }
+        }
+        pusher.join().unwrap();
+        assert_eq!(received, vec![0, 1, 2]);
+        assert_eq!(consumer.pop(), None);
+    });
+}

@@ -179,6 +179,19 @@ impl<T> Producer<T> {
     /// resume follows, which is harmless).
     #[must_use = "false means the ring has room again: push instead of blocking"]
     pub fn mark_blocked(&mut self) -> bool {
+        let capacity = self.shared.capacity();
+        self.mark_blocked_while(|len| len == capacity)
+    }
+
+    /// [`Producer::mark_blocked`] for a producer that stops for its own reason as well
+    /// as a full ring (a byte budget over the items in the ring): after setting the
+    /// flag and the fence, `still_blocked` gets the ring's current length and says
+    /// whether the producer must still stop. It must return true for a full ring and
+    /// may depend only on that length and the producer's own data, because the
+    /// consumer's side of the handshake is its pops: a pop is the only thing that can
+    /// change the answer, and every pop is followed by `take_unblocked`.
+    #[must_use = "false means there is room again: push instead of blocking"]
+    pub fn mark_blocked_while(&mut self, still_blocked: impl FnOnce(usize) -> bool) -> bool {
         // Set + SeqCst fence + load: the Dekker handshake of the module docs. The set
         // is a swap, not a store: every write of `blocked` is then a read-modify-write,
         // so all of them are totally ordered, each reading the one before (loom 0.7
@@ -189,7 +202,9 @@ impl<T> Producer<T> {
         self.head_cache = self.shared.head.0.load(Ordering::Acquire);
         let len = self.tail.wrapping_sub(self.head_cache);
         debug_assert!(len <= self.shared.capacity());
-        if len < self.shared.capacity() {
+        let blocked = still_blocked(len);
+        debug_assert!(blocked || len < self.shared.capacity(), "a full ring must block");
+        if !blocked {
             // Take the flag back; if the consumer already took it, it will signal a
             // resume we do not need.
             self.shared.blocked.0.swap(false, Ordering::Relaxed);

@@ -43,6 +43,7 @@ pub struct IngestConfig {
     pub connections_max: u32,
     pub connection_buffer_bytes: u32,
     pub queue_frames: u32,
+    pub queue_bytes_max: u32,
     pub frames_per_round_max: u32,
     pub records_per_commit_max: u32,
     pub commit_bytes_max: u32,
@@ -50,6 +51,7 @@ pub struct IngestConfig {
     pub backpressure_queue_low_permille: u32,
     pub backpressure_commit_high_ms: u32,
     pub backpressure_commit_low_ms: u32,
+    pub backpressure_hold_ms: u32,
 }
 
 /// The embedded log.
@@ -85,6 +87,7 @@ impl Default for IngestConfig {
             connections_max: 4096,
             connection_buffer_bytes: 8 << 20,
             queue_frames: 64,
+            queue_bytes_max: 8 << 20,
             frames_per_round_max: 8,
             records_per_commit_max: 256,
             commit_bytes_max: 16 << 20,
@@ -92,6 +95,7 @@ impl Default for IngestConfig {
             backpressure_queue_low_permille: 500,
             backpressure_commit_high_ms: 50,
             backpressure_commit_low_ms: 20,
+            backpressure_hold_ms: 1000,
         }
     }
 }
@@ -156,10 +160,12 @@ impl NodeConfig {
             ("heartbeat_ms", self.heartbeat_ms, 10, 3_600_000),
             ("ingest.connections_max", ingest.connections_max, 1, 1 << 20),
             ("ingest.queue_frames", ingest.queue_frames, 2, 1 << 16),
+            ("ingest.queue_bytes_max", ingest.queue_bytes_max, 4096, u32::MAX),
             ("ingest.frames_per_round_max", ingest.frames_per_round_max, 1, 1 << 16),
             ("ingest.records_per_commit_max", ingest.records_per_commit_max, 1, 1 << 16),
             ("ingest.backpressure_queue_high_permille", ingest.backpressure_queue_high_permille, 1, 1000),
             ("ingest.backpressure_commit_high_ms", ingest.backpressure_commit_high_ms, 1, 60_000),
+            ("ingest.backpressure_hold_ms", ingest.backpressure_hold_ms, 0, 600_000),
         ];
         for (name, value, low, high) in bounded {
             if value < low || value > high {
@@ -246,6 +252,15 @@ impl NodeConfig {
         self.data_dir.join(&self.ingest.sdk_socket)
     }
 
+    /// The most memory ingest can hold, in bytes: per connection its read buffer, its
+    /// ring's byte budget and one frame past it, times `connections_max`.
+    pub fn ingest_memory_bytes_max(&self) -> u64 {
+        let ingest = &self.ingest;
+        let per_connection =
+            ingest.connection_buffer_bytes as u64 + ingest.queue_bytes_max as u64 + self.log.frame_bytes_max as u64;
+        per_connection * ingest.connections_max as u64
+    }
+
     /// The reactor's listeners and limits (call after `check`).
     pub fn reactor_config(&self) -> ReactorConfig {
         ReactorConfig {
@@ -254,6 +269,7 @@ impl NodeConfig {
             connections_max: self.ingest.connections_max,
             connection_buffer_bytes: self.ingest.connection_buffer_bytes,
             queue_frames: self.ingest.queue_frames,
+            queue_bytes_max: self.ingest.queue_bytes_max,
             frame_bytes_max: self.log.frame_bytes_max,
         }
     }
@@ -271,6 +287,7 @@ impl NodeConfig {
             backpressure_queue_low_permille: ingest.backpressure_queue_low_permille,
             backpressure_commit_high_ms: ingest.backpressure_commit_high_ms,
             backpressure_commit_low_ms: ingest.backpressure_commit_low_ms,
+            backpressure_hold_ms: ingest.backpressure_hold_ms,
         }
     }
 

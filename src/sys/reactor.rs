@@ -157,6 +157,9 @@ pub struct ReactorConfig {
     pub connection_buffer_bytes: u32,
     /// Ring length per connection, rounded up to a power of two (at least 2).
     pub queue_frames: u32,
+    /// Bytes of frames one connection's ring may hold; a frame that would pass it
+    /// waits (reading pauses) unless the ring is empty.
+    pub queue_bytes_max: u32,
     pub frame_bytes_max: u32,
 }
 
@@ -496,6 +499,9 @@ fn check_config(config: &ReactorConfig) -> Result<(), ReactorError> {
     if config.queue_frames == 0 || config.queue_frames > 1 << 20 {
         return bad("queue_frames", format!("{} is outside 1..=1048576", config.queue_frames));
     }
+    if config.queue_bytes_max == 0 {
+        return bad("queue_bytes_max", "must be at least 1".to_string());
+    }
     if (config.frame_bytes_max as usize) < wire::HEADER_BYTES {
         return bad("frame_bytes_max", format!("{} is below the header size", config.frame_bytes_max));
     }
@@ -648,6 +654,8 @@ enum Flush {
 struct Connection {
     stream: Stream,
     frames: Producer<Vec<u8>>,
+    /// Sizes of the frames in the ring, oldest first, as this end knows them.
+    queued: QueuedBytes,
     /// Received bytes not yet pushed: whole frames waiting for ring room, then at
     /// most one partial frame. Never longer than `connection_buffer_bytes`.
     buffer: Vec<u8>,
@@ -674,6 +682,7 @@ impl Connection {
         Connection {
             stream,
             frames,
+            queued: QueuedBytes::default(),
             buffer: Vec::new(),
             paused: false,
             reading: true,
@@ -1172,7 +1181,8 @@ fn push_frames(connection: &mut Connection, config: &ReactorConfig, stats: &Stat
             }
             Err(error) => break reject_frame(connection, stats, &error),
         }
-        match push_or_block(&mut connection.frames, rest[..frame_bytes].to_vec()) {
+        let budget = config.queue_bytes_max as usize;
+        match push_or_block(&mut connection.frames, &mut connection.queued, budget, rest[..frame_bytes].to_vec()) {
             Push::Pushed => {}
             Push::Blocked => break Outcome::Paused,
             Push::ConsumerGone => break Outcome::Close,
@@ -1192,19 +1202,60 @@ enum Push {
     ConsumerGone,
 }
 
-/// `try_push`, and on a full ring the blocked handshake of `ingest::ring` (step 1):
-/// room that appeared meanwhile means push again.
-fn push_or_block(frames: &mut Producer<Vec<u8>>, frame: Vec<u8>) -> Push {
+/// The bytes of the frames in one connection's ring, as its producer knows them: its
+/// own pushes, minus the oldest ones once the ring's length says they were popped.
+#[derive(Default)]
+struct QueuedBytes {
+    sizes: std::collections::VecDeque<usize>,
+    bytes: usize,
+}
+
+impl QueuedBytes {
+    /// Forgets the frames the consumer popped: the ring now holds `len` of them.
+    fn settle(&mut self, len: usize) {
+        debug_assert!(len <= self.sizes.len(), "the ring holds more than was pushed");
+        while self.sizes.len() > len {
+            self.bytes -= self.sizes.pop_front().expect("more sizes than len");
+        }
+    }
+
+    /// Whether a frame of `size` may join the `len` frames in the ring: always into an
+    /// empty ring (a frame larger than the budget still passes, alone), else within it.
+    fn fits(&mut self, len: usize, size: usize, budget: usize) -> bool {
+        self.settle(len);
+        len == 0 || self.bytes + size <= budget
+    }
+
+    fn pushed(&mut self, size: usize) {
+        self.sizes.push_back(size);
+        self.bytes += size;
+    }
+}
+
+/// `try_push` within the byte budget, and when the ring is full or over budget the
+/// blocked handshake of `ingest::ring` (step 1) with the budget as the producer's
+/// own condition: room that appeared meanwhile means push again.
+fn push_or_block(frames: &mut Producer<Vec<u8>>, queued: &mut QueuedBytes, budget: usize, frame: Vec<u8>) -> Push {
     let mut frame = frame;
+    let size = frame.len();
     loop {
-        match frames.try_push(frame) {
-            Ok(()) => return Push::Pushed,
-            Err(back) => frame = back,
+        // The known bytes only overestimate (pops not yet seen): load the ring's
+        // length only when they say the budget is reached.
+        let room = queued.bytes + size <= budget || queued.fits(frames.len(), size, budget);
+        if room {
+            match frames.try_push(frame) {
+                Ok(()) => {
+                    queued.pushed(size);
+                    return Push::Pushed;
+                }
+                Err(back) => frame = back,
+            }
         }
         if frames.is_closed() {
             return Push::ConsumerGone;
         }
-        if frames.mark_blocked() {
+        let capacity = frames.capacity();
+        if frames.mark_blocked_while(|len| len == capacity || !queued.fits(len, size, budget)) {
             return Push::Blocked;
         }
     }
@@ -1267,6 +1318,29 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_budget_blocks_before_the_ring_is_full_and_a_pop_unblocks_it() {
+        let (mut producer, mut consumer) = ring::<Vec<u8>>(64);
+        let mut queued = QueuedBytes::default();
+        let budget = 250;
+        let frame = || vec![0u8; 100];
+        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Pushed));
+        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Pushed));
+        assert!(
+            matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Blocked),
+            "300 bytes would pass the budget of 250"
+        );
+        assert_eq!(producer.len(), 2);
+        assert!(consumer.pop().is_some());
+        assert!(consumer.take_unblocked(), "the consumer must resume the producer");
+        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Pushed));
+        assert_eq!(queued.bytes, 200, "the popped frame is forgotten");
+        // A frame larger than the whole budget passes alone into an empty ring.
+        while consumer.pop().is_some() {}
+        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, vec![0u8; 1000]), Push::Pushed));
+        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Blocked));
+    }
+
+    #[test]
     fn bad_configurations_name_their_field() {
         let good = ReactorConfig {
             listen_tcp: Some("127.0.0.1:0".parse().unwrap()),
@@ -1274,6 +1348,7 @@ mod tests {
             connections_max: 4,
             connection_buffer_bytes: 4096,
             queue_frames: 3,
+            queue_bytes_max: 1 << 20,
             frame_bytes_max: 4096,
         };
         assert!(check_config(&good).is_ok());
@@ -1284,6 +1359,7 @@ mod tests {
         assert_eq!(field(ReactorConfig { listen_tcp: None, ..good.clone() }), "listen_tcp");
         assert_eq!(field(ReactorConfig { connections_max: 0, ..good.clone() }), "connections_max");
         assert_eq!(field(ReactorConfig { queue_frames: 0, ..good.clone() }), "queue_frames");
+        assert_eq!(field(ReactorConfig { queue_bytes_max: 0, ..good.clone() }), "queue_bytes_max");
         assert_eq!(field(ReactorConfig { frame_bytes_max: 16, ..good.clone() }), "frame_bytes_max");
         assert_eq!(field(ReactorConfig { connection_buffer_bytes: 4095, ..good }), "connection_buffer_bytes");
     }
