@@ -45,8 +45,24 @@ fn source(id: u64, kind: SourceKind, capacity: usize) -> (Producer<Vec<u8>>, Sou
     (producer, Source { id, frames: consumer, kind })
 }
 
-fn open_log(dir: &std::path::Path) -> EmbeddedLog {
-    EmbeddedLog::open(dir, &Config { fsync: FsyncPolicy::Manual, ..Config::default() }).unwrap().0
+fn command_kinds(sequencer: &mut Sequencer) -> Vec<&'static str> {
+    sequencer
+        .commands()
+        .drain(..)
+        .map(|command| match command {
+            Command::Ack { .. } => "ack",
+            Command::Close { .. } => "close",
+            Command::Resume { .. } => "resume",
+            Command::Quiesce => "quiesce",
+        })
+        .collect()
+}
+
+/// An embedded log in a new temporary directory (kept alive by the returned guard).
+fn temp_log() -> (tempfile::TempDir, EmbeddedLog) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), &Config { fsync: FsyncPolicy::Manual, ..Config::default() }).unwrap().0;
+    (dir, log)
 }
 
 /// (origin, origin_seq) of every event of the last commit, record by record.
@@ -62,8 +78,7 @@ fn committed(sequencer: &Sequencer) -> Vec<Vec<(String, u64)>> {
 
 #[test]
 fn sources_are_served_round_robin_and_a_full_group_resumes_after_the_last_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = open_log(dir.path());
+    let (_dir, mut log) = temp_log();
     let mut sequencer = Sequencer::new(config(2, 4), 0, false);
     let (mut chatty, chatty_source) = source(20, SourceKind::Tcp, 16);
     let (mut quiet, quiet_source) = source(21, SourceKind::Tcp, 16);
@@ -90,8 +105,7 @@ fn sources_are_served_round_robin_and_a_full_group_resumes_after_the_last_served
 
 #[test]
 fn local_sources_get_this_nodes_sequence_numbers_and_a_foreign_origin_closes_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = open_log(dir.path());
+    let (_dir, mut log) = temp_log();
     let mut sequencer = Sequencer::new(config(8, 64), 41, false);
     let (mut local, local_source) = source(30, SourceKind::Unix, 8);
     sequencer.add_source(local_source);
@@ -116,8 +130,7 @@ fn local_sources_get_this_nodes_sequence_numbers_and_a_foreign_origin_closes_the
 
 #[test]
 fn acks_are_queued_after_the_sync_with_the_highest_frame_of_each_source() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = open_log(dir.path());
+    let (_dir, mut log) = temp_log();
     let mut sequencer = Sequencer::new(config(8, 64), 0, false);
     let (mut client, client_source) = source(40, SourceKind::Tcp, 8);
     sequencer.add_source(client_source);
@@ -140,8 +153,7 @@ fn acks_are_queued_after_the_sync_with_the_highest_frame_of_each_source() {
 
 #[test]
 fn backpressure_rises_above_the_high_mark_and_falls_only_below_the_low_mark() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = open_log(dir.path());
+    let (_dir, mut log) = temp_log();
     // One frame per group, so the queue drains one frame per commit.
     let mut sequencer = Sequencer::new(config(1, 1), 0, false);
     let (mut client, client_source) = source(50, SourceKind::Tcp, 16);
@@ -177,63 +189,9 @@ fn backpressure_rises_above_the_high_mark_and_falls_only_below_the_low_mark() {
 }
 
 #[test]
-fn an_idle_source_that_wakes_is_served_within_a_few_groups_while_another_keeps_the_sequencer_busy() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = open_log(dir.path());
-    let mut sequencer = Sequencer::new(config(1, 2), 0, false);
-    let (mut busy, busy_source) = source(60, SourceKind::Tcp, 64);
-    let (mut quiet, quiet_source) = source(61, SourceKind::Tcp, 8);
-    sequencer.add_source(busy_source);
-    sequencer.add_source(quiet_source);
-    let mut busy_seq = 0;
-    let mut refill = |busy: &mut meshos::ingest::ring::Producer<Vec<u8>>| {
-        while busy.len() < 32 {
-            busy_seq += 1;
-            busy.try_push(frame("a", busy_seq, 1, busy_seq, false)).unwrap();
-        }
-    };
-    // Twenty groups with nothing from the quiet source: it counts as idle.
-    for _ in 0..20 {
-        refill(&mut busy);
-        assert_eq!(sequencer.collect(), 2);
-        sequencer.commit(&mut log).unwrap();
-        sequencer.release();
-    }
-    quiet.try_push(frame("b", 1, 1, 1, false)).unwrap();
-    let mut waited = None;
-    for group in 0..20 {
-        refill(&mut busy);
-        assert!(sequencer.collect() > 0);
-        sequencer.commit(&mut log).unwrap();
-        let served = committed(&sequencer).iter().any(|record| record[0].0 == "b");
-        sequencer.release();
-        if served {
-            waited = Some(group);
-            break;
-        }
-    }
-    let waited = waited.expect("the quiet source is served");
-    assert!(waited <= 8, "served after {waited} groups");
-}
-
-fn command_kinds(sequencer: &mut Sequencer) -> Vec<&'static str> {
-    sequencer
-        .commands()
-        .drain(..)
-        .map(|command| match command {
-            Command::Ack { .. } => "ack",
-            Command::Close { .. } => "close",
-            Command::Resume { .. } => "resume",
-            Command::Quiesce => "quiesce",
-        })
-        .collect()
-}
-
-#[test]
 fn an_idle_source_is_served_wherever_it_sits_among_busy_ones() {
     for quiet_at in 0..5usize {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = open_log(dir.path());
+        let (_dir, mut log) = temp_log();
         let mut sequencer = Sequencer::new(config(1, 2), 0, false);
         let (mut busy, mut quiet) = (Vec::new(), None);
         for index in 0..5usize {
@@ -282,8 +240,7 @@ fn an_idle_source_is_served_wherever_it_sits_among_busy_ones() {
 #[test]
 fn frame_numbers_must_start_at_one_and_increase() {
     for numbers in [vec![5u64, 3], vec![0], vec![2, 2]] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = open_log(dir.path());
+        let (_dir, mut log) = temp_log();
         let mut sequencer = Sequencer::new(config(8, 64), 0, false);
         let (mut client, client_source) = source(70, SourceKind::Tcp, 8);
         sequencer.add_source(client_source);
@@ -321,8 +278,7 @@ fn frame_numbers_must_start_at_one_and_increase() {
 
 #[test]
 fn a_bad_frame_closes_its_source_only_after_the_acks_of_the_good_frames_before_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = open_log(dir.path());
+    let (_dir, mut log) = temp_log();
     let mut sequencer = Sequencer::new(config(8, 64), 0, false);
     let (mut client, client_source) = source(72, SourceKind::Tcp, 8);
     sequencer.add_source(client_source);
@@ -358,8 +314,7 @@ fn tcp_frames_may_not_speak_for_this_node() {
 
 #[test]
 fn a_restart_lowers_backpressure_an_earlier_run_left_raised() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = open_log(dir.path());
+    let (_dir, mut log) = temp_log();
     let mut sequencer = Sequencer::new(config(8, 64), 10, true);
     assert_eq!(sequencer.collect(), 1);
     sequencer.commit(&mut log).unwrap();
@@ -377,8 +332,7 @@ fn a_restart_lowers_backpressure_an_earlier_run_left_raised() {
 
 #[test]
 fn backpressure_is_lowered_only_after_the_low_marks_held_for_the_hold_period() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = open_log(dir.path());
+    let (_dir, mut log) = temp_log();
     let mut sequencer = Sequencer::new(SequencerConfig { backpressure_hold_ms: 200, ..config(1, 1) }, 0, false);
     let (mut client, client_source) = source(90, SourceKind::Tcp, 8);
     sequencer.add_source(client_source);
