@@ -19,6 +19,9 @@ pub enum ActionKind {
     StartDaemon { spec: SpecRow },
     /// Stop the spec's daemon on the executing node (control event, SIGTERM, SIGKILL).
     StopDaemon { spec: SpecRow },
+    /// Stop then start the spec's daemon on the executing node: its health reports
+    /// stopped for longer than the spec's health timeout.
+    RestartDaemon { spec: SpecRow },
     /// Fetch a copy of `blob` from `source` onto the executing node (a repair).
     PullReplica { blob: BlobRow, source: NodeRow },
     /// Move the copy of `blob` held by `from` (off the plan) onto the executing node
@@ -37,7 +40,7 @@ pub enum ActionKind {
 }
 
 /// Stable names, indexed by `ActionKind::code`.
-pub const ACTION_KIND_NAMES: [&str; 9] = [
+pub const ACTION_KIND_NAMES: [&str; 10] = [
     "start_daemon",
     "stop_daemon",
     "pull_replica",
@@ -47,6 +50,7 @@ pub const ACTION_KIND_NAMES: [&str; 9] = [
     "mark_avoid",
     "apply_backoff",
     "verify_replica",
+    "restart_daemon",
 ];
 
 impl ActionKind {
@@ -61,6 +65,7 @@ impl ActionKind {
             ActionKind::MarkAvoid { .. } => 6,
             ActionKind::ApplyBackoff { .. } => 7,
             ActionKind::VerifyReplica { .. } => 8,
+            ActionKind::RestartDaemon { .. } => 9,
         }
     }
 
@@ -87,6 +92,14 @@ impl ActionKind {
             ActionKind::MigrateBlob { from, .. } => Some(from),
             _ => None,
         }
+    }
+
+    /// Daemon starts, stops and restarts: they count against `daemon_inflight_max`.
+    pub fn is_daemon(&self) -> bool {
+        matches!(
+            self,
+            ActionKind::StartDaemon { .. } | ActionKind::StopDaemon { .. } | ActionKind::RestartDaemon { .. }
+        )
     }
 
     /// Pulls and migrations: they move bytes and count against the move budgets.
@@ -117,7 +130,7 @@ pub fn describe(state: &crate::state::State, action: &Action) -> String {
         format!("{:02x}{:02x}{:02x}{:02x}", hash[0], hash[1], hash[2], hash[3])
     };
     let detail = match action.kind {
-        ActionKind::StartDaemon { spec } | ActionKind::StopDaemon { spec } => {
+        ActionKind::StartDaemon { spec } | ActionKind::StopDaemon { spec } | ActionKind::RestartDaemon { spec } => {
             state.specs.spec[spec.index()].name.clone()
         }
         ActionKind::PullReplica { blob: row, source } => format!("{} from {}", blob(row), node(source)),

@@ -158,10 +158,7 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
 /// cancelled action (its node went away) frees capacity without backing off.
 pub fn cancel_effects(state: &mut State, action: &crate::action::Action) {
     state.gates.capacity_freed = true;
-    state.daemons_dirty |= matches!(
-        action.kind,
-        crate::action::ActionKind::StartDaemon { .. } | crate::action::ActionKind::StopDaemon { .. }
-    );
+    state.daemons_dirty |= action.kind.is_daemon();
     if let Some(blob) = action.kind.blob() {
         state.mark_blob_dirty(blob);
     }
@@ -170,10 +167,7 @@ pub fn cancel_effects(state: &mut State, action: &crate::action::Action) {
 /// See `cancel_effects`; this is the outcome (or timeout) path.
 pub fn settle_effects(state: &mut State, action: &crate::action::Action, success: bool) {
     state.gates.capacity_freed = true;
-    if matches!(
-        action.kind,
-        crate::action::ActionKind::StartDaemon { .. } | crate::action::ActionKind::StopDaemon { .. }
-    ) {
+    if action.kind.is_daemon() {
         state.daemons_dirty = true;
     }
     let Some(blob) = action.kind.blob() else { return };
@@ -307,9 +301,17 @@ fn replica_update(state: &mut State, node: NodeRow, hash: &BlobHash, reported: A
 
 fn daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &ArchivedDaemonSignal) -> Applied {
     apply_daemon_signal(state, node, name, signal)?;
-    // Health and saturation reports do not change what should run; lifecycle does.
-    let lifecycle = !matches!(signal, ArchivedDaemonSignal::Health { .. } | ArchivedDaemonSignal::Saturation { .. });
-    state.daemons_dirty |= lifecycle;
+    // Lifecycle changes what should run; a health report moves the health deadline of
+    // a spec that has one (the pass recomputes `gates.daemons_due_ms`); saturation
+    // changes nothing here (heat reads it every pass).
+    let dirty = match signal {
+        ArchivedDaemonSignal::Saturation { .. } => false,
+        ArchivedDaemonSignal::Health { .. } => {
+            state.specs.find(name).is_some_and(|spec| state.specs.spec[spec.index()].health_timeout_ms > 0)
+        }
+        _ => true,
+    };
+    state.daemons_dirty |= dirty;
     Ok(())
 }
 
@@ -334,6 +336,7 @@ fn apply_daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &Ar
         }
         daemons.set_state(row, DaemonState::Started, now_ms);
         daemons.pid[index] = pid;
+        daemons.started_ms[index] = now_ms;
         daemons.starts[index] = daemons.starts[index].saturating_add(1);
         daemons.healthy[index] = false;
         daemons.saturation_permille[index] = 0;
@@ -358,12 +361,18 @@ fn apply_daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &Ar
             daemons.set_state(row, DaemonState::Exited, now_ms);
             daemons.last_exit[index] = code.to_native();
             daemons.healthy[index] = false;
+            // A daemon that ends by itself is restarted like a crashed one (it is still
+            // wanted), with the same backoff and crash-loop count.
+            let policy = state.specs.spec[spec.index()].restart;
+            daemons.record_unplanned_end(row, &policy, now_ms);
         }
         ArchivedDaemonSignal::Crashed { signal } => {
             daemons.set_state(row, DaemonState::Crashed, now_ms);
             daemons.last_exit[index] = signal.to_native();
             daemons.crashes[index] = daemons.crashes[index].saturating_add(1);
             daemons.healthy[index] = false;
+            let policy = state.specs.spec[spec.index()].restart;
+            daemons.record_unplanned_end(row, &policy, now_ms);
         }
         ArchivedDaemonSignal::Stopped => {
             daemons.set_state(row, DaemonState::Stopped, now_ms);
@@ -508,9 +517,17 @@ fn apply_admin(state: &mut State, command: &ArchivedAdminCommand) -> Applied {
         }
         ArchivedAdminCommand::RestartAllDaemons { node } => {
             let rows = node_or_all(state, node.as_ref().map(|name| name.as_str()))?;
-            for generation in &mut state.nodes.restart_generation[rows] {
+            for generation in &mut state.nodes.restart_generation[rows.clone()] {
                 *generation = generation.wrapping_add(1);
             }
+            // The operator's restart opens crash-loop gates and forgets restart history.
+            let now_ms = state.now_ms;
+            for daemon in 0..state.daemons.len() {
+                if rows.contains(&state.daemons.node[daemon].index()) {
+                    state.daemons.clear_restart_history(crate::state::ids::DaemonRow::from_index(daemon), now_ms);
+                }
+            }
+            state.daemons_dirty = true;
         }
         ArchivedAdminCommand::ClearAvoid { node } => {
             let rows = node_or_all(state, node.as_ref().map(|name| name.as_str()))?;

@@ -220,6 +220,128 @@ fn daemons_start_where_wanted_and_stop_when_removed() {
     assert_eq!(h.step(100, vec![removed]), strings(&["a: stop_daemon web", "b: stop_daemon web"]));
 }
 
+fn web_spec(health_timeout_ms: u32) -> DaemonSpec {
+    DaemonSpec {
+        name: "web".into(),
+        command: "/bin/web".into(),
+        args: vec![],
+        env: vec![],
+        working_dir: "/".into(),
+        essential: false,
+        health_timeout_ms,
+        restart: RestartPolicy::default(),
+        stop_grace_ms: 1_000,
+    }
+}
+
+impl Harness {
+    /// One node `a` runs daemon `web` (started and settled); returns the harness.
+    fn with_web_running(health_timeout_ms: u32) -> Harness {
+        let mut h = Harness::new(ReconcileConfig::default());
+        h.join(&["a"]);
+        let spec = web_spec(health_timeout_ms);
+        let intent = h.ev("a", EventKind::DaemonIntent { spec: Box::new(spec), runs_on: DaemonPlacement::AllNodes });
+        assert_eq!(h.step(100, vec![intent]), strings(&["a: start_daemon web"]));
+        let position = h.state.position;
+        h.run_started(position, 0, 1)
+    }
+
+    /// The start action at (`position`, `index`) succeeded and web runs with `pid`.
+    fn run_started(mut self, position: u64, index: u32, pid: u32) -> Harness {
+        let events = vec![
+            self.outcome("a", position, index, Outcome::Success),
+            self.ev("a", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Started { pid } }),
+        ];
+        assert!(self.step(10, events).is_empty());
+        self
+    }
+
+    fn web(&mut self, after_ms: u64, signal: DaemonSignal) -> Vec<String> {
+        let event = self.ev("a", EventKind::Daemon { daemon: "web".into(), signal });
+        self.step(after_ms, vec![event])
+    }
+
+    /// Heartbeats every 100 ms until the pass emits something; returns the log time
+    /// waited and the actions.
+    fn wait_for_actions(&mut self, limit_ms: u64) -> (u64, Vec<String>) {
+        let mut waited = 0;
+        while waited < limit_ms {
+            waited += 100;
+            let actions = self.heartbeats(100, &["a"]);
+            if !actions.is_empty() {
+                return (waited, actions);
+            }
+        }
+        (waited, Vec::new())
+    }
+}
+
+#[test]
+fn a_crashing_daemon_restarts_with_doubling_delays_that_reset_after_a_stable_run() {
+    let mut h = Harness::with_web_running(0);
+    let mut delays = Vec::new();
+    for pid in 2..5 {
+        assert!(h.web(100, DaemonSignal::Crashed { signal: 9 }).is_empty(), "not at once: backoff");
+        let crashed_at = h.time_ms;
+        let (_, actions) = h.wait_for_actions(10_000);
+        assert_eq!(actions, strings(&["a: start_daemon web"]));
+        delays.push(h.time_ms - crashed_at);
+        let position = h.state.position;
+        h = h.run_started(position, 0, pid);
+    }
+    // Log time from the crash to the start: the 1 s base, then 2 s, then 4 s (the
+    // pass runs on the first heartbeat at or after the end of the backoff).
+    assert_eq!(delays, vec![1_000, 2_000, 4_000]);
+    // Ten minutes of healthy running: the next crash waits the base again.
+    for _ in 0..601 {
+        h.heartbeats(1_000, &["a"]);
+    }
+    assert!(h.web(0, DaemonSignal::Crashed { signal: 9 }).is_empty());
+    let crashed_at = h.time_ms;
+    h.wait_for_actions(10_000);
+    assert_eq!(h.time_ms - crashed_at, 1_000, "backoff back to the base after a stable run");
+}
+
+#[test]
+fn a_crash_looping_daemon_is_gated_until_an_operator_restarts_it() {
+    let mut h = Harness::with_web_running(0);
+    // Five ends within 60 s (default policy): crash, wait out the backoff, start, ...
+    for pid in 2..6 {
+        h.web(100, DaemonSignal::Crashed { signal: 11 });
+        let (_, actions) = h.wait_for_actions(20_000);
+        assert_eq!(actions, strings(&["a: start_daemon web"]));
+        let position = h.state.position;
+        h = h.run_started(position, 0, pid);
+    }
+    h.web(100, DaemonSignal::Exited { code: 1 });
+    let row = h.state.daemons.find(h.state.specs.find("web").unwrap(), h.state.nodes.find("a").unwrap()).unwrap();
+    assert!(h.state.daemons.gated[row.index()], "five unplanned ends within the window gate it");
+    let (waited, actions) = h.wait_for_actions(120_000);
+    assert!(actions.is_empty(), "gated: no restart after {waited} ms");
+    let restart = h.ev("ops", EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 }));
+    h.step(10, vec![restart]);
+    let command = AdminCommand::RestartAllDaemons { node: Some("a".into()) };
+    let admin = h.ev("ops", EventKind::Admin { operator: "ops".into(), command });
+    assert_eq!(h.step(10, vec![admin]), strings(&["a: start_daemon web"]), "the operator's restart opens the gate");
+    assert!(!h.state.daemons.gated[row.index()]);
+}
+
+#[test]
+fn a_daemon_whose_health_reports_stop_is_restarted_after_its_timeout() {
+    let mut h = Harness::with_web_running(5_000);
+    // Reports every 2 s keep it running.
+    for _ in 0..5 {
+        assert!(h.web(2_000, DaemonSignal::Health { healthy: true }).is_empty());
+    }
+    let last_report_at = h.time_ms;
+    let (_, actions) = h.wait_for_actions(20_000);
+    assert_eq!(actions, strings(&["a: restart_daemon web"]));
+    assert_eq!(h.time_ms - last_report_at, 5_100, "restarted on the first pass past the 5 s timeout");
+    // While the restart is in flight nothing more is asked.
+    let (_, again) = h.wait_for_actions(2_000);
+    assert!(again.is_empty());
+}
+
 /// On a generated cluster life (no executor: actions time out and back off), the
 /// incremental pass after every record equals a full pass on the same state, and the
 /// states stay identical.

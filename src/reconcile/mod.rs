@@ -121,7 +121,7 @@ fn run<'a>(
 
     replicas::run(arena, state, &mut out, plan_scratch, scope);
     replicas::anti_entropy(state, &mut out);
-    if scope == Scope::Full || state.daemons_dirty {
+    if scope == Scope::Full || state.daemons_dirty || now_ms >= state.gates.daemons_due_ms {
         // Cleared first: a pass that runs out of budget sets it again.
         state.daemons_dirty = false;
         daemons::run(state, &mut out);

@@ -864,6 +864,16 @@ impl Sim {
                     self.emit(node, EventKind::Daemon { daemon: name.to_string(), signal: DaemonSignal::Stopped });
                     self.outcome(&action, true, "");
                 }
+                ActionKind::RestartDaemon { spec } => {
+                    let (spec, name) = (spec.index(), DAEMONS[spec.index()]);
+                    let pid = self.next_pid;
+                    self.next_pid += 1;
+                    self.daemon_running[node][spec] = true;
+                    for signal in [DaemonSignal::Stopped, DaemonSignal::Started { pid }, DaemonSignal::Registered { pid }] {
+                        self.emit(node, EventKind::Daemon { daemon: name.to_string(), signal });
+                    }
+                    self.outcome(&action, true, "");
+                }
                 ActionKind::ReduceHeat { .. } | ActionKind::MarkAvoid { .. } | ActionKind::ApplyBackoff { .. } => {
                     unreachable!("advisory actions are never queued")
                 }

@@ -155,6 +155,18 @@ pub struct DaemonTable {
     pub healthy: Vec<bool>,
     pub last_health_ms: Vec<u64>,
     pub saturation_permille: Vec<u16>,
+    /// When the current (or last) run started: the stable period counts from here.
+    pub started_ms: Vec<u64>,
+    /// The restart delay applied after the last unplanned end (0: none yet); doubles
+    /// per end up to the policy's maximum, back to the base after a stable run.
+    pub backoff_ms: Vec<u32>,
+    /// No start before this log time (restart backoff).
+    pub start_after_ms: Vec<u64>,
+    /// Log times of the unplanned ends within the policy's crash-loop window, oldest
+    /// first, at most `crash_loop_limit` of them.
+    pub recent_ends_ms: Vec<SmallVec<[u64; 8]>>,
+    /// Crash-looping: no restart until an operator restarts the node's daemons.
+    pub gated: Vec<bool>,
     /// Instances in state `Started` or `Registered`.
     pub running: u32,
     pub index: HashMap<u64, DaemonRow>,
@@ -190,9 +202,49 @@ impl DaemonTable {
         self.healthy.push(false);
         self.last_health_ms.push(0);
         self.saturation_permille.push(0);
+        self.started_ms.push(now_ms);
+        self.backoff_ms.push(0);
+        self.start_after_ms.push(0);
+        self.recent_ends_ms.push(SmallVec::new());
+        self.gated.push(false);
         self.running += 1;
-        debug_assert!(self.saturation_permille.len() == self.len() && self.index.len() == self.len());
+        debug_assert!(self.gated.len() == self.len() && self.index.len() == self.len());
         row
+    }
+
+    /// An unplanned end (crash, exit) of instance `row` at `now_ms` under `policy`:
+    /// sets the restart backoff and, on the policy's crash-loop limit, the gate.
+    pub fn record_unplanned_end(&mut self, row: DaemonRow, policy: &crate::event::RestartPolicy, now_ms: u64) {
+        let index = row.index();
+        let stable = now_ms.saturating_sub(self.started_ms[index]) >= policy.reset_after_ms as u64;
+        let base = policy.backoff_base_ms.max(1);
+        self.backoff_ms[index] = if stable || self.backoff_ms[index] == 0 {
+            base
+        } else {
+            self.backoff_ms[index].saturating_mul(2).min(policy.backoff_max_ms.max(base))
+        };
+        self.start_after_ms[index] = now_ms + self.backoff_ms[index] as u64;
+        let window_start = now_ms.saturating_sub(policy.crash_loop_window_ms as u64);
+        let ends = &mut self.recent_ends_ms[index];
+        ends.retain(|end| *end > window_start);
+        ends.push(now_ms);
+        let limit = (policy.crash_loop_limit as usize).max(1);
+        if ends.len() > limit {
+            let excess = ends.len() - limit;
+            ends.drain(..excess);
+        }
+        if policy.crash_loop_limit > 0 && ends.len() >= limit {
+            self.gated[index] = true;
+        }
+    }
+
+    /// An operator restart: the gate opens and the restart history is forgotten.
+    pub fn clear_restart_history(&mut self, row: DaemonRow, now_ms: u64) {
+        let index = row.index();
+        self.gated[index] = false;
+        self.recent_ends_ms[index].clear();
+        self.backoff_ms[index] = 0;
+        self.start_after_ms[index] = now_ms;
     }
 
     /// Moves an instance to `state`, keeping the `running` count true.
@@ -219,6 +271,14 @@ impl DaemonTable {
             hasher.bool(self.healthy[row]);
             hasher.u64(self.last_health_ms[row]);
             hasher.u16(self.saturation_permille[row]);
+            hasher.u64(self.started_ms[row]);
+            hasher.u32(self.backoff_ms[row]);
+            hasher.u64(self.start_after_ms[row]);
+            hasher.u64(self.recent_ends_ms[row].len() as u64);
+            for end in &self.recent_ends_ms[row] {
+                hasher.u64(*end);
+            }
+            hasher.bool(self.gated[row]);
         }
     }
 }

@@ -85,7 +85,9 @@ impl InflightTable {
             }
             ActionKind::VerifyReplica { .. } => step(&mut self.verifies, add),
             ActionKind::DropReplica { .. } => step(&mut self.drops, add),
-            ActionKind::StartDaemon { .. } | ActionKind::StopDaemon { .. } => step(&mut self.daemon_actions, add),
+            ActionKind::StartDaemon { .. } | ActionKind::StopDaemon { .. } | ActionKind::RestartDaemon { .. } => {
+                step(&mut self.daemon_actions, add)
+            }
             ActionKind::ReduceHeat { .. } | ActionKind::MarkAvoid { .. } | ActionKind::ApplyBackoff { .. } => {
                 unreachable!("advisory actions are not tracked")
             }
@@ -188,7 +190,9 @@ pub fn hash_action(hasher: &mut StateHasher, action: &Action) {
     hasher.u32(action.node.0);
     hasher.u8(action.kind.code());
     let (first, second): (u64, u64) = match action.kind {
-        ActionKind::StartDaemon { spec } | ActionKind::StopDaemon { spec } => (spec.0 as u64, 0),
+        ActionKind::StartDaemon { spec } | ActionKind::StopDaemon { spec } | ActionKind::RestartDaemon { spec } => {
+            (spec.0 as u64, 0)
+        }
         ActionKind::PullReplica { blob, source } => (blob.0 as u64, source.0 as u64),
         ActionKind::MigrateBlob { blob, from } => (blob.0 as u64, from.0 as u64),
         ActionKind::DropReplica { blob } | ActionKind::VerifyReplica { blob } => (blob.0 as u64, 0),

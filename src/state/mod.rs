@@ -114,6 +114,9 @@ pub struct Gates {
     pub backpressure: bool,
     /// Anti-entropy cursor over the replica table.
     pub verify_cursor: u32,
+    /// Earliest log time a daemon timer falls due (a restart backoff ends, a health
+    /// report is overdue); u64::MAX when none is set.
+    pub daemons_due_ms: u64,
 }
 
 impl Gates {
@@ -127,6 +130,7 @@ impl Gates {
         hasher.u64(self.brake_until_ms);
         hasher.bool(self.backpressure);
         hasher.u32(self.verify_cursor);
+        hasher.u64(self.daemons_due_ms);
     }
 }
 
@@ -150,7 +154,7 @@ impl State {
             reconcile: config.reconcile,
             dirty_blobs: Reserved(Vec::new()),
             daemons_dirty: false,
-            gates: Gates { next_open_ms: u64::MAX, brake_until_ms: u64::MAX, ..Gates::default() },
+            gates: Gates { next_open_ms: u64::MAX, brake_until_ms: u64::MAX, daemons_due_ms: u64::MAX, ..Gates::default() },
         }
     }
 
