@@ -342,6 +342,51 @@ fn a_daemon_whose_health_reports_stop_is_restarted_after_its_timeout() {
     assert!(again.is_empty());
 }
 
+#[test]
+fn new_plans_steer_away_from_a_node_told_to_reduce_heat() {
+    let names = ["a", "b", "c", "d", "e", "f"];
+    let mut planned_on_b = Vec::new();
+    for hot in [false, true] {
+        let mut h = Harness::new(ReconcileConfig::default());
+        h.join(&names);
+        if hot {
+            let intent = h.ev(
+                "a",
+                EventKind::DaemonIntent {
+                    spec: Box::new(web_spec(0)),
+                    runs_on: DaemonPlacement::Nodes(vec!["b".into()]),
+                },
+            );
+            assert_eq!(h.step(10, vec![intent]), strings(&["b: start_daemon web"]));
+            let position = h.state.position;
+            let events = vec![
+                h.outcome("b", position, 0, Outcome::Success),
+                h.ev("b", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Started { pid: 7 } }),
+                h.ev(
+                    "b",
+                    EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Saturation { permille: 950 } },
+                ),
+            ];
+            assert_eq!(h.step(10, events), strings(&["b: reduce_heat to 700"]));
+        }
+        let mut events = Vec::new();
+        for index in 0..300u32 {
+            let mut blob = [0u8; 32];
+            blob[..4].copy_from_slice(&index.to_le_bytes());
+            blob[31] = 0x5a;
+            events.extend(h.blob_with_intent("a", blob, 1, &[]));
+        }
+        h.step(10, events);
+        let b = h.state.nodes.find("b").unwrap();
+        let on_b = (0..h.state.blobs.len()).filter(|&blob| h.state.blobs.plan[blob].contains(&b)).count();
+        planned_on_b.push(on_b);
+    }
+    let (cool, hot) = (planned_on_b[0], planned_on_b[1]);
+    eprintln!("plans holding b: {cool} of 300 cool, {hot} of 300 hot");
+    assert!(cool >= 30, "about a sixth of 300 plans hold b when it is cool: {cool}");
+    assert!(hot * 2 < cool, "new plans steer away from hot b: {hot} vs {cool}");
+}
+
 /// On a generated cluster life (no executor: actions time out and back off), the
 /// incremental pass after every record equals a full pass on the same state, and the
 /// states stay identical.

@@ -43,6 +43,15 @@ pub fn down_at_ms(state: &State, node: usize) -> u64 {
     }
 }
 
+/// A node's placement weight: its capacity, scaled down by its load, where a node
+/// told to reduce heat (a saturated daemon) counts as fully loaded, so new plans steer
+/// away from it until it cools; plans that hold it are not changed for that.
+pub fn placement_weight(state: &State, node: usize) -> f64 {
+    let nodes = &state.nodes;
+    let load_permille = if nodes.hot[node] { nodes.load_permille[node].max(1000) } else { nodes.load_permille[node] };
+    placement::weight(nodes.capacity_bytes[node], load_permille)
+}
+
 /// The eligible nodes as placement candidates, in row order.
 pub fn candidates<'a>(arena: &'a Bump, state: &State) -> BumpVec<'a, Candidate> {
     let nodes = &state.nodes;
@@ -52,7 +61,7 @@ pub fn candidates<'a>(arena: &'a Bump, state: &State) -> BumpVec<'a, Candidate> 
             out.push(Candidate {
                 node: NodeRow::from_index(node),
                 key: nodes.key[node],
-                weight: placement::weight(nodes.capacity_bytes[node], nodes.load_permille[node]),
+                weight: placement_weight(state, node),
                 zone: nodes.zone[node],
             });
         }
@@ -129,7 +138,7 @@ fn invalidate_plans(state: &mut State, lost: &[NodeRow], gained: &[NodeRow]) {
             stale = short
                 || gained.iter().any(|&node| {
                     let index = node.index();
-                    let weight = placement::weight(state.nodes.capacity_bytes[index], state.nodes.load_permille[index]);
+                    let weight = placement_weight(state, index);
                     let beats =
                         placement::score(state.nodes.key[index], hash, epoch, weight) > state.blobs.plan_floor[blob];
                     let pinned = state.blobs.pinned[blob].contains(&node);

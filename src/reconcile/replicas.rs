@@ -243,7 +243,7 @@ fn recompute_plan(
         .iter()
         .map(|node: &NodeRow| {
             let node = node.index();
-            let weight = placement::weight(state.nodes.capacity_bytes[node], state.nodes.load_permille[node]);
+            let weight = nodes::placement_weight(state, node);
             placement::score(state.nodes.key[node], &hash, PLAN_EPOCH, weight)
         })
         .fold(f64::INFINITY, f64::min);

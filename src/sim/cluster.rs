@@ -869,7 +869,9 @@ impl Sim {
                     let pid = self.next_pid;
                     self.next_pid += 1;
                     self.daemon_running[node][spec] = true;
-                    for signal in [DaemonSignal::Stopped, DaemonSignal::Started { pid }, DaemonSignal::Registered { pid }] {
+                    for signal in
+                        [DaemonSignal::Stopped, DaemonSignal::Started { pid }, DaemonSignal::Registered { pid }]
+                    {
                         self.emit(node, EventKind::Daemon { daemon: name.to_string(), signal });
                     }
                     self.outcome(&action, true, "");

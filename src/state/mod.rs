@@ -154,7 +154,12 @@ impl State {
             reconcile: config.reconcile,
             dirty_blobs: Reserved(Vec::new()),
             daemons_dirty: false,
-            gates: Gates { next_open_ms: u64::MAX, brake_until_ms: u64::MAX, daemons_due_ms: u64::MAX, ..Gates::default() },
+            gates: Gates {
+                next_open_ms: u64::MAX,
+                brake_until_ms: u64::MAX,
+                daemons_due_ms: u64::MAX,
+                ..Gates::default()
+            },
         }
     }
 
