@@ -102,6 +102,16 @@ impl ActionKind {
         )
     }
 
+    /// The daemon spec a start, stop or restart is about.
+    pub fn daemon_spec(&self) -> Option<SpecRow> {
+        match *self {
+            ActionKind::StartDaemon { spec } | ActionKind::StopDaemon { spec } | ActionKind::RestartDaemon { spec } => {
+                Some(spec)
+            }
+            _ => None,
+        }
+    }
+
     /// Pulls and migrations: they move bytes and count against the move budgets.
     pub fn is_move(&self) -> bool {
         matches!(self, ActionKind::PullReplica { .. } | ActionKind::MigrateBlob { .. })

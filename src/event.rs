@@ -203,7 +203,7 @@ pub struct EnvVar {
 pub struct RestartPolicy {
     pub backoff_base_ms: u32,
     pub backoff_max_ms: u32,
-    /// Backoff resets after running healthy this long.
+    /// Backoff resets after the daemon ran this long without an unplanned end.
     pub reset_after_ms: u32,
     /// Gate restarts after this many crashes within `crash_loop_window_ms`.
     pub crash_loop_limit: u16,

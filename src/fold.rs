@@ -170,6 +170,16 @@ pub fn settle_effects(state: &mut State, action: &crate::action::Action, success
     if action.kind.is_daemon() {
         state.daemons_dirty = true;
     }
+    if let crate::action::ActionKind::RestartDaemon { spec } = action.kind {
+        // A health restart is an unplanned end: backoff and the crash-loop window; and
+        // health is awaited afresh from now (the new run's `Started` may come later).
+        if let Some(row) = state.daemons.find(spec, action.node) {
+            let policy = state.specs.spec[spec.index()].restart;
+            state.daemons.record_unplanned_end(row, &policy, state.now_ms);
+            let index = row.index();
+            state.daemons.started_ms[index] = state.daemons.started_ms[index].max(state.now_ms);
+        }
+    }
     let Some(blob) = action.kind.blob() else { return };
     let index = blob.index();
     if action.kind.is_move() {
@@ -362,17 +372,22 @@ fn apply_daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &Ar
             daemons.last_exit[index] = code.to_native();
             daemons.healthy[index] = false;
             // A daemon that ends by itself is restarted like a crashed one (it is still
-            // wanted), with the same backoff and crash-loop count.
-            let policy = state.specs.spec[spec.index()].restart;
-            daemons.record_unplanned_end(row, &policy, now_ms);
+            // wanted), with the same backoff and crash-loop count; not so the end of a
+            // stop this node was asked for (SIGTERM may end in an exit or a signal).
+            if !state.inflight.contains(node, &crate::action::ActionKind::StopDaemon { spec }) {
+                let policy = state.specs.spec[spec.index()].restart;
+                daemons.record_unplanned_end(row, &policy, now_ms);
+            }
         }
         ArchivedDaemonSignal::Crashed { signal } => {
             daemons.set_state(row, DaemonState::Crashed, now_ms);
             daemons.last_exit[index] = signal.to_native();
             daemons.crashes[index] = daemons.crashes[index].saturating_add(1);
             daemons.healthy[index] = false;
-            let policy = state.specs.spec[spec.index()].restart;
-            daemons.record_unplanned_end(row, &policy, now_ms);
+            if !state.inflight.contains(node, &crate::action::ActionKind::StopDaemon { spec }) {
+                let policy = state.specs.spec[spec.index()].restart;
+                daemons.record_unplanned_end(row, &policy, now_ms);
+            }
         }
         ArchivedDaemonSignal::Stopped => {
             daemons.set_state(row, DaemonState::Stopped, now_ms);

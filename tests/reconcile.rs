@@ -876,3 +876,98 @@ fn a_short_plan_keeps_copies_up_to_the_intent() {
     let actions = h.step(100, vec![cordon]);
     assert!(actions.is_empty(), "3 wanted, 3 held, and reconcile drops one: {actions:?}");
 }
+
+#[test]
+fn the_stop_half_of_a_restart_does_not_start_a_second_copy() {
+    let mut h = Harness::with_web_running(5_000);
+    let (_, actions) = h.wait_for_actions(20_000);
+    assert_eq!(actions, strings(&["a: restart_daemon web"]));
+    // The executor reports the stop half of the restart in its own record.
+    let after_stop = h.web(100, DaemonSignal::Stopped);
+    assert!(after_stop.is_empty(), "a restart is in flight, yet: {after_stop:?}");
+}
+
+#[test]
+fn a_successful_restart_is_not_repeated_before_its_start_is_reported() {
+    let mut h = Harness::with_web_running(5_000);
+    let (_, actions) = h.wait_for_actions(20_000);
+    assert_eq!(actions, strings(&["a: restart_daemon web"]));
+    let position = h.state.position;
+    let done = vec![h.outcome("a", position, 0, Outcome::Success)];
+    let after = h.step(10, done);
+    assert!(after.is_empty(), "restarted again at once: {after:?}");
+}
+
+#[test]
+fn health_restarts_back_off_and_are_gated_like_crashes() {
+    let mut h = Harness::with_web_running(5_000);
+    let mut restarts = 0;
+    for _ in 0..20 {
+        let (_, actions) = h.wait_for_actions(20_000);
+        if actions != strings(&["a: restart_daemon web"]) {
+            break;
+        }
+        restarts += 1;
+        let position = h.state.position;
+        let pid = 100 + restarts;
+        let events = vec![
+            h.ev("a", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Stopped }),
+            h.ev("a", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Started { pid } }),
+            h.outcome("a", position, 0, Outcome::Success),
+        ];
+        h.step(10, events);
+    }
+    assert!(restarts < 20, "a hung daemon was restarted {restarts} times, every ~5 s, never gated");
+    let row = h.state.daemons.find(h.state.specs.find("web").unwrap(), h.state.nodes.find("a").unwrap()).unwrap();
+    assert!(h.state.daemons.gated[row.index()], "gated after {restarts} health restarts");
+}
+
+#[test]
+fn the_gate_is_judged_on_the_recent_ends_only() {
+    let mut h = Harness::with_web_running(0);
+    for pid in 2..6 {
+        h.web(100, DaemonSignal::Crashed { signal: 11 });
+        let (_, actions) = h.wait_for_actions(20_000);
+        assert_eq!(actions, strings(&["a: start_daemon web"]));
+        let position = h.state.position;
+        h = h.run_started(position, 0, pid);
+    }
+    h.web(100, DaemonSignal::Exited { code: 1 });
+    let row = h.state.daemons.find(h.state.specs.find("web").unwrap(), h.state.nodes.find("a").unwrap()).unwrap();
+    assert!(h.state.daemons.gated[row.index()]);
+    // Someone starts it by hand; it runs for an hour.
+    h.web(100, DaemonSignal::Started { pid: 50 });
+    for _ in 0..3_600 {
+        h.heartbeats(1_000, &["a"]);
+    }
+    h.web(100, DaemonSignal::Crashed { signal: 11 });
+    let (_, actions) = h.wait_for_actions(20_000);
+    assert_eq!(actions, strings(&["a: start_daemon web"]), "one crash after an hour of running leaves it gated");
+}
+
+#[test]
+fn a_planned_stop_that_ends_by_exit_is_not_a_crash() {
+    let mut h = Harness::with_web_running(0);
+    let a = h.state.nodes.find("a").unwrap();
+    let web = h.state.specs.find("web").unwrap();
+    let row = h.state.daemons.find(web, a).unwrap().index();
+    for round in 0..5u32 {
+        let removed =
+            h.ev("a", EventKind::DaemonIntent { spec: Box::new(web_spec(0)), runs_on: DaemonPlacement::Nowhere });
+        assert_eq!(h.step(100, vec![removed]), strings(&["a: stop_daemon web"]));
+        let position = h.state.position;
+        // SIGTERM: the daemon exits 0; the executor reports the exit, then the outcome.
+        let events = vec![
+            h.ev("a", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Exited { code: 0 } }),
+            h.outcome("a", position, 0, Outcome::Success),
+        ];
+        h.step(10, events);
+        let back =
+            h.ev("a", EventKind::DaemonIntent { spec: Box::new(web_spec(0)), runs_on: DaemonPlacement::AllNodes });
+        let actions = h.step(100, vec![back]);
+        assert!(!h.state.daemons.gated[row], "gated by {} planned stops", round + 1);
+        assert_eq!(actions, strings(&["a: start_daemon web"]), "round {round}: a planned stop delays the start");
+        let position = h.state.position;
+        h = h.run_started(position, 0, 10 + round);
+    }
+}

@@ -62,16 +62,24 @@ pub(crate) fn run(state: &mut State, out: &mut Out) {
                     let daemons = &state.daemons;
                     // Health is awaited from the start of the run, then from each report.
                     let heard_ms = daemons.last_health_ms[row].max(daemons.started_ms[row]);
-                    let overdue_ms = heard_ms + health_timeout_ms;
+                    let overdue_ms = heard_ms.saturating_add(health_timeout_ms);
                     if now_ms <= overdue_ms {
-                        due_ms = due_ms.min(overdue_ms + 1);
+                        due_ms = due_ms.min(overdue_ms.saturating_add(1));
+                        continue;
+                    }
+                    // A health restart is an unplanned end too: backoff and the gate apply.
+                    if daemons.gated[row] {
+                        continue;
+                    }
+                    if now_ms < daemons.start_after_ms[row] {
+                        due_ms = due_ms.min(daemons.start_after_ms[row]);
                         continue;
                     }
                     ActionKind::RestartDaemon { spec: spec_row }
                 }
                 _ => continue,
             };
-            if state.inflight.contains(node_row, &kind) {
+            if state.inflight.daemon_busy(node_row, spec_row) {
                 continue;
             }
             if state.inflight.daemon_actions >= config.daemon_inflight_max || out.full() {

@@ -223,7 +223,7 @@ impl DaemonTable {
         } else {
             self.backoff_ms[index].saturating_mul(2).min(policy.backoff_max_ms.max(base))
         };
-        self.start_after_ms[index] = now_ms + self.backoff_ms[index] as u64;
+        self.start_after_ms[index] = now_ms.saturating_add(self.backoff_ms[index] as u64);
         let window_start = now_ms.saturating_sub(policy.crash_loop_window_ms as u64);
         let ends = &mut self.recent_ends_ms[index];
         ends.retain(|end| *end > window_start);
@@ -233,9 +233,9 @@ impl DaemonTable {
             let excess = ends.len() - limit;
             ends.drain(..excess);
         }
-        if policy.crash_loop_limit > 0 && ends.len() >= limit {
-            self.gated[index] = true;
-        }
+        // From the window alone: a daemon started by hand while gated that then ran
+        // longer than the window is judged on its recent ends only.
+        self.gated[index] = policy.crash_loop_limit > 0 && ends.len() >= limit;
     }
 
     /// An operator restart: the gate opens and the restart history is forgotten.

@@ -158,6 +158,12 @@ impl InflightTable {
         self.entries.iter().any(|entry| entry.action.node == node && entry.action.kind == *kind)
     }
 
+    /// Whether any start, stop or restart of daemon `spec` on `node` is in flight (at
+    /// most one may be: they would race on the same process).
+    pub fn daemon_busy(&self, node: NodeRow, spec: crate::state::ids::SpecRow) -> bool {
+        self.entries.iter().any(|entry| entry.action.node == node && entry.action.kind.daemon_spec() == Some(spec))
+    }
+
     /// Whether any move of `blob` into `node` is in flight.
     #[inline]
     pub fn move_into(&self, blob: crate::state::ids::BlobRow, node: NodeRow) -> bool {
