@@ -261,6 +261,30 @@ impl Harness {
         self.step(after_ms, vec![event])
     }
 
+    /// `web` on `a` ends unplanned five times within 60 s (the default policy's limit):
+    /// crash, wait out the backoff, start, ..., then an exit. Returns its instance row.
+    fn crash_looped() -> (Harness, meshos::state::ids::DaemonRow) {
+        let mut h = Harness::with_web_running(0);
+        for pid in 2..6 {
+            h.web(100, DaemonSignal::Crashed { signal: 11 });
+            let (_, actions) = h.wait_for_actions(20_000);
+            assert_eq!(actions, strings(&["a: start_daemon web"]));
+            let position = h.state.position;
+            h = h.run_started(position, 0, pid);
+        }
+        h.web(100, DaemonSignal::Exited { code: 1 });
+        let row = h.state.daemons.find(h.state.specs.find("web").unwrap(), h.state.nodes.find("a").unwrap()).unwrap();
+        (h, row)
+    }
+
+    /// `web` (health timeout 5 s) stops reporting health and is restarted.
+    fn hung_web_restarted() -> Harness {
+        let mut h = Harness::with_web_running(5_000);
+        let (_, actions) = h.wait_for_actions(20_000);
+        assert_eq!(actions, strings(&["a: restart_daemon web"]));
+        h
+    }
+
     /// Heartbeats every 100 ms until the pass emits something; returns the log time
     /// waited and the actions.
     fn wait_for_actions(&mut self, limit_ms: u64) -> (u64, Vec<String>) {
@@ -304,17 +328,7 @@ fn a_crashing_daemon_restarts_with_doubling_delays_that_reset_after_a_stable_run
 
 #[test]
 fn a_crash_looping_daemon_is_gated_until_an_operator_restarts_it() {
-    let mut h = Harness::with_web_running(0);
-    // Five ends within 60 s (default policy): crash, wait out the backoff, start, ...
-    for pid in 2..6 {
-        h.web(100, DaemonSignal::Crashed { signal: 11 });
-        let (_, actions) = h.wait_for_actions(20_000);
-        assert_eq!(actions, strings(&["a: start_daemon web"]));
-        let position = h.state.position;
-        h = h.run_started(position, 0, pid);
-    }
-    h.web(100, DaemonSignal::Exited { code: 1 });
-    let row = h.state.daemons.find(h.state.specs.find("web").unwrap(), h.state.nodes.find("a").unwrap()).unwrap();
+    let (mut h, row) = Harness::crash_looped();
     assert!(h.state.daemons.gated[row.index()], "five unplanned ends within the window gate it");
     let (waited, actions) = h.wait_for_actions(120_000);
     assert!(actions.is_empty(), "gated: no restart after {waited} ms");
@@ -879,9 +893,7 @@ fn a_short_plan_keeps_copies_up_to_the_intent() {
 
 #[test]
 fn the_stop_half_of_a_restart_does_not_start_a_second_copy() {
-    let mut h = Harness::with_web_running(5_000);
-    let (_, actions) = h.wait_for_actions(20_000);
-    assert_eq!(actions, strings(&["a: restart_daemon web"]));
+    let mut h = Harness::hung_web_restarted();
     // The executor reports the stop half of the restart in its own record.
     let after_stop = h.web(100, DaemonSignal::Stopped);
     assert!(after_stop.is_empty(), "a restart is in flight, yet: {after_stop:?}");
@@ -889,9 +901,7 @@ fn the_stop_half_of_a_restart_does_not_start_a_second_copy() {
 
 #[test]
 fn a_successful_restart_is_not_repeated_before_its_start_is_reported() {
-    let mut h = Harness::with_web_running(5_000);
-    let (_, actions) = h.wait_for_actions(20_000);
-    assert_eq!(actions, strings(&["a: restart_daemon web"]));
+    let mut h = Harness::hung_web_restarted();
     let position = h.state.position;
     let done = vec![h.outcome("a", position, 0, Outcome::Success)];
     let after = h.step(10, done);
@@ -924,16 +934,7 @@ fn health_restarts_back_off_and_are_gated_like_crashes() {
 
 #[test]
 fn the_gate_is_judged_on_the_recent_ends_only() {
-    let mut h = Harness::with_web_running(0);
-    for pid in 2..6 {
-        h.web(100, DaemonSignal::Crashed { signal: 11 });
-        let (_, actions) = h.wait_for_actions(20_000);
-        assert_eq!(actions, strings(&["a: start_daemon web"]));
-        let position = h.state.position;
-        h = h.run_started(position, 0, pid);
-    }
-    h.web(100, DaemonSignal::Exited { code: 1 });
-    let row = h.state.daemons.find(h.state.specs.find("web").unwrap(), h.state.nodes.find("a").unwrap()).unwrap();
+    let (mut h, row) = Harness::crash_looped();
     assert!(h.state.daemons.gated[row.index()]);
     // Someone starts it by hand; it runs for an hour.
     h.web(100, DaemonSignal::Started { pid: 50 });
