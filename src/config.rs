@@ -127,6 +127,12 @@ pub struct ReconcileConfig {
     pub avoid_exit_permille: u32,
     /// Most actions one pass may emit (the arena's bound).
     pub actions_per_pass_max: u32,
+    /// A node entering maintenance that is not drained this long after the command
+    /// goes to DrainFailed, with what blocks it (Nomad's drain deadline: 1 h).
+    pub drain_deadline_ms: u64,
+    /// A node back from maintenance stays in Recovery this long (its ramp-up window)
+    /// before new copies are placed on it again.
+    pub recovery_ms: u64,
 }
 
 impl Default for ReconcileConfig {
@@ -151,6 +157,8 @@ impl Default for ReconcileConfig {
             avoid_enter_permille: 3_000,
             avoid_exit_permille: 2_000,
             actions_per_pass_max: 4_096,
+            drain_deadline_ms: 3_600_000,
+            recovery_ms: 60_000,
         }
     }
 }
@@ -174,6 +182,7 @@ impl ReconcileConfig {
             ("reconcile.throttle_window_ms", self.throttle_window_ms),
             ("reconcile.throttle_moves_max", self.throttle_moves_max as u64),
             ("reconcile.node_down_ms", self.node_down_ms),
+            ("reconcile.drain_deadline_ms", self.drain_deadline_ms),
             ("reconcile.mass_failure_window_ms", self.mass_failure_window_ms),
             ("reconcile.verify_interval_ms", self.verify_interval_ms),
             ("reconcile.actions_per_pass_max", self.actions_per_pass_max as u64),

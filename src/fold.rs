@@ -500,19 +500,35 @@ fn apply_admin(state: &mut State, command: &ArchivedAdminCommand) -> Applied {
     match command {
         ArchivedAdminCommand::EnterMaintenance { node } => {
             let index = find_node(state, node.as_str())?.index();
-            let maintenance = &mut state.nodes.maintenance[index];
-            if *maintenance == MaintenanceState::Active {
-                *maintenance = MaintenanceState::EnteringMaintenance;
+            let now_ms = state.now_ms;
+            let nodes = &mut state.nodes;
+            match nodes.maintenance[index] {
+                // Already on its way in, in, or failed to drain: nothing new (idempotent).
+                MaintenanceState::EnteringMaintenance
+                | MaintenanceState::Maintenance
+                | MaintenanceState::DrainFailed => {}
+                MaintenanceState::Active | MaintenanceState::ExitingMaintenance | MaintenanceState::Recovery => {
+                    nodes.maintenance[index] = MaintenanceState::EnteringMaintenance;
+                    nodes.maintenance_since_ms[index] = now_ms;
+                    nodes.drain_deadline_ms[index] = now_ms.saturating_add(state.reconcile.drain_deadline_ms);
+                    nodes.capability_version_at_enter[index] = nodes.capability_version[index];
+                    state.daemons_dirty = true;
+                    state.mark_node_blobs_dirty(NodeRow::from_index(index));
+                }
             }
         }
         ArchivedAdminCommand::ExitMaintenance { node } => {
             let index = find_node(state, node.as_str())?.index();
-            let maintenance = &mut state.nodes.maintenance[index];
-            match *maintenance {
+            let now_ms = state.now_ms;
+            match state.nodes.maintenance[index] {
                 MaintenanceState::Active => return Err(RejectReason::NotInMaintenance(node.as_str().into())),
                 MaintenanceState::EnteringMaintenance
                 | MaintenanceState::Maintenance
-                | MaintenanceState::DrainFailed => *maintenance = MaintenanceState::ExitingMaintenance,
+                | MaintenanceState::DrainFailed => {
+                    state.nodes.maintenance[index] = MaintenanceState::ExitingMaintenance;
+                    state.nodes.maintenance_since_ms[index] = now_ms;
+                    state.daemons_dirty = true;
+                }
                 MaintenanceState::ExitingMaintenance | MaintenanceState::Recovery => {}
             }
         }

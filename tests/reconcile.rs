@@ -972,3 +972,132 @@ fn a_planned_stop_that_ends_by_exit_is_not_a_crash() {
         h = h.run_started(position, 0, 10 + round);
     }
 }
+
+fn maintenance_of(h: &Harness, node: &str) -> &'static str {
+    h.state.nodes.maintenance[h.state.nodes.find(node).unwrap().index()].name()
+}
+
+impl Harness {
+    fn admin(&mut self, after_ms: u64, command: AdminCommand) -> Vec<String> {
+        let event = self.ev("a", EventKind::Admin { operator: "ops".into(), command });
+        self.step(after_ms, vec![event])
+    }
+}
+
+#[test]
+fn a_node_entering_maintenance_drains_its_copies_and_non_essential_daemons_then_is_in_maintenance() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b", "c"]);
+    let spec = web_spec(0);
+    let essential = DaemonSpec { name: "agent".into(), essential: true, ..web_spec(0) };
+    let intents = vec![
+        h.ev("a", EventKind::DaemonIntent { spec: Box::new(spec), runs_on: DaemonPlacement::Nodes(vec!["b".into()]) }),
+        h.ev(
+            "a",
+            EventKind::DaemonIntent { spec: Box::new(essential), runs_on: DaemonPlacement::Nodes(vec!["b".into()]) },
+        ),
+    ];
+    assert_eq!(h.step(10, intents), strings(&["b: start_daemon web", "b: start_daemon agent"]));
+    let position = h.state.position;
+    let mut events = vec![
+        h.outcome("b", position, 0, Outcome::Success),
+        h.ev("b", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Started { pid: 1 } }),
+        h.outcome("b", position, 1, Outcome::Success),
+        h.ev("b", EventKind::Daemon { daemon: "agent".into(), signal: DaemonSignal::Started { pid: 2 } }),
+    ];
+    events.extend(h.blob_with_intent("a", B1, 2, &["a", "b"]));
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    events.push(h.replica("b", B1, ReplicaState::Healthy));
+    assert!(h.step(10, events).is_empty());
+
+    let actions = h.admin(10, AdminCommand::EnterMaintenance { node: "b".into() });
+    assert_eq!(maintenance_of(&h, "b"), "entering_maintenance");
+    assert!(actions.contains(&"b: stop_daemon web".to_string()), "{actions:?}");
+    assert!(!actions.iter().any(|action| action.contains("agent")), "essential daemons keep running: {actions:?}");
+    assert!(actions.contains(&"c: migrate_blob 11111111 from b".to_string()), "{actions:?}");
+    let b = h.state.nodes.find("b").unwrap().index();
+    assert_eq!((h.state.nodes.drain_unsafe_copies[b], h.state.nodes.drain_moving_copies[b]), (1, 1));
+    assert_eq!(h.state.nodes.drain_daemons_left[b], 1);
+    // Entering again changes nothing.
+    assert!(h.admin(10, AdminCommand::EnterMaintenance { node: "b".into() }).is_empty());
+
+    let (stop, pull) = (
+        actions.iter().position(|a| a == "b: stop_daemon web").unwrap() as u32,
+        actions.iter().position(|a| a.starts_with("c: migrate")).unwrap() as u32,
+    );
+    let position = h.state.position - 1;
+    let events = vec![
+        h.outcome("b", position, stop, Outcome::Success),
+        h.ev("b", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Stopped }),
+    ];
+    h.step(10, events);
+    assert_eq!(maintenance_of(&h, "b"), "entering_maintenance", "b's copy is not yet safe elsewhere");
+    let events = vec![h.outcome("c", position, pull, Outcome::Success), h.replica("c", B1, ReplicaState::Healthy)];
+    h.step(10, events);
+    assert_eq!(maintenance_of(&h, "b"), "maintenance", "the replacement counts and the daemon stopped");
+    assert_eq!(h.state.nodes.drain_unsafe_copies[b], 0);
+}
+
+#[test]
+fn a_drain_that_cannot_finish_fails_at_its_deadline_and_names_what_blocks_it() {
+    let mut h = Harness::new(ReconcileConfig { drain_deadline_ms: 30_000, ..ReconcileConfig::default() });
+    h.join(&["a", "b", "c"]);
+    // Three copies wanted on three nodes: nowhere to move b's copy.
+    let mut events = h.blob_with_intent("a", B1, 3, &[]);
+    for node in ["a", "b", "c"] {
+        events.push(h.replica(node, B1, ReplicaState::Healthy));
+    }
+    h.step(10, events);
+    h.admin(10, AdminCommand::EnterMaintenance { node: "b".into() });
+    for _ in 0..29 {
+        h.heartbeats(1_000, &["a", "b", "c"]);
+    }
+    assert_eq!(maintenance_of(&h, "b"), "entering_maintenance");
+    h.heartbeats(1_000, &["a", "b", "c"]);
+    assert_eq!(maintenance_of(&h, "b"), "drain_failed");
+    let b = h.state.nodes.find("b").unwrap().index();
+    assert_eq!(h.state.nodes.drain_unsafe_copies[b], 1, "the one copy with no room elsewhere blocks it");
+    let b_copy = h.state.replicas.find(h.state.blobs.find(&B1).unwrap(), h.state.nodes.find("b").unwrap()).unwrap();
+    assert_eq!(h.state.replicas.state[b_copy.index()], ReplicaState::Healthy, "the blocking copy is kept");
+}
+
+#[test]
+fn a_node_leaving_maintenance_recovers_after_a_fresh_capability_and_its_ramp_up_window() {
+    let mut h = Harness::new(ReconcileConfig { recovery_ms: 5_000, ..ReconcileConfig::default() });
+    h.join(&["a", "b"]);
+    h.admin(10, AdminCommand::EnterMaintenance { node: "b".into() });
+    assert_eq!(maintenance_of(&h, "b"), "maintenance", "nothing to drain");
+    h.admin(10, AdminCommand::ExitMaintenance { node: "b".into() });
+    assert_eq!(maintenance_of(&h, "b"), "exiting_maintenance");
+    h.heartbeats(1_000, &["a", "b"]);
+    assert_eq!(maintenance_of(&h, "b"), "exiting_maintenance", "waits for a fresh capability");
+    let capability = Capability {
+        version: 2,
+        fork_of: 1,
+        zone: "z1".into(),
+        capacity_bytes: 1 << 40,
+        labels: vec!["storage".into()],
+    };
+    let event = h.ev("b", EventKind::Capability(capability));
+    h.step(10, vec![event]);
+    assert_eq!(maintenance_of(&h, "b"), "recovery");
+    let b = h.state.nodes.find("b").unwrap().index();
+    assert!(!h.state.nodes.eligible[b], "no new copies during the ramp-up window");
+    for _ in 0..4 {
+        h.heartbeats(1_000, &["a", "b"]);
+    }
+    assert_eq!(maintenance_of(&h, "b"), "recovery");
+    h.heartbeats(1_000, &["a", "b"]);
+    assert_eq!(maintenance_of(&h, "b"), "active");
+    h.heartbeats(10, &["a", "b"]);
+    assert!(h.state.nodes.eligible[b]);
+    // Exit of an active node is refused with its reason (the harness counts rejections).
+    let event = h.ev(
+        "a",
+        EventKind::Admin { operator: "ops".into(), command: AdminCommand::ExitMaintenance { node: "b".into() } },
+    );
+    let payload = wire::encode_batch(&EventBatch { events: vec![event] });
+    let position = h.state.position + 1;
+    fold_payload(&mut h.state, position, h.time_ms + 10, &payload);
+    assert_eq!(h.state.rejections.total, 1);
+}

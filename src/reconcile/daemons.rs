@@ -16,10 +16,11 @@ use super::Out;
 use crate::action::ActionKind;
 use crate::state::daemons::SpecPlacement;
 use crate::state::ids::{NodeRow, SpecRow};
-use crate::state::nodes::MaintenanceState;
 use crate::state::State;
 
-fn wanted_on(state: &State, spec: usize, node: usize) -> bool {
+/// Whether `spec` should run on `node`: placed there, the node live, and (unless the
+/// daemon is essential) the node not draining or in maintenance.
+pub(crate) fn wanted_on(state: &State, spec: usize, node: usize) -> bool {
     let nodes = &state.nodes;
     let placed = match &state.specs.runs_on[spec] {
         SpecPlacement::AllNodes => true,
@@ -28,7 +29,7 @@ fn wanted_on(state: &State, spec: usize, node: usize) -> bool {
         SpecPlacement::Nowhere => false,
     };
     let essential = state.specs.spec[spec].essential;
-    placed && nodes.live[node] && (nodes.maintenance[node] == MaintenanceState::Active || essential)
+    placed && nodes.live[node] && (!nodes.maintenance[node].is_away() || essential)
 }
 
 pub(crate) fn run(state: &mut State, out: &mut Out) {

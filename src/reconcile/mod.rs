@@ -16,7 +16,8 @@
 //!    evaluated once: plan, repairs, migrations, verifications, drops, through gates;
 //! 4. anti-entropy: a bounded, rotating slice of replicas is re-verified when due;
 //! 5. daemons: start what should run and does not, stop what runs and should not;
-//! 6. heat: saturated nodes are told to shed load.
+//! 6. heat: saturated nodes are told to shed load;
+//! 7. maintenance: drain progress and the steps of the maintenance state machine.
 //!
 //! Invariants: no I/O, no clock but `state.now_ms`, no randomness, no `Result`, no
 //! hash-map iteration; no heap allocation in a pass outside the arena once the
@@ -26,6 +27,7 @@
 
 pub mod daemons;
 pub mod gates;
+pub mod maintenance;
 pub mod nodes;
 pub mod replicas;
 
@@ -127,6 +129,7 @@ fn run<'a>(
         daemons::run(state, &mut out);
     }
     nodes::heat(arena, state, &mut out);
+    maintenance::run(state);
     state.gates.capacity_freed = false;
     out.actions
 }

@@ -170,7 +170,7 @@ struct Held {
     planned: bool,
 }
 
-fn counted(state: &State, row: usize) -> bool {
+pub(crate) fn counted(state: &State, row: usize) -> bool {
     let node = state.replicas.node[row].index();
     state.replicas.state[row] == ReplicaState::Healthy
         && state.nodes.live[node]

@@ -30,6 +30,14 @@ pub enum MaintenanceState {
 }
 
 impl MaintenanceState {
+    /// Being drained or in maintenance: no new copies, non-essential daemons stopped.
+    pub fn is_away(self) -> bool {
+        matches!(
+            self,
+            MaintenanceState::EnteringMaintenance | MaintenanceState::Maintenance | MaintenanceState::DrainFailed
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             MaintenanceState::Active => "active",
@@ -65,6 +73,18 @@ pub struct NodeTable {
     pub avoid: Vec<bool>,
     /// The node's sequencer has raised global backpressure (a `Backpressure` event).
     pub backpressure: Vec<bool>,
+    /// When the node entered its current maintenance state.
+    pub maintenance_since_ms: Vec<u64>,
+    /// Entering maintenance: not drained by then means DrainFailed.
+    pub drain_deadline_ms: Vec<u64>,
+    /// The capability version when maintenance began: exiting needs a newer one.
+    pub capability_version_at_enter: Vec<u64>,
+    /// Drain progress, recomputed every pass while draining: copies on the node that
+    /// are not yet safe elsewhere, how many of those have a move in flight, and
+    /// non-essential daemons still running.
+    pub drain_unsafe_copies: Vec<u32>,
+    pub drain_moving_copies: Vec<u32>,
+    pub drain_daemons_left: Vec<u32>,
     /// Bumped (wrapping; compare for equality only) by each "restart all daemons" aimed at the node.
     pub restart_generation: Vec<u32>,
     pub capability_version: Vec<u64>,
@@ -129,6 +149,12 @@ impl NodeTable {
         self.maintenance.push(MaintenanceState::Active);
         self.avoid.push(false);
         self.backpressure.push(false);
+        self.maintenance_since_ms.push(now_ms);
+        self.drain_deadline_ms.push(0);
+        self.capability_version_at_enter.push(0);
+        self.drain_unsafe_copies.push(0);
+        self.drain_moving_copies.push(0);
+        self.drain_daemons_left.push(0);
         self.restart_generation.push(0);
         self.capability_version.push(0);
         self.zone.push(SymbolId::NONE);
@@ -166,6 +192,12 @@ impl NodeTable {
                 self.maintenance.len(),
                 self.avoid.len(),
                 self.backpressure.len(),
+                self.maintenance_since_ms.len(),
+                self.drain_deadline_ms.len(),
+                self.capability_version_at_enter.len(),
+                self.drain_unsafe_copies.len(),
+                self.drain_moving_copies.len(),
+                self.drain_daemons_left.len(),
                 self.restart_generation.len(),
                 self.capability_version.len(),
                 self.zone.len(),
@@ -207,6 +239,12 @@ impl NodeTable {
             hasher.u8(self.maintenance[row] as u8);
             hasher.bool(self.avoid[row]);
             hasher.bool(self.backpressure[row]);
+            hasher.u64(self.maintenance_since_ms[row]);
+            hasher.u64(self.drain_deadline_ms[row]);
+            hasher.u64(self.capability_version_at_enter[row]);
+            hasher.u32(self.drain_unsafe_copies[row]);
+            hasher.u32(self.drain_moving_copies[row]);
+            hasher.u32(self.drain_daemons_left[row]);
             hasher.u32(self.restart_generation[row]);
             hasher.u64(self.capability_version[row]);
             hasher.u32(self.zone[row].0);

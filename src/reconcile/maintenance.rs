@@ -1,0 +1,121 @@
+//! Maintenance nodes: the state machine Active -> EnteringMaintenance -> Maintenance
+//! -> ExitingMaintenance -> Recovery -> Active, with DrainFailed when a drain misses
+//! its deadline. Admin events (fold) move a node in and out; this pass moves it along:
+//!
+//! - EnteringMaintenance (and DrainFailed): the node is ineligible, so plans leave it
+//!   and its copies are repaired elsewhere; non-essential daemons are stopped. Every
+//!   pass counts what blocks the drain: counted copies on the node whose blob has
+//!   fewer counted copies elsewhere than it needs (its intent, at least one), how many
+//!   of those are moving, and non-essential daemons still running. Nothing left: the
+//!   node is in Maintenance. Past the deadline first: DrainFailed (which still turns
+//!   into Maintenance if the drain completes later). A copy that does not count
+//!   (corrupt, fenced, on a node that is not live) blocks nothing, and a gated,
+//!   crash-looping daemon is not running, so neither holds a drain hostage.
+//! - ExitingMaintenance: once the node is live, has published a capability newer than
+//!   the one it had when maintenance began, and runs every daemon wanted on it:
+//!   Recovery.
+//! - Recovery: after `recovery_ms` (the ramp-up window), Active; only then is it
+//!   eligible for new copies again.
+//!
+//! Invariants: pure (log time only); every transition here is one step along the
+//! machine; the drain counters are recomputed from the tables every pass, so both
+//! scopes agree; no copy is dropped here (drops stay with the replica pass, which
+//! never drops a last healthy copy).
+
+use crate::state::ids::{NodeRow, SpecRow};
+use crate::state::nodes::MaintenanceState;
+use crate::state::State;
+
+pub(crate) fn run(state: &mut State) {
+    let now_ms = state.now_ms;
+    for node in 0..state.nodes.len() {
+        match state.nodes.maintenance[node] {
+            MaintenanceState::Active | MaintenanceState::Maintenance => {}
+            MaintenanceState::EnteringMaintenance | MaintenanceState::DrainFailed => drain(state, node, now_ms),
+            MaintenanceState::ExitingMaintenance => {
+                let nodes = &state.nodes;
+                let fresh = nodes.capability_version[node] > nodes.capability_version_at_enter[node];
+                if nodes.live[node] && fresh && wanted_daemons_run(state, node) {
+                    enter(state, node, MaintenanceState::Recovery, now_ms);
+                }
+            }
+            MaintenanceState::Recovery => {
+                if now_ms >= state.nodes.maintenance_since_ms[node].saturating_add(state.reconcile.recovery_ms) {
+                    enter(state, node, MaintenanceState::Active, now_ms);
+                }
+            }
+        }
+    }
+}
+
+fn enter(state: &mut State, node: usize, next: MaintenanceState, now_ms: u64) {
+    state.nodes.maintenance[node] = next;
+    state.nodes.maintenance_since_ms[node] = now_ms;
+    // Eligibility and wanted daemons change with the state.
+    state.daemons_dirty = true;
+    state.mark_node_blobs_dirty(NodeRow::from_index(node));
+}
+
+/// Recomputes what blocks the drain of `node` and moves it to Maintenance when nothing
+/// does, or to DrainFailed past its deadline.
+fn drain(state: &mut State, node: usize, now_ms: u64) {
+    let mut unsafe_copies = 0u32;
+    let mut moving_copies = 0u32;
+    for &row in &state.nodes.replica_rows[node] {
+        let row = row.index();
+        if !super::replicas::counted(state, row) {
+            continue;
+        }
+        let blob = state.replicas.blob[row];
+        let needed = (state.blobs.replicas_wanted[blob.index()] as usize).max(1);
+        let elsewhere = state.blobs.replica_rows[blob.index()]
+            .iter()
+            .filter(|other| {
+                let other = other.index();
+                state.replicas.node[other].index() != node && super::replicas::counted(state, other)
+            })
+            .count();
+        if elsewhere < needed {
+            unsafe_copies += 1;
+            let moving = state
+                .inflight
+                .entries
+                .iter()
+                .any(|entry| entry.action.kind.is_move() && entry.action.kind.blob() == Some(blob));
+            moving_copies += moving as u32;
+        }
+    }
+    let mut daemons_left = 0u32;
+    for row in 0..state.daemons.len() {
+        let daemons = &state.daemons;
+        if daemons.node[row].index() == node
+            && daemons.state[row].is_running()
+            && !state.specs.spec[daemons.spec[row].index()].essential
+        {
+            daemons_left += 1;
+        }
+    }
+    let nodes = &mut state.nodes;
+    nodes.drain_unsafe_copies[node] = unsafe_copies;
+    nodes.drain_moving_copies[node] = moving_copies;
+    nodes.drain_daemons_left[node] = daemons_left;
+    if unsafe_copies == 0 && daemons_left == 0 {
+        enter(state, node, MaintenanceState::Maintenance, now_ms);
+    } else if nodes.maintenance[node] == MaintenanceState::EnteringMaintenance
+        && now_ms >= nodes.drain_deadline_ms[node]
+    {
+        nodes.maintenance[node] = MaintenanceState::DrainFailed;
+        nodes.maintenance_since_ms[node] = now_ms;
+    }
+}
+
+/// Whether every daemon wanted on `node` runs there.
+fn wanted_daemons_run(state: &State, node: usize) -> bool {
+    (0..state.specs.len()).all(|spec| {
+        !super::daemons::wanted_on(state, spec, node)
+            || state
+                .daemons
+                .find(SpecRow::from_index(spec), NodeRow::from_index(node))
+                .is_some_and(|row| state.daemons.state[row.index()].is_running())
+    })
+}
