@@ -346,7 +346,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!(
                 "sim: crashes={} partitions={} slow_nodes={} corruptions={} intent_changes={} lost_actions={} \
                  abandoned={} failed_moves={} late_moves={} redundant_moves={} timed_out={} drops={} verifies={} \
-                 avoid_marks={} backoffs={} brake_steps={} fenced_rejoins={} converged_at_step={}",
+                 avoid_marks={} backoffs={} brake_steps={} fenced_rejoins={} maintenance_entries={} \
+                 drains_completed={} drains_failed={} maintenance_exits={} away_max={} converged_at_step={}",
                 stats.crashes,
                 stats.partitions,
                 stats.slow_nodes,
@@ -364,6 +365,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 stats.backoffs,
                 stats.brake_steps,
                 stats.fenced_rejoins,
+                stats.maintenance_entries,
+                stats.drains_completed,
+                stats.drains_failed,
+                stats.maintenance_exits,
+                stats.away_max,
                 stats.converged_at_step
             );
             if !report.converged {

@@ -30,8 +30,8 @@ use smallvec::SmallVec;
 use crate::action::{Action, ActionKind};
 use crate::config::{Config, ReconcileConfig};
 use crate::event::{
-    BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventBatch, EventKind, NodeHealth, Outcome,
-    PlacementIntent, ReplicaState, RestartPolicy,
+    AdminCommand, BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventBatch, EventKind,
+    NodeHealth, Outcome, PlacementIntent, ReplicaState, RestartPolicy,
 };
 use crate::fold::fold_payload;
 use crate::reconcile::{Reconciler, Scope};
@@ -39,6 +39,7 @@ use crate::sim::gen::GEN_EPOCH_MS;
 use crate::sim::rng::Rng;
 use crate::state::blobs::PLAN_NODES_MAX;
 use crate::state::ids::{BlobRow, NodeRow, SpecRow};
+use crate::state::nodes::MaintenanceState;
 use crate::state::State;
 use crate::wire;
 
@@ -110,6 +111,13 @@ pub struct SimStats {
     pub brake_steps: u32,
     /// Rejoins that started a new incarnation (their copies were fenced).
     pub fenced_rejoins: u64,
+    /// Maintenance: nodes sent into it, drains that reached Maintenance, drains that
+    /// failed at their deadline, nodes sent back; the most nodes away at once.
+    pub maintenance_entries: u32,
+    pub drains_completed: u32,
+    pub drains_failed: u32,
+    pub maintenance_exits: u32,
+    pub away_max: u32,
     /// The first quiet-phase step after which the cluster was converged (0: never).
     pub converged_at_step: u32,
     /// Why the cluster was not converged at the last step (empty when it was).
@@ -165,6 +173,11 @@ const DIGEST_MS_SPAN: u64 = 20_000;
 /// RTT inflation of a slow node (the avoid mark enters at 3x the median).
 const SLOW_FACTOR: u64 = 6;
 const LOAD_PERMILLE: u16 = 100;
+/// The simulator's caps on the drain deadline and the recovery window.
+const SIM_DRAIN_DEADLINE_MS: u64 = 60_000;
+const SIM_RECOVERY_MS: u64 = 20_000;
+/// A drain must have ended (Maintenance or DrainFailed) this long past its deadline.
+const DRAIN_END_SLACK_MS: u64 = 5_000;
 
 /// A copy on a node's disk. Corruption is silent: the holder learns of it only by
 /// verifying (or through its scrubber's inventory digest). `incarnation` is the
@@ -199,6 +212,7 @@ struct Rates {
     slow_permille: u64,
     corrupt_permille: u64,
     intent_permille: u64,
+    maintenance_permille: u64,
     move_fail_percent: u64,
     move_late_percent: u64,
 }
@@ -226,6 +240,11 @@ struct Sim {
     next_heartbeat_ms: Vec<u64>,
     next_digest_ms: Vec<u64>,
     daemon_running: Vec<[bool; 2]>,
+    /// The operator wants the node in maintenance (sent EnterMaintenance, not yet Exit).
+    maintenance_wanted: Vec<bool>,
+    /// The maintenance state seen after the previous pass, to count drain outcomes.
+    maintenance_seen: Vec<MaintenanceState>,
+    capability_version: Vec<u64>,
     daemon_died: Vec<[bool; 2]>,
     next_pid: u32,
     // Blobs (sim index == state row).
@@ -263,6 +282,17 @@ pub fn run(options: &SimOptions, config: &Config, progress: &mut dyn FnMut(u32, 
     sim.finish()
 }
 
+/// A simulated node's capability, version `version` forked from `fork_of`.
+fn node_capability(node: usize, version: u64, fork_of: u64) -> Capability {
+    Capability {
+        version,
+        fork_of,
+        zone: format!("zone-{}", node % 3),
+        capacity_bytes: (1u64 << 40) + (node as u64 % 4) * (1 << 38),
+        labels: vec![if is_storage(node) { "storage" } else { "edge" }.to_string()],
+    }
+}
+
 fn node_name(node: usize) -> String {
     format!("node-{node:04}")
 }
@@ -287,6 +317,14 @@ fn is_storage(node: usize) -> bool {
 
 impl Sim {
     fn new(options: SimOptions, config: &Config) -> Sim {
+        // Drains fail and recoveries end within the run (the defaults are an hour and a
+        // minute; the quiet phase lasts a few minutes of log time).
+        let reconcile = ReconcileConfig {
+            drain_deadline_ms: config.reconcile.drain_deadline_ms.min(SIM_DRAIN_DEADLINE_MS),
+            recovery_ms: config.reconcile.recovery_ms.min(SIM_RECOVERY_MS),
+            ..config.reconcile
+        };
+        let config = &Config { reconcile, ..config.clone() };
         let mut rng = Rng::new(options.seed);
         let rates = Rates {
             crash_permille: 5 + rng.below(11),
@@ -296,7 +334,11 @@ impl Sim {
             intent_permille: 40 + rng.below(111),
             move_fail_percent: 2 + rng.below(7),
             move_late_percent: rng.below(3),
+            maintenance_permille: 0,
         };
+        // Drawn from its own stream, so the other draws (and runs without
+        // maintenance) are what they were before maintenance was simulated.
+        let rates = Rates { maintenance_permille: 5 + Rng::new(options.seed ^ 0x6d61_696e).below(16), ..rates };
         let nodes = options.nodes as usize;
         let blobs = options.blobs as usize;
         let coordinate = (0..nodes)
@@ -328,6 +370,9 @@ impl Sim {
             partitioned_until_ms: vec![0; nodes],
             slow_until_ms: vec![0; nodes],
             was_reachable: vec![true; nodes],
+            maintenance_wanted: vec![false; nodes],
+            maintenance_seen: vec![MaintenanceState::Active; nodes],
+            capability_version: vec![1; nodes],
             unreachable_since_ms: vec![0; nodes],
             next_heartbeat_ms: vec![0; nodes],
             next_digest_ms: vec![0; nodes],
@@ -449,14 +494,7 @@ impl Sim {
     fn setup(&mut self) {
         let nodes = self.names.len();
         for node in 0..nodes {
-            let capability = Capability {
-                version: 1,
-                fork_of: 0,
-                zone: format!("zone-{}", node % 3),
-                capacity_bytes: (1u64 << 40) + (node as u64 % 4) * (1 << 38),
-                labels: vec![if is_storage(node) { "storage" } else { "edge" }.to_string()],
-            };
-            self.emit(node, EventKind::Capability(capability));
+            self.emit(node, EventKind::Capability(node_capability(node, 1, 0)));
             self.heartbeat(node);
             self.next_digest_ms[node] = self.now_ms + self.rng.below(DIGEST_MS_MIN + DIGEST_MS_SPAN);
         }
@@ -525,6 +563,7 @@ impl Sim {
         if !quiet {
             self.inject_faults();
         }
+        self.exit_maintenance(quiet);
         self.returns();
         self.complete_due();
         for node in 0..self.names.len() {
@@ -552,6 +591,7 @@ impl Sim {
         self.schedule(&actions);
         self.check_after_pass(&actions);
         self.account_plans();
+        self.account_maintenance();
         if quiet {
             match self.convergence() {
                 Ok(()) if self.stats.converged_at_step == 0 => self.stats.converged_at_step = step,
@@ -648,6 +688,82 @@ impl Sim {
         }
         if self.rng.below(1000) < rates.intent_permille {
             self.change_intent();
+        }
+        if self.rng.below(1000) < rates.maintenance_permille {
+            self.enter_maintenance();
+        }
+    }
+
+    /// An operator sends reachable nodes into maintenance, keeping at most a third of
+    /// the nodes away at once: usually one, one time in eight as many as that allows
+    /// (a rack's worth of nodes drained together).
+    fn enter_maintenance(&mut self) {
+        let nodes = self.names.len();
+        let burst = self.rng.below(8) == 0;
+        let mut count = if burst { nodes } else { 1 };
+        let first = self.rng.below(nodes as u64) as usize;
+        for offset in 0..nodes {
+            let away = self.maintenance_wanted.iter().filter(|&&wanted| wanted).count();
+            if count == 0 || (away + 1) * 3 > nodes {
+                break;
+            }
+            let node = (first + offset * 7) % nodes;
+            if self.maintenance_wanted[node] || !self.reachable(node) {
+                continue;
+            }
+            self.maintenance_wanted[node] = true;
+            let command = AdminCommand::EnterMaintenance { node: self.names[node].clone() };
+            self.emit(node, EventKind::Admin { operator: "sim-operator".to_string(), command });
+            self.stats.maintenance_entries += 1;
+            self.stats.away_max = self.stats.away_max.max(away as u32 + 1);
+            count -= 1;
+        }
+        self.faults += 1;
+    }
+
+    /// Nodes whose drain ended (Maintenance or DrainFailed) come back: during faults
+    /// after a while, in the quiet phase at once. The node publishes a fresh capability,
+    /// as a node back from maintenance does.
+    fn exit_maintenance(&mut self, quiet: bool) {
+        for node in 0..self.names.len() {
+            let state = self.state.nodes.maintenance[node];
+            let drained = matches!(state, MaintenanceState::Maintenance | MaintenanceState::DrainFailed);
+            if !self.maintenance_wanted[node] || !drained || !self.reachable(node) {
+                continue;
+            }
+            if !quiet && self.rng.below(100) >= 5 {
+                continue;
+            }
+            self.maintenance_wanted[node] = false;
+            let command = AdminCommand::ExitMaintenance { node: self.names[node].clone() };
+            self.emit(node, EventKind::Admin { operator: "sim-operator".to_string(), command });
+            let version = self.capability_version[node];
+            self.capability_version[node] = version + 1;
+            self.emit(node, EventKind::Capability(node_capability(node, version + 1, version)));
+            self.stats.maintenance_exits += 1;
+        }
+    }
+
+    /// Counts drain outcomes and checks that no drain outlives its deadline.
+    fn account_maintenance(&mut self) {
+        for node in 0..self.names.len() {
+            let state = self.state.nodes.maintenance[node];
+            let before = std::mem::replace(&mut self.maintenance_seen[node], state);
+            if before == MaintenanceState::EnteringMaintenance {
+                match state {
+                    MaintenanceState::Maintenance => self.stats.drains_completed += 1,
+                    MaintenanceState::DrainFailed => self.stats.drains_failed += 1,
+                    _ => {}
+                }
+            }
+            let deadline_ms = self.state.nodes.drain_deadline_ms[node];
+            if state == MaintenanceState::EnteringMaintenance && self.now_ms > deadline_ms + DRAIN_END_SLACK_MS {
+                let what = format!(
+                    "(h) the drain of {} passed its deadline without ending ({} copies unsafe)",
+                    self.names[node], self.state.nodes.drain_unsafe_copies[node]
+                );
+                self.violate(what);
+            }
         }
     }
 
@@ -987,6 +1103,11 @@ impl Sim {
         if let Some(node) = (0..self.names.len()).find(|&node| !state.nodes.live[node]) {
             return Err(format!("{} is not live", self.names[node]));
         }
+        if let Some(node) =
+            (0..self.names.len()).find(|&node| state.nodes.maintenance[node] != MaintenanceState::Active)
+        {
+            return Err(format!("{} is {}", self.names[node], state.nodes.maintenance[node].name()));
+        }
         for blob in 0..self.hashes.len() {
             let plan = &state.blobs.plan[blob];
             let gate = crate::reconcile::gates::Gate::from_code(state.blobs.held_by[blob]).name();
@@ -1071,11 +1192,20 @@ impl Sim {
 /// (b): every pull or migration the pass emitted targets a node that is eligible in
 /// the state after the pass.
 pub fn check_actions(state: &State, actions: &[Action]) -> Vec<String> {
-    actions
+    let mut found: Vec<String> = actions
         .iter()
         .filter(|action| action.kind.is_move() && !state.nodes.eligible[action.node.index()])
         .map(|action| format!("(b) move into an ineligible node: {}", crate::action::describe(state, action)))
-        .collect()
+        .collect();
+    found.extend(
+        actions
+            .iter()
+            .filter(|action| action.kind.is_move() && state.nodes.maintenance[action.node.index()].in_maintenance())
+            .map(|action| {
+                format!("(h) move into a node in or near maintenance: {}", crate::action::describe(state, action))
+            }),
+    );
+    found
 }
 
 /// (d): in-flight work within its budgets (moves in all and per node, verifications,
