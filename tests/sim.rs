@@ -35,6 +35,14 @@ fn assert_clean(options: &SimOptions) {
     assert!(report.faults > 0, "seed {seed}: the fault phase injected nothing");
     assert!(report.needed > 0 && report.moves > 0, "seed {seed}: nothing had to move");
     assert!(report.moves <= THRASH_FACTOR * report.needed + THRASH_SLACK_MOVES, "seed {seed}: thrash: {report}");
+    let stats = &report.stats;
+    assert!(stats.maintenance_entries > 0, "seed {seed}: no node was sent into maintenance");
+    assert_eq!(
+        stats.drains_completed + stats.drains_failed,
+        stats.maintenance_entries,
+        "seed {seed}: every drain ends in Maintenance or DrainFailed"
+    );
+    assert_eq!(stats.maintenance_exits, stats.maintenance_entries, "seed {seed}: every node came back");
 }
 
 #[test]

@@ -336,8 +336,8 @@ impl Sim {
             move_late_percent: rng.below(3),
             maintenance_permille: 0,
         };
-        // Drawn from its own stream, so the other draws (and runs without
-        // maintenance) are what they were before maintenance was simulated.
+        // Drawn from its own stream, so the other per-seed rates keep the values they
+        // had before maintenance was simulated.
         let rates = Rates { maintenance_permille: 5 + Rng::new(options.seed ^ 0x6d61_696e).below(16), ..rates };
         let nodes = options.nodes as usize;
         let blobs = options.blobs as usize;
