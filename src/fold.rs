@@ -137,6 +137,9 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
             let id = action.to_native();
             let success = matches!(outcome, ArchivedOutcome::Success);
             let settled = state.inflight.settle(id, success).ok_or(RejectReason::UnknownAction(id))?;
+            if success && settled.action.kind.is_move() {
+                measure_transfer(state, &settled);
+            }
             settle_effects(state, &settled.action, success);
             Ok(())
         }
@@ -151,6 +154,16 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
     }?;
     state.nodes.origin_seq_last[origin.index()] = origin_seq;
     Ok(())
+}
+
+/// Folds one finished move into the measured transfer rate (an EWMA over moves, in
+/// bytes per second of log time), which drains use for their time-to-safe.
+fn measure_transfer(state: &mut State, settled: &crate::state::inflight::InflightAction) {
+    let Some(blob) = settled.action.kind.blob() else { return };
+    let duration_ms = state.now_ms.saturating_sub(settled.emitted_ms).max(1);
+    let sample = state.blobs.size_bytes[blob.index()].saturating_mul(1000) / duration_ms;
+    let rate = &mut state.gates.transfer_bytes_per_s;
+    *rate = if *rate == 0 { sample } else { *rate - (*rate >> 3) + (sample >> 3) };
 }
 
 /// What an action's end changes beyond the in-flight table: capacity frees, the blob

@@ -257,8 +257,7 @@ impl Harness {
     }
 
     fn web(&mut self, after_ms: u64, signal: DaemonSignal) -> Vec<String> {
-        let event = self.ev("a", EventKind::Daemon { daemon: "web".into(), signal });
-        self.step(after_ms, vec![event])
+        self.web_on("a", after_ms, signal)
     }
 
     /// `web` on `a` ends unplanned five times within 60 s (the default policy's limit):
@@ -1100,4 +1099,87 @@ fn a_node_leaving_maintenance_recovers_after_a_fresh_capability_and_its_ramp_up_
     let position = h.state.position + 1;
     fold_payload(&mut h.state, position, h.time_ms + 10, &payload);
     assert_eq!(h.state.rejections.total, 1);
+}
+
+#[test]
+fn a_drain_reports_its_expected_time_to_safe_from_the_measured_transfer_rate() {
+    let mut h = Harness::new(ReconcileConfig { pull_inflight_per_node_max: 1, ..ReconcileConfig::default() });
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.extend(h.blob_with_intent("a", B2, 2, &["a", "b"]));
+    for (node, blob) in [("a", B1), ("b", B1), ("a", B2), ("b", B2)] {
+        events.push(h.replica(node, blob, ReplicaState::Healthy));
+    }
+    h.step(10, events);
+    let actions = h.admin(10, AdminCommand::EnterMaintenance { node: "b".into() });
+    assert_eq!(actions.len(), 1, "one move at a time into c: {actions:?}");
+    let b = h.state.nodes.find("b").unwrap().index();
+    assert_eq!(h.state.nodes.drain_unsafe_bytes[b], 200, "two copies of 100 bytes are not yet safe");
+    assert_eq!(h.state.nodes.drain_eta_ms[b], u64::MAX, "no transfer measured yet: unknown");
+    // The first move takes 400 ms of log time: 100 bytes / 0.4 s = 250 bytes/s.
+    let position = h.state.position;
+    let moved = if actions[0].contains("11111111") { B1 } else { B2 };
+    let events = vec![h.outcome("c", position, 0, Outcome::Success), h.replica("c", moved, ReplicaState::Healthy)];
+    h.step(400, events);
+    assert_eq!(h.state.gates.transfer_bytes_per_s, 250);
+    assert_eq!(h.state.nodes.drain_unsafe_bytes[b], 100);
+    assert_eq!(h.state.nodes.drain_eta_ms[b], 400, "100 bytes at 250 bytes/s through one move at a time");
+}
+
+#[test]
+fn a_node_leaving_maintenance_waits_for_its_daemons_to_register() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b"]);
+    let intent = h.ev(
+        "a",
+        EventKind::DaemonIntent { spec: Box::new(web_spec(0)), runs_on: DaemonPlacement::Nodes(vec!["b".into()]) },
+    );
+    assert_eq!(h.step(10, vec![intent]), strings(&["b: start_daemon web"]));
+    let position = h.state.position;
+    let events = vec![
+        h.outcome("b", position, 0, Outcome::Success),
+        h.ev("b", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Started { pid: 1 } }),
+    ];
+    h.step(10, events);
+    assert_eq!(h.admin(10, AdminCommand::EnterMaintenance { node: "b".into() }), strings(&["b: stop_daemon web"]));
+    let position = h.state.position;
+    let events = vec![
+        h.outcome("b", position, 0, Outcome::Success),
+        h.ev("b", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Stopped }),
+    ];
+    h.step(10, events);
+    assert_eq!(maintenance_of(&h, "b"), "maintenance");
+    let exit = h.ev(
+        "a",
+        EventKind::Admin { operator: "ops".into(), command: AdminCommand::ExitMaintenance { node: "b".into() } },
+    );
+    let capability = Capability {
+        version: 2,
+        fork_of: 1,
+        zone: "z1".into(),
+        capacity_bytes: 1 << 40,
+        labels: vec!["storage".into()],
+    };
+    let fresh = h.ev("b", EventKind::Capability(capability));
+    assert_eq!(h.step(10, vec![exit, fresh]), strings(&["b: start_daemon web"]), "daemons restart on the way out");
+    let position = h.state.position;
+    let events = vec![
+        h.outcome("b", position, 0, Outcome::Success),
+        h.ev("b", EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Started { pid: 2 } }),
+    ];
+    h.step(10, events);
+    assert_eq!(
+        maintenance_of(&h, "b"),
+        "exiting_maintenance",
+        "started is not enough: it must register or report health"
+    );
+    h.web_on("b", 10, DaemonSignal::Registered { pid: 2 });
+    assert_eq!(maintenance_of(&h, "b"), "recovery");
+}
+
+impl Harness {
+    fn web_on(&mut self, node: &str, after_ms: u64, signal: DaemonSignal) -> Vec<String> {
+        let event = self.ev(node, EventKind::Daemon { daemon: "web".into(), signal });
+        self.step(after_ms, vec![event])
+    }
 }

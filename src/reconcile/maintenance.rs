@@ -7,13 +7,14 @@
 //!   pass counts what blocks the drain: counted copies on the node whose blob has
 //!   fewer counted copies elsewhere than it needs (its intent, at least one), how many
 //!   of those are moving, and non-essential daemons still running. Nothing left: the
-//!   node is in Maintenance. Past the deadline first: DrainFailed (which still turns
+//!   node is in Maintenance. The unsafe copies' bytes over the measured transfer rate
+//!   (finished moves, EWMA in log time) give the expected time to safe. Past the deadline first: DrainFailed (which still turns
 //!   into Maintenance if the drain completes later). A copy that does not count
 //!   (corrupt, fenced, on a node that is not live) blocks nothing, and a gated,
 //!   crash-looping daemon is not running, so neither holds a drain hostage.
 //! - ExitingMaintenance: once the node is live, has published a capability newer than
-//!   the one it had when maintenance began, and runs every daemon wanted on it:
-//!   Recovery.
+//!   the one it had when maintenance began, and runs every daemon wanted on it, each
+//!   registered through the SDK or reporting healthy: Recovery.
 //! - Recovery: after `recovery_ms` (the ramp-up window), Active; only then is it
 //!   eligible for new copies again.
 //!
@@ -22,6 +23,7 @@
 //! scopes agree; no copy is dropped here (drops stay with the replica pass, which
 //! never drops a last healthy copy).
 
+use crate::state::daemons::DaemonState;
 use crate::state::ids::{NodeRow, SpecRow};
 use crate::state::nodes::MaintenanceState;
 use crate::state::State;
@@ -61,6 +63,7 @@ fn enter(state: &mut State, node: usize, next: MaintenanceState, now_ms: u64) {
 fn drain(state: &mut State, node: usize, now_ms: u64) {
     let mut unsafe_copies = 0u32;
     let mut moving_copies = 0u32;
+    let mut unsafe_bytes = 0u64;
     for &row in &state.nodes.replica_rows[node] {
         let row = row.index();
         if !super::replicas::counted(state, row) {
@@ -77,6 +80,7 @@ fn drain(state: &mut State, node: usize, now_ms: u64) {
             .count();
         if elsewhere < needed {
             unsafe_copies += 1;
+            unsafe_bytes = unsafe_bytes.saturating_add(state.blobs.size_bytes[blob.index()]);
             let moving = state
                 .inflight
                 .entries
@@ -95,7 +99,17 @@ fn drain(state: &mut State, node: usize, now_ms: u64) {
             daemons_left += 1;
         }
     }
+    // Time to safe: the unsafe bytes at the measured rate, the node's copies leaving
+    // through at most `pull_inflight_per_node_max` moves at a time.
+    let rate = state.gates.transfer_bytes_per_s.saturating_mul(state.reconcile.pull_inflight_per_node_max as u64);
+    let eta_ms = match (unsafe_bytes, rate) {
+        (0, _) => 0,
+        (_, 0) => u64::MAX,
+        (bytes, rate) => bytes.saturating_mul(1000) / rate,
+    };
     let nodes = &mut state.nodes;
+    nodes.drain_unsafe_bytes[node] = unsafe_bytes;
+    nodes.drain_eta_ms[node] = eta_ms;
     nodes.drain_unsafe_copies[node] = unsafe_copies;
     nodes.drain_moving_copies[node] = moving_copies;
     nodes.drain_daemons_left[node] = daemons_left;
@@ -109,13 +123,16 @@ fn drain(state: &mut State, node: usize, now_ms: u64) {
     }
 }
 
-/// Whether every daemon wanted on `node` runs there.
+/// Whether every daemon wanted on `node` runs there and has shown it is up: it
+/// registered through the SDK or reported healthy since it started.
 fn wanted_daemons_run(state: &State, node: usize) -> bool {
     (0..state.specs.len()).all(|spec| {
         !super::daemons::wanted_on(state, spec, node)
-            || state
-                .daemons
-                .find(SpecRow::from_index(spec), NodeRow::from_index(node))
-                .is_some_and(|row| state.daemons.state[row.index()].is_running())
+            || state.daemons.find(SpecRow::from_index(spec), NodeRow::from_index(node)).is_some_and(|row| {
+                let row = row.index();
+                let daemons = &state.daemons;
+                daemons.state[row] == DaemonState::Registered
+                    || (daemons.state[row].is_running() && daemons.healthy[row])
+            })
     })
 }

@@ -117,6 +117,9 @@ pub struct Gates {
     /// Earliest log time a daemon timer falls due (a restart backoff ends, a health
     /// report is overdue); u64::MAX when none is set.
     pub daemons_due_ms: u64,
+    /// Measured transfer rate of finished moves (EWMA, bytes per second of log time;
+    /// 0 until the first one).
+    pub transfer_bytes_per_s: u64,
 }
 
 impl Gates {
@@ -131,6 +134,7 @@ impl Gates {
         hasher.bool(self.backpressure);
         hasher.u32(self.verify_cursor);
         hasher.u64(self.daemons_due_ms);
+        hasher.u64(self.transfer_bytes_per_s);
     }
 }
 

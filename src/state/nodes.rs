@@ -85,6 +85,10 @@ pub struct NodeTable {
     pub drain_unsafe_copies: Vec<u32>,
     pub drain_moving_copies: Vec<u32>,
     pub drain_daemons_left: Vec<u32>,
+    /// Bytes of the unsafe copies, and the expected time until they are safe from the
+    /// measured transfer rate (u64::MAX: no rate measured yet).
+    pub drain_unsafe_bytes: Vec<u64>,
+    pub drain_eta_ms: Vec<u64>,
     /// Bumped (wrapping; compare for equality only) by each "restart all daemons" aimed at the node.
     pub restart_generation: Vec<u32>,
     pub capability_version: Vec<u64>,
@@ -155,6 +159,8 @@ impl NodeTable {
         self.drain_unsafe_copies.push(0);
         self.drain_moving_copies.push(0);
         self.drain_daemons_left.push(0);
+        self.drain_unsafe_bytes.push(0);
+        self.drain_eta_ms.push(0);
         self.restart_generation.push(0);
         self.capability_version.push(0);
         self.zone.push(SymbolId::NONE);
@@ -198,6 +204,8 @@ impl NodeTable {
                 self.drain_unsafe_copies.len(),
                 self.drain_moving_copies.len(),
                 self.drain_daemons_left.len(),
+                self.drain_unsafe_bytes.len(),
+                self.drain_eta_ms.len(),
                 self.restart_generation.len(),
                 self.capability_version.len(),
                 self.zone.len(),
@@ -245,6 +253,8 @@ impl NodeTable {
             hasher.u32(self.drain_unsafe_copies[row]);
             hasher.u32(self.drain_moving_copies[row]);
             hasher.u32(self.drain_daemons_left[row]);
+            hasher.u64(self.drain_unsafe_bytes[row]);
+            hasher.u64(self.drain_eta_ms[row]);
             hasher.u32(self.restart_generation[row]);
             hasher.u64(self.capability_version[row]);
             hasher.u32(self.zone[row].0);
