@@ -1183,3 +1183,27 @@ impl Harness {
         self.step(after_ms, vec![event])
     }
 }
+
+#[test]
+fn two_nodes_draining_together_do_not_call_each_others_copy_safe() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b", "c"]);
+    // One copy wanted; copies on b and c (one surplus); both enter maintenance.
+    let mut events = h.blob_with_intent("a", B1, 1, &["b"]);
+    events.push(h.replica("b", B1, ReplicaState::Healthy));
+    events.push(h.replica("c", B1, ReplicaState::Healthy));
+    h.step(10, events);
+    let enter = vec![
+        h.ev(
+            "a",
+            EventKind::Admin { operator: "ops".into(), command: AdminCommand::EnterMaintenance { node: "b".into() } },
+        ),
+        h.ev(
+            "a",
+            EventKind::Admin { operator: "ops".into(), command: AdminCommand::EnterMaintenance { node: "c".into() } },
+        ),
+    ];
+    h.step(10, enter);
+    assert_eq!(maintenance_of(&h, "b"), "entering_maintenance", "c's copy is leaving too: not safe");
+    assert_eq!(maintenance_of(&h, "c"), "entering_maintenance");
+}

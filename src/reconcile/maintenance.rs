@@ -74,8 +74,12 @@ fn drain(state: &mut State, node: usize, now_ms: u64) {
         let elsewhere = state.blobs.replica_rows[blob.index()]
             .iter()
             .filter(|other| {
+                // Only copies that stay: not on this node, nor on another node that is
+                // itself being drained or in maintenance (two nodes draining together
+                // must not each call the other's copy safe).
                 let other = other.index();
-                state.replicas.node[other].index() != node && super::replicas::counted(state, other)
+                let holder = state.replicas.node[other].index();
+                holder != node && !state.nodes.maintenance[holder].is_away() && super::replicas::counted(state, other)
             })
             .count();
         if elsewhere < needed {
