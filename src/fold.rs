@@ -527,6 +527,10 @@ fn apply_admin(state: &mut State, command: &ArchivedAdminCommand) -> Applied {
                     nodes.capability_version_at_enter[index] = nodes.capability_version[index];
                     state.daemons_dirty = true;
                     state.mark_node_blobs_dirty(NodeRow::from_index(index));
+                    // No new copies land there: moves into it already in flight stop.
+                    while let Some(cancelled) = state.inflight.cancel_first_move_into(NodeRow::from_index(index)) {
+                        cancel_effects(state, &cancelled.action);
+                    }
                 }
             }
         }

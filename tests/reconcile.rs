@@ -1207,3 +1207,58 @@ fn two_nodes_draining_together_do_not_call_each_others_copy_safe() {
     assert_eq!(maintenance_of(&h, "b"), "entering_maintenance", "c's copy is leaving too: not safe");
     assert_eq!(maintenance_of(&h, "c"), "entering_maintenance");
 }
+
+#[test]
+fn a_node_that_goes_down_while_draining_is_not_declared_drained() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 1, &["b"]);
+    events.push(h.replica("b", B1, ReplicaState::Healthy));
+    h.step(10, events);
+    let actions = h.admin(10, AdminCommand::EnterMaintenance { node: "b".into() });
+    assert!(actions.iter().any(|a| a.contains("from b")), "{actions:?}");
+    assert_eq!(maintenance_of(&h, "b"), "entering_maintenance");
+    // b's link flaps (or it reboots) before the move ends.
+    let down = h.ev("a", EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down }));
+    h.step(10, vec![down]);
+    assert_ne!(
+        maintenance_of(&h, "b"),
+        "maintenance",
+        "the only copy of the blob is still on b (unsafe bytes {})",
+        h.state.nodes.drain_unsafe_bytes[node_index(&h, "b")]
+    );
+}
+
+#[test]
+fn a_failed_drain_does_not_drop_the_copy_it_names_as_blocking() {
+    let mut h = Harness::new(ReconcileConfig { drain_deadline_ms: 30_000, ..ReconcileConfig::default() });
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 3, &[]);
+    for node in ["a", "b", "c"] {
+        events.push(h.replica(node, B1, ReplicaState::Healthy));
+    }
+    h.step(10, events);
+    let mut all = h.admin(10, AdminCommand::EnterMaintenance { node: "b".into() });
+    for _ in 0..30 {
+        all.extend(h.heartbeats(1_000, &["a", "b", "c"]));
+    }
+    assert_eq!(maintenance_of(&h, "b"), "drain_failed");
+    assert!(!all.iter().any(|a| a == "b: drop_replica 11111111"), "the blocking copy is dropped: {all:?}");
+}
+
+#[test]
+fn a_move_into_a_node_in_flight_when_it_enters_maintenance_is_cancelled() {
+    let mut h = Harness::new(ReconcileConfig::default());
+    h.join(&["a", "b", "c"]);
+    let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
+    events.push(h.replica("a", B1, ReplicaState::Healthy));
+    assert_eq!(h.step(10, events), strings(&["b: pull_replica 11111111 from a"]));
+    h.admin(10, AdminCommand::EnterMaintenance { node: "b".into() });
+    let b = node_index(&h, "b");
+    let inbound = h.state.inflight.entries.iter().any(|e| e.action.kind.is_move() && e.action.node.index() == b);
+    assert!(!inbound, "a pull into b is still in flight: it will land a new copy on a node entering maintenance");
+}
+
+fn node_index(h: &Harness, node: &str) -> usize {
+    h.state.nodes.find(node).unwrap().index()
+}

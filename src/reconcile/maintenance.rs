@@ -23,8 +23,9 @@
 //! scopes agree; no copy is dropped here (drops stay with the replica pass, which
 //! never drops a last healthy copy).
 
+use crate::event::ReplicaState;
 use crate::state::daemons::DaemonState;
-use crate::state::ids::{NodeRow, SpecRow};
+use crate::state::ids::{BlobRow, NodeRow, SpecRow};
 use crate::state::nodes::MaintenanceState;
 use crate::state::State;
 
@@ -66,23 +67,13 @@ fn drain(state: &mut State, node: usize, now_ms: u64) {
     let mut unsafe_bytes = 0u64;
     for &row in &state.nodes.replica_rows[node] {
         let row = row.index();
-        if !super::replicas::counted(state, row) {
+        // The node's own healthy copies block even while it is down or fenced: its data
+        // is what the drain must place elsewhere. Corrupt and deleted copies do not.
+        if state.replicas.state[row] != ReplicaState::Healthy {
             continue;
         }
         let blob = state.replicas.blob[row];
-        let needed = (state.blobs.replicas_wanted[blob.index()] as usize).max(1);
-        let elsewhere = state.blobs.replica_rows[blob.index()]
-            .iter()
-            .filter(|other| {
-                // Only copies that stay: not on this node, nor on another node that is
-                // itself being drained or in maintenance (two nodes draining together
-                // must not each call the other's copy safe).
-                let other = other.index();
-                let holder = state.replicas.node[other].index();
-                holder != node && !state.nodes.maintenance[holder].is_away() && super::replicas::counted(state, other)
-            })
-            .count();
-        if elsewhere < needed {
+        if safe_elsewhere(state, blob, node) < needed_copies(state, blob) {
             unsafe_copies += 1;
             unsafe_bytes = unsafe_bytes.saturating_add(state.blobs.size_bytes[blob.index()]);
             let moving = state
@@ -117,7 +108,8 @@ fn drain(state: &mut State, node: usize, now_ms: u64) {
     nodes.drain_unsafe_copies[node] = unsafe_copies;
     nodes.drain_moving_copies[node] = moving_copies;
     nodes.drain_daemons_left[node] = daemons_left;
-    if unsafe_copies == 0 && daemons_left == 0 {
+    // A node that is not live cannot be judged drained: its state is not known.
+    if unsafe_copies == 0 && daemons_left == 0 && nodes.live[node] {
         enter(state, node, MaintenanceState::Maintenance, now_ms);
     } else if nodes.maintenance[node] == MaintenanceState::EnteringMaintenance
         && now_ms >= nodes.drain_deadline_ms[node]
@@ -125,6 +117,25 @@ fn drain(state: &mut State, node: usize, now_ms: u64) {
         nodes.maintenance[node] = MaintenanceState::DrainFailed;
         nodes.maintenance_since_ms[node] = now_ms;
     }
+}
+
+/// Copies `blob` needs to be safe without a node: its intent, and at least one.
+pub(crate) fn needed_copies(state: &State, blob: BlobRow) -> usize {
+    (state.blobs.replicas_wanted[blob.index()] as usize).max(1)
+}
+
+/// Counted copies of `blob` that stay: on a node other than `node` that is not itself
+/// draining or in maintenance (two nodes draining together must not each call the
+/// other's copy safe).
+pub(crate) fn safe_elsewhere(state: &State, blob: BlobRow, node: usize) -> usize {
+    state.blobs.replica_rows[blob.index()]
+        .iter()
+        .filter(|other| {
+            let other = other.index();
+            let holder = state.replicas.node[other].index();
+            holder != node && !state.nodes.maintenance[holder].is_away() && super::replicas::counted(state, other)
+        })
+        .count()
 }
 
 /// Whether every daemon wanted on `node` runs there and has shown it is up: it

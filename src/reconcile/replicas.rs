@@ -433,9 +433,12 @@ fn evaluate(
         // intent, unless the operator wants this one gone (drop requested, draining,
         // maintenance): a cordoned or avoided node's copy still protects the blob.
         let node = copy.node.index();
-        let wanted_gone = state.replicas.drop_requested[copy.row.index()]
-            || state.nodes.draining[node]
-            || state.nodes.maintenance[node].in_maintenance();
+        // A copy on a node draining or in maintenance goes once the drain would call it
+        // safe (copies that stay elsewhere meet the intent), never before.
+        let away_and_safe = state.nodes.maintenance[node].is_away()
+            && super::maintenance::safe_elsewhere(state, blob, node) >= super::maintenance::needed_copies(state, blob);
+        let wanted_gone =
+            state.replicas.drop_requested[copy.row.index()] || state.nodes.draining[node] || away_and_safe;
         if !wanted_gone && remaining <= wanted {
             continue;
         }

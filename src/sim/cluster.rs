@@ -744,6 +744,37 @@ impl Sim {
         }
     }
 
+    /// (i) A node that reached Maintenance left every blob it holds with its intent met
+    /// (at least one copy) on nodes that stay: copies on disk, on nodes not away, that
+    /// are healthy or silently corrupt (which nobody can know before verifying).
+    fn check_drained(&mut self, node: usize) {
+        for blob in 0..self.disk.len() {
+            if self.disk_copy(blob, node) != Some(Disk::Healthy) {
+                continue;
+            }
+            let wanted = (self.state.blobs.replicas_wanted[blob] as usize).max(1);
+            let stays = self.disk[blob]
+                .iter()
+                .filter(|&&(other, _)| {
+                    let other = other as usize;
+                    let known_healthy = self
+                        .state
+                        .replicas
+                        .find(BlobRow::from_index(blob), NodeRow::from_index(other))
+                        .is_some_and(|row| self.state.replicas.state[row.index()] == ReplicaState::Healthy);
+                    other != node && known_healthy && !self.state.nodes.maintenance[other].is_away()
+                })
+                .count();
+            if stays < wanted {
+                let what = format!(
+                    "(i) {} reached Maintenance while blob {blob} has {stays} of {wanted} copies on nodes that stay",
+                    self.names[node]
+                );
+                self.violate(what);
+            }
+        }
+    }
+
     /// Counts drain outcomes and checks that no drain outlives its deadline.
     fn account_maintenance(&mut self) {
         for node in 0..self.names.len() {
@@ -751,7 +782,10 @@ impl Sim {
             let before = std::mem::replace(&mut self.maintenance_seen[node], state);
             if before == MaintenanceState::EnteringMaintenance {
                 match state {
-                    MaintenanceState::Maintenance => self.stats.drains_completed += 1,
+                    MaintenanceState::Maintenance => {
+                        self.stats.drains_completed += 1;
+                        self.check_drained(node);
+                    }
                     MaintenanceState::DrainFailed => self.stats.drains_failed += 1,
                     _ => {}
                 }
@@ -915,6 +949,12 @@ impl Sim {
             let action = execution.action;
             let node = action.node.index();
             if !self.reachable(node) {
+                self.stats.abandoned += 1;
+                continue;
+            }
+            if action.kind.is_move() && self.maintenance_wanted[node] {
+                // Entering maintenance cancelled every move into the node (fold): its
+                // executor reads that in the log and abandons the transfer.
                 self.stats.abandoned += 1;
                 continue;
             }

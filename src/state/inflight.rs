@@ -152,6 +152,14 @@ impl InflightTable {
         Some(self.remove_at(index))
     }
 
+    /// Removes and returns the first move into `node` (it stops taking new copies), as a
+    /// cancellation; moves out of it continue.
+    pub fn cancel_first_move_into(&mut self, node: NodeRow) -> Option<InflightAction> {
+        let index = self.entries.iter().position(|entry| entry.action.node == node && entry.action.kind.is_move())?;
+        self.cancelled += 1;
+        Some(self.remove_at(index))
+    }
+
     /// Whether the same action (node and kind) is already in flight.
     #[inline]
     pub fn contains(&self, node: NodeRow, kind: &ActionKind) -> bool {
