@@ -111,7 +111,7 @@ pub(crate) fn refresh(arena: &Bump, state: &mut State, out: &mut Out) {
         }
     }
     if !lost.is_empty() || !gained.is_empty() {
-        invalidate_plans(state, &lost, &gained);
+        invalidate_plans(arena, state, &lost, &gained);
     }
     if backpressure != state.gates.backpressure {
         state.gates.backpressure = backpressure;
@@ -124,13 +124,19 @@ pub(crate) fn refresh(arena: &Bump, state: &mut State, out: &mut Out) {
 /// Drops plans that contain a node that lost eligibility, and plans a newly eligible
 /// node would enter (it outscores the plan's floor, the plan is short, or it brings a
 /// zone the plan lacks).
-fn invalidate_plans(state: &mut State, lost: &[NodeRow], gained: &[NodeRow]) {
+fn invalidate_plans(arena: &Bump, state: &mut State, lost: &[NodeRow], gained: &[NodeRow]) {
+    // A mask, so a burst of lost nodes (a rack drained at once) costs one lookup per
+    // planned node, not a scan of the lost list.
+    let lost_mask: &mut [bool] = arena.alloc_slice_fill_copy(state.nodes.len(), false);
+    for node in lost {
+        lost_mask[node.index()] = true;
+    }
     for blob in 0..state.blobs.len() {
         if state.blobs.replicas_wanted[blob] == 0 || !state.blobs.plan_valid[blob] {
             continue;
         }
         let plan = &state.blobs.plan[blob];
-        let mut stale = plan.iter().any(|node| lost.contains(node));
+        let mut stale = plan.iter().any(|node| lost_mask[node.index()]);
         if !stale && !gained.is_empty() {
             let short = (state.blobs.plan_len[blob] as usize) < state.blobs.replicas_wanted[blob] as usize;
             let hash = &state.blobs.hash[blob];
