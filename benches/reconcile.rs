@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use meshos::config::Config;
-use meshos::event::{EventKind, NodeHealth, NodeStatus, ReplicaState};
+use meshos::event::{AdminCommand, EventKind, NodeHealth, NodeStatus, ReplicaState};
 use meshos::reconcile::{Reconciler, Scope};
 use meshos::sim::fixtures::{converged_cluster, node_name, Feeder};
 use meshos::state::State;
@@ -78,6 +78,34 @@ fn bench_disturbed(c: &mut Criterion) {
             )
         });
     }
+    group.finish();
+}
+
+/// A third of the nodes (333 of 1,000) enter maintenance at once over 100k replicas:
+/// the burst's first pass (plans invalidated, repairs emitted up to the budgets), then
+/// the incremental pass while they drain (what every record pays: drain progress of
+/// 333 nodes, nothing else to do).
+fn bench_drain(c: &mut Criterion) {
+    let base = cluster(100_000);
+    let entered = disturbed(&base, |_, push| {
+        for node in 0..333u32 {
+            let command = AdminCommand::EnterMaintenance { node: node_name(node * 3 + node % 3) };
+            push(0, EventKind::Admin { operator: "ops".into(), command });
+        }
+    });
+    let mut group = c.benchmark_group("reconcile/drain_third");
+    group.sample_size(10);
+    let mut reconciler = Reconciler::new();
+    group.bench_function("first_pass/100000", |b| {
+        b.iter_batched(
+            || entered.clone(),
+            |mut state| reconciler.pass(&mut state, Scope::Incremental).len(),
+            BatchSize::LargeInput,
+        )
+    });
+    let mut draining = entered.clone();
+    reconciler.pass(&mut draining, Scope::Incremental);
+    group.bench_function("incremental/100000", |b| b.iter(|| reconciler.pass(&mut draining, Scope::Incremental).len()));
     group.finish();
 }
 
@@ -193,5 +221,5 @@ fn bench_baseline_and_limit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_steady, bench_disturbed, bench_baseline_and_limit);
+criterion_group!(benches, bench_steady, bench_disturbed, bench_drain, bench_baseline_and_limit);
 criterion_main!(benches);

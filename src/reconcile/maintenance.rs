@@ -23,18 +23,49 @@
 //! scopes agree; no copy is dropped here (drops stay with the replica pass, which
 //! never drops a last healthy copy).
 
+use bumpalo::Bump;
+
 use crate::event::ReplicaState;
 use crate::state::daemons::DaemonState;
 use crate::state::ids::{BlobRow, NodeRow, SpecRow};
 use crate::state::nodes::MaintenanceState;
 use crate::state::State;
 
-pub(crate) fn run(state: &mut State) {
+/// Per pass, built once when some node drains: which blobs have a move in flight, and
+/// how many non-essential daemons run on each node.
+struct DrainScratch<'a> {
+    moving: &'a [bool],
+    daemons_left: &'a [u32],
+}
+
+fn drain_scratch<'a>(arena: &'a Bump, state: &State) -> DrainScratch<'a> {
+    let moving: &mut [bool] = arena.alloc_slice_fill_copy(state.blobs.len(), false);
+    for entry in state.inflight.entries.iter() {
+        if let (true, Some(blob)) = (entry.action.kind.is_move(), entry.action.kind.blob()) {
+            moving[blob.index()] = true;
+        }
+    }
+    let daemons_left: &mut [u32] = arena.alloc_slice_fill_copy(state.nodes.len(), 0);
+    let daemons = &state.daemons;
+    for row in 0..daemons.len() {
+        let counts = daemons.state[row].is_running() && !state.specs.spec[daemons.spec[row].index()].essential;
+        daemons_left[daemons.node[row].index()] += counts as u32;
+    }
+    DrainScratch { moving, daemons_left }
+}
+
+pub(crate) fn run(arena: &Bump, state: &mut State) {
     let now_ms = state.now_ms;
+    let draining = state.nodes.maintenance.iter().any(|maintenance| {
+        matches!(maintenance, MaintenanceState::EnteringMaintenance | MaintenanceState::DrainFailed)
+    });
+    let scratch = draining.then(|| drain_scratch(arena, state));
     for node in 0..state.nodes.len() {
         match state.nodes.maintenance[node] {
             MaintenanceState::Active | MaintenanceState::Maintenance => {}
-            MaintenanceState::EnteringMaintenance | MaintenanceState::DrainFailed => drain(state, node, now_ms),
+            MaintenanceState::EnteringMaintenance | MaintenanceState::DrainFailed => {
+                drain(state, scratch.as_ref().expect("built when a node drains"), node, now_ms)
+            }
             MaintenanceState::ExitingMaintenance => {
                 let nodes = &state.nodes;
                 let fresh = nodes.capability_version[node] > nodes.capability_version_at_enter[node];
@@ -61,7 +92,7 @@ fn enter(state: &mut State, node: usize, next: MaintenanceState, now_ms: u64) {
 
 /// Recomputes what blocks the drain of `node` and moves it to Maintenance when nothing
 /// does, or to DrainFailed past its deadline.
-fn drain(state: &mut State, node: usize, now_ms: u64) {
+fn drain(state: &mut State, scratch: &DrainScratch, node: usize, now_ms: u64) {
     let mut unsafe_copies = 0u32;
     let mut moving_copies = 0u32;
     let mut unsafe_bytes = 0u64;
@@ -76,24 +107,10 @@ fn drain(state: &mut State, node: usize, now_ms: u64) {
         if safe_elsewhere(state, blob, node) < needed_copies(state, blob) {
             unsafe_copies += 1;
             unsafe_bytes = unsafe_bytes.saturating_add(state.blobs.size_bytes[blob.index()]);
-            let moving = state
-                .inflight
-                .entries
-                .iter()
-                .any(|entry| entry.action.kind.is_move() && entry.action.kind.blob() == Some(blob));
-            moving_copies += moving as u32;
+            moving_copies += scratch.moving[blob.index()] as u32;
         }
     }
-    let mut daemons_left = 0u32;
-    for row in 0..state.daemons.len() {
-        let daemons = &state.daemons;
-        if daemons.node[row].index() == node
-            && daemons.state[row].is_running()
-            && !state.specs.spec[daemons.spec[row].index()].essential
-        {
-            daemons_left += 1;
-        }
-    }
+    let daemons_left = scratch.daemons_left[node];
     // Time to safe: the unsafe bytes at the measured rate, the node's copies leaving
     // through at most `pull_inflight_per_node_max` moves at a time.
     let rate = state.gates.transfer_bytes_per_s.saturating_mul(state.reconcile.pull_inflight_per_node_max as u64);

@@ -129,7 +129,7 @@ fn run<'a>(
         daemons::run(state, &mut out);
     }
     nodes::heat(arena, state, &mut out);
-    maintenance::run(state);
+    maintenance::run(arena, state);
     state.gates.capacity_freed = false;
     out.actions
 }
