@@ -183,6 +183,26 @@ pub fn settle_effects(state: &mut State, action: &crate::action::Action, success
     if action.kind.is_daemon() {
         state.daemons_dirty = true;
     }
+    if let (crate::action::ActionKind::StartDaemon { spec }, false) = (action.kind, success) {
+        // A start that failed (the command cannot run) is an unplanned end of a run of
+        // no length: backoff and the crash-loop gate apply, so a bad spec is retried
+        // ever more slowly and then gated instead of being retried on every pass.
+        let now_ms = state.now_ms;
+        let row = match state.daemons.find(spec, action.node) {
+            Some(row) => Some(row),
+            None if state.daemons.len() < state.limits.daemons_max as usize => {
+                let row = state.daemons.insert_started(spec, action.node, 0, now_ms);
+                state.daemons.set_state(row, crate::state::daemons::DaemonState::Exited, now_ms);
+                Some(row)
+            }
+            None => None,
+        };
+        if let Some(row) = row.filter(|row| !state.daemons.state[row.index()].is_running()) {
+            let policy = state.specs.spec[spec.index()].restart;
+            state.daemons.started_ms[row.index()] = now_ms;
+            state.daemons.record_unplanned_end(row, &policy, now_ms);
+        }
+    }
     if let crate::action::ActionKind::RestartDaemon { spec } = action.kind {
         // A health restart is an unplanned end: backoff and the crash-loop window; and
         // health is awaited afresh from now (the new run's `Started` may come later).
@@ -387,7 +407,7 @@ fn apply_daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &Ar
             // A daemon that ends by itself is restarted like a crashed one (it is still
             // wanted), with the same backoff and crash-loop count; not so the end of a
             // stop this node was asked for (SIGTERM may end in an exit or a signal).
-            if !state.inflight.contains(node, &crate::action::ActionKind::StopDaemon { spec }) {
+            if !stop_in_flight(&state.inflight, node, spec) {
                 let policy = state.specs.spec[spec.index()].restart;
                 daemons.record_unplanned_end(row, &policy, now_ms);
             }
@@ -397,7 +417,7 @@ fn apply_daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &Ar
             daemons.last_exit[index] = signal.to_native();
             daemons.crashes[index] = daemons.crashes[index].saturating_add(1);
             daemons.healthy[index] = false;
-            if !state.inflight.contains(node, &crate::action::ActionKind::StopDaemon { spec }) {
+            if !stop_in_flight(&state.inflight, node, spec) {
                 let policy = state.specs.spec[spec.index()].restart;
                 daemons.record_unplanned_end(row, &policy, now_ms);
             }
@@ -415,6 +435,18 @@ fn apply_daemon_signal(state: &mut State, node: NodeRow, name: &str, signal: &Ar
         }
     }
     Ok(())
+}
+
+/// Whether the end of `spec` on `node` was asked for: a stop, or the stop half of a
+/// restart (whose settling records the unplanned end itself).
+fn stop_in_flight(
+    inflight: &crate::state::inflight::InflightTable,
+    node: NodeRow,
+    spec: crate::state::ids::SpecRow,
+) -> bool {
+    use crate::action::ActionKind;
+    inflight.contains(node, &ActionKind::StopDaemon { spec })
+        || inflight.contains(node, &ActionKind::RestartDaemon { spec })
 }
 
 fn rtt_sample(state: &mut State, from: NodeRow, peer: &str, rtt_us: u32) -> Applied {

@@ -182,7 +182,7 @@ fn every_event_of_good_clients_is_folded_despite_bad_clients_and_sigterm_is_clea
     // A local client (a daemon's path): its events name this node and get this node's
     // sequence numbers from the sequencer.
     let (mut local, mut local_replies) =
-        meshos::sys::client::Client::connect_unix(&dir.path().join("sdk.sock")).unwrap();
+        meshos::sys::client::Client::connect_unix(&dir.path().join("local.sock")).unwrap();
     let local_batch = meshos::event::EventBatch {
         events: (0..5)
             .map(|_| meshos::event::Event {

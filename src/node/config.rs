@@ -32,6 +32,46 @@ pub struct NodeConfig {
     pub log: LogConfig,
     pub fold: FoldLimits,
     pub reconcile: ReconcileConfig,
+    pub daemons: DaemonsConfig,
+    pub capability: CapabilityConfig,
+}
+
+/// The daemon executor and the SDK socket.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonsConfig {
+    pub sdk_socket: PathBuf,
+    pub sdk_connections_max: u32,
+    pub log_bytes_max: u64,
+    pub log_files_kept: u32,
+    pub report_interval_ms: u32,
+}
+
+/// This node's attributes, published as its capability set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CapabilityConfig {
+    pub zone: String,
+    pub capacity_bytes: u64,
+    pub labels: Vec<String>,
+}
+
+impl Default for DaemonsConfig {
+    fn default() -> Self {
+        DaemonsConfig {
+            sdk_socket: PathBuf::from("sdk.sock"),
+            sdk_connections_max: 256,
+            log_bytes_max: 10 << 20,
+            log_files_kept: 3,
+            report_interval_ms: 1000,
+        }
+    }
+}
+
+impl Default for CapabilityConfig {
+    fn default() -> Self {
+        CapabilityConfig { zone: String::new(), capacity_bytes: 0, labels: Vec::new() }
+    }
 }
 
 /// Sockets, queues, group commit and backpressure of the ingest path.
@@ -39,7 +79,7 @@ pub struct NodeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct IngestConfig {
     pub listen_tcp: String,
-    pub sdk_socket: PathBuf,
+    pub local_socket: PathBuf,
     pub connections_max: u32,
     pub connection_buffer_bytes: u32,
     pub queue_frames: u32,
@@ -75,6 +115,8 @@ impl Default for NodeConfig {
             log: LogConfig::default(),
             fold: FoldLimits::default(),
             reconcile: ReconcileConfig::default(),
+            daemons: DaemonsConfig::default(),
+            capability: CapabilityConfig::default(),
         }
     }
 }
@@ -83,7 +125,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             listen_tcp: "127.0.0.1:7400".to_string(),
-            sdk_socket: PathBuf::from("sdk.sock"),
+            local_socket: PathBuf::from("local.sock"),
             connections_max: 4096,
             connection_buffer_bytes: 8 << 20,
             queue_frames: 64,
@@ -214,14 +256,51 @@ impl NodeConfig {
                 ),
             );
         }
-        let socket_bytes = self.sdk_socket_path().as_os_str().len();
-        if socket_bytes >= SOCKET_PATH_BYTES_MAX {
+        for (name, path) in
+            [("ingest.local_socket", self.local_socket_path()), ("daemons.sdk_socket", self.sdk_socket_path())]
+        {
+            let socket_bytes = path.as_os_str().len();
+            if socket_bytes >= SOCKET_PATH_BYTES_MAX {
+                return field(
+                    name,
+                    format!(
+                        "`{}` is {socket_bytes} bytes long; a Unix socket path must be under {SOCKET_PATH_BYTES_MAX} \
+                         (use a shorter data_dir or an absolute path)",
+                        path.display()
+                    ),
+                );
+            }
+        }
+        if self.local_socket_path() == self.sdk_socket_path() {
+            return field("daemons.sdk_socket", "must differ from ingest.local_socket".to_string());
+        }
+        let daemons = &self.daemons;
+        let bounded = [
+            ("daemons.sdk_connections_max", daemons.sdk_connections_max as u64, 1, 65_536),
+            ("daemons.log_bytes_max", daemons.log_bytes_max, 4096, 1 << 40),
+            ("daemons.log_files_kept", daemons.log_files_kept as u64, 0, 100),
+            ("daemons.report_interval_ms", daemons.report_interval_ms as u64, 1, 3_600_000),
+        ];
+        for (name, value, low, high) in bounded {
+            if value < low || value > high {
+                return field(name, format!("{value} is outside {low}..={high}"));
+            }
+        }
+        let capability = &self.capability;
+        for (name, text) in std::iter::once(("capability.zone", &capability.zone))
+            .chain(capability.labels.iter().map(|label| ("capability.labels", label)))
+        {
+            if text.len() > self.fold.name_bytes_max as usize || (name == "capability.labels" && text.is_empty()) {
+                return field(name, format!("`{text}` must be 1..={} bytes", self.fold.name_bytes_max));
+            }
+        }
+        if capability.labels.len() > self.fold.labels_per_node_max as usize {
             return field(
-                "ingest.sdk_socket",
+                "capability.labels",
                 format!(
-                    "`{}` is {socket_bytes} bytes long; a Unix socket path must be under {SOCKET_PATH_BYTES_MAX} \
-                     (use a shorter data_dir or an absolute sdk_socket)",
-                    self.sdk_socket_path().display()
+                    "{} labels, more than fold.labels_per_node_max ({})",
+                    capability.labels.len(),
+                    self.fold.labels_per_node_max
                 ),
             );
         }
@@ -247,9 +326,27 @@ impl NodeConfig {
         self.data_dir.join("log")
     }
 
-    /// The SDK socket: `ingest.sdk_socket`, relative to `data_dir` unless absolute.
+    /// The local ingest socket (admin CLI, local tools): `ingest.local_socket`,
+    /// relative to `data_dir` unless absolute. Events sent here are this node's own.
+    pub fn local_socket_path(&self) -> PathBuf {
+        self.data_dir.join(&self.ingest.local_socket)
+    }
+
+    /// The daemons' SDK socket: `daemons.sdk_socket`, relative to `data_dir` unless absolute.
     pub fn sdk_socket_path(&self) -> PathBuf {
-        self.data_dir.join(&self.ingest.sdk_socket)
+        self.data_dir.join(&self.daemons.sdk_socket)
+    }
+
+    /// The daemon executor's settings (call after `check`).
+    pub fn daemon_exec_config(&self) -> crate::exec::daemons::DaemonExecConfig {
+        crate::exec::daemons::DaemonExecConfig {
+            node_name: self.name.clone(),
+            daemons_dir: self.data_dir.join("daemons"),
+            sdk_socket: self.sdk_socket_path(),
+            log_bytes_max: self.daemons.log_bytes_max,
+            log_files_kept: self.daemons.log_files_kept,
+            report_interval_ms: self.daemons.report_interval_ms,
+        }
     }
 
     /// The most memory ingest can hold, in bytes: per connection its read buffer, its
@@ -265,7 +362,7 @@ impl NodeConfig {
     pub fn reactor_config(&self) -> ReactorConfig {
         ReactorConfig {
             listen_tcp: Some(self.ingest.listen_tcp.parse().expect("checked by NodeConfig::check")),
-            listen_unix: Some(self.sdk_socket_path()),
+            listen_unix: Some(self.local_socket_path()),
             connections_max: self.ingest.connections_max,
             connection_buffer_bytes: self.ingest.connection_buffer_bytes,
             queue_frames: self.ingest.queue_frames,
@@ -322,13 +419,16 @@ mod tests {
             ("[ingest]\ncommit_bytes_max = 1024", "ingest.commit_bytes_max"),
             (
                 "data_dir = \"/tmp/a-very-long-directory-name-that-goes-on-and-on-and-on-and-on-and-on-and-on-and-on/and-deeper-and-deeper-still\"",
-                "ingest.sdk_socket",
+                "ingest.local_socket",
             ),
             ("[ingest]\nconnection_buffer_bytes = 100", "ingest.connection_buffer_bytes"),
             ("[log]\nfsync = \"sometimes\"", "fsync"),
             ("[log]\nframe_bytes_max = 3", "frame_bytes_max"),
             ("[reconcile]\npull_inflight_max = 0", "reconcile.pull_inflight_max"),
             ("[fold]\nsymbols_max = 0", "fold.symbols_max"),
+            ("[daemons]\nreport_interval_ms = 0", "daemons.report_interval_ms"),
+            ("[daemons]\nsdk_socket = \"local.sock\"", "daemons.sdk_socket"),
+            ("[capability]\nlabels = [\"\"]", "capability.labels"),
             ("colour = \"blue\"", "colour"),
             ("[ingest]\nqueue_frames = \"many\"", "queue_frames"),
         ];

@@ -13,8 +13,14 @@
 //! sent, backpressure this node raised is lowered, then the connections close (acks
 //! written best effort), the log is fsynced and the report returned.
 //!
-//! The dispatcher is a stand-in until the executors exist: it RECORDS what this node
-//! would run (one line per action in `DATA_DIR/dispatched.log`) and runs nothing.
+//! This node's actions go to the executors: daemon actions run real processes
+//! ([`crate::exec::daemons`]); every action is also recorded, one line each, in
+//! `DATA_DIR/dispatched.log`. Blob actions are only recorded until the blob store
+//! exists. What the executors observe (process starts and ends, SDK registrations and
+//! reports, action outcomes, the node's capability set) goes back into the log as
+//! this node's own events. At start, daemons a previous run left are stopped (pid
+//! files) before anything else; at stop, every daemon is stopped (control event,
+//! SIGTERM, SIGKILL after its grace) and its end committed before the log closes.
 //!
 //! Invariants: a record is folded only after the fsync that made it durable; the
 //! engine's position equals the log's durable position between groups; actions are
@@ -30,14 +36,16 @@ use std::time::{Duration, Instant};
 use crate::action::{describe, Action};
 use crate::engine::Engine;
 use crate::event::{EventKind, NodeHealth};
+use crate::exec::capability::CapabilityPublisher;
+use crate::exec::daemons::DaemonExecutor;
 use crate::ingest::park::Signal;
 use crate::node::config::NodeConfig;
 use crate::redex::embedded::EmbeddedLog;
 use crate::redex::{Redex, RedexError};
 use crate::sequencer::{Sequencer, SequencerStats};
-use crate::state::ids::NodeRow;
 use crate::state::State;
 use crate::sys::reactor::{Command, Reactor, ReactorError, ReactorStats};
+use crate::sys::sdk_server::{SdkHandle, SdkServerError};
 use crate::sys::signals::StopFlag;
 
 /// Longest wait for the reactor to stop reading at shutdown.
@@ -59,6 +67,8 @@ pub enum NodeError {
     Log(#[from] RedexError),
     #[error(transparent)]
     Reactor(#[from] ReactorError),
+    #[error(transparent)]
+    Sdk(#[from] SdkServerError),
 }
 
 /// What a run did, returned on a clean stop.
@@ -71,11 +81,12 @@ pub struct NodeReport {
     pub events_applied: u64,
     pub rejected: u64,
     pub dispatched_actions: u64,
+    pub daemons: crate::exec::daemons::DaemonExecStats,
     pub sequencer: SequencerStats,
     pub reactor: ReactorStats,
 }
 
-/// Records the actions addressed to this node. A stand-in for the executors.
+/// Records the actions addressed to this node, one line each.
 struct Dispatcher {
     out: BufWriter<File>,
     path: PathBuf,
@@ -92,15 +103,13 @@ impl Dispatcher {
         Ok(Dispatcher { out: BufWriter::new(file), path, dispatched: 0 })
     }
 
-    fn record(&mut self, state: &State, own: Option<NodeRow>, actions: &[Action]) {
-        let Some(own) = own else { return };
-        for action in actions.iter().filter(|action| action.node == own) {
-            self.dispatched += 1;
-            let line = describe(state, action);
-            tracing::debug!(position = action.id.position, index = action.id.index, "would run: {line}");
-            // Best effort: the record is for operators, the state already holds the action.
-            let _ = writeln!(self.out, "{}.{} would run: {line}", action.id.position, action.id.index);
-        }
+    fn record(&mut self, state: &State, action: &Action) {
+        self.dispatched += 1;
+        let line = describe(state, action);
+        let verb = if action.kind.is_daemon() { "runs" } else { "would run" };
+        tracing::debug!(position = action.id.position, index = action.id.index, "{verb}: {line}");
+        // Best effort: the record is for operators, the state already holds the action.
+        let _ = writeln!(self.out, "{}.{} {verb}: {line}", action.id.position, action.id.index);
     }
 
     fn flush(&mut self) {
@@ -112,6 +121,34 @@ impl Dispatcher {
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
     move |source| NodeError::Io { path: path.to_path_buf(), source }
+}
+
+/// Everything that acts on this node's behalf, and the events it produced that wait
+/// for the next group.
+struct Executors {
+    dispatcher: Dispatcher,
+    daemons: DaemonExecutor,
+    sdk: SdkHandle,
+    capability: CapabilityPublisher,
+    events: Vec<EventKind>,
+}
+
+impl Executors {
+    /// Serves the SDK, reaps and escalates, publishes the capability set; queues the
+    /// resulting events on the sequencer.
+    fn tick(&mut self, state: &State, name: &str, sequencer: &mut Sequencer) {
+        while let Ok(inbound) = self.sdk.inbound.try_recv() {
+            self.daemons.on_sdk(inbound, &self.sdk, &mut self.events);
+        }
+        self.daemons.poll(Instant::now(), state, &self.sdk, &mut self.events);
+        let labels = self.daemons.published_labels();
+        if let Some(event) = self.capability.next(state, name, &labels) {
+            self.events.push(event);
+        }
+        for event in self.events.drain(..) {
+            sequencer.push_own(event);
+        }
+    }
 }
 
 /// Writes `text` to `path` atomically (temporary file, fsync, rename).
@@ -201,8 +238,33 @@ fn run_until(
     let backpressure_raised =
         engine.state.nodes.find(&config.name).is_some_and(|row| engine.state.nodes.backpressure[row.index()]);
     let mut sequencer = Sequencer::new(config.sequencer_config(), own_seq_last, backpressure_raised);
-    let mut dispatcher = Dispatcher::open(config.data_dir.join(DISPATCH_FILE))?;
     let signal = Signal::new();
+    let mut daemons = DaemonExecutor::new(config.daemon_exec_config());
+    let orphans = daemons.stop_orphans(&engine.state);
+    if orphans > 0 {
+        tracing::warn!(orphans, "stopped daemons a previous run of this node left running");
+    }
+    let mut events = Vec::new();
+    daemons.adopt_nothing(&engine.state, engine.state.nodes.find(&config.name), &mut events);
+    let capacity_bytes = match config.capability.capacity_bytes {
+        0 => crate::sys::process::filesystem_bytes(&config.data_dir).unwrap_or(0),
+        bytes => bytes,
+    };
+    let mut executors = Executors {
+        dispatcher: Dispatcher::open(config.data_dir.join(DISPATCH_FILE))?,
+        daemons,
+        sdk: crate::sys::sdk_server::start(
+            &config.sdk_socket_path(),
+            config.daemons.sdk_connections_max,
+            Arc::clone(&signal),
+        )?,
+        capability: CapabilityPublisher::new(
+            config.capability.zone.clone(),
+            capacity_bytes,
+            config.capability.labels.clone(),
+        ),
+        events,
+    };
     let (reactor, new_sources) = Reactor::start(config.reactor_config(), Arc::clone(&signal))?;
     let resumer = reactor.resumer();
     let tcp_addr = reactor.local_tcp_addr().map(|addr| addr.to_string()).unwrap_or_default();
@@ -214,6 +276,7 @@ fn run_until(
     tracing::info!(
         name = config.name,
         tcp = tcp_addr,
+        local_socket = %config.local_socket_path().display(),
         sdk_socket = %config.sdk_socket_path().display(),
         "node running"
     );
@@ -230,20 +293,33 @@ fn run_until(
             sequencer.push_own(EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 }));
             next_heartbeat = now + heartbeat;
         }
-        let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut dispatcher, &config.name)?;
+        executors.tick(&engine.state, &config.name, &mut sequencer);
+        let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)?;
         resumer.send(sequencer.commands());
         if now >= next_stats {
             next_stats = now + STATS_INTERVAL;
-            dispatcher.flush();
+            executors.dispatcher.flush();
             log_stats(&sequencer, &engine, &reactor.stats());
         }
         if !worked {
-            dispatcher.flush();
+            executors.dispatcher.flush();
             let until_heartbeat = next_heartbeat.saturating_duration_since(Instant::now()).as_millis() as u64;
             signal.wait(Some(until_heartbeat.clamp(1, STOP_POLL_MS)));
         }
     }
 
+    if executors.daemons.running_count() > 0 {
+        tracing::info!(daemons = executors.daemons.running_count(), "stopping: stopping daemons");
+        executors.daemons.stop_all(&engine.state, &executors.sdk);
+        while executors.daemons.running_count() > 0 {
+            executors.tick(&engine.state, &config.name, &mut sequencer);
+            if !commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)? {
+                signal.wait(Some(10));
+            }
+            resumer.send(sequencer.commands());
+        }
+        executors.tick(&engine.state, &config.name, &mut sequencer);
+    }
     tracing::info!("stopping: no new connections, no more reads; draining the queues");
     resumer.send(&mut vec![Command::Quiesce]);
     let quiesce_started = Instant::now();
@@ -258,33 +334,34 @@ fn run_until(
         while let Ok(source) = new_sources.try_recv() {
             sequencer.add_source(source);
         }
-        let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut dispatcher, &config.name)?;
+        let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)?;
         resumer.send(sequencer.commands());
         empty_collects = if worked { 0 } else { empty_collects + 1 };
     }
     sequencer.lower_backpressure();
-    commit_group(&mut sequencer, &mut log, &mut engine, &mut dispatcher, &config.name)?;
+    commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)?;
     resumer.send(sequencer.commands());
     // Writes the acks sent above (best effort, without blocking), then closes.
     let reactor_stats = reactor.shutdown();
     while let Ok(source) = new_sources.try_recv() {
         sequencer.add_source(source);
     }
-    while commit_group(&mut sequencer, &mut log, &mut engine, &mut dispatcher, &config.name)? || !sequencer.drained() {
+    while commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)? || !sequencer.drained() {
         while let Ok(source) = new_sources.try_recv() {
             sequencer.add_source(source);
         }
     }
     sequencer.commands().clear();
     log.sync()?;
-    dispatcher.flush();
+    executors.dispatcher.flush();
     let report = NodeReport {
         replayed_records,
         position: engine.state.position,
         state_hash: engine.state.state_hash(),
         events_applied: engine.state.events_applied,
         rejected: engine.state.rejections.total,
-        dispatched_actions: dispatcher.dispatched,
+        dispatched_actions: executors.dispatcher.dispatched,
+        daemons: executors.daemons.stats.clone(),
         sequencer: sequencer.stats().clone(),
         reactor: reactor_stats,
     };
@@ -298,7 +375,7 @@ fn commit_group(
     sequencer: &mut Sequencer,
     log: &mut EmbeddedLog,
     engine: &mut Engine,
-    dispatcher: &mut Dispatcher,
+    executors: &mut Executors,
     name: &str,
 ) -> Result<bool, NodeError> {
     if sequencer.collect() == 0 {
@@ -313,10 +390,17 @@ fn commit_group(
     );
     for (stamp, payload) in sequencer.committed() {
         let (state, actions) = engine.apply(stamp.position, stamp.time_ms, payload);
-        dispatcher.record(state, state.nodes.find(name), actions);
+        let Some(own) = state.nodes.find(name) else { continue };
+        for action in actions.iter().filter(|action| action.node == own) {
+            executors.dispatcher.record(state, action);
+            executors.daemons.dispatch(state, action, &executors.sdk, &mut executors.events);
+        }
     }
     debug_assert_eq!(engine.state.position, log.durable_position());
     sequencer.release();
+    for event in executors.events.drain(..) {
+        sequencer.push_own(event);
+    }
     Ok(true)
 }
 

@@ -520,7 +520,7 @@ fn check_config(config: &ReactorConfig) -> Result<(), ReactorError> {
 /// Removes a leftover Unix socket file at `path` (a previous run that did not clean
 /// up and nobody accepts on); anything else is left alone and bind reports the
 /// conflict.
-fn remove_stale_socket(path: &std::path::Path) {
+pub(crate) fn remove_stale_socket(path: &std::path::Path) {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(metadata) = std::fs::symlink_metadata(path) {
         // A socket somebody still accepts on is live: leave it, bind fails.

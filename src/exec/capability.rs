@@ -1,0 +1,79 @@
+//! This node's capability set: what the node's config says (zone, capacity, labels)
+//! plus the labels its daemons publish through the SDK, published as a new version
+//! forked from the current one whenever it differs from what the log holds, and
+//! afresh (same attributes, new version) when the node exits maintenance.
+//!
+//! Invariants: at most one publication is in flight (pushed, not yet seen folded); a
+//! set fold refused is not sent again until it changes (no loop of refusals).
+
+use crate::event::{Capability, EventKind};
+use crate::state::nodes::MaintenanceState;
+use crate::state::State;
+
+pub struct CapabilityPublisher {
+    pub zone: String,
+    pub capacity_bytes: u64,
+    pub labels: Vec<String>,
+    /// Version pushed and the log position at the time; cleared once folded.
+    pending: Option<(u64, u64)>,
+    refused: Option<(String, u64, Vec<String>)>,
+    pub published: u64,
+}
+
+impl CapabilityPublisher {
+    pub fn new(zone: String, capacity_bytes: u64, labels: Vec<String>) -> CapabilityPublisher {
+        CapabilityPublisher { zone, capacity_bytes, labels, pending: None, refused: None, published: 0 }
+    }
+
+    /// The event to push now, if any. `daemon_labels` are sorted and without repeats.
+    pub fn next(&mut self, state: &State, node_name: &str, daemon_labels: &[String]) -> Option<EventKind> {
+        let own = state.nodes.find(node_name);
+        let current = own.map_or(0, |row| state.nodes.capability_version[row.index()]);
+        if let Some((version, position)) = self.pending {
+            if current >= version {
+                self.pending = None;
+            } else if state.position > position {
+                // Folded without effect: refused (the rejection names why).
+                tracing::warn!(version, "capability publication refused by fold; see the log's rejections");
+                self.pending = None;
+                self.refused = Some(self.desired(daemon_labels));
+                return None;
+            } else {
+                return None;
+            }
+        }
+        let desired = self.desired(daemon_labels);
+        if self.refused.as_ref() == Some(&desired) {
+            return None;
+        }
+        let stale = match own {
+            None => true,
+            Some(row) => {
+                let index = row.index();
+                let nodes = &state.nodes;
+                let labels: Vec<&str> = nodes.labels[index].iter().map(|&id| state.symbols.name(id)).collect();
+                let differs = state.symbols.name(nodes.zone[index]) != desired.0
+                    || nodes.capacity_bytes[index] != desired.1
+                    || labels != desired.2.iter().map(String::as_str).collect::<Vec<_>>();
+                let exiting = nodes.maintenance[index] == MaintenanceState::ExitingMaintenance
+                    && nodes.capability_version[index] == nodes.capability_version_at_enter[index];
+                differs || exiting
+            }
+        };
+        if !stale {
+            return None;
+        }
+        let (zone, capacity_bytes, labels) = desired;
+        let version = current + 1;
+        self.pending = Some((version, state.position));
+        self.published += 1;
+        Some(EventKind::Capability(Capability { version, fork_of: current, zone, capacity_bytes, labels }))
+    }
+
+    fn desired(&self, daemon_labels: &[String]) -> (String, u64, Vec<String>) {
+        let mut labels: Vec<String> = self.labels.iter().chain(daemon_labels).cloned().collect();
+        labels.sort();
+        labels.dedup();
+        (self.zone.clone(), self.capacity_bytes, labels)
+    }
+}

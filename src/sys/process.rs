@@ -1,0 +1,111 @@
+//! Process primitives for the daemon executor: spawn a command in its own process
+//! group with piped output, signal a whole group, read a process's start time (to
+//! tell a live orphan from a reused pid), and read random bytes for one-time tokens.
+//!
+//! Invariants: every function returns an error or `false` instead of panicking;
+//! signals go to process groups the node created (a pid of 0 or 1 is refused, so a
+//! corrupt pid file can never signal the node's own group or init).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// Spawns `command` as the leader of a new process group, stdin from /dev/null and
+/// stdout/stderr piped (the executor copies them into rotating files).
+pub fn spawn_in_group(
+    program: &str,
+    args: &[String],
+    env: &[(String, String)],
+    working_dir: &Path,
+) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .envs(env.iter().map(|(key, value)| (key.as_str(), value.as_str())))
+        .current_dir(working_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    command.spawn()
+}
+
+/// Sends `signal` to every process in the group led by `leader`; false if none is left.
+pub fn signal_group(leader: u32, signal: i32) -> bool {
+    if leader <= 1 || leader > i32::MAX as u32 {
+        return false;
+    }
+    // SAFETY: kill(2) with a negative pid signals a process group; it reads no memory.
+    unsafe { libc::kill(-(leader as i32), signal) == 0 }
+}
+
+/// The process group of `pid`, if the process exists.
+pub fn process_group(pid: u32) -> Option<u32> {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return None;
+    }
+    // SAFETY: getpgid(2) reads no memory; it fails with ESRCH for a missing process.
+    let group = unsafe { libc::getpgid(pid as i32) };
+    (group > 0).then_some(group as u32)
+}
+
+/// This process's effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) cannot fail and reads no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// The start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat),
+/// or `None` if no such process exists. With the pid it names one process for good.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: skip past it.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether a process (or zombie) with this pid exists.
+pub fn exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Fills `bytes` from /dev/urandom.
+pub fn random_bytes(bytes: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(bytes)
+}
+
+/// The size in bytes of the file system holding `path` (statvfs), if it can be read.
+pub fn filesystem_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `stats` a writable statvfs.
+    let result = unsafe { libc::statvfs(path.as_ptr(), &mut stats) };
+    (result == 0).then(|| stats.f_blocks as u64 * stats.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_ticks_names_a_live_process_and_not_a_missing_one() {
+        let own = std::process::id();
+        let ticks = start_ticks(own).expect("this process exists");
+        assert_eq!(start_ticks(own), Some(ticks), "stable for one process");
+        assert_eq!(start_ticks(u32::MAX - 1), None);
+    }
+
+    #[test]
+    fn a_group_is_signalled_and_reaped() {
+        let mut child = spawn_in_group("sleep", &["30".to_string()], &[], Path::new("/")).expect("spawns");
+        assert_eq!(process_group(child.id()), Some(child.id()), "the child leads its own group");
+        assert!(signal_group(child.id(), libc::SIGKILL));
+        let status = child.wait().expect("reaped");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(!signal_group(0, libc::SIGKILL) && !signal_group(1, libc::SIGKILL), "refused");
+    }
+}

@@ -1,0 +1,289 @@
+//! Daemon supervision with real processes: `meshos node` runs as a child process and
+//! supervises the example daemon (`examples/daemon.rs`, built by `cargo test`) and
+//! plain commands. Each test drives the node through its local socket, watches the
+//! daemon's own output files, then stops the node and reads what happened, with log
+//! times, from its log.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meshos::event::{DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventBatch, EventKind, RestartPolicy};
+use meshos::node::config::NodeConfig;
+use meshos::redex::Redex;
+
+const WAIT_LIMIT: Duration = Duration::from_secs(60);
+const NODE: &str = "node-1";
+
+/// The example daemon, built next to this test's binary by `cargo test`.
+fn example_daemon() -> PathBuf {
+    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    let path = deps.parent().unwrap().join("examples").join("daemon");
+    assert!(path.exists(), "{} missing: `cargo test` builds the examples", path.display());
+    path
+}
+
+struct Node {
+    child: Child,
+    dir: PathBuf,
+}
+
+fn start(dir: &Path) -> Node {
+    let config = dir.join("node.toml");
+    let text = format!(
+        "name = \"{NODE}\"\ndata_dir = \"{}\"\nheartbeat_ms = 50\nlog_level = \"info\"\n\n[ingest]\nlisten_tcp = \
+         \"127.0.0.1:0\"\n\n[daemons]\nreport_interval_ms = 100\n",
+        dir.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let _ = std::fs::remove_file(dir.join("node.addr"));
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["node", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let node = Node { child, dir: dir.to_path_buf() };
+    wait_for(&node, "the node to listen", || dir.join("node.addr").exists());
+    node
+}
+
+impl Node {
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Appends events as this node's own through its local socket; waits until folded.
+    fn send(&self, kinds: Vec<EventKind>) {
+        let (mut client, mut replies) =
+            meshos::sys::client::Client::connect_unix(&self.dir.join("local.sock")).unwrap();
+        let events = kinds.into_iter().map(|kind| Event { origin: NODE.to_string(), origin_seq: 0, kind }).collect();
+        let seq = client.send(&EventBatch { events }, true).unwrap();
+        replies.wait_acked(seq, WAIT_LIMIT).unwrap();
+    }
+
+    /// SIGTERM (or SIGKILL), then waits; true when it exited 0.
+    fn stop(mut self, signal: i32) -> bool {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) takes plain integers; the pid is our unreaped child.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        self.child.wait().unwrap().success()
+    }
+
+    fn daemon_output(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join("daemons").join(name).join("stdout.log")).unwrap_or_default()
+    }
+
+    fn dispatched(&self, what: &str) -> usize {
+        let text = std::fs::read_to_string(self.dir.join("dispatched.log")).unwrap_or_default();
+        text.lines().filter(|line| line.contains(what)).count()
+    }
+
+    fn pid_file(&self, name: &str) -> Option<u32> {
+        let text = std::fs::read_to_string(self.dir.join("daemons").join(name).join("pid")).ok()?;
+        text.split_whitespace().next()?.parse().ok()
+    }
+}
+
+fn wait_for(node: &Node, what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < WAIT_LIMIT, "timed out waiting for {what}; node stderr:\n{}", node.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spec(name: &str, command: &Path, args: &[&str], health_timeout_ms: u32, restart: RestartPolicy) -> EventKind {
+    EventKind::DaemonIntent {
+        spec: Box::new(DaemonSpec {
+            name: name.to_string(),
+            command: command.display().to_string(),
+            args: args.iter().map(|arg| arg.to_string()).collect(),
+            env: Vec::new(),
+            working_dir: String::new(),
+            essential: false,
+            health_timeout_ms,
+            restart,
+            stop_grace_ms: 1_000,
+        }),
+        runs_on: DaemonPlacement::AllNodes,
+    }
+}
+
+/// Every event in the (stopped) node's log, with its record's log time.
+fn history(dir: &Path) -> Vec<(u64, Event)> {
+    let config = NodeConfig::load(&dir.join("node.toml")).unwrap().to_config();
+    let (mut log, _) = meshos::redex::embedded::EmbeddedLog::open(&dir.join("log"), &config).unwrap();
+    let mut events = Vec::new();
+    log.read_from(1, &mut |record| {
+        let mut aligned = rkyv::util::AlignedVec::<16>::new();
+        aligned.extend_from_slice(record.payload);
+        let batch = rkyv::from_bytes::<EventBatch, rkyv::rancor::Error>(&aligned).unwrap();
+        events.extend(batch.events.into_iter().map(|event| (record.time_ms, event)));
+        true
+    })
+    .unwrap();
+    events
+}
+
+/// Log times of one daemon's signals that `select` picks.
+fn signal_times(history: &[(u64, Event)], name: &str, select: impl Fn(&DaemonSignal) -> bool) -> Vec<u64> {
+    history
+        .iter()
+        .filter_map(|(time_ms, event)| match &event.kind {
+            EventKind::Daemon { daemon, signal } if daemon == name && select(signal) => Some(*time_ms),
+            _ => None,
+        })
+        .collect()
+}
+
+fn replay(dir: &Path) -> meshos::state::State {
+    let config = NodeConfig::load(&dir.join("node.toml")).unwrap().to_config();
+    meshos::logtool::replay(&dir.join("log"), &config, true, &mut |_| {}).unwrap().state
+}
+
+#[test]
+fn a_crashing_daemon_restarts_with_growing_delays_then_is_gated() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path());
+    let policy = RestartPolicy {
+        backoff_base_ms: 100,
+        backoff_max_ms: 10_000,
+        reset_after_ms: 600_000,
+        crash_loop_limit: 5,
+        crash_loop_window_ms: 60_000,
+    };
+    node.send(vec![spec("crasher", &example_daemon(), &["--crash-after-ms", "30", "--interval-ms", "10"], 0, policy)]);
+    wait_for(&node, "five crashes", || node.daemon_output("crasher").matches("crashing on purpose").count() >= 5);
+    // The next delay would be 1.6 s: wait past it and see no sixth start.
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(node.dispatched("start_daemon crasher"), 5, "gated after five crashes in the window");
+    assert!(node.stop(libc::SIGTERM), "node exits 0");
+
+    let history = history(dir.path());
+    let starts = signal_times(&history, "crasher", |signal| matches!(signal, DaemonSignal::Started { .. }));
+    let crashes = signal_times(&history, "crasher", |signal| matches!(signal, DaemonSignal::Crashed { signal: 6 }));
+    assert_eq!((starts.len(), crashes.len()), (5, 5), "five runs, each ended by SIGABRT");
+    let delays: Vec<u64> = crashes.iter().zip(&starts[1..]).map(|(crash, next)| next - crash).collect();
+    for (index, delay) in delays.iter().enumerate() {
+        let backoff = 100u64 << index;
+        assert!(
+            *delay >= backoff,
+            "restart {} came {delay} ms after the crash, before its backoff {backoff}",
+            index + 1
+        );
+    }
+    assert!(delays.windows(2).all(|pair| pair[1] > pair[0]), "delays grow: {delays:?}");
+    let state = replay(dir.path());
+    let spec = state.specs.find("crasher").unwrap();
+    let row = state.daemons.find(spec, state.nodes.find(NODE).unwrap()).unwrap();
+    assert!(state.daemons.gated[row.index()], "the state shows the gate");
+}
+
+#[test]
+fn a_daemon_whose_health_reports_stop_is_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path());
+    let args = ["--healthy-for-ms", "300", "--interval-ms", "50"];
+    node.send(vec![spec("quiet", &example_daemon(), &args, 1_000, RestartPolicy::default())]);
+    wait_for(&node, "a health restart", || node.dispatched("restart_daemon quiet") >= 1);
+    wait_for(&node, "the second run to register", || node.daemon_output("quiet").matches("registered as").count() >= 2);
+    let output = node.daemon_output("quiet");
+    assert!(output.contains("no more health reports") && output.contains("control: restart"), "{output}");
+    assert!(node.stop(libc::SIGTERM));
+
+    let history = history(dir.path());
+    let healthy = signal_times(&history, "quiet", |signal| matches!(signal, DaemonSignal::Health { healthy: true }));
+    let starts = signal_times(&history, "quiet", |signal| matches!(signal, DaemonSignal::Started { .. }));
+    assert!(starts.len() >= 2, "restarted: {starts:?}");
+    let last_report_before_restart = healthy.iter().filter(|time| **time < starts[1]).max().unwrap();
+    assert!(starts[1] - last_report_before_restart > 1_000, "restarted only after the 1 s health timeout");
+}
+
+#[test]
+fn stop_sends_the_control_event_then_sigterm_then_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path());
+    let example = example_daemon();
+    node.send(vec![spec("stubborn", &example, &["--ignore-shutdown", "--interval-ms", "20"], 0, Default::default())]);
+    wait_for(&node, "registration", || node.daemon_output("stubborn").contains("registered as"));
+    let pid = node.pid_file("stubborn").unwrap();
+    let EventKind::DaemonIntent { spec: stubborn, .. } = spec("stubborn", &example, &[], 0, Default::default()) else {
+        unreachable!()
+    };
+    node.send(vec![EventKind::DaemonIntent { spec: stubborn, runs_on: DaemonPlacement::Nowhere }]);
+    wait_for(&node, "the stop to end", || node.pid_file("stubborn").is_none());
+    let output = node.daemon_output("stubborn");
+    let control = output.find("control: shutdown (ignoring it)").expect("the control event came");
+    let term = output.find("SIGTERM received: ignoring it").expect("SIGTERM came");
+    assert!(control < term, "control event first, then SIGTERM:\n{output}");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the process is gone");
+    assert!(node.stop(libc::SIGTERM));
+
+    let history = history(dir.path());
+    let killed = signal_times(&history, "stubborn", |signal| matches!(signal, DaemonSignal::Crashed { signal: 9 }));
+    assert_eq!(killed.len(), 1, "the stop ended in SIGKILL");
+    let state = replay(dir.path());
+    let row = state.daemons.find(state.specs.find("stubborn").unwrap(), state.nodes.find(NODE).unwrap()).unwrap();
+    assert!(!state.daemons.state[row.index()].is_running());
+    assert_eq!(state.daemons.backoff_ms[row.index()], 0, "a requested stop is not an unplanned end");
+}
+
+#[test]
+fn the_example_daemon_registers_reports_and_shuts_down_on_node_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path());
+    node.send(vec![spec(
+        "example",
+        &example_daemon(),
+        &["--saturation", "250", "--label", "cache"],
+        0,
+        Default::default(),
+    )]);
+    wait_for(&node, "registration", || node.daemon_output("example").contains("published capability label cache"));
+    let pid = node.pid_file("example").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(node.stop(libc::SIGTERM), "node exits 0");
+    let output = std::fs::read_to_string(dir.path().join("daemons/example/stdout.log")).unwrap();
+    assert!(output.contains("control: shutdown") && output.contains("shut down cleanly"), "{output}");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the daemon is gone with the node");
+
+    let history = history(dir.path());
+    let has = |select: &dyn Fn(&DaemonSignal) -> bool| !signal_times(&history, "example", select).is_empty();
+    assert!(has(&|signal| matches!(signal, DaemonSignal::Registered { pid: registered } if *registered == pid)));
+    assert!(has(&|signal| matches!(signal, DaemonSignal::Health { healthy: true })));
+    assert!(has(&|signal| matches!(signal, DaemonSignal::Saturation { permille: 250 })));
+    assert!(has(&|signal| matches!(signal, DaemonSignal::Stopped)), "a clean stop");
+    let state = replay(dir.path());
+    let own = state.nodes.find(NODE).unwrap().index();
+    let labels: Vec<&str> = state.nodes.labels[own].iter().map(|&label| state.symbols.name(label)).collect();
+    assert!(labels.contains(&"cache"), "the published label is in the node's capability set: {labels:?}");
+    assert!(state.nodes.capacity_bytes[own] > 0, "capacity defaults to the data directory's file system");
+}
+
+#[test]
+fn a_restarted_node_stops_the_orphans_of_its_previous_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path());
+    let sleep = PathBuf::from("/bin/sleep");
+    node.send(vec![spec("sleeper", &sleep, &["600"], 0, Default::default())]);
+    wait_for(&node, "the daemon to run", || node.pid_file("sleeper").is_some());
+    let orphan = node.pid_file("sleeper").unwrap();
+    let orphan_ticks = meshos::sys::process::start_ticks(orphan).unwrap();
+    assert!(!node.stop(libc::SIGKILL), "killed");
+    assert_eq!(meshos::sys::process::start_ticks(orphan), Some(orphan_ticks), "the daemon outlived its node");
+
+    let node = start(dir.path());
+    wait_for(&node, "a new run of the daemon", || node.pid_file("sleeper").is_some_and(|pid| pid != orphan));
+    assert_ne!(meshos::sys::process::start_ticks(orphan), Some(orphan_ticks), "the orphan was stopped");
+    assert!(node.stderr().contains("left running by a previous run"), "said so");
+    let fresh = node.pid_file("sleeper").unwrap();
+    assert!(node.stop(libc::SIGTERM));
+    assert!(meshos::sys::process::start_ticks(fresh).is_none(), "SIGTERM of the node stops its daemons");
+    let state = replay(dir.path());
+    let row = state.daemons.find(state.specs.find("sleeper").unwrap(), state.nodes.find(NODE).unwrap()).unwrap();
+    assert!(state.daemons.starts[row.index()] >= 2 && !state.daemons.state[row.index()].is_running());
+}
