@@ -38,6 +38,7 @@
 //! ```
 
 pub mod action;
+pub mod admin;
 pub mod config;
 pub mod engine;
 pub mod event;

@@ -111,14 +111,7 @@ fn drain(state: &mut State, scratch: &DrainScratch, node: usize, now_ms: u64) {
         }
     }
     let daemons_left = scratch.daemons_left[node];
-    // Time to safe: the unsafe bytes at the measured rate, the node's copies leaving
-    // through at most `pull_inflight_per_node_max` moves at a time.
-    let rate = state.gates.transfer_bytes_per_s.saturating_mul(state.reconcile.pull_inflight_per_node_max as u64);
-    let eta_ms = match (unsafe_bytes, rate) {
-        (0, _) => 0,
-        (_, 0) => u64::MAX,
-        (bytes, rate) => bytes.saturating_mul(1000) / rate,
-    };
+    let eta_ms = time_to_safe_ms(state, unsafe_bytes);
     let nodes = &mut state.nodes;
     nodes.drain_unsafe_bytes[node] = unsafe_bytes;
     nodes.drain_eta_ms[node] = eta_ms;
@@ -133,6 +126,18 @@ fn drain(state: &mut State, scratch: &DrainScratch, node: usize, now_ms: u64) {
     {
         nodes.maintenance[node] = MaintenanceState::DrainFailed;
         nodes.maintenance_since_ms[node] = now_ms;
+    }
+}
+
+/// Expected time until `unsafe_bytes` of a node's copies are safe elsewhere: the bytes
+/// at the measured transfer rate, the node's copies leaving through at most
+/// `pull_inflight_per_node_max` moves at a time (u64::MAX: no rate measured yet).
+pub(crate) fn time_to_safe_ms(state: &State, unsafe_bytes: u64) -> u64 {
+    let rate = state.gates.transfer_bytes_per_s.saturating_mul(state.reconcile.pull_inflight_per_node_max as u64);
+    match (unsafe_bytes, rate) {
+        (0, _) => 0,
+        (_, 0) => u64::MAX,
+        (bytes, rate) => bytes.saturating_mul(1000) / rate,
     }
 }
 

@@ -84,6 +84,9 @@ pub struct Generator {
     next_pid: u32,
     /// RTT peers per node (0: no RTT samples).
     rtt_peers: usize,
+    /// The operator's key (the fixed test key) and its last admin sequence number.
+    admin_key: crate::admin::OperatorKey,
+    admin_seq: u64,
 }
 
 fn capacity_bytes(node: usize, version: u64) -> u64 {
@@ -177,6 +180,8 @@ impl Generator {
             instances: Vec::new(),
             next_pid: 1000,
             rtt_peers: (nodes - 1).min(RTT_PEERS_MAX).min(limits.rtt_pairs_max as usize / nodes),
+            admin_key: crate::admin::test_key(),
+            admin_seq: 0,
             names,
             options,
         };
@@ -253,6 +258,9 @@ impl Generator {
             events.push(self.capability(node));
             events.push(self.event(node, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 })));
         }
+        // The keyring's genesis, once the admin origin has joined: the key installs itself.
+        let keys = vec![self.admin_key.public_key()];
+        events.push(self.signed_admin(AdminCommand::SetKeyring { version: 1, keys }));
         for name in DAEMONS {
             let runs_on = if name == "indexer" {
                 DaemonPlacement::AllNodes
@@ -461,8 +469,14 @@ impl Generator {
             4 => AdminCommand::ClearAvoid { node: None },
             _ => AdminCommand::InvalidatePlacement { blob: None },
         };
-        let event = EventKind::Admin { operator: "operator".to_string(), command };
-        self.event(ADMIN_ORIGIN, event)
+        self.signed_admin(command)
+    }
+
+    /// An admin event from the admin origin, signed with the generator's operator key.
+    fn signed_admin(&mut self, command: AdminCommand) -> Event {
+        self.admin_seq += 1;
+        let signed = self.admin_key.sign("operator", self.admin_seq, command);
+        self.event(ADMIN_ORIGIN, EventKind::Admin(Box::new(signed)))
     }
 
     /// Events produced so far.

@@ -1,8 +1,9 @@
 //! Shared test helpers: build events tersely, fold records in memory.
 #![allow(dead_code)]
 
+use meshos::admin::OperatorKey;
 use meshos::config::Config;
-use meshos::event::{Capability, Event, EventBatch, EventKind, NodeHealth};
+use meshos::event::{AdminCommand, Capability, Event, EventBatch, EventKind, NodeHealth};
 use meshos::fold::fold_payload;
 use meshos::sim::gen::{GenOptions, Generator};
 use meshos::state::State;
@@ -11,6 +12,27 @@ use meshos::wire;
 /// An event from `origin` with origin sequence `seq`.
 pub fn event(origin: &str, seq: u64, kind: EventKind) -> Event {
     Event { origin: origin.to_string(), origin_seq: seq, kind }
+}
+
+/// The operator key tests sign with (the simulator's fixed test key).
+pub fn operator_key() -> OperatorKey {
+    meshos::admin::test_key()
+}
+
+/// An admin event from `origin` (origin sequence `seq`), signed by `key` with admin
+/// sequence `admin_seq`.
+pub fn signed_with(key: &OperatorKey, origin: &str, seq: u64, admin_seq: u64, command: AdminCommand) -> Event {
+    event(origin, seq, EventKind::Admin(Box::new(key.sign("ops", admin_seq, command))))
+}
+
+/// An admin event signed by the test operator key, its admin sequence the origin's.
+pub fn admin(origin: &str, seq: u64, command: AdminCommand) -> Event {
+    signed_with(&operator_key(), origin, seq, seq, command)
+}
+
+/// The keyring's genesis: the test operator key installs itself.
+pub fn genesis(origin: &str, seq: u64) -> Event {
+    admin(origin, seq, AdminCommand::SetKeyring { version: 1, keys: vec![operator_key().public_key()] })
 }
 
 pub fn heartbeat(origin: &str, seq: u64) -> Event {
