@@ -6,8 +6,9 @@
 //! then the cluster lives: heartbeats, replica churn (corruption, deletion, repair),
 //! RTT samples from a synthetic latency map, daemon health, saturation and crashes,
 //! inventory digests, nodes going down and coming back, capability forks, and admin
-//! commands. Records carry up to `record_events` events; log time advances by a
-//! pseudo-random 50..150 ms per record from a fixed epoch.
+//! commands (after a genesis keyring, each signed with `admin::test_key`). Records
+//! carry up to `record_events` events; log time advances by a pseudo-random
+//! 50..150 ms per record from a fixed epoch.
 //!
 //! Invariants: the event sequence is a pure function of `GenOptions` (same options,
 //! same bytes); origin sequence numbers strictly increase per node; exactly
@@ -55,8 +56,9 @@ const ADMIN_ORIGIN: usize = 0;
 /// Each node samples RTT to at most this many fixed peers (its next nodes by index),
 /// as a node probes a bounded set of peers rather than all of them.
 const RTT_PEERS_MAX: usize = 32;
-/// A generous upper bound of one generated event's archived size, in bytes.
-pub const EVENT_BYTES_BOUND: u64 = 160;
+/// A generous upper bound of one generated event's archived size, in bytes (the
+/// largest is a signed admin event: 64 bytes of event, 160 of `SignedAdmin`, its names).
+pub const EVENT_BYTES_BOUND: u64 = 256;
 
 /// The generator: call `next_batch` until it returns `None`.
 pub struct Generator {
