@@ -88,9 +88,13 @@ fn bench_disturbed(c: &mut Criterion) {
 fn bench_drain(c: &mut Criterion) {
     let base = cluster(100_000);
     let entered = disturbed(&base, |_, push| {
+        // The keyring's genesis, then the 333 signed commands.
+        let key = meshos::admin::test_key();
+        let genesis = AdminCommand::SetKeyring { version: 1, keys: vec![key.public_key()] };
+        push(0, EventKind::Admin(Box::new(key.sign("ops", 1, genesis))));
         for node in 0..333u32 {
             let command = AdminCommand::EnterMaintenance { node: node_name(node * 3 + node % 3) };
-            push(0, EventKind::Admin { operator: "ops".into(), command });
+            push(0, EventKind::Admin(Box::new(key.sign("ops", 2 + node as u64, command))));
         }
     });
     let mut group = c.benchmark_group("reconcile/drain_third");

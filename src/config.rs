@@ -57,12 +57,19 @@ pub const REJECTIONS_KEPT_MAX_DEFAULT: u32 = 1024;
 pub const RECORD_EVENTS_MAX_DEFAULT: u32 = 512;
 pub const RTT_EWMA_SHIFT_DEFAULT: u8 = 3;
 pub const NAME_BYTES_MAX_DEFAULT: u32 = 253;
+pub const KEYRING_KEYS_MAX_DEFAULT: u32 = 16;
+pub const ADMIN_KEYS_SEEN_MAX_DEFAULT: u32 = 256;
+/// Upper bound of `admin_keys_seen_max` (the seen keys are scanned linearly).
+pub const ADMIN_KEYS_SEEN_MAX_LIMIT: u32 = 4096;
 /// Row ids are `u32`; the largest value is reserved as "none".
 pub const ROWS_MAX_LIMIT: u32 = u32::MAX - 1;
 
 // A default segment holds at least one frame of the default largest size, plus its header.
 const _: () = assert!(SEGMENT_BYTES_MAX_DEFAULT >= FRAME_BYTES_MAX_DEFAULT as u64 + wire::SEGMENT_HEADER_BYTES as u64);
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT <= FRAME_BYTES_MAX_LIMIT);
+// Every key of a keyring is remembered among the seen keys, so one keyring fits.
+const _: () = assert!(KEYRING_KEYS_MAX_DEFAULT >= 1 && KEYRING_KEYS_MAX_DEFAULT <= ADMIN_KEYS_SEEN_MAX_DEFAULT);
+const _: () = assert!(ADMIN_KEYS_SEEN_MAX_DEFAULT <= ADMIN_KEYS_SEEN_MAX_LIMIT);
 const _: () = assert!(FRAME_BYTES_MAX_LIMIT as u64 <= u32::MAX as u64);
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT as usize >= wire::HEADER_BYTES + wire::ALIGN_BYTES);
 
@@ -133,6 +140,10 @@ pub struct ReconcileConfig {
     /// A node back from maintenance stays in Recovery this long (its ramp-up window)
     /// before new copies are placed on it again.
     pub recovery_ms: u64,
+    /// A node exiting maintenance takes copies again only once its round trips are
+    /// measured again: fresh RTT samples on this many pairs that involve it (fewer
+    /// when fewer peers are live; 0 waives the rule).
+    pub rtt_stable_pairs: u32,
 }
 
 impl Default for ReconcileConfig {
@@ -159,6 +170,7 @@ impl Default for ReconcileConfig {
             actions_per_pass_max: 4_096,
             drain_deadline_ms: 3_600_000,
             recovery_ms: 60_000,
+            rtt_stable_pairs: 3,
         }
     }
 }
@@ -238,6 +250,12 @@ pub struct FoldLimits {
     pub name_bytes_max: u32,
     /// RTT moving average weight: each sample moves the average by 1/2^shift.
     pub rtt_ewma_shift: u8,
+    /// Most operator keys one keyring version may hold.
+    pub keyring_keys_max: u32,
+    /// Most distinct operator keys remembered over the cluster's life (rotated-out
+    /// keys keep their last admin sequence number, so they cannot replay); a key
+    /// rotation that would pass it is rejected.
+    pub admin_keys_seen_max: u32,
 }
 
 impl Default for FoldLimits {
@@ -255,6 +273,8 @@ impl Default for FoldLimits {
             daemon_spec_bytes_max: 64 << 10,
             name_bytes_max: NAME_BYTES_MAX_DEFAULT,
             rtt_ewma_shift: RTT_EWMA_SHIFT_DEFAULT,
+            keyring_keys_max: KEYRING_KEYS_MAX_DEFAULT,
+            admin_keys_seen_max: ADMIN_KEYS_SEEN_MAX_DEFAULT,
         }
     }
 }
@@ -331,6 +351,17 @@ impl Config {
         }
         if fold.rtt_ewma_shift > 8 {
             return invalid("fold.rtt_ewma_shift", format!("{} is above 8", fold.rtt_ewma_shift));
+        }
+        if fold.admin_keys_seen_max == 0 || fold.admin_keys_seen_max > ADMIN_KEYS_SEEN_MAX_LIMIT {
+            let reason = format!("{} is outside 1..={ADMIN_KEYS_SEEN_MAX_LIMIT}", fold.admin_keys_seen_max);
+            return invalid("fold.admin_keys_seen_max", reason);
+        }
+        if fold.keyring_keys_max == 0 || fold.keyring_keys_max > fold.admin_keys_seen_max {
+            let reason = format!(
+                "{} is outside 1..=admin_keys_seen_max ({}): every keyring key is remembered",
+                fold.keyring_keys_max, fold.admin_keys_seen_max
+            );
+            return invalid("fold.keyring_keys_max", reason);
         }
         self.reconcile.validate()
     }

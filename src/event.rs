@@ -45,8 +45,9 @@ pub enum EventKind {
     Rtt { peer: String, rtt_us: u32 },
     /// Node health: the origin's own heartbeat, or its view of a node's status.
     NodeHealth(NodeHealth),
-    /// Operator intent, applied through the log.
-    Admin { operator: String, command: AdminCommand },
+    /// Operator intent, applied through the log, signed with the operator's ed25519
+    /// key (see `admin`). Boxed: rare, and larger than every hot event.
+    Admin(Box<SignedAdmin>),
     /// A blob exists (announced by the node that first stored it).
     BlobAnnounce { blob: BlobHash, size_bytes: u64 },
     /// Desired placement of a blob (from Dataforts or the built-in planner).
@@ -121,6 +122,25 @@ pub enum NodeStatus {
     Left = 4,
 }
 
+/// An operator's command, signed. Fold applies it only when `signature` is a valid
+/// ed25519 signature by `key` over `admin::signed_bytes(operator, admin_seq, command)`,
+/// `key` is in the cluster keyring (or the command is the keyring's genesis, signed
+/// by a key it installs) and `admin_seq` is above the last one applied from `key`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct SignedAdmin {
+    /// Who issued the command (for the record; the key is what is trusted).
+    pub operator: String,
+    /// The signer's ed25519 public key.
+    pub key: [u8; 32],
+    /// Strictly increasing per signing key (the CLI uses wall-clock microseconds at
+    /// signing): a replayed or reordered admin event is rejected.
+    pub admin_seq: u64,
+    pub command: AdminCommand,
+    /// ed25519 signature over the canonical signed bytes.
+    pub signature: [u8; 64],
+}
+
 /// An operator command and the node (or blob) it applies to.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
@@ -148,8 +168,10 @@ pub enum AdminCommand {
     ClearAvoid {
         node: Option<String>,
     },
-    /// Drop the replicas `node` holds (of one blob, or all when `None`);
-    /// reconcile never drops the last healthy copy.
+    /// Drop the replicas `node` holds (of one blob, or all when `None`). Fold refuses
+    /// the one-blob form when that copy is the blob's only healthy one
+    /// (`would_drop_last_copy`); for the node-wide form reconcile keeps every last
+    /// healthy copy (it never drops one).
     DropReplicas {
         node: String,
         blob: Option<BlobHash>,
@@ -157,6 +179,12 @@ pub enum AdminCommand {
     /// Recompute placement for one blob, or for all when `None`.
     InvalidatePlacement {
         blob: Option<BlobHash>,
+    },
+    /// Key rotation: the cluster keyring becomes `keys` (in this order) at `version`,
+    /// which must be the current version plus one. Version 1 is the genesis.
+    SetKeyring {
+        version: u64,
+        keys: Vec<[u8; 32]>,
     },
 }
 
@@ -260,7 +288,14 @@ pub struct ActionId {
 #[rkyv(derive(Debug))]
 pub enum Outcome {
     Success,
-    Failure { reason: String },
+    Failure {
+        reason: String,
+    },
+    /// The executor gave the action up for a reason that is not the action's fault
+    /// (its node restarted or is shutting down): capacity frees, nothing backs off.
+    Cancelled {
+        reason: String,
+    },
 }
 
 impl ArchivedActionId {
@@ -281,7 +316,7 @@ impl EventKind {
             EventKind::Daemon { .. } => 1,
             EventKind::Rtt { .. } => 2,
             EventKind::NodeHealth(_) => 3,
-            EventKind::Admin { .. } => 4,
+            EventKind::Admin(_) => 4,
             EventKind::BlobAnnounce { .. } => 5,
             EventKind::PlacementIntent(_) => 6,
             EventKind::DaemonIntent { .. } => 7,
@@ -301,7 +336,7 @@ impl ArchivedEventKind {
             ArchivedEventKind::Daemon { .. } => 1,
             ArchivedEventKind::Rtt { .. } => 2,
             ArchivedEventKind::NodeHealth(_) => 3,
-            ArchivedEventKind::Admin { .. } => 4,
+            ArchivedEventKind::Admin(_) => 4,
             ArchivedEventKind::BlobAnnounce { .. } => 5,
             ArchivedEventKind::PlacementIntent(_) => 6,
             ArchivedEventKind::DaemonIntent { .. } => 7,

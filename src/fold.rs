@@ -5,19 +5,21 @@
 //! event is either applied whole or rejected whole into `state.rejections` with a
 //! reason naming what is wrong; nothing in an event can panic fold; an origin's
 //! sequence numbers must strictly increase (a replayed duplicate is rejected);
-//! only a heartbeat or a capability update from a node introduces that node;
+//! only a heartbeat or a capability update from a node introduces that node; an
+//! admin event applies only signed by a key of the cluster keyring (see `admin`);
 //! every growing table checks its row limit first. Hot path (replica updates): three
 //! hash lookups and no allocation.
 
 use rkyv::rancor;
 
 use crate::event::{
-    ArchivedAdminCommand, ArchivedCapability, ArchivedDaemonPlacement, ArchivedDaemonSignal, ArchivedEvent,
-    ArchivedEventBatch, ArchivedEventKind, ArchivedNodeHealth, ArchivedNodeStatus, ArchivedOutcome,
-    ArchivedPlacementIntent, ArchivedReplicaState, BlobHash, DaemonSpec, NodeStatus, ReplicaState,
+    AdminCommand, ArchivedCapability, ArchivedDaemonPlacement, ArchivedDaemonSignal, ArchivedEvent, ArchivedEventBatch,
+    ArchivedEventKind, ArchivedNodeHealth, ArchivedNodeStatus, ArchivedOutcome, ArchivedPlacementIntent,
+    ArchivedReplicaState, ArchivedSignedAdmin, BlobHash, DaemonSpec, NodeStatus, ReplicaState, SignedAdmin,
 };
 use crate::state::daemons::{DaemonState, SpecPlacement};
 use crate::state::ids::{NodeRow, SymbolId};
+use crate::state::keyring::{key_prefix_hex, PublicKey};
 use crate::state::nodes::MaintenanceState;
 use crate::state::rejections::{RejectReason, Rejection};
 use crate::state::State;
@@ -126,23 +128,14 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
         ArchivedEventKind::Daemon { daemon, signal } => daemon_signal(state, origin, daemon.as_str(), signal),
         ArchivedEventKind::Rtt { peer, rtt_us } => rtt_sample(state, origin, peer.as_str(), rtt_us.to_native()),
         ArchivedEventKind::NodeHealth(health) => node_health(state, origin, health),
-        ArchivedEventKind::Admin { operator, command } => admin(state, operator.as_str(), command),
+        ArchivedEventKind::Admin(signed) => admin(state, signed),
         ArchivedEventKind::BlobAnnounce { blob, size_bytes } => {
             blob_announce(state, origin, blob, size_bytes.to_native())
         }
         ArchivedEventKind::PlacementIntent(intent) => placement_intent(state, intent),
         ArchivedEventKind::DaemonIntent { spec, runs_on } => daemon_intent(state, spec, runs_on),
         ArchivedEventKind::Capability(capability) => apply_capability(state, origin, capability),
-        ArchivedEventKind::ActionOutcome { action, outcome } => {
-            let id = action.to_native();
-            let success = matches!(outcome, ArchivedOutcome::Success);
-            let settled = state.inflight.settle(id, success).ok_or(RejectReason::UnknownAction(id))?;
-            if success && settled.action.kind.is_move() {
-                measure_transfer(state, &settled);
-            }
-            settle_effects(state, &settled.action, success);
-            Ok(())
-        }
+        ArchivedEventKind::ActionOutcome { action, outcome } => action_outcome(state, action.to_native(), outcome),
         ArchivedEventKind::InventoryDigest { blob_count, digest } => {
             inventory_digest(state, origin, blob_count.to_native(), *digest);
             Ok(())
@@ -153,6 +146,23 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
         }
     }?;
     state.nodes.origin_seq_last[origin.index()] = origin_seq;
+    Ok(())
+}
+
+/// An executor reports how an action ended: it leaves the in-flight table and its
+/// effects apply (a cancellation frees capacity and backs nothing off).
+fn action_outcome(state: &mut State, id: crate::event::ActionId, outcome: &ArchivedOutcome) -> Applied {
+    if let ArchivedOutcome::Cancelled { .. } = outcome {
+        let cancelled = state.inflight.cancel(id).ok_or(RejectReason::UnknownAction(id))?;
+        cancel_effects(state, &cancelled.action);
+        return Ok(());
+    }
+    let success = matches!(outcome, ArchivedOutcome::Success);
+    let settled = state.inflight.settle(id, success).ok_or(RejectReason::UnknownAction(id))?;
+    if success && settled.action.kind.is_move() {
+        measure_transfer(state, &settled);
+    }
+    settle_effects(state, &settled.action, success);
     Ok(())
 }
 
@@ -533,17 +543,70 @@ fn node_or_all(state: &State, node: Option<&str>) -> Result<std::ops::Range<usiz
     }
 }
 
-fn admin(state: &mut State, operator: &str, command: &ArchivedAdminCommand) -> Applied {
-    check_name(operator, state)?;
-    apply_admin(state, command)?;
-    // Node roles changed: daemons (drain, restart) and eligibility are looked at again.
-    state.daemons_dirty = true;
+/// A signed admin event, checked in this order (the first failure is the reason):
+/// operator name; signature (`verify_strict`); before the keyring's genesis only a
+/// `SetKeyring` version 1 signed by one of its own keys; otherwise a key of the
+/// current keyring; `admin_seq` above the last applied from that key (so re-applying
+/// the same event, or replaying an old one, changes nothing but the rejection count);
+/// then the command itself (a rotation: version + 1 and a valid key list). Only when
+/// everything passes does the command apply and the key's `admin_seq` advance.
+fn admin(state: &mut State, signed: &ArchivedSignedAdmin) -> Applied {
+    check_name(signed.operator.as_str(), state)?;
+    // Admin events are rare control-plane input: a native copy costs nothing that matters.
+    let signed: SignedAdmin = rkyv::deserialize::<SignedAdmin, rancor::Error>(signed)
+        .map_err(|_| RejectReason::InvalidIntent("admin event does not deserialize"))?;
+    if !crate::admin::verify(&signed) {
+        return Err(RejectReason::BadAdminSignature(key_prefix_hex(&signed.key).into()));
+    }
+    if state.keyring.version == 0 {
+        let genesis =
+            matches!(&signed.command, AdminCommand::SetKeyring { version: 1, keys } if keys.contains(&signed.key));
+        if !genesis {
+            return Err(RejectReason::AdminWithoutKeyring);
+        }
+    } else if !state.keyring.contains(&signed.key) {
+        return Err(RejectReason::UnknownAdminKey(key_prefix_hex(&signed.key).into()));
+    }
+    let last = state.keyring.last_admin_seq(&signed.key);
+    if signed.admin_seq <= last {
+        return Err(RejectReason::AdminReplayed { last, got: signed.admin_seq });
+    }
+    apply_admin(state, &signed.command)?;
+    state.keyring.record(&signed.key, signed.admin_seq);
     Ok(())
 }
 
-fn apply_admin(state: &mut State, command: &ArchivedAdminCommand) -> Applied {
+/// A key rotation (or the genesis): checks the version and the key list, then installs it.
+fn set_keyring(state: &mut State, version: u64, keys: &[PublicKey]) -> Applied {
+    let current = state.keyring.version;
+    if version != current.wrapping_add(1) {
+        return Err(RejectReason::StaleKeyringVersion { current, got: version });
+    }
+    if keys.is_empty() {
+        return Err(RejectReason::InvalidKeyring("no keys"));
+    }
+    if keys.len() > state.limits.keyring_keys_max as usize {
+        return Err(RejectReason::InvalidKeyring("more keys than keyring_keys_max"));
+    }
+    if keys.iter().enumerate().any(|(index, key)| keys[..index].contains(key)) {
+        return Err(RejectReason::InvalidKeyring("a key appears twice"));
+    }
+    if !keys.iter().all(crate::admin::is_public_key) {
+        return Err(RejectReason::InvalidKeyring("a key is not an ed25519 public key"));
+    }
+    let seen_after = state.keyring.seen.len() + state.keyring.unseen_count(keys);
+    if seen_after > state.limits.admin_keys_seen_max as usize {
+        return Err(RejectReason::TableFull("admin key"));
+    }
+    state.keyring.install(version, keys);
+    Ok(())
+}
+
+fn apply_admin(state: &mut State, command: &AdminCommand) -> Applied {
     match command {
-        ArchivedAdminCommand::EnterMaintenance { node } => {
+        // The keyring is not a node role: nothing for reconcile to look at again.
+        AdminCommand::SetKeyring { version, keys } => return set_keyring(state, *version, keys),
+        AdminCommand::EnterMaintenance { node } => {
             let index = find_node(state, node.as_str())?.index();
             let now_ms = state.now_ms;
             let nodes = &mut state.nodes;
@@ -566,7 +629,7 @@ fn apply_admin(state: &mut State, command: &ArchivedAdminCommand) -> Applied {
                 }
             }
         }
-        ArchivedAdminCommand::ExitMaintenance { node } => {
+        AdminCommand::ExitMaintenance { node } => {
             let index = find_node(state, node.as_str())?.index();
             let now_ms = state.now_ms;
             match state.nodes.maintenance[index] {
@@ -581,21 +644,21 @@ fn apply_admin(state: &mut State, command: &ArchivedAdminCommand) -> Applied {
                 MaintenanceState::ExitingMaintenance | MaintenanceState::Recovery => {}
             }
         }
-        ArchivedAdminCommand::Drain { node } => {
+        AdminCommand::Drain { node } => {
             let index = find_node(state, node.as_str())?.index();
             state.nodes.cordoned[index] = true;
             state.nodes.draining[index] = true;
         }
-        ArchivedAdminCommand::Cordon { node } => {
+        AdminCommand::Cordon { node } => {
             let index = find_node(state, node.as_str())?.index();
             state.nodes.cordoned[index] = true;
         }
-        ArchivedAdminCommand::Uncordon { node } => {
+        AdminCommand::Uncordon { node } => {
             let index = find_node(state, node.as_str())?.index();
             state.nodes.cordoned[index] = false;
             state.nodes.draining[index] = false;
         }
-        ArchivedAdminCommand::RestartAllDaemons { node } => {
+        AdminCommand::RestartAllDaemons { node } => {
             let rows = node_or_all(state, node.as_ref().map(|name| name.as_str()))?;
             for generation in &mut state.nodes.restart_generation[rows.clone()] {
                 *generation = generation.wrapping_add(1);
@@ -609,16 +672,22 @@ fn apply_admin(state: &mut State, command: &ArchivedAdminCommand) -> Applied {
             }
             state.daemons_dirty = true;
         }
-        ArchivedAdminCommand::ClearAvoid { node } => {
+        AdminCommand::ClearAvoid { node } => {
             let rows = node_or_all(state, node.as_ref().map(|name| name.as_str()))?;
             state.nodes.avoid[rows].fill(false);
         }
-        ArchivedAdminCommand::DropReplicas { node, blob } => {
+        AdminCommand::DropReplicas { node, blob } => {
             let target = find_node(state, node.as_str())?;
             match blob.as_ref() {
                 Some(hash) => {
                     let blob = find_blob(state, hash)?;
                     let row = state.replicas.find(blob, target).ok_or(RejectReason::UnknownReplica { blob: *hash })?;
+                    // Refused where it would remove the last healthy copy; the node-wide
+                    // form only marks, and reconcile never drops a last healthy copy.
+                    let healthy = state.replicas.state[row.index()] == ReplicaState::Healthy;
+                    if healthy && state.blobs.healthy_count[blob.index()] <= 1 {
+                        return Err(RejectReason::WouldDropLastCopy { blob: *hash });
+                    }
                     state.replicas.drop_requested[row.index()] = true;
                     state.blobs.plan_valid[blob.index()] = false;
                     state.mark_blob_dirty(blob);
@@ -632,7 +701,7 @@ fn apply_admin(state: &mut State, command: &ArchivedAdminCommand) -> Applied {
                 }
             }
         }
-        ArchivedAdminCommand::InvalidatePlacement { blob } => match blob.as_ref() {
+        AdminCommand::InvalidatePlacement { blob } => match blob.as_ref() {
             Some(hash) => {
                 let blob = find_blob(state, hash)?;
                 let epoch = &mut state.blobs.placement_epoch[blob.index()];
@@ -649,6 +718,8 @@ fn apply_admin(state: &mut State, command: &ArchivedAdminCommand) -> Applied {
             }
         },
     }
+    // Node roles changed: daemons (drain, restart) and eligibility are looked at again.
+    state.daemons_dirty = true;
     Ok(())
 }
 

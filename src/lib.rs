@@ -40,6 +40,8 @@
 #[cfg(feature = "engine")]
 pub mod action;
 #[cfg(feature = "engine")]
+pub mod admin;
+#[cfg(feature = "engine")]
 pub mod config;
 #[cfg(feature = "engine")]
 pub mod engine;

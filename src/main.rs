@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshos::admin;
 use meshos::config::{Config, FsyncPolicy};
+use meshos::event::{AdminCommand, SignedAdmin};
 use meshos::logtool::{self, Progress};
 use meshos::sim;
 use meshos::sim::cluster::SimOptions;
@@ -60,6 +62,42 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
     /// Print or check a node config file (TOML).
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Operator commands, signed with your ed25519 key and sent through the log.
+    ///
+    /// Every admin command is an event in the log, signed with an operator's key:
+    /// nodes apply only events signed by a key in the cluster keyring, and the keyring
+    /// itself changes only by a signed `set-keyring` (key rotation). Anything else is
+    /// rejected, with its reason, in the state (`meshos log replay --show-rejections`).
+    ///
+    /// Keys: `meshos admin keygen --out FILE` writes a new key file (the secret seed
+    /// as 64 hex characters, mode 0600; a file others can read is refused) and prints
+    /// its public key.
+    ///
+    /// Genesis: a new cluster has no keyring. Its first admin event must be
+    /// `set-keyring --version 1` listing your public key and signed by that key (trust
+    /// on first use, like `kubeadm init` or SSH); every later admin event must be
+    /// signed by a key of the current keyring, and each `set-keyring` must carry the
+    /// current version plus one.
+    ///
+    /// Every command reads the node's config (--config) for its name, log and socket.
+    /// Without --dry-run it sends the signed event to that node over its local Unix
+    /// socket, waits until it is durable, then reads the log back to say whether it
+    /// was applied or rejected. With --dry-run nothing is sent or written: the log is
+    /// read (without the node's lock) and replayed, the event is applied to a copy of
+    /// the state, and what would happen is printed: applied or the rejection reason,
+    /// the actions of the reconcile pass, and for enter-maintenance, drain and
+    /// drop-replicas the copies that must move first, the blobs left at their intent,
+    /// the expected time to safe and the daemons that stop.
+    #[command(
+        subcommand,
+        after_help = "Example (a new cluster):
+  meshos admin keygen --out ~/.meshos/ops.key
+  meshos admin set-keyring --version 1 --public-key <HEX printed by keygen> \\
+      --key ~/.meshos/ops.key --config node.toml
+  meshos admin enter-maintenance node-7 --key ~/.meshos/ops.key --config node.toml --dry-run
+  meshos admin enter-maintenance node-7 --key ~/.meshos/ops.key --config node.toml"
+    )]
+    Admin(AdminCommandLine),
     /// Simulate a cluster under faults and check reconcile's invariants after every pass.
     ///
     /// The simulator is every node's executor: it keeps the ground truth (which node
@@ -119,6 +157,131 @@ impl LimitArgs {
     fn config(&self) -> Config {
         Config { frame_bytes_max: self.frame_bytes_max, segment_bytes_max: self.segment_bytes_max, ..Config::default() }
     }
+}
+
+#[derive(Subcommand)]
+enum AdminCommandLine {
+    /// Write a new operator key file (mode 0600; refuses to overwrite) and print its public key.
+    Keygen {
+        /// The key file to create.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print the public key of a key file (to put it in a keyring).
+    PublicKey {
+        /// The key file.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Drain NODE (its copies move elsewhere, non-essential daemons stop), then hold it
+    /// in maintenance.
+    EnterMaintenance {
+        node: String,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+    /// Bring NODE back from maintenance (it needs a fresh capability and its daemons up).
+    ExitMaintenance {
+        node: String,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+    /// Cordon NODE and move every copy off it (daemons keep running).
+    Drain {
+        node: String,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+    /// No new copies on NODE; existing ones stay.
+    Cordon {
+        node: String,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+    /// Undo cordon and drain on NODE.
+    Uncordon {
+        node: String,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+    /// Restart every daemon on NODE, or everywhere with --all (opens crash-loop gates).
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["node", "all"])))]
+    RestartDaemons {
+        node: Option<String>,
+        /// Every node.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+    /// Clear the avoid mark of NODE, or of every node with --all.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["node", "all"])))]
+    ClearAvoid {
+        node: Option<String>,
+        /// Every node.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+    /// Drop the copies NODE holds (of one blob with --blob). Refused for a blob's last
+    /// healthy copy; for every copy of a node, reconcile keeps last copies.
+    DropReplicas {
+        node: String,
+        /// Only this blob (64 hex characters).
+        #[arg(long, value_name = "HEX")]
+        blob: Option<String>,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+    /// Recompute placement of one blob (--blob) or of every blob.
+    InvalidatePlacement {
+        /// Only this blob (64 hex characters).
+        #[arg(long, value_name = "HEX")]
+        blob: Option<String>,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+    /// Replace the cluster keyring (key rotation): version = current + 1, 1 for the genesis.
+    ///
+    /// List every key the new keyring holds (the keys you keep too). The genesis must
+    /// list the key that signs it. A key removed and added back later cannot replay
+    /// the events it signed before.
+    SetKeyring {
+        /// The new keyring version: the current one plus one (1 on a new cluster).
+        #[arg(long)]
+        version: u64,
+        /// A public key of the new keyring (64 hex characters); repeat for each.
+        #[arg(long = "public-key", value_name = "HEX", required = true)]
+        public_keys: Vec<String>,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// Your operator key file (see `meshos admin keygen`).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// The config of the node to talk to (its name, log and socket).
+    #[arg(long, value_name = "NODE.toml")]
+    config: PathBuf,
+    /// Who you are, recorded in the event (default: $USER).
+    #[arg(long)]
+    operator: Option<String>,
+    /// Print what would happen and append nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Copies to move listed in text output (all are counted; JSON lists all).
+    #[arg(long, default_value_t = 20)]
+    show: usize,
+    /// How long to wait for the node's acknowledgement, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -311,6 +474,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Admin(line) => run_admin(line),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", meshos::node::config::EXAMPLE_TOML);
             Ok(ExitCode::SUCCESS)
@@ -509,6 +673,251 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(if intact { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
+}
+
+/// Turns the command line into a command to sign and its common arguments.
+fn admin_command(line: AdminCommandLine) -> anyhow::Result<(AdminCommand, AdminArgs)> {
+    let blob = |text: Option<String>| text.map(|text| admin::parse_blob(&text)).transpose();
+    let all_or = |node: Option<String>, all: bool| if all { None } else { node };
+    Ok(match line {
+        AdminCommandLine::Keygen { .. } | AdminCommandLine::PublicKey { .. } => {
+            anyhow::bail!("keygen and public-key sign nothing")
+        }
+        AdminCommandLine::EnterMaintenance { node, common } => (AdminCommand::EnterMaintenance { node }, common),
+        AdminCommandLine::ExitMaintenance { node, common } => (AdminCommand::ExitMaintenance { node }, common),
+        AdminCommandLine::Drain { node, common } => (AdminCommand::Drain { node }, common),
+        AdminCommandLine::Cordon { node, common } => (AdminCommand::Cordon { node }, common),
+        AdminCommandLine::Uncordon { node, common } => (AdminCommand::Uncordon { node }, common),
+        AdminCommandLine::RestartDaemons { node, all, common } => {
+            (AdminCommand::RestartAllDaemons { node: all_or(node, all) }, common)
+        }
+        AdminCommandLine::ClearAvoid { node, all, common } => {
+            (AdminCommand::ClearAvoid { node: all_or(node, all) }, common)
+        }
+        AdminCommandLine::DropReplicas { node, blob: text, common } => {
+            (AdminCommand::DropReplicas { node, blob: blob(text)? }, common)
+        }
+        AdminCommandLine::InvalidatePlacement { blob: text, common } => {
+            (AdminCommand::InvalidatePlacement { blob: blob(text)? }, common)
+        }
+        AdminCommandLine::SetKeyring { version, public_keys, common } => {
+            let keys = public_keys.iter().map(|text| admin::parse_public_key(text)).collect::<Result<Vec<_>, _>>()?;
+            (AdminCommand::SetKeyring { version, keys }, common)
+        }
+    })
+}
+
+fn run_admin(line: AdminCommandLine) -> anyhow::Result<ExitCode> {
+    match &line {
+        AdminCommandLine::Keygen { out } => {
+            let key = admin::OperatorKey::generate(out)?;
+            let public = key.public_key_hex();
+            println!("wrote {} (mode 0600); public key: {public}", out.display());
+            println!(
+                "next: put this public key in the cluster keyring.\n  on a new cluster (no keyring yet), sign the genesis with it:\n    \
+                 meshos admin set-keyring --version 1 --public-key {public} --key {} --config NODE.toml\n  \
+                 on a cluster with a keyring, an operator whose key is in it runs set-keyring with the next version, \
+                 listing every key to keep and this one.",
+                out.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        AdminCommandLine::PublicKey { key } => {
+            println!("{}", admin::OperatorKey::load(key)?.public_key_hex());
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    let (command, common) = admin_command(line)?;
+    let node_config = meshos::node::config::NodeConfig::load(&common.config)?;
+    let key = admin::OperatorKey::load(&common.key)?;
+    let operator = match &common.operator {
+        Some(operator) => operator.clone(),
+        None => std::env::var("USER").context("no --operator given and $USER is not set")?,
+    };
+    let config = node_config.to_config();
+    let signed = key.sign(&operator, admin::admin_seq_from_clock(), command);
+    let command_name = admin::COMMAND_NAMES[admin::command_code(&signed.command) as usize];
+    if common.dry_run {
+        let preview = admin::preview::preview(&node_config.log_dir(), &config, &node_config.name, &signed)
+            .with_context(|| format!("cannot preview on the log of node `{}`", node_config.name))?;
+        if common.output == Output::Json {
+            println!("{}", preview_json(&preview));
+        } else {
+            print_preview(&preview, &signed, &node_config.name, common.show);
+        }
+        return Ok(if preview.applied { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
+    let timeout = Duration::from_millis(common.timeout_ms);
+    let socket = node_config.local_socket_path();
+    let ack = admin::submit::send(&socket, &node_config.name, signed, timeout)
+        .with_context(|| format!("cannot send to node `{}` on {}", node_config.name, socket.display()))?;
+    let outcome = admin::submit::outcome(&node_config.log_dir(), &config, ack.position)
+        .with_context(|| format!("appended at position {}, but cannot read the log back", ack.position))?;
+    let (word, reason, message) = match &outcome {
+        admin::submit::Outcome::Applied => ("applied", None, None),
+        admin::submit::Outcome::Rejected(reason, message) => ("rejected", Some(*reason), Some(message.clone())),
+        admin::submit::Outcome::NotInLog { .. } => ("unknown", None, None),
+    };
+    if common.output == Output::Json {
+        let text = |value: Option<&str>| value.map_or("null".to_string(), json_string);
+        println!(
+            "{{\"command\":\"{command_name}\",\"position\":{},\"outcome\":\"{word}\",\"reason\":{},\"message\":{}}}",
+            ack.position,
+            text(reason),
+            text(message.as_deref())
+        );
+    } else {
+        match &outcome {
+            admin::submit::Outcome::Applied => {
+                println!("{command_name}: appended at log position {} and applied", ack.position)
+            }
+            admin::submit::Outcome::Rejected(reason, message) => println!(
+                "{command_name}: appended at log position {} but REJECTED ({reason}): {}",
+                ack.position,
+                printable(message)
+            ),
+            admin::submit::Outcome::NotInLog { log_position } => println!(
+                "{command_name}: appended at log position {}; the log read here ends at {log_position}: check \
+                 `meshos log replay --show-rejections 10` for a rejection",
+                ack.position
+            ),
+        }
+    }
+    Ok(if word == "applied" { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn duration_text(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms} ms"),
+        1_000..=119_999 => format!("{:.1} s", ms as f64 / 1e3),
+        _ => format!("{:.1} min", ms as f64 / 60e3),
+    }
+}
+
+fn bytes_text(bytes: u64) -> String {
+    match bytes {
+        0..=1023 => format!("{bytes} B"),
+        1_024..=1_048_575 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        1_048_576..=1_073_741_823 => format!("{:.1} MiB", bytes as f64 / 1_048_576.0),
+        _ => format!("{:.1} GiB", bytes as f64 / 1_073_741_824.0),
+    }
+}
+
+fn print_preview(preview: &admin::preview::Preview, signed: &SignedAdmin, node: &str, show: usize) {
+    println!(
+        "dry run: {} as `{}` (key {}..., admin_seq {}) on node `{node}`'s log at position {}",
+        preview.command,
+        printable(&signed.operator),
+        &admin::hex(&signed.key)[..16],
+        signed.admin_seq,
+        preview.log_position
+    );
+    if let Some(tail) = &preview.log_tail {
+        println!("  (the read stopped before a record that is incomplete or damaged: {tail})");
+    }
+    match &preview.rejection {
+        None => println!("would be: applied"),
+        Some((reason, message)) => println!("would be: REJECTED ({reason}): {}", printable(message)),
+    }
+    if preview.actions.is_empty() {
+        println!("actions of the reconcile pass after it: none");
+    } else {
+        println!("actions of the reconcile pass after it ({}):", preview.actions.len());
+        for action in &preview.actions {
+            println!("  {}", printable(action));
+        }
+    }
+    for impact in &preview.nodes {
+        println!(
+            "node `{}`: {} -> {}; {} healthy copies",
+            printable(&impact.node),
+            impact.maintenance_before,
+            impact.maintenance_after,
+            impact.healthy_copies
+        );
+        println!(
+            "  copies to move first (below their intent without this node): {} ({})",
+            impact.copies_to_move.len(),
+            bytes_text(impact.bytes_to_move)
+        );
+        for copy in impact.copies_to_move.iter().take(show) {
+            println!(
+                "    blob {} ({}): {} counted copies elsewhere, needs {}",
+                copy.blob,
+                bytes_text(copy.size_bytes),
+                copy.copies_elsewhere,
+                copy.copies_needed
+            );
+        }
+        if impact.copies_to_move.len() > show {
+            println!("    ... and {} more (--show N, or -o json for all)", impact.copies_to_move.len() - show);
+        }
+        println!("  blobs left exactly at their intent without it (no margin): {}", impact.blobs_at_intent);
+        match impact.time_to_safe_ms {
+            Some(ms) => println!("  expected time to safe: {} (at the measured transfer rate)", duration_text(ms)),
+            None => {
+                println!("  expected time to safe: unknown (no move has finished yet, so no transfer rate is measured)")
+            }
+        }
+        if impact.daemons_to_stop.is_empty() {
+            println!("  daemons to stop: none");
+        } else {
+            println!(
+                "  daemons to stop: {}",
+                impact.daemons_to_stop.iter().map(|name| printable(name)).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    println!("nothing was appended (dry run)");
+}
+
+fn preview_json(preview: &admin::preview::Preview) -> String {
+    let strings = |items: &[String]| items.iter().map(|item| json_string(item)).collect::<Vec<_>>().join(",");
+    let rejection = preview.rejection.as_ref().map_or("null".to_string(), |(reason, message)| {
+        format!("{{\"reason\":\"{reason}\",\"message\":{}}}", json_string(message))
+    });
+    let nodes: Vec<String> = preview
+        .nodes
+        .iter()
+        .map(|impact| {
+            let copies: Vec<String> = impact
+                .copies_to_move
+                .iter()
+                .map(|copy| {
+                    format!(
+                        "{{\"blob\":\"{}\",\"size_bytes\":{},\"copies_elsewhere\":{},\"copies_needed\":{}}}",
+                        copy.blob, copy.size_bytes, copy.copies_elsewhere, copy.copies_needed
+                    )
+                })
+                .collect();
+            format!(
+                "{{\"node\":{},\"maintenance_before\":\"{}\",\"maintenance_after\":\"{}\",\"healthy_copies\":{},\
+                 \"copies_to_move\":[{}],\"bytes_to_move\":{},\"blobs_at_intent\":{},\"time_to_safe_ms\":{},\
+                 \"daemons_to_stop\":[{}]}}",
+                json_string(&impact.node),
+                impact.maintenance_before,
+                impact.maintenance_after,
+                impact.healthy_copies,
+                copies.join(","),
+                impact.bytes_to_move,
+                impact.blobs_at_intent,
+                impact.time_to_safe_ms.map_or("null".to_string(), |ms| ms.to_string()),
+                strings(&impact.daemons_to_stop)
+            )
+        })
+        .collect();
+    format!(
+        "{{\"dry_run\":true,\"command\":\"{}\",\"log_position\":{},\"log_tail\":{},\"applied\":{},\"rejection\":{},\
+         \"actions\":[{}],\"nodes\":[{}],\"appended\":false}}",
+        preview.command,
+        preview.log_position,
+        preview.log_tail.as_ref().map_or("null".to_string(), |tail| json_string(tail)),
+        preview.applied,
+        rejection,
+        strings(&preview.actions),
+        nodes.join(",")
+    )
 }
 
 fn main() -> ExitCode {

@@ -2,8 +2,12 @@
 //! line), verify a damaged log (named, non-zero exit), replay after recovery
 //! (reports the dropped tail), and clear errors for bad input.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
+
+use common::write_small_cluster_log;
 
 fn meshos(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_meshos")).args(args).output().expect("run meshos")
@@ -283,4 +287,209 @@ fn node_refuses_a_bad_config_or_rust_log_naming_what_is_wrong() {
     assert!(!output.status.success());
     assert!(stderr(&output).contains("RUST_LOG"), "{}", stderr(&output));
     assert!(!data_dir.exists(), "nothing is started on a bad level");
+}
+
+// ---- meshos admin --------------------------------------------------------------
+
+/// Writes a key file holding `seed` with `mode`.
+fn key_file(path: &Path, seed: [u8; 32], mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let text: String = seed.iter().map(|byte| format!("{byte:02x}")).collect();
+    std::fs::write(path, format!("{text}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A node config named `name` with its data in `dir`.
+fn node_config(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join("node.toml");
+    let text = format!(
+        "name = \"{name}\"\ndata_dir = \"{}\"\nheartbeat_ms = 100\n\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n",
+        dir.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Every file under `dir` with its bytes, sorted by path.
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.is_file())
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn admin_keygen_writes_an_owner_only_key_and_refuses_to_overwrite() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ops.key");
+    let output = meshos(&["admin", "keygen", "--out", key.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let public = text.split("public key: ").nth(1).unwrap().lines().next().unwrap().to_string();
+    assert_eq!(public.len(), 64, "{text}");
+    assert!(text.contains("set-keyring --version 1 --public-key") && text.contains(&public), "next step: {text}");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let shown = meshos(&["admin", "public-key", "--key", key.to_str().unwrap()]);
+    assert_eq!(stdout(&shown).trim(), public);
+
+    let before = std::fs::read(&key).unwrap();
+    let again = meshos(&["admin", "keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains("refusing to overwrite"), "{}", stderr(&again));
+    assert_eq!(std::fs::read(&key).unwrap(), before, "the key file is untouched");
+
+    let help = stdout(&meshos(&["admin", "--help"]));
+    assert!(help.contains("Genesis") && help.contains("--dry-run") && help.contains("keygen"), "{help}");
+}
+
+#[test]
+fn admin_refuses_a_key_file_others_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ops.key");
+    key_file(&key, [0x5e; 32], 0o644);
+    let config = node_config(dir.path(), "n1");
+    let output = meshos(&[
+        "admin",
+        "cordon",
+        "n2",
+        "--key",
+        key.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--dry-run",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let error = stderr(&output);
+    assert!(error.contains("mode 0644") && error.contains("chmod 600") && error.contains("owner only"), "{error}");
+}
+
+#[test]
+fn admin_dry_run_prints_what_would_happen_and_appends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let last = write_small_cluster_log(&log);
+    let config = node_config(dir.path(), "n1");
+    let key = dir.path().join("ops.key");
+    key_file(&key, [0x5e; 32], 0o600); // the test key the log's genesis installed
+    let before = snapshot(&log);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["admin", "enter-maintenance", "n2", "--key", key.to_str().unwrap()];
+        args.extend(["--config", config.to_str().unwrap(), "--operator", "alice", "--dry-run"]);
+        args.extend(extra);
+        meshos(&args)
+    };
+    let output = run(&[]);
+    assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
+    let text = stdout(&output);
+    for expected in [
+        &format!("at position {last}"),
+        "as `alice`",
+        "would be: applied",
+        "actions of the reconcile pass after it (2):",
+        "n3: migrate_blob b1b1b1b1 from n2",
+        "node `n2`: active -> entering_maintenance; 2 healthy copies",
+        "copies to move first (below their intent without this node): 2 (2.0 MiB)",
+        "blob b1b1",
+        "expected time to safe: unknown",
+        "daemons to stop: web",
+        "nothing was appended (dry run)",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+    let json = stdout(&run(&["-o", "json"]));
+    for expected in [
+        "\"dry_run\":true",
+        "\"command\":\"enter_maintenance\"",
+        "\"applied\":true",
+        "\"rejection\":null",
+        "\"bytes_to_move\":2097152",
+        "\"daemons_to_stop\":[\"web\"]",
+        "\"appended\":false",
+    ] {
+        assert!(json.contains(expected), "missing `{expected}` in {json}");
+    }
+    assert_eq!(snapshot(&log), before, "a dry run changes no byte of the log");
+
+    // A key that is not in the keyring: the dry run says it would be rejected, exit 1.
+    let stranger = dir.path().join("stranger.key");
+    key_file(&stranger, [3; 32], 0o600);
+    let output = meshos(&[
+        "admin",
+        "restart-daemons",
+        "--all",
+        "--key",
+        stranger.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--operator",
+        "eve",
+        "--dry-run",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stdout(&output).contains("would be: REJECTED (unknown_admin_key)"), "{}", stdout(&output));
+    assert_eq!(snapshot(&log), before);
+}
+
+/// The whole path on a running node: genesis, a dry run, a command, and a command
+/// signed by a key outside the keyring, each sent over the node's Unix socket.
+#[test]
+fn admin_commands_reach_a_running_node_through_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = node_config(dir.path(), "node-1");
+    let stderr_file = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+    let mut node = Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["node", "--config", config.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr_file)
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !dir.path().join("node.addr").exists() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the node did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300)); // its first heartbeats
+    let key = dir.path().join("ops.key");
+    let public = {
+        let output = meshos(&["admin", "keygen", "--out", key.to_str().unwrap()]);
+        stdout(&output).split("public key: ").nth(1).unwrap().lines().next().unwrap().to_string()
+    };
+    let admin = |args: &[&str], key: &Path| {
+        let mut all = args.to_vec();
+        all.extend(["--key", key.to_str().unwrap(), "--config", config.to_str().unwrap(), "--operator", "ops"]);
+        meshos(&all)
+    };
+    let cordon = admin(&["admin", "cordon", "node-1"], &key);
+    assert_eq!(cordon.status.code(), Some(1), "no keyring yet");
+    assert!(stdout(&cordon).contains("REJECTED (admin_without_keyring)"), "{}", stdout(&cordon));
+
+    let genesis = admin(&["admin", "set-keyring", "--version", "1", "--public-key", &public], &key);
+    assert!(genesis.status.success(), "{}{}", stdout(&genesis), stderr(&genesis));
+    assert!(stdout(&genesis).contains("set_keyring: appended at log position") && stdout(&genesis).contains("applied"));
+
+    let dry = admin(&["admin", "cordon", "node-1", "--dry-run"], &key);
+    assert!(stdout(&dry).contains("would be: applied"), "{}", stdout(&dry));
+    let cordon = admin(&["admin", "cordon", "node-1", "-o", "json"], &key);
+    assert!(cordon.status.success(), "{}{}", stdout(&cordon), stderr(&cordon));
+    assert!(stdout(&cordon).contains("\"outcome\":\"applied\""), "{}", stdout(&cordon));
+
+    let stranger = dir.path().join("stranger.key");
+    key_file(&stranger, [9; 32], 0o600);
+    let refused = admin(&["admin", "uncordon", "node-1"], &stranger);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stdout(&refused).contains("REJECTED (unknown_admin_key)"), "{}", stdout(&refused));
+
+    unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+    assert!(node.wait().unwrap().success());
+    let replay = meshos(&["log", "replay", dir.path().join("log").to_str().unwrap()]);
+    assert!(stdout(&replay).contains("admin_without_keyring=1 unknown_admin_key=1"), "{}", stdout(&replay));
 }

@@ -29,10 +29,15 @@ struct Node {
 }
 
 fn start(dir: &Path) -> Node {
+    start_with(dir, "")
+}
+
+/// Starts a node whose config file ends with `extra`.
+fn start_with(dir: &Path, extra: &str) -> Node {
     let config = dir.join("node.toml");
     let text = format!(
         "name = \"{NODE}\"\ndata_dir = \"{}\"\nheartbeat_ms = 50\nlog_level = \"info\"\n\n[ingest]\nlisten_tcp = \
-         \"127.0.0.1:0\"\n\n[daemons]\nreport_interval_ms = 100\n",
+         \"127.0.0.1:0\"\n\n[daemons]\nreport_interval_ms = 100\n{extra}",
         dir.display()
     );
     std::fs::write(&config, text).unwrap();
@@ -49,6 +54,18 @@ fn start(dir: &Path) -> Node {
     let node = Node { child, dir: dir.to_path_buf() };
     wait_for(&node, "the node to listen", || dir.join("node.addr").exists());
     node
+}
+
+impl Drop for Node {
+    /// A failed test must not leave its node (and the node's daemons) running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+            // SAFETY: kill(2) takes plain integers; the pid is our unreaped child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Node {
@@ -257,11 +274,57 @@ fn the_example_daemon_registers_reports_and_shuts_down_on_node_stop() {
     assert!(has(&|signal| matches!(signal, DaemonSignal::Health { healthy: true })));
     assert!(has(&|signal| matches!(signal, DaemonSignal::Saturation { permille: 250 })));
     assert!(has(&|signal| matches!(signal, DaemonSignal::Stopped)), "a clean stop");
+    let capabilities: Vec<&meshos::event::Capability> = history
+        .iter()
+        .filter_map(|(_, event)| match &event.kind {
+            EventKind::Capability(capability) => Some(capability),
+            _ => None,
+        })
+        .collect();
+    assert!(capabilities.iter().all(|capability| capability.capacity_bytes > 0), "capacity: the data file system");
+    assert!(capabilities.windows(2).all(|pair| pair[1].fork_of == pair[0].version), "one chain of versions");
+    let with_cache = capabilities.iter().position(|capability| capability.labels == ["cache"]);
+    let without = capabilities.iter().rposition(|capability| capability.labels.is_empty());
+    assert!(with_cache.is_some_and(|with| without > Some(with)), "the label came with the daemon and went with it");
+    let state = replay(dir.path());
+    assert!(state.position < 200, "a quiet node appends little: {} records", state.position);
+}
+
+/// A signed admin event (the test operator key) as this node's own event.
+fn admin(admin_seq: u64, command: meshos::event::AdminCommand) -> EventKind {
+    EventKind::Admin(Box::new(meshos::admin::test_key().sign("tester", admin_seq, command)))
+}
+
+#[test]
+fn the_example_daemon_stops_on_enter_maintenance_and_comes_back_on_exit() {
+    use meshos::event::AdminCommand;
+    use meshos::state::nodes::MaintenanceState;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_with(dir.path(), "\n[reconcile]\nrecovery_ms = 300\n");
+    let example = spec("example", &example_daemon(), &["--interval-ms", "50"], 2_000, Default::default());
+    let keys = vec![meshos::admin::test_key().public_key()];
+    node.send(vec![admin(1, AdminCommand::SetKeyring { version: 1, keys }), example]);
+    wait_for(&node, "registration", || node.daemon_output("example").contains("registered as"));
+    node.send(vec![admin(2, AdminCommand::EnterMaintenance { node: NODE.to_string() })]);
+    wait_for(&node, "a clean exit", || node.daemon_output("example").contains("shut down cleanly"));
+    assert!(node.daemon_output("example").contains("control: shutdown"));
+    wait_for(&node, "the process to go", || node.pid_file("example").is_none());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(node.dispatched("start_daemon example"), 1, "nothing non-essential starts in maintenance");
+    node.send(vec![admin(3, AdminCommand::ExitMaintenance { node: NODE.to_string() })]);
+    wait_for(&node, "the daemon back", || node.daemon_output("example").matches("registered as").count() == 2);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(node.stop(libc::SIGTERM));
+
+    let history = history(dir.path());
+    let stopped = signal_times(&history, "example", |signal| matches!(signal, DaemonSignal::Stopped));
+    let starts = signal_times(&history, "example", |signal| matches!(signal, DaemonSignal::Started { .. }));
+    assert!(starts.len() == 2 && stopped.len() == 2, "one run before, one after; each stopped cleanly");
     let state = replay(dir.path());
     let own = state.nodes.find(NODE).unwrap().index();
-    let labels: Vec<&str> = state.nodes.labels[own].iter().map(|&label| state.symbols.name(label)).collect();
-    assert!(labels.contains(&"cache"), "the published label is in the node's capability set: {labels:?}");
-    assert!(state.nodes.capacity_bytes[own] > 0, "capacity defaults to the data directory's file system");
+    assert_eq!(state.rejections.total, 0, "every admin event was signed and applied");
+    assert!(state.nodes.capability_version[own] > state.nodes.capability_version_at_enter[own], "fresh capability");
+    assert_eq!(state.nodes.maintenance[own], MaintenanceState::Active, "through Recovery back to Active");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use meshos::admin::OperatorKey;
 use meshos::config::{Config, FoldLimits};
 use meshos::event::*;
 use meshos::fold::fold_payload;
@@ -30,15 +31,17 @@ fn spec(name: &str) -> DaemonSpec {
     }
 }
 
-/// Two nodes, one blob with intent, one daemon spec: the base of most cases.
+/// Two nodes, the keyring's genesis, one blob with intent, one daemon spec: the base
+/// of most cases.
 fn base() -> Vec<Event> {
     vec![
         capability("a", 1, 1, 0, "z1"),
+        genesis("a", 2),
         heartbeat("b", 1),
-        event("a", 2, EventKind::BlobAnnounce { blob: BLOB, size_bytes: 10 }),
+        event("a", 3, EventKind::BlobAnnounce { blob: BLOB, size_bytes: 10 }),
         event(
             "a",
-            3,
+            4,
             EventKind::PlacementIntent(PlacementIntent {
                 blob: BLOB,
                 replicas: 2,
@@ -46,7 +49,7 @@ fn base() -> Vec<Event> {
                 pinned: vec!["b".into()],
             }),
         ),
-        event("a", 4, EventKind::DaemonIntent { spec: Box::new(spec("web")), runs_on: DaemonPlacement::AllNodes }),
+        event("a", 5, EventKind::DaemonIntent { spec: Box::new(spec("web")), runs_on: DaemonPlacement::AllNodes }),
     ]
 }
 
@@ -60,34 +63,19 @@ fn with(extra: Vec<Event>) -> Vec<Event> {
 fn base_applies_every_kind_without_rejection() {
     let state = fold_events(&with(vec![
         event("b", 2, EventKind::ReplicaUpdate { blob: BLOB, state: ReplicaState::Healthy }),
-        event("a", 5, EventKind::Rtt { peer: "b".into(), rtt_us: 800 }),
-        event("a", 6, EventKind::Rtt { peer: "b".into(), rtt_us: 1600 }),
+        event("a", 6, EventKind::Rtt { peer: "b".into(), rtt_us: 800 }),
+        event("a", 7, EventKind::Rtt { peer: "b".into(), rtt_us: 1600 }),
         event("b", 3, EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Started { pid: 42 } }),
         event("b", 4, EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Registered { pid: 42 } }),
         event("b", 5, EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Saturation { permille: 900 } }),
         event("b", 6, EventKind::InventoryDigest { blob_count: 1, digest: [1; 16] }),
-        event(
-            "a",
-            7,
-            EventKind::Admin { operator: "ops".into(), command: AdminCommand::EnterMaintenance { node: "b".into() } },
-        ),
-        event("a", 8, EventKind::Admin { operator: "ops".into(), command: AdminCommand::Drain { node: "b".into() } }),
-        event(
-            "a",
-            9,
-            EventKind::Admin {
-                operator: "ops".into(),
-                command: AdminCommand::DropReplicas { node: "b".into(), blob: None },
-            },
-        ),
-        event(
-            "a",
-            10,
-            EventKind::Admin { operator: "ops".into(), command: AdminCommand::InvalidatePlacement { blob: None } },
-        ),
-        event("a", 11, EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down })),
+        admin("a", 8, AdminCommand::EnterMaintenance { node: "b".into() }),
+        admin("a", 9, AdminCommand::Drain { node: "b".into() }),
+        admin("a", 10, AdminCommand::DropReplicas { node: "b".into(), blob: None }),
+        admin("a", 11, AdminCommand::InvalidatePlacement { blob: None }),
+        event("a", 12, EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down })),
         heartbeat("b", 7),
-        capability("a", 12, 2, 1, "z2"),
+        capability("a", 13, 2, 1, "z2"),
     ]));
     assert_eq!(rejection_names(&state), Vec::<&str>::new(), "{:?}", state.rejections.kept);
     state.check_invariants();
@@ -107,18 +95,17 @@ fn base_applies_every_kind_without_rejection() {
     assert_eq!(state.nodes.capability_version[0], 2);
     assert_eq!(state.symbols.name(state.nodes.zone[0]), "z2");
     assert_eq!(state.placement_epoch, 1);
-    assert_eq!(state.events_applied, 19);
+    assert_eq!(state.events_applied, 20);
 }
 
 /// Each case: extra events after `base()` and the rejection reasons they must produce.
 #[test]
 fn contradictions_are_rejected_with_their_reason() {
-    let admin = |seq, command| event("a", seq, EventKind::Admin { operator: "ops".into(), command });
     let daemon = |seq, signal| event("b", seq, EventKind::Daemon { daemon: "web".into(), signal });
     let cases: Vec<(&str, Vec<Event>, Vec<&str>)> = vec![
         ("unknown origin", vec![event("z", 1, EventKind::Rtt { peer: "a".into(), rtt_us: 1 })], vec!["unknown_origin"]),
         ("duplicate origin seq", vec![heartbeat("b", 1)], vec!["stale_origin_seq"]),
-        ("reordered origin seq", vec![heartbeat("a", 9), heartbeat("a", 8)], vec!["stale_origin_seq"]),
+        ("reordered origin seq", vec![heartbeat("a", 10), heartbeat("a", 9)], vec!["stale_origin_seq"]),
         (
             "replica of unknown blob",
             vec![event("b", 2, EventKind::ReplicaUpdate { blob: OTHER_BLOB, state: ReplicaState::Healthy })],
@@ -136,15 +123,15 @@ fn contradictions_are_rejected_with_their_reason() {
         ),
         (
             "rtt to unknown peer",
-            vec![event("a", 5, EventKind::Rtt { peer: "q".into(), rtt_us: 1 })],
+            vec![event("a", 6, EventKind::Rtt { peer: "q".into(), rtt_us: 1 })],
             vec!["unknown_node"],
         ),
-        ("rtt to self", vec![event("a", 5, EventKind::Rtt { peer: "a".into(), rtt_us: 1 })], vec!["rtt_to_self"]),
+        ("rtt to self", vec![event("a", 6, EventKind::Rtt { peer: "a".into(), rtt_us: 1 })], vec!["rtt_to_self"]),
         (
             "outcome of no action",
             vec![event(
                 "a",
-                5,
+                6,
                 EventKind::ActionOutcome { action: ActionId { position: 1, index: 0 }, outcome: Outcome::Success },
             )],
             vec!["unknown_action"],
@@ -180,21 +167,21 @@ fn contradictions_are_rejected_with_their_reason() {
         ),
         (
             "capability fork from the wrong version",
-            vec![capability("a", 5, 3, 2, "z1")],
+            vec![capability("a", 6, 3, 2, "z1")],
             vec!["capability_fork_mismatch"],
         ),
         ("first capability must fork from 0", vec![capability("c", 1, 2, 1, "z1")], vec!["capability_fork_mismatch"]),
         (
             "exit maintenance while active",
-            vec![admin(5, AdminCommand::ExitMaintenance { node: "b".into() })],
+            vec![admin("a", 6, AdminCommand::ExitMaintenance { node: "b".into() })],
             vec!["not_in_maintenance"],
         ),
-        ("admin on unknown node", vec![admin(5, AdminCommand::Cordon { node: "q".into() })], vec!["unknown_node"]),
+        ("admin on unknown node", vec![admin("a", 6, AdminCommand::Cordon { node: "q".into() })], vec!["unknown_node"]),
         (
             "status of unknown node",
             vec![event(
                 "a",
-                5,
+                6,
                 EventKind::NodeHealth(NodeHealth::Status { node: "q".into(), status: NodeStatus::Down }),
             )],
             vec!["unknown_node"],
@@ -203,7 +190,7 @@ fn contradictions_are_rejected_with_their_reason() {
             "pinned more than replicas",
             vec![event(
                 "a",
-                5,
+                6,
                 EventKind::PlacementIntent(PlacementIntent {
                     blob: BLOB,
                     replicas: 1,
@@ -215,10 +202,49 @@ fn contradictions_are_rejected_with_their_reason() {
         ),
         ("over-long node name", vec![heartbeat(&"n".repeat(300), 1)], vec!["bad_name"]),
         (
+            "admin signed by a key not in the keyring",
+            vec![signed_with(&OperatorKey::from_seed([3; 32]), "a", 6, 6, AdminCommand::Cordon { node: "b".into() })],
+            vec!["unknown_admin_key"],
+        ),
+        (
+            "admin event with a tampered signature",
+            vec![{
+                let mut tampered = admin("a", 6, AdminCommand::Cordon { node: "b".into() });
+                if let EventKind::Admin(signed) = &mut tampered.kind {
+                    signed.command = AdminCommand::Cordon { node: "a".into() };
+                }
+                tampered
+            }],
+            vec!["bad_admin_signature"],
+        ),
+        (
+            "admin sequence not above the key's last",
+            vec![signed_with(&operator_key(), "a", 6, 2, AdminCommand::Cordon { node: "b".into() })],
+            vec!["admin_replayed"],
+        ),
+        (
+            "key rotation skipping a version",
+            vec![admin("a", 6, AdminCommand::SetKeyring { version: 3, keys: vec![operator_key().public_key()] })],
+            vec!["stale_keyring_version"],
+        ),
+        (
+            "key rotation to an empty keyring",
+            vec![admin("a", 6, AdminCommand::SetKeyring { version: 2, keys: vec![] })],
+            vec!["invalid_keyring"],
+        ),
+        (
+            "drop of a blob's only healthy copy",
+            vec![
+                event("b", 2, EventKind::ReplicaUpdate { blob: BLOB, state: ReplicaState::Healthy }),
+                admin("a", 6, AdminCommand::DropReplicas { node: "b".into(), blob: Some(BLOB) }),
+            ],
+            vec!["would_drop_last_copy"],
+        ),
+        (
             "empty daemon command",
             vec![event(
                 "a",
-                5,
+                6,
                 EventKind::DaemonIntent {
                     spec: Box::new(DaemonSpec { command: String::new(), ..spec("x") }),
                     runs_on: DaemonPlacement::AllNodes,
@@ -375,10 +401,10 @@ fn arbitrary_kind() -> impl Strategy<Value = EventKind> {
             action: ActionId { position, index },
             outcome: Outcome::Failure { reason: "x".into() }
         }),
-        (name.clone(), 0u8..9, prop::option::of(blob)).prop_map(|(node, which, blob)| {
-            EventKind::Admin {
-                operator: "ops".into(),
-                command: match which {
+        (name.clone(), 0u8..10, prop::option::of(blob), 0u64..40, any::<bool>()).prop_map(
+            |(node, which, blob, admin_seq, tamper)| {
+                let key = operator_key();
+                let command = match which {
                     0 => AdminCommand::EnterMaintenance { node },
                     1 => AdminCommand::ExitMaintenance { node },
                     2 => AdminCommand::Drain { node },
@@ -387,10 +413,16 @@ fn arbitrary_kind() -> impl Strategy<Value = EventKind> {
                     5 => AdminCommand::RestartAllDaemons { node: Some(node) },
                     6 => AdminCommand::ClearAvoid { node: None },
                     7 => AdminCommand::DropReplicas { node, blob },
-                    _ => AdminCommand::InvalidatePlacement { blob },
-                },
+                    8 => AdminCommand::InvalidatePlacement { blob },
+                    _ => AdminCommand::SetKeyring { version: 1, keys: vec![key.public_key()] },
+                };
+                let mut signed = key.sign("ops", admin_seq, command);
+                if tamper {
+                    signed.signature[5] ^= 1;
+                }
+                EventKind::Admin(Box::new(signed))
             }
-        }),
+        ),
         (any::<u32>(), any::<[u8; 16]>())
             .prop_map(|(blob_count, digest)| EventKind::InventoryDigest { blob_count, digest }),
     ]

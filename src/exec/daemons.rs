@@ -103,11 +103,17 @@ pub struct DaemonExecutor {
     /// Connections that have not registered: their peer's pid and uid.
     unregistered: HashMap<ConnectionId, (u32, u32)>,
     uid: u32,
+    /// The node is stopping: nothing new starts.
+    node_stopping: bool,
     pub stats: DaemonExecStats,
 }
 
 fn daemon_event(name: &str, signal: DaemonSignal) -> EventKind {
     EventKind::Daemon { daemon: name.to_string(), signal }
+}
+
+fn cancelled(action: ActionId, reason: &str) -> EventKind {
+    EventKind::ActionOutcome { action, outcome: Outcome::Cancelled { reason: reason.to_string() } }
 }
 
 fn outcome(action: ActionId, result: Result<(), String>) -> EventKind {
@@ -126,6 +132,7 @@ impl DaemonExecutor {
             running: HashMap::new(),
             unregistered: HashMap::new(),
             uid: process::effective_uid(),
+            node_stopping: false,
             stats: DaemonExecStats::default(),
         }
     }
@@ -206,7 +213,7 @@ impl DaemonExecutor {
         }
         for entry in state.inflight.entries.0.iter() {
             if entry.action.node == own && entry.action.kind.is_daemon() {
-                out.push(outcome(entry.action.id, Err("the node restarted before the action finished".to_string())));
+                out.push(cancelled(entry.action.id, "the node restarted before the action finished"));
             }
         }
     }
@@ -216,6 +223,12 @@ impl DaemonExecutor {
         let Some(spec_row) = action.kind.daemon_spec() else { return };
         let spec = &state.specs.spec[spec_row.index()];
         let generation = state.specs.generation[spec_row.index()];
+        if self.node_stopping && !matches!(action.kind, ActionKind::StopDaemon { .. }) {
+            // Left in flight, unanswered: an outcome now would only free the budget for
+            // the same start again, record after record. The next run cancels it.
+            tracing::debug!(daemon = spec.name, "not started: the node is shutting down");
+            return;
+        }
         match action.kind {
             ActionKind::StartDaemon { .. } => {
                 if self.running.contains_key(&spec.name) {
@@ -388,12 +401,15 @@ impl DaemonExecutor {
                 };
                 tracing::info!(daemon = name, pid = daemon.pid, ?status, "stopped");
                 out.push(daemon_event(name, signal));
-                if let Some(action) = stopping.action {
-                    let result = match stopping.restart {
-                        Some(spec) => self.spawn(&spec, daemon.spec_generation, out),
-                        None => Ok(()),
-                    };
-                    out.push(outcome(action, result));
+                match (stopping.action, stopping.restart) {
+                    // Left in flight (see `dispatch`); the next run cancels it.
+                    (Some(_), Some(_)) if self.node_stopping => {}
+                    (Some(action), Some(spec)) => {
+                        let result = self.spawn(&spec, daemon.spec_generation, out);
+                        out.push(outcome(action, result));
+                    }
+                    (Some(action), None) => out.push(outcome(action, Ok(()))),
+                    (None, _) => {}
                 }
             }
             None => {
@@ -410,6 +426,7 @@ impl DaemonExecutor {
 
     /// Node shutdown: begins stopping every daemon; `poll` until `running_count` is 0.
     pub fn stop_all(&mut self, state: &State, sdk: &SdkHandle) {
+        self.node_stopping = true;
         for (name, daemon) in self.running.iter_mut() {
             if daemon.stopping.is_none() {
                 let grace = state.specs.find(name).map_or(ORPHAN_GRACE_DEFAULT, |spec| {

@@ -48,7 +48,7 @@ pub struct DaemonsConfig {
 }
 
 /// This node's attributes, published as its capability set.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CapabilityConfig {
     pub zone: String,
@@ -65,12 +65,6 @@ impl Default for DaemonsConfig {
             log_files_kept: 3,
             report_interval_ms: 1000,
         }
-    }
-}
-
-impl Default for CapabilityConfig {
-    fn default() -> Self {
-        CapabilityConfig { zone: String::new(), capacity_bytes: 0, labels: Vec::new() }
     }
 }
 

@@ -308,9 +308,10 @@ fn run_until(
         }
     }
 
+    // Nothing new starts from here; what runs is stopped and its end committed.
+    executors.daemons.stop_all(&engine.state, &executors.sdk);
     if executors.daemons.running_count() > 0 {
         tracing::info!(daemons = executors.daemons.running_count(), "stopping: stopping daemons");
-        executors.daemons.stop_all(&engine.state, &executors.sdk);
         while executors.daemons.running_count() > 0 {
             executors.tick(&engine.state, &config.name, &mut sequencer);
             if !commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)? {

@@ -13,8 +13,10 @@
 //!   (corrupt, fenced, on a node that is not live) blocks nothing, and a gated,
 //!   crash-looping daemon is not running, so neither holds a drain hostage.
 //! - ExitingMaintenance: once the node is live, has published a capability newer than
-//!   the one it had when maintenance began, and runs every daemon wanted on it, each
-//!   registered through the SDK or reporting healthy: Recovery.
+//!   the one it had when maintenance began, runs every daemon wanted on it, each
+//!   reporting healthy (or registered through the SDK, when its spec has no health
+//!   check), and its round trips are measured again (fresh RTT samples on
+//!   `rtt_stable_pairs` pairs, fewer with fewer live peers): Recovery.
 //! - Recovery: after `recovery_ms` (the ramp-up window), Active; only then is it
 //!   eligible for new copies again.
 //!
@@ -69,7 +71,7 @@ pub(crate) fn run(arena: &Bump, state: &mut State) {
             MaintenanceState::ExitingMaintenance => {
                 let nodes = &state.nodes;
                 let fresh = nodes.capability_version[node] > nodes.capability_version_at_enter[node];
-                if nodes.live[node] && fresh && wanted_daemons_run(state, node) {
+                if nodes.live[node] && fresh && wanted_daemons_run(state, node) && rtt_measured_again(state, node) {
                     enter(state, node, MaintenanceState::Recovery, now_ms);
                 }
             }
@@ -111,14 +113,7 @@ fn drain(state: &mut State, scratch: &DrainScratch, node: usize, now_ms: u64) {
         }
     }
     let daemons_left = scratch.daemons_left[node];
-    // Time to safe: the unsafe bytes at the measured rate, the node's copies leaving
-    // through at most `pull_inflight_per_node_max` moves at a time.
-    let rate = state.gates.transfer_bytes_per_s.saturating_mul(state.reconcile.pull_inflight_per_node_max as u64);
-    let eta_ms = match (unsafe_bytes, rate) {
-        (0, _) => 0,
-        (_, 0) => u64::MAX,
-        (bytes, rate) => bytes.saturating_mul(1000) / rate,
-    };
+    let eta_ms = time_to_safe_ms(state, unsafe_bytes);
     let nodes = &mut state.nodes;
     nodes.drain_unsafe_bytes[node] = unsafe_bytes;
     nodes.drain_eta_ms[node] = eta_ms;
@@ -133,6 +128,18 @@ fn drain(state: &mut State, scratch: &DrainScratch, node: usize, now_ms: u64) {
     {
         nodes.maintenance[node] = MaintenanceState::DrainFailed;
         nodes.maintenance_since_ms[node] = now_ms;
+    }
+}
+
+/// Expected time until `unsafe_bytes` of a node's copies are safe elsewhere: the bytes
+/// at the measured transfer rate, the node's copies leaving through at most
+/// `pull_inflight_per_node_max` moves at a time (u64::MAX: no rate measured yet).
+pub(crate) fn time_to_safe_ms(state: &State, unsafe_bytes: u64) -> u64 {
+    let rate = state.gates.transfer_bytes_per_s.saturating_mul(state.reconcile.pull_inflight_per_node_max as u64);
+    match (unsafe_bytes, rate) {
+        (0, _) => 0,
+        (_, 0) => u64::MAX,
+        (bytes, rate) => bytes.saturating_mul(1000) / rate,
     }
 }
 
@@ -155,16 +162,31 @@ pub(crate) fn safe_elsewhere(state: &State, blob: BlobRow, node: usize) -> usize
         .count()
 }
 
+/// Whether the round trips of `node` are measured again since it began exiting: fresh
+/// samples on `rtt_stable_pairs` pairs that involve it, or on as many as there are
+/// live peers when fewer. Runs only for a node exiting maintenance (rare), so the scan
+/// of the RTT pairs costs nothing in steady state.
+fn rtt_measured_again(state: &State, node: usize) -> bool {
+    let since_ms = state.nodes.maintenance_since_ms[node];
+    let peers_live = state.nodes.live.iter().enumerate().filter(|&(row, &live)| live && row != node).count();
+    let needed = (state.reconcile.rtt_stable_pairs as usize).min(peers_live);
+    let rtt = &state.rtt;
+    let involves = |row: usize| rtt.from[row].index() == node || rtt.to[row].index() == node;
+    needed == 0 || (0..rtt.len()).filter(|&row| involves(row) && rtt.last_ms[row] > since_ms).count() >= needed
+}
+
 /// Whether every daemon wanted on `node` runs there and has shown it is up: it
-/// registered through the SDK or reported healthy since it started.
+/// reported healthy since it started, or (when its spec has no health check) it
+/// registered through the SDK.
 fn wanted_daemons_run(state: &State, node: usize) -> bool {
     (0..state.specs.len()).all(|spec| {
         !super::daemons::wanted_on(state, spec, node)
             || state.daemons.find(SpecRow::from_index(spec), NodeRow::from_index(node)).is_some_and(|row| {
                 let row = row.index();
                 let daemons = &state.daemons;
-                daemons.state[row] == DaemonState::Registered
-                    || (daemons.state[row].is_running() && daemons.healthy[row])
+                let health_checked = state.specs.spec[spec].health_timeout_ms > 0;
+                (daemons.state[row].is_running() && daemons.healthy[row])
+                    || (!health_checked && daemons.state[row] == DaemonState::Registered)
             })
     })
 }

@@ -806,6 +806,64 @@ pub fn verify(dir: &Path, config: &Config) -> Result<VerifyReport, RedexError> {
     Ok(report)
 }
 
+/// What `read_unlocked` read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnlockedRead {
+    /// Complete, checked records visited (from the first, up to the stop).
+    pub records: u64,
+    /// Position of the last record visited (0 when none was).
+    pub last_position: u64,
+    /// Where the complete records ended short of the files' end, and why: a record
+    /// a running writer is still appending (a torn tail) or damage that the writer's
+    /// next open would cut off. Nothing is changed either way.
+    pub stopped_at: Option<Damage>,
+}
+
+/// Reads the complete records of the log in `dir` in position order, WITHOUT taking
+/// the writer's lock and without changing a byte: for tools that look at a log a
+/// running node holds open (`meshos admin --dry-run`). Each segment is read whole and
+/// scanned as recovery does (headers, checksums, dense positions, monotone times);
+/// the first record that is not complete and intact ends the read, and everything
+/// before it is visited (payloads are not validated here: fold validates them).
+/// `visit` returns false to stop early. A record above `frame_bytes_max` refuses
+/// with `FrameLimitTooSmall`, as `open` does.
+pub fn read_unlocked(
+    dir: &Path,
+    config: &Config,
+    visit: &mut dyn FnMut(RecordView<'_>) -> bool,
+) -> Result<UnlockedRead, RedexError> {
+    config.validate()?;
+    let listed = list_segments(dir)?;
+    let mut report = UnlockedRead::default();
+    let mut buffer = AlignedVec::<{ wire::ALIGN_BYTES }>::new();
+    let mut next_position: Option<u64> = None;
+    let mut last_time_ms = 0;
+    for (name_base, path) in &listed {
+        read_whole(path, &mut buffer)?;
+        let scan = scan_segment(&buffer, *name_base, next_position, last_time_ms, config.frame_bytes_max, false);
+        too_large(path, &scan, config)?;
+        let base = scan.next_position - scan.record_offsets.len() as u64;
+        for (index, &offset) in scan.record_offsets.iter().enumerate() {
+            let frame = wire::decode_frame(&buffer[offset as usize..], config.frame_bytes_max)
+                .expect("the scan checked this frame");
+            let position = base + index as u64;
+            report.records += 1;
+            report.last_position = position;
+            let view = RecordView { position, time_ms: frame.header.time_ms, payload: frame.payload };
+            if !visit(view) {
+                return Ok(report);
+            }
+        }
+        if let Some((offset, position, reason)) = scan.damage {
+            report.stopped_at = Some(Damage { path: path.clone(), position, offset, reason });
+            return Ok(report);
+        }
+        next_position = Some(scan.next_position);
+        last_time_ms = scan.last_time_ms;
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -265,6 +265,9 @@ struct Sim {
     needed: u64,
     stats: SimStats,
     rejections_seen: u64,
+    /// The operator's key (the fixed test key) and its last admin sequence number.
+    admin_key: crate::admin::OperatorKey,
+    admin_seq: u64,
 }
 
 /// Runs the simulation and checks every invariant after every pass; `progress` is
@@ -394,6 +397,8 @@ impl Sim {
             needed: 0,
             stats: SimStats::default(),
             rejections_seen: 0,
+            admin_key: crate::admin::test_key(),
+            admin_seq: 0,
             options,
         }
     }
@@ -441,6 +446,13 @@ impl Sim {
     fn emit(&mut self, node: usize, kind: EventKind) {
         self.seq[node] += 1;
         self.events.push(Event { origin: self.names[node].clone(), origin_seq: self.seq[node], kind });
+    }
+
+    /// An admin command from `node`, signed with the simulator's operator key.
+    fn admin(&mut self, node: usize, command: AdminCommand) {
+        self.admin_seq += 1;
+        let signed = self.admin_key.sign("sim-operator", self.admin_seq, command);
+        self.emit(node, EventKind::Admin(Box::new(signed)));
     }
 
     fn heartbeat(&mut self, node: usize) {
@@ -498,6 +510,9 @@ impl Sim {
             self.heartbeat(node);
             self.next_digest_ms[node] = self.now_ms + self.rng.below(DIGEST_MS_MIN + DIGEST_MS_SPAN);
         }
+        // The keyring's genesis: the operator key installs itself (node 0 has joined).
+        let keys = vec![self.admin_key.public_key()];
+        self.admin(0, AdminCommand::SetKeyring { version: 1, keys });
         for name in DAEMONS {
             let runs_on =
                 if name == "indexer" { DaemonPlacement::AllNodes } else { DaemonPlacement::Label("storage".into()) };
@@ -713,7 +728,7 @@ impl Sim {
             }
             self.maintenance_wanted[node] = true;
             let command = AdminCommand::EnterMaintenance { node: self.names[node].clone() };
-            self.emit(node, EventKind::Admin { operator: "sim-operator".to_string(), command });
+            self.admin(node, command);
             self.stats.maintenance_entries += 1;
             self.stats.away_max = self.stats.away_max.max(away as u32 + 1);
             count -= 1;
@@ -736,7 +751,7 @@ impl Sim {
             }
             self.maintenance_wanted[node] = false;
             let command = AdminCommand::ExitMaintenance { node: self.names[node].clone() };
-            self.emit(node, EventKind::Admin { operator: "sim-operator".to_string(), command });
+            self.admin(node, command);
             let version = self.capability_version[node];
             self.capability_version[node] = version + 1;
             self.emit(node, EventKind::Capability(node_capability(node, version + 1, version)));

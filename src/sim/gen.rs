@@ -6,8 +6,9 @@
 //! then the cluster lives: heartbeats, replica churn (corruption, deletion, repair),
 //! RTT samples from a synthetic latency map, daemon health, saturation and crashes,
 //! inventory digests, nodes going down and coming back, capability forks, and admin
-//! commands. Records carry up to `record_events` events; log time advances by a
-//! pseudo-random 50..150 ms per record from a fixed epoch.
+//! commands (after a genesis keyring, each signed with `admin::test_key`). Records
+//! carry up to `record_events` events; log time advances by a pseudo-random
+//! 50..150 ms per record from a fixed epoch.
 //!
 //! Invariants: the event sequence is a pure function of `GenOptions` (same options,
 //! same bytes); origin sequence numbers strictly increase per node; exactly
@@ -55,8 +56,9 @@ const ADMIN_ORIGIN: usize = 0;
 /// Each node samples RTT to at most this many fixed peers (its next nodes by index),
 /// as a node probes a bounded set of peers rather than all of them.
 const RTT_PEERS_MAX: usize = 32;
-/// A generous upper bound of one generated event's archived size, in bytes.
-pub const EVENT_BYTES_BOUND: u64 = 160;
+/// A generous upper bound of one generated event's archived size, in bytes (the
+/// largest is a signed admin event: 64 bytes of event, 160 of `SignedAdmin`, its names).
+pub const EVENT_BYTES_BOUND: u64 = 256;
 
 /// The generator: call `next_batch` until it returns `None`.
 pub struct Generator {
@@ -84,6 +86,9 @@ pub struct Generator {
     next_pid: u32,
     /// RTT peers per node (0: no RTT samples).
     rtt_peers: usize,
+    /// The operator's key (the fixed test key) and its last admin sequence number.
+    admin_key: crate::admin::OperatorKey,
+    admin_seq: u64,
 }
 
 fn capacity_bytes(node: usize, version: u64) -> u64 {
@@ -177,6 +182,8 @@ impl Generator {
             instances: Vec::new(),
             next_pid: 1000,
             rtt_peers: (nodes - 1).min(RTT_PEERS_MAX).min(limits.rtt_pairs_max as usize / nodes),
+            admin_key: crate::admin::test_key(),
+            admin_seq: 0,
             names,
             options,
         };
@@ -253,6 +260,9 @@ impl Generator {
             events.push(self.capability(node));
             events.push(self.event(node, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 })));
         }
+        // The keyring's genesis, once the admin origin has joined: the key installs itself.
+        let keys = vec![self.admin_key.public_key()];
+        events.push(self.signed_admin(AdminCommand::SetKeyring { version: 1, keys }));
         for name in DAEMONS {
             let runs_on = if name == "indexer" {
                 DaemonPlacement::AllNodes
@@ -461,8 +471,14 @@ impl Generator {
             4 => AdminCommand::ClearAvoid { node: None },
             _ => AdminCommand::InvalidatePlacement { blob: None },
         };
-        let event = EventKind::Admin { operator: "operator".to_string(), command };
-        self.event(ADMIN_ORIGIN, event)
+        self.signed_admin(command)
+    }
+
+    /// An admin event from the admin origin, signed with the generator's operator key.
+    fn signed_admin(&mut self, command: AdminCommand) -> Event {
+        self.admin_seq += 1;
+        let signed = self.admin_key.sign("operator", self.admin_seq, command);
+        self.event(ADMIN_ORIGIN, EventKind::Admin(Box::new(signed)))
     }
 
     /// Events produced so far.

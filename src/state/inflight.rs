@@ -127,6 +127,13 @@ impl InflightTable {
         Some(self.remove_at(index))
     }
 
+    /// Removes an action its executor gave up on (not the action's fault), as a cancellation.
+    pub fn cancel(&mut self, id: ActionId) -> Option<InflightAction> {
+        let index = self.entries.iter().position(|entry| entry.action.id == id)?;
+        self.cancelled += 1;
+        Some(self.remove_at(index))
+    }
+
     /// Removes and returns the earliest-deadline action (ties: lowest id) if its deadline
     /// is at or before `now_ms`.
     pub fn pop_expired(&mut self, now_ms: u64) -> Option<InflightAction> {

@@ -1,5 +1,6 @@
 //! The folded state: struct-of-arrays tables of nodes, blobs, replicas, daemons and
-//! RTT pairs, plus in-flight actions and rejections, and its 128-bit commitment.
+//! RTT pairs, plus in-flight actions, the operators' keyring and rejections, and its
+//! 128-bit commitment.
 //!
 //! Invariants: the state is a pure function of the records folded into it (see
 //! `fold`); rows are dense and in order of first appearance in the log; hash maps
@@ -11,6 +12,7 @@ pub mod daemons;
 pub mod hash;
 pub mod ids;
 pub mod inflight;
+pub mod keyring;
 pub mod nodes;
 pub mod rejections;
 pub mod rtt;
@@ -24,6 +26,7 @@ use self::daemons::{DaemonTable, SpecTable};
 use self::hash::StateHasher;
 use self::ids::{BlobRow, NodeRow, Reserved, SymbolId};
 use self::inflight::InflightTable;
+use self::keyring::Keyring;
 use self::nodes::NodeTable;
 use self::rejections::Rejections;
 use self::rtt::RttTable;
@@ -85,6 +88,8 @@ pub struct State {
     pub rtt: RttTable,
     pub inflight: InflightTable,
     pub symbols: Symbols,
+    /// The operators' keys whose signed admin events fold applies (see `keyring`).
+    pub keyring: Keyring,
     pub rejections: Rejections,
     pub limits: FoldLimits,
     pub reconcile: ReconcileConfig,
@@ -153,6 +158,7 @@ impl State {
             rtt: RttTable::default(),
             inflight: InflightTable::new(config.reconcile.tracked_inflight_max()),
             symbols: Symbols::default(),
+            keyring: Keyring::default(),
             rejections: Rejections::new(config.fold.rejections_kept_max),
             limits: config.fold,
             reconcile: config.reconcile,
@@ -183,6 +189,7 @@ impl State {
         self.daemons.hash_into(&mut hasher);
         self.rtt.hash_into(&mut hasher);
         self.inflight.hash_into(&mut hasher);
+        self.keyring.hash_into(&mut hasher);
         self.rejections.hash_into(&mut hasher);
         hasher.section("dirty", self.dirty_blobs.len());
         for blob in self.dirty_blobs.iter() {
@@ -259,6 +266,7 @@ impl State {
         }
         assert!(self.symbols.names.len() <= self.limits.symbols_max as usize, "symbols past symbols_max");
         assert!(self.nodes.labels.iter().all(|labels| labels.len() <= self.limits.labels_per_node_max as usize));
+        self.keyring.check_invariants(self.limits.keyring_keys_max, self.limits.admin_keys_seen_max);
         assert!(self.rejections.kept.len() <= self.rejections.kept_max);
         assert_eq!(self.rejections.total, self.rejections.by_reason.iter().sum::<u64>());
     }

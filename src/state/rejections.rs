@@ -62,10 +62,35 @@ pub enum RejectReason {
     InvalidIntent(&'static str),
     /// A table reached its configured row limit.
     TableFull(&'static str),
+    /// An admin event whose signature does not verify with its key (or whose key is
+    /// not an ed25519 public key); carries the key's first 8 bytes in hex.
+    BadAdminSignature(Box<str>),
+    /// An admin event before the keyring's genesis that is not itself a valid genesis
+    /// (`SetKeyring` version 1 signed by one of the keys it installs).
+    AdminWithoutKeyring,
+    /// An admin event signed by a key that is not in the current keyring.
+    UnknownAdminKey(Box<str>),
+    /// An admin sequence number not above the last one applied from the same key
+    /// (a replayed or reordered admin event).
+    AdminReplayed {
+        last: u64,
+        got: u64,
+    },
+    /// A key rotation whose version is not the current version plus one.
+    StaleKeyringVersion {
+        current: u64,
+        got: u64,
+    },
+    /// A key rotation with an empty, duplicated, oversized or malformed key list.
+    InvalidKeyring(&'static str),
+    /// An explicit drop of a blob's only healthy copy.
+    WouldDropLastCopy {
+        blob: BlobHash,
+    },
 }
 
 /// Stable names of the reasons, indexed by `RejectReason::code`.
-pub const REJECT_REASON_NAMES: [&str; 18] = [
+pub const REJECT_REASON_NAMES: [&str; 25] = [
     "bad_payload",
     "unknown_origin",
     "stale_origin_seq",
@@ -84,6 +109,13 @@ pub const REJECT_REASON_NAMES: [&str; 18] = [
     "bad_name",
     "invalid_intent",
     "table_full",
+    "bad_admin_signature",
+    "admin_without_keyring",
+    "unknown_admin_key",
+    "admin_replayed",
+    "stale_keyring_version",
+    "invalid_keyring",
+    "would_drop_last_copy",
 ];
 
 impl RejectReason {
@@ -107,6 +139,13 @@ impl RejectReason {
             RejectReason::BadName { .. } => 15,
             RejectReason::InvalidIntent(_) => 16,
             RejectReason::TableFull(_) => 17,
+            RejectReason::BadAdminSignature(_) => 18,
+            RejectReason::AdminWithoutKeyring => 19,
+            RejectReason::UnknownAdminKey(_) => 20,
+            RejectReason::AdminReplayed { .. } => 21,
+            RejectReason::StaleKeyringVersion { .. } => 22,
+            RejectReason::InvalidKeyring(_) => 23,
+            RejectReason::WouldDropLastCopy { .. } => 24,
         }
     }
 
@@ -148,6 +187,25 @@ impl fmt::Display for RejectReason {
             RejectReason::BadName { bytes, max } => write!(f, "name of {bytes} bytes (must be 1..={max})"),
             RejectReason::InvalidIntent(what) => write!(f, "invalid intent: {what}"),
             RejectReason::TableFull(table) => write!(f, "{table} table is full (raise its limit in the config)"),
+            RejectReason::BadAdminSignature(key) => {
+                write!(f, "admin event signature does not verify with key {key}... (tampered or wrongly signed)")
+            }
+            RejectReason::AdminWithoutKeyring => write!(
+                f,
+                "no keyring yet: the first admin event must be `set-keyring --version 1` signed by one of the keys \
+                 it installs"
+            ),
+            RejectReason::UnknownAdminKey(key) => write!(f, "admin key {key}... is not in the cluster keyring"),
+            RejectReason::AdminReplayed { last, got } => {
+                write!(f, "admin sequence {got} is not above the last applied {last} from this key (replayed)")
+            }
+            RejectReason::StaleKeyringVersion { current, got } => {
+                write!(f, "keyring version {got} is not the current version {current} plus one")
+            }
+            RejectReason::InvalidKeyring(what) => write!(f, "invalid keyring: {what}"),
+            RejectReason::WouldDropLastCopy { blob } => {
+                write!(f, "dropping this copy would remove the last healthy copy of blob {}", blob_hex(blob))
+            }
         }
     }
 }

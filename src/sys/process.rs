@@ -56,17 +56,16 @@ pub fn effective_uid() -> u32 {
 }
 
 /// The start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat),
-/// or `None` if no such process exists. With the pid it names one process for good.
+/// or `None` if no such process is alive (a zombie is dead: it only waits for a
+/// parent to reap it). With the pid it names one process for good.
 pub fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: skip past it.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Whether a process (or zombie) with this pid exists.
-pub fn exists(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if matches!(fields.next()?, "Z" | "X") {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// Fills `bytes` from /dev/urandom.

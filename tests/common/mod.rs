@@ -1,8 +1,12 @@
 //! Shared test helpers: build events tersely, fold records in memory.
 #![allow(dead_code)]
 
+use meshos::admin::OperatorKey;
 use meshos::config::Config;
-use meshos::event::{Capability, Event, EventBatch, EventKind, NodeHealth};
+use meshos::event::{
+    AdminCommand, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventBatch, EventKind, NodeHealth,
+    PlacementIntent, ReplicaState, RestartPolicy,
+};
 use meshos::fold::fold_payload;
 use meshos::sim::gen::{GenOptions, Generator};
 use meshos::state::State;
@@ -11,6 +15,27 @@ use meshos::wire;
 /// An event from `origin` with origin sequence `seq`.
 pub fn event(origin: &str, seq: u64, kind: EventKind) -> Event {
     Event { origin: origin.to_string(), origin_seq: seq, kind }
+}
+
+/// The operator key tests sign with (the simulator's fixed test key).
+pub fn operator_key() -> OperatorKey {
+    meshos::admin::test_key()
+}
+
+/// An admin event from `origin` (origin sequence `seq`), signed by `key` with admin
+/// sequence `admin_seq`.
+pub fn signed_with(key: &OperatorKey, origin: &str, seq: u64, admin_seq: u64, command: AdminCommand) -> Event {
+    event(origin, seq, EventKind::Admin(Box::new(key.sign("ops", admin_seq, command))))
+}
+
+/// An admin event signed by the test operator key, its admin sequence the origin's.
+pub fn admin(origin: &str, seq: u64, command: AdminCommand) -> Event {
+    signed_with(&operator_key(), origin, seq, seq, command)
+}
+
+/// The keyring's genesis: the test operator key installs itself.
+pub fn genesis(origin: &str, seq: u64) -> Event {
+    admin(origin, seq, AdminCommand::SetKeyring { version: 1, keys: vec![operator_key().public_key()] })
 }
 
 pub fn heartbeat(origin: &str, seq: u64) -> Event {
@@ -71,4 +96,82 @@ pub fn fold_generated(records: &[(u64, rkyv::util::AlignedVec<16>)]) -> State {
         fold_payload(&mut state, index as u64 + 1, *time_ms, payload);
     }
     state
+}
+
+/// A small converged cluster as log records: four nodes, the genesis, a daemon on
+/// every node, two blobs with two copies each (b1 on n1 and n2, b2 on n2 and n3).
+pub fn small_cluster_records() -> Vec<Vec<Event>> {
+    let nodes = ["n1", "n2", "n3", "n4"];
+    let mut seq = std::collections::BTreeMap::<&str, u64>::new();
+    let mut next = |node: &'static str| {
+        let value = seq.entry(node).or_insert(0);
+        *value += 1;
+        *value
+    };
+    let mut join = Vec::new();
+    for (index, node) in nodes.iter().enumerate() {
+        join.push(capability(node, next(node), 1, 0, &format!("z{index}")));
+        join.push(event(node, next(node), EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })));
+    }
+    join.push(genesis("n1", next("n1")));
+    let spec = DaemonSpec {
+        name: "web".into(),
+        command: "/bin/web".into(),
+        args: vec![],
+        env: vec![],
+        working_dir: "/".into(),
+        essential: false,
+        health_timeout_ms: 0,
+        restart: RestartPolicy::default(),
+        stop_grace_ms: 100,
+    };
+    let mut intents = vec![event(
+        "n1",
+        next("n1"),
+        EventKind::DaemonIntent { spec: Box::new(spec), runs_on: DaemonPlacement::AllNodes },
+    )];
+    let blobs = [([0xb1; 32], ["n1", "n2"]), ([0xb2; 32], ["n2", "n3"])];
+    for (blob, holders) in blobs {
+        intents.push(event("n1", next("n1"), EventKind::BlobAnnounce { blob, size_bytes: 1 << 20 }));
+        let pinned = holders.iter().map(|node| node.to_string()).collect();
+        let intent = PlacementIntent { blob, replicas: 2, zone_spread: false, pinned };
+        intents.push(event("n1", next("n1"), EventKind::PlacementIntent(intent)));
+    }
+    let mut running = Vec::new();
+    for (pid, node) in nodes.iter().enumerate() {
+        let pid = 100 + pid as u32;
+        running.push(event(
+            node,
+            next(node),
+            EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Started { pid } },
+        ));
+        running.push(event(
+            node,
+            next(node),
+            EventKind::Daemon { daemon: "web".into(), signal: DaemonSignal::Registered { pid } },
+        ));
+    }
+    for (blob, holders) in blobs {
+        for node in holders {
+            running.push(event(node, next(node), EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy }));
+        }
+    }
+    let beats = nodes
+        .iter()
+        .map(|node| event(node, next(node), EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })))
+        .collect();
+    vec![join, intents, running, beats]
+}
+
+/// Writes `small_cluster_records` as a log in `dir` (records 1 s apart); returns the
+/// last position.
+pub fn write_small_cluster_log(dir: &std::path::Path) -> u64 {
+    use meshos::redex::Redex;
+    let config = Config { fsync: meshos::config::FsyncPolicy::Manual, ..Config::default() };
+    let (mut log, _) = meshos::redex::embedded::EmbeddedLog::open(dir, &config).expect("open a new log");
+    for (index, events) in small_cluster_records().iter().enumerate() {
+        let payload = wire::encode_batch(&EventBatch { events: events.clone() });
+        log.append_at(&payload, 1_000_000 + index as u64 * 1_000).expect("append");
+    }
+    log.sync().expect("sync")
 }

@@ -1,0 +1,59 @@
+//! Sending a signed admin event to the local node and confirming what became of it.
+//!
+//! The event goes over the node's Unix socket (`NodeConfig::local_socket_path`) as one
+//! frame asking for an acknowledgement. Local events must name the node as their
+//! origin, and the node's sequencer stamps their `origin_seq` from its own counter, so
+//! the event carries the node's name and origin_seq 0. The ack comes once the record
+//! is durable and gives its log position; the node folds it right after. To say
+//! whether fold applied or rejected the event, `outcome` replays the log read-only up
+//! to that position (the same fold and passes the node ran) and looks for a rejection
+//! at that position.
+//!
+//! Invariants: the signature never covers the origin or origin_seq (the node stamps
+//! them), only the operator, admin_seq and command; nothing here writes to the log
+//! except through the node.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::event::{Event, EventBatch, EventKind, SignedAdmin};
+use crate::sys::client::{Ack, Client};
+
+use super::preview::replay_read_only;
+use super::AdminError;
+
+/// Sends `signed` to the node `node` listening on `socket` and waits up to `timeout`
+/// for the acknowledgement (durable in the node's log).
+pub fn send(socket: &Path, node: &str, signed: SignedAdmin, timeout: Duration) -> Result<Ack, AdminError> {
+    let (mut client, mut replies) = Client::connect_unix(socket)?;
+    let event = Event { origin: node.to_string(), origin_seq: 0, kind: EventKind::Admin(Box::new(signed)) };
+    let seq = client.send(&EventBatch { events: vec![event] }, true)?;
+    Ok(replies.wait_acked(seq, timeout)?)
+}
+
+/// What fold did with the record at a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// (reason name, message).
+    Rejected(&'static str, String),
+    /// The log (read without the lock) does not reach the position yet.
+    NotInLog {
+        log_position: u64,
+    },
+}
+
+/// Replays the log in `dir` read-only through `position` and says whether the events
+/// of that record were applied (the first rejection of the record otherwise).
+pub fn outcome(dir: &Path, config: &Config, position: u64) -> Result<Outcome, AdminError> {
+    let (engine, read) = replay_read_only(dir, config, position)?;
+    if read.last_position < position {
+        return Ok(Outcome::NotInLog { log_position: read.last_position });
+    }
+    let rejection = engine.state.rejections.kept.iter().find(|rejection| rejection.position == position);
+    Ok(match rejection {
+        None => Outcome::Applied,
+        Some(rejection) => Outcome::Rejected(rejection.reason.name(), rejection.reason.to_string()),
+    })
+}
