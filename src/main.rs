@@ -36,16 +36,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a node: ingest over TCP and the SDK socket, the embedded log, fold,
-    /// reconcile and the dispatcher, until SIGTERM or Ctrl-C.
+    /// Run a node: ingest over TCP and the local socket, daemons over the SDK socket,
+    /// the embedded log, fold, reconcile and the executors, until SIGTERM or Ctrl-C.
     ///
     /// At start the node replays its log (DATA_DIR/log) to the state it had, then
-    /// listens on `[ingest] listen_tcp` and the SDK socket, and writes the bound TCP
+    /// listens on `[ingest] listen_tcp`, the local and the SDK sockets, and writes the bound TCP
     /// address to DATA_DIR/node.addr. Every client frame becomes one log record;
     /// records are committed in groups with one fsync, acknowledged once durable, then
     /// folded and reconciled. On SIGTERM it stops accepting, drains every queue,
-    /// commits, fsyncs and exits 0. This build's dispatcher only records what the node
-    /// would run (DATA_DIR/dispatched.log): the executors come later.
+    /// commits, fsyncs and exits 0. Daemon actions run real processes (each in its own
+    /// process group, output in DATA_DIR/daemons/NAME/); every action addressed to the
+    /// node is listed in DATA_DIR/dispatched.log (blob actions wait for the blob store).
+    /// SIGTERM stops the node's daemons first; a restart after a crash stops what the
+    /// previous run left running.
     #[command(after_help = "Example:
   meshos config default > node.toml   # edit name and data_dir
                     meshos node --config node.toml
@@ -98,6 +101,28 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
   meshos admin enter-maintenance node-7 --key ~/.meshos/ops.key --config node.toml"
     )]
     Admin(AdminCommandLine),
+    /// Declare daemons the cluster runs (daemon intents, through the log).
+    ///
+    /// `apply` reads a daemon spec file (TOML: name, command, args, env, working_dir,
+    /// essential, health_timeout_ms, stop_grace_ms, [restart] policy, runs_on) and
+    /// appends it as a daemon intent through the node named by --config; every node
+    /// the spec places it on starts it, restarts it on crashes (with backoff, and a
+    /// crash-loop gate) and stops it when it is removed. Applying a changed spec
+    /// replaces it (running daemons are told to reload their config). `remove` stops it
+    /// everywhere. The daemon's output: DATA_DIR/daemons/NAME/{stdout,stderr}.log.
+    #[command(
+        subcommand,
+        after_help = "Example:
+  cat > cache.toml <<EOF
+  name = \"cache\"
+  command = \"/usr/local/bin/cache-daemon\"
+  health_timeout_ms = 30000
+  runs_on = { label = \"ssd\" }
+  EOF
+  meshos daemon apply cache.toml --config node.toml
+  meshos daemon remove cache --config node.toml"
+    )]
+    Daemon(DaemonCommandLine),
     /// Simulate a cluster under faults and check reconcile's invariants after every pass.
     ///
     /// The simulator is every node's executor: it keeps the ground truth (which node
@@ -257,6 +282,37 @@ enum AdminCommandLine {
         #[command(flatten)]
         common: AdminArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum DaemonCommandLine {
+    /// Append a daemon spec file as a daemon intent.
+    Apply {
+        /// The spec file (TOML); `meshos daemon apply --help` shows the fields.
+        spec: PathBuf,
+        #[command(flatten)]
+        common: DaemonArgs,
+    },
+    /// Remove a daemon: every node stops it (control event, SIGTERM, SIGKILL).
+    Remove {
+        /// The daemon's name.
+        name: String,
+        #[command(flatten)]
+        common: DaemonArgs,
+    },
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// The config of the node to talk to (its name, log and socket).
+    #[arg(long, value_name = "NODE.toml")]
+    config: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// How long to wait for the node's acknowledgement, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -475,6 +531,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Admin(line) => run_admin(line),
+        Command::Daemon(line) => run_daemon(line),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", meshos::node::config::EXAMPLE_TOML);
             Ok(ExitCode::SUCCESS)
@@ -783,6 +840,57 @@ fn run_admin(line: AdminCommandLine) -> anyhow::Result<ExitCode> {
                 ack.position
             ),
         }
+    }
+    Ok(if word == "applied" { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn run_daemon(line: DaemonCommandLine) -> anyhow::Result<ExitCode> {
+    use meshos::event::{DaemonPlacement, DaemonSpec, EventKind};
+    let (kind, name, common) = match line {
+        DaemonCommandLine::Apply { spec, common } => {
+            let (spec, runs_on) = meshos::node::spec_file::load(&spec).map_err(anyhow::Error::msg)?;
+            let name = spec.name.clone();
+            (EventKind::DaemonIntent { spec: Box::new(spec), runs_on }, name, common)
+        }
+        DaemonCommandLine::Remove { name, common } => {
+            // Removal needs only the name: the rest of the spec is kept from the last intent.
+            let spec = DaemonSpec {
+                name: name.clone(),
+                command: String::new(),
+                args: Vec::new(),
+                env: Vec::new(),
+                working_dir: String::new(),
+                essential: false,
+                health_timeout_ms: 0,
+                restart: Default::default(),
+                stop_grace_ms: 10_000,
+            };
+            (EventKind::DaemonIntent { spec: Box::new(spec), runs_on: DaemonPlacement::Nowhere }, name, common)
+        }
+    };
+    let node_config = meshos::node::config::NodeConfig::load(&common.config)?;
+    let config = node_config.to_config();
+    let socket = node_config.local_socket_path();
+    let ack = admin::submit::send_event(&socket, &node_config.name, kind, Duration::from_millis(common.timeout_ms))
+        .with_context(|| format!("cannot send to node `{}` on {}", node_config.name, socket.display()))?;
+    let outcome = admin::submit::outcome(&node_config.log_dir(), &config, ack.position)
+        .with_context(|| format!("appended at position {}, but cannot read the log back", ack.position))?;
+    let (word, message) = match &outcome {
+        admin::submit::Outcome::Applied => ("applied", String::new()),
+        admin::submit::Outcome::Rejected(reason, message) => ("rejected", format!("{reason}: {}", printable(message))),
+        admin::submit::Outcome::NotInLog { .. } => ("unknown", String::new()),
+    };
+    if common.output == Output::Json {
+        println!(
+            "{{\"daemon\":{},\"position\":{},\"outcome\":\"{word}\",\"message\":{}}}",
+            json_string(&name),
+            ack.position,
+            json_string(&message)
+        );
+    } else if word == "rejected" {
+        println!("daemon {name}: appended at log position {} but REJECTED ({message})", ack.position);
+    } else {
+        println!("daemon {name}: appended at log position {} ({word})", ack.position);
     }
     Ok(if word == "applied" { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

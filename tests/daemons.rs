@@ -331,8 +331,22 @@ fn the_example_daemon_stops_on_enter_maintenance_and_comes_back_on_exit() {
 fn a_restarted_node_stops_the_orphans_of_its_previous_run() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path());
-    let sleep = PathBuf::from("/bin/sleep");
-    node.send(vec![spec("sleeper", &sleep, &["600"], 0, Default::default())]);
+    // Declared through the CLI, from a spec file.
+    let spec_file = dir.path().join("sleeper.toml");
+    std::fs::write(&spec_file, "name = \"sleeper\"\ncommand = \"/bin/sleep\"\nargs = [\"600\"]\nstop_grace_ms = 500\n")
+        .unwrap();
+    let applied = Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["daemon", "apply"])
+        .arg(&spec_file)
+        .arg("--config")
+        .arg(dir.path().join("node.toml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&applied.stdout);
+    assert!(
+        applied.status.success() && said.contains("daemon sleeper: appended") && said.contains("(applied)"),
+        "{said}"
+    );
     wait_for(&node, "the daemon to run", || node.pid_file("sleeper").is_some());
     let orphan = node.pid_file("sleeper").unwrap();
     let orphan_ticks = meshos::sys::process::start_ticks(orphan).unwrap();

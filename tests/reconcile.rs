@@ -1082,7 +1082,10 @@ fn a_node_leaving_maintenance_recovers_after_a_fresh_capability_and_its_ramp_up_
     };
     let event = h.ev("b", EventKind::Capability(capability));
     h.step(10, vec![event]);
-    assert_eq!(maintenance_of(&h, "b"), "recovery");
+    assert_eq!(maintenance_of(&h, "b"), "exiting_maintenance", "waits for its round trips measured again");
+    let sample = h.ev("a", EventKind::Rtt { peer: "b".into(), rtt_us: 500 });
+    h.step(10, vec![sample]);
+    assert_eq!(maintenance_of(&h, "b"), "recovery", "one live peer: one fresh pair is enough");
     let b = h.state.nodes.find("b").unwrap().index();
     assert!(!h.state.nodes.eligible[b], "no new copies during the ramp-up window");
     for _ in 0..4 {
@@ -1171,6 +1174,9 @@ fn a_node_leaving_maintenance_waits_for_its_daemons_to_register() {
         "started is not enough: it must register or report health"
     );
     h.web_on("b", 10, DaemonSignal::Registered { pid: 2 });
+    assert_eq!(maintenance_of(&h, "b"), "exiting_maintenance", "and its round trips are not measured yet");
+    let sample = h.ev("b", EventKind::Rtt { peer: "a".into(), rtt_us: 500 });
+    h.step(10, vec![sample]);
     assert_eq!(maintenance_of(&h, "b"), "recovery");
 }
 

@@ -26,8 +26,14 @@ use super::AdminError;
 /// Sends `signed` to the node `node` listening on `socket` and waits up to `timeout`
 /// for the acknowledgement (durable in the node's log).
 pub fn send(socket: &Path, node: &str, signed: SignedAdmin, timeout: Duration) -> Result<Ack, AdminError> {
+    send_event(socket, node, EventKind::Admin(Box::new(signed)), timeout)
+}
+
+/// Sends one event as the node's own (daemon intents from `meshos daemon apply`, admin
+/// events) and waits up to `timeout` for the acknowledgement.
+pub fn send_event(socket: &Path, node: &str, kind: EventKind, timeout: Duration) -> Result<Ack, AdminError> {
     let (mut client, mut replies) = Client::connect_unix(socket)?;
-    let event = Event { origin: node.to_string(), origin_seq: 0, kind: EventKind::Admin(Box::new(signed)) };
+    let event = Event { origin: node.to_string(), origin_seq: 0, kind };
     let seq = client.send(&EventBatch { events: vec![event] }, true)?;
     Ok(replies.wait_acked(seq, timeout)?)
 }

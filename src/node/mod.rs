@@ -3,3 +3,4 @@
 
 pub mod config;
 pub mod run;
+pub mod spec_file;
