@@ -219,6 +219,25 @@ pub struct DaemonSpec {
     pub stop_grace_ms: u32,
 }
 
+impl DaemonSpec {
+    /// A spec with the defaults a spec file gets: no args or env, the daemon's own
+    /// directory as working directory (empty), not essential, no health check, the
+    /// anchors' restart policy, 10 s stop grace.
+    pub fn new(name: &str, command: &str) -> DaemonSpec {
+        DaemonSpec {
+            name: name.to_string(),
+            command: command.to_string(),
+            args: Vec::new(),
+            env: Vec::new(),
+            working_dir: String::new(),
+            essential: false,
+            health_timeout_ms: 0,
+            restart: RestartPolicy::default(),
+            stop_grace_ms: 10_000,
+        }
+    }
+}
+
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub struct EnvVar {

@@ -854,17 +854,7 @@ fn run_daemon(line: DaemonCommandLine) -> anyhow::Result<ExitCode> {
         }
         DaemonCommandLine::Remove { name, common } => {
             // Removal needs only the name: the rest of the spec is kept from the last intent.
-            let spec = DaemonSpec {
-                name: name.clone(),
-                command: String::new(),
-                args: Vec::new(),
-                env: Vec::new(),
-                working_dir: String::new(),
-                essential: false,
-                health_timeout_ms: 0,
-                restart: Default::default(),
-                stop_grace_ms: 10_000,
-            };
+            let spec = DaemonSpec::new(&name, "");
             (EventKind::DaemonIntent { spec: Box::new(spec), runs_on: DaemonPlacement::Nowhere }, name, common)
         }
     };

@@ -116,15 +116,11 @@ fn wait_for(node: &Node, what: &str, mut done: impl FnMut() -> bool) {
 fn spec(name: &str, command: &Path, args: &[&str], health_timeout_ms: u32, restart: RestartPolicy) -> EventKind {
     EventKind::DaemonIntent {
         spec: Box::new(DaemonSpec {
-            name: name.to_string(),
-            command: command.display().to_string(),
             args: args.iter().map(|arg| arg.to_string()).collect(),
-            env: Vec::new(),
-            working_dir: String::new(),
-            essential: false,
             health_timeout_ms,
             restart,
             stop_grace_ms: 1_000,
+            ..DaemonSpec::new(name, &command.display().to_string())
         }),
         runs_on: DaemonPlacement::AllNodes,
     }

@@ -19,15 +19,10 @@ const OTHER_BLOB: BlobHash = [9; 32];
 
 fn spec(name: &str) -> DaemonSpec {
     DaemonSpec {
-        name: name.into(),
-        command: "/bin/true".into(),
-        args: vec![],
-        env: vec![],
         working_dir: "/".into(),
-        essential: false,
         health_timeout_ms: 1000,
-        restart: RestartPolicy::default(),
         stop_grace_ms: 100,
+        ..DaemonSpec::new(name, "/bin/true")
     }
 }
 

@@ -210,17 +210,7 @@ fn a_rejoining_node_is_fenced_until_verified() {
 fn daemons_start_where_wanted_and_stop_when_removed() {
     let mut h = Harness::new(ReconcileConfig::default());
     h.join(&["a", "b"]);
-    let spec = DaemonSpec {
-        name: "web".into(),
-        command: "/bin/web".into(),
-        args: vec![],
-        env: vec![],
-        working_dir: "/".into(),
-        essential: false,
-        health_timeout_ms: 0,
-        restart: RestartPolicy::default(),
-        stop_grace_ms: 1_000,
-    };
+    let spec = web_spec(0);
     let intent =
         h.ev("a", EventKind::DaemonIntent { spec: Box::new(spec.clone()), runs_on: DaemonPlacement::AllNodes });
     assert_eq!(h.step(100, vec![intent]), strings(&["a: start_daemon web", "b: start_daemon web"]));
@@ -240,15 +230,10 @@ fn daemons_start_where_wanted_and_stop_when_removed() {
 
 fn web_spec(health_timeout_ms: u32) -> DaemonSpec {
     DaemonSpec {
-        name: "web".into(),
-        command: "/bin/web".into(),
-        args: vec![],
-        env: vec![],
         working_dir: "/".into(),
-        essential: false,
         health_timeout_ms,
-        restart: RestartPolicy::default(),
         stop_grace_ms: 1_000,
+        ..DaemonSpec::new("web", "/bin/web")
     }
 }
 

@@ -31,7 +31,7 @@ use crate::action::{Action, ActionKind};
 use crate::config::{Config, ReconcileConfig};
 use crate::event::{
     AdminCommand, BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventBatch, EventKind,
-    NodeHealth, Outcome, PlacementIntent, ReplicaState, RestartPolicy,
+    NodeHealth, Outcome, PlacementIntent, ReplicaState,
 };
 use crate::fold::fold_payload;
 use crate::reconcile::{Reconciler, Scope};
@@ -302,15 +302,10 @@ fn node_name(node: usize) -> String {
 
 fn daemon_spec(name: &str) -> DaemonSpec {
     DaemonSpec {
-        name: name.to_string(),
-        command: format!("/usr/local/bin/{name}"),
-        args: vec![],
-        env: vec![],
         working_dir: "/var/lib/meshos".to_string(),
         essential: name == "indexer",
-        health_timeout_ms: 0,
-        restart: RestartPolicy::default(),
         stop_grace_ms: 5_000,
+        ..DaemonSpec::new(name, &format!("/usr/local/bin/{name}"))
     }
 }
 

@@ -17,7 +17,7 @@
 use crate::config::FoldLimits;
 use crate::event::{
     AdminCommand, BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, EnvVar, Event, EventBatch,
-    EventKind, NodeHealth, NodeStatus, PlacementIntent, ReplicaState, RestartPolicy,
+    EventKind, NodeHealth, NodeStatus, PlacementIntent, ReplicaState,
 };
 use crate::sim::rng::Rng;
 
@@ -224,15 +224,12 @@ impl Generator {
 
     fn daemon_spec(name: &str) -> DaemonSpec {
         DaemonSpec {
-            name: name.to_string(),
-            command: format!("/usr/local/bin/{name}"),
             args: vec!["--serve".to_string()],
             env: vec![EnvVar { key: "RUST_LOG".to_string(), value: "info".to_string() }],
             working_dir: "/var/lib/meshos".to_string(),
             essential: name == "indexer",
             health_timeout_ms: 30_000,
-            restart: RestartPolicy::default(),
-            stop_grace_ms: 10_000,
+            ..DaemonSpec::new(name, &format!("/usr/local/bin/{name}"))
         }
     }
 

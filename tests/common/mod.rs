@@ -5,7 +5,7 @@ use meshos::admin::OperatorKey;
 use meshos::config::Config;
 use meshos::event::{
     AdminCommand, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventBatch, EventKind, NodeHealth,
-    PlacementIntent, ReplicaState, RestartPolicy,
+    PlacementIntent, ReplicaState,
 };
 use meshos::fold::fold_payload;
 use meshos::sim::gen::{GenOptions, Generator};
@@ -114,17 +114,7 @@ pub fn small_cluster_records() -> Vec<Vec<Event>> {
         join.push(event(node, next(node), EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })));
     }
     join.push(genesis("n1", next("n1")));
-    let spec = DaemonSpec {
-        name: "web".into(),
-        command: "/bin/web".into(),
-        args: vec![],
-        env: vec![],
-        working_dir: "/".into(),
-        essential: false,
-        health_timeout_ms: 0,
-        restart: RestartPolicy::default(),
-        stop_grace_ms: 100,
-    };
+    let spec = DaemonSpec { working_dir: "/".into(), stop_grace_ms: 100, ..DaemonSpec::new("web", "/bin/web") };
     let mut intents = vec![event(
         "n1",
         next("n1"),
