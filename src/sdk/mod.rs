@@ -276,3 +276,117 @@ impl Daemon {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The SDK against a scripted node on a real Unix socket: typed errors,
+    //! reconnection, control events kept while a call waits.
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A scripted node: reads one request per step and answers with the step's replies.
+    fn node(listener: UnixListener, script: Vec<Vec<Vec<ToDaemon>>>) -> std::thread::JoinHandle<Vec<ToNode>> {
+        std::thread::spawn(move || {
+            let mut heard = Vec::new();
+            let connections = script.len();
+            for (index, connection) in script.into_iter().enumerate() {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut input = Vec::new();
+                for replies in connection {
+                    let message = loop {
+                        if let Some((body, consumed)) = proto::split_frame(&input).unwrap() {
+                            let message = proto::decode_to_node(body).unwrap();
+                            input.drain(..consumed);
+                            break message;
+                        }
+                        let mut chunk = [0u8; 256];
+                        let read = stream.read(&mut chunk).unwrap();
+                        assert!(read > 0, "the daemon hung up early");
+                        input.extend_from_slice(&chunk[..read]);
+                    };
+                    heard.push(message);
+                    let mut out = Vec::new();
+                    for reply in replies {
+                        proto::encode_to_daemon(&reply, &mut out).unwrap();
+                    }
+                    stream.write_all(&out).unwrap();
+                }
+                if index + 1 == connections {
+                    // The last connection stays open (silent) past any call timeout.
+                    std::thread::sleep(Duration::from_millis(800));
+                }
+                // Dropping the stream here is the node going away.
+            }
+            heard
+        })
+    }
+
+    fn options(path: &Path) -> Options {
+        Options {
+            socket: path.to_path_buf(),
+            token: "t0k3n".to_string(),
+            call_timeout: Duration::from_millis(500),
+            reconnect_wait: Duration::from_secs(2),
+        }
+    }
+
+    fn welcome() -> ToDaemon {
+        ToDaemon::Welcome { node: "node-1".into(), daemon: "web".into() }
+    }
+
+    #[test]
+    fn calls_reconnect_after_the_node_goes_away_and_keep_control_events() {
+        let dir = std::env::temp_dir().join(format!("meshos-sdk-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("reconnect.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let script = vec![
+            // First connection: welcome, then a health report answered after a control event.
+            vec![vec![welcome()], vec![ToDaemon::Control(Control::ReloadConfig), ToDaemon::Ok]],
+            // The node came back: welcome again, then the retried call.
+            vec![vec![welcome()], vec![ToDaemon::Ok]],
+        ];
+        let server = node(listener, script);
+        let mut daemon = register_daemon_with(options(&path)).unwrap();
+        assert_eq!((daemon.node(), daemon.name()), ("node-1", "web"));
+        daemon.report_health(true).unwrap();
+        // The node closed the first connection: this call reconnects and is answered.
+        daemon.report_saturation(2_000).unwrap();
+        assert_eq!(daemon.next_control_timeout(Duration::ZERO).unwrap(), Some(Control::ReloadConfig), "kept");
+        drop(daemon);
+        let heard = server.join().unwrap();
+        let hello = ToNode::Hello { token: "t0k3n".into() };
+        let expected =
+            vec![hello.clone(), ToNode::Health { healthy: true }, hello, ToNode::Saturation { permille: 1000 }];
+        assert_eq!(heard, expected, "saturation is capped at 1000");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn every_failure_is_a_typed_error() {
+        let dir = std::env::temp_dir().join(format!("meshos-sdk-errors-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("errors.sock");
+        let _ = std::fs::remove_file(&path);
+        let error = register_daemon_with(options(&path)).err().expect("nobody listens");
+        assert!(matches!(error, SdkError::SocketGone { .. }), "{error}");
+
+        let listener = UnixListener::bind(&path).unwrap();
+        let refused = vec![vec![vec![ToDaemon::Rejected { reason: "unknown token".into() }]]];
+        let server = node(listener.try_clone().unwrap(), refused);
+        let error = register_daemon_with(options(&path)).err().expect("refused");
+        assert!(matches!(&error, SdkError::Rejected(reason) if reason == "unknown token"), "{error}");
+        server.join().unwrap();
+
+        // Welcome, then silence: the call times out.
+        let silent = vec![vec![vec![welcome()], vec![]]];
+        let server = node(listener, silent);
+        let mut daemon = register_daemon_with(options(&path)).unwrap();
+        let error = daemon.report_health(true).err().expect("no answer");
+        assert!(matches!(error, SdkError::TimedOut(_)), "{error}");
+        drop(daemon);
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
