@@ -773,8 +773,21 @@ fn daemon_intent(
     runs_on: &ArchivedDaemonPlacement,
 ) -> Applied {
     check_name(spec.name.as_str(), state)?;
-    let restart = &spec.restart;
+    let name = spec.name.as_str();
+    // The name is a directory on every node (DATA_DIR/daemons/NAME).
+    if name.contains(['/', '\0']) || name == "." || name == ".." {
+        return Err(RejectReason::InvalidIntent("daemon name must not contain '/' or NUL, nor be . or .."));
+    }
     let removal = matches!(runs_on, ArchivedDaemonPlacement::Nowhere);
+    if let (true, Some(row)) = (removal, state.specs.find(name)) {
+        // A removal names the daemon only: the declared spec (its stop grace above all)
+        // stays, and running daemons are not told to reload.
+        state.specs.runs_on[row.index()] = SpecPlacement::Nowhere;
+        state.specs.intent_ms[row.index()] = state.now_ms;
+        state.daemons_dirty = true;
+        return Ok(());
+    }
+    let restart = &spec.restart;
     if !removal && spec.command.is_empty() {
         return Err(RejectReason::InvalidIntent("daemon command is empty"));
     }

@@ -55,7 +55,15 @@ pub struct DaemonExecConfig {
     pub log_bytes_max: u64,
     pub log_files_kept: u32,
     pub report_interval_ms: u32,
+    /// Labels a daemon may publish, and their length: what fold accepts.
+    pub labels_max: u32,
+    pub label_bytes_max: u32,
 }
+
+/// Unregistered SDK connections are closed after this long (a slot held by nobody).
+const UNREGISTERED_IDLE: Duration = Duration::from_secs(10);
+/// SDK messages the executor handles per call of `on_sdk_batch`.
+pub const SDK_MESSAGES_PER_TICK_MAX: usize = 1024;
 
 /// Counters, for the node's stats line and tests.
 #[derive(Debug, Default, Clone)]
@@ -70,6 +78,45 @@ pub struct DaemonExecStats {
     pub registrations_refused: u64,
     pub reports: u64,
     pub reports_coalesced: u64,
+    pub labels_refused: u64,
+}
+
+/// One kind of report (health or saturation) under the rate limit: at most one event
+/// per interval; a value that arrives inside the interval waits for its end.
+#[derive(Debug, Default, Clone, Copy)]
+struct Limited<T> {
+    logged: Option<(T, Instant)>,
+    waiting: Option<T>,
+}
+
+impl<T: Copy + PartialEq> Limited<T> {
+    /// The value to log now, if any.
+    fn report(&mut self, value: T, now: Instant, interval: Duration) -> Option<T> {
+        match self.logged {
+            Some((_, at)) if now.duration_since(at) < interval => {
+                self.waiting = Some(value);
+                None
+            }
+            _ => {
+                self.logged = Some((value, now));
+                self.waiting = None;
+                Some(value)
+            }
+        }
+    }
+
+    /// A waiting value whose interval is over, if it differs from the last logged one.
+    fn due(&mut self, now: Instant, interval: Duration) -> Option<T> {
+        let (last, at) = self.logged?;
+        if now.duration_since(at) < interval {
+            return None;
+        }
+        let value = self.waiting.take()?;
+        (value != last).then(|| {
+            self.logged = Some((value, now));
+            value
+        })
+    }
 }
 
 struct Stopping {
@@ -91,8 +138,8 @@ struct Supervised {
     connection: Option<ConnectionId>,
     registered: bool,
     labels: Vec<String>,
-    last_health: Option<(bool, Instant)>,
-    last_saturation: Option<(u16, Instant)>,
+    health: Limited<bool>,
+    saturation: Limited<u16>,
     stopping: Option<Stopping>,
     output: Vec<std::thread::JoinHandle<()>>,
 }
@@ -100,8 +147,8 @@ struct Supervised {
 pub struct DaemonExecutor {
     config: DaemonExecConfig,
     running: HashMap<String, Supervised>,
-    /// Connections that have not registered: their peer's pid and uid.
-    unregistered: HashMap<ConnectionId, (u32, u32)>,
+    /// Connections that have not registered: their peer's pid and uid, and since when.
+    unregistered: HashMap<ConnectionId, (u32, u32, Instant)>,
     uid: u32,
     /// The node is stopping: nothing new starts.
     node_stopping: bool,
@@ -254,8 +301,11 @@ impl DaemonExecutor {
                     }
                     return;
                 };
-                if daemon.stopping.is_some() {
-                    out.push(outcome(action.id, Err(format!("{} is already stopping", spec.name))));
+                if let Some(stopping) = daemon.stopping.as_mut() {
+                    // Already stopping (the node is shutting down, or the action that
+                    // began it timed out in the log): this action ends with the process.
+                    stopping.action = Some(action.id);
+                    stopping.restart = restart.then(|| spec.clone());
                     return;
                 }
                 let control = if restart { Control::Restart } else { Control::Shutdown };
@@ -302,7 +352,7 @@ impl DaemonExecutor {
         let ticks = process::start_ticks(pid).unwrap_or(0);
         // Without its pid file a crash of the node would leave an orphan nobody stops.
         if let Err(error) = write_pid_file(&dir.join(PID_FILE), pid, ticks) {
-            process::signal_group(pid, SIGKILL);
+            process::signal_child_and_group(pid, SIGKILL);
             let _ = child.wait();
             return Err(format!("{}: {error}", dir.join(PID_FILE).display()));
         }
@@ -324,8 +374,8 @@ impl DaemonExecutor {
                 connection: None,
                 registered: false,
                 labels: Vec::new(),
-                last_health: None,
-                last_saturation: None,
+                health: Limited::default(),
+                saturation: Limited::default(),
                 stopping: None,
                 output,
             },
@@ -342,23 +392,45 @@ impl DaemonExecutor {
                 if !stopping.term_sent && elapsed >= stopping.grace / 2 {
                     stopping.term_sent = true;
                     tracing::info!(daemon = name, pid = daemon.pid, "stop: SIGTERM");
-                    process::signal_group(daemon.pid, SIGTERM);
+                    process::signal_child_and_group(daemon.pid, SIGTERM);
                 }
                 if !stopping.kill_sent && elapsed >= stopping.grace {
                     stopping.kill_sent = true;
                     self.stats.kills += 1;
                     tracing::warn!(daemon = name, pid = daemon.pid, "stop: grace over, SIGKILL");
-                    process::signal_group(daemon.pid, SIGKILL);
+                    process::signal_child_and_group(daemon.pid, SIGKILL);
                 }
             }
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                ended.push((name.clone(), status));
+            match daemon.child.try_wait() {
+                Ok(Some(status)) => ended.push((name.clone(), Some(status))),
+                Ok(None) => {}
+                // ECHILD: somebody else reaped it (SIGCHLD ignored by the process); it
+                // is gone, how it ended is unknown.
+                Err(_) => ended.push((name.clone(), None)),
+            }
+            let interval = Duration::from_millis(self.config.report_interval_ms as u64);
+            if let Some(healthy) = daemon.health.due(now, interval) {
+                out.push(daemon_event(name, DaemonSignal::Health { healthy }));
+                self.stats.reports += 1;
+            }
+            if let Some(permille) = daemon.saturation.due(now, interval) {
+                out.push(daemon_event(name, DaemonSignal::Saturation { permille }));
+                self.stats.reports += 1;
             }
         }
         for (name, status) in ended {
             let daemon = self.running.remove(&name).expect("listed above");
-            self.reaped(&name, daemon, status, sdk, out);
+            self.reaped(&name, daemon, status, state, sdk, out);
         }
+        // A connection that never registered gives its slot back.
+        self.unregistered.retain(|&connection, &mut (_, _, since)| {
+            let idle = now.saturating_duration_since(since) >= UNREGISTERED_IDLE;
+            if idle {
+                sdk.send(connection, Some(ToDaemon::Rejected { reason: "no hello within 10 s".to_string() }));
+                sdk.send(connection, None);
+            }
+            !idle
+        });
         // A spec changed while its daemon runs: tell it to read its config again.
         for (name, daemon) in self.running.iter_mut() {
             let Some(spec) = state.specs.find(name) else { continue };
@@ -376,7 +448,8 @@ impl DaemonExecutor {
         &mut self,
         name: &str,
         mut daemon: Supervised,
-        status: std::process::ExitStatus,
+        status: Option<std::process::ExitStatus>,
+        state: &State,
         sdk: &SdkHandle,
         out: &mut Vec<EventKind>,
     ) {
@@ -394,7 +467,7 @@ impl DaemonExecutor {
         match daemon.stopping.take() {
             Some(stopping) => {
                 self.stats.stops += 1;
-                let signal = if stopping.kill_sent && status.signal() == Some(SIGKILL) {
+                let signal = if stopping.kill_sent && status.and_then(|status| status.signal()) == Some(SIGKILL) {
                     DaemonSignal::Crashed { signal: SIGKILL }
                 } else {
                     DaemonSignal::Stopped
@@ -405,7 +478,12 @@ impl DaemonExecutor {
                     // Left in flight (see `dispatch`); the next run cancels it.
                     (Some(_), Some(_)) if self.node_stopping => {}
                     (Some(action), Some(spec)) => {
-                        let result = self.spawn(&spec, daemon.spec_generation, out);
+                        // The spec as it is now: it may have changed during the stop.
+                        let current = state.specs.find(&spec.name).map(|row| row.index());
+                        let result = match current {
+                            Some(row) => self.spawn(&state.specs.spec[row], state.specs.generation[row], out),
+                            None => self.spawn(&spec, daemon.spec_generation, out),
+                        };
                         out.push(outcome(action, result));
                     }
                     (Some(action), None) => out.push(outcome(action, Ok(()))),
@@ -413,7 +491,8 @@ impl DaemonExecutor {
                 }
             }
             None => {
-                let signal = match (status.code(), status.signal()) {
+                let code = status.and_then(|status| status.code());
+                let signal = match (code, status.and_then(|status| status.signal())) {
                     (Some(code), _) => DaemonSignal::Exited { code },
                     (None, Some(signal)) => DaemonSignal::Crashed { signal },
                     (None, None) => DaemonSignal::Exited { code: -1 },
@@ -441,7 +520,7 @@ impl DaemonExecutor {
     pub fn on_sdk(&mut self, inbound: Inbound, sdk: &SdkHandle, out: &mut Vec<EventKind>) {
         match inbound {
             Inbound::Connected { connection, pid, uid } => {
-                self.unregistered.insert(connection, (pid, uid));
+                self.unregistered.insert(connection, (pid, uid, Instant::now()));
             }
             Inbound::Closed { connection } => {
                 self.unregistered.remove(&connection);
@@ -475,7 +554,7 @@ impl DaemonExecutor {
             tracing::warn!(connection, "SDK registration refused: {reason}");
             ToDaemon::Rejected { reason }
         };
-        let Some(&(peer_pid, peer_uid)) = self.unregistered.get(&connection) else {
+        let Some(&(peer_pid, peer_uid, _)) = self.unregistered.get(&connection) else {
             return refuse(&mut self.stats, "this connection already registered".to_string());
         };
         if peer_uid != self.uid {
@@ -509,33 +588,34 @@ impl DaemonExecutor {
                 reason: "register first (hello with the token from MESHOS_DAEMON_TOKEN)".to_string(),
             };
         };
-        // Unchanged values are logged at most once per interval: enough for health
-        // timeouts (a spec's timeout is well above it), bounded for the log.
-        fn due<T: PartialEq>(last: Option<(T, Instant)>, value: T, now: Instant, interval: Duration) -> bool {
-            last.is_none_or(|(previous, at)| previous != value || now.duration_since(at) >= interval)
-        }
+        // At most one event per kind per interval: a daemon flapping its health or
+        // jittering its load cannot grow the log faster than that.
         match message {
             ToNode::Hello { .. } => unreachable!("handled by register"),
-            ToNode::Health { healthy } => {
-                if due(daemon.last_health, healthy, now, interval) {
-                    daemon.last_health = Some((healthy, now));
+            ToNode::Health { healthy } => match daemon.health.report(healthy, now, interval) {
+                Some(healthy) => {
                     out.push(daemon_event(name, DaemonSignal::Health { healthy }));
                     self.stats.reports += 1;
-                } else {
-                    self.stats.reports_coalesced += 1;
                 }
-            }
-            ToNode::Saturation { permille } => {
-                let permille = permille.min(1000);
-                if due(daemon.last_saturation, permille, now, interval) {
-                    daemon.last_saturation = Some((permille, now));
+                None => self.stats.reports_coalesced += 1,
+            },
+            ToNode::Saturation { permille } => match daemon.saturation.report(permille.min(1000), now, interval) {
+                Some(permille) => {
                     out.push(daemon_event(name, DaemonSignal::Saturation { permille }));
                     self.stats.reports += 1;
-                } else {
-                    self.stats.reports_coalesced += 1;
                 }
-            }
+                None => self.stats.reports_coalesced += 1,
+            },
             ToNode::Capabilities { mut labels } => {
+                let (labels_max, bytes_max) = (self.config.labels_max as usize, self.config.label_bytes_max as usize);
+                if labels.len() > labels_max {
+                    self.stats.labels_refused += 1;
+                    return ToDaemon::Rejected { reason: format!("{} labels; at most {labels_max}", labels.len()) };
+                }
+                if let Some(bad) = labels.iter().find(|label| label.is_empty() || label.len() > bytes_max) {
+                    self.stats.labels_refused += 1;
+                    return ToDaemon::Rejected { reason: format!("label {bad:?} must be 1..={bytes_max} bytes") };
+                }
                 labels.sort();
                 labels.dedup();
                 daemon.labels = labels;
@@ -548,6 +628,19 @@ impl DaemonExecutor {
     }
 }
 
+impl Drop for DaemonExecutor {
+    /// A node that stops without `stop_all` (an error) leaves nothing running: what is
+    /// left is killed and reaped (no events: the next start reports it stopped).
+    fn drop(&mut self) {
+        for (name, daemon) in self.running.iter_mut() {
+            tracing::warn!(daemon = name, pid = daemon.pid, "node stopping on an error: SIGKILL");
+            process::signal_child_and_group(daemon.pid, SIGKILL);
+            let _ = daemon.child.wait();
+            let _ = std::fs::remove_file(self.config.daemons_dir.join(name).join(PID_FILE));
+        }
+    }
+}
+
 fn begin_stop(daemon: &mut Supervised, action: Option<ActionId>, grace: Duration, control: Control, sdk: &SdkHandle) {
     let began = Instant::now();
     let mut stopping = Stopping { action, began, grace, term_sent: false, kill_sent: false, restart: None };
@@ -556,7 +649,7 @@ fn begin_stop(daemon: &mut Supervised, action: Option<ActionId>, grace: Duration
         None => {
             // No way to ask it politely: SIGTERM now.
             stopping.term_sent = true;
-            process::signal_group(daemon.pid, SIGTERM);
+            process::signal_child_and_group(daemon.pid, SIGTERM);
         }
     }
     tracing::info!(pid = daemon.pid, ?control, grace_ms = grace.as_millis() as u64, "stopping");

@@ -340,6 +340,8 @@ impl NodeConfig {
             log_bytes_max: self.daemons.log_bytes_max,
             log_files_kept: self.daemons.log_files_kept,
             report_interval_ms: self.daemons.report_interval_ms,
+            labels_max: self.fold.labels_per_node_max.saturating_sub(self.capability.labels.len() as u32),
+            label_bytes_max: self.fold.name_bytes_max,
         }
     }
 

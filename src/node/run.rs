@@ -137,7 +137,8 @@ impl Executors {
     /// Serves the SDK, reaps and escalates, publishes the capability set; queues the
     /// resulting events on the sequencer.
     fn tick(&mut self, state: &State, name: &str, sequencer: &mut Sequencer) {
-        while let Ok(inbound) = self.sdk.inbound.try_recv() {
+        // Bounded per tick: a daemon pipelining requests cannot keep the loop here.
+        for inbound in self.sdk.inbound.try_iter().take(crate::exec::daemons::SDK_MESSAGES_PER_TICK_MAX) {
             self.daemons.on_sdk(inbound, &self.sdk, &mut self.events);
         }
         self.daemons.poll(Instant::now(), state, &self.sdk, &mut self.events);
@@ -164,14 +165,25 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), NodeError> {
 pub struct Background {
     pub addr: std::net::SocketAddr,
     stop: StopFlag,
-    thread: std::thread::JoinHandle<Result<NodeReport, NodeError>>,
+    thread: Option<std::thread::JoinHandle<Result<NodeReport, NodeError>>>,
 }
 
 impl Background {
     /// Stops the node as SIGTERM would and returns its report.
-    pub fn stop(self) -> Result<NodeReport, NodeError> {
+    pub fn stop(mut self) -> Result<NodeReport, NodeError> {
         self.stop.set();
-        self.thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        let thread = self.thread.take().expect("joined once");
+        thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+impl Drop for Background {
+    /// A node dropped without `stop` still stops cleanly (its daemons with it).
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop.set();
+            let _ = thread.join();
+        }
     }
 }
 
@@ -187,7 +199,7 @@ pub fn spawn(config: NodeConfig) -> Result<Background, NodeError> {
             .map_err(|source| NodeError::Io { path: PathBuf::from("<thread>"), source })?
     };
     match ready_rx.recv() {
-        Ok(addr) => Ok(Background { addr, stop, thread }),
+        Ok(addr) => Ok(Background { addr, stop, thread: Some(thread) }),
         // The sender is gone before the node listened: it failed; its error says why.
         Err(_) => Err(thread
             .join()
@@ -239,6 +251,7 @@ fn run_until(
         engine.state.nodes.find(&config.name).is_some_and(|row| engine.state.nodes.backpressure[row.index()]);
     let mut sequencer = Sequencer::new(config.sequencer_config(), own_seq_last, backpressure_raised);
     let signal = Signal::new();
+    crate::sys::process::reset_child_signal();
     let mut daemons = DaemonExecutor::new(config.daemon_exec_config());
     let orphans = daemons.stop_orphans(&engine.state);
     if orphans > 0 {

@@ -95,6 +95,16 @@ pub struct Daemon {
     controls: VecDeque<Control>,
     node: String,
     name: String,
+    /// A call timed out or the node sent bad bytes: an answer may still be in flight,
+    /// so the connection is replaced before the next call (answers are never paired
+    /// with the wrong call).
+    stale: bool,
+}
+
+/// `now + timeout`, or a year from now when that does not fit (`Duration::MAX`).
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// Registers the calling process with the node that started it, using the environment.
@@ -113,6 +123,7 @@ pub fn register_daemon_with(options: Options) -> Result<Daemon, SdkError> {
         controls: VecDeque::new(),
         node: String::new(),
         name: String::new(),
+        stale: false,
     };
     daemon.hello()?;
     Ok(daemon)
@@ -163,7 +174,10 @@ impl Daemon {
         if let Some(control) = self.controls.pop_front() {
             return Ok(Some(control));
         }
-        let deadline = Instant::now() + timeout;
+        if self.stale {
+            self.reconnect()?;
+        }
+        let deadline = deadline_after(timeout);
         loop {
             match self.read_message(deadline) {
                 Ok(Some(ToDaemon::Control(control))) => return Ok(Some(control)),
@@ -178,7 +192,10 @@ impl Daemon {
                         return Ok(None);
                     }
                 }
-                Err(error) => return Err(error),
+                Err(error) => {
+                    self.stale |= matches!(error, SdkError::Protocol(_));
+                    return Err(error);
+                }
             }
         }
     }
@@ -208,6 +225,7 @@ impl Daemon {
                 Ok(stream) => {
                     self.stream = stream;
                     self.input.clear();
+                    self.stale = false;
                     return self.hello();
                 }
                 Err(error) if Instant::now() >= deadline => return Err(error),
@@ -218,6 +236,9 @@ impl Daemon {
 
     /// Sends a request and waits for its `Ok` (reconnecting once if the node went away).
     fn call(&mut self, message: &ToNode) -> Result<(), SdkError> {
+        if self.stale {
+            self.reconnect()?;
+        }
         let answer = match self.exchange(message) {
             Err(SdkError::SocketGone { .. }) => {
                 self.reconnect()?;
@@ -238,12 +259,19 @@ impl Daemon {
         proto::encode_to_node(message, &mut self.output)?;
         let socket = &self.options.socket;
         self.stream.write_all(&self.output).map_err(|source| SdkError::SocketGone { path: socket.clone(), source })?;
-        let deadline = Instant::now() + self.options.call_timeout;
+        let deadline = deadline_after(self.options.call_timeout);
         loop {
-            match self.read_message(deadline)? {
-                Some(ToDaemon::Control(control)) => self.controls.push_back(control),
-                Some(answer) => return Ok(answer),
-                None => return Err(SdkError::TimedOut(self.options.call_timeout)),
+            match self.read_message(deadline) {
+                Ok(Some(ToDaemon::Control(control))) => self.controls.push_back(control),
+                Ok(Some(answer)) => return Ok(answer),
+                Ok(None) => {
+                    self.stale = true;
+                    return Err(SdkError::TimedOut(self.options.call_timeout));
+                }
+                Err(error) => {
+                    self.stale = matches!(error, SdkError::Protocol(_));
+                    return Err(error);
+                }
             }
         }
     }
@@ -383,7 +411,7 @@ mod tests {
         let silent = vec![vec![vec![welcome()], vec![]]];
         let server = node(listener, silent);
         let mut daemon = register_daemon_with(options(&path)).unwrap();
-        let error = daemon.report_health(true).err().expect("no answer");
+        let error = daemon.report_health(true).expect_err("no answer");
         assert!(matches!(error, SdkError::TimedOut(_)), "{error}");
         drop(daemon);
         server.join().unwrap();

@@ -9,8 +9,12 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-/// Spawns `command` as the leader of a new process group, stdin from /dev/null and
-/// stdout/stderr piped (the executor copies them into rotating files).
+/// Spawns `command` as the leader of a new session (and so of a new process group
+/// whose id is its pid), stdin from /dev/null and stdout/stderr piped (the executor
+/// copies them into rotating files). A session leader cannot move to another group,
+/// and no process of another session can join its group: signalling the group always
+/// reaches the daemon and only what it started, and the group proves who it started
+/// (SDK registration).
 pub fn spawn_in_group(
     program: &str,
     args: &[String],
@@ -25,18 +29,43 @@ pub fn spawn_in_group(
         .current_dir(working_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // setsid(2), which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| if libc::setsid() < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+    }
     command.spawn()
 }
 
-/// Sends `signal` to every process in the group led by `leader`; false if none is left.
+/// Sends `signal` to every process in the group led by `leader`; false if none is
+/// left. Safe after the leader was reaped: a pid is not reused while its group lives.
 pub fn signal_group(leader: u32, signal: i32) -> bool {
     if leader <= 1 || leader > i32::MAX as u32 {
         return false;
     }
     // SAFETY: kill(2) with a negative pid signals a process group; it reads no memory.
     unsafe { libc::kill(-(leader as i32), signal) == 0 }
+}
+
+/// Sends `signal` to the group led by `child` and to `child` itself (in case it left
+/// the group). Only for a child not yet reaped, whose pid cannot have been reused.
+pub fn signal_child_and_group(child: u32, signal: i32) -> bool {
+    let group = signal_group(child, signal);
+    if child <= 1 || child > i32::MAX as u32 {
+        return group;
+    }
+    // SAFETY: kill(2) takes plain integers and reads no memory.
+    let leader = unsafe { libc::kill(child as i32, signal) == 0 };
+    group || leader
+}
+
+/// Puts SIGCHLD back to its default action. A parent that ignored it (the setting
+/// survives exec) would make the kernel reap the node's children itself, and the
+/// executor would never see how its daemons end.
+pub fn reset_child_signal() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler and reads no memory.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
 }
 
 /// The process group of `pid`, if the process exists.

@@ -130,6 +130,7 @@ pub fn start(path: &Path, connections_max: u32, signal: Arc<Signal>) -> Result<S
         connections_max: connections_max as usize,
         next_connection: FIRST_CONNECTION as u64,
         inbound: inbound_tx,
+        backlog: std::collections::VecDeque::new(),
         outbound: outbound_rx,
         signal,
     };
@@ -147,6 +148,9 @@ struct Server {
     connections_max: usize,
     next_connection: u64,
     inbound: SyncSender<Inbound>,
+    /// Ends of connections (closed, malformed) that found the inbound channel full:
+    /// delivered before anything else, in order, as soon as there is room.
+    backlog: std::collections::VecDeque<Inbound>,
     outbound: Receiver<(ConnectionId, Option<ToDaemon>)>,
     signal: Arc<Signal>,
 }
@@ -190,6 +194,7 @@ impl Server {
             if !self.drain_outbound() {
                 return;
             }
+            self.flush_backlog();
             // Retry connections held back by a full inbound channel.
             let held: Vec<u64> = self
                 .connections
@@ -237,8 +242,36 @@ impl Server {
         }
     }
 
+    /// Delivers held connection ends while the channel has room; true when none is left.
+    fn flush_backlog(&mut self) -> bool {
+        while let Some(message) = self.backlog.pop_front() {
+            match self.inbound.try_send(message) {
+                Ok(()) => self.signal.notify(),
+                Err(TrySendError::Full(message)) => {
+                    self.backlog.push_front(message);
+                    self.signal.notify();
+                    return false;
+                }
+                Err(TrySendError::Disconnected(_)) => return true,
+            }
+        }
+        true
+    }
+
+    /// Hands the end of a connection to the main loop, after every earlier end.
+    fn push_end(&mut self, message: Inbound) {
+        self.backlog.push_back(message);
+        self.flush_backlog();
+    }
+
     /// Hands a message to the main loop, or holds it (and stops reading) when full.
     fn push(&mut self, id: u64, message: Inbound) -> bool {
+        if !self.flush_backlog() {
+            if let Some(connection) = self.connections.get_mut(&id) {
+                connection.held = Some(message);
+            }
+            return false;
+        }
         match self.inbound.try_send(message) {
             Ok(()) => {
                 self.signal.notify();
@@ -278,7 +311,7 @@ impl Server {
                             }
                         }
                         Err(error) => {
-                            self.push(id, Inbound::Malformed { connection: id, error });
+                            self.push_end(Inbound::Malformed { connection: id, error });
                             closed = true;
                             break;
                         }
@@ -287,7 +320,7 @@ impl Server {
                 }
                 Ok(None) => {}
                 Err(error) => {
-                    self.push(id, Inbound::Malformed { connection: id, error });
+                    self.push_end(Inbound::Malformed { connection: id, error });
                     closed = true;
                     break;
                 }
@@ -334,7 +367,11 @@ impl Server {
     fn close(&mut self, id: u64) {
         if let Some(mut connection) = self.connections.remove(&id) {
             let _ = self.poll.registry().deregister(&mut connection.stream);
-            self.push(id, Inbound::Closed { connection: id });
+            // A message held back for room goes first, then the end.
+            if let Some(held) = connection.held.take() {
+                self.backlog.push_back(held);
+            }
+            self.push_end(Inbound::Closed { connection: id });
         }
     }
 
