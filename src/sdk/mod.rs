@@ -358,16 +358,22 @@ mod tests {
         }
     }
 
+    /// A fresh socket path in a directory of its own (std only: no tempfile here).
+    fn socket_path(test: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("meshos-sdk-{test}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("node.sock");
+        let _ = std::fs::remove_file(&path);
+        (dir, path)
+    }
+
     fn welcome() -> ToDaemon {
         ToDaemon::Welcome { node: "node-1".into(), daemon: "web".into() }
     }
 
     #[test]
     fn calls_reconnect_after_the_node_goes_away_and_keep_control_events() {
-        let dir = std::env::temp_dir().join(format!("meshos-sdk-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("reconnect.sock");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = socket_path("reconnect");
         let listener = UnixListener::bind(&path).unwrap();
         let script = vec![
             // First connection: welcome, then a health report answered after a control event.
@@ -393,10 +399,7 @@ mod tests {
 
     #[test]
     fn every_failure_is_a_typed_error() {
-        let dir = std::env::temp_dir().join(format!("meshos-sdk-errors-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("errors.sock");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = socket_path("errors");
         let error = register_daemon_with(options(&path)).err().expect("nobody listens");
         assert!(matches!(error, SdkError::SocketGone { .. }), "{error}");
 
