@@ -292,6 +292,9 @@ pub struct Capability {
     pub zone: String,
     pub capacity_bytes: u64,
     pub labels: Vec<String>,
+    /// The node's peer port (`host:port`) other nodes fetch blobs from and probe;
+    /// empty when it serves none.
+    pub endpoint: String,
 }
 
 /// A deterministic action id: the log position of the reconcile pass that emitted

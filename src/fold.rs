@@ -845,6 +845,9 @@ fn check_capability(state: &State, current: u64, capability: &ArchivedCapability
     if !zone.is_empty() {
         check_name(zone, state)?;
     }
+    if capability.endpoint.len() > state.limits.name_bytes_max as usize {
+        return Err(RejectReason::InvalidIntent("capability endpoint longer than name_bytes_max"));
+    }
     let labels_max = state.limits.labels_per_node_max;
     if capability.labels.len() > labels_max as usize {
         return Err(RejectReason::InvalidIntent("more capability labels than labels_per_node_max"));
@@ -876,6 +879,7 @@ fn apply_capability(state: &mut State, node: NodeRow, capability: &ArchivedCapab
     nodes.zone[index] = zone;
     nodes.capacity_bytes[index] = capability.capacity_bytes.to_native();
     nodes.labels[index] = labels;
+    nodes.endpoint[index] = capability.endpoint.as_str().into();
     state.daemons_dirty = true;
     Ok(())
 }

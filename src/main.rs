@@ -123,6 +123,43 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
   meshos daemon remove cache --config node.toml"
     )]
     Daemon(DaemonCommandLine),
+    /// Store a file as a blob on the node and ask for K replicas of it.
+    ///
+    /// The file is hashed (blake3) and stored in the node's blob store (DATA_DIR/blobs:
+    /// temporary file, fsync, rename), then the node appends three events of its own:
+    /// the blob exists, it holds a healthy copy, and the placement intent (K copies,
+    /// spread over zones if asked). Reconcile then places the other copies; every node
+    /// that should hold one fetches it from a holder's peer port and checks its hash
+    /// before it counts. Prints the blob id (64 hex characters).
+    #[command(after_help = "Example:
+  meshos put ./model.bin --replicas 3 --config node.toml
+  meshos get <BLOB_ID> -o ./model.copy --config node.toml")]
+    Put {
+        /// The file to store.
+        file: PathBuf,
+        /// Healthy copies wanted (1..=8).
+        #[arg(long, default_value_t = 3)]
+        replicas: u8,
+        /// Spread the copies over distinct zones where possible.
+        #[arg(long)]
+        zone_spread: bool,
+        #[command(flatten)]
+        common: DaemonArgs,
+    },
+    /// Fetch a blob into a file: from this node's store, or from a node that holds it.
+    ///
+    /// The bytes are checked against the blob id before the file is written (a
+    /// temporary file renamed into place).
+    Get {
+        /// The blob id (64 hex characters, as `meshos put` printed it).
+        blob: String,
+        /// Where to write it.
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: PathBuf,
+        /// The config of the node to ask.
+        #[arg(long, value_name = "NODE.toml")]
+        config: PathBuf,
+    },
     /// Simulate a cluster under faults and check reconcile's invariants after every pass.
     ///
     /// The simulator is every node's executor: it keeps the ground truth (which node
@@ -532,6 +569,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Admin(line) => run_admin(line),
         Command::Daemon(line) => run_daemon(line),
+        Command::Put { file, replicas, zone_spread, common } => run_put(&file, replicas, zone_spread, &common),
+        Command::Get { blob, out, config } => run_get(&blob, &out, &config),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", meshos::node::config::EXAMPLE_TOML);
             Ok(ExitCode::SUCCESS)
@@ -883,6 +922,104 @@ fn run_daemon(line: DaemonCommandLine) -> anyhow::Result<ExitCode> {
         println!("daemon {name}: appended at log position {} ({word})", ack.position);
     }
     Ok(if word == "applied" { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn run_put(file: &std::path::Path, replicas: u8, zone_spread: bool, common: &DaemonArgs) -> anyhow::Result<ExitCode> {
+    use meshos::event::{EventKind, PlacementIntent, ReplicaState};
+    anyhow::ensure!((1..=8).contains(&replicas), "--replicas must be 1..=8, not {replicas}");
+    let node_config = meshos::node::config::NodeConfig::load(&common.config)?;
+    let store = meshos::exec::blobstore::BlobStore::open(&node_config.blobs_dir())?;
+    let mut source = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let (blob, size_bytes) = store.put(&mut source, None, node_config.blobs.blob_bytes_max, &mut |_| {})?;
+    let events = vec![
+        EventKind::BlobAnnounce { blob, size_bytes },
+        EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
+        EventKind::PlacementIntent(PlacementIntent { blob, replicas, zone_spread, pinned: Vec::new() }),
+    ];
+    let socket = node_config.local_socket_path();
+    let ack = admin::submit::send_events(&socket, &node_config.name, events, Duration::from_millis(common.timeout_ms))
+        .with_context(|| format!("cannot send to node `{}` on {}", node_config.name, socket.display()))?;
+    let id = meshos::exec::blobstore::hex(&blob);
+    if common.output == Output::Json {
+        println!(
+            "{{\"blob\":\"{id}\",\"size_bytes\":{size_bytes},\"replicas\":{replicas},\"position\":{}}}",
+            ack.position
+        );
+    } else {
+        println!("{id}");
+        eprintln!(
+            "stored {size_bytes} bytes on {}; {replicas} replicas wanted (log position {})",
+            node_config.name, ack.position
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use meshos::exec::blobstore::{parse_hex, BlobStore};
+    let hash = parse_hex(blob).with_context(|| format!("`{blob}` is not a blob id (64 hex characters)"))?;
+    let node_config = meshos::node::config::NodeConfig::load(config)?;
+    let store = BlobStore::open(&node_config.blobs_dir())?;
+    let bytes_max = node_config.blobs.blob_bytes_max;
+    let timeout = Duration::from_millis(node_config.blobs.fetch_timeout_ms as u64);
+    let temporary = out.with_extension("meshos-part");
+    let write = |source: &mut dyn std::io::Read| -> anyhow::Result<u64> {
+        let mut hasher = blake3::Hasher::new();
+        let mut file =
+            std::fs::File::create(&temporary).with_context(|| format!("cannot write {}", temporary.display()))?;
+        let mut size = 0u64;
+        let mut chunk = vec![0u8; 256 * 1024];
+        loop {
+            let read = source.read(&mut chunk)?;
+            if read == 0 {
+                break;
+            }
+            size += read as u64;
+            anyhow::ensure!(size <= bytes_max, "blob larger than blobs.blob_bytes_max ({bytes_max})");
+            hasher.update(&chunk[..read]);
+            std::io::Write::write_all(&mut file, &chunk[..read])?;
+        }
+        anyhow::ensure!(hasher.finalize().as_bytes() == &hash, "the bytes do not match the blob id");
+        file.sync_all()?;
+        std::fs::rename(&temporary, out)?;
+        Ok(size)
+    };
+    if store.contains(&hash) {
+        let size = write(&mut store.open_blob(&hash)?).inspect_err(|_| {
+            let _ = std::fs::remove_file(&temporary);
+        })?;
+        eprintln!("{size} bytes from this node's store to {}", out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Not here: ask the log who holds it and fetch from them.
+    let (engine, _) = admin::preview::replay_read_only(&node_config.log_dir(), &node_config.to_config(), u64::MAX)?;
+    let state = &engine.state;
+    let row = state.blobs.find(&hash).with_context(|| format!("blob {blob} is not in the log"))?;
+    let mut errors = Vec::new();
+    for &replica in &state.blobs.replica_rows[row.index()] {
+        let node = state.replicas.node[replica.index()].index();
+        let endpoint = &state.nodes.endpoint[node];
+        if state.replicas.state[replica.index()] != meshos::event::ReplicaState::Healthy || endpoint.is_empty() {
+            continue;
+        }
+        let fetched = meshos::sys::peer_server::fetch(endpoint, &hash, timeout)
+            .map_err(anyhow::Error::from)
+            .and_then(|(_, mut reader)| write(&mut reader));
+        match fetched {
+            Ok(size) => {
+                eprintln!("{size} bytes from {} to {}", state.nodes.name[node], out.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(error) => {
+                let _ = std::fs::remove_file(&temporary);
+                errors.push(format!("{}: {error:#}", state.nodes.name[node]));
+            }
+        }
+    }
+    anyhow::bail!(
+        "no holder delivered blob {blob}: {}",
+        if errors.is_empty() { "none holds a healthy copy".to_string() } else { errors.join("; ") }
+    )
 }
 
 fn duration_text(ms: u64) -> String {

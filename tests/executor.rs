@@ -76,6 +76,7 @@ impl Rig {
             zone: "z".into(),
             capacity_bytes: 1 << 30,
             labels: vec![],
+            endpoint: String::new(),
         });
         rig.record(vec![capability]);
         rig.record(vec![EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 0 })]);

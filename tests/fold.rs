@@ -390,7 +390,8 @@ fn arbitrary_kind() -> impl Strategy<Value = EventKind> {
             fork_of,
             zone,
             capacity_bytes: 1,
-            labels: vec![]
+            labels: vec![],
+            endpoint: String::new()
         })),
         (any::<u64>(), any::<u32>()).prop_map(|(position, index)| EventKind::ActionOutcome {
             action: ActionId { position, index },
@@ -556,6 +557,7 @@ fn names_labels_and_specs_are_bounded() {
             zone: "z".into(),
             capacity_bytes: 1,
             labels: labels.iter().map(|label| label.to_string()).collect(),
+            endpoint: String::new(),
         };
         event("a", seq, EventKind::Capability(capability))
     };

@@ -87,6 +87,7 @@ impl Harness {
                 zone: format!("z{index}"),
                 capacity_bytes: 1 << 40,
                 labels: vec!["storage".into()],
+                endpoint: String::new(),
             };
             events.push(self.ev(name, EventKind::Capability(capability)));
             events.push(self.ev(name, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })));
@@ -1064,6 +1065,7 @@ fn a_node_leaving_maintenance_recovers_after_a_fresh_capability_and_its_ramp_up_
         zone: "z1".into(),
         capacity_bytes: 1 << 40,
         labels: vec!["storage".into()],
+        endpoint: String::new(),
     };
     let event = h.ev("b", EventKind::Capability(capability));
     h.step(10, vec![event]);
@@ -1144,6 +1146,7 @@ fn a_node_leaving_maintenance_waits_for_its_daemons_to_register() {
         zone: "z1".into(),
         capacity_bytes: 1 << 40,
         labels: vec!["storage".into()],
+        endpoint: String::new(),
     };
     let fresh = h.ev("b", EventKind::Capability(capability));
     assert_eq!(h.step(10, vec![exit, fresh]), strings(&["b: start_daemon web"]), "daemons restart on the way out");

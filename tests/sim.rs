@@ -119,8 +119,14 @@ fn joined_state(reconcile: ReconcileConfig) -> State {
     let mut state = State::new(&config);
     let mut events = Vec::new();
     for name in ["a", "b"] {
-        let capability =
-            Capability { version: 1, fork_of: 0, zone: "z".into(), capacity_bytes: 1 << 40, labels: vec![] };
+        let capability = Capability {
+            version: 1,
+            fork_of: 0,
+            zone: "z".into(),
+            capacity_bytes: 1 << 40,
+            labels: vec![],
+            endpoint: String::new(),
+        };
         events.push(Event { origin: name.into(), origin_seq: 1, kind: EventKind::Capability(capability) });
         let heartbeat = NodeHealth::Heartbeat { load_permille: 0 };
         events.push(Event { origin: name.into(), origin_seq: 2, kind: EventKind::NodeHealth(heartbeat) });

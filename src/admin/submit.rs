@@ -32,9 +32,14 @@ pub fn send(socket: &Path, node: &str, signed: SignedAdmin, timeout: Duration) -
 /// Sends one event as the node's own (daemon intents from `meshos daemon apply`, admin
 /// events) and waits up to `timeout` for the acknowledgement.
 pub fn send_event(socket: &Path, node: &str, kind: EventKind, timeout: Duration) -> Result<Ack, AdminError> {
+    send_events(socket, node, vec![kind], timeout)
+}
+
+/// Sends events as the node's own, in one record, and waits for the acknowledgement.
+pub fn send_events(socket: &Path, node: &str, kinds: Vec<EventKind>, timeout: Duration) -> Result<Ack, AdminError> {
     let (mut client, mut replies) = Client::connect_unix(socket)?;
-    let event = Event { origin: node.to_string(), origin_seq: 0, kind };
-    let seq = client.send(&EventBatch { events: vec![event] }, true)?;
+    let events = kinds.into_iter().map(|kind| Event { origin: node.to_string(), origin_seq: 0, kind }).collect();
+    let seq = client.send(&EventBatch { events }, true)?;
     Ok(replies.wait_acked(seq, timeout)?)
 }
 

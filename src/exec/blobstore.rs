@@ -54,9 +54,13 @@ pub fn parse_hex(text: &str) -> Option<BlobHash> {
     Some(hash)
 }
 
+/// Numbers temporary files: unique within the process, so writers on several threads
+/// never share one.
+static TEMPORARY_COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The store; `&self` everywhere, so one handle serves every transfer thread.
 pub struct BlobStore {
     root: PathBuf,
-    temporary_count: u64,
 }
 
 impl BlobStore {
@@ -69,7 +73,7 @@ impl BlobStore {
             std::fs::remove_file(&path).map_err(io_error(&path))?;
             tracing::info!(path = %path.display(), "removed a half-written blob");
         }
-        Ok(BlobStore { root: root.to_path_buf(), temporary_count: 0 })
+        Ok(BlobStore { root: root.to_path_buf() })
     }
 
     pub fn root(&self) -> &Path {
@@ -101,14 +105,14 @@ impl BlobStore {
     /// `expected`, the bytes must hash to it or nothing is stored. Returns the hash and
     /// the size. `progress` sees each chunk's length (for rate limits).
     pub fn put(
-        &mut self,
+        &self,
         source: &mut dyn Read,
         expected: Option<&BlobHash>,
         bytes_max: u64,
         progress: &mut dyn FnMut(usize),
     ) -> Result<(BlobHash, u64), BlobStoreError> {
-        self.temporary_count += 1;
-        let temporary = self.root.join(TEMPORARY_DIR).join(format!("{}-{}", std::process::id(), self.temporary_count));
+        let count = TEMPORARY_COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let temporary = self.root.join(TEMPORARY_DIR).join(format!("{}-{count}", std::process::id()));
         let result = self.put_through(&temporary, source, expected, bytes_max, progress);
         if result.is_err() {
             let _ = std::fs::remove_file(&temporary);
@@ -213,7 +217,7 @@ mod tests {
     #[test]
     fn a_blob_is_stored_under_its_hash_and_verified() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = BlobStore::open(dir.path()).unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
         let bytes = vec![7u8; 600_000];
         let (hash, size) = store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {}).unwrap();
         assert_eq!((hash, size), (*blake3::hash(&bytes).as_bytes(), 600_000));
@@ -233,7 +237,7 @@ mod tests {
     #[test]
     fn a_wrong_hash_or_a_too_large_blob_stores_nothing_and_half_blobs_never_count() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = BlobStore::open(dir.path()).unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
         let wrong = [1u8; 32];
         let error = store.put(&mut &b"abc"[..], Some(&wrong), u64::MAX, &mut |_| {}).unwrap_err();
         assert!(matches!(error, BlobStoreError::HashMismatch { .. }), "{error}");

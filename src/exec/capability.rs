@@ -14,15 +14,27 @@ pub struct CapabilityPublisher {
     pub zone: String,
     pub capacity_bytes: u64,
     pub labels: Vec<String>,
+    /// The peer port other nodes reach this one on (empty: none).
+    pub endpoint: String,
     /// Version pushed and the log position at the time; cleared once folded.
     pending: Option<(u64, u64)>,
     refused: Option<(String, u64, Vec<String>)>,
+    refused_endpoint: String,
     pub published: u64,
 }
 
 impl CapabilityPublisher {
     pub fn new(zone: String, capacity_bytes: u64, labels: Vec<String>) -> CapabilityPublisher {
-        CapabilityPublisher { zone, capacity_bytes, labels, pending: None, refused: None, published: 0 }
+        CapabilityPublisher {
+            zone,
+            capacity_bytes,
+            labels,
+            endpoint: String::new(),
+            pending: None,
+            refused: None,
+            refused_endpoint: String::new(),
+            published: 0,
+        }
     }
 
     /// The event to push now, if any. `daemon_labels` are sorted and without repeats.
@@ -37,13 +49,14 @@ impl CapabilityPublisher {
                 tracing::warn!(version, "capability publication refused by fold; see the log's rejections");
                 self.pending = None;
                 self.refused = Some(self.desired(daemon_labels));
+                self.refused_endpoint = self.endpoint.clone();
                 return None;
             } else {
                 return None;
             }
         }
         let desired = self.desired(daemon_labels);
-        if self.refused.as_ref() == Some(&desired) {
+        if self.refused.as_ref() == Some(&desired) && self.refused_endpoint == self.endpoint {
             return None;
         }
         let stale = match own {
@@ -54,7 +67,8 @@ impl CapabilityPublisher {
                 let labels: Vec<&str> = nodes.labels[index].iter().map(|&id| state.symbols.name(id)).collect();
                 let differs = state.symbols.name(nodes.zone[index]) != desired.0
                     || nodes.capacity_bytes[index] != desired.1
-                    || labels != desired.2.iter().map(String::as_str).collect::<Vec<_>>();
+                    || labels != desired.2.iter().map(String::as_str).collect::<Vec<_>>()
+                    || *nodes.endpoint[index] != *self.endpoint;
                 let exiting = nodes.maintenance[index] == MaintenanceState::ExitingMaintenance
                     && nodes.capability_version[index] == nodes.capability_version_at_enter[index];
                 differs || exiting
@@ -67,7 +81,8 @@ impl CapabilityPublisher {
         let version = current + 1;
         self.pending = Some((version, state.position));
         self.published += 1;
-        Some(EventKind::Capability(Capability { version, fork_of: current, zone, capacity_bytes, labels }))
+        let endpoint = self.endpoint.clone();
+        Some(EventKind::Capability(Capability { version, fork_of: current, zone, capacity_bytes, labels, endpoint }))
     }
 
     fn desired(&self, daemon_labels: &[String]) -> (String, u64, Vec<String>) {

@@ -7,6 +7,7 @@
 //! should happen (reconcile does); everything they observe goes back into the log as
 //! events, never into the state directly.
 
+pub mod blobs;
 pub mod blobstore;
 pub mod capability;
 pub mod daemons;

@@ -34,6 +34,34 @@ pub struct NodeConfig {
     pub reconcile: ReconcileConfig,
     pub daemons: DaemonsConfig,
     pub capability: CapabilityConfig,
+    pub blobs: BlobsConfig,
+}
+
+/// The blob store, the peer port and blob transfers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlobsConfig {
+    pub peer_listen: String,
+    pub peer_connections_max: u32,
+    pub transfers_max: u32,
+    pub fetch_timeout_ms: u32,
+    pub blob_bytes_max: u64,
+    pub send_bytes_per_s: u64,
+    pub receive_bytes_per_s: u64,
+}
+
+impl Default for BlobsConfig {
+    fn default() -> Self {
+        BlobsConfig {
+            peer_listen: "127.0.0.1:0".to_string(),
+            peer_connections_max: 64,
+            transfers_max: 4,
+            fetch_timeout_ms: 30_000,
+            blob_bytes_max: 1 << 32,
+            send_bytes_per_s: 0,
+            receive_bytes_per_s: 0,
+        }
+    }
 }
 
 /// The daemon executor and the SDK socket.
@@ -111,6 +139,7 @@ impl Default for NodeConfig {
             reconcile: ReconcileConfig::default(),
             daemons: DaemonsConfig::default(),
             capability: CapabilityConfig::default(),
+            blobs: BlobsConfig::default(),
         }
     }
 }
@@ -280,6 +309,24 @@ impl NodeConfig {
                 return field(name, format!("{value} is outside {low}..={high}"));
             }
         }
+        if self.blobs.peer_listen.parse::<std::net::SocketAddr>().is_err() {
+            return field(
+                "blobs.peer_listen",
+                format!("`{}` is not an address like 127.0.0.1:7401", self.blobs.peer_listen),
+            );
+        }
+        let blobs = &self.blobs;
+        let bounded = [
+            ("blobs.peer_connections_max", blobs.peer_connections_max as u64, 1, 65_536),
+            ("blobs.transfers_max", blobs.transfers_max as u64, 1, 1_024),
+            ("blobs.fetch_timeout_ms", blobs.fetch_timeout_ms as u64, 100, 3_600_000),
+            ("blobs.blob_bytes_max", blobs.blob_bytes_max, 1, 1 << 50),
+        ];
+        for (name, value, low, high) in bounded {
+            if value < low || value > high {
+                return field(name, format!("{value} is outside {low}..={high}"));
+            }
+        }
         let capability = &self.capability;
         for (name, text) in std::iter::once(("capability.zone", &capability.zone))
             .chain(capability.labels.iter().map(|label| ("capability.labels", label)))
@@ -329,6 +376,31 @@ impl NodeConfig {
     /// The daemons' SDK socket: `daemons.sdk_socket`, relative to `data_dir` unless absolute.
     pub fn sdk_socket_path(&self) -> PathBuf {
         self.data_dir.join(&self.daemons.sdk_socket)
+    }
+
+    /// The blob executor's settings (call after `check`).
+    pub fn blob_exec_config(&self) -> crate::exec::blobs::BlobExecConfig {
+        crate::exec::blobs::BlobExecConfig {
+            transfers_max: self.blobs.transfers_max,
+            fetch_timeout_ms: self.blobs.fetch_timeout_ms,
+            blob_bytes_max: self.blobs.blob_bytes_max,
+            receive_bytes_per_s: self.blobs.receive_bytes_per_s,
+        }
+    }
+
+    /// The peer port's settings (call after `check`).
+    pub fn peer_server_config(&self) -> crate::sys::peer_server::PeerServerConfig {
+        crate::sys::peer_server::PeerServerConfig {
+            listen: self.blobs.peer_listen.parse().expect("checked by NodeConfig::check"),
+            blobs_dir: self.blobs_dir(),
+            connections_max: self.blobs.peer_connections_max,
+            bytes_per_s: self.blobs.send_bytes_per_s,
+        }
+    }
+
+    /// The blob store: `data_dir/blobs`.
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.data_dir.join("blobs")
     }
 
     /// The daemon executor's settings (call after `check`).
@@ -425,6 +497,8 @@ mod tests {
             ("[daemons]\nreport_interval_ms = 0", "daemons.report_interval_ms"),
             ("[daemons]\nsdk_socket = \"local.sock\"", "daemons.sdk_socket"),
             ("[capability]\nlabels = [\"\"]", "capability.labels"),
+            ("[blobs]\npeer_listen = \"here\"", "blobs.peer_listen"),
+            ("[blobs]\ntransfers_max = 0", "blobs.transfers_max"),
             ("colour = \"blue\"", "colour"),
             ("[ingest]\nqueue_frames = \"many\"", "queue_frames"),
         ];

@@ -14,9 +14,10 @@
 //! written best effort), the log is fsynced and the report returned.
 //!
 //! This node's actions go to the executors: daemon actions run real processes
-//! ([`crate::exec::daemons`]); every action is also recorded, one line each, in
-//! `DATA_DIR/dispatched.log`. Blob actions are only recorded until the blob store
-//! exists. What the executors observe (process starts and ends, SDK registrations and
+//! ([`crate::exec::daemons`]), blob actions fetch, verify and delete blobs in
+//! `DATA_DIR/blobs` ([`crate::exec::blobs`], from peers' ports announced in their
+//! capabilities); every action is also recorded, one line each, in
+//! `DATA_DIR/dispatched.log`. What the executors observe (process starts and ends, SDK registrations and
 //! reports, action outcomes, the node's capability set) goes back into the log as
 //! this node's own events. At start, daemons a previous run left are stopped (pid
 //! files) before anything else; at stop, every daemon is stopped (control event,
@@ -69,6 +70,10 @@ pub enum NodeError {
     Reactor(#[from] ReactorError),
     #[error(transparent)]
     Sdk(#[from] SdkServerError),
+    #[error("blob store: {0}")]
+    Blobs(#[from] crate::exec::blobstore::BlobStoreError),
+    #[error(transparent)]
+    Peer(#[from] crate::sys::peer_server::PeerError),
 }
 
 /// What a run did, returned on a clean stop.
@@ -106,10 +111,9 @@ impl Dispatcher {
     fn record(&mut self, state: &State, action: &Action) {
         self.dispatched += 1;
         let line = describe(state, action);
-        let verb = if action.kind.is_daemon() { "runs" } else { "would run" };
-        tracing::debug!(position = action.id.position, index = action.id.index, "{verb}: {line}");
+        tracing::debug!(position = action.id.position, index = action.id.index, "runs: {line}");
         // Best effort: the record is for operators, the state already holds the action.
-        let _ = writeln!(self.out, "{}.{} {verb}: {line}", action.id.position, action.id.index);
+        let _ = writeln!(self.out, "{}.{} runs: {line}", action.id.position, action.id.index);
     }
 
     fn flush(&mut self) {
@@ -128,6 +132,9 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
 struct Executors {
     dispatcher: Dispatcher,
     daemons: DaemonExecutor,
+    blobs: crate::exec::blobs::BlobExecutor,
+    /// Serves this node's blobs and round trips to its peers; dropped at stop.
+    _peer_server: crate::sys::peer_server::PeerServer,
     sdk: SdkHandle,
     capability: CapabilityPublisher,
     events: Vec<EventKind>,
@@ -142,6 +149,7 @@ impl Executors {
             self.daemons.on_sdk(inbound, &self.sdk, &mut self.events);
         }
         self.daemons.poll(Instant::now(), state, &self.sdk, &mut self.events);
+        self.blobs.poll(&mut self.events);
         let labels = self.daemons.published_labels();
         if let Some(event) = self.capability.next(state, name, &labels) {
             self.events.push(event);
@@ -259,23 +267,26 @@ fn run_until(
     }
     let mut events = Vec::new();
     daemons.adopt_nothing(&engine.state, engine.state.nodes.find(&config.name), &mut events);
+    let store = crate::exec::blobstore::BlobStore::open(&config.blobs_dir())?;
+    let peer_server = crate::sys::peer_server::PeerServer::start(config.peer_server_config())?;
     let capacity_bytes = match config.capability.capacity_bytes {
         0 => crate::sys::process::filesystem_bytes(&config.data_dir).unwrap_or(0),
         bytes => bytes,
     };
+    let mut capability =
+        CapabilityPublisher::new(config.capability.zone.clone(), capacity_bytes, config.capability.labels.clone());
+    capability.endpoint = peer_server.addr().to_string();
     let mut executors = Executors {
         dispatcher: Dispatcher::open(config.data_dir.join(DISPATCH_FILE))?,
         daemons,
+        blobs: crate::exec::blobs::BlobExecutor::new(config.blob_exec_config(), std::sync::Arc::new(store)),
+        _peer_server: peer_server,
         sdk: crate::sys::sdk_server::start(
             &config.sdk_socket_path(),
             config.daemons.sdk_connections_max,
             Arc::clone(&signal),
         )?,
-        capability: CapabilityPublisher::new(
-            config.capability.zone.clone(),
-            capacity_bytes,
-            config.capability.labels.clone(),
-        ),
+        capability,
         events,
     };
     let (reactor, new_sources) = Reactor::start(config.reactor_config(), Arc::clone(&signal))?;
@@ -408,6 +419,7 @@ fn commit_group(
         for action in actions.iter().filter(|action| action.node == own) {
             executors.dispatcher.record(state, action);
             executors.daemons.dispatch(state, action, &executors.sdk, &mut executors.events);
+            executors.blobs.dispatch(state, action, &mut executors.events);
         }
     }
     debug_assert_eq!(engine.state.position, log.durable_position());

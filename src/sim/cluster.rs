@@ -293,6 +293,7 @@ fn node_capability(node: usize, version: u64, fork_of: u64) -> Capability {
         zone: format!("zone-{}", node % 3),
         capacity_bytes: (1u64 << 40) + (node as u64 % 4) * (1 << 38),
         labels: vec![if is_storage(node) { "storage" } else { "edge" }.to_string()],
+        endpoint: String::new(),
     }
 }
 

@@ -83,6 +83,7 @@ pub fn converged_cluster(config: &Config, nodes: u32, blobs: u32, replicas: u8) 
             zone: format!("zone-{}", node % 3),
             capacity_bytes: 1 << 40,
             labels: vec!["storage".to_string()],
+            endpoint: String::new(),
         };
         feeder.push(node, EventKind::Capability(capability));
         feeder.push(node, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 }));

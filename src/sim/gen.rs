@@ -218,6 +218,7 @@ impl Generator {
             zone: zone_name(node, self.names.len()),
             capacity_bytes: capacity_bytes(node, version),
             labels,
+            endpoint: String::new(),
         };
         self.event(node, EventKind::Capability(capability))
     }

@@ -95,6 +95,8 @@ pub struct NodeTable {
     pub zone: Vec<SymbolId>,
     pub capacity_bytes: Vec<u64>,
     pub labels: Vec<SmallVec<[SymbolId; 4]>>,
+    /// The node's peer port from its capability (`host:port`; empty: none announced).
+    pub endpoint: Vec<Box<str>>,
     pub inventory_blob_count: Vec<u32>,
     pub inventory_digest: Vec<[u8; 16]>,
     pub inventory_reported_ms: Vec<u64>,
@@ -166,6 +168,7 @@ impl NodeTable {
         self.zone.push(SymbolId::NONE);
         self.capacity_bytes.push(0);
         self.labels.push(SmallVec::new());
+        self.endpoint.push("".into());
         self.inventory_blob_count.push(0);
         self.inventory_digest.push([0; 16]);
         self.inventory_reported_ms.push(0);
@@ -211,6 +214,7 @@ impl NodeTable {
                 self.zone.len(),
                 self.capacity_bytes.len(),
                 self.labels.len(),
+                self.endpoint.len(),
                 self.inventory_blob_count.len(),
                 self.inventory_digest.len(),
                 self.inventory_reported_ms.len(),
@@ -259,6 +263,7 @@ impl NodeTable {
             hasher.u64(self.capability_version[row]);
             hasher.u32(self.zone[row].0);
             hasher.u64(self.capacity_bytes[row]);
+            hasher.str(&self.endpoint[row]);
             hasher.u64(self.labels[row].len() as u64);
             for label in &self.labels[row] {
                 hasher.u32(label.0);

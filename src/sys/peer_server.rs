@@ -288,12 +288,12 @@ mod tests {
     #[test]
     fn a_blob_moves_between_stores_and_is_verified_on_arrival() {
         let (source_dir, target_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut source = BlobStore::open(source_dir.path()).unwrap();
+        let source = BlobStore::open(source_dir.path()).unwrap();
         let bytes: Vec<u8> = (0..300_000u32).map(|index| (index % 251) as u8).collect();
         let (hash, _) = source.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {}).unwrap();
         let server = server(source_dir.path(), 0);
         let addr = server.addr().to_string();
-        let mut target = BlobStore::open(target_dir.path()).unwrap();
+        let target = BlobStore::open(target_dir.path()).unwrap();
         let (size, mut reader) = fetch(&addr, &hash, Duration::from_secs(5)).unwrap();
         assert_eq!(size, 300_000);
         target.put(&mut reader, Some(&hash), size, &mut |_| {}).unwrap();

@@ -49,6 +49,7 @@ pub fn capability(origin: &str, seq: u64, version: u64, fork_of: u64, zone: &str
         zone: zone.to_string(),
         capacity_bytes: 1 << 40,
         labels: vec!["storage".into()],
+        endpoint: String::new(),
     };
     event(origin, seq, EventKind::Capability(capability))
 }
