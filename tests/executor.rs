@@ -286,7 +286,9 @@ fn a_daemon_cannot_leave_its_group_and_is_stopped() {
 #[test]
 fn a_restart_starts_the_current_spec() {
     let mut rig = Rig::new(1_000);
-    rig.declare(spec("r", "/bin/sh", &["-c", "exec sleep 30", "v1"], 500), DaemonPlacement::AllNodes);
+    // Each run writes the version it was started with ($0) into its directory.
+    let script = "echo $0 > version.$$; exec sleep 30";
+    rig.declare(spec("r", "/bin/sh", &["-c", script, "v1"], 500), DaemonPlacement::AllNodes);
     let first = rig.exec.pid_of("r").unwrap();
     // A restart (what a health timeout or `meshos restart` dispatches), then the spec changes.
     let spec_row = rig.engine.state.specs.find("r").unwrap();
@@ -298,15 +300,19 @@ fn a_restart_starts_the_current_spec() {
     };
     let mut out = Vec::new();
     rig.exec.dispatch(&rig.engine.state, &action, &rig.sdk, &mut out);
-    rig.declare(spec("r", "/bin/sh", &["-c", "exec sleep 30", "v2"], 500), DaemonPlacement::AllNodes);
+    rig.declare(spec("r", "/bin/sh", &["-c", script, "v2"], 500), DaemonPlacement::AllNodes);
     wait_until("the restart", || {
         rig.tick();
         rig.exec.pid_of("r").is_some_and(|pid| pid != first)
     });
     let second = rig.exec.pid_of("r").unwrap();
-    let cmdline = std::fs::read_to_string(format!("/proc/{second}/cmdline")).unwrap_or_default();
+    let version = rig.daemon_dir("r").join(format!("version.{second}"));
+    wait_until("the new run to say its version", || {
+        std::fs::read_to_string(&version).is_ok_and(|text| text.ends_with('\n'))
+    });
     process_kill(second);
-    assert!(cmdline.contains("v2"), "restarted with the old spec: {cmdline:?}");
+    let said = std::fs::read_to_string(&version).unwrap();
+    assert_eq!(said, "v2\n", "restarted with the spec as it is now");
 }
 
 /// Finding: while a stop is in progress with no daemon action in flight (node
