@@ -55,8 +55,9 @@ pub enum EventKind {
     /// A daemon that should run, and where (or nowhere, to remove it). Boxed: it is
     /// rare and large, and every archived event is as large as the largest variant.
     DaemonIntent { spec: Box<DaemonSpec>, runs_on: DaemonPlacement },
-    /// The origin node's attributes, a new version forked from `fork_of`.
-    Capability(Capability),
+    /// The origin node's attributes, a new version forked from `fork_of`. Boxed: rare
+    /// and large (every archived event is as large as the largest variant).
+    Capability(Box<Capability>),
     /// The executor reports how an action ended.
     ActionOutcome { action: ActionId, outcome: Outcome },
     /// The origin node's digest of the blobs it holds on disk.

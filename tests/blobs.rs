@@ -37,7 +37,7 @@ fn peer() -> Peer {
 fn node_capability(name: &str, seq: u64, endpoint: String) -> Event {
     let capability =
         Capability { version: 1, fork_of: 0, zone: "z".into(), capacity_bytes: 1 << 30, labels: vec![], endpoint };
-    event(name, seq, EventKind::Capability(capability))
+    event(name, seq, EventKind::Capability(Box::new(capability)))
 }
 
 /// Nodes a, b and c with their peer ports; `blob` announced by a and held healthy by

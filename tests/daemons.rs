@@ -109,6 +109,10 @@ impl Node {
     }
 }
 
+fn node_stderr_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+}
+
 fn wait_for(node: &Node, what: &str, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
@@ -293,7 +297,7 @@ fn the_example_daemon_registers_reports_and_shuts_down_on_node_stop() {
     let capabilities: Vec<&meshos::event::Capability> = history
         .iter()
         .filter_map(|(_, event)| match &event.kind {
-            EventKind::Capability(capability) => Some(capability),
+            EventKind::Capability(capability) => Some(capability.as_ref()),
             _ => None,
         })
         .collect();
@@ -386,5 +390,10 @@ fn a_restarted_node_stops_the_orphans_of_its_previous_run() {
     assert!(meshos::sys::process::start_ticks(fresh).is_none(), "SIGTERM of the node stops its daemons");
     let state = replay(dir.path());
     let row = state.daemons.find(state.specs.find("sleeper").unwrap(), state.nodes.find(NODE).unwrap()).unwrap();
-    assert!(state.daemons.starts[row.index()] >= 2 && !state.daemons.state[row.index()].is_running());
+    let (starts, daemon_state) = (state.daemons.starts[row.index()], state.daemons.state[row.index()]);
+    assert!(
+        starts >= 2 && !daemon_state.is_running(),
+        "starts {starts}, state {daemon_state:?}\n{}",
+        node_stderr_of(dir.path())
+    );
 }

@@ -70,14 +70,14 @@ impl Rig {
             emitted: vec![],
             records: 0,
         };
-        let capability = EventKind::Capability(meshos::event::Capability {
+        let capability = EventKind::Capability(Box::new(meshos::event::Capability {
             version: 1,
             fork_of: 0,
             zone: "z".into(),
             capacity_bytes: 1 << 30,
             labels: vec![],
             endpoint: String::new(),
-        });
+        }));
         rig.record(vec![capability]);
         rig.record(vec![EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 0 })]);
         rig

@@ -385,14 +385,9 @@ fn arbitrary_kind() -> impl Strategy<Value = EventKind> {
             ][which as usize]
                 .clone(),
         }),
-        (0u64..4, 0u64..4, name.clone()).prop_map(|(version, fork_of, zone)| EventKind::Capability(Capability {
-            version,
-            fork_of,
-            zone,
-            capacity_bytes: 1,
-            labels: vec![],
-            endpoint: String::new()
-        })),
+        (0u64..4, 0u64..4, name.clone()).prop_map(|(version, fork_of, zone)| EventKind::Capability(Box::new(
+            Capability { version, fork_of, zone, capacity_bytes: 1, labels: vec![], endpoint: String::new() }
+        ))),
         (any::<u64>(), any::<u32>()).prop_map(|(position, index)| EventKind::ActionOutcome {
             action: ActionId { position, index },
             outcome: Outcome::Failure { reason: "x".into() }
@@ -559,7 +554,7 @@ fn names_labels_and_specs_are_bounded() {
             labels: labels.iter().map(|label| label.to_string()).collect(),
             endpoint: String::new(),
         };
-        event("a", seq, EventKind::Capability(capability))
+        event("a", seq, EventKind::Capability(Box::new(capability)))
     };
     let big_spec = DaemonSpec { args: vec!["x".repeat(300)], ..spec("big") };
     fold_batches(

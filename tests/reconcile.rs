@@ -89,7 +89,7 @@ impl Harness {
                 labels: vec!["storage".into()],
                 endpoint: String::new(),
             };
-            events.push(self.ev(name, EventKind::Capability(capability)));
+            events.push(self.ev(name, EventKind::Capability(Box::new(capability))));
             events.push(self.ev(name, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })));
         }
         if self.state.keyring.version == 0 {
@@ -1067,7 +1067,7 @@ fn a_node_leaving_maintenance_recovers_after_a_fresh_capability_and_its_ramp_up_
         labels: vec!["storage".into()],
         endpoint: String::new(),
     };
-    let event = h.ev("b", EventKind::Capability(capability));
+    let event = h.ev("b", EventKind::Capability(Box::new(capability)));
     h.step(10, vec![event]);
     assert_eq!(maintenance_of(&h, "b"), "exiting_maintenance", "waits for its round trips measured again");
     let sample = h.ev("a", EventKind::Rtt { peer: "b".into(), rtt_us: 500 });
@@ -1148,7 +1148,7 @@ fn a_node_leaving_maintenance_waits_for_its_daemons_to_register() {
         labels: vec!["storage".into()],
         endpoint: String::new(),
     };
-    let fresh = h.ev("b", EventKind::Capability(capability));
+    let fresh = h.ev("b", EventKind::Capability(Box::new(capability)));
     assert_eq!(h.step(10, vec![exit, fresh]), strings(&["b: start_daemon web"]), "daemons restart on the way out");
     let position = h.state.position;
     let events = vec![

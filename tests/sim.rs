@@ -127,7 +127,7 @@ fn joined_state(reconcile: ReconcileConfig) -> State {
             labels: vec![],
             endpoint: String::new(),
         };
-        events.push(Event { origin: name.into(), origin_seq: 1, kind: EventKind::Capability(capability) });
+        events.push(Event { origin: name.into(), origin_seq: 1, kind: EventKind::Capability(Box::new(capability)) });
         let heartbeat = NodeHealth::Heartbeat { load_permille: 0 };
         events.push(Event { origin: name.into(), origin_seq: 2, kind: EventKind::NodeHealth(heartbeat) });
     }

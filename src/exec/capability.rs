@@ -82,7 +82,14 @@ impl CapabilityPublisher {
         self.pending = Some((version, state.position));
         self.published += 1;
         let endpoint = self.endpoint.clone();
-        Some(EventKind::Capability(Capability { version, fork_of: current, zone, capacity_bytes, labels, endpoint }))
+        Some(EventKind::Capability(Box::new(Capability {
+            version,
+            fork_of: current,
+            zone,
+            capacity_bytes,
+            labels,
+            endpoint,
+        })))
     }
 
     fn desired(&self, daemon_labels: &[String]) -> (String, u64, Vec<String>) {

@@ -127,9 +127,74 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
     move |source| NodeError::Io { path: path.to_path_buf(), source }
 }
 
-/// Everything that acts on this node's behalf, and the events it produced that wait
-/// for the next group.
+/// How a local node's own events reach the log: the node that owns the log queues
+/// them on its sequencer; another node of this process (a demo cluster) numbers them
+/// itself and sends them to the log's owner over TCP, like any peer.
+enum Sink {
+    Own,
+    Peer(PeerSink),
+}
+
+/// The sending side of a node of this process that does not own the log: a thread
+/// with a TCP client to the owner's ingest port, fed through a bounded channel.
+struct PeerSink {
+    sender: Option<std::sync::mpsc::SyncSender<Vec<EventKind>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Batches queued for a peer sink's thread at most.
+const PEER_SINK_BATCHES_MAX: usize = 1024;
+
+impl PeerSink {
+    fn start(name: String, seq_last: u64, ingest: std::net::SocketAddr) -> Result<PeerSink, NodeError> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<EventKind>>(PEER_SINK_BATCHES_MAX);
+        let thread = std::thread::Builder::new()
+            .name(format!("meshos-sink-{name}"))
+            .spawn(move || {
+                let (mut client, mut replies) = match crate::sys::client::Client::connect_tcp(ingest) {
+                    Ok(connected) => connected,
+                    Err(error) => return tracing::error!(node = name, "cannot reach the log's owner: {error}"),
+                };
+                let mut seq = seq_last;
+                let mut last_frame = None;
+                for kinds in receiver {
+                    let events = kinds
+                        .into_iter()
+                        .map(|kind| {
+                            seq += 1;
+                            crate::event::Event { origin: name.clone(), origin_seq: seq, kind }
+                        })
+                        .collect();
+                    match client.send(&crate::event::EventBatch { events }, true) {
+                        Ok(frame) => last_frame = Some(frame),
+                        Err(error) => return tracing::error!(node = name, "lost the log's owner: {error}"),
+                    }
+                }
+                // Closed: wait until the last frame is durable, so a stop loses nothing.
+                if let Some(frame) = last_frame {
+                    if let Err(error) = replies.wait_acked(frame, Duration::from_secs(10)) {
+                        tracing::warn!(node = name, "last events not acknowledged: {error}");
+                    }
+                }
+            })
+            .map_err(|source| NodeError::Io { path: PathBuf::from("<thread>"), source })?;
+        Ok(PeerSink { sender: Some(sender), thread: Some(thread) })
+    }
+
+    /// Closes the channel; the thread sends what is queued and waits for its ack.
+    fn close(&mut self) {
+        self.sender = None;
+    }
+
+    fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|thread| thread.is_finished())
+    }
+}
+
+/// One node of this process: its name, everything that acts on its behalf, and the
+/// events it produced that wait for the next group.
 struct Executors {
+    name: String,
     dispatcher: Dispatcher,
     daemons: DaemonExecutor,
     blobs: crate::exec::blobs::BlobExecutor,
@@ -138,12 +203,55 @@ struct Executors {
     sdk: SdkHandle,
     capability: CapabilityPublisher,
     events: Vec<EventKind>,
+    sink: Sink,
+    heartbeat: Duration,
+    next_heartbeat: Instant,
 }
 
 impl Executors {
-    /// Serves the SDK, reaps and escalates, publishes the capability set; queues the
-    /// resulting events on the sequencer.
-    fn tick(&mut self, state: &State, name: &str, sequencer: &mut Sequencer) {
+    /// Opens a node's executors: stops what a previous run left, reports what the log
+    /// wrongly calls running, opens the blob store, binds the peer port and the SDK socket.
+    fn open(config: &NodeConfig, state: &State, signal: &Arc<Signal>) -> Result<Executors, NodeError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(io_error(&config.data_dir))?;
+        let mut daemons = DaemonExecutor::new(config.daemon_exec_config());
+        let orphans = daemons.stop_orphans(state);
+        if orphans > 0 {
+            tracing::warn!(node = config.name, orphans, "stopped daemons a previous run of this node left running");
+        }
+        let mut events = Vec::new();
+        daemons.adopt_nothing(state, state.nodes.find(&config.name), &mut events);
+        let store = crate::exec::blobstore::BlobStore::open(&config.blobs_dir())?;
+        let peer_server = crate::sys::peer_server::PeerServer::start(config.peer_server_config())?;
+        let capacity_bytes = match config.capability.capacity_bytes {
+            0 => crate::sys::process::filesystem_bytes(&config.data_dir).unwrap_or(0),
+            bytes => bytes,
+        };
+        let mut capability =
+            CapabilityPublisher::new(config.capability.zone.clone(), capacity_bytes, config.capability.labels.clone());
+        capability.endpoint = peer_server.addr().to_string();
+        let sdk = crate::sys::sdk_server::start(
+            &config.sdk_socket_path(),
+            config.daemons.sdk_connections_max,
+            Arc::clone(signal),
+        )?;
+        Ok(Executors {
+            name: config.name.clone(),
+            dispatcher: Dispatcher::open(config.data_dir.join(DISPATCH_FILE))?,
+            daemons,
+            blobs: crate::exec::blobs::BlobExecutor::new(config.blob_exec_config(), std::sync::Arc::new(store)),
+            _peer_server: peer_server,
+            sdk,
+            capability,
+            events,
+            sink: Sink::Own,
+            heartbeat: Duration::from_millis(config.heartbeat_ms as u64),
+            next_heartbeat: Instant::now(),
+        })
+    }
+
+    /// Serves the SDK, reaps and escalates, publishes the capability set, beats the
+    /// heart when due; hands the resulting events on.
+    fn tick(&mut self, state: &State, sequencer: &mut Sequencer) {
         // Bounded per tick: a daemon pipelining requests cannot keep the loop here.
         for inbound in self.sdk.inbound.try_iter().take(crate::exec::daemons::SDK_MESSAGES_PER_TICK_MAX) {
             self.daemons.on_sdk(inbound, &self.sdk, &mut self.events);
@@ -151,11 +259,39 @@ impl Executors {
         self.daemons.poll(Instant::now(), state, &self.sdk, &mut self.events);
         self.blobs.poll(&mut self.events);
         let labels = self.daemons.published_labels();
-        if let Some(event) = self.capability.next(state, name, &labels) {
+        if let Some(event) = self.capability.next(state, &self.name, &labels) {
             self.events.push(event);
         }
-        for event in self.events.drain(..) {
-            sequencer.push_own(event);
+        let now = Instant::now();
+        if now >= self.next_heartbeat {
+            self.events.push(EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 }));
+            self.next_heartbeat = now + self.heartbeat;
+        }
+        self.flush_events(sequencer);
+    }
+
+    /// Hands the queued events to the sequencer (own) or the peer sink's thread.
+    fn flush_events(&mut self, sequencer: &mut Sequencer) {
+        if self.events.is_empty() {
+            return;
+        }
+        match &mut self.sink {
+            Sink::Own => {
+                for event in self.events.drain(..) {
+                    sequencer.push_own(event);
+                }
+            }
+            Sink::Peer(sink) => {
+                let Some(sender) = &sink.sender else { return self.events.clear() };
+                match sender.try_send(std::mem::take(&mut self.events)) {
+                    Ok(()) => {}
+                    // Full: they wait here for the next turn (the channel is the bound).
+                    Err(std::sync::mpsc::TrySendError::Full(events)) => self.events = events,
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                        tracing::error!(node = self.name, "events lost: the sink to the log's owner is gone")
+                    }
+                }
+            }
         }
     }
 }
@@ -203,7 +339,7 @@ pub fn spawn(config: NodeConfig) -> Result<Background, NodeError> {
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("meshos-node".to_string())
-            .spawn(move || run_until(&config, &stop, Some(ready_tx)))
+            .spawn(move || run_until(std::slice::from_ref(&config), &stop, Some(ready_tx)))
             .map_err(|source| NodeError::Io { path: PathBuf::from("<thread>"), source })?
     };
     match ready_rx.recv() {
@@ -218,14 +354,24 @@ pub fn spawn(config: NodeConfig) -> Result<Background, NodeError> {
 
 /// Runs the node until `stop` is set, then shuts down cleanly.
 pub fn run(config: &NodeConfig, stop: &StopFlag) -> Result<NodeReport, NodeError> {
-    run_until(config, stop, None)
+    run_until(std::slice::from_ref(config), stop, None)
+}
+
+/// Runs several nodes in this process on one log (a demo cluster): the first owns the
+/// log, the sockets and the sequencer; every node has its own executors, data
+/// directory, blob store, peer port and SDK socket, and the others send their events
+/// to the first over TCP like any peer. All fold the same records into one state.
+pub fn run_group(configs: &[NodeConfig], stop: &StopFlag) -> Result<NodeReport, NodeError> {
+    assert!(!configs.is_empty(), "a group has a node");
+    run_until(configs, stop, None)
 }
 
 fn run_until(
-    config: &NodeConfig,
+    configs: &[NodeConfig],
     stop: &StopFlag,
     ready: Option<std::sync::mpsc::Sender<std::net::SocketAddr>>,
 ) -> Result<NodeReport, NodeError> {
+    let config = &configs[0];
     let library_config = config.to_config();
     std::fs::create_dir_all(&config.data_dir).map_err(io_error(&config.data_dir))?;
     let (mut log, recovery) = EmbeddedLog::open(&config.log_dir(), &library_config)?;
@@ -253,45 +399,26 @@ fn run_until(
         "recovered from the log"
     );
 
-    let own_seq_last =
-        engine.state.nodes.find(&config.name).map_or(0, |row| engine.state.nodes.origin_seq_last[row.index()]);
+    let seq_last_of =
+        |name: &str| engine.state.nodes.find(name).map_or(0, |row| engine.state.nodes.origin_seq_last[row.index()]);
     let backpressure_raised =
         engine.state.nodes.find(&config.name).is_some_and(|row| engine.state.nodes.backpressure[row.index()]);
-    let mut sequencer = Sequencer::new(config.sequencer_config(), own_seq_last, backpressure_raised);
+    let mut sequencer = Sequencer::new(config.sequencer_config(), seq_last_of(&config.name), backpressure_raised);
     let signal = Signal::new();
     crate::sys::process::reset_child_signal();
-    let mut daemons = DaemonExecutor::new(config.daemon_exec_config());
-    let orphans = daemons.stop_orphans(&engine.state);
-    if orphans > 0 {
-        tracing::warn!(orphans, "stopped daemons a previous run of this node left running");
+    let mut locals = Vec::with_capacity(configs.len());
+    for node in configs {
+        locals.push(Executors::open(node, &engine.state, &signal)?);
     }
-    let mut events = Vec::new();
-    daemons.adopt_nothing(&engine.state, engine.state.nodes.find(&config.name), &mut events);
-    let store = crate::exec::blobstore::BlobStore::open(&config.blobs_dir())?;
-    let peer_server = crate::sys::peer_server::PeerServer::start(config.peer_server_config())?;
-    let capacity_bytes = match config.capability.capacity_bytes {
-        0 => crate::sys::process::filesystem_bytes(&config.data_dir).unwrap_or(0),
-        bytes => bytes,
-    };
-    let mut capability =
-        CapabilityPublisher::new(config.capability.zone.clone(), capacity_bytes, config.capability.labels.clone());
-    capability.endpoint = peer_server.addr().to_string();
-    let mut executors = Executors {
-        dispatcher: Dispatcher::open(config.data_dir.join(DISPATCH_FILE))?,
-        daemons,
-        blobs: crate::exec::blobs::BlobExecutor::new(config.blob_exec_config(), std::sync::Arc::new(store)),
-        _peer_server: peer_server,
-        sdk: crate::sys::sdk_server::start(
-            &config.sdk_socket_path(),
-            config.daemons.sdk_connections_max,
-            Arc::clone(&signal),
-        )?,
-        capability,
-        events,
-    };
     let (reactor, new_sources) = Reactor::start(config.reactor_config(), Arc::clone(&signal))?;
     let resumer = reactor.resumer();
     let tcp_addr = reactor.local_tcp_addr().map(|addr| addr.to_string()).unwrap_or_default();
+    if configs.len() > 1 {
+        let ingest = reactor.local_tcp_addr().expect("a group's first node listens on TCP");
+        for local in &mut locals[1..] {
+            local.sink = Sink::Peer(PeerSink::start(local.name.clone(), seq_last_of(&local.name), ingest)?);
+        }
+    }
     write_atomically(&config.data_dir.join(ADDR_FILE), &format!("{tcp_addr}\n"))?;
     if let (Some(ready), Some(addr)) = (ready, reactor.local_tcp_addr()) {
         // The caller may have gone; the node runs on regardless.
@@ -302,48 +429,69 @@ fn run_until(
         tcp = tcp_addr,
         local_socket = %config.local_socket_path().display(),
         sdk_socket = %config.sdk_socket_path().display(),
+        nodes = configs.len(),
         "node running"
     );
 
-    let heartbeat = Duration::from_millis(config.heartbeat_ms as u64);
-    let mut next_heartbeat = Instant::now();
     let mut next_stats = Instant::now() + STATS_INTERVAL;
     while !stop.is_set() {
         while let Ok(source) = new_sources.try_recv() {
             sequencer.add_source(source);
         }
-        let now = Instant::now();
-        if now >= next_heartbeat {
-            sequencer.push_own(EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 }));
-            next_heartbeat = now + heartbeat;
+        for local in &mut locals {
+            local.tick(&engine.state, &mut sequencer);
         }
-        executors.tick(&engine.state, &config.name, &mut sequencer);
-        let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)?;
+        let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut locals)?;
         resumer.send(sequencer.commands());
+        let now = Instant::now();
         if now >= next_stats {
             next_stats = now + STATS_INTERVAL;
-            executors.dispatcher.flush();
+            locals.iter_mut().for_each(|local| local.dispatcher.flush());
             log_stats(&sequencer, &engine, &reactor.stats());
         }
         if !worked {
-            executors.dispatcher.flush();
+            locals.iter_mut().for_each(|local| local.dispatcher.flush());
+            let next_heartbeat = locals.iter().map(|local| local.next_heartbeat).min().expect("a node");
             let until_heartbeat = next_heartbeat.saturating_duration_since(Instant::now()).as_millis() as u64;
             signal.wait(Some(until_heartbeat.clamp(1, STOP_POLL_MS)));
         }
     }
 
-    // Nothing new starts from here; what runs is stopped and its end committed.
-    executors.daemons.stop_all(&engine.state, &executors.sdk);
-    if executors.daemons.running_count() > 0 {
-        tracing::info!(daemons = executors.daemons.running_count(), "stopping: stopping daemons");
-        while executors.daemons.running_count() > 0 {
-            executors.tick(&engine.state, &config.name, &mut sequencer);
-            if !commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)? {
-                signal.wait(Some(10));
-            }
-            resumer.send(sequencer.commands());
+    // Nothing new starts from here; what runs is stopped and its end committed, then
+    // the other nodes' sinks are closed once what they queued is durable.
+    for local in &mut locals {
+        local.daemons.stop_all(&engine.state, &local.sdk);
+    }
+    let running = |locals: &[Executors]| locals.iter().map(|local| local.daemons.running_count()).sum::<usize>();
+    if running(&locals) > 0 {
+        tracing::info!(daemons = running(&locals), "stopping: stopping daemons");
+    }
+    while running(&locals) > 0 {
+        for local in &mut locals {
+            local.tick(&engine.state, &mut sequencer);
         }
-        executors.tick(&engine.state, &config.name, &mut sequencer);
+        if !commit_group(&mut sequencer, &mut log, &mut engine, &mut locals)? {
+            signal.wait(Some(10));
+        }
+        resumer.send(sequencer.commands());
+    }
+    for local in &mut locals {
+        local.tick(&engine.state, &mut sequencer);
+        if let Sink::Peer(sink) = &mut local.sink {
+            sink.close();
+        }
+    }
+    while !locals
+        .iter()
+        .all(|local| matches!(&local.sink, Sink::Peer(sink) if sink.finished()) || matches!(local.sink, Sink::Own))
+    {
+        while let Ok(source) = new_sources.try_recv() {
+            sequencer.add_source(source);
+        }
+        if !commit_group(&mut sequencer, &mut log, &mut engine, &mut locals)? {
+            signal.wait(Some(10));
+        }
+        resumer.send(sequencer.commands());
     }
     tracing::info!("stopping: no new connections, no more reads; draining the queues");
     resumer.send(&mut vec![Command::Quiesce]);
@@ -359,34 +507,34 @@ fn run_until(
         while let Ok(source) = new_sources.try_recv() {
             sequencer.add_source(source);
         }
-        let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)?;
+        let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut locals)?;
         resumer.send(sequencer.commands());
         empty_collects = if worked { 0 } else { empty_collects + 1 };
     }
     sequencer.lower_backpressure();
-    commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)?;
+    commit_group(&mut sequencer, &mut log, &mut engine, &mut locals)?;
     resumer.send(sequencer.commands());
     // Writes the acks sent above (best effort, without blocking), then closes.
     let reactor_stats = reactor.shutdown();
     while let Ok(source) = new_sources.try_recv() {
         sequencer.add_source(source);
     }
-    while commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)? || !sequencer.drained() {
+    while commit_group(&mut sequencer, &mut log, &mut engine, &mut locals)? || !sequencer.drained() {
         while let Ok(source) = new_sources.try_recv() {
             sequencer.add_source(source);
         }
     }
     sequencer.commands().clear();
     log.sync()?;
-    executors.dispatcher.flush();
+    locals.iter_mut().for_each(|local| local.dispatcher.flush());
     let report = NodeReport {
         replayed_records,
         position: engine.state.position,
         state_hash: engine.state.state_hash(),
         events_applied: engine.state.events_applied,
         rejected: engine.state.rejections.total,
-        dispatched_actions: executors.dispatcher.dispatched,
-        daemons: executors.daemons.stats.clone(),
+        dispatched_actions: locals.iter().map(|local| local.dispatcher.dispatched).sum(),
+        daemons: locals[0].daemons.stats.clone(),
         sequencer: sequencer.stats().clone(),
         reactor: reactor_stats,
     };
@@ -394,14 +542,13 @@ fn run_until(
     Ok(report)
 }
 
-/// Collects, commits (one fsync), folds and reconciles one group; false when there
-/// was nothing to commit.
+/// Collects, commits (one fsync), folds and reconciles one group, and hands each
+/// local node the actions addressed to it; false when there was nothing to commit.
 fn commit_group(
     sequencer: &mut Sequencer,
     log: &mut EmbeddedLog,
     engine: &mut Engine,
-    executors: &mut Executors,
-    name: &str,
+    locals: &mut [Executors],
 ) -> Result<bool, NodeError> {
     if sequencer.collect() == 0 {
         return Ok(false);
@@ -415,17 +562,19 @@ fn commit_group(
     );
     for (stamp, payload) in sequencer.committed() {
         let (state, actions) = engine.apply(stamp.position, stamp.time_ms, payload);
-        let Some(own) = state.nodes.find(name) else { continue };
-        for action in actions.iter().filter(|action| action.node == own) {
-            executors.dispatcher.record(state, action);
-            executors.daemons.dispatch(state, action, &executors.sdk, &mut executors.events);
-            executors.blobs.dispatch(state, action, &mut executors.events);
+        for local in locals.iter_mut() {
+            let Some(own) = state.nodes.find(&local.name) else { continue };
+            for action in actions.iter().filter(|action| action.node == own) {
+                local.dispatcher.record(state, action);
+                local.daemons.dispatch(state, action, &local.sdk, &mut local.events);
+                local.blobs.dispatch(state, action, &mut local.events);
+            }
         }
     }
     debug_assert_eq!(engine.state.position, log.durable_position());
     sequencer.release();
-    for event in executors.events.drain(..) {
-        sequencer.push_own(event);
+    for local in locals.iter_mut() {
+        local.flush_events(sequencer);
     }
     Ok(true)
 }

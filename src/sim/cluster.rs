@@ -502,7 +502,7 @@ impl Sim {
     fn setup(&mut self) {
         let nodes = self.names.len();
         for node in 0..nodes {
-            self.emit(node, EventKind::Capability(node_capability(node, 1, 0)));
+            self.emit(node, EventKind::Capability(Box::new(node_capability(node, 1, 0))));
             self.heartbeat(node);
             self.next_digest_ms[node] = self.now_ms + self.rng.below(DIGEST_MS_MIN + DIGEST_MS_SPAN);
         }
@@ -750,7 +750,7 @@ impl Sim {
             self.admin(node, command);
             let version = self.capability_version[node];
             self.capability_version[node] = version + 1;
-            self.emit(node, EventKind::Capability(node_capability(node, version + 1, version)));
+            self.emit(node, EventKind::Capability(Box::new(node_capability(node, version + 1, version))));
             self.stats.maintenance_exits += 1;
         }
     }

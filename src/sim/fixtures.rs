@@ -85,7 +85,7 @@ pub fn converged_cluster(config: &Config, nodes: u32, blobs: u32, replicas: u8) 
             labels: vec!["storage".to_string()],
             endpoint: String::new(),
         };
-        feeder.push(node, EventKind::Capability(capability));
+        feeder.push(node, EventKind::Capability(Box::new(capability)));
         feeder.push(node, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 }));
     }
     for blob in 0..blobs as u64 {

@@ -220,7 +220,7 @@ impl Generator {
             labels,
             endpoint: String::new(),
         };
-        self.event(node, EventKind::Capability(capability))
+        self.event(node, EventKind::Capability(Box::new(capability)))
     }
 
     fn daemon_spec(name: &str) -> DaemonSpec {

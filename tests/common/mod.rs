@@ -51,7 +51,7 @@ pub fn capability(origin: &str, seq: u64, version: u64, fork_of: u64, zone: &str
         labels: vec!["storage".into()],
         endpoint: String::new(),
     };
-    event(origin, seq, EventKind::Capability(capability))
+    event(origin, seq, EventKind::Capability(Box::new(capability)))
 }
 
 /// Folds each batch as one record, log time advancing 100 ms per record.
