@@ -123,6 +123,32 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
   meshos daemon remove cache --config node.toml"
     )]
     Daemon(DaemonCommandLine),
+    /// A whole cluster on this machine, in one process: N nodes on one log.
+    ///
+    /// Each node has its own data directory, blob store, peer port, SDK socket and
+    /// supervised daemons; they share node-1's embedded log, and move blob bytes
+    /// between their peer ports for real. The first start installs a keyring (the
+    /// operator key is written to DIR/operator.key), a `worker` daemon on every node and
+    /// a few dozen blobs at 3 replicas on node-1 (the other copies arrive by pulls).
+    /// It prints how to reach it and what to try. Ctrl-C stops it; run it again on the
+    /// same --dir to resume from its log.
+    #[command(after_help = "Example:
+  meshos demo --nodes 5
+  meshos demo --dir ./demo --nodes 3 --blobs 10")]
+    Demo {
+        /// How many nodes (1..=16).
+        #[arg(long, default_value_t = 5)]
+        nodes: u32,
+        /// Where the nodes keep their data (default: $TMPDIR/meshos-demo).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Blobs stored at the first start.
+        #[arg(long, default_value_t = 36)]
+        blobs: u32,
+        /// Bytes of each seeded blob.
+        #[arg(long, default_value_t = 256 * 1024)]
+        blob_bytes: u32,
+    },
     /// Store a file as a blob on the node and ask for K replicas of it.
     ///
     /// The file is hashed (blake3) and stored in the node's blob store (DATA_DIR/blobs:
@@ -360,7 +386,7 @@ struct AdminArgs {
     /// The config of the node to talk to (its name, log and socket).
     #[arg(long, value_name = "NODE.toml")]
     config: PathBuf,
-    /// Who you are, recorded in the event (default: $USER).
+    /// Who you are, recorded in the event (default: $USER, $LOGNAME, or uid-N).
     #[arg(long)]
     operator: Option<String>,
     /// Print what would happen and append nothing.
@@ -569,6 +595,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Admin(line) => run_admin(line),
         Command::Daemon(line) => run_daemon(line),
+        Command::Demo { nodes, dir, blobs, blob_bytes } => {
+            use meshos::node::demo;
+            let dir = dir.unwrap_or_else(demo::default_dir);
+            anyhow::ensure!(
+                demo::usable_dir(&dir),
+                "{} is not empty and not a demo directory: pick another --dir",
+                dir.display()
+            );
+            let options = demo::DemoOptions { nodes, dir, blobs, blob_bytes, replicas: 3 };
+            let configs = demo::configs(&options)?;
+            init_tracing("warn")?;
+            let stop = meshos::sys::signals::StopFlag::on_terminate().context("cannot install signal handlers")?;
+            let seeder = {
+                let (options, first) = (options.clone(), configs[0].clone());
+                std::thread::spawn(move || match demo::seed(&options, &first) {
+                    Ok(done) => println!("{done}\n\n{}", demo::guide(&options)),
+                    Err(error) => eprintln!("meshos demo: cannot seed the workload: {error}"),
+                })
+            };
+            let report = meshos::node::run::run_group(&configs, &stop)?;
+            let _ = seeder.join();
+            println!("demo stopped: position={} state_hash={}", report.position, hash_hex(report.state_hash));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Put { file, replicas, zone_spread, common } => run_put(&file, replicas, zone_spread, &common),
         Command::Get { blob, out, config } => run_get(&blob, &out, &config),
         Command::Config(ConfigCommand::Default) => {
@@ -829,7 +879,10 @@ fn run_admin(line: AdminCommandLine) -> anyhow::Result<ExitCode> {
     let key = admin::OperatorKey::load(&common.key)?;
     let operator = match &common.operator {
         Some(operator) => operator.clone(),
-        None => std::env::var("USER").context("no --operator given and $USER is not set")?,
+        // Informational (the key is what is trusted): $USER, $LOGNAME, else the uid.
+        None => std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| format!("uid-{}", meshos::sys::process::effective_uid())),
     };
     let config = node_config.to_config();
     let signed = key.sign(&operator, admin::admin_seq_from_clock(), command);

@@ -10,14 +10,17 @@ use crate::event::{Capability, EventKind};
 use crate::state::nodes::MaintenanceState;
 use crate::state::State;
 
+/// How long a publication may be neither applied nor refused before it is sent again.
+const PENDING_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct CapabilityPublisher {
     pub zone: String,
     pub capacity_bytes: u64,
     pub labels: Vec<String>,
     /// The peer port other nodes reach this one on (empty: none).
     pub endpoint: String,
-    /// Version pushed and the log position at the time; cleared once folded.
-    pending: Option<(u64, u64)>,
+    /// Version pushed, the log position and the time then; cleared once folded.
+    pending: Option<(u64, u64, std::time::Instant)>,
     refused: Option<(String, u64, Vec<String>)>,
     refused_endpoint: String,
     pub published: u64,
@@ -41,22 +44,33 @@ impl CapabilityPublisher {
     pub fn next(&mut self, state: &State, node_name: &str, daemon_labels: &[String]) -> Option<EventKind> {
         let own = state.nodes.find(node_name);
         let current = own.map_or(0, |row| state.nodes.capability_version[row.index()]);
-        if let Some((version, position)) = self.pending {
+        if let Some((version, position, pushed_at)) = self.pending {
+            // Events may take a while to reach the log (a node of a demo group sends
+            // them over TCP): refused is what fold says, not what has not arrived yet.
+            let refused = state.rejections.kept.iter().any(|rejection| {
+                rejection.position > position && rejection.kind == "capability" && &*rejection.origin == node_name
+            });
             if current >= version {
                 self.pending = None;
-            } else if state.position > position {
-                // Folded without effect: refused (the rejection names why).
+            } else if refused {
                 tracing::warn!(version, "capability publication refused by fold; see the log's rejections");
                 self.pending = None;
                 self.refused = Some(self.desired(daemon_labels));
                 self.refused_endpoint = self.endpoint.clone();
                 return None;
+            } else if pushed_at.elapsed() > PENDING_WAIT {
+                // Neither applied nor refused (lost with a restart of the log's owner): again.
+                self.pending = None;
             } else {
                 return None;
             }
         }
         let desired = self.desired(daemon_labels);
-        if self.refused.as_ref() == Some(&desired) && self.refused_endpoint == self.endpoint {
+        let exiting =
+            own.is_some_and(|row| state.nodes.maintenance[row.index()] == MaintenanceState::ExitingMaintenance);
+        // A refused set is not sent again until it changes, except on the way out of
+        // maintenance, which needs a fresh version whatever the set.
+        if !exiting && self.refused.as_ref() == Some(&desired) && self.refused_endpoint == self.endpoint {
             return None;
         }
         let stale = match own {
@@ -79,7 +93,7 @@ impl CapabilityPublisher {
         }
         let (zone, capacity_bytes, labels) = desired;
         let version = current + 1;
-        self.pending = Some((version, state.position));
+        self.pending = Some((version, state.position, std::time::Instant::now()));
         self.published += 1;
         let endpoint = self.endpoint.clone();
         Some(EventKind::Capability(Box::new(Capability {

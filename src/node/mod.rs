@@ -2,5 +2,6 @@
 //! embedded log, fold, reconcile and the dispatcher.
 
 pub mod config;
+pub mod demo;
 pub mod run;
 pub mod spec_file;

@@ -1,0 +1,173 @@
+//! `meshos demo`: a whole cluster in one process, in the manner of `cockroach demo`.
+//!
+//! N nodes (`node-1` .. `node-N`) share one embedded log (`DIR/node-1/log`, owned by
+//! node-1, whose sockets the CLI talks to); each has its own data directory, blob
+//! store, peer port, SDK socket and supervised daemons, and they move blob bytes
+//! between their peer ports for real. Zones `z1`..`z3` are dealt round robin so
+//! placement spreads copies. On first start the demo installs a keyring with an
+//! operator key it writes to `DIR/operator.key`, declares a `worker` daemon on every
+//! node and stores a few dozen blobs on node-1 at 3 replicas; the other copies arrive
+//! by pulls. Run again on the same directory, it resumes from its log.
+//!
+//! Invariants: the demo adds nothing the node binary does not do (same loop, same
+//! executors); everything it seeds goes through node-1's local socket as events.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::admin::OperatorKey;
+use crate::event::{AdminCommand, DaemonPlacement, DaemonSpec, EventKind, PlacementIntent, ReplicaState};
+use crate::node::config::NodeConfig;
+
+/// What the demo starts.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub nodes: u32,
+    pub dir: PathBuf,
+    /// Blobs stored at the first start.
+    pub blobs: u32,
+    pub replicas: u8,
+    /// Bytes of each seeded blob.
+    pub blob_bytes: u32,
+}
+
+/// The seeded workload is installed once; this file marks it done.
+const SEEDED_FILE: &str = "seeded";
+pub const KEY_FILE: &str = "operator.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
+    #[error(transparent)]
+    Blobs(#[from] crate::exec::blobstore::BlobStoreError),
+}
+
+/// The node configs of the demo, written to `DIR/node-N/node.toml` (so the CLI can
+/// name them); node-1 first.
+pub fn configs(options: &DemoOptions) -> Result<Vec<NodeConfig>, DemoError> {
+    if !(1..=16).contains(&options.nodes) {
+        return Err(DemoError::Invalid(format!("--nodes must be 1..=16, not {}", options.nodes)));
+    }
+    let mut configs = Vec::new();
+    for index in 1..=options.nodes {
+        let name = format!("node-{index}");
+        let data_dir = options.dir.join(&name);
+        let text = format!(
+            "# A node of `meshos demo` (all run in one process on node-1's log).\n\
+             name = \"{name}\"\ndata_dir = \"{}\"\nheartbeat_ms = 200\n\n\
+             [ingest]\nlisten_tcp = \"127.0.0.1:0\"\n\n\
+             [reconcile]\nrecovery_ms = 10000\n\n\
+             [capability]\nzone = \"z{}\"\ncapacity_bytes = 10737418240\n",
+            data_dir.display(),
+            (index - 1) % 3 + 1
+        );
+        std::fs::create_dir_all(&data_dir).map_err(|source| DemoError::Io { path: data_dir.clone(), source })?;
+        let path = data_dir.join("node.toml");
+        std::fs::write(&path, &text).map_err(|source| DemoError::Io { path: path.clone(), source })?;
+        configs.push(NodeConfig::parse(&text).map_err(DemoError::Invalid)?);
+    }
+    Ok(configs)
+}
+
+/// Deterministic bytes for seeded blob `index`.
+fn blob_bytes(index: u32, size: u32) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ index as u64;
+    (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Waits for node-1 to listen, then (first start only) installs the keyring, the
+/// worker daemon and the seeded blobs through its local socket. Returns what it did.
+pub fn seed(options: &DemoOptions, first: &NodeConfig) -> Result<String, DemoError> {
+    let marker = options.dir.join(SEEDED_FILE);
+    let addr_file = first.data_dir.join(crate::node::run::ADDR_FILE);
+    let started = Instant::now();
+    while !addr_file.exists() {
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(DemoError::Invalid("node-1 did not start listening within 60 s".to_string()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if marker.exists() {
+        return Ok("resumed from the log (the workload was seeded before)".to_string());
+    }
+    let key_path = options.dir.join(KEY_FILE);
+    let key = if key_path.exists() { OperatorKey::load(&key_path)? } else { OperatorKey::generate(&key_path)? };
+    let socket = first.local_socket_path();
+    let timeout = Duration::from_secs(30);
+    let send = |kinds: Vec<EventKind>| crate::admin::submit::send_events(&socket, &first.name, kinds, timeout);
+    let genesis = key.sign("demo", 1, AdminCommand::SetKeyring { version: 1, keys: vec![key.public_key()] });
+    let worker = DaemonSpec {
+        args: vec!["-c".to_string(), "echo worker on $MESHOS_NODE_NAME; while true; do sleep 1; done".to_string()],
+        stop_grace_ms: 2_000,
+        ..DaemonSpec::new("worker", "/bin/sh")
+    };
+    send(vec![
+        EventKind::Admin(Box::new(genesis)),
+        EventKind::DaemonIntent { spec: Box::new(worker), runs_on: DaemonPlacement::AllNodes },
+    ])?;
+    let store = crate::exec::blobstore::BlobStore::open(&first.blobs_dir())?;
+    let replicas = options.replicas.min(options.nodes as u8).max(1);
+    for index in 0..options.blobs {
+        let bytes = blob_bytes(index, options.blob_bytes);
+        let (blob, size_bytes) = store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {})?;
+        send(vec![
+            EventKind::BlobAnnounce { blob, size_bytes },
+            EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
+            EventKind::PlacementIntent(PlacementIntent { blob, replicas, zone_spread: true, pinned: Vec::new() }),
+        ])?;
+    }
+    std::fs::write(&marker, b"seeded\n").map_err(|source| DemoError::Io { path: marker.clone(), source })?;
+    Ok(format!(
+        "seeded: keyring (key {}), a `worker` daemon on every node, {} blobs of {} bytes at {replicas} replicas",
+        key_path.display(),
+        options.blobs,
+        options.blob_bytes
+    ))
+}
+
+/// What to try, printed once the demo runs.
+pub fn guide(options: &DemoOptions) -> String {
+    let dir = options.dir.display();
+    let config = format!("{dir}/node-1/node.toml");
+    format!(
+        "meshos demo: {nodes} nodes in this process, sharing the log in {dir}/node-1/log\n\
+         \x20 node data: {dir}/node-N/ (blobs/, daemons/NAME/stdout.log, dispatched.log)\n\
+         \x20 talk to it through node-1: --config {config}\n\
+         \x20 operator key: {dir}/{KEY_FILE}\n\
+         Try, in another terminal:\n\
+         \x20 meshos put ./some-file --replicas 3 --config {config}\n\
+         \x20 meshos get <BLOB_ID> -o ./copy --config {config}\n\
+         \x20 meshos admin enter-maintenance node-2 --key {dir}/{KEY_FILE} --config {config} --dry-run\n\
+         \x20 meshos admin enter-maintenance node-2 --key {dir}/{KEY_FILE} --config {config}\n\
+         \x20 kill -9 $(cat {dir}/node-3/daemons/worker/pid | cut -d' ' -f1)   # watch it come back\n\
+         \x20 meshos admin exit-maintenance node-2 --key {dir}/{KEY_FILE} --config {config}\n\
+         \x20 meshos log replay {dir}/node-1/log --show-rejections 5\n\
+         Ctrl-C stops the demo; `meshos demo --dir {dir}` resumes it from its log.",
+        nodes = options.nodes,
+    )
+}
+
+/// The default demo directory: `$TMPDIR/meshos-demo`.
+pub fn default_dir() -> PathBuf {
+    std::env::temp_dir().join("meshos-demo")
+}
+
+/// Whether `path` looks like a demo directory (or an empty / missing one).
+pub fn usable_dir(path: &Path) -> bool {
+    match std::fs::read_dir(path) {
+        Err(_) => true,
+        Ok(mut entries) => entries.next().is_none() || path.join("node-1").exists() || path.join(SEEDED_FILE).exists(),
+    }
+}
