@@ -294,6 +294,7 @@ fn run_until(
         "node running"
     );
 
+    let mut snapshots = config.snapshot_writer();
     let heartbeat = Duration::from_millis(config.heartbeat_ms as u64);
     let mut next_heartbeat = Instant::now();
     let mut next_stats = Instant::now() + STATS_INTERVAL;
@@ -308,6 +309,7 @@ fn run_until(
         }
         executors.tick(&engine.state, &config.name, &mut sequencer);
         let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut executors, &config.name)?;
+        snapshots.tick(&engine.state, now);
         resumer.send(sequencer.commands());
         if now >= next_stats {
             next_stats = now + STATS_INTERVAL;
@@ -367,6 +369,7 @@ fn run_until(
     }
     sequencer.commands().clear();
     log.sync()?;
+    snapshots.finish(&engine.state);
     executors.dispatcher.flush();
     let report = NodeReport {
         replayed_records,
