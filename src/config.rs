@@ -279,6 +279,64 @@ impl Default for FoldLimits {
     }
 }
 
+/// What the behaviour snapshot for Deck lists in full at most (`snapshot`). Every
+/// table of the state is written whole (each is bounded by `FoldLimits`); these bound
+/// the lists of a snapshot that are picked from a table, so a snapshot's size and
+/// write time stay bounded whatever the state holds. Local to a node: they shape only
+/// its snapshot file, never the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotLimits {
+    /// The latest rejected events listed with their message (all are counted by reason).
+    pub failures_listed_max: u32,
+    /// Blobs away from their intent listed by row (under-replicated first; all are
+    /// counted, and every blob's drift is in its column).
+    pub drift_listed_max: u32,
+    /// Blobs held back by a gate listed with the gate and when it opens (all are
+    /// counted by gate, and every blob's gate is in its column).
+    pub pending_listed_max: u32,
+    /// Measured RTT pairs listed (the most recently sampled when there are more).
+    pub rtt_pairs_listed_max: u32,
+    /// Copies blocking a drain listed, with what they wait for (all are counted).
+    pub drain_blockers_listed_max: u32,
+}
+
+/// Upper bound of every `SnapshotLimits` field.
+pub const SNAPSHOT_LISTED_LIMIT: u32 = 1 << 22;
+
+impl Default for SnapshotLimits {
+    fn default() -> Self {
+        SnapshotLimits {
+            failures_listed_max: 256,
+            drift_listed_max: 1024,
+            pending_listed_max: 1024,
+            rtt_pairs_listed_max: 65_536,
+            drain_blockers_listed_max: 1024,
+        }
+    }
+}
+
+impl SnapshotLimits {
+    /// Checks every field; the error names the first bad field (under `snapshot.`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fields = [
+            ("snapshot.failures_listed_max", self.failures_listed_max),
+            ("snapshot.drift_listed_max", self.drift_listed_max),
+            ("snapshot.pending_listed_max", self.pending_listed_max),
+            ("snapshot.rtt_pairs_listed_max", self.rtt_pairs_listed_max),
+            ("snapshot.drain_blockers_listed_max", self.drain_blockers_listed_max),
+        ];
+        for (field, value) in fields {
+            if value > SNAPSHOT_LISTED_LIMIT {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: format!("{value} is above {SNAPSHOT_LISTED_LIMIT}"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

@@ -73,6 +73,8 @@ pub mod sequencer;
 #[cfg(feature = "engine")]
 pub mod sim;
 #[cfg(feature = "engine")]
+pub mod snapshot;
+#[cfg(feature = "engine")]
 pub mod state;
 #[cfg(feature = "engine")]
 pub mod sync;

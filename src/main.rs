@@ -186,6 +186,9 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
         #[arg(long, value_name = "NODE.toml")]
         config: PathBuf,
     },
+    /// Read the behaviour snapshot a node writes for Deck.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommandLine),
     /// Simulate a cluster under faults and check reconcile's invariants after every pass.
     ///
     /// The simulator is every node's executor: it keeps the ground truth (which node
@@ -594,6 +597,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Admin(line) => run_admin(line),
+        Command::Snapshot(SnapshotCommandLine::Show { file, config, output }) => {
+            run_snapshot_show(file, config, output)
+        }
         Command::Daemon(line) => run_daemon(line),
         Command::Demo { nodes, dir, blobs, blob_bytes } => {
             use meshos::node::demo;
@@ -1073,6 +1079,199 @@ fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyho
         "no holder delivered blob {blob}: {}",
         if errors.is_empty() { "none holds a healthy copy".to_string() } else { errors.join("; ") }
     )
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommandLine {
+    /// Map a snapshot file read-only, validate it and print a summary: position and
+    /// state hash, nodes by maintenance state (with drain progress), in-flight actions
+    /// by kind, blobs held by each gate, drift, the global gates, failures.
+    ///
+    /// The node writes DATA_DIR/snapshot.rkyv (`[snapshot]` in its config) at most
+    /// once per `interval_ms`, replacing it atomically; Deck maps the same file.
+    #[command(after_help = "Example:\n  meshos snapshot show --config node.toml\n  \
+                  meshos snapshot show --file /var/lib/meshos/snapshot.rkyv -o json")]
+    Show {
+        /// The snapshot file.
+        #[arg(long, value_name = "PATH", required_unless_present = "config", conflicts_with = "config")]
+        file: Option<PathBuf>,
+        /// A node's config: read the snapshot that node writes.
+        #[arg(long, value_name = "NODE.toml")]
+        config: Option<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+fn run_snapshot_show(file: Option<PathBuf>, config: Option<PathBuf>, output: Output) -> anyhow::Result<ExitCode> {
+    let path = match (file, config) {
+        (Some(file), _) => file,
+        (None, Some(config)) => meshos::node::config::NodeConfig::load(&config)?.snapshot_path(),
+        (None, None) => unreachable!("clap requires --file or --config"),
+    };
+    let mapped = meshos::snapshot::MappedSnapshot::open(&path)?;
+    let summary = mapped.get().summary();
+    let file_bytes = mapped.bytes().len();
+    let counts = |counts: &[(String, u32)]| {
+        counts.iter().map(|(name, count)| format!("{name}={count}")).collect::<Vec<_>>().join(" ")
+    };
+    let json_counts = |counts: &[(String, u32)]| {
+        let fields: Vec<String> = counts.iter().map(|(name, count)| format!("{}:{count}", json_string(name))).collect();
+        format!("{{{}}}", fields.join(","))
+    };
+    let eta = |eta_ms: Option<u64>| eta_ms.map_or("unknown".to_string(), duration_text);
+    if output == Output::Json {
+        let away: Vec<String> = summary
+            .nodes_away
+            .iter()
+            .map(|node| {
+                format!(
+                    "{{\"node\":{},\"maintenance\":{},\"since_ms\":{},\"unsafe_copies\":{},\"moving_copies\":{},\
+                     \"daemons_left\":{},\"unsafe_bytes\":{},\"eta_ms\":{},\"deadline_ms\":{}}}",
+                    json_string(&node.node),
+                    json_string(&node.maintenance),
+                    node.since_ms,
+                    node.unsafe_copies,
+                    node.moving_copies,
+                    node.daemons_left,
+                    node.unsafe_bytes,
+                    node.eta_ms.map_or("null".to_string(), |ms| ms.to_string()),
+                    node.deadline_ms
+                )
+            })
+            .collect();
+        println!(
+            "{{\"path\":{},\"file_bytes\":{file_bytes},\"format_version\":{},\"writer_node\":{},\
+             \"written_unix_ms\":{},\"position\":{},\"log_time_ms\":{},\"events_applied\":{},\"state_hash\":\"{}\",\
+             \"nodes\":{},\"nodes_live\":{},\"nodes_by_status\":{},\"nodes_by_maintenance\":{},\"nodes_away\":[{}],\
+             \"blobs\":{},\"copies\":{},\"daemons\":{},\"daemons_running\":{},\"daemons_unhealthy\":{},\
+             \"actions_inflight\":{},\"actions_by_kind\":{},\"blobs_held\":{},\"blobs_held_by_gate\":{},\
+             \"daemons_backing_off\":{},\"daemons_gated\":{},\"drift\":{},\"copies_missing\":{},\"copies_surplus\":{},\
+             \"backpressure\":{},\"brake\":{},\"window_moves\":{},\"throttle_moves_max\":{},\"moves_inflight\":{},\
+             \"pull_inflight_max\":{},\"placement_epoch\":{},\"plans_invalid\":{},\"copies_off_plan\":{},\
+             \"copies_pulling\":{},\"rejected_total\":{},\"actions_failed\":{},\"actions_timed_out\":{},\
+             \"drain_blockers\":{},\"rtt_pairs\":{}}}",
+            json_string(&path.display().to_string()),
+            summary.format_version,
+            json_string(&summary.writer_node),
+            summary.written_unix_ms,
+            summary.position,
+            summary.log_time_ms,
+            summary.events_applied,
+            hash_hex(summary.state_hash),
+            summary.nodes,
+            summary.nodes_live,
+            json_counts(&summary.nodes_by_status),
+            json_counts(&summary.nodes_by_maintenance),
+            away.join(","),
+            summary.blobs,
+            summary.copies,
+            summary.daemons,
+            summary.daemons_running,
+            summary.daemons_unhealthy,
+            summary.actions_inflight,
+            json_counts(&summary.actions_by_kind),
+            summary.blobs_held,
+            json_counts(&summary.blobs_held_by_gate),
+            summary.daemons_backing_off,
+            summary.daemons_gated,
+            json_counts(&summary.drift),
+            summary.copies_missing,
+            summary.copies_surplus,
+            summary.backpressure,
+            summary.brake,
+            summary.window_moves,
+            summary.throttle_moves_max,
+            summary.moves_inflight,
+            summary.pull_inflight_max,
+            summary.placement_epoch,
+            summary.plans_invalid,
+            summary.copies_off_plan,
+            summary.copies_pulling,
+            summary.rejected_total,
+            summary.actions_failed,
+            summary.actions_timed_out,
+            summary.drain_blockers,
+            summary.rtt_pairs
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "snapshot {} ({}, format {}) written by `{}`",
+        path.display(),
+        bytes_text(file_bytes as u64),
+        summary.format_version,
+        printable(&summary.writer_node)
+    );
+    println!(
+        "position={} state_hash={} log_time_ms={} events={}",
+        summary.position,
+        hash_hex(summary.state_hash),
+        summary.log_time_ms,
+        summary.events_applied
+    );
+    println!("nodes: {} ({} live); status: {}", summary.nodes, summary.nodes_live, counts(&summary.nodes_by_status));
+    println!("  maintenance: {}", counts(&summary.nodes_by_maintenance));
+    for node in &summary.nodes_away {
+        println!(
+            "  {} {}: {} copies not safe elsewhere ({}, {} moving), {} daemons left, time to safe {}",
+            printable(&node.node),
+            node.maintenance,
+            node.unsafe_copies,
+            bytes_text(node.unsafe_bytes),
+            node.moving_copies,
+            node.daemons_left,
+            eta(node.eta_ms)
+        );
+    }
+    println!(
+        "blobs: {}, copies: {}; drift: {} (copies missing {}, surplus {}); placement epoch {}, {} plans to recompute, {} copies off plan, {} pulling",
+        summary.blobs,
+        summary.copies,
+        if summary.drift.is_empty() { "none".to_string() } else { counts(&summary.drift) },
+        summary.copies_missing,
+        summary.copies_surplus,
+        summary.placement_epoch,
+        summary.plans_invalid,
+        summary.copies_off_plan,
+        summary.copies_pulling
+    );
+    println!(
+        "daemons: {} ({} running, {} not healthy, {} backing off, {} gated)",
+        summary.daemons,
+        summary.daemons_running,
+        summary.daemons_unhealthy,
+        summary.daemons_backing_off,
+        summary.daemons_gated
+    );
+    println!(
+        "actions in flight: {}{}{}",
+        summary.actions_inflight,
+        if summary.actions_by_kind.is_empty() { "" } else { ": " },
+        counts(&summary.actions_by_kind)
+    );
+    println!(
+        "held by a gate: {} blobs{}{}",
+        summary.blobs_held,
+        if summary.blobs_held_by_gate.is_empty() { "" } else { ": " },
+        counts(&summary.blobs_held_by_gate)
+    );
+    println!(
+        "gates: backpressure={} brake={} throttle {}/{} moves this window, moves in flight {}/{}; {} copies block drains",
+        summary.backpressure,
+        summary.brake,
+        summary.window_moves,
+        summary.throttle_moves_max,
+        summary.moves_inflight,
+        summary.pull_inflight_max,
+        summary.drain_blockers
+    );
+    println!(
+        "failures: {} events rejected, {} actions failed, {} timed out; {} RTT pairs measured",
+        summary.rejected_total, summary.actions_failed, summary.actions_timed_out, summary.rtt_pairs
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn duration_text(ms: u64) -> String {

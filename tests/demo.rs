@@ -98,7 +98,12 @@ fn drain_two_kill_workers_then_crash_and_resume() {
             .arg(&config)
             .output()
             .unwrap();
-        assert!(admin.status.success(), "{}{}", String::from_utf8_lossy(&admin.stdout), String::from_utf8_lossy(&admin.stderr));
+        assert!(
+            admin.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&admin.stdout),
+            String::from_utf8_lossy(&admin.stderr)
+        );
     }
     let killed: Vec<(u32, u32)> = [1, 4, 5].iter().map(|&node| (node, worker_pid(&dir, node).unwrap())).collect();
     for &(_, pid) in &killed {

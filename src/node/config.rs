@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{Config, FoldLimits, FsyncPolicy, ReconcileConfig};
+use crate::config::{Config, FoldLimits, FsyncPolicy, ReconcileConfig, SnapshotLimits};
 use crate::sequencer::SequencerConfig;
 use crate::sys::reactor::ReactorConfig;
 
@@ -35,6 +35,52 @@ pub struct NodeConfig {
     pub daemons: DaemonsConfig,
     pub capability: CapabilityConfig,
     pub blobs: BlobsConfig,
+    pub snapshot: SnapshotConfig,
+}
+
+/// The behaviour snapshot for Deck (`crate::snapshot`): where, how often, and how much
+/// of each picked list it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// The snapshot file, relative to `data_dir` unless absolute.
+    pub path: PathBuf,
+    /// At most one snapshot per this many ms, and none while the log has not moved
+    /// (0: no snapshot).
+    pub interval_ms: u32,
+    pub failures_listed_max: u32,
+    pub drift_listed_max: u32,
+    pub pending_listed_max: u32,
+    pub rtt_pairs_listed_max: u32,
+    pub drain_blockers_listed_max: u32,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        let limits = SnapshotLimits::default();
+        SnapshotConfig {
+            path: PathBuf::from("snapshot.rkyv"),
+            interval_ms: 1000,
+            failures_listed_max: limits.failures_listed_max,
+            drift_listed_max: limits.drift_listed_max,
+            pending_listed_max: limits.pending_listed_max,
+            rtt_pairs_listed_max: limits.rtt_pairs_listed_max,
+            drain_blockers_listed_max: limits.drain_blockers_listed_max,
+        }
+    }
+}
+
+impl SnapshotConfig {
+    /// The library limits these fields set.
+    pub fn limits(&self) -> SnapshotLimits {
+        SnapshotLimits {
+            failures_listed_max: self.failures_listed_max,
+            drift_listed_max: self.drift_listed_max,
+            pending_listed_max: self.pending_listed_max,
+            rtt_pairs_listed_max: self.rtt_pairs_listed_max,
+            drain_blockers_listed_max: self.drain_blockers_listed_max,
+        }
+    }
 }
 
 /// The blob store, the peer port and blob transfers.
@@ -140,6 +186,7 @@ impl Default for NodeConfig {
             daemons: DaemonsConfig::default(),
             capability: CapabilityConfig::default(),
             blobs: BlobsConfig::default(),
+            snapshot: SnapshotConfig::default(),
         }
     }
 }
@@ -345,6 +392,14 @@ impl NodeConfig {
                 ),
             );
         }
+        let interval_ms = self.snapshot.interval_ms;
+        if interval_ms != 0 && !(10..=3_600_000).contains(&interval_ms) {
+            return field("snapshot.interval_ms", format!("{interval_ms} is neither 0 (off) nor in 10..=3600000"));
+        }
+        if self.snapshot.path.as_os_str().is_empty() {
+            return field("snapshot.path", "must name a file".to_string());
+        }
+        self.snapshot.limits().validate().map_err(|error| error.to_string())?;
         let fsync =
             self.log.fsync.parse::<FsyncPolicy>().map_err(|error| format!("config field `log.fsync`: {error}"))?;
         let config = Config { fsync, ..self.to_config_unchecked() };
@@ -401,6 +456,21 @@ impl NodeConfig {
     /// The blob store: `data_dir/blobs`.
     pub fn blobs_dir(&self) -> PathBuf {
         self.data_dir.join("blobs")
+    }
+
+    /// The snapshot file: `snapshot.path`, relative to `data_dir` unless absolute.
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.data_dir.join(&self.snapshot.path)
+    }
+
+    /// The node's snapshot writer (call after `check`).
+    pub fn snapshot_writer(&self) -> crate::snapshot::SnapshotWriter {
+        crate::snapshot::SnapshotWriter::new(
+            self.snapshot_path(),
+            &self.name,
+            self.snapshot.interval_ms,
+            self.snapshot.limits(),
+        )
     }
 
     /// The daemon executor's settings (call after `check`).
@@ -499,6 +569,9 @@ mod tests {
             ("[capability]\nlabels = [\"\"]", "capability.labels"),
             ("[blobs]\npeer_listen = \"here\"", "blobs.peer_listen"),
             ("[blobs]\ntransfers_max = 0", "blobs.transfers_max"),
+            ("[snapshot]\ninterval_ms = 5", "snapshot.interval_ms"),
+            ("[snapshot]\npath = \"\"", "snapshot.path"),
+            ("[snapshot]\ndrift_listed_max = 99999999", "snapshot.drift_listed_max"),
             ("colour = \"blue\"", "colour"),
             ("[ingest]\nqueue_frames = \"many\"", "queue_frames"),
         ];

@@ -433,6 +433,7 @@ fn run_until(
         "node running"
     );
 
+    let mut snapshots = config.snapshot_writer();
     let mut next_stats = Instant::now() + STATS_INTERVAL;
     while !stop.is_set() {
         while let Ok(source) = new_sources.try_recv() {
@@ -442,6 +443,7 @@ fn run_until(
             local.tick(&engine.state, &mut sequencer);
         }
         let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut locals)?;
+        snapshots.tick(&engine.state, Instant::now());
         resumer.send(sequencer.commands());
         let now = Instant::now();
         if now >= next_stats {
@@ -526,6 +528,7 @@ fn run_until(
     }
     sequencer.commands().clear();
     log.sync()?;
+    snapshots.finish(&engine.state);
     locals.iter_mut().for_each(|local| local.dispatcher.flush());
     let report = NodeReport {
         replayed_records,
