@@ -149,6 +149,10 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
         #[arg(long, default_value_t = 256 * 1024)]
         blob_bytes: u32,
     },
+    /// The demo's worker daemon (run by a node, not by hand): registers through the
+    /// SDK, reports health and load every second, stops on a control event.
+    #[command(hide = true)]
+    DemoWorker,
     /// Store a file as a blob on the node and ask for K replicas of it.
     ///
     /// The file is hashed (blake3) and stored in the node's blob store (DATA_DIR/blobs:
@@ -601,6 +605,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_snapshot_show(file, config, output)
         }
         Command::Daemon(line) => run_daemon(line),
+        Command::DemoWorker => {
+            use meshos::sdk::{self, Control};
+            let mut daemon = sdk::register_daemon()?;
+            println!("worker registered as {} on {}", daemon.name(), daemon.node());
+            daemon.publish_capabilities(&["demo"])?;
+            loop {
+                daemon.report_health(true)?;
+                daemon.report_saturation(100)?;
+                match daemon.next_control_timeout(Duration::from_secs(1))? {
+                    Some(Control::Shutdown) | Some(Control::Restart) => break,
+                    Some(Control::ReloadConfig) | None => {}
+                }
+            }
+            println!("worker shutting down");
+            daemon.graceful_shutdown()?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { nodes, dir, blobs, blob_bytes } => {
             use meshos::node::demo;
             let dir = dir.unwrap_or_else(demo::default_dir);

@@ -136,6 +136,24 @@ fn drain_two_kill_workers_then_crash_and_resume() {
         }
     }
 
+    // Probes measured the nodes' round trips; node-2 comes back from maintenance
+    // (fresh capability, its worker running, round trips measured again, Recovery).
+    assert!(state.rtt.len() >= 4, "RTT pairs measured by the probes: {}", state.rtt.len());
+    let exit = Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["admin", "exit-maintenance", "node-2", "--key"])
+        .arg(&key)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(exit.status.success(), "{}", String::from_utf8_lossy(&exit.stderr));
+    wait_for("node-2 active again", || {
+        let state = read_state(&dir);
+        let row = state.nodes.find("node-2").unwrap().index();
+        state.nodes.maintenance[row] == MaintenanceState::Active
+    });
+    let state = read_state(&dir);
+
     // SIGKILL the whole demo, start it again on the same directory: it resumes.
     let position = state.position;
     kill(demo.id(), libc::SIGKILL);

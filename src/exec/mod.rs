@@ -12,3 +12,4 @@ pub mod blobstore;
 pub mod capability;
 pub mod daemons;
 pub mod output;
+pub mod probes;

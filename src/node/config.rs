@@ -35,6 +35,7 @@ pub struct NodeConfig {
     pub daemons: DaemonsConfig,
     pub capability: CapabilityConfig,
     pub blobs: BlobsConfig,
+    pub probes: ProbesConfig,
     pub snapshot: SnapshotConfig,
 }
 
@@ -80,6 +81,21 @@ impl SnapshotConfig {
             rtt_pairs_listed_max: self.rtt_pairs_listed_max,
             drain_blockers_listed_max: self.drain_blockers_listed_max,
         }
+    }
+}
+
+/// RTT probes to peers' ports.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbesConfig {
+    pub interval_ms: u32,
+    pub peers_per_round: u32,
+    pub timeout_ms: u32,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        ProbesConfig { interval_ms: 1000, peers_per_round: 4, timeout_ms: 500 }
     }
 }
 
@@ -186,6 +202,7 @@ impl Default for NodeConfig {
             daemons: DaemonsConfig::default(),
             capability: CapabilityConfig::default(),
             blobs: BlobsConfig::default(),
+            probes: ProbesConfig::default(),
             snapshot: SnapshotConfig::default(),
         }
     }
@@ -368,6 +385,9 @@ impl NodeConfig {
             ("blobs.transfers_max", blobs.transfers_max as u64, 1, 1_024),
             ("blobs.fetch_timeout_ms", blobs.fetch_timeout_ms as u64, 100, 3_600_000),
             ("blobs.blob_bytes_max", blobs.blob_bytes_max, 1, 1 << 50),
+            ("probes.interval_ms", self.probes.interval_ms as u64, 10, 3_600_000),
+            ("probes.peers_per_round", self.probes.peers_per_round as u64, 0, 1_024),
+            ("probes.timeout_ms", self.probes.timeout_ms as u64, 1, 60_000),
         ];
         for (name, value, low, high) in bounded {
             if value < low || value > high {
@@ -431,6 +451,15 @@ impl NodeConfig {
     /// The daemons' SDK socket: `daemons.sdk_socket`, relative to `data_dir` unless absolute.
     pub fn sdk_socket_path(&self) -> PathBuf {
         self.data_dir.join(&self.daemons.sdk_socket)
+    }
+
+    /// The prober's settings (call after `check`).
+    pub fn probe_config(&self) -> crate::exec::probes::ProbeConfig {
+        crate::exec::probes::ProbeConfig {
+            interval_ms: self.probes.interval_ms,
+            peers_per_round: self.probes.peers_per_round,
+            timeout_ms: self.probes.timeout_ms,
+        }
     }
 
     /// The blob executor's settings (call after `check`).
@@ -569,6 +598,7 @@ mod tests {
             ("[capability]\nlabels = [\"\"]", "capability.labels"),
             ("[blobs]\npeer_listen = \"here\"", "blobs.peer_listen"),
             ("[blobs]\ntransfers_max = 0", "blobs.transfers_max"),
+            ("[probes]\ninterval_ms = 1", "probes.interval_ms"),
             ("[snapshot]\ninterval_ms = 5", "snapshot.interval_ms"),
             ("[snapshot]\npath = \"\"", "snapshot.path"),
             ("[snapshot]\ndrift_listed_max = 99999999", "snapshot.drift_listed_max"),

@@ -108,10 +108,14 @@ pub fn seed(options: &DemoOptions, first: &NodeConfig) -> Result<String, DemoErr
     let timeout = Duration::from_secs(30);
     let send = |kinds: Vec<EventKind>| crate::admin::submit::send_events(&socket, &first.name, kinds, timeout);
     let genesis = key.sign("demo", 1, AdminCommand::SetKeyring { version: 1, keys: vec![key.public_key()] });
+    // The worker is this binary's hidden `demo-worker`: a real SDK daemon (it
+    // registers, reports health every second, stops on the control event).
+    let program = std::env::current_exe().map_err(|source| DemoError::Io { path: PathBuf::from("<self>"), source })?;
     let worker = DaemonSpec {
-        args: vec!["-c".to_string(), "echo worker on $MESHOS_NODE_NAME; while true; do sleep 1; done".to_string()],
-        stop_grace_ms: 2_000,
-        ..DaemonSpec::new("worker", "/bin/sh")
+        args: vec!["demo-worker".to_string()],
+        health_timeout_ms: 5_000,
+        stop_grace_ms: 4_000,
+        ..DaemonSpec::new("worker", &program.display().to_string())
     };
     send(vec![
         EventKind::Admin(Box::new(genesis)),

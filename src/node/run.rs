@@ -204,6 +204,7 @@ struct Executors {
     capability: CapabilityPublisher,
     events: Vec<EventKind>,
     sink: Sink,
+    prober: crate::exec::probes::Prober,
     heartbeat: Duration,
     next_heartbeat: Instant,
 }
@@ -244,6 +245,7 @@ impl Executors {
             capability,
             events,
             sink: Sink::Own,
+            prober: crate::exec::probes::Prober::new(config.probe_config()),
             heartbeat: Duration::from_millis(config.heartbeat_ms as u64),
             next_heartbeat: Instant::now(),
         })
@@ -258,6 +260,7 @@ impl Executors {
         }
         self.daemons.poll(Instant::now(), state, &self.sdk, &mut self.events);
         self.blobs.poll(&mut self.events);
+        self.prober.tick(state, &self.name, Instant::now(), &mut self.events);
         let labels = self.daemons.published_labels();
         if let Some(event) = self.capability.next(state, &self.name, &labels) {
             self.events.push(event);
