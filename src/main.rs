@@ -193,6 +193,21 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
     /// Read the behaviour snapshot a node writes for Deck.
     #[command(subcommand)]
     Snapshot(SnapshotCommandLine),
+    /// The cluster as a node sees it: a table of nodes (zone, health, maintenance with
+    /// drain progress, load, copies held, daemons running), then blobs away from their
+    /// intent, actions in flight, the gates and failures.
+    ///
+    /// Read from the behaviour snapshot the node writes (`[snapshot]`, once a second by
+    /// default), so it costs the node nothing; `-o json` gives one object for scripts.
+    #[command(after_help = "Example:\n  meshos status --config node.toml\n  meshos status --config node.toml -o json")]
+    Status {
+        /// The config of the node to ask.
+        #[arg(long, value_name = "NODE.toml")]
+        config: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Simulate a cluster under faults and check reconcile's invariants after every pass.
     ///
     /// The simulator is every node's executor: it keeps the ground truth (which node
@@ -602,8 +617,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Admin(line) => run_admin(line),
         Command::Snapshot(SnapshotCommandLine::Show { file, config, output }) => {
-            run_snapshot_show(file, config, output)
+            run_snapshot_show(file, config, output, false)
         }
+        Command::Status { config, output } => run_snapshot_show(None, Some(config), output, true),
         Command::Daemon(line) => run_daemon(line),
         Command::DemoWorker => {
             use meshos::sdk::{self, Control};
@@ -1125,14 +1141,70 @@ enum SnapshotCommandLine {
     },
 }
 
-fn run_snapshot_show(file: Option<PathBuf>, config: Option<PathBuf>, output: Output) -> anyhow::Result<ExitCode> {
+/// One row of `meshos status`'s node table, read in place from the snapshot.
+struct NodeLine {
+    name: String,
+    zone: String,
+    status: String,
+    live: bool,
+    maintenance: String,
+    load_permille: u16,
+    copies: u32,
+    daemons_running: u32,
+    unsafe_copies: u32,
+    avoid: bool,
+    cordoned: bool,
+}
+
+fn node_lines(snapshot: &meshos::snapshot::ArchivedSnapshot) -> Vec<NodeLine> {
+    let nodes = &snapshot.nodes;
+    let name_of = |names: &rkyv::vec::ArchivedVec<rkyv::string::ArchivedString>, code: u8| {
+        names.get(code as usize).map_or_else(|| format!("#{code}"), |name| name.to_string())
+    };
+    let mut running = vec![0u32; nodes.name.len()];
+    for daemon in snapshot.daemons.iter() {
+        let state = snapshot.names.daemon_state.get(daemon.state as usize).map(|name| name.as_str());
+        if matches!(state, Some("started" | "registered")) {
+            if let Some(count) = running.get_mut(daemon.node.to_native() as usize) {
+                *count += 1;
+            }
+        }
+    }
+    (0..nodes.name.len())
+        .map(|row| {
+            let zone = nodes.zone[row].to_native();
+            NodeLine {
+                name: nodes.name[row].to_string(),
+                zone: snapshot.symbols.get(zone as usize).map_or_else(String::new, |name| name.to_string()),
+                status: name_of(&snapshot.names.node_status, nodes.status[row]),
+                live: nodes.live[row],
+                maintenance: name_of(&snapshot.names.maintenance, nodes.maintenance[row]),
+                load_permille: nodes.load_permille[row].to_native(),
+                copies: nodes.healthy_copies[row].to_native(),
+                daemons_running: running[row],
+                unsafe_copies: nodes.drain_unsafe_copies[row].to_native(),
+                avoid: nodes.avoid[row],
+                cordoned: nodes.cordoned[row],
+            }
+        })
+        .collect()
+}
+
+fn run_snapshot_show(
+    file: Option<PathBuf>,
+    config: Option<PathBuf>,
+    output: Output,
+    node_table: bool,
+) -> anyhow::Result<ExitCode> {
     let path = match (file, config) {
         (Some(file), _) => file,
         (None, Some(config)) => meshos::node::config::NodeConfig::load(&config)?.snapshot_path(),
         (None, None) => unreachable!("clap requires --file or --config"),
     };
-    let mapped = meshos::snapshot::MappedSnapshot::open(&path)?;
+    let mapped = meshos::snapshot::MappedSnapshot::open(&path)
+        .with_context(|| "no snapshot to read: is the node running, with `[snapshot] interval_ms` above 0?")?;
     let summary = mapped.get().summary();
+    let lines = if node_table { node_lines(mapped.get()) } else { Vec::new() };
     let file_bytes = mapped.bytes().len();
     let counts = |counts: &[(String, u32)]| {
         counts.iter().map(|(name, count)| format!("{name}={count}")).collect::<Vec<_>>().join(" ")
@@ -1172,7 +1244,7 @@ fn run_snapshot_show(file: Option<PathBuf>, config: Option<PathBuf>, output: Out
              \"backpressure\":{},\"brake\":{},\"window_moves\":{},\"throttle_moves_max\":{},\"moves_inflight\":{},\
              \"pull_inflight_max\":{},\"placement_epoch\":{},\"plans_invalid\":{},\"copies_off_plan\":{},\
              \"copies_pulling\":{},\"rejected_total\":{},\"actions_failed\":{},\"actions_timed_out\":{},\
-             \"drain_blockers\":{},\"rtt_pairs\":{}}}",
+             \"drain_blockers\":{},\"rtt_pairs\":{}{}}}",
             json_string(&path.display().to_string()),
             summary.format_version,
             json_string(&summary.writer_node),
@@ -1214,9 +1286,66 @@ fn run_snapshot_show(file: Option<PathBuf>, config: Option<PathBuf>, output: Out
             summary.actions_failed,
             summary.actions_timed_out,
             summary.drain_blockers,
-            summary.rtt_pairs
+            summary.rtt_pairs,
+            if node_table {
+                let rows: Vec<String> = lines
+                    .iter()
+                    .map(|line| {
+                        format!(
+                            "{{\"name\":{},\"zone\":{},\"status\":{},\"live\":{},\"maintenance\":{},\
+                             \"load_permille\":{},\"copies\":{},\"daemons_running\":{},\"unsafe_copies\":{},\
+                             \"avoid\":{},\"cordoned\":{}}}",
+                            json_string(&line.name),
+                            json_string(&line.zone),
+                            json_string(&line.status),
+                            line.live,
+                            json_string(&line.maintenance),
+                            line.load_permille,
+                            line.copies,
+                            line.daemons_running,
+                            line.unsafe_copies,
+                            line.avoid,
+                            line.cordoned
+                        )
+                    })
+                    .collect();
+                format!(",\"node_table\":[{}]", rows.join(","))
+            } else {
+                String::new()
+            }
         );
         return Ok(ExitCode::SUCCESS);
+    }
+    if node_table {
+        println!(
+            "{:<16} {:<8} {:<8} {:<22} {:>5} {:>7} {:>7} {:>7}  flags",
+            "NODE", "ZONE", "STATUS", "MAINTENANCE", "LOAD", "COPIES", "DAEMONS", "UNSAFE"
+        );
+        for line in &lines {
+            let mut flags = Vec::new();
+            if !line.live {
+                flags.push("not-live");
+            }
+            if line.avoid {
+                flags.push("avoid");
+            }
+            if line.cordoned {
+                flags.push("cordoned");
+            }
+            println!(
+                "{:<16} {:<8} {:<8} {:<22} {:>5} {:>7} {:>7} {:>7}  {}",
+                printable(&line.name),
+                printable(&line.zone),
+                line.status,
+                line.maintenance,
+                line.load_permille,
+                line.copies,
+                line.daemons_running,
+                line.unsafe_copies,
+                flags.join(",")
+            );
+        }
+        println!();
     }
     println!(
         "snapshot {} ({}, format {}) written by `{}`",

@@ -127,6 +127,22 @@ fn drain_two_kill_workers_then_crash_and_resume() {
     wait_for("the drained nodes' blob files cleaned up", || {
         blob_files(&dir, "node-2").is_empty() && blob_files(&dir, "node-3").is_empty()
     });
+    // `meshos status -o json` (from node-1's snapshot) shows the same.
+    wait_for("status to show both drained nodes empty and in maintenance", || {
+        let status = Command::new(env!("CARGO_BIN_EXE_meshos"))
+            .args(["status", "-o", "json", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&status.stdout);
+        status.status.success()
+            && ["node-2", "node-3"].iter().all(|node| {
+                text.contains(&format!(
+                    "\"name\":\"{node}\",\"zone\":\"z{}\",\"status\":\"up\",\"live\":true,\"maintenance\":\"maintenance\",\"load_permille\":0,\"copies\":0,\"daemons_running\":0",
+                    if *node == "node-2" { 2 } else { 3 }
+                ))
+            })
+    });
     let state = read_state(&dir);
     for (blob, names) in holders(&state).iter().enumerate() {
         let hash = state.blobs.hash[blob];
