@@ -60,8 +60,14 @@ fn cluster(peers: &[&Peer; 3], blob: BlobHash, size_bytes: u64, holders: &[&str]
 }
 
 fn executor(store: Arc<BlobStore>) -> BlobExecutor {
-    let config =
-        BlobExecConfig { transfers_max: 2, fetch_timeout_ms: 5_000, blob_bytes_max: 1 << 30, receive_bytes_per_s: 0 };
+    let config = BlobExecConfig {
+        transfers_max: 2,
+        fetch_timeout_ms: 5_000,
+        blob_bytes_max: 1 << 30,
+        receive_bytes_per_s: 0,
+        verify_bytes_per_s: 0,
+        verify_pass_ms: 1_000,
+    };
     BlobExecutor::new(config, store)
 }
 
@@ -71,7 +77,7 @@ fn run(executor: &mut BlobExecutor, state: &State, action: Action) -> Vec<EventK
     let started = Instant::now();
     while executor.busy() > 0 {
         assert!(started.elapsed() < Duration::from_secs(30), "the job did not finish");
-        executor.poll(&mut out);
+        executor.poll(state, state.nodes.find("b"), &mut out);
         std::thread::sleep(Duration::from_millis(5));
     }
     out
@@ -201,4 +207,34 @@ fn put_and_get_through_a_running_node() {
     // SAFETY: kill(2) takes plain integers; the pid is our unreaped child.
     unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
     assert!(node.wait().unwrap().success());
+}
+
+/// Anti-entropy: the background verifier re-hashes stored blobs and reports a copy
+/// the log calls healthy whose bytes rotted; a file the log never heard of is ignored.
+#[test]
+fn the_background_verifier_reports_a_rotten_copy() {
+    let (a, b, c) = (peer(), peer(), peer());
+    let (blob, size) = b.store.put(&mut &b"kept bytes"[..], None, u64::MAX, &mut |_| {}).unwrap();
+    b.store.put(&mut &b"a file the log never heard of"[..], None, u64::MAX, &mut |_| {}).unwrap();
+    let state = cluster(&[&a, &b, &c], blob, size, &["b"]);
+    std::fs::write(b.store.path_of(&blob), b"rotten").unwrap();
+    let config = BlobExecConfig {
+        transfers_max: 1,
+        fetch_timeout_ms: 5_000,
+        blob_bytes_max: 1 << 20,
+        receive_bytes_per_s: 0,
+        verify_bytes_per_s: 1 << 20,
+        verify_pass_ms: 1_000,
+    };
+    let mut verifier = BlobExecutor::new(config, Arc::clone(&b.store));
+    let own = state.nodes.find("b");
+    let mut out = Vec::new();
+    let started = Instant::now();
+    while verifier.stats.background_verified < 2 {
+        assert!(started.elapsed() < Duration::from_secs(30), "no verification pass");
+        verifier.poll(&state, own, &mut out);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(out, vec![EventKind::ReplicaUpdate { blob, state: ReplicaState::Corrupt }]);
+    assert_eq!(verifier.stats.background_corrupt, 1);
 }

@@ -40,6 +40,10 @@ pub struct BlobExecConfig {
     pub blob_bytes_max: u64,
     /// Bytes per second received in total (0: no limit).
     pub receive_bytes_per_s: u64,
+    /// Anti-entropy: the background verifier re-hashes every stored blob at most at
+    /// this rate (0: no background verification), one pass per `verify_pass_ms`.
+    pub verify_bytes_per_s: u64,
+    pub verify_pass_ms: u32,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -50,6 +54,9 @@ pub struct BlobExecStats {
     pub deleted: u64,
     pub verified: u64,
     pub corrupt: u64,
+    /// Blobs the background verifier re-hashed, and found corrupt.
+    pub background_verified: u64,
+    pub background_corrupt: u64,
 }
 
 /// One unit of work for a worker thread.
@@ -68,10 +75,30 @@ enum Job {
 
 /// What a worker reports.
 enum Done {
-    Fetched { action: ActionId, blob: BlobHash, bytes: u64 },
-    FetchFailed { action: ActionId, reason: String },
-    Verified { action: ActionId, blob: BlobHash, healthy: bool },
-    VerifyFailed { action: ActionId, blob: BlobHash, reason: String },
+    Fetched {
+        action: ActionId,
+        blob: BlobHash,
+        bytes: u64,
+    },
+    FetchFailed {
+        action: ActionId,
+        reason: String,
+    },
+    Verified {
+        action: ActionId,
+        blob: BlobHash,
+        healthy: bool,
+    },
+    VerifyFailed {
+        action: ActionId,
+        blob: BlobHash,
+        reason: String,
+    },
+    /// The background verifier re-hashed a stored blob.
+    Scanned {
+        blob: BlobHash,
+        healthy: bool,
+    },
 }
 
 pub struct BlobExecutor {
@@ -82,7 +109,50 @@ pub struct BlobExecutor {
     running: u32,
     done_tx: Sender<Done>,
     done_rx: Receiver<Done>,
+    /// Set to stop the background verifier.
+    verifier_stop: Arc<std::sync::atomic::AtomicBool>,
     pub stats: BlobExecStats,
+}
+
+impl Drop for BlobExecutor {
+    fn drop(&mut self) {
+        self.verifier_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The background verifier: passes over the store, re-hashing each blob through its
+/// own rate limit, reporting each result; sleeps between passes.
+fn start_verifier(
+    store: Arc<BlobStore>,
+    bytes_per_s: u64,
+    pass: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    done: Sender<Done>,
+) {
+    let stopped = move || stop.load(std::sync::atomic::Ordering::Relaxed);
+    let spawned = std::thread::Builder::new().name("meshos-verifier".to_string()).spawn(move || {
+        let limit = RateLimit::new(bytes_per_s);
+        while !stopped() {
+            let started = std::time::Instant::now();
+            for blob in store.list().unwrap_or_default() {
+                if stopped() {
+                    return;
+                }
+                // A blob deleted meanwhile is not reported.
+                if let Ok(healthy) = store.verify(&blob, &mut |bytes| limit.take(bytes)) {
+                    if done.send(Done::Scanned { blob, healthy }).is_err() {
+                        return;
+                    }
+                }
+            }
+            while !stopped() && started.elapsed() < pass {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    if let Err(error) = spawned {
+        tracing::warn!("no background verification: {error}");
+    }
 }
 
 impl BlobExecutor {
@@ -90,6 +160,17 @@ impl BlobExecutor {
         assert!(config.transfers_max > 0, "at least one transfer at a time");
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let limit = Arc::new(RateLimit::new(config.receive_bytes_per_s));
+        let verifier_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if config.verify_bytes_per_s > 0 {
+            let pass = Duration::from_millis(config.verify_pass_ms as u64);
+            start_verifier(
+                Arc::clone(&store),
+                config.verify_bytes_per_s,
+                pass,
+                Arc::clone(&verifier_stop),
+                done_tx.clone(),
+            );
+        }
         BlobExecutor {
             config,
             store,
@@ -98,6 +179,7 @@ impl BlobExecutor {
             running: 0,
             done_tx,
             done_rx,
+            verifier_stop,
             stats: BlobExecStats::default(),
         }
     }
@@ -159,9 +241,24 @@ impl BlobExecutor {
         }
     }
 
-    /// Collects finished jobs as events and starts queued ones.
-    pub fn poll(&mut self, out: &mut Vec<EventKind>) {
+    /// Collects finished jobs as events and starts queued ones. The background
+    /// verifier's finds are reported only for copies the log says `own` holds healthy
+    /// (a corrupt copy the log already knows, or a file it never heard of, says nothing).
+    pub fn poll(&mut self, state: &State, own: Option<NodeRow>, out: &mut Vec<EventKind>) {
         while let Ok(done) = self.done_rx.try_recv() {
+            if let Done::Scanned { blob, healthy } = done {
+                self.stats.background_verified += 1;
+                let known_healthy = own
+                    .zip(state.blobs.find(&blob))
+                    .and_then(|(own, row)| state.replicas.find(row, own))
+                    .is_some_and(|replica| state.replicas.state[replica.index()] == ReplicaState::Healthy);
+                if !healthy && known_healthy {
+                    self.stats.background_corrupt += 1;
+                    tracing::warn!(blob = crate::exec::blobstore::hex(&blob), "background verification: corrupt copy");
+                    out.push(EventKind::ReplicaUpdate { blob, state: ReplicaState::Corrupt });
+                }
+                continue;
+            }
             self.running -= 1;
             match done {
                 Done::Fetched { action, blob, bytes } => {
@@ -182,6 +279,7 @@ impl BlobExecutor {
                     out.push(EventKind::ReplicaUpdate { blob, state });
                     out.push(outcome(action, Ok(())));
                 }
+                Done::Scanned { .. } => unreachable!("handled above"),
                 Done::VerifyFailed { action, blob, reason } => {
                     // Unreadable is as good as corrupt: it cannot serve anyone.
                     self.stats.corrupt += 1;

@@ -110,6 +110,8 @@ pub struct BlobsConfig {
     pub blob_bytes_max: u64,
     pub send_bytes_per_s: u64,
     pub receive_bytes_per_s: u64,
+    pub verify_bytes_per_s: u64,
+    pub verify_pass_ms: u32,
 }
 
 impl Default for BlobsConfig {
@@ -122,6 +124,8 @@ impl Default for BlobsConfig {
             blob_bytes_max: 1 << 32,
             send_bytes_per_s: 0,
             receive_bytes_per_s: 0,
+            verify_bytes_per_s: 8 << 20,
+            verify_pass_ms: 3_600_000,
         }
     }
 }
@@ -385,6 +389,7 @@ impl NodeConfig {
             ("blobs.transfers_max", blobs.transfers_max as u64, 1, 1_024),
             ("blobs.fetch_timeout_ms", blobs.fetch_timeout_ms as u64, 100, 3_600_000),
             ("blobs.blob_bytes_max", blobs.blob_bytes_max, 1, 1 << 50),
+            ("blobs.verify_pass_ms", blobs.verify_pass_ms as u64, 1_000, 1 << 31),
             ("probes.interval_ms", self.probes.interval_ms as u64, 10, 3_600_000),
             ("probes.peers_per_round", self.probes.peers_per_round as u64, 0, 1_024),
             ("probes.timeout_ms", self.probes.timeout_ms as u64, 1, 60_000),
@@ -469,6 +474,8 @@ impl NodeConfig {
             fetch_timeout_ms: self.blobs.fetch_timeout_ms,
             blob_bytes_max: self.blobs.blob_bytes_max,
             receive_bytes_per_s: self.blobs.receive_bytes_per_s,
+            verify_bytes_per_s: self.blobs.verify_bytes_per_s,
+            verify_pass_ms: self.blobs.verify_pass_ms,
         }
     }
 

@@ -259,7 +259,7 @@ impl Executors {
             self.daemons.on_sdk(inbound, &self.sdk, &mut self.events);
         }
         self.daemons.poll(Instant::now(), state, &self.sdk, &mut self.events);
-        self.blobs.poll(&mut self.events);
+        self.blobs.poll(state, state.nodes.find(&self.name), &mut self.events);
         self.prober.tick(state, &self.name, Instant::now(), &mut self.events);
         let labels = self.daemons.published_labels();
         if let Some(event) = self.capability.next(state, &self.name, &labels) {
