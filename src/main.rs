@@ -208,6 +208,15 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// `meshos status`, redrawn in the terminal every interval until Ctrl-C.
+    Watch {
+        /// The config of the node to ask.
+        #[arg(long, value_name = "NODE.toml")]
+        config: PathBuf,
+        /// Time between redraws, in ms.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
     /// Simulate a cluster under faults and check reconcile's invariants after every pass.
     ///
     /// The simulator is every node's executor: it keeps the ground truth (which node
@@ -377,6 +386,16 @@ enum DaemonCommandLine {
         spec: PathBuf,
         #[command(flatten)]
         common: DaemonArgs,
+    },
+    /// List daemon instances as the node's snapshot shows them: node, state, pid,
+    /// health, load, starts and crashes, restart backoff and the crash-loop gate.
+    Ls {
+        /// The config of the node to ask.
+        #[arg(long, value_name = "NODE.toml")]
+        config: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Remove a daemon: every node stops it (control event, SIGTERM, SIGKILL).
     Remove {
@@ -620,6 +639,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_snapshot_show(file, config, output, false)
         }
         Command::Status { config, output } => run_snapshot_show(None, Some(config), output, true),
+        Command::Watch { config, interval_ms } => loop {
+            // Clear the screen and go home, then the same tables as `meshos status`.
+            print!("\x1b[2J\x1b[H");
+            if let Err(error) = run_snapshot_show(None, Some(config.clone()), Output::Text, true) {
+                println!("{error:#}");
+            }
+            println!("\n(every {} ms; Ctrl-C to leave)", interval_ms);
+            std::thread::sleep(Duration::from_millis(interval_ms.max(100)));
+        },
         Command::Daemon(line) => run_daemon(line),
         Command::DemoWorker => {
             use meshos::sdk::{self, Control};
@@ -979,9 +1007,74 @@ fn run_admin(line: AdminCommandLine) -> anyhow::Result<ExitCode> {
     Ok(if word == "applied" { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+fn run_daemon_ls(config: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> {
+    let path = meshos::node::config::NodeConfig::load(config)?.snapshot_path();
+    let mapped = meshos::snapshot::MappedSnapshot::open(&path)
+        .with_context(|| "no snapshot to read: is the node running, with `[snapshot] interval_ms` above 0?")?;
+    let snapshot = mapped.get();
+    fn text(value: Option<&rkyv::string::ArchivedString>) -> &str {
+        value.map_or("?", |name| name.as_str())
+    }
+    let mut rows = Vec::new();
+    for daemon in snapshot.daemons.iter() {
+        rows.push((
+            text(snapshot.specs.get(daemon.spec.to_native() as usize).map(|spec| &spec.name)),
+            text(snapshot.nodes.name.get(daemon.node.to_native() as usize)),
+            text(snapshot.names.daemon_state.get(daemon.state as usize)),
+            daemon,
+        ));
+    }
+    if output == Output::Json {
+        let items: Vec<String> = rows
+            .iter()
+            .map(|(name, node, state, daemon)| {
+                format!(
+                    "{{\"daemon\":{},\"node\":{},\"state\":{},\"pid\":{},\"healthy\":{},\"saturation_permille\":{},\
+                     \"starts\":{},\"crashes\":{},\"last_exit\":{},\"backoff_ms\":{},\"start_after_ms\":{},\"gated\":{}}}",
+                    json_string(name),
+                    json_string(node),
+                    json_string(state),
+                    daemon.pid,
+                    daemon.healthy,
+                    daemon.saturation_permille,
+                    daemon.starts,
+                    daemon.crashes,
+                    daemon.last_exit,
+                    daemon.backoff_ms,
+                    daemon.start_after_ms,
+                    daemon.gated
+                )
+            })
+            .collect();
+        println!("{{\"position\":{},\"daemons\":[{}]}}", snapshot.position, items.join(","));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<16} {:<12} {:<11} {:>8} {:>7} {:>5} {:>6} {:>7} {:>9}  gate",
+        "DAEMON", "NODE", "STATE", "PID", "HEALTHY", "LOAD", "STARTS", "CRASHES", "BACKOFF"
+    );
+    for (name, node, state, daemon) in &rows {
+        println!(
+            "{:<16} {:<12} {:<11} {:>8} {:>7} {:>5} {:>6} {:>7} {:>9}  {}",
+            printable(name),
+            printable(node),
+            state,
+            daemon.pid,
+            daemon.healthy,
+            daemon.saturation_permille,
+            daemon.starts,
+            daemon.crashes,
+            duration_text(daemon.backoff_ms.to_native() as u64),
+            if daemon.gated { "GATED (meshos admin restart-daemons NODE)" } else { "" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run_daemon(line: DaemonCommandLine) -> anyhow::Result<ExitCode> {
     use meshos::event::{DaemonPlacement, DaemonSpec, EventKind};
     let (kind, name, common) = match line {
+        DaemonCommandLine::Ls { config, output } => return run_daemon_ls(&config, output),
         DaemonCommandLine::Apply { spec, common } => {
             let (spec, runs_on) = meshos::node::spec_file::load(&spec).map_err(anyhow::Error::msg)?;
             let name = spec.name.clone();
@@ -1559,6 +1652,13 @@ fn preview_json(preview: &admin::preview::Preview) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A command that prints (status, logs, tables) ends quietly when its reader goes
+    // away (`| head`), like any Unix tool; what talks to sockets (a node, the demo, a
+    // daemon) keeps SIGPIPE ignored so a vanished peer is an error, not its death.
+    if !matches!(cli.command, Command::Node { .. } | Command::Demo { .. } | Command::DemoWorker) {
+        // SAFETY: signal(2) with SIG_DFL installs no handler and reads no memory.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) => code,
         Err(error) => {

@@ -86,6 +86,14 @@ fn drain_two_kill_workers_then_crash_and_resume() {
     for node in 1..=5 {
         wait_for("a worker on every node", || worker_pid(&dir, node).is_some());
     }
+    wait_for("`meshos daemon ls` to list five registered workers", || {
+        let listed = Command::new(env!("CARGO_BIN_EXE_meshos"))
+            .args(["daemon", "ls", "-o", "json", "--config"])
+            .arg(dir.join("node-1/node.toml"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&listed.stdout).matches("\"state\":\"registered\"").count() == 5
+    });
 
     // Drain node-2 and node-3 at once, and kill a worker on each other node.
     let config = dir.join("node-1/node.toml");
