@@ -50,6 +50,8 @@ pub mod event;
 #[cfg(feature = "engine")]
 pub mod exec;
 #[cfg(feature = "engine")]
+pub mod explain;
+#[cfg(feature = "engine")]
 pub mod fold;
 #[cfg(feature = "engine")]
 pub mod ingest;

@@ -208,6 +208,28 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Why a blob, node or daemon is in the state it is, the last actions about it,
+    /// and what holds the next one back.
+    ///
+    /// Replays the node's log read-only (the same fold and passes the node ran, so the
+    /// same decisions), keeping the last actions that concern the target.
+    #[command(after_help = "Example:
+  meshos explain <BLOB_ID> --config node.toml
+  meshos explain node-3 --config node.toml
+  meshos explain worker --config node.toml -o json")]
+    Explain {
+        /// A blob id (64 hex characters), a node name or a daemon name.
+        target: String,
+        /// The config of the node whose log to read.
+        #[arg(long, value_name = "NODE.toml")]
+        config: PathBuf,
+        /// How many of the last actions to show.
+        #[arg(long, default_value_t = 10)]
+        history: usize,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// `meshos status`, redrawn in the terminal every interval until Ctrl-C.
     Watch {
         /// The config of the node to ask.
@@ -639,6 +661,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_snapshot_show(file, config, output, false)
         }
         Command::Status { config, output } => run_snapshot_show(None, Some(config), output, true),
+        Command::Explain { target, config, history, output } => {
+            let node_config = meshos::node::config::NodeConfig::load(&config)?;
+            let explanation =
+                meshos::explain::explain(&node_config.log_dir(), &node_config.to_config(), &target, history)?;
+            if output == Output::Json {
+                let list = |lines: &[String]| lines.iter().map(|line| json_string(line)).collect::<Vec<_>>().join(",");
+                println!(
+                    "{{\"target\":{},\"position\":{},\"now\":[{}],\"history\":[{}],\"waiting\":[{}]}}",
+                    json_string(&target),
+                    explanation.position,
+                    list(&explanation.now),
+                    list(&explanation.history),
+                    list(&explanation.waiting)
+                );
+            } else {
+                println!("as of log position {}:", explanation.position);
+                explanation.now.iter().for_each(|line| println!("{}", printable(line)));
+                println!("last actions about it ({}):", explanation.history.len());
+                explanation.history.iter().for_each(|line| println!("  {}", printable(line)));
+                if explanation.waiting.is_empty() {
+                    println!("nothing holds its next action back");
+                } else {
+                    println!("waiting:");
+                    explanation.waiting.iter().for_each(|line| println!("  {}", printable(line)));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Watch { config, interval_ms } => loop {
             // Clear the screen and go home, then the same tables as `meshos status`.
             print!("\x1b[2J\x1b[H");

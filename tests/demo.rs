@@ -151,6 +151,15 @@ fn drain_two_kill_workers_then_crash_and_resume() {
                 ))
             })
     });
+    // `meshos explain node-3` says why: in maintenance, drained, and the drops it ran.
+    let explained = Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["explain", "node-3", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(explained.status.success() && text.contains("maintenance: maintenance"), "{text}");
+    assert!(text.contains("0 copies not yet safe elsewhere") && text.contains("drop_replica"), "{text}");
     let state = read_state(&dir);
     for (blob, names) in holders(&state).iter().enumerate() {
         let hash = state.blobs.hash[blob];
