@@ -186,8 +186,8 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
         /// Where to write it.
         #[arg(short = 'o', long = "out", value_name = "FILE")]
         out: PathBuf,
-        /// The config of the node to ask.
-        #[arg(long, value_name = "NODE.toml")]
+        /// The node: its config file or its data directory (`--dir`, or $MESHOS_DIR).
+        #[arg(long, alias = "dir", env = "MESHOS_DIR", value_name = "NODE.toml | DIR")]
         config: PathBuf,
     },
     /// Read the behaviour snapshot a node writes for Deck.
@@ -201,8 +201,8 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
     /// default), so it costs the node nothing; `-o json` gives one object for scripts.
     #[command(after_help = "Example:\n  meshos status --config node.toml\n  meshos status --config node.toml -o json")]
     Status {
-        /// The config of the node to ask.
-        #[arg(long, value_name = "NODE.toml")]
+        /// The node: its config file or its data directory (`--dir`, or $MESHOS_DIR).
+        #[arg(long, alias = "dir", env = "MESHOS_DIR", value_name = "NODE.toml | DIR")]
         config: PathBuf,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
@@ -220,8 +220,8 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
     Explain {
         /// A blob id (64 hex characters), a node name or a daemon name.
         target: String,
-        /// The config of the node whose log to read.
-        #[arg(long, value_name = "NODE.toml")]
+        /// The node: its config file or its data directory (`--dir`, or $MESHOS_DIR).
+        #[arg(long, alias = "dir", env = "MESHOS_DIR", value_name = "NODE.toml | DIR")]
         config: PathBuf,
         /// How many of the last actions to show.
         #[arg(long, default_value_t = 10)]
@@ -232,8 +232,8 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
     },
     /// `meshos status`, redrawn in the terminal every interval until Ctrl-C.
     Watch {
-        /// The config of the node to ask.
-        #[arg(long, value_name = "NODE.toml")]
+        /// The node: its config file or its data directory (`--dir`, or $MESHOS_DIR).
+        #[arg(long, alias = "dir", env = "MESHOS_DIR", value_name = "NODE.toml | DIR")]
         config: PathBuf,
         /// Time between redraws, in ms.
         #[arg(long, default_value_t = 1000)]
@@ -412,8 +412,8 @@ enum DaemonCommandLine {
     /// List daemon instances as the node's snapshot shows them: node, state, pid,
     /// health, load, starts and crashes, restart backoff and the crash-loop gate.
     Ls {
-        /// The config of the node to ask.
-        #[arg(long, value_name = "NODE.toml")]
+        /// The node: its config file or its data directory (`--dir`, or $MESHOS_DIR).
+        #[arg(long, alias = "dir", env = "MESHOS_DIR", value_name = "NODE.toml | DIR")]
         config: PathBuf,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
@@ -430,8 +430,8 @@ enum DaemonCommandLine {
 
 #[derive(Args)]
 struct DaemonArgs {
-    /// The config of the node to talk to (its name, log and socket).
-    #[arg(long, value_name = "NODE.toml")]
+    /// The node: its config file or its data directory (`--dir`, or $MESHOS_DIR).
+    #[arg(long, alias = "dir", env = "MESHOS_DIR", value_name = "NODE.toml | DIR")]
     config: PathBuf,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Text)]
@@ -446,8 +446,8 @@ struct AdminArgs {
     /// Your operator key file (see `meshos admin keygen`).
     #[arg(long, value_name = "FILE")]
     key: PathBuf,
-    /// The config of the node to talk to (its name, log and socket).
-    #[arg(long, value_name = "NODE.toml")]
+    /// The node: its config file or its data directory (`--dir`, or $MESHOS_DIR).
+    #[arg(long, alias = "dir", env = "MESHOS_DIR", value_name = "NODE.toml | DIR")]
     config: PathBuf,
     /// Who you are, recorded in the event (default: $USER, $LOGNAME, or uid-N).
     #[arg(long)]
@@ -643,6 +643,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node { config } => {
             let node_config = meshos::node::config::NodeConfig::load(&config)?;
             init_tracing(&node_config.log_level)?;
+            // The CLI finds this node from its data directory (`--dir`, MESHOS_DIR).
+            std::fs::create_dir_all(&node_config.data_dir)
+                .with_context(|| format!("cannot create {}", node_config.data_dir.display()))?;
+            let pointer = node_config.data_dir.join(meshos::node::config::CONFIG_POINTER_FILE);
+            let absolute = std::fs::canonicalize(&config).unwrap_or(config.clone());
+            std::fs::write(&pointer, format!("{}\n", absolute.display()))
+                .with_context(|| format!("cannot write {}", pointer.display()))?;
             let stop = meshos::sys::signals::StopFlag::on_terminate().context("cannot install signal handlers")?;
             let report = meshos::node::run::run(&node_config, &stop)?;
             println!(
@@ -662,7 +669,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { config, output } => run_snapshot_show(None, Some(config), output, true),
         Command::Explain { target, config, history, output } => {
-            let node_config = meshos::node::config::NodeConfig::load(&config)?;
+            let node_config = meshos::node::config::NodeConfig::load_file_or_dir(&config)?;
             let explanation =
                 meshos::explain::explain(&node_config.log_dir(), &node_config.to_config(), &target, history)?;
             if output == Output::Json {
@@ -996,7 +1003,7 @@ fn run_admin(line: AdminCommandLine) -> anyhow::Result<ExitCode> {
         _ => {}
     }
     let (command, common) = admin_command(line)?;
-    let node_config = meshos::node::config::NodeConfig::load(&common.config)?;
+    let node_config = meshos::node::config::NodeConfig::load_file_or_dir(&common.config)?;
     let key = admin::OperatorKey::load(&common.key)?;
     let operator = match &common.operator {
         Some(operator) => operator.clone(),
@@ -1058,7 +1065,7 @@ fn run_admin(line: AdminCommandLine) -> anyhow::Result<ExitCode> {
 }
 
 fn run_daemon_ls(config: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> {
-    let path = meshos::node::config::NodeConfig::load(config)?.snapshot_path();
+    let path = meshos::node::config::NodeConfig::load_file_or_dir(config)?.snapshot_path();
     let mapped = meshos::snapshot::MappedSnapshot::open(&path)
         .with_context(|| "no snapshot to read: is the node running, with `[snapshot] interval_ms` above 0?")?;
     let snapshot = mapped.get();
@@ -1136,7 +1143,7 @@ fn run_daemon(line: DaemonCommandLine) -> anyhow::Result<ExitCode> {
             (EventKind::DaemonIntent { spec: Box::new(spec), runs_on: DaemonPlacement::Nowhere }, name, common)
         }
     };
-    let node_config = meshos::node::config::NodeConfig::load(&common.config)?;
+    let node_config = meshos::node::config::NodeConfig::load_file_or_dir(&common.config)?;
     let config = node_config.to_config();
     let socket = node_config.local_socket_path();
     let ack = admin::submit::send_event(&socket, &node_config.name, kind, Duration::from_millis(common.timeout_ms))
@@ -1166,7 +1173,7 @@ fn run_daemon(line: DaemonCommandLine) -> anyhow::Result<ExitCode> {
 fn run_put(file: &std::path::Path, replicas: u8, zone_spread: bool, common: &DaemonArgs) -> anyhow::Result<ExitCode> {
     use meshos::event::{EventKind, PlacementIntent, ReplicaState};
     anyhow::ensure!((1..=8).contains(&replicas), "--replicas must be 1..=8, not {replicas}");
-    let node_config = meshos::node::config::NodeConfig::load(&common.config)?;
+    let node_config = meshos::node::config::NodeConfig::load_file_or_dir(&common.config)?;
     let store = meshos::exec::blobstore::BlobStore::open(&node_config.blobs_dir())?;
     let mut source = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
     let (blob, size_bytes) = store.put(&mut source, None, node_config.blobs.blob_bytes_max, &mut |_| {})?;
@@ -1197,7 +1204,7 @@ fn run_put(file: &std::path::Path, replicas: u8, zone_spread: bool, common: &Dae
 fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyhow::Result<ExitCode> {
     use meshos::exec::blobstore::{parse_hex, BlobStore};
     let hash = parse_hex(blob).with_context(|| format!("`{blob}` is not a blob id (64 hex characters)"))?;
-    let node_config = meshos::node::config::NodeConfig::load(config)?;
+    let node_config = meshos::node::config::NodeConfig::load_file_or_dir(config)?;
     let store = BlobStore::open(&node_config.blobs_dir())?;
     let bytes_max = node_config.blobs.blob_bytes_max;
     let timeout = Duration::from_millis(node_config.blobs.fetch_timeout_ms as u64);
@@ -1275,8 +1282,8 @@ enum SnapshotCommandLine {
         /// The snapshot file.
         #[arg(long, value_name = "PATH", required_unless_present = "config", conflicts_with = "config")]
         file: Option<PathBuf>,
-        /// A node's config: read the snapshot that node writes.
-        #[arg(long, value_name = "NODE.toml")]
+        /// A node's config (or data directory): read the snapshot that node writes.
+        #[arg(long, alias = "dir", value_name = "NODE.toml | DIR")]
         config: Option<PathBuf>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
@@ -1341,7 +1348,7 @@ fn run_snapshot_show(
 ) -> anyhow::Result<ExitCode> {
     let path = match (file, config) {
         (Some(file), _) => file,
-        (None, Some(config)) => meshos::node::config::NodeConfig::load(&config)?.snapshot_path(),
+        (None, Some(config)) => meshos::node::config::NodeConfig::load_file_or_dir(&config)?.snapshot_path(),
         (None, None) => unreachable!("clap requires --file or --config"),
     };
     let mapped = meshos::snapshot::MappedSnapshot::open(&path)

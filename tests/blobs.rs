@@ -184,12 +184,17 @@ fn put_and_get_through_a_running_node() {
     let bytes: Vec<u8> = (0..200_000u32).map(|index| (index % 199) as u8).collect();
     std::fs::write(&file, &bytes).unwrap();
     let config_text = config.to_str().unwrap();
-    let put = meshos(&["put", file.to_str().unwrap(), "--replicas", "1", "--config", config_text]);
+    // The node is found from its data directory: MESHOS_DIR, then --dir.
+    let put = Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["put", file.to_str().unwrap(), "--replicas", "1"])
+        .env("MESHOS_DIR", dir.path())
+        .output()
+        .unwrap();
     assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
     let id = String::from_utf8(put.stdout).unwrap().trim().to_string();
     assert_eq!(id, meshos::exec::blobstore::hex(blake3::hash(&bytes).as_bytes()));
     let copy = dir.path().join("copy.bin");
-    let get = meshos(&["get", &id, "-o", copy.to_str().unwrap(), "--config", config_text]);
+    let get = meshos(&["get", &id, "-o", copy.to_str().unwrap(), "--dir", dir.path().to_str().unwrap()]);
     assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
     assert_eq!(std::fs::read(&copy).unwrap(), bytes);
 

@@ -253,6 +253,9 @@ pub enum NodeConfigError {
     Invalid { path: PathBuf, reason: String },
 }
 
+/// In a node's data directory: the path of the config file it was started with.
+pub const CONFIG_POINTER_FILE: &str = "config.path";
+
 /// `sun_path` holds 108 bytes on Linux, the terminating zero included.
 const SOCKET_PATH_BYTES_MAX: usize = 108;
 
@@ -264,6 +267,21 @@ impl NodeConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|source| NodeConfigError::Read { path: path.to_path_buf(), source })?;
         NodeConfig::parse(&text).map_err(|reason| NodeConfigError::Invalid { path: path.to_path_buf(), reason })
+    }
+
+    /// Loads a node's config from its file, or from its data directory: the file the
+    /// node was started with (`DIR/config.path`, written at start), else `DIR/node.toml`.
+    /// This is how the CLI finds a node from `--dir` or `MESHOS_DIR`.
+    pub fn load_file_or_dir(path: &Path) -> Result<NodeConfig, NodeConfigError> {
+        if !path.is_dir() {
+            return NodeConfig::load(path);
+        }
+        let pointer = path.join(CONFIG_POINTER_FILE);
+        let file = match std::fs::read_to_string(&pointer) {
+            Ok(text) if !text.trim().is_empty() => PathBuf::from(text.trim()),
+            _ => path.join("node.toml"),
+        };
+        NodeConfig::load(&file)
     }
 
     /// Parses and checks config text; the error names the field and why.

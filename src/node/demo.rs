@@ -144,20 +144,22 @@ pub fn seed(options: &DemoOptions, first: &NodeConfig) -> Result<String, DemoErr
 /// What to try, printed once the demo runs.
 pub fn guide(options: &DemoOptions) -> String {
     let dir = options.dir.display();
-    let config = format!("{dir}/node-1/node.toml");
+    let node = format!("{dir}/node-1");
     format!(
         "meshos demo: {nodes} nodes in this process, sharing the log in {dir}/node-1/log\n\
          \x20 node data: {dir}/node-N/ (blobs/, daemons/NAME/stdout.log, dispatched.log)\n\
-         \x20 talk to it through node-1: --config {config}\n\
+         \x20 talk to it through node-1: export MESHOS_DIR={node}   (or --dir {node} on each command)\n\
          \x20 operator key: {dir}/{KEY_FILE}\n\
          Try, in another terminal:\n\
-         \x20 meshos put ./some-file --replicas 3 --config {config}\n\
-         \x20 meshos get <BLOB_ID> -o ./copy --config {config}\n\
-         \x20 meshos admin enter-maintenance node-2 --key {dir}/{KEY_FILE} --config {config} --dry-run\n\
-         \x20 meshos admin enter-maintenance node-2 --key {dir}/{KEY_FILE} --config {config}\n\
+         \x20 meshos status            (meshos watch: the same, live; meshos daemon ls)\n\
+         \x20 meshos put ./some-file --replicas 3\n\
+         \x20 meshos get <BLOB_ID> -o ./copy\n\
+         \x20 meshos admin enter-maintenance node-2 --key {dir}/{KEY_FILE} --dry-run\n\
+         \x20 meshos admin enter-maintenance node-2 --key {dir}/{KEY_FILE}\n\
          \x20 kill -9 $(cat {dir}/node-3/daemons/worker/pid | cut -d' ' -f1)   # watch it come back\n\
-         \x20 meshos admin exit-maintenance node-2 --key {dir}/{KEY_FILE} --config {config}\n\
-         \x20 meshos log replay {dir}/node-1/log --show-rejections 5\n\
+         \x20 meshos admin exit-maintenance node-2 --key {dir}/{KEY_FILE}\n\
+         \x20 meshos explain node-2     (or a blob id, or worker)\n\
+         \x20 meshos log replay {dir}/node-1/log --reconcile\n\
          Ctrl-C stops the demo; `meshos demo --dir {dir}` resumes it from its log.",
         nodes = options.nodes,
     )
