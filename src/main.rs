@@ -1174,7 +1174,7 @@ fn run_put(file: &std::path::Path, replicas: u8, zone_spread: bool, common: &Dae
     use meshos::event::{EventKind, PlacementIntent, ReplicaState};
     anyhow::ensure!((1..=8).contains(&replicas), "--replicas must be 1..=8, not {replicas}");
     let node_config = meshos::node::config::NodeConfig::load_file_or_dir(&common.config)?;
-    let store = meshos::exec::blobstore::BlobStore::open(&node_config.blobs_dir())?;
+    let store = meshos::exec::blobstore::BlobStore::attach(&node_config.blobs_dir())?;
     let mut source = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
     let (blob, size_bytes) = store.put(&mut source, None, node_config.blobs.blob_bytes_max, &mut |_| {})?;
     let events = vec![
@@ -1205,14 +1205,25 @@ fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyho
     use meshos::exec::blobstore::{parse_hex, BlobStore};
     let hash = parse_hex(blob).with_context(|| format!("`{blob}` is not a blob id (64 hex characters)"))?;
     let node_config = meshos::node::config::NodeConfig::load_file_or_dir(config)?;
-    let store = BlobStore::open(&node_config.blobs_dir())?;
+    let store = BlobStore::attach(&node_config.blobs_dir())?;
     let bytes_max = node_config.blobs.blob_bytes_max;
     let timeout = Duration::from_millis(node_config.blobs.fetch_timeout_ms as u64);
-    let temporary = out.with_extension("meshos-part");
+    // A fresh name beside the output, created exclusively (never through a planted
+    // symlink, never shared with another `get`), renamed into place once checked.
+    let mut nonce = [0u8; 8];
+    meshos::sys::process::random_bytes(&mut nonce)?;
+    let file_name = out.file_name().map_or_else(|| "blob".into(), |name| name.to_string_lossy().into_owned());
+    let temporary = out.with_file_name(format!(
+        ".{file_name}.{}.part",
+        nonce.iter().map(|byte| format!("{byte:02x}")).collect::<String>()
+    ));
     let write = |source: &mut dyn std::io::Read| -> anyhow::Result<u64> {
         let mut hasher = blake3::Hasher::new();
-        let mut file =
-            std::fs::File::create(&temporary).with_context(|| format!("cannot write {}", temporary.display()))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temporary)
+            .with_context(|| format!("cannot create {}", temporary.display()))?;
         let mut size = 0u64;
         let mut chunk = vec![0u8; 256 * 1024];
         loop {

@@ -30,6 +30,7 @@ fn peer() -> Peer {
         blobs_dir: dir.path().to_path_buf(),
         connections_max: 8,
         bytes_per_s: 0,
+        io_timeout_ms: 5_000,
     };
     Peer { _dir: dir, store, server: PeerServer::start(config).unwrap() }
 }
@@ -183,7 +184,7 @@ fn put_and_get_through_a_running_node() {
     let file = dir.path().join("input.bin");
     let bytes: Vec<u8> = (0..200_000u32).map(|index| (index % 199) as u8).collect();
     std::fs::write(&file, &bytes).unwrap();
-    let config_text = config.to_str().unwrap();
+
     // The node is found from its data directory: MESHOS_DIR, then --dir.
     let put = Command::new(env!("CARGO_BIN_EXE_meshos"))
         .args(["put", file.to_str().unwrap(), "--replicas", "1"])

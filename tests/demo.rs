@@ -63,7 +63,7 @@ fn holders(state: &State) -> Vec<Vec<String>> {
 }
 
 fn blob_files(dir: &Path, node: &str) -> Vec<PathBuf> {
-    let store = meshos::exec::blobstore::BlobStore::open(&dir.join(node).join("blobs")).unwrap();
+    let store = meshos::exec::blobstore::BlobStore::attach(&dir.join(node).join("blobs")).unwrap();
     store.list().unwrap().iter().map(|hash| store.path_of(hash)).collect()
 }
 
@@ -164,7 +164,7 @@ fn drain_two_kill_workers_then_crash_and_resume() {
     for (blob, names) in holders(&state).iter().enumerate() {
         let hash = state.blobs.hash[blob];
         for name in names {
-            let store = meshos::exec::blobstore::BlobStore::open(&dir.join(name).join("blobs")).unwrap();
+            let store = meshos::exec::blobstore::BlobStore::attach(&dir.join(name).join("blobs")).unwrap();
             assert!(store.verify(&hash, &mut |_| {}).unwrap(), "{name} holds blob {blob} intact");
         }
     }
@@ -187,17 +187,27 @@ fn drain_two_kill_workers_then_crash_and_resume() {
     });
     let state = read_state(&dir);
 
-    // SIGKILL the whole demo, start it again on the same directory: it resumes.
+    // SIGKILL the whole demo, start it again on the same directory: it resumes, stops
+    // the workers the killed run left, and every blob is back at 3 verified copies.
     let position = state.position;
+    let orphans: Vec<u32> = (1..=5).filter_map(|node| worker_pid(&dir, node)).collect();
     kill(demo.id(), libc::SIGKILL);
     demo.wait().unwrap();
     let mut demo = start(&dir);
-    wait_for("the demo to come back past where it was", || {
-        dir.join("node-1/node.addr").exists() && read_state(&dir).position > position + 10
+    wait_for("the demo to come back past where it was", || read_state(&dir).position > position + 10);
+    wait_for("every blob at 3 healthy copies after the restart", || {
+        holders(&read_state(&dir)).iter().all(|names| names.len() == 3)
     });
+    for pid in orphans {
+        assert!(meshos::sys::process::start_ticks(pid).is_none(), "worker {pid} of the killed run was stopped");
+    }
     let state_after = read_state(&dir);
-    assert_eq!(state_after.blobs.len(), BLOBS, "no blob lost");
-    assert!(holders(&state_after).iter().all(|names| names.len() >= 3 || names.iter().all(|name| name != "node-2")));
+    for (blob, names) in holders(&state_after).iter().enumerate() {
+        for name in names {
+            let store = meshos::exec::blobstore::BlobStore::attach(&dir.join(name).join("blobs")).unwrap();
+            assert!(store.verify(&state_after.blobs.hash[blob], &mut |_| {}).unwrap(), "{name}: blob {blob}");
+        }
+    }
     kill(demo.id(), libc::SIGTERM);
     assert!(demo.wait().unwrap().success(), "SIGTERM stops the demo cleanly");
 }

@@ -57,6 +57,8 @@ pub struct BlobExecStats {
     /// Blobs the background verifier re-hashed, and found corrupt.
     pub background_verified: u64,
     pub background_corrupt: u64,
+    /// Copies the log called healthy whose file was gone.
+    pub missing: u64,
 }
 
 /// One unit of work for a worker thread.
@@ -65,6 +67,8 @@ enum Job {
     Fetch {
         action: ActionId,
         blob: BlobHash,
+        /// The blob's size as the log knows it: a peer announcing another is refused.
+        size_bytes: u64,
         holders: Vec<(String, String)>,
     },
     Verify {
@@ -82,6 +86,7 @@ enum Done {
     },
     FetchFailed {
         action: ActionId,
+        blob: BlobHash,
         reason: String,
     },
     Verified {
@@ -99,6 +104,24 @@ enum Done {
         blob: BlobHash,
         healthy: bool,
     },
+    /// The background verifier finished a pass over the store.
+    PassEnded,
+}
+
+impl Done {
+    fn action(&self) -> Option<ActionId> {
+        match self {
+            Done::Fetched { action, .. }
+            | Done::FetchFailed { action, .. }
+            | Done::Verified { action, .. }
+            | Done::VerifyFailed { action, .. } => Some(*action),
+            Done::Scanned { .. } | Done::PassEnded => None,
+        }
+    }
+}
+
+fn cancelled(action: ActionId, reason: &str) -> EventKind {
+    EventKind::ActionOutcome { action, outcome: Outcome::Cancelled { reason: reason.to_string() } }
 }
 
 pub struct BlobExecutor {
@@ -109,6 +132,13 @@ pub struct BlobExecutor {
     running: u32,
     done_tx: Sender<Done>,
     done_rx: Receiver<Done>,
+    /// Jobs running per blob, and blobs dropped while a job on them ran.
+    running_blobs: std::collections::HashMap<BlobHash, u32>,
+    dropped_while_running: std::collections::HashSet<BlobHash>,
+    /// The node is stopping: new blob actions stay unanswered (the next run cancels them).
+    stopping: bool,
+    /// The first poll compares the log with the store (copies it lost while down).
+    checked_at_start: bool,
     /// Set to stop the background verifier.
     verifier_stop: Arc<std::sync::atomic::AtomicBool>,
     pub stats: BlobExecStats,
@@ -145,6 +175,9 @@ fn start_verifier(
                     }
                 }
             }
+            if done.send(Done::PassEnded).is_err() {
+                return;
+            }
             while !stopped() && started.elapsed() < pass {
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -179,6 +212,10 @@ impl BlobExecutor {
             running: 0,
             done_tx,
             done_rx,
+            running_blobs: std::collections::HashMap::new(),
+            dropped_while_running: std::collections::HashSet::new(),
+            stopping: false,
+            checked_at_start: false,
             verifier_stop,
             stats: BlobExecStats::default(),
         }
@@ -193,17 +230,75 @@ impl BlobExecutor {
         self.queue.len() + self.running as usize
     }
 
+    /// The node stops: blob actions dispatched from now on stay unanswered (an answer
+    /// could no longer reach the log; the next run cancels them).
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    /// At node start: blob actions the log still has in flight for this node are from
+    /// a previous run; they are cancelled (whatever they did is found by the store check).
+    pub fn adopt_nothing(&self, state: &State, own: Option<NodeRow>, out: &mut Vec<EventKind>) {
+        let Some(own) = own else { return };
+        for entry in state.inflight.entries.iter() {
+            if entry.action.node == own && entry.action.kind.blob().is_some() && entry.action.kind.is_tracked() {
+                out.push(cancelled(entry.action.id, "the node restarted before the action finished"));
+            }
+        }
+    }
+
+    /// Reports `Deleted` for every copy the log says `own` holds healthy whose file is
+    /// gone (lost while the node was down, or by hand): it must not count.
+    fn report_missing(&mut self, state: &State, own: Option<NodeRow>, out: &mut Vec<EventKind>) {
+        let Some(own) = own else { return };
+        for &replica in &state.nodes.replica_rows[own.index()] {
+            let index = replica.index();
+            let blob = state.blobs.hash[state.replicas.blob[index].index()];
+            let busy = self.running_blobs.contains_key(&blob);
+            if state.replicas.state[index] == ReplicaState::Healthy && !busy && !self.store.contains(&blob) {
+                self.stats.missing += 1;
+                tracing::warn!(
+                    blob = crate::exec::blobstore::hex(&blob),
+                    "a copy the log calls healthy is not on disk"
+                );
+                out.push(EventKind::ReplicaUpdate { blob, state: ReplicaState::Deleted });
+            }
+        }
+    }
+
     /// Carries out one of this node's actions (non-blob actions are ignored here).
     pub fn dispatch(&mut self, state: &State, action: &Action, out: &mut Vec<EventKind>) {
         let Some(blob_row) = action.kind.blob() else { return };
+        if self.stopping {
+            return;
+        }
         let blob = state.blobs.hash[blob_row.index()];
         match action.kind {
             ActionKind::PullReplica { source: first, .. } | ActionKind::MigrateBlob { from: first, .. } => {
                 let holders = holders(state, blob_row, first, action.node);
-                self.queue.push_back(Job::Fetch { action: action.id, blob, holders });
+                let size_bytes = state.blobs.size_bytes[blob_row.index()];
+                self.queue.push_back(Job::Fetch { action: action.id, blob, size_bytes, holders });
             }
             ActionKind::VerifyReplica { .. } => self.queue.push_back(Job::Verify { action: action.id, blob }),
             ActionKind::DropReplica { .. } => {
+                // Jobs on this blob still queued end now; one running reports nothing
+                // about the copy when it ends (its verdict would be about bytes that
+                // are gone: a deleted copy must never come back as healthy).
+                let mut kept = VecDeque::with_capacity(self.queue.len());
+                for job in self.queue.drain(..) {
+                    match job {
+                        Job::Fetch { action, blob: queued, .. } | Job::Verify { action, blob: queued }
+                            if queued == blob =>
+                        {
+                            out.push(cancelled(action, "the copy was dropped"))
+                        }
+                        job => kept.push_back(job),
+                    }
+                }
+                self.queue = kept;
+                if self.running_blobs.contains_key(&blob) {
+                    self.dropped_while_running.insert(blob);
+                }
                 let (update, result) = match self.store.delete(&blob) {
                     Ok(()) => {
                         self.stats.deleted += 1;
@@ -226,6 +321,10 @@ impl BlobExecutor {
         while self.running < self.config.transfers_max {
             let Some(job) = self.queue.pop_front() else { return };
             self.running += 1;
+            let blob = match &job {
+                Job::Fetch { blob, .. } | Job::Verify { blob, .. } => *blob,
+            };
+            *self.running_blobs.entry(blob).or_insert(0) += 1;
             let (store, limit, done) = (Arc::clone(&self.store), Arc::clone(&self.limit), self.done_tx.clone());
             let (timeout, bytes_max) =
                 (Duration::from_millis(self.config.fetch_timeout_ms as u64), self.config.blob_bytes_max);
@@ -245,7 +344,15 @@ impl BlobExecutor {
     /// verifier's finds are reported only for copies the log says `own` holds healthy
     /// (a corrupt copy the log already knows, or a file it never heard of, says nothing).
     pub fn poll(&mut self, state: &State, own: Option<NodeRow>, out: &mut Vec<EventKind>) {
+        if !self.checked_at_start && own.is_some() {
+            self.checked_at_start = true;
+            self.report_missing(state, own, out);
+        }
         while let Ok(done) = self.done_rx.try_recv() {
+            if let Done::PassEnded = done {
+                self.report_missing(state, own, out);
+                continue;
+            }
             if let Done::Scanned { blob, healthy } = done {
                 self.stats.background_verified += 1;
                 let known_healthy = own
@@ -260,6 +367,30 @@ impl BlobExecutor {
                 continue;
             }
             self.running -= 1;
+            let blob = match &done {
+                Done::Fetched { blob, .. } | Done::Verified { blob, .. } | Done::VerifyFailed { blob, .. } => {
+                    Some(*blob)
+                }
+                Done::FetchFailed { blob, .. } => Some(*blob),
+                Done::Scanned { .. } | Done::PassEnded => None,
+            };
+            if let Some(blob) = blob {
+                let count = self.running_blobs.get_mut(&blob).expect("a running job counts its blob");
+                *count -= 1;
+                if *count == 0 {
+                    self.running_blobs.remove(&blob);
+                }
+                let dropped = self.dropped_while_running.contains(&blob);
+                if dropped && !self.running_blobs.contains_key(&blob) {
+                    self.dropped_while_running.remove(&blob);
+                }
+                if dropped {
+                    // The copy was dropped meanwhile: no verdict about it, only the end.
+                    let action = done.action().expect("job results name their action");
+                    out.push(cancelled(action, "the copy was dropped while this ran"));
+                    continue;
+                }
+            }
             match done {
                 Done::Fetched { action, blob, bytes } => {
                     self.stats.fetched += 1;
@@ -267,7 +398,7 @@ impl BlobExecutor {
                     out.push(EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy });
                     out.push(outcome(action, Ok(())));
                 }
-                Done::FetchFailed { action, reason } => {
+                Done::FetchFailed { action, reason, .. } => {
                     self.stats.fetch_failures += 1;
                     tracing::warn!(position = action.position, index = action.index, "blob fetch failed: {reason}");
                     out.push(outcome(action, Err(reason)));
@@ -279,7 +410,7 @@ impl BlobExecutor {
                     out.push(EventKind::ReplicaUpdate { blob, state });
                     out.push(outcome(action, Ok(())));
                 }
-                Done::Scanned { .. } => unreachable!("handled above"),
+                Done::Scanned { .. } | Done::PassEnded => unreachable!("handled above"),
                 Done::VerifyFailed { action, blob, reason } => {
                     // Unreadable is as good as corrupt: it cannot serve anyone.
                     self.stats.corrupt += 1;
@@ -320,9 +451,27 @@ fn holders(state: &State, blob: crate::state::ids::BlobRow, first: NodeRow, own:
         .collect()
 }
 
+/// The slowest transfer rate a fetch may average before its deadline passes.
+const FETCH_RATE_FLOOR_BYTES_PER_S: u64 = 64 * 1024;
+
+/// A reader that fails once its deadline has passed.
+struct DeadlineReader<R> {
+    inner: R,
+    deadline: std::time::Instant,
+}
+
+impl<R: std::io::Read> std::io::Read for DeadlineReader<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        if std::time::Instant::now() > self.deadline {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the transfer passed its deadline"));
+        }
+        self.inner.read(buffer)
+    }
+}
+
 fn run_job(job: Job, store: &BlobStore, limit: &RateLimit, timeout: Duration, bytes_max: u64) -> Done {
     match job {
-        Job::Fetch { action, blob, holders } => {
+        Job::Fetch { action, blob, size_bytes, holders } => {
             if store.contains(&blob) && store.verify(&blob, &mut |_| {}).unwrap_or(false) {
                 let bytes = store.size_of(&blob).unwrap_or(0);
                 return Done::Fetched { action, blob, bytes };
@@ -331,10 +480,19 @@ fn run_job(job: Job, store: &BlobStore, limit: &RateLimit, timeout: Duration, by
             for (name, endpoint) in holders {
                 let attempt = peer_server::fetch(&endpoint, &blob, timeout)
                     .map_err(|error| error.to_string())
-                    .and_then(|(size, mut reader)| {
+                    .and_then(|(size, reader)| {
+                        if size != size_bytes {
+                            return Err(format!("announced {size} bytes; the log says {size_bytes}"));
+                        }
                         if size > bytes_max {
                             return Err(format!("{size} bytes, above blob_bytes_max {bytes_max}"));
                         }
+                        // The whole transfer has a deadline: the timeout plus the size at
+                        // a floor rate, so a trickling peer cannot hold a slot for ever.
+                        let deadline = std::time::Instant::now()
+                            + timeout
+                            + Duration::from_secs(size / FETCH_RATE_FLOOR_BYTES_PER_S);
+                        let mut reader = DeadlineReader { inner: reader, deadline };
                         store
                             .put(&mut reader, Some(&blob), size, &mut |bytes| limit.take(bytes))
                             .map_err(|error| error.to_string())
@@ -347,7 +505,7 @@ fn run_job(job: Job, store: &BlobStore, limit: &RateLimit, timeout: Duration, by
             if errors.is_empty() {
                 errors.push("no holder announces a peer port".to_string());
             }
-            Done::FetchFailed { action, reason: errors.join("; ") }
+            Done::FetchFailed { action, blob, reason: errors.join("; ") }
         }
         Job::Verify { action, blob } => match store.verify(&blob, &mut |bytes| limit.take(bytes)) {
             Ok(healthy) => Done::Verified { action, blob, healthy },

@@ -65,6 +65,7 @@ pub struct BlobStore {
 
 impl BlobStore {
     /// Opens (creating) the store at `root`, deleting any half-written blob a crash left.
+    /// Only the node, at its start, may do this (see `attach`).
     pub fn open(root: &Path) -> Result<BlobStore, BlobStoreError> {
         let temporary = root.join(TEMPORARY_DIR);
         std::fs::create_dir_all(&temporary).map_err(io_error(&temporary))?;
@@ -73,6 +74,14 @@ impl BlobStore {
             std::fs::remove_file(&path).map_err(io_error(&path))?;
             tracing::info!(path = %path.display(), "removed a half-written blob");
         }
+        Ok(BlobStore { root: root.to_path_buf() })
+    }
+
+    /// The store at `root` for a reader or a second writer beside the node (the CLI):
+    /// creates what is missing, removes nothing (the node's transfers may be running).
+    pub fn attach(root: &Path) -> Result<BlobStore, BlobStoreError> {
+        let temporary = root.join(TEMPORARY_DIR);
+        std::fs::create_dir_all(&temporary).map_err(io_error(&temporary))?;
         Ok(BlobStore { root: root.to_path_buf() })
     }
 

@@ -23,6 +23,8 @@ pub struct CapabilityPublisher {
     pending: Option<(u64, u64, std::time::Instant)>,
     refused: Option<(String, u64, Vec<String>)>,
     refused_endpoint: String,
+    /// A refused set was sent once more for the current way out of maintenance.
+    exit_retried: bool,
     pub published: u64,
 }
 
@@ -36,6 +38,7 @@ impl CapabilityPublisher {
             pending: None,
             refused: None,
             refused_endpoint: String::new(),
+            exit_retried: false,
             published: 0,
         }
     }
@@ -68,9 +71,11 @@ impl CapabilityPublisher {
         let desired = self.desired(daemon_labels);
         let exiting =
             own.is_some_and(|row| state.nodes.maintenance[row.index()] == MaintenanceState::ExitingMaintenance);
-        // A refused set is not sent again until it changes, except on the way out of
-        // maintenance, which needs a fresh version whatever the set.
-        if !exiting && self.refused.as_ref() == Some(&desired) && self.refused_endpoint == self.endpoint {
+        // A refused set is not sent again until it changes, except once on each way out
+        // of maintenance, which needs a fresh version whatever the set.
+        let retry_for_exit = exiting && !self.exit_retried;
+        self.exit_retried = exiting && (self.exit_retried || self.refused.is_some());
+        if !retry_for_exit && self.refused.as_ref() == Some(&desired) && self.refused_endpoint == self.endpoint {
             return None;
         }
         let stale = match own {

@@ -504,6 +504,7 @@ impl NodeConfig {
             blobs_dir: self.blobs_dir(),
             connections_max: self.blobs.peer_connections_max,
             bytes_per_s: self.blobs.send_bytes_per_s,
+            io_timeout_ms: crate::sys::peer_server::IO_TIMEOUT_MS_DEFAULT,
         }
     }
 

@@ -121,7 +121,7 @@ pub fn seed(options: &DemoOptions, first: &NodeConfig) -> Result<String, DemoErr
         EventKind::Admin(Box::new(genesis)),
         EventKind::DaemonIntent { spec: Box::new(worker), runs_on: DaemonPlacement::AllNodes },
     ])?;
-    let store = crate::exec::blobstore::BlobStore::open(&first.blobs_dir())?;
+    let store = crate::exec::blobstore::BlobStore::attach(&first.blobs_dir())?;
     let replicas = options.replicas.min(options.nodes as u8).max(1);
     for index in 0..options.blobs {
         let bytes = blob_bytes(index, options.blob_bytes);

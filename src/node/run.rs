@@ -144,6 +144,8 @@ struct PeerSink {
 
 /// Batches queued for a peer sink's thread at most.
 const PEER_SINK_BATCHES_MAX: usize = 1024;
+/// Events per frame a peer sink sends at most.
+const PEER_SINK_EVENTS_PER_FRAME: usize = 256;
 
 impl PeerSink {
     fn start(name: String, seq_last: u64, ingest: std::net::SocketAddr) -> Result<PeerSink, NodeError> {
@@ -158,16 +160,22 @@ impl PeerSink {
                 let mut seq = seq_last;
                 let mut last_frame = None;
                 for kinds in receiver {
-                    let events = kinds
-                        .into_iter()
-                        .map(|kind| {
-                            seq += 1;
-                            crate::event::Event { origin: name.clone(), origin_seq: seq, kind }
-                        })
-                        .collect();
-                    match client.send(&crate::event::EventBatch { events }, true) {
-                        Ok(frame) => last_frame = Some(frame),
-                        Err(error) => return tracing::error!(node = name, "lost the log's owner: {error}"),
+                    // Frames of at most PEER_SINK_EVENTS_PER_FRAME events stay far below
+                    // the log's frame limit whatever piled up.
+                    let mut kinds = kinds.into_iter().peekable();
+                    while kinds.peek().is_some() {
+                        let events = kinds
+                            .by_ref()
+                            .take(PEER_SINK_EVENTS_PER_FRAME)
+                            .map(|kind| {
+                                seq += 1;
+                                crate::event::Event { origin: name.clone(), origin_seq: seq, kind }
+                            })
+                            .collect();
+                        match client.send(&crate::event::EventBatch { events }, true) {
+                            Ok(frame) => last_frame = Some(frame),
+                            Err(error) => return tracing::error!(node = name, "lost the log's owner: {error}"),
+                        }
                     }
                 }
                 // Closed: wait until the last frame is durable, so a stop loses nothing.
@@ -222,6 +230,8 @@ impl Executors {
         let mut events = Vec::new();
         daemons.adopt_nothing(state, state.nodes.find(&config.name), &mut events);
         let store = crate::exec::blobstore::BlobStore::open(&config.blobs_dir())?;
+        let blobs = crate::exec::blobs::BlobExecutor::new(config.blob_exec_config(), std::sync::Arc::new(store));
+        blobs.adopt_nothing(state, state.nodes.find(&config.name), &mut events);
         let peer_server = crate::sys::peer_server::PeerServer::start(config.peer_server_config())?;
         let capacity_bytes = match config.capability.capacity_bytes {
             0 => crate::sys::process::filesystem_bytes(&config.data_dir).unwrap_or(0),
@@ -239,7 +249,7 @@ impl Executors {
             name: config.name.clone(),
             dispatcher: Dispatcher::open(config.data_dir.join(DISPATCH_FILE))?,
             daemons,
-            blobs: crate::exec::blobs::BlobExecutor::new(config.blob_exec_config(), std::sync::Arc::new(store)),
+            blobs,
             _peer_server: peer_server,
             sdk,
             capability,
@@ -466,6 +476,7 @@ fn run_until(
     // the other nodes' sinks are closed once what they queued is durable.
     for local in &mut locals {
         local.daemons.stop_all(&engine.state, &local.sdk);
+        local.blobs.stop();
     }
     let running = |locals: &[Executors]| locals.iter().map(|local| local.daemons.running_count()).sum::<usize>();
     if running(&locals) > 0 {
@@ -480,8 +491,21 @@ fn run_until(
         }
         resumer.send(sequencer.commands());
     }
+    // Every event queued for a peer sink is handed over before its channel closes.
+    let flush_started = Instant::now();
+    loop {
+        for local in &mut locals {
+            local.tick(&engine.state, &mut sequencer);
+        }
+        if locals.iter().all(|local| local.events.is_empty()) || flush_started.elapsed() > QUIESCE_WAIT {
+            break;
+        }
+        if !commit_group(&mut sequencer, &mut log, &mut engine, &mut locals)? {
+            signal.wait(Some(10));
+        }
+        resumer.send(sequencer.commands());
+    }
     for local in &mut locals {
-        local.tick(&engine.state, &mut sequencer);
         if let Sink::Peer(sink) = &mut local.sink {
             sink.close();
         }

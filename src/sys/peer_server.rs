@@ -26,8 +26,8 @@ use crate::exec::blobstore;
 
 /// Longest request line.
 const LINE_BYTES_MAX: usize = 128;
-/// How long a connection may stay idle between requests.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default for `io_timeout_ms`: how long a connection may stay idle.
+pub const IO_TIMEOUT_MS_DEFAULT: u32 = 30_000;
 const CHUNK_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
@@ -38,6 +38,9 @@ pub struct PeerServerConfig {
     pub connections_max: u32,
     /// Bytes per second served in total; 0: no limit.
     pub bytes_per_s: u64,
+    /// A connection idle this long (not sending a request, or not reading an answer)
+    /// is closed.
+    pub io_timeout_ms: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,22 +154,32 @@ fn accept_loop(listener: TcpListener, config: PeerServerConfig, stop: Arc<Atomic
             continue;
         }
         open.fetch_add(1, Ordering::SeqCst);
+        let open_slots = Arc::clone(&open);
         let (open, limit, blobs_dir) = (Arc::clone(&open), Arc::clone(&limit), config.blobs_dir.clone());
+        let io_timeout = Duration::from_millis(config.io_timeout_ms.max(1) as u64);
         let spawned = std::thread::Builder::new().name("meshos-peer-conn".to_string()).spawn(move || {
-            if let Err(error) = serve(stream, &blobs_dir, &limit) {
+            if let Err(error) = serve(stream, &blobs_dir, &limit, io_timeout) {
                 tracing::debug!(%peer, "peer connection: {error}");
             }
             open.fetch_sub(1, Ordering::SeqCst);
         });
         if spawned.is_err() {
             tracing::warn!("peer port: cannot start a connection thread");
+            open_slots.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
-fn serve(stream: TcpStream, blobs_dir: &std::path::Path, limit: &RateLimit) -> std::io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    blobs_dir: &std::path::Path,
+    limit: &RateLimit,
+    io_timeout: Duration,
+) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
+    stream.set_read_timeout(Some(io_timeout))?;
+    // A peer that stops reading gives its slot back instead of holding it for ever.
+    stream.set_write_timeout(Some(io_timeout))?;
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -281,6 +294,7 @@ mod tests {
             blobs_dir: dir.to_path_buf(),
             connections_max: 4,
             bytes_per_s,
+            io_timeout_ms: IO_TIMEOUT_MS_DEFAULT,
         })
         .unwrap()
     }
