@@ -534,6 +534,11 @@ enum LogCommand {
         /// covers in-flight actions and gates too (slower on churny logs).
         #[arg(long)]
         reconcile: bool,
+        /// Fold and reconcile with this node's settings (its config file or data
+        /// directory): a node's decisions depend on its [fold] and [reconcile] values,
+        /// so replaying its log to its state hash needs them. Without it: the defaults.
+        #[arg(long, value_name = "NODE.toml | DIR")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -834,8 +839,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Log(LogCommand::Replay { dir, output, show_rejections, reconcile, limits }) => {
-            let config = Config { fsync: FsyncPolicy::Manual, ..limits.config() };
+        Command::Log(LogCommand::Replay { dir, output, show_rejections, reconcile, config, limits }) => {
+            let base = match &config {
+                Some(path) => meshos::node::config::NodeConfig::load_file_or_dir(path)?.to_config(),
+                None => limits.config(),
+            };
+            let config = Config { fsync: FsyncPolicy::Manual, ..base };
             let mut printer = ProgressPrinter::new("replay");
             let report = logtool::replay(&dir, &config, reconcile, &mut |progress| printer.update(progress))
                 .with_context(|| format!("cannot replay {}", dir.display()))?;

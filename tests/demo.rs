@@ -17,15 +17,29 @@ use meshos::state::State;
 const WAIT_LIMIT: Duration = Duration::from_secs(120);
 const BLOBS: usize = 12;
 
-fn start(dir: &Path) -> Child {
+/// The demo process; killed (with its daemons' nodes) if the test fails midway.
+struct Demo(Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            kill(self.0.id(), libc::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn start(dir: &Path) -> Demo {
     let stderr = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("stderr")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_meshos"))
-        .args(["demo", "--nodes", "5", "--blobs", &BLOBS.to_string(), "--blob-bytes", "65536", "--dir"])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap()
+    Demo(
+        Command::new(env!("CARGO_BIN_EXE_meshos"))
+            .args(["demo", "--nodes", "5", "--blobs", &BLOBS.to_string(), "--blob-bytes", "65536", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn read_state(dir: &Path) -> State {
@@ -191,8 +205,8 @@ fn drain_two_kill_workers_then_crash_and_resume() {
     // the workers the killed run left, and every blob is back at 3 verified copies.
     let position = state.position;
     let orphans: Vec<u32> = (1..=5).filter_map(|node| worker_pid(&dir, node)).collect();
-    kill(demo.id(), libc::SIGKILL);
-    demo.wait().unwrap();
+    kill(demo.0.id(), libc::SIGKILL);
+    demo.0.wait().unwrap();
     let mut demo = start(&dir);
     wait_for("the demo to come back past where it was", || read_state(&dir).position > position + 10);
     wait_for("every blob at 3 healthy copies after the restart", || {
@@ -208,6 +222,6 @@ fn drain_two_kill_workers_then_crash_and_resume() {
             assert!(store.verify(&state_after.blobs.hash[blob], &mut |_| {}).unwrap(), "{name}: blob {blob}");
         }
     }
-    kill(demo.id(), libc::SIGTERM);
-    assert!(demo.wait().unwrap().success(), "SIGTERM stops the demo cleanly");
+    kill(demo.0.id(), libc::SIGTERM);
+    assert!(demo.0.wait().unwrap().success(), "SIGTERM stops the demo cleanly");
 }

@@ -159,7 +159,7 @@ pub fn guide(options: &DemoOptions) -> String {
          \x20 kill -9 $(cat {dir}/node-3/daemons/worker/pid | cut -d' ' -f1)   # watch it come back\n\
          \x20 meshos admin exit-maintenance node-2 --key {dir}/{KEY_FILE}\n\
          \x20 meshos explain node-2     (or a blob id, or worker)\n\
-         \x20 meshos log replay {dir}/node-1/log --reconcile\n\
+         \x20 meshos log replay {dir}/node-1/log --reconcile --config {node}\n\
          Ctrl-C stops the demo; `meshos demo --dir {dir}` resumes it from its log.",
         nodes = options.nodes,
     )
