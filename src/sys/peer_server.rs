@@ -236,15 +236,23 @@ fn send_blob(
     Ok(())
 }
 
-/// Opens a fetch of `hash` from the peer at `addr`: the blob's size and a reader of
-/// exactly that many bytes. The caller checks the hash (the store does, on `put`).
-pub fn fetch(addr: &str, hash: &BlobHash, timeout: Duration) -> Result<(u64, impl Read), PeerError> {
+/// Connects to the peer port at `addr` (`host:port`), with `timeout` for the connect
+/// and every read.
+fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, PeerError> {
     let io = |source| PeerError::Io { addr: addr.to_string(), source };
     let target = addr
         .parse::<SocketAddr>()
         .map_err(|_| PeerError::Protocol { addr: addr.to_string(), answer: "not an address".into() })?;
     let stream = TcpStream::connect_timeout(&target, timeout).map_err(io)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    Ok(stream)
+}
+
+/// Opens a fetch of `hash` from the peer at `addr`: the blob's size and a reader of
+/// exactly that many bytes. The caller checks the hash (the store does, on `put`).
+pub fn fetch(addr: &str, hash: &BlobHash, timeout: Duration) -> Result<(u64, impl Read), PeerError> {
+    let io = |source| PeerError::Io { addr: addr.to_string(), source };
+    let stream = connect(addr, timeout)?;
     let mut writer = stream.try_clone().map_err(io)?;
     writer.write_all(format!("BLOB {}\n", blobstore::hex(hash)).as_bytes()).map_err(io)?;
     let mut reader = BufReader::new(stream);
@@ -264,11 +272,7 @@ pub fn fetch(addr: &str, hash: &BlobHash, timeout: Duration) -> Result<(u64, imp
 /// One round trip to the peer at `addr`, in microseconds.
 pub fn ping(addr: &str, token: u64, timeout: Duration) -> Result<u32, PeerError> {
     let io = |source| PeerError::Io { addr: addr.to_string(), source };
-    let target = addr
-        .parse::<SocketAddr>()
-        .map_err(|_| PeerError::Protocol { addr: addr.to_string(), answer: "not an address".into() })?;
-    let stream = TcpStream::connect_timeout(&target, timeout).map_err(io)?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    let stream = connect(addr, timeout)?;
     stream.set_nodelay(true).map_err(io)?;
     let mut writer = stream.try_clone().map_err(io)?;
     let mut reader = BufReader::new(stream);
