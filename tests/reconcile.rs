@@ -229,6 +229,20 @@ fn daemons_start_where_wanted_and_stop_when_removed() {
     assert_eq!(h.step(100, vec![removed]), strings(&["a: stop_daemon web", "b: stop_daemon web"]));
 }
 
+/// Node b's capability after its first (version 2, forked from 1): what a node
+/// leaving maintenance publishes.
+fn fresh_capability() -> EventKind {
+    let capability = Capability {
+        version: 2,
+        fork_of: 1,
+        zone: "z1".into(),
+        capacity_bytes: 1 << 40,
+        labels: vec!["storage".into()],
+        endpoint: String::new(),
+    };
+    EventKind::Capability(Box::new(capability))
+}
+
 fn web_spec(health_timeout_ms: u32) -> DaemonSpec {
     DaemonSpec {
         working_dir: "/".into(),
@@ -1059,15 +1073,7 @@ fn a_node_leaving_maintenance_recovers_after_a_fresh_capability_and_its_ramp_up_
     assert_eq!(maintenance_of(&h, "b"), "exiting_maintenance");
     h.heartbeats(1_000, &["a", "b"]);
     assert_eq!(maintenance_of(&h, "b"), "exiting_maintenance", "waits for a fresh capability");
-    let capability = Capability {
-        version: 2,
-        fork_of: 1,
-        zone: "z1".into(),
-        capacity_bytes: 1 << 40,
-        labels: vec!["storage".into()],
-        endpoint: String::new(),
-    };
-    let event = h.ev("b", EventKind::Capability(Box::new(capability)));
+    let event = h.ev("b", fresh_capability());
     h.step(10, vec![event]);
     assert_eq!(maintenance_of(&h, "b"), "exiting_maintenance", "waits for its round trips measured again");
     let sample = h.ev("a", EventKind::Rtt { peer: "b".into(), rtt_us: 500 });
@@ -1140,15 +1146,7 @@ fn a_node_leaving_maintenance_waits_for_its_daemons_to_register() {
     h.step(10, events);
     assert_eq!(maintenance_of(&h, "b"), "maintenance");
     let exit = h.signed("a", AdminCommand::ExitMaintenance { node: "b".into() });
-    let capability = Capability {
-        version: 2,
-        fork_of: 1,
-        zone: "z1".into(),
-        capacity_bytes: 1 << 40,
-        labels: vec!["storage".into()],
-        endpoint: String::new(),
-    };
-    let fresh = h.ev("b", EventKind::Capability(Box::new(capability)));
+    let fresh = h.ev("b", fresh_capability());
     assert_eq!(h.step(10, vec![exit, fresh]), strings(&["b: start_daemon web"]), "daemons restart on the way out");
     let position = h.state.position;
     let events = vec![
