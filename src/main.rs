@@ -46,7 +46,8 @@ enum Command {
     /// folded and reconciled. On SIGTERM it stops accepting, drains every queue,
     /// commits, fsyncs and exits 0. Daemon actions run real processes (each in its own
     /// process group, output in DATA_DIR/daemons/NAME/); every action addressed to the
-    /// node is listed in DATA_DIR/dispatched.log (blob actions wait for the blob store).
+    /// node is listed in DATA_DIR/dispatched.log; blob actions move bytes between the
+    /// nodes' peer ports (DATA_DIR/blobs).
     /// SIGTERM stops the node's daemons first; a restart after a crash stops what the
     /// previous run left running.
     #[command(after_help = "Example:

@@ -57,7 +57,7 @@ const STOP_POLL_MS: u64 = 100;
 const STATS_INTERVAL: Duration = Duration::from_secs(10);
 /// The file the node writes its bound TCP address to, in its data directory.
 pub const ADDR_FILE: &str = "node.addr";
-/// The dispatcher's record of what it would run, in the data directory.
+/// The dispatcher's record of the actions this node ran, in the data directory.
 pub const DISPATCH_FILE: &str = "dispatched.log";
 
 #[derive(Debug, thiserror::Error)]
