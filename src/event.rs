@@ -393,8 +393,13 @@ fn archived_kind_name(code: u8) -> &'static str {
 
 /// Formats a blob hash as lowercase hex.
 pub fn blob_hex(blob: &BlobHash) -> String {
-    let mut text = String::with_capacity(64);
-    for byte in blob {
+    hex(blob)
+}
+
+/// Lowercase hex of `bytes` (blob ids, keys, tokens).
+pub fn hex(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
         use std::fmt::Write;
         let _ = write!(text, "{byte:02x}");
     }

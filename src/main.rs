@@ -1223,10 +1223,7 @@ fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyho
     let mut nonce = [0u8; 8];
     meshos::sys::process::random_bytes(&mut nonce)?;
     let file_name = out.file_name().map_or_else(|| "blob".into(), |name| name.to_string_lossy().into_owned());
-    let temporary = out.with_file_name(format!(
-        ".{file_name}.{}.part",
-        nonce.iter().map(|byte| format!("{byte:02x}")).collect::<String>()
-    ));
+    let temporary = out.with_file_name(format!(".{file_name}.{}.part", meshos::event::hex(&nonce)));
     let write = |source: &mut dyn std::io::Read| -> anyhow::Result<u64> {
         let mut hasher = blake3::Hasher::new();
         let mut file = std::fs::OpenOptions::new()

@@ -100,8 +100,7 @@ impl OperatorKey {
     pub fn generate(path: &Path) -> Result<OperatorKey, AdminError> {
         let io_error = |source| AdminError::Io { path: path.to_path_buf(), source };
         let mut seed = [0u8; 32];
-        File::open(RANDOM_SOURCE)
-            .and_then(|mut random| random.read_exact(&mut seed))
+        crate::sys::process::random_bytes(&mut seed)
             .map_err(|source| AdminError::Io { path: PathBuf::from(RANDOM_SOURCE), source })?;
         let key = OperatorKey::from_seed(seed);
         wipe(&mut seed);
@@ -191,15 +190,7 @@ fn hex_value(character: u8) -> Option<u8> {
     }
 }
 
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        use std::fmt::Write;
-        let _ = write!(text, "{byte:02x}");
-    }
-    text
-}
+pub use crate::event::hex;
 
 /// Parses 64 hex characters into 32 bytes (a public key or a blob hash).
 pub fn parse_hex32(what: &'static str, text: &str) -> Result<[u8; 32], AdminError> {

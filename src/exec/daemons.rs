@@ -339,7 +339,7 @@ impl DaemonExecutor {
         std::fs::create_dir_all(&dir).map_err(|error| format!("{}: {error}", dir.display()))?;
         let mut token_bytes = [0u8; 16];
         process::random_bytes(&mut token_bytes).map_err(|error| format!("/dev/urandom: {error}"))?;
-        let token: String = token_bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+        let token = crate::event::hex(&token_bytes);
         let mut env: Vec<(String, String)> = spec.env.iter().map(|var| (var.key.clone(), var.value.clone())).collect();
         env.push((proto::ENV_SOCKET.to_string(), self.config.sdk_socket.display().to_string()));
         env.push((proto::ENV_TOKEN.to_string(), token.clone()));

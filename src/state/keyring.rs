@@ -101,5 +101,5 @@ impl Keyring {
 
 /// The first 8 bytes of a key as hex: enough to name it in messages.
 pub fn key_prefix_hex(key: &PublicKey) -> String {
-    key[..8].iter().map(|byte| format!("{byte:02x}")).collect()
+    crate::event::hex(&key[..8])
 }

@@ -97,7 +97,7 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
-/// Fills `bytes` from /dev/urandom.
+/// Fills `bytes` from /dev/urandom (tokens, operator keys, temporary names).
 pub fn random_bytes(bytes: &mut [u8]) -> std::io::Result<()> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(bytes)
