@@ -66,6 +66,9 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
     /// Print or check a node config file (TOML).
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Cluster setup: the credential every node of a cluster shares.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Operator commands, signed with your ed25519 key and sent through the log.
     ///
     /// Every admin command is an event in the log, signed with an operator's key:
@@ -479,6 +482,21 @@ enum ConfigCommand {
 }
 
 #[derive(Subcommand)]
+enum ClusterCommand {
+    /// Write a new cluster credential (64 hex digits, mode 0600).
+    ///
+    /// Copy the same file to every node and name it in `[cluster] credential_file`:
+    /// blob pulls and RTT probes between nodes prove they know it, so a process outside
+    /// the cluster can neither pull blobs nor answer probes.
+    #[command(after_help = "Example:\n  meshos cluster keygen -o /etc/meshos/cluster.key")]
+    Keygen {
+        /// The file to write (refused if it exists).
+        #[arg(short = 'o', long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum LogCommand {
     /// Write a deterministic synthetic log of a cluster's life.
     ///
@@ -755,6 +773,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Put { file, replicas, zone_spread, common } => run_put(&file, replicas, zone_spread, &common),
         Command::Get { blob, out, config } => run_get(&blob, &out, &config),
+        Command::Cluster(ClusterCommand::Keygen { out }) => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut key = [0u8; 32];
+            meshos::sys::process::random_bytes(&mut key)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("{}: cannot create the credential file", out.display()))?;
+            writeln!(file, "{}", meshos::event::hex(&key))?;
+            file.sync_all()?;
+            println!(
+                "wrote {} (mode 0600); copy it to every node and set `[cluster] credential_file` to it",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config(ConfigCommand::Default) => {
             print!("{}", meshos::node::config::EXAMPLE_TOML);
             Ok(ExitCode::SUCCESS)

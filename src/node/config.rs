@@ -37,6 +37,64 @@ pub struct NodeConfig {
     pub blobs: BlobsConfig,
     pub probes: ProbesConfig,
     pub snapshot: SnapshotConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// Running as one node of many: the shared log on NATS JetStream, the cluster
+/// credential, checkpoints and state commitments. With `nats` empty the node runs on
+/// its embedded log alone (one machine).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS servers (`host:port`) of the cluster's JetStream, tried in turn; empty:
+    /// the embedded log on this machine.
+    pub nats: Vec<String>,
+    /// The JetStream stream holding the cluster's log, and its subject.
+    pub stream: String,
+    pub subject: String,
+    /// Copies the stream keeps (1 for a single NATS server, 3 for three).
+    pub stream_replicas: u32,
+    /// A file holding the cluster credential (64 hex digits, `meshos cluster keygen`),
+    /// relative to `data_dir` unless absolute. Blob pulls and RTT probes between nodes
+    /// prove they know it. Required when `nats` is set.
+    pub credential_file: PathBuf,
+    /// A file holding the NATS auth token, if the servers require one ("" for none).
+    pub nats_token_file: PathBuf,
+    /// Publishes in flight to JetStream at once (acks are awaited in a window).
+    pub publish_window_max: u32,
+    /// Records queued for publishing beyond the window; full pushes back on the sockets.
+    pub publish_queue_max: u32,
+    /// Every node publishes its state hash at each position that is a multiple of this.
+    pub commitment_interval_records: u32,
+    /// A checkpoint of the state is written every this many records (and at a clean stop).
+    pub checkpoint_interval_records: u32,
+    /// Checkpoints kept in `data_dir/checkpoints`.
+    pub checkpoints_kept: u32,
+    /// A checkpoint file (from another node) a new node starts from when it has none of
+    /// its own ("" : start from position 1).
+    pub checkpoint_from: PathBuf,
+    /// Trim the stream below the oldest checkpoint any live node still needs.
+    pub trim: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats: Vec::new(),
+            stream: "MESHOS".to_string(),
+            subject: "meshos.log".to_string(),
+            stream_replicas: 3,
+            credential_file: PathBuf::new(),
+            nats_token_file: PathBuf::new(),
+            publish_window_max: 256,
+            publish_queue_max: 4096,
+            commitment_interval_records: 1000,
+            checkpoint_interval_records: 20_000,
+            checkpoints_kept: 2,
+            checkpoint_from: PathBuf::new(),
+            trim: true,
+        }
+    }
 }
 
 /// The behaviour snapshot for Deck (`crate::snapshot`): where, how often, and how much
@@ -208,6 +266,7 @@ impl Default for NodeConfig {
             blobs: BlobsConfig::default(),
             probes: ProbesConfig::default(),
             snapshot: SnapshotConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -443,10 +502,89 @@ impl NodeConfig {
             return field("snapshot.path", "must name a file".to_string());
         }
         self.snapshot.limits().validate().map_err(|error| error.to_string())?;
+        self.check_cluster()?;
         let fsync =
             self.log.fsync.parse::<FsyncPolicy>().map_err(|error| format!("config field `log.fsync`: {error}"))?;
         let config = Config { fsync, ..self.to_config_unchecked() };
         config.validate().map_err(|error| error.to_string())
+    }
+
+    fn check_cluster(&self) -> Result<(), String> {
+        let field = |name: &str, reason: String| Err(format!("config field `{name}`: {reason}"));
+        let cluster = &self.cluster;
+        for server in &cluster.nats {
+            let (host, port) = server.rsplit_once(':').unwrap_or(("", ""));
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return field("cluster.nats", format!("`{server}` is not a server like 127.0.0.1:4222"));
+            }
+        }
+        let subject_ok = |text: &str| {
+            !text.is_empty() && text.split('.').all(|token| !token.is_empty() && !token.contains(['*', '>', ' ']))
+        };
+        if !subject_ok(&cluster.subject) {
+            return field("cluster.subject", format!("`{}` is not a literal NATS subject", cluster.subject));
+        }
+        if cluster.stream.is_empty() || cluster.stream.contains(['.', '*', '>', ' ', '/', '\\']) {
+            return field("cluster.stream", format!("`{}` is not a JetStream stream name", cluster.stream));
+        }
+        let bounded = [
+            ("cluster.stream_replicas", cluster.stream_replicas as u64, 1, 5),
+            ("cluster.publish_window_max", cluster.publish_window_max as u64, 1, 65_536),
+            ("cluster.publish_queue_max", cluster.publish_queue_max as u64, 1, 1 << 20),
+            ("cluster.commitment_interval_records", cluster.commitment_interval_records as u64, 1, 1 << 30),
+            ("cluster.checkpoint_interval_records", cluster.checkpoint_interval_records as u64, 1, 1 << 30),
+            ("cluster.checkpoints_kept", cluster.checkpoints_kept as u64, 1, 100),
+        ];
+        for (name, value, low, high) in bounded {
+            if value < low || value > high {
+                return field(name, format!("{value} is outside {low}..={high}"));
+            }
+        }
+        if !cluster.nats.is_empty() && cluster.credential_file.as_os_str().is_empty() {
+            return field(
+                "cluster.credential_file",
+                "must name the cluster credential when cluster.nats is set (create one with `meshos cluster \
+                 keygen -o FILE` and give every node of the cluster the same file)"
+                    .to_string(),
+            );
+        }
+        Ok(())
+    }
+
+    /// True when this node is one of many on NATS JetStream.
+    pub fn clustered(&self) -> bool {
+        !self.cluster.nats.is_empty()
+    }
+
+    /// Reads the cluster credential (`cluster.credential_file`); None when unset.
+    pub fn cluster_key(&self) -> Result<Option<[u8; 32]>, NodeConfigError> {
+        if self.cluster.credential_file.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let path = self.data_dir.join(&self.cluster.credential_file);
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| NodeConfigError::Read { path: path.clone(), source })?;
+        parse_key_hex(text.trim()).map(Some).ok_or_else(|| NodeConfigError::Invalid {
+            path,
+            reason: "a cluster credential is 64 hex digits on one line (`meshos cluster keygen -o FILE` makes one)"
+                .to_string(),
+        })
+    }
+
+    /// Reads the NATS auth token (`cluster.nats_token_file`); None when unset.
+    pub fn nats_token(&self) -> Result<Option<String>, NodeConfigError> {
+        if self.cluster.nats_token_file.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let path = self.data_dir.join(&self.cluster.nats_token_file);
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| NodeConfigError::Read { path: path.clone(), source })?;
+        Ok(Some(text.trim().to_string()))
+    }
+
+    /// Where checkpoints are kept: `data_dir/checkpoints`.
+    pub fn checkpoints_dir(&self) -> PathBuf {
+        self.data_dir.join("checkpoints")
     }
 
     fn to_config_unchecked(&self) -> Config {
@@ -588,6 +726,18 @@ impl NodeConfig {
     }
 }
 
+/// 64 hex digits to 32 bytes; None when the text is anything else.
+pub fn parse_key_hex(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (index, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).ok()?;
+    }
+    Some(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,6 +779,10 @@ mod tests {
             ("[snapshot]\npath = \"\"", "snapshot.path"),
             ("[snapshot]\ndrift_listed_max = 99999999", "snapshot.drift_listed_max"),
             ("colour = \"blue\"", "colour"),
+            ("[cluster]\nnats = [\"nowhere\"]", "cluster.nats"),
+            ("[cluster]\nnats = [\"127.0.0.1:4222\"]", "cluster.credential_file"),
+            ("[cluster]\nsubject = \"meshos.*\"", "cluster.subject"),
+            ("[cluster]\nstream_replicas = 0", "cluster.stream_replicas"),
             ("[ingest]\nqueue_frames = \"many\"", "queue_frames"),
         ];
         for (text, field) in cases {
