@@ -65,6 +65,11 @@ pub enum EventKind {
     /// The origin node's sequencer raised (or lowered) global backpressure: its
     /// queues run deep or its commits are slow, so non-repair moves wait.
     Backpressure { raised: bool },
+    /// The origin node's state hash after folding record `position` (a multiple of
+    /// `[cluster] commitment_interval_records`), and the lowest position it still needs
+    /// to restart (after its oldest kept checkpoint; 0: all). Nodes compare hashes at
+    /// equal positions; the log is trimmed below what every live node still needs.
+    Commitment { position: u64, state_hash: [u8; 16], needs_position: u64 },
 }
 
 /// State of one node's copy of one blob, as its holder reports it.
@@ -347,6 +352,7 @@ impl EventKind {
             EventKind::ActionOutcome { .. } => 9,
             EventKind::InventoryDigest { .. } => 10,
             EventKind::Backpressure { .. } => 11,
+            EventKind::Commitment { .. } => 12,
         }
     }
 }
@@ -367,12 +373,13 @@ impl ArchivedEventKind {
             ArchivedEventKind::ActionOutcome { .. } => 9,
             ArchivedEventKind::InventoryDigest { .. } => 10,
             ArchivedEventKind::Backpressure { .. } => 11,
+            ArchivedEventKind::Commitment { .. } => 12,
         })
     }
 }
 
 /// Names of event kinds, indexed by their code.
-pub const EVENT_KIND_NAMES: [&str; 12] = [
+pub const EVENT_KIND_NAMES: [&str; 13] = [
     "replica_update",
     "daemon",
     "rtt",
@@ -385,6 +392,7 @@ pub const EVENT_KIND_NAMES: [&str; 12] = [
     "action_outcome",
     "inventory_digest",
     "backpressure",
+    "commitment",
 ];
 
 fn archived_kind_name(code: u8) -> &'static str {

@@ -144,8 +144,25 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
             state.nodes.backpressure[origin.index()] = *raised;
             Ok(())
         }
+        ArchivedEventKind::Commitment { position, state_hash, needs_position } => {
+            commitment(state, origin, position.to_native(), *state_hash, needs_position.to_native())
+        }
     }?;
     state.nodes.origin_seq_last[origin.index()] = origin_seq;
+    Ok(())
+}
+
+/// A node's state commitment: kept only if it moves forward and names a position the
+/// log has reached (a hash of the future is not a commitment).
+fn commitment(state: &mut State, origin: NodeRow, position: u64, hash: [u8; 16], needs_position: u64) -> Applied {
+    let index = origin.index();
+    let last = state.nodes.commitment_position[index];
+    if position <= last || position > state.position || needs_position > position.saturating_add(1) {
+        return Err(RejectReason::BadCommitment { position, last, log_position: state.position });
+    }
+    state.nodes.commitment_position[index] = position;
+    state.nodes.commitment_hash[index] = hash;
+    state.nodes.needs_position[index] = needs_position;
     Ok(())
 }
 

@@ -123,6 +123,19 @@ fn contradictions_are_rejected_with_their_reason() {
         ),
         ("rtt to self", vec![event("a", 6, EventKind::Rtt { peer: "a".into(), rtt_us: 1 })], vec!["rtt_to_self"]),
         (
+            "commitment beyond the log",
+            vec![event("a", 6, EventKind::Commitment { position: 2, state_hash: [1; 16], needs_position: 0 })],
+            vec!["bad_commitment"],
+        ),
+        (
+            "commitment that does not move forward",
+            vec![
+                event("a", 6, EventKind::Commitment { position: 1, state_hash: [1; 16], needs_position: 0 }),
+                event("a", 7, EventKind::Commitment { position: 1, state_hash: [2; 16], needs_position: 0 }),
+            ],
+            vec!["bad_commitment"],
+        ),
+        (
             "outcome of no action",
             vec![event(
                 "a",
@@ -255,6 +268,23 @@ fn contradictions_are_rejected_with_their_reason() {
         let message = state.rejections.kept.back().unwrap().to_string();
         assert!(message.contains("record 1 event"), "case `{name}`: {message}");
     }
+}
+
+#[test]
+fn commitments_are_kept_per_node_and_hashed() {
+    let mut state = State::new(&Config::default());
+    let commit = |seq, position, hash| {
+        event("a", seq, EventKind::Commitment { position, state_hash: [hash; 16], needs_position: position })
+    };
+    fold_batches(&mut state, &[base(), vec![heartbeat("b", 2)], vec![commit(6, 2, 9)]]);
+    assert_eq!(rejection_names(&state), Vec::<&str>::new());
+    let a = state.nodes.find("a").unwrap().index();
+    let b = state.nodes.find("b").unwrap().index();
+    assert_eq!((state.nodes.commitment_position[a], state.nodes.commitment_hash[a]), (2, [9; 16]));
+    assert_eq!((state.nodes.needs_position[a], state.nodes.commitment_position[b]), (2, 0));
+    let mut other = State::new(&Config::default());
+    fold_batches(&mut other, &[base(), vec![heartbeat("b", 2)], vec![commit(6, 2, 8)]]);
+    assert_ne!(state.state_hash(), other.state_hash(), "the committed hash is part of the state");
 }
 
 #[test]

@@ -120,6 +120,13 @@ pub struct NodeTable {
     /// wrapping sum of the first 16 bytes (LE) of their hashes.
     pub healthy_copies: Vec<u32>,
     pub healthy_digest: Vec<u128>,
+    /// The node's latest state commitment: the log position and the state hash it
+    /// computed there (`Commitment` events; 0 and zeros before the first).
+    pub commitment_position: Vec<u64>,
+    pub commitment_hash: Vec<[u8; 16]>,
+    /// The lowest log position the node still needs to restart (the first after its
+    /// oldest kept checkpoint; 0: it needs the whole log).
+    pub needs_position: Vec<u64>,
     pub index: HashMap<Box<str>, NodeRow>,
 }
 
@@ -182,6 +189,9 @@ impl NodeTable {
         self.coordinate.push(Coordinate::ORIGIN);
         self.healthy_copies.push(0);
         self.healthy_digest.push(0);
+        self.commitment_position.push(0);
+        self.commitment_hash.push([0; 16]);
+        self.needs_position.push(0);
         self.debug_check();
         row
     }
@@ -228,6 +238,9 @@ impl NodeTable {
                 self.coordinate.len(),
                 self.healthy_copies.len(),
                 self.healthy_digest.len(),
+                self.commitment_position.len(),
+                self.commitment_hash.len(),
+                self.needs_position.len(),
                 self.index.len(),
             ]
             .iter()
@@ -284,6 +297,9 @@ impl NodeTable {
             }
             hasher.u32(self.healthy_copies[row]);
             hasher.fixed(&self.healthy_digest[row].to_le_bytes());
+            hasher.u64(self.commitment_position[row]);
+            hasher.fixed(&self.commitment_hash[row]);
+            hasher.u64(self.needs_position[row]);
         }
     }
 }

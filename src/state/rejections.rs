@@ -87,10 +87,17 @@ pub enum RejectReason {
     WouldDropLastCopy {
         blob: BlobHash,
     },
+    /// A state commitment that does not move forward, names a position the log has
+    /// not reached, or claims to need a position past it.
+    BadCommitment {
+        position: u64,
+        last: u64,
+        log_position: u64,
+    },
 }
 
 /// Stable names of the reasons, indexed by `RejectReason::code`.
-pub const REJECT_REASON_NAMES: [&str; 25] = [
+pub const REJECT_REASON_NAMES: [&str; 26] = [
     "bad_payload",
     "unknown_origin",
     "stale_origin_seq",
@@ -116,6 +123,7 @@ pub const REJECT_REASON_NAMES: [&str; 25] = [
     "stale_keyring_version",
     "invalid_keyring",
     "would_drop_last_copy",
+    "bad_commitment",
 ];
 
 impl RejectReason {
@@ -146,6 +154,7 @@ impl RejectReason {
             RejectReason::StaleKeyringVersion { .. } => 22,
             RejectReason::InvalidKeyring(_) => 23,
             RejectReason::WouldDropLastCopy { .. } => 24,
+            RejectReason::BadCommitment { .. } => 25,
         }
     }
 
@@ -206,6 +215,11 @@ impl fmt::Display for RejectReason {
             RejectReason::WouldDropLastCopy { blob } => {
                 write!(f, "dropping this copy would remove the last healthy copy of blob {}", blob_hex(blob))
             }
+            RejectReason::BadCommitment { position, last, log_position } => write!(
+                f,
+                "state commitment at position {position} does not follow the node's last ({last}) or lies beyond \
+                 the log ({log_position})"
+            ),
         }
     }
 }
