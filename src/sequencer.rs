@@ -128,6 +128,14 @@ pub struct Committed {
     pub commit_us: u64,
 }
 
+/// A record handed to a shared log: its ticket there, and the source and frame
+/// number to acknowledge once the record is read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handed {
+    pub ticket: u64,
+    pub ack: Option<(u64, u64)>,
+}
+
 /// The merge-and-commit stage between the rings and the log.
 pub struct Sequencer {
     config: SequencerConfig,
@@ -560,6 +568,29 @@ impl Sequencer {
         }
         self.update_backpressure(commit_us);
         Ok(Committed { records, events, last, commit_us })
+    }
+
+    /// Hands every record of the group to a shared log whose order is decided elsewhere
+    /// (a clustered node's JetStream): `submit` queues one payload and returns its
+    /// ticket. Returns, per record in order, the ticket and whom to acknowledge once the
+    /// record is read back from the log (`Handed::ack`): a shared log acknowledges
+    /// nothing here. Ends the group, like `commit` then `release`.
+    pub fn hand_over(&mut self, submit: &mut dyn FnMut(&[u8]) -> u64, out: &mut Vec<Handed>) {
+        assert!(!self.records.is_empty(), "hand over of an empty group");
+        for record in &self.records {
+            let ticket = submit(&self.group[record.offset..record.offset + record.bytes]);
+            let ack = record.ack_wanted.then(|| (self.sources[record.source].id, record.frame_seq));
+            out.push(Handed { ticket, ack });
+        }
+        // The acks come later, once read back; a bad frame's close need not wait for them.
+        self.commands.append(&mut self.pending_closes);
+        let records = self.records.len() as u64;
+        self.stats.records += records;
+        self.stats.commits += 1;
+        self.update_backpressure(0);
+        self.records.clear();
+        self.stamps.clear();
+        self.remove_abandoned();
     }
 
     /// The records of the last commit, in log order: stamp and payload (aligned, ready

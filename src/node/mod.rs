@@ -1,6 +1,8 @@
 //! The node process: its config file and its main loop ([`run`]): reactor, sequencer,
-//! embedded log, fold, reconcile and the dispatcher.
+//! embedded log, fold, reconcile and the dispatcher; as one node of a cluster, the
+//! same on a NATS JetStream log ([`cluster`]).
 
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod run;

@@ -74,6 +74,17 @@ pub enum NodeError {
     Blobs(#[from] crate::exec::blobstore::BlobStoreError),
     #[error(transparent)]
     Peer(#[from] crate::sys::peer_server::PeerError),
+    #[error(transparent)]
+    Config(#[from] crate::node::config::NodeConfigError),
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] crate::state::checkpoint::CheckpointError),
+    #[error("cluster log: {0}")]
+    JetStream(#[from] crate::redex::jetstream::JetStreamError),
+    #[error(
+        "the cluster's log was trimmed: this node needs position {requested} but the stream begins at {first}; copy a \
+         recent checkpoint from another node (DATA_DIR/checkpoints) and name it in [cluster] checkpoint_from"
+    )]
+    Trimmed { requested: u64, first: u64 },
 }
 
 /// What a run did, returned on a clean stop.
@@ -92,10 +103,10 @@ pub struct NodeReport {
 }
 
 /// Records the actions addressed to this node, one line each.
-struct Dispatcher {
+pub(super) struct Dispatcher {
     out: BufWriter<File>,
     path: PathBuf,
-    dispatched: u64,
+    pub(super) dispatched: u64,
 }
 
 impl Dispatcher {
@@ -116,7 +127,7 @@ impl Dispatcher {
         let _ = writeln!(self.out, "{}.{} runs: {line}", action.id.position, action.id.index);
     }
 
-    fn flush(&mut self) {
+    pub(super) fn flush(&mut self) {
         if let Err(error) = self.out.flush() {
             tracing::warn!("{}: {error}", self.path.display());
         }
@@ -201,16 +212,16 @@ impl PeerSink {
 
 /// One node of this process: its name, everything that acts on its behalf, and the
 /// events it produced that wait for the next group.
-struct Executors {
+pub(super) struct Executors {
     name: String,
-    dispatcher: Dispatcher,
-    daemons: DaemonExecutor,
-    blobs: crate::exec::blobs::BlobExecutor,
+    pub(super) dispatcher: Dispatcher,
+    pub(super) daemons: DaemonExecutor,
+    pub(super) blobs: crate::exec::blobs::BlobExecutor,
     /// Serves this node's blobs and round trips to its peers; dropped at stop.
     _peer_server: crate::sys::peer_server::PeerServer,
-    sdk: SdkHandle,
+    pub(super) sdk: SdkHandle,
     capability: CapabilityPublisher,
-    events: Vec<EventKind>,
+    pub(super) events: Vec<EventKind>,
     sink: Sink,
     prober: crate::exec::probes::Prober,
     heartbeat: Duration,
@@ -220,7 +231,7 @@ struct Executors {
 impl Executors {
     /// Opens a node's executors: stops what a previous run left, reports what the log
     /// wrongly calls running, opens the blob store, binds the peer port and the SDK socket.
-    fn open(config: &NodeConfig, state: &State, signal: &Arc<Signal>) -> Result<Executors, NodeError> {
+    pub(super) fn open(config: &NodeConfig, state: &State, signal: &Arc<Signal>) -> Result<Executors, NodeError> {
         std::fs::create_dir_all(&config.data_dir).map_err(io_error(&config.data_dir))?;
         let mut daemons = DaemonExecutor::new(config.daemon_exec_config());
         let orphans = daemons.stop_orphans(state);
@@ -263,7 +274,7 @@ impl Executors {
 
     /// Serves the SDK, reaps and escalates, publishes the capability set, beats the
     /// heart when due; hands the resulting events on.
-    fn tick(&mut self, state: &State, sequencer: &mut Sequencer) {
+    pub(super) fn tick(&mut self, state: &State, sequencer: &mut Sequencer) {
         // Bounded per tick: a daemon pipelining requests cannot keep the loop here.
         for inbound in self.sdk.inbound.try_iter().take(crate::exec::daemons::SDK_MESSAGES_PER_TICK_MAX) {
             self.daemons.on_sdk(inbound, &self.sdk, &mut self.events);
@@ -310,7 +321,7 @@ impl Executors {
 }
 
 /// Writes `text` to `path` atomically (temporary file, fsync, rename).
-fn write_atomically(path: &Path, text: &str) -> Result<(), NodeError> {
+pub(super) fn write_atomically(path: &Path, text: &str) -> Result<(), NodeError> {
     let temporary = path.with_extension("tmp");
     let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
     file.write_all(text.as_bytes()).map_err(io_error(&temporary))?;
@@ -385,6 +396,10 @@ fn run_until(
     ready: Option<std::sync::mpsc::Sender<std::net::SocketAddr>>,
 ) -> Result<NodeReport, NodeError> {
     let config = &configs[0];
+    if config.clustered() {
+        assert_eq!(configs.len(), 1, "a group of nodes shares one embedded log, not a cluster's");
+        return crate::node::cluster::run_cluster(config, stop, ready);
+    }
     let library_config = config.to_config();
     std::fs::create_dir_all(&config.data_dir).map_err(io_error(&config.data_dir))?;
     let (mut log, recovery) = EmbeddedLog::open(&config.log_dir(), &library_config)?;
@@ -592,14 +607,7 @@ fn commit_group(
     );
     for (stamp, payload) in sequencer.committed() {
         let (state, actions) = engine.apply(stamp.position, stamp.time_ms, payload);
-        for local in locals.iter_mut() {
-            let Some(own) = state.nodes.find(&local.name) else { continue };
-            for action in actions.iter().filter(|action| action.node == own) {
-                local.dispatcher.record(state, action);
-                local.daemons.dispatch(state, action, &local.sdk, &mut local.events);
-                local.blobs.dispatch(state, action, &mut local.events);
-            }
-        }
+        dispatch_actions(state, actions, locals);
     }
     debug_assert_eq!(engine.state.position, log.durable_position());
     sequencer.release();
@@ -607,6 +615,18 @@ fn commit_group(
         local.flush_events(sequencer);
     }
     Ok(true)
+}
+
+/// Hands each local node the actions of a pass addressed to it.
+pub(super) fn dispatch_actions(state: &State, actions: &[Action], locals: &mut [Executors]) {
+    for local in locals.iter_mut() {
+        let Some(own) = state.nodes.find(&local.name) else { continue };
+        for action in actions.iter().filter(|action| action.node == own) {
+            local.dispatcher.record(state, action);
+            local.daemons.dispatch(state, action, &local.sdk, &mut local.events);
+            local.blobs.dispatch(state, action, &mut local.events);
+        }
+    }
 }
 
 fn log_stats(sequencer: &Sequencer, engine: &Engine, reactor: &ReactorStats) {

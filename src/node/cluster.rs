@@ -1,0 +1,603 @@
+//! A node as one of many: the cluster's log is a NATS JetStream stream shared by
+//! every node (`[cluster] nats`), this node's disk holds a mirror of it, checkpoints
+//! of its state, and nothing else of the order.
+//!
+//! Start: load the newest checkpoint (`DATA_DIR/checkpoints`, else `[cluster]
+//! checkpoint_from` for a new node, else an empty state), fold the mirror past it, then
+//! read the stream from the next position until caught up, folding without acting.
+//! Only then do the executors open, the sockets listen and the node publish: its own
+//! events are numbered from what the log says it last sent, so it must have read it.
+//! Loop: the sequencer's groups are handed to JetStream (each record with its content
+//! hash as message id, so a retried publish is stored once); what the stream delivers
+//! is mirrored, folded and reconciled in stream order, and this node's actions are
+//! dispatched; clients are acknowledged only once their record is read back (an admin
+//! command is confirmed when it is in the cluster's order, not when it was sent).
+//! Every `commitment_interval_records` positions the node publishes its state hash
+//! there; when its own hash is not the one most nodes committed at the same position,
+//! it says so (log, snapshot) and stops acting on its decisions until an operator
+//! looks. Every `checkpoint_interval_records` it writes a checkpoint; the oldest one it
+//! keeps bounds what it needs from the stream, published with each commitment, and the
+//! first live node in row order purges the stream below what every node still needs.
+//! Another process publishing as this node's name (names are unique in a cluster) is
+//! noticed the same way: records of this origin it did not publish.
+//!
+//! Invariants: positions and times come from the stream (position = stream sequence,
+//! time = max(previous time, server timestamp)), so every node folds the same records
+//! with the same stamps; a record is folded only after it is mirrored; actions are
+//! dispatched only after the start's catch-up and never while fenced; a client ack
+//! names a position this node has folded.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use rkyv::util::AlignedVec;
+
+use crate::engine::Engine;
+use crate::event::EventKind;
+use crate::ingest::park::Signal;
+use crate::node::config::NodeConfig;
+use crate::node::run::{dispatch_actions, write_atomically, Executors, NodeError, NodeReport, ADDR_FILE};
+use crate::redex::jetstream::{Delivered, JetStream, JetStreamConfig, JetStreamError, PublishOutcome};
+use crate::redex::mirror::Mirror;
+use crate::sequencer::{Handed, Sequencer};
+use crate::state::checkpoint::CheckpointStore;
+use crate::state::State;
+use crate::sync::Arc;
+use crate::sys::reactor::{Command, Reactor};
+use crate::sys::signals::StopFlag;
+use crate::wire;
+
+/// The file holding the mirror's base position, in the data directory.
+pub const MIRROR_BASE_FILE: &str = "log.base";
+/// Records folded per turn of the loop at most (then the sockets get a turn).
+const RECORDS_PER_TURN_MAX: usize = 4096;
+/// Own commitments remembered, to compare with other nodes' at the same position.
+const COMMITMENTS_KEPT: usize = 64;
+/// How often the first live node looks whether the stream can be trimmed.
+const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a clean stop waits for this node's last records to come back.
+const STOP_DRAIN_WAIT: Duration = Duration::from_secs(10);
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Why this node stopped acting on its own decisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fence {
+    /// Its state hash at `position` is not the one most nodes committed there.
+    Diverged { position: u64, own: [u8; 16], majority: [u8; 16], agreeing: usize, reporting: usize },
+    /// Records of this node's name that it did not publish: another process runs under it.
+    NameInUse { position: u64 },
+    /// After every NATS server lost its tail, another node's record took a position
+    /// this node had folded something else at.
+    TailLost { position: u64 },
+}
+
+impl std::fmt::Display for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fence::Diverged { position, own, majority, agreeing, reporting } => write!(
+                f,
+                "state diverged at log position {position}: this node's hash is {} but {agreeing} of {reporting} nodes \
+                 committed {}; this node stops acting until an operator looks (restart it without \
+                 DATA_DIR/checkpoints and DATA_DIR/log to refold from the cluster's log, and compare [fold] and \
+                 [reconcile] settings)",
+                crate::event::hex(own),
+                crate::event::hex(majority)
+            ),
+            Fence::NameInUse { position } => write!(
+                f,
+                "another process publishes as this node (record at log position {position} was not sent by this \
+                 process): node names must be unique in a cluster; this node stops acting"
+            ),
+            Fence::TailLost { position } => write!(
+                f,
+                "the cluster's log lost its tail and position {position} now holds another record than the one this \
+                 node folded there; this node stops acting (restart it from another node's checkpoint)"
+            ),
+        }
+    }
+}
+
+/// Clients waiting for their record to be read back, in the order it was handed over.
+struct PendingAcks {
+    /// (ticket, position once stored, source, frame number).
+    queue: VecDeque<(u64, Option<u64>, u64, u64)>,
+}
+
+impl PendingAcks {
+    fn stored(&mut self, ticket: u64, position: u64) {
+        if let Some(entry) = self.queue.iter_mut().find(|entry| entry.0 == ticket) {
+            entry.1 = Some(position);
+        }
+    }
+
+    fn failed(&mut self, ticket: u64) {
+        self.queue.retain(|entry| entry.0 != ticket);
+    }
+
+    /// Acks, in hand-over order, every client whose record is folded (at or below `applied`).
+    fn release(&mut self, applied: u64, time_ms: u64, commands: &mut Vec<Command>) {
+        while let Some(&(_, Some(position), source, seq)) = self.queue.front() {
+            if position > applied {
+                break;
+            }
+            self.queue.pop_front();
+            commands.push(Command::Ack { source, seq, position, time_ms });
+        }
+    }
+}
+
+/// What the loop keeps beside the engine.
+struct Cluster {
+    name: String,
+    engine: Engine,
+    mirror: Mirror,
+    aligned: AlignedVec<{ wire::ALIGN_BYTES }>,
+    /// Message ids this process published whose record has not come back yet.
+    own_ids: hashbrown::HashSet<[u8; 16]>,
+    /// Records of this node's name folded since the start's catch-up.
+    acting: bool,
+    fence: Option<Fence>,
+    commitments: VecDeque<(u64, [u8; 16])>,
+    commitment_interval: u64,
+    checkpoint_interval: u64,
+    checkpoints: CheckpointStore,
+    last_checkpoint: u64,
+    /// Own events (commitments) for the sequencer.
+    own_events: Vec<EventKind>,
+    mirrored_unsynced: bool,
+    folded: u64,
+}
+
+impl Cluster {
+    /// Mirrors, folds and reconciles one delivered record; dispatches this node's
+    /// actions when acting.
+    fn apply(&mut self, record: &Delivered<'_>, locals: &mut [Executors]) -> Result<(), NodeError> {
+        let position = record.position;
+        assert_eq!(position, self.engine.state.position + 1, "the stream is delivered densely, in order");
+        let time_ms = self.engine.state.now_ms.max(record.timestamp_ns / 1_000_000);
+        self.aligned.clear();
+        self.aligned.extend_from_slice(record.payload);
+        let from_self = record.msg_id.is_some_and(|id| self.own_ids.remove(&id));
+        if self.acting && !from_self && self.fence.is_none() && names_origin(&self.aligned, &self.name) {
+            let fence = Fence::NameInUse { position };
+            tracing::error!("{fence}");
+            self.fence = Some(fence);
+        }
+        self.mirror.append(position, time_ms, &self.aligned)?;
+        self.mirrored_unsynced = true;
+        let (state, actions) = self.engine.apply(position, time_ms, &self.aligned);
+        self.folded += 1;
+        if self.acting && self.fence.is_none() {
+            dispatch_actions(state, actions, locals);
+        }
+        if position.is_multiple_of(self.commitment_interval) {
+            let hash = state.state_hash().to_le_bytes();
+            if self.commitments.len() == COMMITMENTS_KEPT {
+                self.commitments.pop_front();
+            }
+            self.commitments.push_back((position, hash));
+            if self.acting {
+                let needs_position = self.checkpoints.oldest().map_or(0, |oldest| oldest + 1);
+                self.own_events.push(EventKind::Commitment { position, state_hash: hash, needs_position });
+            }
+        }
+        if position >= self.last_checkpoint + self.checkpoint_interval {
+            self.checkpoint();
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the state now (logged, never fatal: the mirror still holds
+    /// everything).
+    fn checkpoint(&mut self) {
+        let position = self.engine.state.position;
+        // The mirror first: a checkpoint never runs ahead of what the disk holds.
+        if let Err(error) = self.mirror.sync() {
+            return tracing::warn!("mirror: {error}");
+        }
+        self.mirrored_unsynced = false;
+        match self.checkpoints.write(&self.engine.state) {
+            Ok(path) => {
+                self.last_checkpoint = position;
+                tracing::info!(position, path = %path.display(), "checkpoint written");
+            }
+            Err(error) => tracing::warn!(position, "checkpoint not written: {error}"),
+        }
+    }
+
+    /// Compares this node's commitments with the other nodes' at the same positions.
+    fn check_commitments(&mut self) {
+        if self.fence.is_some() {
+            return;
+        }
+        let nodes = &self.engine.state.nodes;
+        // The newest own position that another node committed too.
+        for &(position, own) in self.commitments.iter().rev() {
+            let mut tally: Vec<([u8; 16], usize)> = Vec::new();
+            let mut others = 0;
+            for row in 0..nodes.len() {
+                if nodes.commitment_position[row] != position {
+                    continue;
+                }
+                let hash = if *nodes.name[row] == *self.name { own } else { nodes.commitment_hash[row] };
+                others += usize::from(*nodes.name[row] != *self.name);
+                match tally.iter_mut().find(|(seen, _)| *seen == hash) {
+                    Some((_, count)) => *count += 1,
+                    None => tally.push((hash, 1)),
+                }
+            }
+            if others == 0 {
+                continue;
+            }
+            let own_listed = nodes.find(&self.name).is_some_and(|row| nodes.commitment_position[row.index()] == position);
+            if !own_listed {
+                match tally.iter_mut().find(|(seen, _)| *seen == own) {
+                    Some((_, count)) => *count += 1,
+                    None => tally.push((own, 1)),
+                }
+            }
+            let reporting: usize = tally.iter().map(|(_, count)| count).sum();
+            let (majority, agreeing) = tally.iter().copied().max_by_key(|(_, count)| *count).expect("own is counted");
+            let own_count = tally.iter().find(|(seen, _)| *seen == own).map_or(0, |(_, count)| *count);
+            if own_count * 2 <= reporting {
+                let fence = Fence::Diverged { position, own, majority, agreeing, reporting };
+                tracing::error!("{fence}");
+                self.fence = Some(fence);
+            }
+            return;
+        }
+    }
+}
+
+/// True when an event of the batch names `name` as its origin.
+fn names_origin(payload: &[u8], name: &str) -> bool {
+    wire::access_batch(payload).is_ok_and(|batch| batch.events.iter().any(|event| event.origin.as_str() == name))
+}
+
+/// The content hash a record is published under (JetStream's de-duplication id): a
+/// retry of the same bytes is stored once; two records never share bytes, since
+/// each carries its origin and origin sequence.
+pub fn message_id(payload: &[u8]) -> [u8; 16] {
+    let hash = blake3::hash(payload);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&hash.as_bytes()[..16]);
+    id
+}
+
+/// The JetStream client's settings from the node's `[cluster]` (call after `check`).
+pub fn jetstream_config(config: &NodeConfig) -> Result<JetStreamConfig, NodeError> {
+    let cluster = &config.cluster;
+    Ok(JetStreamConfig {
+        servers: cluster.nats.clone(),
+        token: config.nats_token()?,
+        client_name: config.name.clone(),
+        stream: cluster.stream.clone(),
+        subject: cluster.subject.clone(),
+        stream_replicas: cluster.stream_replicas,
+        duplicate_window_ms: 120_000,
+        publish_window_max: cluster.publish_window_max,
+        publish_queue_max: cluster.publish_queue_max,
+        delivered_queue_max: 4096,
+        request_timeout_ms: 2000,
+        ack_timeout_ms: 2000,
+        heartbeat_ms: 1000,
+        reconnect_backoff_max_ms: 2000,
+        record_bytes_max: config.log.frame_bytes_max,
+    })
+}
+
+/// Loads the state a clustered node starts from: its newest readable checkpoint, else
+/// `[cluster] checkpoint_from`, else nothing (position 0).
+fn starting_state(config: &NodeConfig, checkpoints: &mut CheckpointStore) -> Result<Option<State>, NodeError> {
+    let library_config = config.to_config();
+    let mut below = u64::MAX;
+    while let Some((position, path)) = checkpoints.latest_at_or_below(below) {
+        match checkpoints.load(&path, &library_config) {
+            Ok(state) => {
+                tracing::info!(position, path = %path.display(), "starting from checkpoint");
+                return Ok(Some(state));
+            }
+            Err(error) => tracing::warn!("skipping checkpoint: {error}"),
+        }
+        if position == 0 {
+            break;
+        }
+        below = position - 1;
+    }
+    let from = &config.cluster.checkpoint_from;
+    if from.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let path = config.data_dir.join(from);
+    let state = checkpoints.load(&path, &library_config)?;
+    tracing::info!(position = state.position, path = %path.display(), "new node: starting from a copied checkpoint");
+    checkpoints.write(&state)?;
+    Ok(Some(state))
+}
+
+/// Runs a clustered node until `stop` is set.
+pub fn run_cluster(
+    config: &NodeConfig,
+    stop: &StopFlag,
+    ready: Option<std::sync::mpsc::Sender<std::net::SocketAddr>>,
+) -> Result<NodeReport, NodeError> {
+    assert!(config.clustered(), "run_cluster needs [cluster] nats");
+    let library_config = config.to_config();
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::Io { path: config.data_dir.clone(), source })?;
+    let mut checkpoints = CheckpointStore::new(config.checkpoints_dir(), config.cluster.checkpoints_kept as usize)?;
+    let started = starting_state(config, &mut checkpoints)?;
+    let (mut mirror, recovery) =
+        Mirror::open(&config.log_dir(), &config.data_dir.join(MIRROR_BASE_FILE), &library_config)?;
+    if recovery.dropped_bytes > 0 {
+        tracing::warn!(dropped_records = recovery.dropped_records, "mirror: dropped a damaged tail");
+    }
+    let mut engine = match started {
+        Some(state) => Engine::from_state(state),
+        None => Engine::new(&library_config),
+    };
+    let position = engine.state.position;
+    if mirror.base() > position || mirror.last_position() < position {
+        // The mirror does not continue from the state: begin a new one there.
+        tracing::info!(from = mirror.base(), to = mirror.last_position(), position, "starting a new mirror");
+        mirror = mirror.reset(position)?;
+    }
+    let replay_started = Instant::now();
+    if mirror.last_position() > position {
+        mirror.read_from(position + 1, &mut |record| {
+            engine.apply(record.position, record.time_ms, record.payload);
+            true
+        })?;
+    }
+    let replayed_records = engine.state.position - position;
+    tracing::info!(
+        position = engine.state.position,
+        replayed_records,
+        elapsed_ms = replay_started.elapsed().as_millis() as u64,
+        "folded the mirror; reading the cluster's log"
+    );
+
+    let signal = Signal::new();
+    let mut jetstream = JetStream::start(jetstream_config(config)?, engine.state.position + 1, Arc::clone(&signal))?;
+    let mut cluster = Cluster {
+        name: config.name.clone(),
+        last_checkpoint: checkpoints.latest().map_or(0, |(position, _)| position),
+        engine,
+        mirror,
+        aligned: AlignedVec::new(),
+        own_ids: hashbrown::HashSet::new(),
+        acting: false,
+        fence: None,
+        commitments: VecDeque::new(),
+        commitment_interval: config.cluster.commitment_interval_records as u64,
+        checkpoint_interval: config.cluster.checkpoint_interval_records as u64,
+        checkpoints,
+        own_events: Vec::new(),
+        mirrored_unsynced: false,
+        folded: 0,
+    };
+
+    // Catch up before acting: fold what the stream holds beyond the mirror.
+    let mut locals: Vec<Executors> = Vec::new();
+    let mut next_progress = Instant::now() + PROGRESS_INTERVAL;
+    while !stop.is_set() {
+        let count = poll(&mut jetstream, &mut cluster, &mut locals)?;
+        if count == 0 && jetstream.caught_up() {
+            break;
+        }
+        if Instant::now() >= next_progress {
+            next_progress = Instant::now() + PROGRESS_INTERVAL;
+            let stats = jetstream.stats();
+            tracing::info!(
+                position = cluster.engine.state.position,
+                stream_last = jetstream.stream_bounds().map_or(0, |(_, last)| last),
+                connected = stats.connected,
+                "catching up with the cluster's log before acting"
+            );
+        }
+        if count == 0 {
+            signal.wait(Some(100));
+        }
+    }
+    cluster.mirror.sync()?;
+    tracing::info!(position = cluster.engine.state.position, folded = cluster.folded, "caught up; acting");
+    cluster.acting = true;
+
+    let seq_last = cluster
+        .engine
+        .state
+        .nodes
+        .find(&config.name)
+        .map_or(0, |row| cluster.engine.state.nodes.origin_seq_last[row.index()]);
+    let backpressure_raised = cluster
+        .engine
+        .state
+        .nodes
+        .find(&config.name)
+        .is_some_and(|row| cluster.engine.state.nodes.backpressure[row.index()]);
+    let mut sequencer = Sequencer::new(config.sequencer_config(), seq_last, backpressure_raised);
+    crate::sys::process::reset_child_signal();
+    locals.push(Executors::open(config, &cluster.engine.state, &signal)?);
+    let (reactor, new_sources) = Reactor::start(config.reactor_config(), Arc::clone(&signal))?;
+    let resumer = reactor.resumer();
+    let tcp_addr = reactor.local_tcp_addr().map(|addr| addr.to_string()).unwrap_or_default();
+    write_atomically(&config.data_dir.join(ADDR_FILE), &format!("{tcp_addr}\n"))?;
+    if let (Some(ready), Some(addr)) = (ready, reactor.local_tcp_addr()) {
+        let _ = ready.send(addr);
+    }
+    tracing::info!(name = config.name, tcp = tcp_addr, nats = ?config.cluster.nats, "node running in the cluster");
+
+    let mut snapshots = config.snapshot_writer();
+    let mut pending = PendingAcks { queue: VecDeque::new() };
+    let mut handed: Vec<Handed> = Vec::new();
+    let mut outcomes: Vec<PublishOutcome> = Vec::new();
+    let mut in_flight: usize = 0;
+    let capacity = config.cluster.publish_queue_max as usize;
+    let group_max = config.ingest.records_per_commit_max as usize;
+    let mut next_trim = Instant::now() + TRIM_INTERVAL;
+    let mut trimmed_below = 0u64;
+    let mut draining: Option<Instant> = None;
+    loop {
+        if stop.is_set() && draining.is_none() {
+            // Nothing new starts; what runs is stopped and its end published.
+            for local in &mut locals {
+                local.daemons.stop_all(&cluster.engine.state, &local.sdk);
+                local.blobs.stop();
+            }
+            draining = Some(Instant::now());
+        }
+        while let Ok(source) = new_sources.try_recv() {
+            sequencer.add_source(source);
+        }
+        for local in &mut locals {
+            local.tick(&cluster.engine.state, &mut sequencer);
+        }
+        for event in cluster.own_events.drain(..) {
+            sequencer.push_own(event);
+        }
+        let mut worked = false;
+        if in_flight + group_max <= capacity && sequencer.collect() > 0 {
+            handed.clear();
+            let mut publish_failed = None;
+            sequencer.hand_over(
+                &mut |payload| {
+                    let id = message_id(payload);
+                    match jetstream.publish(id, payload) {
+                        Ok(ticket) => {
+                            cluster.own_ids.insert(id);
+                            ticket
+                        }
+                        Err(error) => {
+                            publish_failed = Some(error.to_string());
+                            0
+                        }
+                    }
+                },
+                &mut handed,
+            );
+            if let Some(error) = publish_failed {
+                tracing::error!("a record could not be published: {error}");
+            }
+            for record in handed.iter().filter(|record| record.ticket != 0) {
+                in_flight += 1;
+                if let Some((source, seq)) = record.ack {
+                    pending.queue.push_back((record.ticket, None, source, seq));
+                }
+            }
+            worked = true;
+        }
+        outcomes.clear();
+        jetstream.poll_acks(&mut outcomes);
+        for outcome in &outcomes {
+            in_flight = in_flight.saturating_sub(1);
+            match &outcome.result {
+                Ok(stored) => pending.stored(outcome.ticket, stored.position),
+                Err(reason) => {
+                    tracing::error!(ticket = outcome.ticket, "JetStream refused a record: {reason}");
+                    pending.failed(outcome.ticket);
+                }
+            }
+        }
+        worked |= !outcomes.is_empty();
+        let folded = poll(&mut jetstream, &mut cluster, &mut locals)?;
+        worked |= folded > 0;
+        if cluster.mirrored_unsynced && folded < RECORDS_PER_TURN_MAX {
+            cluster.mirror.sync()?;
+            cluster.mirrored_unsynced = false;
+        }
+        pending.release(cluster.engine.state.position, cluster.engine.state.now_ms, sequencer.commands());
+        if folded > 0 {
+            cluster.check_commitments();
+        }
+        let now = Instant::now();
+        if config.cluster.trim && now >= next_trim {
+            next_trim = now + TRIM_INTERVAL;
+            if let Some(below) = trim_position(&cluster.engine.state, &config.name) {
+                if below > trimmed_below {
+                    tracing::info!(below, "trimming the cluster's log below the oldest position any node needs");
+                    jetstream.purge_below(below);
+                    trimmed_below = below;
+                }
+            }
+        }
+        snapshots.tick(&cluster.engine.state, now);
+        resumer.send(sequencer.commands());
+        if let Some(since) = draining {
+            let running: usize = locals.iter().map(|local| local.daemons.running_count()).sum();
+            let quiet = running == 0 && in_flight == 0 && locals.iter().all(|local| local.events.is_empty());
+            if quiet || since.elapsed() > STOP_DRAIN_WAIT {
+                if !quiet {
+                    tracing::warn!(in_flight, running, "stopping before every record came back");
+                }
+                break;
+            }
+        }
+        if !worked {
+            signal.wait(Some(50));
+        }
+    }
+    resumer.send(&mut vec![Command::Quiesce]);
+    let reactor_stats = reactor.shutdown();
+    jetstream.stop();
+    cluster.checkpoint();
+    cluster.mirror.sync()?;
+    snapshots.finish(&cluster.engine.state);
+    locals.iter_mut().for_each(|local| local.dispatcher.flush());
+    let report = NodeReport {
+        replayed_records,
+        position: cluster.engine.state.position,
+        state_hash: cluster.engine.state.state_hash(),
+        events_applied: cluster.engine.state.events_applied,
+        rejected: cluster.engine.state.rejections.total,
+        dispatched_actions: locals.iter().map(|local| local.dispatcher.dispatched).sum(),
+        daemons: locals[0].daemons.stats.clone(),
+        sequencer: sequencer.stats().clone(),
+        reactor: reactor_stats,
+    };
+    tracing::info!(position = report.position, state_hash = format!("{:032x}", report.state_hash), "stopped cleanly");
+    Ok(report)
+}
+
+/// Folds what the stream delivered (at most a turn's worth); returns how many.
+fn poll(jetstream: &mut JetStream, cluster: &mut Cluster, locals: &mut [Executors]) -> Result<usize, NodeError> {
+    let mut failure = None;
+    let count = jetstream
+        .poll_records(RECORDS_PER_TURN_MAX, &mut |record| {
+            if failure.is_none() {
+                if let Err(error) = cluster.apply(&record, locals) {
+                    failure = Some(error);
+                }
+            }
+        })
+        .map_err(|error| match error {
+            JetStreamError::BeforeStart { requested, first } => NodeError::Trimmed { requested, first },
+            other => NodeError::JetStream(other),
+        })?;
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(count),
+    }
+}
+
+/// Where the stream may be trimmed, when this node is the one to do it: the lowest
+/// position any node (but those that left) still needs, decided by their commitments
+/// in the log; the first live node in row order sends the purge.
+pub fn trim_position(state: &State, own_name: &str) -> Option<u64> {
+    use crate::event::NodeStatus;
+    let nodes = &state.nodes;
+    let first_live = (0..nodes.len()).find(|&row| nodes.status[row] == NodeStatus::Up)?;
+    if *nodes.name[first_live] != *own_name {
+        return None;
+    }
+    let mut below = u64::MAX;
+    for row in 0..nodes.len() {
+        if nodes.status[row] == NodeStatus::Left {
+            continue;
+        }
+        let needs = nodes.needs_position[row];
+        if needs == 0 {
+            return None;
+        }
+        below = below.min(needs);
+    }
+    (below != u64::MAX && below > 1).then_some(below)
+}

@@ -1,0 +1,108 @@
+//! The local mirror of a shared log: every record a clustered node read back from
+//! JetStream, in stream order, in an [`EmbeddedLog`] on this node's disk.
+//!
+//! The mirror lets a node restart without reading the whole stream again (it replays
+//! the mirror past its newest checkpoint, then reads the stream from there), and it
+//! holds the node's copy of a tail the stream lost when every server crashed at once
+//! (a JetStream acknowledgement is replication, not fsync), so that tail can be
+//! published again. A node that starts from a checkpoint newer than its mirror
+//! begins a new mirror at that position: the mirror's first record is then `base + 1`,
+//! with `base` kept in a small file beside it.
+//!
+//! Invariants: mirror record `k` is stream position `base + k`; positions are
+//! appended densely (`append` asserts the next one); times never go backwards (the
+//! embedded log clamps them, and the caller already stamps `max(previous, server)`).
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::redex::embedded::{EmbeddedLog, RecoveryReport};
+use crate::redex::{Redex, RedexError, RecordView, Stamp};
+
+pub struct Mirror {
+    log: EmbeddedLog,
+    base: u64,
+    log_dir: PathBuf,
+    base_file: PathBuf,
+    config: Config,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RedexError + '_ {
+    move |source| RedexError::Io { path: path.to_path_buf(), source }
+}
+
+impl Mirror {
+    /// Opens (or creates) the mirror in `log_dir`, its base in `base_file`.
+    pub fn open(log_dir: &Path, base_file: &Path, config: &Config) -> Result<(Mirror, RecoveryReport), RedexError> {
+        let base = match std::fs::read_to_string(base_file) {
+            Ok(text) => text.trim().parse::<u64>().map_err(|_| RedexError::Damaged {
+                path: base_file.to_path_buf(),
+                position: 0,
+                offset: 0,
+                reason: format!("`{}` is not a log position", text.trim()),
+            })?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(source) => return Err(RedexError::Io { path: base_file.to_path_buf(), source }),
+        };
+        let (log, report) = EmbeddedLog::open(log_dir, config)?;
+        let mirror = Mirror {
+            log,
+            base,
+            log_dir: log_dir.to_path_buf(),
+            base_file: base_file.to_path_buf(),
+            config: config.clone(),
+        };
+        Ok((mirror, report))
+    }
+
+    /// The stream position of the mirror's first record, minus one.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The stream position of the last record mirrored (the base when empty).
+    pub fn last_position(&self) -> u64 {
+        self.base + self.log.last_position()
+    }
+
+    /// Throws the mirror away and starts an empty one after stream position `base`
+    /// (a node starting from a checkpoint its mirror does not reach).
+    pub fn reset(self, base: u64) -> Result<Mirror, RedexError> {
+        let Mirror { log, log_dir, base_file, config, .. } = self;
+        // Closing the log releases its lock before its files go.
+        drop(log);
+        std::fs::remove_dir_all(&log_dir).map_err(io_error(&log_dir))?;
+        let temporary = base_file.with_extension("tmp");
+        std::fs::write(&temporary, format!("{base}\n")).map_err(io_error(&temporary))?;
+        std::fs::File::open(&temporary).and_then(|file| file.sync_all()).map_err(io_error(&temporary))?;
+        std::fs::rename(&temporary, &base_file).map_err(io_error(&base_file))?;
+        let (log, _) = EmbeddedLog::open(&log_dir, &config)?;
+        Ok(Mirror { log, base, log_dir, base_file, config })
+    }
+
+    /// Mirrors the record at stream `position` (the next one), stamped `time_ms`.
+    pub fn append(&mut self, position: u64, time_ms: u64, payload: &[u8]) -> Result<Stamp, RedexError> {
+        assert_eq!(position, self.last_position() + 1, "the mirror is appended densely, in stream order");
+        let stamp = self.log.append_at(payload, time_ms)?;
+        debug_assert_eq!(self.base + stamp.position, position);
+        Ok(Stamp { position, time_ms: stamp.time_ms })
+    }
+
+    /// Makes every mirrored record durable.
+    pub fn sync(&mut self) -> Result<u64, RedexError> {
+        Ok(self.base + self.log.sync()?)
+    }
+
+    /// Visits mirrored records from stream position `from` (at least `base + 1`), in order,
+    /// with their stream positions, until the end or until `visit` returns false.
+    pub fn read_from(&mut self, from: u64, visit: &mut dyn FnMut(RecordView<'_>) -> bool) -> Result<u64, RedexError> {
+        if from <= self.base {
+            return Err(RedexError::BeforeStart { position: from, first: self.base + 1 });
+        }
+        let base = self.base;
+        let last = self.log.read_from(from - base, &mut |record| {
+            visit(RecordView { position: base + record.position, time_ms: record.time_ms, payload: record.payload })
+        })?;
+        Ok(base + last)
+    }
+}
