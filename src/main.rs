@@ -1449,7 +1449,7 @@ fn run_snapshot_show(
              \"backpressure\":{},\"brake\":{},\"window_moves\":{},\"throttle_moves_max\":{},\"moves_inflight\":{},\
              \"pull_inflight_max\":{},\"placement_epoch\":{},\"plans_invalid\":{},\"copies_off_plan\":{},\
              \"copies_pulling\":{},\"rejected_total\":{},\"actions_failed\":{},\"actions_timed_out\":{},\
-             \"drain_blockers\":{},\"rtt_pairs\":{}{}}}",
+             \"drain_blockers\":{},\"rtt_pairs\":{},\"fence\":{},\"nodes_diverged\":[{}]{}}}",
             json_string(&path.display().to_string()),
             summary.format_version,
             json_string(&summary.writer_node),
@@ -1492,6 +1492,8 @@ fn run_snapshot_show(
             summary.actions_timed_out,
             summary.drain_blockers,
             summary.rtt_pairs,
+            json_string(&summary.fence),
+            summary.nodes_diverged.iter().map(|name| json_string(name)).collect::<Vec<_>>().join(","),
             if node_table {
                 let rows: Vec<String> = lines
                     .iter()
@@ -1566,6 +1568,16 @@ fn run_snapshot_show(
         summary.log_time_ms,
         summary.events_applied
     );
+    if !summary.fence.is_empty() {
+        println!("FENCED: {}", printable(&summary.fence));
+    }
+    if !summary.nodes_diverged.is_empty() {
+        let names: Vec<String> = summary.nodes_diverged.iter().map(|name| printable(name).to_string()).collect();
+        println!(
+            "DIVERGED: {} committed a state hash the other nodes did not (at the same log position)",
+            names.join(", ")
+        );
+    }
     println!("nodes: {} ({} live); status: {}", summary.nodes, summary.nodes_live, counts(&summary.nodes_by_status));
     println!("  maintenance: {}", counts(&summary.nodes_by_maintenance));
     for node in &summary.nodes_away {

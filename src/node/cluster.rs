@@ -381,7 +381,12 @@ pub fn run_cluster(
     let mut next_progress = Instant::now() + PROGRESS_INTERVAL;
     while !stop.is_set() {
         let count = poll(&mut jetstream, &mut cluster, &mut locals)?;
-        if count == 0 && jetstream.caught_up() {
+        // Caught up: the consumer says nothing is pending, or the stream ends at or
+        // below what was folded (its tail was lost; repaired below). The stream's end
+        // as of the connection covers every record this node published before.
+        let position = cluster.engine.state.position;
+        let stream_ends = jetstream.stream_bounds().is_some_and(|(_, last)| last <= position);
+        if count == 0 && (jetstream.caught_up() || stream_ends) {
             break;
         }
         if Instant::now() >= next_progress {
@@ -399,6 +404,9 @@ pub fn run_cluster(
         }
     }
     cluster.mirror.sync()?;
+    if !stop.is_set() {
+        repair_tail(&mut jetstream, &mut cluster, stop, &signal)?;
+    }
     tracing::info!(position = cluster.engine.state.position, folded = cluster.folded, "caught up; acting");
     cluster.acting = true;
 
@@ -519,6 +527,9 @@ pub fn run_cluster(
                 }
             }
         }
+        if let Some(fence) = &cluster.fence {
+            snapshots.set_fence(&fence.to_string());
+        }
         snapshots.tick(&cluster.engine.state, now);
         resumer.send(sequencer.commands());
         if let Some(since) = draining {
@@ -555,6 +566,69 @@ pub fn run_cluster(
     };
     tracing::info!(position = report.position, state_hash = format!("{:032x}", report.state_hash), "stopped cleanly");
     Ok(report)
+}
+
+/// After every NATS server lost the stream's tail at once (an acknowledgement is
+/// replication, not fsync): publishes this node's mirrored records past the stream's
+/// end again, each pinned to the position it had (`Nats-Expected-Last-Sequence`), so
+/// the stream holds again what every node folded. Several nodes may do it at once: the
+/// same bytes have the same message id and are stored once. A pin that fails means
+/// another record took the position: this node's state is not the cluster's, and it
+/// is fenced.
+fn repair_tail(
+    jetstream: &mut JetStream,
+    cluster: &mut Cluster,
+    stop: &StopFlag,
+    signal: &Signal,
+) -> Result<(), NodeError> {
+    let Some((_, stream_last)) = jetstream.stream_bounds() else { return Ok(()) };
+    let mirrored = cluster.mirror.last_position();
+    if stream_last >= mirrored || stream_last < cluster.mirror.base() {
+        return Ok(());
+    }
+    tracing::warn!(
+        stream_last,
+        mirrored,
+        "the cluster's log lost its tail (did every NATS server crash?): publishing this node's copy of positions \
+         {}..={mirrored} again",
+        stream_last + 1
+    );
+    let mut expected: hashbrown::HashMap<u64, u64> = hashbrown::HashMap::new();
+    let mut refused = None;
+    cluster.mirror.read_from(stream_last + 1, &mut |record| {
+        match jetstream.publish_pinned(message_id(record.payload), record.payload, record.position - 1) {
+            Ok(ticket) => {
+                expected.insert(ticket, record.position);
+                true
+            }
+            Err(error) => {
+                refused = Some(error.to_string());
+                false
+            }
+        }
+    })?;
+    if let Some(error) = refused {
+        tracing::error!("tail repair stopped: {error}");
+    }
+    let mut outcomes = Vec::new();
+    let started = Instant::now();
+    while !expected.is_empty() && !stop.is_set() && started.elapsed() < STOP_DRAIN_WAIT * 3 {
+        outcomes.clear();
+        jetstream.poll_acks(&mut outcomes);
+        for outcome in &outcomes {
+            let Some(position) = expected.remove(&outcome.ticket) else { continue };
+            let stored_at = outcome.result.as_ref().ok().map(|stored| stored.position);
+            if stored_at != Some(position) && cluster.fence.is_none() {
+                let fence = Fence::TailLost { position };
+                tracing::error!("{fence} ({:?})", outcome.result);
+                cluster.fence = Some(fence);
+            }
+        }
+        if outcomes.is_empty() {
+            signal.wait(Some(50));
+        }
+    }
+    Ok(())
 }
 
 /// Folds what the stream delivered (at most a turn's worth); returns how many.

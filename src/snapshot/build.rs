@@ -128,6 +128,10 @@ impl Snapshot {
             to.label_start.push(to.label.len() as u32);
         }
         copy(&mut to.healthy_copies, from.healthy_copies.iter().copied());
+        copy(&mut to.commitment_position, from.commitment_position.iter().copied());
+        copy(&mut to.commitment_hash, from.commitment_hash.iter().copied());
+        copy(&mut to.needs_position, from.needs_position.iter().copied());
+        copy(&mut to.commitment_disagrees, (0..from.len()).map(|row| commitment_disagrees(from, row)));
         // The per-node move counters grow with the node table (one per node).
         copy(
             &mut to.moves_inflight,
@@ -462,4 +466,21 @@ fn move_in_flight(entries: &Reserved<crate::state::inflight::InflightAction>, bl
 fn copy<T>(target: &mut Vec<T>, values: impl Iterator<Item = T>) {
     target.clear();
     target.extend(values);
+}
+
+/// True when node `row`'s committed hash is not held by a strict majority of the nodes
+/// that committed at the same position (and at least one other node did).
+pub fn commitment_disagrees(nodes: &crate::state::nodes::NodeTable, row: usize) -> bool {
+    let position = nodes.commitment_position[row];
+    if position == 0 {
+        return false;
+    }
+    let (mut same, mut reporting) = (0usize, 0usize);
+    for other in 0..nodes.len() {
+        if nodes.commitment_position[other] == position {
+            reporting += 1;
+            same += usize::from(nodes.commitment_hash[other] == nodes.commitment_hash[row]);
+        }
+    }
+    reporting > 1 && same * 2 <= reporting
 }

@@ -111,6 +111,7 @@ pub struct SnapshotWriter {
     last_position: Option<u64>,
     /// The last attempt failed (one warning per run of failures).
     failing: bool,
+    fence: String,
     pub stats: WriterStats,
 }
 
@@ -128,6 +129,7 @@ impl SnapshotWriter {
             last_attempt: None,
             last_position: None,
             failing: false,
+            fence: String::new(),
             stats: WriterStats::default(),
         }
     }
@@ -170,8 +172,18 @@ impl SnapshotWriter {
         result.map(|file_bytes| WriteReport { position: state.position, file_bytes, elapsed: started.elapsed() })
     }
 
+    /// Why this node stopped acting (empty: it acts); written into every snapshot.
+    pub fn set_fence(&mut self, fence: &str) {
+        if self.fence != fence {
+            self.fence = fence.to_string();
+            // A new alarm is news: the next tick writes even if the log has not moved.
+            self.last_position = None;
+        }
+    }
+
     fn write_inner(&mut self, state: &State) -> Result<u64, SnapshotError> {
         self.snapshot.fill_from(state, &self.writer_node, &self.limits);
+        self.snapshot.fence.clone_from(&self.fence);
         self.snapshot.written_unix_ms =
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64);
         let buffer = encode_into(&self.snapshot, std::mem::take(&mut self.buffer))?;

@@ -55,7 +55,7 @@ use std::path::PathBuf;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Bumped whenever an archived type below changes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The first bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"MSHSNAP\0";
 /// Bytes before the archive (magic, version, checksum); a multiple of the archive's
@@ -137,6 +137,9 @@ pub struct Snapshot {
     pub log_time_ms: u64,
     pub events_applied: u64,
     pub state_hash: [u8; 16],
+    /// Why the writing node stopped acting on its own decisions (its state diverged
+    /// from the cluster's, or another process runs under its name); empty when it acts.
+    pub fence: String,
     /// Code -> name tables for every `u8` code in the file.
     pub names: Names,
     /// Interned strings of the state (zones, labels), by symbol id.
@@ -221,6 +224,13 @@ pub struct Nodes {
     /// The node's last inventory digest report: blob count and when.
     pub inventory_blob_count: Vec<u32>,
     pub inventory_reported_ms: Vec<u64>,
+    /// The node's latest state commitment (log position, state hash), what it still
+    /// needs of the log, and whether its hash differs from the one most nodes committed
+    /// at the same position (a diverged node).
+    pub commitment_position: Vec<u64>,
+    pub commitment_hash: Vec<[u8; 16]>,
+    pub needs_position: Vec<u64>,
+    pub commitment_disagrees: Vec<bool>,
 }
 
 /// The blob table, indexed by blob row, with each blob's copies (CSR) and plan (CSR).

@@ -68,6 +68,10 @@ pub struct SnapshotSummary {
     pub actions_timed_out: u64,
     pub drain_blockers: u32,
     pub rtt_pairs: u32,
+    /// Why the writing node stopped acting (empty: it acts).
+    pub fence: String,
+    /// Nodes whose latest committed state hash is not the majority's at its position.
+    pub nodes_diverged: Vec<String>,
 }
 
 /// Counts of `codes` by name in `names` (in code order, zero counts left out).
@@ -178,6 +182,11 @@ impl ArchivedSnapshot {
             actions_timed_out: self.failures.actions_timed_out.to_native(),
             drain_blockers: self.drain_blockers.total.to_native(),
             rtt_pairs: self.locality.rtt_pairs_total.to_native(),
+            fence: self.fence.to_string(),
+            nodes_diverged: (0..nodes.name.len())
+                .filter(|&node| nodes.commitment_disagrees[node])
+                .map(|node| nodes.name[node].to_string())
+                .collect(),
         }
     }
 }

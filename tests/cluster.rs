@@ -1,0 +1,462 @@
+//! Clusters of real processes: a three-server NATS JetStream cluster and three to five
+//! `meshos node` processes on loopback ports, each with its own data directory, all on
+//! one stream. Scenarios: blobs put, one node SIGKILLed and re-replicated around after
+//! the down interval, then restarted (a new incarnation fences its old copies; its
+//! records are not applied twice); a node drained across the cluster; a NATS server
+//! killed under load with nothing lost; checkpoints, trimming and a new node started
+//! from another's checkpoint. After each: every live node folds the same hash at the
+//! same position (their mirrors replayed to a common position, and the commitments
+//! they published), and no blob has fewer healthy copies than its intent.
+//!
+//! Skips with a message when nats-server is not installed, unless MESHOS_NATS_SERVER is
+//! set (CI sets it, so CI never skips).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::nats::NatsCluster;
+use meshos::event::{AdminCommand, EventKind, NodeStatus, PlacementIntent, ReplicaState};
+use meshos::node::config::NodeConfig;
+use meshos::state::nodes::MaintenanceState;
+use meshos::state::State;
+
+const WAIT_LIMIT: Duration = Duration::from_secs(90);
+/// One cluster at a time: the machine has two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// One `meshos node` process and its directory.
+struct NodeProcess {
+    name: String,
+    dir: PathBuf,
+    config_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeProcess {
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "{} runs already", self.name);
+        let _ = std::fs::remove_file(self.dir.join("node.addr"));
+        let stderr =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.with_extension("stderr")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_meshos"))
+            .args(["node", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "meshos=info,warn")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) takes plain integers and reads no memory.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait().unwrap();
+            assert!(status.success(), "{} exited with {status} after SIGTERM; see {}", self.name, self.stderr_path());
+        }
+    }
+
+    fn stderr_path(&self) -> String {
+        self.dir.with_extension("stderr").display().to_string()
+    }
+
+    fn listening(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("node.addr")).is_ok_and(|text| !text.trim().is_empty())
+    }
+
+    fn config(&self) -> NodeConfig {
+        NodeConfig::load(&self.config_path).unwrap()
+    }
+
+    /// The node's state, folded from its mirror (read-only, while it runs) up to `up_to`.
+    fn state(&self, up_to: u64) -> State {
+        let config = self.config().to_config();
+        let (engine, _) =
+            meshos::admin::preview::replay_read_only(&self.dir.join("log"), &config, up_to).expect("mirror replays");
+        engine.state
+    }
+
+    fn mirrored(&self) -> u64 {
+        self.state(u64::MAX).position
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Mesh {
+    nats: NatsCluster,
+    root: tempfile::TempDir,
+    nodes: Vec<NodeProcess>,
+    operator: meshos::admin::OperatorKey,
+}
+
+/// Extra config lines for every node of a scenario.
+#[derive(Default, Clone)]
+struct Tuning {
+    cluster: &'static str,
+}
+
+impl Mesh {
+    /// Starts NATS and `count` nodes; None when nats-server is absent (and not required).
+    fn start(count: usize, tuning: Tuning) -> Option<Mesh> {
+        let nats = NatsCluster::start(3)?;
+        let root = tempfile::tempdir().unwrap();
+        let status = Command::new(env!("CARGO_BIN_EXE_meshos"))
+            .args(["cluster", "keygen", "-o"])
+            .arg(root.path().join("cluster.key"))
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        let operator = meshos::admin::OperatorKey::generate(&root.path().join("operator.key")).unwrap();
+        let mut mesh = Mesh { nats, root, nodes: Vec::new(), operator };
+        for _ in 0..count {
+            mesh.add_node(&tuning, "");
+        }
+        mesh.wait_all_listening();
+        mesh.genesis();
+        Some(mesh)
+    }
+
+    fn add_node(&mut self, tuning: &Tuning, extra_cluster: &str) -> usize {
+        let index = self.nodes.len() + 1;
+        let name = format!("node-{index}");
+        let dir = self.root.path().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let servers: Vec<String> = self.nats.client_urls().iter().map(|url| format!("\"{url}\"")).collect();
+        let text = format!(
+            "name = \"{name}\"\ndata_dir = \"{dir}\"\nheartbeat_ms = 200\n\n\
+             [ingest]\nlisten_tcp = \"127.0.0.1:0\"\n\n\
+             [reconcile]\nnode_down_ms = 3000\nstabilisation_ms = 2000\nrecovery_ms = 2000\n\
+             action_timeout_ms = 20000\nmass_failure_share_permille = 500\n\n\
+             [capability]\nzone = \"z{zone}\"\ncapacity_bytes = 10737418240\n\n\
+             [snapshot]\ninterval_ms = 200\n\n\
+             [cluster]\nnats = [{servers}]\nstream_replicas = 3\ncredential_file = \"{key}\"\n\
+             commitment_interval_records = 100\n{tuning}\n{extra_cluster}\n",
+            dir = dir.display(),
+            zone = (index - 1) % 3 + 1,
+            servers = servers.join(", "),
+            key = self.root.path().join("cluster.key").display(),
+            tuning = tuning.cluster,
+        );
+        let config_path = dir.join("node.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let mut node = NodeProcess { name, dir, config_path, child: None };
+        node.start();
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    fn wait_all_listening(&self) {
+        for node in &self.nodes {
+            wait_for(&format!("{} to catch up and listen (see {})", node.name, node.stderr_path()), || {
+                node.listening()
+            });
+        }
+    }
+
+    /// Signs the keyring's genesis (first admin event) through node-1.
+    fn genesis(&self) {
+        let genesis = self.operator.sign(
+            "test",
+            1,
+            AdminCommand::SetKeyring { version: 1, keys: vec![self.operator.public_key()] },
+        );
+        self.send(0, vec![EventKind::Admin(Box::new(genesis))]);
+    }
+
+    fn admin(&self, through: usize, seq: u64, command: AdminCommand) {
+        let signed = self.operator.sign("test", seq, command);
+        self.send(through, vec![EventKind::Admin(Box::new(signed))]);
+    }
+
+    /// Sends events as node `through`'s own (its local socket); returns once read back.
+    fn send(&self, through: usize, kinds: Vec<EventKind>) -> u64 {
+        let node = &self.nodes[through];
+        let config = node.config();
+        let ack = meshos::admin::submit::send_events(
+            &config.local_socket_path(),
+            &config.name,
+            kinds,
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|error| panic!("sending through {}: {error}", node.name));
+        ack.position
+    }
+
+    /// Stores `count` blobs on node `through` and declares them with `replicas` copies.
+    fn put_blobs(&self, through: usize, count: u32, replicas: u8) -> Vec<[u8; 32]> {
+        let config = self.nodes[through].config();
+        let store = meshos::exec::blobstore::BlobStore::attach(&config.blobs_dir()).unwrap();
+        let mut blobs = Vec::new();
+        for index in 0..count {
+            let bytes: Vec<u8> = (0..32 * 1024u32).map(|at| (at.wrapping_mul(31) ^ (index * 7919)) as u8).collect();
+            let (blob, size_bytes) = store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {}).unwrap();
+            self.send(
+                through,
+                vec![
+                    EventKind::BlobAnnounce { blob, size_bytes },
+                    EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
+                    EventKind::PlacementIntent(PlacementIntent {
+                        blob,
+                        replicas,
+                        zone_spread: false,
+                        pinned: Vec::new(),
+                    }),
+                ],
+            );
+            blobs.push(blob);
+        }
+        blobs
+    }
+
+    fn live(&self) -> impl Iterator<Item = &NodeProcess> {
+        self.nodes.iter().filter(|node| node.child.is_some())
+    }
+
+    /// Every live node folds the same hash at a common position (mirrors replayed),
+    /// no node is fenced, and the commitments in the log agree position by position.
+    fn assert_agreement(&self) {
+        let live: Vec<&NodeProcess> = self.live().collect();
+        let common = live.iter().map(|node| node.mirrored()).min().unwrap();
+        assert!(common > 0);
+        let hashes: Vec<(String, u128)> =
+            live.iter().map(|node| (node.name.clone(), node.state(common).state_hash())).collect();
+        assert!(hashes.iter().all(|(_, hash)| *hash == hashes[0].1), "hashes at position {common} differ: {hashes:x?}");
+        let state = live[0].state(common);
+        let nodes = &state.nodes;
+        let mut compared = 0;
+        for row in 0..nodes.len() {
+            for other in 0..nodes.len() {
+                if row != other
+                    && nodes.commitment_position[row] != 0
+                    && nodes.commitment_position[row] == nodes.commitment_position[other]
+                {
+                    assert_eq!(
+                        nodes.commitment_hash[row], nodes.commitment_hash[other],
+                        "{} and {} committed different hashes at {}",
+                        nodes.name[row], nodes.name[other], nodes.commitment_position[row]
+                    );
+                    compared += 1;
+                }
+            }
+        }
+        for node in &live {
+            let text = std::fs::read_to_string(node.dir.with_extension("stderr")).unwrap_or_default();
+            assert!(!text.contains("stops acting"), "{} fenced itself; see {}", node.name, node.stderr_path());
+        }
+        eprintln!("agreement: {} live nodes at position {common}, {compared} commitment pairs equal", live.len());
+    }
+
+    /// Waits until every blob has at least its intended healthy copies on live nodes.
+    fn wait_replicated(&self, what: &str, blobs: &[[u8; 32]], replicas: usize, avoid: &[&str]) {
+        wait_for(what, || {
+            let state = self.live().next().unwrap().state(u64::MAX);
+            blobs.iter().all(|blob| {
+                let holders = healthy_holders(&state, blob);
+                holders.len() >= replicas && holders.iter().all(|name| !avoid.contains(&name.as_str()))
+            })
+        });
+    }
+}
+
+fn healthy_holders(state: &State, blob: &[u8; 32]) -> Vec<String> {
+    let Some(row) = state.blobs.find(blob) else { return Vec::new() };
+    state.blobs.replica_rows[row.index()]
+        .iter()
+        .filter(|replica| state.replicas.state[replica.index()] == ReplicaState::Healthy)
+        .map(|replica| state.replicas.node[replica.index()])
+        .filter(|node| state.nodes.status[node.index()] == NodeStatus::Up)
+        .map(|node| state.nodes.name[node.index()].to_string())
+        .collect()
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < WAIT_LIMIT, "timed out after {WAIT_LIMIT:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("{what}: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn node_row(state: &State, name: &str) -> usize {
+    state.nodes.find(name).unwrap().index()
+}
+
+#[test]
+fn sigkill_a_node_rereplicate_then_rejoin() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(4, Tuning::default()) else { return };
+    let blobs = mesh.put_blobs(0, 6, 3);
+    mesh.wait_replicated("6 blobs at 3 copies", &blobs, 3, &[]);
+    mesh.assert_agreement();
+
+    // node-2 dies hard: after node_down_ms the others copy its blobs elsewhere.
+    let before = mesh.nodes[0].state(u64::MAX);
+    let incarnation = before.nodes.incarnation[node_row(&before, "node-2")];
+    mesh.nodes[1].kill();
+    mesh.wait_replicated("3 copies again, none on the dead node-2", &blobs, 3, &["node-2"]);
+    mesh.assert_agreement();
+
+    // It comes back: a new incarnation (its old copies fenced until re-verified), and
+    // none of its records applied twice.
+    mesh.nodes[1].start();
+    wait_for("node-2 to catch up and listen", || mesh.nodes[1].listening());
+    wait_for("node-2 up again with a new incarnation", || {
+        let state = mesh.nodes[0].state(u64::MAX);
+        let row = node_row(&state, "node-2");
+        state.nodes.status[row] == NodeStatus::Up && state.nodes.incarnation[row] > incarnation
+    });
+    mesh.wait_replicated("every blob at 3 copies after the rejoin", &blobs, 3, &[]);
+    let state = mesh.nodes[0].state(u64::MAX);
+    let stale = state.rejections.kept.iter().filter(|rejection| rejection.reason.name() == "stale_origin_seq").count();
+    assert_eq!(stale, 0, "a record was applied twice: {:?}", state.rejections.kept);
+    mesh.assert_agreement();
+    for node in &mut mesh.nodes {
+        node.stop();
+    }
+}
+
+#[test]
+fn drain_a_node_across_the_cluster() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(4, Tuning::default()) else { return };
+    let blobs = mesh.put_blobs(1, 6, 2);
+    mesh.wait_replicated("6 blobs at 2 copies", &blobs, 2, &[]);
+    // The drain is asked through node-1 and carried out by node-3 and the others.
+    mesh.admin(0, 2, AdminCommand::EnterMaintenance { node: "node-3".into() });
+    wait_for("node-3 drained: in Maintenance and holding no copy", || {
+        let state = mesh.nodes[0].state(u64::MAX);
+        let row = node_row(&state, "node-3");
+        state.nodes.maintenance[row] == MaintenanceState::Maintenance
+            && blobs.iter().all(|blob| !healthy_holders(&state, blob).iter().any(|name| name == "node-3"))
+    });
+    mesh.wait_replicated("2 copies of every blob off node-3", &blobs, 2, &["node-3"]);
+    mesh.assert_agreement();
+    for node in &mut mesh.nodes {
+        node.stop();
+    }
+}
+
+/// Frames of events sent by an outside client (a pseudo-node "loader", over TCP) while
+/// the NATS server holding the stream's leadership is killed: every frame is
+/// acknowledged, every event is folded exactly once on every node.
+#[test]
+fn kill_a_nats_server_under_load_loses_nothing() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    let addr: std::net::SocketAddr =
+        std::fs::read_to_string(mesh.nodes[0].dir.join("node.addr")).unwrap().trim().parse().unwrap();
+    let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    const FRAMES: u64 = 3000;
+    const EVENTS_PER_FRAME: u64 = 20;
+    let started = Instant::now();
+    let mut seq = 0u64;
+    let mut last_frame = 0;
+    for frame in 0..FRAMES {
+        if frame == FRAMES / 3 {
+            let leader = mesh.nats.stream_leader("MESHOS").unwrap_or(0);
+            eprintln!("killing NATS server {leader} (the stream leader) after {frame} frames");
+            mesh.nats.kill(leader);
+        }
+        let events = (0..EVENTS_PER_FRAME)
+            .map(|_| {
+                seq += 1;
+                meshos::event::Event {
+                    origin: "loader".into(),
+                    origin_seq: seq,
+                    kind: EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 1 }),
+                }
+            })
+            .collect();
+        last_frame = client.send(&meshos::event::EventBatch { events }, true).unwrap();
+    }
+    replies.wait_acked(last_frame, Duration::from_secs(60)).expect("every frame acknowledged");
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{} events in {FRAMES} frames acknowledged (read back) in {elapsed:.2} s: {:.0} events/s through JetStream",
+        seq,
+        seq as f64 / elapsed
+    );
+    for node in &mesh.nodes {
+        wait_for(&format!("{} to fold every loader event", node.name), || {
+            let state = node.state(u64::MAX);
+            state.nodes.find("loader").is_some_and(|row| state.nodes.origin_seq_last[row.index()] == seq)
+        });
+        let state = node.state(u64::MAX);
+        assert_eq!(state.rejections.total, 0, "{}: {:?}", node.name, state.rejections.kept);
+    }
+    mesh.assert_agreement();
+    for node in &mut mesh.nodes {
+        node.stop();
+    }
+}
+
+/// Checkpoints every few hundred records, the stream trimmed below what every node
+/// needs, a restart from a checkpoint, and a new node started from a copied checkpoint.
+#[test]
+fn checkpoints_trim_and_a_new_node_from_a_checkpoint() {
+    let _serial = serial();
+    let tuning = Tuning { cluster: "checkpoint_interval_records = 300\ncheckpoints_kept = 2\n" };
+    let Some(mut mesh) = Mesh::start(3, tuning.clone()) else { return };
+    let blobs = mesh.put_blobs(0, 4, 3);
+    mesh.wait_replicated("4 blobs at 3 copies", &blobs, 3, &[]);
+    wait_for("the stream trimmed below the nodes' checkpoints", || {
+        mesh.nats.stream_first_seq("MESHOS").is_some_and(|first| first > 300)
+    });
+    // A restart folds from its checkpoint and the mirror, not from position 1.
+    mesh.nodes[2].stop();
+    mesh.nodes[2].start();
+    wait_for("node-3 back", || mesh.nodes[2].listening());
+    // A new node from node-1's newest checkpoint.
+    let newest = std::fs::read_dir(mesh.nodes[0].dir.join("checkpoints"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .max()
+        .unwrap();
+    let copied = mesh.root.path().join("seed.checkpoint");
+    std::fs::copy(&newest, &copied).unwrap();
+    let index = mesh.add_node(&tuning, &format!("checkpoint_from = \"{}\"", copied.display()));
+    wait_for("node-4 to start from the checkpoint and catch up", || mesh.nodes[index].listening());
+    wait_for("node-4 commits the same hashes as the others", || {
+        let state = mesh.nodes[0].state(u64::MAX);
+        let row = node_row(&state, "node-4");
+        let position = state.nodes.commitment_position[row];
+        position > 0
+            && (0..state.nodes.len()).any(|other| {
+                other != row
+                    && state.nodes.commitment_position[other] == position
+                    && state.nodes.commitment_hash[other] == state.nodes.commitment_hash[row]
+            })
+    });
+    mesh.wait_replicated("blobs at 3 copies", &blobs, 3, &[]);
+    // node-4's mirror starts after its checkpoint: compare the others' mirrors.
+    let newcomer = mesh.nodes.pop().unwrap();
+    mesh.assert_agreement();
+    drop(newcomer);
+    for node in &mut mesh.nodes {
+        node.stop();
+    }
+}
