@@ -614,17 +614,20 @@ impl NodeConfig {
         self.data_dir.join(&self.daemons.sdk_socket)
     }
 
-    /// The prober's settings (call after `check`).
-    pub fn probe_config(&self) -> crate::exec::probes::ProbeConfig {
+    /// The prober's settings (call after `check`); `key`: the cluster credential
+    /// (`cluster_key`).
+    pub fn probe_config(&self, key: Option<[u8; 32]>) -> crate::exec::probes::ProbeConfig {
         crate::exec::probes::ProbeConfig {
             interval_ms: self.probes.interval_ms,
             peers_per_round: self.probes.peers_per_round,
             timeout_ms: self.probes.timeout_ms,
+            key,
         }
     }
 
-    /// The blob executor's settings (call after `check`).
-    pub fn blob_exec_config(&self) -> crate::exec::blobs::BlobExecConfig {
+    /// The blob executor's settings (call after `check`); `key`: the cluster
+    /// credential (`cluster_key`).
+    pub fn blob_exec_config(&self, key: Option<[u8; 32]>) -> crate::exec::blobs::BlobExecConfig {
         crate::exec::blobs::BlobExecConfig {
             transfers_max: self.blobs.transfers_max,
             fetch_timeout_ms: self.blobs.fetch_timeout_ms,
@@ -632,17 +635,21 @@ impl NodeConfig {
             receive_bytes_per_s: self.blobs.receive_bytes_per_s,
             verify_bytes_per_s: self.blobs.verify_bytes_per_s,
             verify_pass_ms: self.blobs.verify_pass_ms,
+            node_name: self.name.clone(),
+            key,
         }
     }
 
-    /// The peer port's settings (call after `check`).
-    pub fn peer_server_config(&self) -> crate::sys::peer_server::PeerServerConfig {
+    /// The peer port's settings (call after `check`); `key`: the cluster credential
+    /// (`cluster_key`).
+    pub fn peer_server_config(&self, key: Option<[u8; 32]>) -> crate::sys::peer_server::PeerServerConfig {
         crate::sys::peer_server::PeerServerConfig {
             listen: self.blobs.peer_listen.parse().expect("checked by NodeConfig::check"),
             blobs_dir: self.blobs_dir(),
             connections_max: self.blobs.peer_connections_max,
             bytes_per_s: self.blobs.send_bytes_per_s,
             io_timeout_ms: crate::sys::peer_server::IO_TIMEOUT_MS_DEFAULT,
+            key,
         }
     }
 
