@@ -774,18 +774,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Put { file, replicas, zone_spread, common } => run_put(&file, replicas, zone_spread, &common),
         Command::Get { blob, out, config } => run_get(&blob, &out, &config),
         Command::Cluster(ClusterCommand::Keygen { out }) => {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut key = [0u8; 32];
-            meshos::sys::process::random_bytes(&mut key)?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&out)
+            meshos::node::config::write_cluster_key(&out)
                 .with_context(|| format!("{}: cannot create the credential file", out.display()))?;
-            writeln!(file, "{}", meshos::event::hex(&key))?;
-            file.sync_all()?;
             println!(
                 "wrote {} (mode 0600); copy it to every node and set `[cluster] credential_file` to it",
                 out.display()

@@ -733,6 +733,20 @@ impl NodeConfig {
     }
 }
 
+/// Creates a cluster credential file at `path`: 32 random bytes
+/// (`sys::process::random_bytes`) as 64 hex digits and a newline, mode 0600, fsynced;
+/// never overwrites a file (`meshos cluster keygen`, the demo's first start).
+pub fn write_cluster_key(path: &Path) -> std::io::Result<[u8; 32]> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut key = [0u8; 32];
+    crate::sys::process::random_bytes(&mut key)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    writeln!(file, "{}", crate::event::hex(&key))?;
+    file.sync_all()?;
+    Ok(key)
+}
+
 /// 64 hex digits to 32 bytes; None when the text is anything else.
 pub fn parse_key_hex(text: &str) -> Option<[u8; 32]> {
     if text.len() != 64 || !text.is_ascii() {
