@@ -1,6 +1,9 @@
 //! The node's config file: TOML, every field optional with a documented default
 //! (`example.toml` is the reference and is what `--print-default-config` prints),
-//! unknown fields refused, every value checked at start.
+//! unknown fields refused, every value checked at start. The cluster credential
+//! (`[cluster] credential_file`) is read by `cluster_key` and handed to the peer
+//! port, the blob executor and the prober through their config builders; its bytes
+//! never appear in their `Debug` output.
 //!
 //! Invariants: `NodeConfig::load` either returns a config whose `to_config()` passes
 //! `Config::validate` and whose ingest values are in bounds, or an error that names
