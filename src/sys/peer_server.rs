@@ -289,6 +289,26 @@ struct Shared {
     limit: RateLimit,
     io_timeout: Duration,
     counters: Arc<Counters>,
+    /// When a refusal was last logged, and refusals not logged since (at most one
+    /// warning a second: a stranger reconnecting in a loop cannot flood the log).
+    warned: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Shared {
+    fn refused(&self, peer: SocketAddr, claimed_name: &str, refusal: &str) {
+        self.counters.credential_rejections.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut warned = self.warned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if warned.0.is_some_and(|last| now.saturating_duration_since(last) < Duration::from_secs(1)) {
+            warned.1 += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut warned.1);
+        warned.0 = Some(now);
+        drop(warned);
+        let claimed: String = claimed_name.chars().take(64).collect();
+        tracing::warn!(%peer, claimed_name = claimed, suppressed, "peer request refused: {refusal}");
+    }
 }
 
 fn accept_loop(listener: TcpListener, config: PeerServerConfig, stop: Arc<AtomicBool>, counters: Arc<Counters>) {
@@ -299,6 +319,7 @@ fn accept_loop(listener: TcpListener, config: PeerServerConfig, stop: Arc<Atomic
         limit: RateLimit::new(config.bytes_per_s),
         io_timeout: Duration::from_millis(config.io_timeout_ms.max(1) as u64),
         counters,
+        warned: Mutex::new((None, 0)),
     });
     while !stop.load(Ordering::SeqCst) {
         let (mut stream, peer) = match listener.accept() {
@@ -380,9 +401,7 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> std::io::Resul
         let checked =
             check_mac(shared.key.as_ref(), request.mac, |key| request_mac(key, &nonce, seq, request.name, signed));
         if let Err(refusal) = checked {
-            shared.counters.credential_rejections.fetch_add(1, Ordering::Relaxed);
-            let claimed: String = request.name.chars().take(64).collect();
-            tracing::warn!(%peer, claimed_name = claimed, "peer request refused: {refusal}");
+            shared.refused(peer, request.name, refusal);
             writer.write_all(format!("NO {refusal}\n").as_bytes())?;
             return Ok(());
         }
