@@ -774,18 +774,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Put { file, replicas, zone_spread, common } => run_put(&file, replicas, zone_spread, &common),
         Command::Get { blob, out, config } => run_get(&blob, &out, &config),
         Command::Cluster(ClusterCommand::Keygen { out }) => {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut key = [0u8; 32];
-            meshos::sys::process::random_bytes(&mut key)?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&out)
+            meshos::node::config::write_cluster_key(&out)
                 .with_context(|| format!("{}: cannot create the credential file", out.display()))?;
-            writeln!(file, "{}", meshos::event::hex(&key))?;
-            file.sync_all()?;
             println!(
                 "wrote {} (mode 0600); copy it to every node and set `[cluster] credential_file` to it",
                 out.display()
@@ -1296,6 +1286,9 @@ fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyho
     let (engine, _) = admin::preview::replay_read_only(&node_config.log_dir(), &node_config.to_config(), u64::MAX)?;
     let state = &engine.state;
     let row = state.blobs.find(&hash).with_context(|| format!("blob {blob} is not in the log"))?;
+    // The holders' peer ports want the cluster credential: this node's, under its name.
+    let key = node_config.cluster_key()?;
+    let client = meshos::sys::peer_server::Client { name: &node_config.name, key: key.as_ref() };
     let mut errors = Vec::new();
     for &replica in &state.blobs.replica_rows[row.index()] {
         let node = state.replicas.node[replica.index()].index();
@@ -1303,7 +1296,7 @@ fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyho
         if state.replicas.state[replica.index()] != meshos::event::ReplicaState::Healthy || endpoint.is_empty() {
             continue;
         }
-        let fetched = meshos::sys::peer_server::fetch(endpoint, &hash, timeout)
+        let fetched = meshos::sys::peer_server::fetch(endpoint, &hash, &client, timeout)
             .map_err(anyhow::Error::from)
             .and_then(|(_, mut reader)| write(&mut reader));
         match fetched {

@@ -47,6 +47,8 @@ fn config(rate: u64, verify_rate: u64) -> BlobExecConfig {
         receive_bytes_per_s: rate,
         verify_bytes_per_s: verify_rate,
         verify_pass_ms: 1_000,
+        node_name: "b".into(),
+        key: None,
     }
 }
 
@@ -138,14 +140,19 @@ fn a_peer_that_never_reads_gives_the_port_back() {
         connections_max: 1,
         bytes_per_s: 0,
         io_timeout_ms: 500,
+        key: None,
     })
     .unwrap();
     let mut stuck = TcpStream::connect(server.addr()).unwrap();
-    stuck.write_all(format!("BLOB {}\n", meshos::exec::blobstore::hex(&blob)).as_bytes()).unwrap();
+    stuck.write_all(format!("BLOB {} - stuck\n", meshos::exec::blobstore::hex(&blob)).as_bytes()).unwrap();
     let started = Instant::now();
     let ok = loop {
         std::thread::sleep(Duration::from_millis(200));
-        let ok = meshos::sys::peer_server::ping(&server.addr().to_string(), 1, Duration::from_secs(2));
+        let ok = meshos::sys::peer_server::ping(
+            &server.addr().to_string(),
+            &meshos::sys::peer_server::Client { name: "b", key: None },
+            Duration::from_secs(2),
+        );
         if ok.is_ok() || started.elapsed() > Duration::from_secs(20) {
             break ok;
         }
@@ -164,6 +171,7 @@ fn a_trickling_or_lying_peer_is_cut_off() {
     std::thread::spawn(move || {
         for announced in ["OK 10\n", "OK 4000000000\n"] {
             let (mut stream, _) = listener.accept().unwrap();
+            let _ = stream.write_all(format!("MESHOS-PEER 1 {}\n", "00".repeat(32)).as_bytes());
             let mut line = [0u8; 70];
             let _ = stream.read(&mut line);
             let _ = stream.write_all(announced.as_bytes());

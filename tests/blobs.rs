@@ -31,6 +31,7 @@ fn peer() -> Peer {
         connections_max: 8,
         bytes_per_s: 0,
         io_timeout_ms: 5_000,
+        key: None,
     };
     Peer { _dir: dir, store, server: PeerServer::start(config).unwrap() }
 }
@@ -68,6 +69,8 @@ fn executor(store: Arc<BlobStore>) -> BlobExecutor {
         receive_bytes_per_s: 0,
         verify_bytes_per_s: 0,
         verify_pass_ms: 1_000,
+        node_name: "b".into(),
+        key: None,
     };
     BlobExecutor::new(config, store)
 }
@@ -231,6 +234,8 @@ fn the_background_verifier_reports_a_rotten_copy() {
         receive_bytes_per_s: 0,
         verify_bytes_per_s: 1 << 20,
         verify_pass_ms: 1_000,
+        node_name: "b".into(),
+        key: None,
     };
     let mut verifier = BlobExecutor::new(config, Arc::clone(&b.store));
     let own = state.nodes.find("b");

@@ -81,6 +81,15 @@ fn blob_files(dir: &Path, node: &str) -> Vec<PathBuf> {
     store.list().unwrap().iter().map(|hash| store.path_of(hash)).collect()
 }
 
+/// The cluster credential every demo node's config names (the same for all).
+fn cluster_key(dir: &Path) -> [u8; 32] {
+    let keys: Vec<Option<[u8; 32]>> = (1..=5)
+        .map(|node| NodeConfig::load(&dir.join(format!("node-{node}/node.toml"))).unwrap().cluster_key().unwrap())
+        .collect();
+    assert!(keys.iter().all(|key| key.is_some() && *key == keys[0]), "one credential for every node");
+    keys[0].unwrap()
+}
+
 fn kill(pid: u32, signal: i32) {
     // SAFETY: kill(2) takes plain integers and reads no memory.
     unsafe { libc::kill(pid as i32, signal) };
@@ -97,6 +106,9 @@ fn drain_two_kill_workers_then_crash_and_resume() {
             state.blobs.len() == BLOBS && holders(&state).iter().all(|names| names.len() == 3)
         }
     });
+    // Every node proves the same cluster credential (`DIR/cluster.key`) on its peer
+    // traffic: the copies above travelled over authenticated pulls.
+    let credential = cluster_key(&dir);
     for node in 1..=5 {
         wait_for("a worker on every node", || worker_pid(&dir, node).is_some());
     }
@@ -212,6 +224,7 @@ fn drain_two_kill_workers_then_crash_and_resume() {
     wait_for("every blob at 3 healthy copies after the restart", || {
         holders(&read_state(&dir)).iter().all(|names| names.len() == 3)
     });
+    assert_eq!(cluster_key(&dir), credential, "the restart keeps the cluster credential");
     for pid in orphans {
         assert!(meshos::sys::process::start_ticks(pid).is_none(), "worker {pid} of the killed run was stopped");
     }

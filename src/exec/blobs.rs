@@ -14,11 +14,18 @@
 //! once (further actions wait in a queue, in order); received bytes pass the node's
 //! shared rate limit. Results come back on a channel the node loop drains.
 //!
+//! Fetches prove the cluster credential (`key`, `sys::peer_server`'s challenge and
+//! response) under this node's name (`node_name`). A holder that refuses the
+//! credential, or whose own credential differs, is logged by name, counted
+//! (`credential_failures`) and treated as a failed source: the next holder is tried.
+//!
 //! Invariants: a copy is announced healthy only after its bytes were checked and
-//! stored; a blob not in the log's tables is never fetched; this module only emits
-//! events (reconcile decides), and never deletes a copy it was not told to.
+//! stored (the bytes must hash to the blob's name, whoever served them); a blob not
+//! in the log's tables is never fetched; this module only emits events (reconcile
+//! decides), and never deletes a copy it was not told to.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +37,7 @@ use crate::state::ids::NodeRow;
 use crate::state::State;
 use crate::sys::peer_server::{self, RateLimit};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BlobExecConfig {
     /// Transfers and verifications running at once.
     pub transfers_max: u32,
@@ -44,6 +51,25 @@ pub struct BlobExecConfig {
     /// this rate (0: no background verification), one pass per `verify_pass_ms`.
     pub verify_bytes_per_s: u64,
     pub verify_pass_ms: u32,
+    /// This node's name, which its fetches give the holders (and their MAC binds).
+    pub node_name: String,
+    /// The cluster credential fetches prove; None: keyless (one machine).
+    pub key: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for BlobExecConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobExecConfig")
+            .field("transfers_max", &self.transfers_max)
+            .field("fetch_timeout_ms", &self.fetch_timeout_ms)
+            .field("blob_bytes_max", &self.blob_bytes_max)
+            .field("receive_bytes_per_s", &self.receive_bytes_per_s)
+            .field("verify_bytes_per_s", &self.verify_bytes_per_s)
+            .field("verify_pass_ms", &self.verify_pass_ms)
+            .field("node_name", &self.node_name)
+            .field("key", &peer_server::key_shown(&self.key))
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -59,6 +85,9 @@ pub struct BlobExecStats {
     pub background_corrupt: u64,
     /// Copies the log called healthy whose file was gone.
     pub missing: u64,
+    /// Fetch attempts that failed on the credential (refused by the holder, or this
+    /// node's and the holder's keys differ).
+    pub credential_failures: u64,
 }
 
 /// One unit of work for a worker thread.
@@ -141,6 +170,8 @@ pub struct BlobExecutor {
     checked_at_start: bool,
     /// Set to stop the background verifier.
     verifier_stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Credential failures counted by the workers (copied into `stats` on `poll`).
+    credential_failures: Arc<AtomicU64>,
     pub stats: BlobExecStats,
 }
 
@@ -217,6 +248,7 @@ impl BlobExecutor {
             stopping: false,
             checked_at_start: false,
             verifier_stop,
+            credential_failures: Arc::new(AtomicU64::new(0)),
             stats: BlobExecStats::default(),
         }
     }
@@ -325,11 +357,17 @@ impl BlobExecutor {
                 Job::Fetch { blob, .. } | Job::Verify { blob, .. } => *blob,
             };
             *self.running_blobs.entry(blob).or_insert(0) += 1;
-            let (store, limit, done) = (Arc::clone(&self.store), Arc::clone(&self.limit), self.done_tx.clone());
-            let (timeout, bytes_max) =
-                (Duration::from_millis(self.config.fetch_timeout_ms as u64), self.config.blob_bytes_max);
+            let (store, done) = (Arc::clone(&self.store), self.done_tx.clone());
+            let fetcher = Fetcher {
+                limit: Arc::clone(&self.limit),
+                timeout: Duration::from_millis(self.config.fetch_timeout_ms as u64),
+                bytes_max: self.config.blob_bytes_max,
+                node_name: self.config.node_name.clone(),
+                key: self.config.key,
+                credential_failures: Arc::clone(&self.credential_failures),
+            };
             let spawned = std::thread::Builder::new().name("meshos-blob".to_string()).spawn(move || {
-                let _ = done.send(run_job(job, &store, &limit, timeout, bytes_max));
+                let _ = done.send(run_job(job, &store, &fetcher));
             });
             if let Err(error) = spawned {
                 // No thread: the job is lost; say so (the action times out in the log).
@@ -419,6 +457,8 @@ impl BlobExecutor {
                 }
             }
         }
+        // After the results: a worker counts before it reports.
+        self.stats.credential_failures = self.credential_failures.load(Ordering::Relaxed);
         self.start_queued();
     }
 }
@@ -469,7 +509,19 @@ impl<R: std::io::Read> std::io::Read for DeadlineReader<R> {
     }
 }
 
-fn run_job(job: Job, store: &BlobStore, limit: &RateLimit, timeout: Duration, bytes_max: u64) -> Done {
+/// What a worker needs to fetch: limits, and who it is to the holders.
+struct Fetcher {
+    limit: Arc<RateLimit>,
+    timeout: Duration,
+    bytes_max: u64,
+    node_name: String,
+    key: Option<[u8; 32]>,
+    credential_failures: Arc<AtomicU64>,
+}
+
+fn run_job(job: Job, store: &BlobStore, fetcher: &Fetcher) -> Done {
+    let Fetcher { ref limit, timeout, bytes_max, .. } = *fetcher;
+    let client = peer_server::Client { name: &fetcher.node_name, key: fetcher.key.as_ref() };
     match job {
         Job::Fetch { action, blob, size_bytes, holders } => {
             if store.contains(&blob) && store.verify(&blob, &mut |_| {}).unwrap_or(false) {
@@ -478,8 +530,18 @@ fn run_job(job: Job, store: &BlobStore, limit: &RateLimit, timeout: Duration, by
             }
             let mut errors = Vec::new();
             for (name, endpoint) in holders {
-                let attempt = peer_server::fetch(&endpoint, &blob, timeout)
-                    .map_err(|error| error.to_string())
+                let attempt = peer_server::fetch(&endpoint, &blob, &client, timeout)
+                    .map_err(|error| {
+                        if error.is_credential() {
+                            fetcher.credential_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(
+                                peer = name,
+                                blob = crate::exec::blobstore::hex(&blob),
+                                "blob fetch refused on the cluster credential: {error}"
+                            );
+                        }
+                        error.to_string()
+                    })
                     .and_then(|(size, reader)| {
                         if size != size_bytes {
                             return Err(format!("announced {size} bytes; the log says {size_bytes}"));

@@ -5,9 +5,16 @@
 //! honest); probing all N^2 pairs would not scale. A peer that does not answer within
 //! the timeout gives no sample (node health decides about silent nodes).
 //!
+//! Probes prove the cluster credential (`key`) and take a round trip only from an
+//! answer that proves it back (`sys::peer_server::ping`: a MAC over the connection's
+//! nonce and a fresh token), so a process outside the cluster listening on a peer's
+//! announced port cannot inject samples. A credential failure is logged with the
+//! peer's name, counted (`credential_failures`) and gives no sample.
+//!
 //! Invariants: at most `peers_per_round` probes per round, one round per
 //! `interval_ms`, one round in flight at a time (a worker thread); samples are at
-//! least 1 µs; this node never probes itself or a node without a peer port.
+//! least 1 µs; this node never probes itself or a node without a peer port; with a
+//! key, every sample comes from an answer that proved it.
 
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
@@ -15,12 +22,32 @@ use std::time::{Duration, Instant};
 use crate::event::EventKind;
 use crate::state::State;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProbeConfig {
     pub interval_ms: u32,
     /// Peers probed per round: half the nearest by coordinate, the rest by rotation.
     pub peers_per_round: u32,
     pub timeout_ms: u32,
+    /// The cluster credential probes prove and answers must prove; None: keyless.
+    pub key: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ProbeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeConfig")
+            .field("interval_ms", &self.interval_ms)
+            .field("peers_per_round", &self.peers_per_round)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("key", &crate::sys::peer_server::key_shown(&self.key))
+            .finish()
+    }
+}
+
+/// What a round's worker reports.
+struct Round {
+    samples: Vec<(String, u32)>,
+    misses: u64,
+    credential_failures: u64,
 }
 
 pub struct Prober {
@@ -28,24 +55,36 @@ pub struct Prober {
     next_round: Instant,
     /// Where the rotation continues (a node row index).
     rotation: usize,
-    round: Option<Receiver<Vec<(String, u32)>>>,
-    token: u64,
+    round: Option<Receiver<Round>>,
     pub samples: u64,
+    /// Probes that gave no sample (silent, refused or unproven peers).
     pub misses: u64,
+    /// Probes that failed on the credential (also counted in `misses`).
+    pub credential_failures: u64,
 }
 
 impl Prober {
     pub fn new(config: ProbeConfig) -> Prober {
         assert!(config.interval_ms > 0 && config.timeout_ms > 0);
-        Prober { config, next_round: Instant::now(), rotation: 0, round: None, token: 0, samples: 0, misses: 0 }
+        Prober {
+            config,
+            next_round: Instant::now(),
+            rotation: 0,
+            round: None,
+            samples: 0,
+            misses: 0,
+            credential_failures: 0,
+        }
     }
 
     /// Collects a finished round's samples as events, and starts the next when due.
     pub fn tick(&mut self, state: &State, own_name: &str, now: Instant, out: &mut Vec<EventKind>) {
         if let Some(round) = &self.round {
             match round.try_recv() {
-                Ok(samples) => {
+                Ok(Round { samples, misses, credential_failures }) => {
                     self.samples += samples.len() as u64;
+                    self.misses += misses;
+                    self.credential_failures += credential_failures;
                     out.extend(samples.into_iter().map(|(peer, rtt_us)| EventKind::Rtt { peer, rtt_us }));
                     self.round = None;
                 }
@@ -64,16 +103,25 @@ impl Prober {
         }
         let (sender, receiver) = std::sync::mpsc::channel();
         let timeout = Duration::from_millis(self.config.timeout_ms as u64);
-        let token = self.token;
-        self.token = self.token.wrapping_add(targets.len() as u64);
+        let (own_name, key) = (own_name.to_string(), self.config.key);
         let spawned = std::thread::Builder::new().name("meshos-probe".to_string()).spawn(move || {
-            let mut samples = Vec::with_capacity(targets.len());
-            for (offset, (name, endpoint)) in targets.into_iter().enumerate() {
-                if let Ok(rtt_us) = crate::sys::peer_server::ping(&endpoint, token + offset as u64, timeout) {
-                    samples.push((name, rtt_us.max(1)));
+            let client = crate::sys::peer_server::Client { name: &own_name, key: key.as_ref() };
+            let mut round = Round { samples: Vec::with_capacity(targets.len()), misses: 0, credential_failures: 0 };
+            for (name, endpoint) in targets {
+                match crate::sys::peer_server::ping(&endpoint, &client, timeout) {
+                    Ok(rtt_us) => round.samples.push((name, rtt_us.max(1))),
+                    Err(error) => {
+                        round.misses += 1;
+                        if error.is_credential() {
+                            round.credential_failures += 1;
+                            tracing::error!(peer = name, "RTT probe refused on the cluster credential: {error}");
+                        } else {
+                            tracing::debug!(peer = name, "RTT probe: {error}");
+                        }
+                    }
                 }
             }
-            let _ = sender.send(samples);
+            let _ = sender.send(round);
         });
         match spawned {
             Ok(_) => self.round = Some(receiver),

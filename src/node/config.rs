@@ -1,6 +1,9 @@
 //! The node's config file: TOML, every field optional with a documented default
 //! (`example.toml` is the reference and is what `--print-default-config` prints),
-//! unknown fields refused, every value checked at start.
+//! unknown fields refused, every value checked at start. The cluster credential
+//! (`[cluster] credential_file`) is read by `cluster_key` and handed to the peer
+//! port, the blob executor and the prober through their config builders; its bytes
+//! never appear in their `Debug` output.
 //!
 //! Invariants: `NodeConfig::load` either returns a config whose `to_config()` passes
 //! `Config::validate` and whose ingest values are in bounds, or an error that names
@@ -614,17 +617,20 @@ impl NodeConfig {
         self.data_dir.join(&self.daemons.sdk_socket)
     }
 
-    /// The prober's settings (call after `check`).
-    pub fn probe_config(&self) -> crate::exec::probes::ProbeConfig {
+    /// The prober's settings (call after `check`); `key`: the cluster credential
+    /// (`cluster_key`).
+    pub fn probe_config(&self, key: Option<[u8; 32]>) -> crate::exec::probes::ProbeConfig {
         crate::exec::probes::ProbeConfig {
             interval_ms: self.probes.interval_ms,
             peers_per_round: self.probes.peers_per_round,
             timeout_ms: self.probes.timeout_ms,
+            key,
         }
     }
 
-    /// The blob executor's settings (call after `check`).
-    pub fn blob_exec_config(&self) -> crate::exec::blobs::BlobExecConfig {
+    /// The blob executor's settings (call after `check`); `key`: the cluster
+    /// credential (`cluster_key`).
+    pub fn blob_exec_config(&self, key: Option<[u8; 32]>) -> crate::exec::blobs::BlobExecConfig {
         crate::exec::blobs::BlobExecConfig {
             transfers_max: self.blobs.transfers_max,
             fetch_timeout_ms: self.blobs.fetch_timeout_ms,
@@ -632,17 +638,21 @@ impl NodeConfig {
             receive_bytes_per_s: self.blobs.receive_bytes_per_s,
             verify_bytes_per_s: self.blobs.verify_bytes_per_s,
             verify_pass_ms: self.blobs.verify_pass_ms,
+            node_name: self.name.clone(),
+            key,
         }
     }
 
-    /// The peer port's settings (call after `check`).
-    pub fn peer_server_config(&self) -> crate::sys::peer_server::PeerServerConfig {
+    /// The peer port's settings (call after `check`); `key`: the cluster credential
+    /// (`cluster_key`).
+    pub fn peer_server_config(&self, key: Option<[u8; 32]>) -> crate::sys::peer_server::PeerServerConfig {
         crate::sys::peer_server::PeerServerConfig {
             listen: self.blobs.peer_listen.parse().expect("checked by NodeConfig::check"),
             blobs_dir: self.blobs_dir(),
             connections_max: self.blobs.peer_connections_max,
             bytes_per_s: self.blobs.send_bytes_per_s,
             io_timeout_ms: crate::sys::peer_server::IO_TIMEOUT_MS_DEFAULT,
+            key,
         }
     }
 
@@ -724,6 +734,20 @@ impl NodeConfig {
         let fsync = self.log.fsync.parse::<FsyncPolicy>().expect("checked by NodeConfig::check");
         Config { fsync, ..self.to_config_unchecked() }
     }
+}
+
+/// Creates a cluster credential file at `path`: 32 random bytes
+/// (`sys::process::random_bytes`) as 64 hex digits and a newline, mode 0600, fsynced;
+/// never overwrites a file (`meshos cluster keygen`, the demo's first start).
+pub fn write_cluster_key(path: &Path) -> std::io::Result<[u8; 32]> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut key = [0u8; 32];
+    crate::sys::process::random_bytes(&mut key)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    writeln!(file, "{}", crate::event::hex(&key))?;
+    file.sync_all()?;
+    Ok(key)
 }
 
 /// 64 hex digits to 32 bytes; None when the text is anything else.
