@@ -241,11 +241,45 @@ fn a_missing_copy_is_reported_deleted() {
     }
     // At the first look and after each pass while the log still says healthy (here it
     // never learns otherwise); the file the log never heard of is ignored.
-    assert!(!out.is_empty(), "a healthy copy in the log with no file is reported");
+    // The inventory digest after each look counts no copy: the file the log never
+    // heard of is of no known blob.
+    let nothing = EventKind::InventoryDigest { blob_count: 0, digest: [0; 16] };
+    assert!(out.contains(&EventKind::ReplicaUpdate { blob, state: ReplicaState::Deleted }), "{out:?}");
     assert!(
-        out.iter().all(|event| *event == EventKind::ReplicaUpdate { blob, state: ReplicaState::Deleted }),
+        out.iter().all(|event| *event == EventKind::ReplicaUpdate { blob, state: ReplicaState::Deleted }
+            || *event == nothing),
         "{out:?}"
     );
+}
+
+/// Level-triggered inventory: a stored copy of a known blob the log has no copy of on
+/// this node (its announcement was lost, say with a cluster log's tail) is announced
+/// again, and the digest of the disk counts it.
+#[test]
+fn a_stored_copy_the_log_lost_is_announced_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(BlobStore::open(dir.path()).unwrap());
+    let (blob, size) = store.put(&mut &b"held"[..], None, u64::MAX, &mut |_| {}).unwrap();
+    // The log knows the blob (on "a") but not this node's copy.
+    let state = state_with(blob, size, &["a"]);
+    let mut exec = BlobExecutor::new(config(0, 1 << 20), Arc::clone(&store));
+    let mut out = Vec::new();
+    exec.poll(&state, state.nodes.find("b"), &mut out);
+    let digest = u128::from_le_bytes(blob[..16].try_into().unwrap()).to_le_bytes();
+    assert_eq!(
+        out,
+        vec![
+            EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
+            EventKind::InventoryDigest { blob_count: 1, digest },
+        ]
+    );
+    assert_eq!(exec.stats.reannounced, 1);
+    // Once the log holds the copy, nothing is announced again.
+    let state = state_with(blob, size, &["a", "b"]);
+    let mut exec = BlobExecutor::new(config(0, 1 << 20), Arc::clone(&store));
+    let mut out = Vec::new();
+    exec.poll(&state, state.nodes.find("b"), &mut out);
+    assert_eq!(out, vec![EventKind::InventoryDigest { blob_count: 1, digest }]);
 }
 
 /// `meshos get -o OUT` wrote through the predictable OUT.meshos-part: a symlink planted

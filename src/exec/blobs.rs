@@ -19,6 +19,13 @@
 //! credential, or whose own credential differs, is logged by name, counted
 //! (`credential_failures`) and treated as a failed source: the next holder is tried.
 //!
+//! Level-triggered inventory (at start and after each background verification pass):
+//! copies the log calls healthy whose file is gone are reported `Deleted`; stored
+//! copies of known blobs the log has no copy of on this node (an announcement lost,
+//! say with the tail of a cluster's log) are announced `Healthy` again; and the
+//! digest of what is on disk is reported (`InventoryDigest`; a mismatch with the log's
+//! view makes fold queue this node's copies for verification).
+//!
 //! Invariants: a copy is announced healthy only after its bytes were checked and
 //! stored (the bytes must hash to the blob's name, whoever served them); a blob not
 //! in the log's tables is never fetched; this module only emits events (reconcile
@@ -85,6 +92,8 @@ pub struct BlobExecStats {
     pub background_corrupt: u64,
     /// Copies the log called healthy whose file was gone.
     pub missing: u64,
+    /// Stored copies the log knew nothing of, announced again (level-triggered inventory).
+    pub reannounced: u64,
     /// Fetch attempts that failed on the credential (refused by the holder, or this
     /// node's and the holder's keys differ).
     pub credential_failures: u64,
@@ -296,6 +305,38 @@ impl BlobExecutor {
                 out.push(EventKind::ReplicaUpdate { blob, state: ReplicaState::Deleted });
             }
         }
+        self.announce_inventory(state, own, out);
+    }
+
+    /// Level-triggered inventory: re-announces as healthy every stored copy of a known
+    /// blob that the log has no copy of on this node at all (its announcement was lost,
+    /// say with the tail of a cluster's log), and reports the digest of what is on disk
+    /// (a mismatch with the log's view makes fold queue this node's copies for
+    /// verification). Copies with a job running are left to the job.
+    fn announce_inventory(&mut self, state: &State, own: NodeRow, out: &mut Vec<EventKind>) {
+        let stored = match self.store.list() {
+            Ok(stored) => stored,
+            Err(error) => return tracing::warn!("inventory: {error}"),
+        };
+        let (mut count, mut digest) = (0u32, 0u128);
+        for blob in stored {
+            let Some(row) = state.blobs.find(&blob) else { continue };
+            if self.running_blobs.contains_key(&blob) {
+                continue;
+            }
+            let replica = state.replicas.find(row, own);
+            if replica.is_none() {
+                self.stats.reannounced += 1;
+                tracing::info!(
+                    blob = crate::exec::blobstore::hex(&blob),
+                    "a stored copy the log does not know of: announcing it"
+                );
+                out.push(EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy });
+            }
+            count += 1;
+            digest = digest.wrapping_add(u128::from_le_bytes(blob[..16].try_into().expect("16 bytes")));
+        }
+        out.push(EventKind::InventoryDigest { blob_count: count, digest: digest.to_le_bytes() });
     }
 
     /// Carries out one of this node's actions (non-blob actions are ignored here).
