@@ -460,3 +460,71 @@ fn checkpoints_trim_and_a_new_node_from_a_checkpoint() {
         node.stop();
     }
 }
+
+/// Throughput of the cluster log: three loaders (one TCP connection to each node, as
+/// outside clients) send frames of events as fast as the nodes take them; the clock
+/// stops when every node has folded every event. Run by hand (release build):
+/// `cargo test --release --test cluster -- --ignored --nocapture cluster_log_throughput`;
+/// recorded in perf/cluster.md.
+#[test]
+#[ignore = "a measurement; run by hand (see perf/cluster.md)"]
+fn cluster_log_throughput() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    let frames: u64 = std::env::var("FRAMES").ok().and_then(|text| text.parse().ok()).unwrap_or(2000);
+    let events_per_frame: u64 = std::env::var("EVENTS_PER_FRAME").ok().and_then(|text| text.parse().ok()).unwrap_or(256);
+    let snapshot_of = |node: &NodeProcess| node.config().snapshot_path();
+    let applied = |node: &NodeProcess| {
+        meshos::snapshot::MappedSnapshot::open(&snapshot_of(node)).map_or(0, |mapped| mapped.get().events_applied.to_native())
+    };
+    let before: Vec<u64> = mesh.nodes.iter().map(applied).collect();
+    let started = Instant::now();
+    let senders: Vec<_> = mesh
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(index, node)| {
+            let addr: std::net::SocketAddr =
+                std::fs::read_to_string(node.dir.join("node.addr")).unwrap().trim().parse().unwrap();
+            std::thread::spawn(move || {
+                let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+                let origin = format!("loader-{index}");
+                let mut seq = 0u64;
+                let mut last = 0;
+                for frame in 0..frames {
+                    let events = (0..events_per_frame)
+                        .map(|_| {
+                            seq += 1;
+                            meshos::event::Event {
+                                origin: origin.clone(),
+                                origin_seq: seq,
+                                kind: EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 1 }),
+                            }
+                        })
+                        .collect();
+                    last = client.send(&meshos::event::EventBatch { events }, frame + 1 == frames).unwrap();
+                }
+                replies.wait_acked(last, Duration::from_secs(600)).unwrap();
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    let acked = started.elapsed().as_secs_f64();
+    let total = 3 * frames * events_per_frame;
+    for (index, node) in mesh.nodes.iter().enumerate() {
+        wait_for(&format!("{} to fold every event", node.name), || applied(node) >= before[index] + total);
+    }
+    let folded = started.elapsed().as_secs_f64();
+    eprintln!(
+        "cluster log: {total} events in {} records of {events_per_frame}, 3 nodes: every frame acked (read back) after \
+         {acked:.2} s, folded by every node after {folded:.2} s: {:.0} events/s, {:.0} records/s into every node's fold",
+        3 * frames,
+        total as f64 / folded,
+        (3 * frames) as f64 / folded
+    );
+    for node in &mut mesh.nodes {
+        node.stop();
+    }
+}
