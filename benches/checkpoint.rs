@@ -45,7 +45,7 @@ fn bench_checkpoint(c: &mut Criterion) {
     assert_eq!(state.replicas.live, BLOBS * REPLICAS as u32);
     let dir = tempfile::tempdir().unwrap();
     let store = CheckpointStore::new(dir.path(), 2);
-    let path = store.write(&state, &config).unwrap();
+    let path = store.write(&state).unwrap();
     let file_bytes = std::fs::metadata(&path).unwrap().len();
     eprintln!(
         "checkpoint of {} nodes, {} blobs, {} replicas, {} RTT pairs: {file_bytes} bytes",
@@ -57,14 +57,14 @@ fn bench_checkpoint(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("checkpoint");
     group.sample_size(20);
-    group.bench_function("write/100000", |b| b.iter(|| store.write(&state, &config).unwrap()));
+    group.bench_function("write/100000", |b| b.iter(|| store.write(&state).unwrap()));
     group.bench_function("load/100000", |b| b.iter(|| store.load(&path, &config).unwrap().position));
     // The parts of a write.
     group.bench_function("state_hash/100000", |b| b.iter(|| state.state_hash()));
     let mut buffer = AlignedVec::new();
     group.bench_function("encode/100000", |b| {
         b.iter(|| {
-            buffer = checkpoint::encode_into(&state, &config, std::mem::take(&mut buffer)).unwrap();
+            buffer = checkpoint::encode_into(&state, std::mem::take(&mut buffer)).unwrap();
             buffer.len()
         })
     });

@@ -73,7 +73,7 @@ fn restore_and_compare(records: &Records, config: &Config, at: &[u64]) -> Covera
         }
         if at.contains(&position) {
             coverage.add(&original.state);
-            let path = store.write(&original.state, config).expect("write a checkpoint");
+            let path = store.write(&original.state).expect("write a checkpoint");
             assert_eq!(store.latest(), Some((position, path.clone())));
             let state = if restored.is_empty() {
                 store.load(&path, config).expect("load the checkpoint")
@@ -175,7 +175,7 @@ fn busy_checkpoint(dir: &Path) -> (PathBuf, State) {
         engine.apply(index as u64 + 1, *time_ms, payload);
     }
     let store = CheckpointStore::new(dir, 1);
-    let path = store.write(&engine.state, &config).unwrap();
+    let path = store.write(&engine.state).unwrap();
     (path, engine.state)
 }
 
@@ -311,7 +311,7 @@ fn the_store_keeps_the_newest_and_finds_by_position() {
         let position = index as u64 + 1;
         engine.apply(position, *time_ms, payload);
         if position.is_multiple_of(10) {
-            written.push((position, store.write(&engine.state, &config).unwrap()));
+            written.push((position, store.write(&engine.state).unwrap()));
         }
     }
     std::fs::write(store.dir.join("checkpoint-00000000000000000099.rkyv.tmp"), b"partial").unwrap();

@@ -40,7 +40,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -53,7 +53,7 @@ use rkyv::Place;
 
 use super::hash::hash_hex;
 use super::{ArchivedState, State};
-use crate::config::Config;
+use crate::config::{Config, FoldLimits, ReconcileConfig};
 
 pub const MAGIC: [u8; 8] = *b"MESHCKPT";
 /// Bumped whenever the layout or the archived `State` changes shape.
@@ -166,9 +166,9 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ 
 }
 
 /// The settings that shape the state, as text: `[fold]` then `[reconcile]`, each the
-/// `Debug` of its struct on one line.
-pub fn settings_text(config: &Config) -> String {
-    format!("{:?}\n{:?}", config.fold, config.reconcile)
+/// `Debug` of its struct on one line (a state carries the ones it was folded with).
+pub fn settings_text(fold: &FoldLimits, reconcile: &ReconcileConfig) -> String {
+    format!("{fold:?}\n{reconcile:?}")
 }
 
 /// blake3 of the settings text, first 16 bytes (LE).
@@ -220,13 +220,9 @@ fn settings_difference(stored: &str, expected: &str) -> Option<(&'static str, St
 }
 
 /// Writes the checkpoint image of `state` (header, settings, archive) into `buffer`
-/// (cleared first) and returns it. `config` must be the config `state` was folded with.
-pub fn encode_into(
-    state: &State,
-    config: &Config,
-    buffer: AlignedVec<ALIGN_BYTES>,
-) -> Result<AlignedVec<ALIGN_BYTES>, rancor::Error> {
-    let settings = settings_text(config);
+/// (cleared first) and returns it.
+pub fn encode_into(state: &State, buffer: AlignedVec<ALIGN_BYTES>) -> Result<AlignedVec<ALIGN_BYTES>, rancor::Error> {
+    let settings = settings_text(&state.limits, &state.reconcile);
     let settings_padded = settings.len().next_multiple_of(ALIGN_BYTES);
     let mut buffer = buffer;
     buffer.clear();
@@ -282,7 +278,7 @@ pub fn decode(path: &Path, bytes: &[u8], expected: &Config) -> Result<State, Che
     }
     let archived = rkyv::access::<ArchivedState, rancor::Error>(archive)
         .map_err(|error| damaged(path, format!("archive does not validate: {error}")))?;
-    let expected_settings = settings_text(expected);
+    let expected_settings = settings_text(&expected.fold, &expected.reconcile);
     if let Some((section, field)) = settings_difference(settings, &expected_settings) {
         return Err(CheckpointError::ConfigMismatch { path: path.to_path_buf(), section, field });
     }
@@ -323,12 +319,29 @@ pub fn decode(path: &Path, bytes: &[u8], expected: &Config) -> Result<State, Che
 pub fn read_file(path: &Path, expected: &Config) -> Result<State, CheckpointError> {
     let mut file = File::open(path).map_err(io_error(path))?;
     let file_bytes = file.metadata().map_err(io_error(path))?.len();
+    if file_bytes >= HEADER_BYTES as u64 {
+        // The header first: a file that is not a checkpoint, or whose length is not
+        // the one its header gives, is refused before its body is read into memory.
+        let mut header = [0u8; HEADER_BYTES];
+        file.read_exact(&mut header).map_err(io_error(path))?;
+        let header = Header::decode(path, &header)?;
+        let expected_bytes = (HEADER_BYTES as u64)
+            .saturating_add((header.settings_bytes as u64).next_multiple_of(ALIGN_BYTES as u64))
+            .saturating_add(header.archive_bytes);
+        if file_bytes != expected_bytes {
+            return Err(damaged(
+                path,
+                format!("{file_bytes} bytes, the header says {expected_bytes} (truncated or extended)"),
+            ));
+        }
+        file.rewind().map_err(io_error(path))?;
+    }
     let file_bytes = usize::try_from(file_bytes).map_err(|_| damaged(path, "larger than memory".to_string()))?;
     let mut buffer = AlignedVec::<ALIGN_BYTES>::with_capacity(file_bytes);
     buffer.resize(file_bytes, 0);
     file.read_exact(&mut buffer).map_err(io_error(path))?;
-    // A file that grew meanwhile is not ours to read: the length check in `decode`
-    // catches one that shrank (read_exact fails) or was cut.
+    // A file that shrank meanwhile fails `read_exact`; one that changed is refused by
+    // the checks of `decode`.
     decode(path, &buffer, expected)
 }
 
@@ -355,10 +368,9 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), Checkpoint
     File::open(directory).and_then(|directory| directory.sync_all()).map_err(io_error(directory))
 }
 
-/// Encodes `state` (folded with `config`) and publishes it at `path`; returns the
-/// file's size in bytes.
-pub fn write_file(path: &Path, state: &State, config: &Config) -> Result<u64, CheckpointError> {
-    let buffer = encode_into(state, config, AlignedVec::new())
+/// Encodes `state` and publishes it at `path`; returns the file's size in bytes.
+pub fn write_file(path: &Path, state: &State) -> Result<u64, CheckpointError> {
+    let buffer = encode_into(state, AlignedVec::new())
         .map_err(|error| CheckpointError::Archive { path: path.to_path_buf(), reason: error.to_string() })?;
     write_file_atomically(path, &buffer)?;
     Ok(buffer.len() as u64)
@@ -399,12 +411,12 @@ impl CheckpointStore {
         self.dir.join(Self::file_name(position))
     }
 
-    /// Writes a checkpoint of `state` (folded with `config`) at its position, then
-    /// removes all but the newest `keep`. Creates the directory if needed.
-    pub fn write(&self, state: &State, config: &Config) -> Result<PathBuf, CheckpointError> {
+    /// Writes a checkpoint of `state` at its position, then removes all but the
+    /// newest `keep`. Creates the directory if needed.
+    pub fn write(&self, state: &State) -> Result<PathBuf, CheckpointError> {
         std::fs::create_dir_all(&self.dir).map_err(io_error(&self.dir))?;
         let path = self.path_for(state.position);
-        write_file(&path, state, config)?;
+        write_file(&path, state)?;
         let checkpoints = self.list()?;
         let excess = checkpoints.len().saturating_sub(self.keep);
         for (_, old) in &checkpoints[..excess] {
@@ -524,14 +536,15 @@ mod tests {
         let config = Config::default();
         let mut other = config.clone();
         other.fold.nodes_max = 7;
-        let (a, b) = (settings_text(&config), settings_text(&other));
+        let text = |config: &Config| settings_text(&config.fold, &config.reconcile);
+        let (a, b) = (text(&config), text(&other));
         assert_eq!(settings_difference(&a, &a), None);
         let (section, field) = settings_difference(&a, &b).expect("differs");
         assert_eq!(section, "fold");
         assert!(field.starts_with("nodes_max (checkpoint 65536, this node 7)"), "{field}");
         let mut other = config.clone();
         other.reconcile.recovery_ms += 1;
-        let (section, field) = settings_difference(&a, &settings_text(&other)).expect("differs");
+        let (section, field) = settings_difference(&a, &text(&other)).expect("differs");
         assert_eq!(section, "reconcile");
         assert!(field.starts_with("recovery_ms"), "{field}");
     }
@@ -540,7 +553,7 @@ mod tests {
     fn an_empty_state_round_trips() {
         let config = Config::default();
         let state = State::new(&config);
-        let bytes = encode_into(&state, &config, AlignedVec::new()).expect("encode");
+        let bytes = encode_into(&state, AlignedVec::new()).expect("encode");
         let loaded = decode(Path::new("mem"), &bytes, &config).expect("decode");
         assert_eq!(loaded.state_hash(), state.state_hash());
     }
