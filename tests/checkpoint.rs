@@ -261,6 +261,17 @@ fn changes_behind_valid_checksums_are_errors_or_the_same_state() {
     println!("{refused} refused, {same} harmless");
     assert!(refused > same, "{refused} refused, {same} harmless");
 
+    // A header that claims an enormous archive or settings text.
+    for (at, value) in [(64, u64::MAX), (12, u32::MAX as u64)] {
+        let mut claiming = bytes.clone();
+        let width = if at == 64 { 8 } else { 4 };
+        claiming[at..at + width].copy_from_slice(&value.to_le_bytes()[..width]);
+        reseal(&mut claiming);
+        assert!(matches!(load_bytes(&claiming, &config), Err(CheckpointError::Damaged { .. })), "field at {at}");
+        std::fs::write(&path, &claiming).unwrap();
+        let error = checkpoint::read_file(&path, &config).unwrap_err();
+        assert!(matches!(error, CheckpointError::Damaged { .. }), "field at {at}: {error}");
+    }
     // A header that lies about the hash.
     let mut lying = bytes.clone();
     lying[32] ^= 1;

@@ -257,7 +257,7 @@ pub fn decode(path: &Path, bytes: &[u8], expected: &Config) -> Result<State, Che
         return Err(damaged(path, format!("settings text of {settings_bytes} bytes")));
     }
     let archive_start = HEADER_BYTES + settings_bytes.next_multiple_of(ALIGN_BYTES);
-    let file_bytes = archive_start as u64 + header.archive_bytes;
+    let file_bytes = (archive_start as u64).saturating_add(header.archive_bytes);
     if bytes.len() as u64 != file_bytes {
         return Err(damaged(
             path,
