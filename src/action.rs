@@ -13,7 +13,7 @@
 use crate::event::ActionId;
 use crate::state::ids::{BlobRow, NodeRow, SpecRow};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum ActionKind {
     /// Start the spec's daemon on the executing node.
     StartDaemon { spec: SpecRow },
@@ -124,7 +124,7 @@ impl ActionKind {
 }
 
 /// One action: its id, the node that executes it, and what to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Action {
     pub id: ActionId,
     pub node: NodeRow,

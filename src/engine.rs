@@ -25,6 +25,14 @@ impl Engine {
         Engine { state: State::new(config), reconciler: Reconciler::new() }
     }
 
+    /// An engine that goes on from `state` (a loaded checkpoint): the next record it
+    /// applies is `state.position + 1`. The reconciler keeps nothing between passes
+    /// but scratch space, so this engine emits what one that folded every record
+    /// from position 1 would.
+    pub fn from_state(state: State) -> Engine {
+        Engine { state, reconciler: Reconciler::new() }
+    }
+
     /// Folds record `position` (committed at `time_ms`) and runs the pass after it;
     /// returns the state and the pass's actions (valid until the next call).
     pub fn apply(&mut self, position: u64, time_ms: u64, payload: &[u8]) -> (&State, &[Action]) {

@@ -39,7 +39,7 @@ pub const ERROR_MIN: f64 = 0.001;
 pub const COINCIDENT_DISTANCE_US: f64 = 0.001;
 
 /// A node's position in the latency space, with its confidence.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Coordinate {
     pub x_us: f64,
     pub y_us: f64,

@@ -8,6 +8,7 @@ use meshos::config::Config;
 use meshos::event::{EventKind, NodeHealth, NodeStatus, ReplicaState};
 use meshos::reconcile::{Reconciler, Scope};
 use meshos::sim::fixtures::{converged_cluster, node_name, Feeder};
+use meshos::state::checkpoint;
 use meshos::state::State;
 
 struct Counting;
@@ -93,5 +94,21 @@ fn passes_allocate_nothing_outside_the_arena() {
         });
         assert!(emitted > 0, "the disturbed cluster needs actions");
         assert_eq!(count, 0, "a pass emitting {emitted} actions allocated {count} times");
+    }
+
+    // A state loaded from a checkpoint has its working lists' room reserved again
+    // (`State::rebuild_indexes`): its passes allocate nothing either. (In this test,
+    // not another: the counter is global and tests run on parallel threads.)
+    let config = Config::default();
+    for scope in [Scope::Incremental, Scope::Full] {
+        let churned = disturbed(&base, 100, Some(7));
+        let bytes = checkpoint::encode_into(&churned, rkyv::util::AlignedVec::new()).unwrap();
+        let mut loaded = checkpoint::decode(std::path::Path::new("memory"), &bytes, &config).unwrap();
+        let mut emitted = 0;
+        let count = allocations_during(|| {
+            emitted = reconciler.pass(&mut loaded, scope).len();
+        });
+        assert!(emitted > 0, "the loaded disturbed cluster needs actions");
+        assert_eq!(count, 0, "a {scope:?} pass over a loaded state allocated {count} times");
     }
 }

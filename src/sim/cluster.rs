@@ -268,6 +268,8 @@ struct Sim {
     /// The operator's key (the fixed test key) and its last admin sequence number.
     admin_key: crate::admin::OperatorKey,
     admin_seq: u64,
+    /// Every record folded (commit time, payload), when `run_logged` asked for them.
+    log: Option<Vec<(u64, rkyv::util::AlignedVec<{ wire::ALIGN_BYTES }>)>>,
 }
 
 /// Runs the simulation and checks every invariant after every pass; `progress` is
@@ -283,6 +285,38 @@ pub fn run(options: &SimOptions, config: &Config, progress: &mut dyn FnMut(u32, 
         progress(step, options.steps);
     }
     sim.finish()
+}
+
+/// The config the simulator folds with: `config` with the drain deadline and the
+/// recovery window shortened, so drains fail and recoveries end within the run (the
+/// defaults are an hour and a minute; the quiet phase lasts a few minutes of log time).
+pub fn sim_config(config: &Config) -> Config {
+    let reconcile = ReconcileConfig {
+        drain_deadline_ms: config.reconcile.drain_deadline_ms.min(SIM_DRAIN_DEADLINE_MS),
+        recovery_ms: config.reconcile.recovery_ms.min(SIM_RECOVERY_MS),
+        ..config.reconcile
+    };
+    Config { reconcile, ..config.clone() }
+}
+
+/// `run`, keeping every record the simulation folded: (commit time, payload) in
+/// position order from 1, to be replayed with `sim_config(config)` (tests replay them
+/// through `Engine`, which reaches the simulator's state at every position).
+pub fn run_logged(
+    options: &SimOptions,
+    config: &Config,
+) -> (SimReport, Vec<(u64, rkyv::util::AlignedVec<{ wire::ALIGN_BYTES }>)>) {
+    if let Err(reason) = options.check() {
+        panic!("invalid SimOptions: {reason}");
+    }
+    let mut sim = Sim::new(options.clone(), config);
+    sim.log = Some(Vec::new());
+    sim.setup();
+    for step in 1..=options.steps {
+        sim.step(step);
+    }
+    let log = sim.log.take().unwrap_or_default();
+    (sim.finish(), log)
 }
 
 /// A simulated node's capability, version `version` forked from `fork_of`.
@@ -316,14 +350,7 @@ fn is_storage(node: usize) -> bool {
 
 impl Sim {
     fn new(options: SimOptions, config: &Config) -> Sim {
-        // Drains fail and recoveries end within the run (the defaults are an hour and a
-        // minute; the quiet phase lasts a few minutes of log time).
-        let reconcile = ReconcileConfig {
-            drain_deadline_ms: config.reconcile.drain_deadline_ms.min(SIM_DRAIN_DEADLINE_MS),
-            recovery_ms: config.reconcile.recovery_ms.min(SIM_RECOVERY_MS),
-            ..config.reconcile
-        };
-        let config = &Config { reconcile, ..config.clone() };
+        let config = &sim_config(config);
         let mut rng = Rng::new(options.seed);
         let rates = Rates {
             crash_permille: 5 + rng.below(11),
@@ -395,6 +422,7 @@ impl Sim {
             rejections_seen: 0,
             admin_key: crate::admin::test_key(),
             admin_seq: 0,
+            log: None,
             options,
         }
     }
@@ -482,6 +510,9 @@ impl Sim {
         let position = self.state.position + 1;
         fold_payload(&mut self.state, position, self.now_ms, &payload);
         assert_eq!(self.state.position, position, "fold did not advance to the record's position");
+        if let Some(log) = &mut self.log {
+            log.push((self.now_ms, payload));
+        }
         if self.state.rejections.total > self.rejections_seen {
             self.rejections_seen = self.state.rejections.total;
             let last = self.state.rejections.kept.back().map_or(String::new(), |rejection| rejection.to_string());

@@ -11,13 +11,13 @@ use hashbrown::HashMap;
 use smallvec::SmallVec;
 
 use super::hash::StateHasher;
-use super::ids::{pair_key, BlobRow, NodeRow, ReplicaRow};
+use super::ids::{check_columns, pair_key, BlobRow, NodeRow, ReplicaRow};
 use crate::event::{BlobHash, ReplicaState};
 
 /// Most copies one blob's intent may ask for (plans are stored inline).
 pub const PLAN_NODES_MAX: usize = 8;
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct BlobTable {
     pub hash: Vec<BlobHash>,
     pub size_bytes: Vec<u64>,
@@ -54,6 +54,8 @@ pub struct BlobTable {
     pub held_until_ms: Vec<u64>,
     /// Reconcile must look at the blob again (set by fold, cleared by reconcile).
     pub dirty: Vec<bool>,
+    /// Hash to row; not checkpointed (`rebuild_index` after a load).
+    #[rkyv(with = rkyv::with::Skip)]
     pub index: HashMap<BlobHash, BlobRow>,
 }
 
@@ -101,6 +103,46 @@ impl BlobTable {
         row
     }
 
+    /// Every column has the table's length (the error names the first that has not).
+    /// A new column must be listed here.
+    pub fn check_columns(&self) -> Result<(), String> {
+        check_columns!(
+            self,
+            "blobs",
+            size_bytes,
+            announced_by,
+            announced_ms,
+            replicas_wanted,
+            zone_spread,
+            pinned,
+            intent_ms,
+            placement_epoch,
+            healthy_count,
+            replica_rows,
+            plan,
+            plan_valid,
+            plan_floor,
+            plan_len,
+            waiting,
+            pull_failures,
+            backoff_until_ms,
+            backoff_announced_ms,
+            held_by,
+            held_until_ms,
+            dirty
+        )
+    }
+
+    /// Rebuilds `index` from `hash` (after a checkpoint is loaded).
+    pub fn rebuild_index(&mut self) -> Result<(), String> {
+        self.index = HashMap::with_capacity(self.len());
+        for (row, hash) in self.hash.iter().enumerate() {
+            if self.index.insert(*hash, BlobRow::from_index(row)).is_some() {
+                return Err(format!("blob {} has two rows", crate::event::blob_hex(hash)));
+            }
+        }
+        Ok(())
+    }
     pub fn hash_into(&self, hasher: &mut StateHasher) {
         hasher.section("blobs", self.len());
         for row in 0..self.len() {
@@ -135,7 +177,7 @@ impl BlobTable {
     }
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct ReplicaTable {
     pub blob: Vec<BlobRow>,
     pub node: Vec<NodeRow>,
@@ -154,6 +196,8 @@ pub struct ReplicaTable {
     pub verify_requested: Vec<bool>,
     /// Rows whose state is not `Deleted`.
     pub live: u32,
+    /// `(blob, node)` to row; not checkpointed (`rebuild_index` after a load).
+    #[rkyv(with = rkyv::with::Skip)]
     pub index: HashMap<u64, ReplicaRow>,
 }
 
@@ -196,6 +240,34 @@ impl ReplicaTable {
         row
     }
 
+    /// Every column has the table's length (the error names the first that has not).
+    /// A new column must be listed here.
+    pub fn check_columns(&self) -> Result<(), String> {
+        check_columns!(
+            self,
+            "replicas",
+            node,
+            state,
+            since_ms,
+            drop_requested,
+            verified_incarnation,
+            verified_ms,
+            planned,
+            verify_requested
+        )
+    }
+
+    /// Rebuilds `index` from `blob` and `node` (after a checkpoint is loaded).
+    pub fn rebuild_index(&mut self) -> Result<(), String> {
+        self.index = HashMap::with_capacity(self.len());
+        for row in 0..self.len() {
+            let (blob, node) = (self.blob[row], self.node[row]);
+            if self.index.insert(pair_key(blob.0, node.0), ReplicaRow::from_index(row)).is_some() {
+                return Err(format!("replica of blob row {} on node row {} has two rows", blob.0, node.0));
+            }
+        }
+        Ok(())
+    }
     pub fn hash_into(&self, hasher: &mut StateHasher) {
         hasher.section("replicas", self.len());
         hasher.u32(self.live);

@@ -9,11 +9,11 @@ use hashbrown::HashMap;
 use smallvec::SmallVec;
 
 use super::hash::StateHasher;
-use super::ids::{pair_key, DaemonRow, NodeRow, SpecRow, SymbolId};
+use super::ids::{check_columns, pair_key, DaemonRow, NodeRow, SpecRow, SymbolId};
 use crate::event::DaemonSpec;
 
 /// Where a spec runs, with node names resolved to rows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum SpecPlacement {
     AllNodes,
     Label(SymbolId),
@@ -21,7 +21,7 @@ pub enum SpecPlacement {
     Nowhere,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SpecTable {
     /// The spec as last declared (cold data: read by reconcile and the executor).
     pub spec: Vec<DaemonSpec>,
@@ -29,6 +29,8 @@ pub struct SpecTable {
     pub intent_ms: Vec<u64>,
     /// Bumped by every new intent for the same name.
     pub generation: Vec<u32>,
+    /// Daemon name to row; not checkpointed (`rebuild_index` after a load).
+    #[rkyv(with = rkyv::with::Skip)]
     pub index: HashMap<Box<str>, SpecRow>,
 }
 
@@ -66,6 +68,22 @@ impl SpecTable {
         row
     }
 
+    /// Every column has the table's length (the error names the first that has not).
+    /// A new column must be listed here.
+    pub fn check_columns(&self) -> Result<(), String> {
+        check_columns!(self, "daemon_specs", runs_on, intent_ms, generation)
+    }
+
+    /// Rebuilds `index` from the specs' names (after a checkpoint is loaded).
+    pub fn rebuild_index(&mut self) -> Result<(), String> {
+        self.index = HashMap::with_capacity(self.len());
+        for (row, spec) in self.spec.iter().enumerate() {
+            if self.index.insert(spec.name.as_str().into(), SpecRow::from_index(row)).is_some() {
+                return Err(format!("daemon `{}` has two spec rows", spec.name));
+            }
+        }
+        Ok(())
+    }
     pub fn hash_into(&self, hasher: &mut StateHasher) {
         hasher.section("daemon_specs", self.len());
         for row in 0..self.len() {
@@ -113,7 +131,7 @@ impl SpecTable {
 }
 
 /// What the log says a daemon instance is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[repr(u8)]
 pub enum DaemonState {
     /// Spawned, not yet registered through the SDK.
@@ -141,7 +159,7 @@ impl DaemonState {
     }
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct DaemonTable {
     pub spec: Vec<SpecRow>,
     pub node: Vec<NodeRow>,
@@ -169,6 +187,8 @@ pub struct DaemonTable {
     pub gated: Vec<bool>,
     /// Instances in state `Started` or `Registered`.
     pub running: u32,
+    /// `(spec, node)` to row; not checkpointed (`rebuild_index` after a load).
+    #[rkyv(with = rkyv::with::Skip)]
     pub index: HashMap<u64, DaemonRow>,
 }
 
@@ -256,6 +276,41 @@ impl DaemonTable {
         self.running = self.running + state.is_running() as u32 - was_running as u32;
     }
 
+    /// Every column has the table's length (the error names the first that has not).
+    /// A new column must be listed here.
+    pub fn check_columns(&self) -> Result<(), String> {
+        check_columns!(
+            self,
+            "daemons",
+            node,
+            state,
+            pid,
+            last_exit,
+            starts,
+            crashes,
+            state_since_ms,
+            healthy,
+            last_health_ms,
+            saturation_permille,
+            started_ms,
+            backoff_ms,
+            start_after_ms,
+            recent_ends_ms,
+            gated
+        )
+    }
+
+    /// Rebuilds `index` from `spec` and `node` (after a checkpoint is loaded).
+    pub fn rebuild_index(&mut self) -> Result<(), String> {
+        self.index = HashMap::with_capacity(self.len());
+        for row in 0..self.len() {
+            let (spec, node) = (self.spec[row], self.node[row]);
+            if self.index.insert(pair_key(spec.0, node.0), DaemonRow::from_index(row)).is_some() {
+                return Err(format!("daemon spec row {} on node row {} has two rows", spec.0, node.0));
+            }
+        }
+        Ok(())
+    }
     pub fn hash_into(&self, hasher: &mut StateHasher) {
         hasher.section("daemons", self.len());
         hasher.u32(self.running);

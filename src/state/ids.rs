@@ -7,7 +7,10 @@
 macro_rules! row_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord,
+            rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+        )]
         pub struct $name(pub u32);
 
         impl $name {
@@ -63,6 +66,23 @@ row_id!(
     SymbolId
 );
 
+/// Checks that every column of a table has the table's length; the error names the
+/// first that does not.
+pub fn columns_in_step(table: &str, rows: usize, columns: &[(&str, usize)]) -> Result<(), String> {
+    match columns.iter().find(|(_, len)| *len != rows) {
+        Some((name, len)) => Err(format!("column {table}.{name} has {len} rows, the table {rows}")),
+        None => Ok(()),
+    }
+}
+
+/// `columns_in_step` over the named `Vec` columns of `$table` (`self`).
+macro_rules! check_columns {
+    ($table:ident, $name:literal, $($column:ident),+ $(,)?) => {
+        $crate::state::ids::columns_in_step($name, $table.len(), &[$((stringify!($column), $table.$column.len())),+])
+    };
+}
+pub(crate) use check_columns;
+
 /// Key of a two-row pair in a `u64`, for hashbrown lookups.
 #[inline]
 pub fn pair_key(high: u32, low: u32) -> u64 {
@@ -72,7 +92,7 @@ pub fn pair_key(high: u32, low: u32) -> u64 {
 /// A `Vec` whose clone keeps the original's capacity: for working lists that must
 /// never grow during a reconcile pass (their room is reserved up front), so that a
 /// cloned state (tests, benches, the simulator) allocates no more than the original.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Reserved<T>(pub Vec<T>);
 
 impl<T: Clone> Clone for Reserved<T> {

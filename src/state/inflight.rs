@@ -13,14 +13,14 @@ use super::ids::{NodeRow, Reserved};
 use crate::action::{Action, ActionKind};
 use crate::event::ActionId;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct InflightAction {
     pub action: Action,
     pub emitted_ms: u64,
     pub deadline_ms: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct InflightTable {
     pub entries: Reserved<InflightAction>,
     pub capacity: usize,

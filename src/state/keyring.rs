@@ -20,7 +20,7 @@ use super::hash::StateHasher;
 /// An ed25519 public key, 32 bytes.
 pub type PublicKey = [u8; 32];
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Keyring {
     /// Version of the current keyring (0: none yet).
     pub version: u64,
@@ -75,14 +75,35 @@ impl Keyring {
     }
 
     pub fn check_invariants(&self, keys_max: u32, seen_max: u32) {
-        assert_eq!(self.version == 0, self.keys.is_empty(), "keyring version and keys out of step");
-        assert!(self.keys.len() <= keys_max as usize, "keyring past keyring_keys_max");
-        assert!(self.seen.len() <= seen_max as usize, "seen keys past admin_keys_seen_max");
-        assert_eq!(self.seen.len(), self.admin_seq_last.len(), "seen keys and sequences out of step");
-        for (index, key) in self.keys.iter().enumerate() {
-            assert!(!self.keys[..index].contains(key), "duplicate key in the keyring");
-            assert!(self.seen.contains(key), "a keyring key is missing from the seen keys");
+        if let Err(what) = self.verify_invariants(keys_max, seen_max) {
+            panic!("{what}");
         }
+    }
+
+    /// The invariants of the module docs; the error names the first broken one.
+    pub fn verify_invariants(&self, keys_max: u32, seen_max: u32) -> Result<(), String> {
+        let fail = |what: &str| Err(what.to_string());
+        if (self.version == 0) != self.keys.is_empty() {
+            return fail("keyring version and keys out of step");
+        }
+        if self.keys.len() > keys_max as usize {
+            return fail("keyring past keyring_keys_max");
+        }
+        if self.seen.len() > seen_max as usize {
+            return fail("seen keys past admin_keys_seen_max");
+        }
+        if self.seen.len() != self.admin_seq_last.len() {
+            return fail("seen keys and sequences out of step");
+        }
+        for (index, key) in self.keys.iter().enumerate() {
+            if self.keys[..index].contains(key) {
+                return fail("duplicate key in the keyring");
+            }
+            if !self.seen.contains(key) {
+                return fail("a keyring key is missing from the seen keys");
+            }
+        }
+        Ok(())
     }
 
     pub fn hash_into(&self, hasher: &mut StateHasher) {

@@ -1,13 +1,15 @@
 //! The folded state: struct-of-arrays tables of nodes, blobs, replicas, daemons and
 //! RTT pairs, plus in-flight actions, the operators' keyring and rejections, and its
-//! 128-bit commitment.
+//! 128-bit commitment; `checkpoint` puts a state in a file and loads it back.
 //!
 //! Invariants: the state is a pure function of the records folded into it (see
 //! `fold`); rows are dense and in order of first appearance in the log; hash maps
 //! only find rows by key and are never iterated; `state_hash` covers every column
-//! in row order. Nothing here does I/O or reads a clock.
+//! in row order. Nothing here does I/O or reads a clock, but `checkpoint`, which
+//! reads and writes checkpoint files and never folds.
 
 pub mod blobs;
+pub mod checkpoint;
 pub mod daemons;
 pub mod hash;
 pub mod ids;
@@ -33,9 +35,11 @@ use self::rtt::RttTable;
 use crate::config::{Config, FoldLimits, ReconcileConfig};
 
 /// Interned strings (zones, labels), in order of first appearance.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Symbols {
     pub names: Vec<Box<str>>,
+    /// Name to id; not checkpointed (`rebuild_index` after a load).
+    #[rkyv(with = rkyv::with::Skip)]
     pub index: HashMap<Box<str>, SymbolId>,
 }
 
@@ -52,6 +56,17 @@ impl Symbols {
 
     pub fn find(&self, name: &str) -> Option<SymbolId> {
         self.index.get(name).copied()
+    }
+
+    /// Rebuilds `index` from `names` (after a checkpoint is loaded).
+    pub fn rebuild_index(&mut self) -> Result<(), String> {
+        self.index = HashMap::with_capacity(self.names.len());
+        for (row, name) in self.names.iter().enumerate() {
+            if self.index.insert(name.clone(), SymbolId::from_index(row)).is_some() {
+                return Err(format!("symbol `{name}` is interned twice"));
+            }
+        }
+        Ok(())
     }
 
     pub fn name(&self, id: SymbolId) -> &str {
@@ -71,7 +86,7 @@ impl Symbols {
 }
 
 /// Everything fold knows.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct State {
     /// Position of the last record folded (0 before the first).
     pub position: u64,
@@ -91,7 +106,11 @@ pub struct State {
     /// The operators' keys whose signed admin events fold applies (see `keyring`).
     pub keyring: Keyring,
     pub rejections: Rejections,
+    /// Config, not state: a checkpoint stores their fingerprint and takes them from
+    /// the loading node's config, which must be equal (`checkpoint`).
+    #[rkyv(with = rkyv::with::Skip)]
     pub limits: FoldLimits,
+    #[rkyv(with = rkyv::with::Skip)]
     pub reconcile: ReconcileConfig,
     /// Blobs fold touched since the last reconcile pass, each once (`blobs.dirty`).
     pub dirty_blobs: Reserved<BlobRow>,
@@ -102,7 +121,7 @@ pub struct State {
 }
 
 /// Reconcile's gate bookkeeping, carried from pass to pass.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Gates {
     /// Start of the current throttle window and the moves started in it.
     pub window_start_ms: u64,
@@ -219,56 +238,177 @@ impl State {
         }
     }
 
-    /// Asserts every cross-table invariant: derived counts match their columns, every
-    /// row id in a column points at an existing row, maps and columns agree in size.
-    /// O(rows); tests call it after folding, replay calls it in debug builds.
+    /// Every column of every table has its table's length (the error names the first
+    /// that has not). Checked before anything indexes a loaded state by row.
+    pub fn check_columns(&self) -> Result<(), String> {
+        self.nodes.check_columns()?;
+        self.blobs.check_columns()?;
+        self.replicas.check_columns()?;
+        self.specs.check_columns()?;
+        self.daemons.check_columns()?;
+        self.rtt.check_columns()?;
+        ids::columns_in_step(
+            "keyring",
+            self.keyring.seen.len(),
+            &[("admin_seq_last", self.keyring.admin_seq_last.len())],
+        )?;
+        ids::columns_in_step("inflight", self.nodes.len(), &[("moves_by_node", self.inflight.moves_by_node.len())])
+    }
+
+    /// Rebuilds every key-to-row map from its table's columns and gives the working
+    /// lists their reserved room back: what a checkpoint does not store.
+    pub fn rebuild_indexes(&mut self) -> Result<(), String> {
+        self.symbols.rebuild_index()?;
+        self.nodes.rebuild_index()?;
+        self.blobs.rebuild_index()?;
+        self.replicas.rebuild_index()?;
+        self.specs.rebuild_index()?;
+        self.daemons.rebuild_index()?;
+        self.rtt.rebuild_index()?;
+        // As fold and `InflightTable::new` reserve them: neither list grows in a pass.
+        let room = self.blobs.len().saturating_sub(self.dirty_blobs.len());
+        self.dirty_blobs.reserve(room);
+        let room = self.inflight.capacity.saturating_sub(self.inflight.entries.len());
+        self.inflight.entries.reserve_exact(room);
+        Ok(())
+    }
+
+    /// Asserts every cross-table invariant (`verify_invariants`). O(rows); tests call
+    /// it after folding, replay calls it in debug builds.
     pub fn check_invariants(&self) {
+        if let Err(what) = self.verify_invariants() {
+            panic!("state invariant broken: {what}");
+        }
+    }
+
+    /// Checks every cross-table invariant: columns in step, derived counts match their
+    /// columns, every row id in a column points at an existing row, maps and columns
+    /// agree in size, bounded lists within their limits. Never panics, whatever the
+    /// state holds (a loaded checkpoint is checked with it); the error names the first
+    /// broken invariant.
+    pub fn verify_invariants(&self) -> Result<(), String> {
+        macro_rules! ensure {
+            ($condition:expr, $($what:tt)+) => {
+                if !$condition {
+                    return Err(format!($($what)+));
+                }
+            };
+        }
+        macro_rules! ensure_eq {
+            ($left:expr, $right:expr, $what:literal) => {
+                if $left != $right {
+                    return Err(format!(concat!($what, ": {:?} != {:?}"), $left, $right));
+                }
+            };
+        }
+        self.check_columns()?;
         let (nodes, blobs) = (self.nodes.len(), self.blobs.len());
-        assert_eq!(self.nodes.index.len(), nodes, "node index out of step");
-        assert_eq!(self.blobs.index.len(), blobs, "blob index out of step");
-        assert_eq!(self.replicas.index.len(), self.replicas.len(), "replica index out of step");
-        assert_eq!(self.daemons.index.len(), self.daemons.len(), "daemon index out of step");
-        assert_eq!(self.rtt.index.len(), self.rtt.len(), "rtt index out of step");
+        ensure_eq!(self.nodes.index.len(), nodes, "node index out of step");
+        ensure_eq!(self.blobs.index.len(), blobs, "blob index out of step");
+        ensure_eq!(self.replicas.index.len(), self.replicas.len(), "replica index out of step");
+        ensure_eq!(self.specs.index.len(), self.specs.len(), "daemon spec index out of step");
+        ensure_eq!(self.daemons.index.len(), self.daemons.len(), "daemon index out of step");
+        ensure_eq!(self.rtt.index.len(), self.rtt.len(), "rtt index out of step");
+        ensure_eq!(self.symbols.index.len(), self.symbols.names.len(), "symbol index out of step");
         let mut healthy = vec![0u32; blobs];
         let mut live = 0u32;
-        for row in 0..self.replicas.len() {
-            let (blob, node) = (self.replicas.blob[row], self.replicas.node[row]);
-            assert!(blob.index() < blobs && node.index() < nodes, "replica {row} points past its tables");
-            let state = self.replicas.state[row];
-            healthy[blob.index()] += (state == crate::event::ReplicaState::Healthy) as u32;
-            live += (state != crate::event::ReplicaState::Deleted) as u32;
-        }
-        assert_eq!(healthy, self.blobs.healthy_count, "blob healthy counts drifted from the replica table");
         let mut copies = vec![0u32; nodes];
         let mut digests = vec![0u128; nodes];
         for row in 0..self.replicas.len() {
-            if self.replicas.state[row] == crate::event::ReplicaState::Healthy {
-                let node = self.replicas.node[row].index();
-                let hash = &self.blobs.hash[self.replicas.blob[row].index()];
+            let (blob, node) = (self.replicas.blob[row].0 as usize, self.replicas.node[row].0 as usize);
+            ensure!(blob < blobs && node < nodes, "replica {row} points past its tables");
+            let state = self.replicas.state[row];
+            live += (state != crate::event::ReplicaState::Deleted) as u32;
+            if state == crate::event::ReplicaState::Healthy {
+                healthy[blob] += 1;
                 copies[node] += 1;
+                let hash = &self.blobs.hash[blob];
                 digests[node] = digests[node].wrapping_add(u128::from_le_bytes(hash[..16].try_into().expect("16")));
             }
         }
-        assert_eq!(copies, self.nodes.healthy_copies, "node inventory counts drifted");
-        assert_eq!(digests, self.nodes.healthy_digest, "node inventory digests drifted");
-        assert_eq!(live, self.replicas.live, "live replica count drifted");
+        ensure!(healthy == self.blobs.healthy_count, "blob healthy counts drifted from the replica table");
+        ensure!(copies == self.nodes.healthy_copies, "node inventory counts drifted");
+        ensure!(digests == self.nodes.healthy_digest, "node inventory digests drifted");
+        ensure_eq!(live, self.replicas.live, "live replica count drifted");
+        let replica_rows = self.replicas.len();
+        for rows in &self.nodes.replica_rows {
+            ensure!(rows.iter().all(|row| (row.0 as usize) < replica_rows), "a node's replica row past the table");
+        }
+        for rows in &self.blobs.replica_rows {
+            ensure!(rows.iter().all(|row| (row.0 as usize) < replica_rows), "a blob's replica row past the table");
+        }
+        for row in 0..blobs {
+            let announced_by = self.blobs.announced_by[row];
+            ensure!(
+                announced_by.is_none() || (announced_by.0 as usize) < nodes,
+                "blob {row} announced by a node past the table"
+            );
+            ensure!(
+                self.blobs.plan[row].iter().all(|node| (node.0 as usize) < nodes),
+                "blob {row} plans a node past the table"
+            );
+            ensure!(
+                self.blobs.pinned[row].iter().all(|node| (node.0 as usize) < nodes),
+                "pinned node past the node table"
+            );
+        }
         let running = self.daemons.state.iter().filter(|state| state.is_running()).count() as u32;
-        assert_eq!(running, self.daemons.running, "running daemon count drifted");
+        ensure_eq!(running, self.daemons.running, "running daemon count drifted");
         for row in 0..self.daemons.len() {
-            assert!(self.daemons.spec[row].index() < self.specs.len() && self.daemons.node[row].index() < nodes);
+            ensure!(
+                (self.daemons.spec[row].0 as usize) < self.specs.len() && (self.daemons.node[row].0 as usize) < nodes,
+                "daemon {row} points past its tables"
+            );
         }
         for row in 0..self.rtt.len() {
             let (from, to) = (self.rtt.from[row], self.rtt.to[row]);
-            assert!(from != to && from.index() < nodes && to.index() < nodes, "rtt pair {row} is invalid");
+            ensure!(from != to && (from.0 as usize) < nodes && (to.0 as usize) < nodes, "rtt pair {row} is invalid");
         }
-        for pinned in &self.blobs.pinned {
-            assert!(pinned.iter().all(|node| node.index() < nodes), "pinned node past the node table");
+        let symbols = self.symbols.names.len();
+        let symbol_ok = |id: SymbolId| id.is_none() || (id.0 as usize) < symbols;
+        ensure!(self.nodes.zone.iter().all(|&zone| symbol_ok(zone)), "a node's zone past the symbols");
+        ensure!(self.nodes.labels.iter().flatten().all(|&label| symbol_ok(label)), "a node's label past the symbols");
+        for placement in &self.specs.runs_on {
+            match placement {
+                daemons::SpecPlacement::Label(label) => ensure!(symbol_ok(*label), "a spec's label past the symbols"),
+                daemons::SpecPlacement::Nodes(rows) => {
+                    ensure!(rows.iter().all(|node| (node.0 as usize) < nodes), "a spec's node past the node table")
+                }
+                daemons::SpecPlacement::AllNodes | daemons::SpecPlacement::Nowhere => {}
+            }
         }
-        assert!(self.symbols.names.len() <= self.limits.symbols_max as usize, "symbols past symbols_max");
-        assert!(self.nodes.labels.iter().all(|labels| labels.len() <= self.limits.labels_per_node_max as usize));
-        self.keyring.check_invariants(self.limits.keyring_keys_max, self.limits.admin_keys_seen_max);
-        assert!(self.rejections.kept.len() <= self.rejections.kept_max);
-        assert_eq!(self.rejections.total, self.rejections.by_reason.iter().sum::<u64>());
+        ensure!(symbols <= self.limits.symbols_max as usize, "symbols past symbols_max");
+        ensure!(
+            self.nodes.labels.iter().all(|labels| labels.len() <= self.limits.labels_per_node_max as usize),
+            "labels past labels_per_node_max"
+        );
+        self.keyring.verify_invariants(self.limits.keyring_keys_max, self.limits.admin_keys_seen_max)?;
+        let inflight = &self.inflight;
+        ensure!(inflight.entries.len() <= inflight.capacity, "more in-flight actions than the table's capacity");
+        for entry in inflight.entries.iter() {
+            let action = &entry.action;
+            ensure!((action.node.0 as usize) < nodes, "in-flight action {:?} on a node past the table", action.id);
+            ensure!(action.kind.is_tracked(), "in-flight action {:?} is not tracked", action.id);
+            ensure!(
+                action.kind.peer().is_none_or(|peer| (peer.0 as usize) < nodes),
+                "in-flight action {:?} peer past the table",
+                action.id
+            );
+            ensure!(
+                action.kind.blob().is_none_or(|blob| (blob.0 as usize) < blobs),
+                "in-flight action {:?} blob past the table",
+                action.id
+            );
+            ensure!(
+                action.kind.daemon_spec().is_none_or(|spec| (spec.0 as usize) < self.specs.len()),
+                "in-flight action {:?} spec past the table",
+                action.id
+            );
+        }
+        ensure!(self.rejections.kept.len() <= self.rejections.kept_max, "rejections past kept_max");
+        ensure_eq!(self.rejections.total, self.rejections.by_reason.iter().sum::<u64>(), "rejection counts drifted");
+        ensure!(self.dirty_blobs.iter().all(|blob| (blob.0 as usize) < blobs), "a dirty blob past the table");
+        Ok(())
     }
 
     pub fn summary(&self) -> Summary {

@@ -8,7 +8,7 @@ use hashbrown::HashMap;
 use smallvec::SmallVec;
 
 use super::hash::StateHasher;
-use super::ids::{NodeRow, ReplicaRow, SymbolId};
+use super::ids::{check_columns, NodeRow, ReplicaRow, SymbolId};
 use crate::locality::Coordinate;
 
 /// A stable 64-bit key for a node name: the first 8 bytes (LE) of its blake3 hash.
@@ -18,7 +18,7 @@ pub fn node_key(name: &str) -> u64 {
 use crate::event::NodeStatus;
 
 /// The maintenance lifecycle of the seed's section 12.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[repr(u8)]
 pub enum MaintenanceState {
     Active = 0,
@@ -56,7 +56,7 @@ impl MaintenanceState {
 }
 
 /// Struct-of-arrays node table.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct NodeTable {
     pub name: Vec<Box<str>>,
     pub status: Vec<NodeStatus>,
@@ -127,6 +127,8 @@ pub struct NodeTable {
     /// The lowest log position the node still needs to restart (the first after its
     /// oldest kept checkpoint; 0: it needs the whole log).
     pub needs_position: Vec<u64>,
+    /// Name to row; not checkpointed (`rebuild_index` after a load).
+    #[rkyv(with = rkyv::with::Skip)]
     pub index: HashMap<Box<str>, NodeRow>,
 }
 
@@ -197,56 +199,68 @@ impl NodeTable {
     }
 
     fn debug_check(&self) {
-        let rows = self.len();
-        debug_assert!(
-            [
-                self.status.len(),
-                self.joined_ms.len(),
-                self.last_heartbeat_ms.len(),
-                self.load_permille.len(),
-                self.origin_seq_last.len(),
-                self.incarnation.len(),
-                self.cordoned.len(),
-                self.draining.len(),
-                self.maintenance.len(),
-                self.avoid.len(),
-                self.backpressure.len(),
-                self.maintenance_since_ms.len(),
-                self.drain_deadline_ms.len(),
-                self.capability_version_at_enter.len(),
-                self.drain_unsafe_copies.len(),
-                self.drain_moving_copies.len(),
-                self.drain_daemons_left.len(),
-                self.drain_unsafe_bytes.len(),
-                self.drain_eta_ms.len(),
-                self.restart_generation.len(),
-                self.capability_version.len(),
-                self.zone.len(),
-                self.capacity_bytes.len(),
-                self.labels.len(),
-                self.endpoint.len(),
-                self.inventory_blob_count.len(),
-                self.inventory_digest.len(),
-                self.inventory_reported_ms.len(),
-                self.key.len(),
-                self.status_since_ms.len(),
-                self.replica_rows.len(),
-                self.live.len(),
-                self.eligible.len(),
-                self.rtt_average_us.len(),
-                self.hot.len(),
-                self.coordinate.len(),
-                self.healthy_copies.len(),
-                self.healthy_digest.len(),
-                self.commitment_position.len(),
-                self.commitment_hash.len(),
-                self.needs_position.len(),
-                self.index.len(),
-            ]
-            .iter()
-            .all(|&len| len == rows),
-            "node columns out of step"
-        );
+        debug_assert!(self.check_columns().is_ok() && self.index.len() == self.len(), "node columns out of step");
+    }
+
+    /// Every column has the table's length (the error names the first that has not).
+    /// A new column must be listed here.
+    pub fn check_columns(&self) -> Result<(), String> {
+        check_columns!(
+            self,
+            "nodes",
+            status,
+            joined_ms,
+            last_heartbeat_ms,
+            load_permille,
+            origin_seq_last,
+            incarnation,
+            cordoned,
+            draining,
+            maintenance,
+            avoid,
+            backpressure,
+            maintenance_since_ms,
+            drain_deadline_ms,
+            capability_version_at_enter,
+            drain_unsafe_copies,
+            drain_moving_copies,
+            drain_daemons_left,
+            drain_unsafe_bytes,
+            drain_eta_ms,
+            restart_generation,
+            capability_version,
+            zone,
+            capacity_bytes,
+            labels,
+            endpoint,
+            inventory_blob_count,
+            inventory_digest,
+            inventory_reported_ms,
+            key,
+            status_since_ms,
+            replica_rows,
+            live,
+            eligible,
+            rtt_average_us,
+            hot,
+            coordinate,
+            healthy_copies,
+            healthy_digest,
+            commitment_position,
+            commitment_hash,
+            needs_position,
+        )
+    }
+
+    /// Rebuilds `index` from `name` (after a checkpoint is loaded).
+    pub fn rebuild_index(&mut self) -> Result<(), String> {
+        self.index = HashMap::with_capacity(self.len());
+        for (row, name) in self.name.iter().enumerate() {
+            if self.index.insert(name.clone(), NodeRow::from_index(row)).is_some() {
+                return Err(format!("node `{name}` has two rows"));
+            }
+        }
+        Ok(())
     }
 
     pub fn hash_into(&self, hasher: &mut StateHasher) {

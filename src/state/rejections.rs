@@ -7,11 +7,12 @@
 use std::collections::VecDeque;
 use std::fmt;
 
+use super::checkpoint::StaticText;
 use super::hash::StateHasher;
 use crate::event::{blob_hex, ActionId, BlobHash};
 
 /// Why fold refused an event. Each names the thing that is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum RejectReason {
     /// The record's payload is not a valid archived `EventBatch`; no event of it was
     /// applied. Carries only the payload size: validator messages hold memory
@@ -59,9 +60,9 @@ pub enum RejectReason {
         bytes: u32,
         max: u32,
     },
-    InvalidIntent(&'static str),
+    InvalidIntent(#[rkyv(with = StaticText)] &'static str),
     /// A table reached its configured row limit.
-    TableFull(&'static str),
+    TableFull(#[rkyv(with = StaticText)] &'static str),
     /// An admin event whose signature does not verify with its key (or whose key is
     /// not an ed25519 public key); carries the key's first 8 bytes in hex.
     BadAdminSignature(Box<str>),
@@ -82,7 +83,7 @@ pub enum RejectReason {
         got: u64,
     },
     /// A key rotation with an empty, duplicated, oversized or malformed key list.
-    InvalidKeyring(&'static str),
+    InvalidKeyring(#[rkyv(with = StaticText)] &'static str),
     /// An explicit drop of a blob's only healthy copy.
     WouldDropLastCopy {
         blob: BlobHash,
@@ -225,13 +226,14 @@ impl fmt::Display for RejectReason {
 }
 
 /// One refused event, where it was, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Rejection {
     pub position: u64,
     /// Index of the event in its record (u32::MAX for a whole-record rejection).
     pub event_index: u32,
     pub origin: Box<str>,
     pub origin_seq: u64,
+    #[rkyv(with = StaticText)]
     pub kind: &'static str,
     pub reason: RejectReason,
 }
@@ -250,7 +252,7 @@ impl fmt::Display for Rejection {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Rejections {
     pub total: u64,
     pub by_reason: [u64; REJECT_REASON_NAMES.len()],

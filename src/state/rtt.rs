@@ -8,9 +8,9 @@
 use hashbrown::HashMap;
 
 use super::hash::StateHasher;
-use super::ids::{pair_key, NodeRow, RttRow};
+use super::ids::{check_columns, pair_key, NodeRow, RttRow};
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct RttTable {
     pub from: Vec<NodeRow>,
     pub to: Vec<NodeRow>,
@@ -19,6 +19,8 @@ pub struct RttTable {
     pub last_us: Vec<u32>,
     pub samples: Vec<u32>,
     pub last_ms: Vec<u64>,
+    /// `(from, to)` to row; not checkpointed (`rebuild_index` after a load).
+    #[rkyv(with = rkyv::with::Skip)]
     pub index: HashMap<u64, RttRow>,
 }
 
@@ -63,6 +65,23 @@ impl RttTable {
         self.last_ms[index] = now_ms;
     }
 
+    /// Every column has the table's length (the error names the first that has not).
+    /// A new column must be listed here.
+    pub fn check_columns(&self) -> Result<(), String> {
+        check_columns!(self, "rtt", to, average_us, last_us, samples, last_ms)
+    }
+
+    /// Rebuilds `index` from `from` and `to` (after a checkpoint is loaded).
+    pub fn rebuild_index(&mut self) -> Result<(), String> {
+        self.index = HashMap::with_capacity(self.len());
+        for row in 0..self.len() {
+            let (from, to) = (self.from[row], self.to[row]);
+            if self.index.insert(pair_key(from.0, to.0), RttRow::from_index(row)).is_some() {
+                return Err(format!("rtt pair of node rows {} and {} has two rows", from.0, to.0));
+            }
+        }
+        Ok(())
+    }
     pub fn hash_into(&self, hasher: &mut StateHasher) {
         hasher.section("rtt", self.len());
         for row in 0..self.len() {
