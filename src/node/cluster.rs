@@ -229,7 +229,8 @@ impl Cluster {
             if others == 0 {
                 continue;
             }
-            let own_listed = nodes.find(&self.name).is_some_and(|row| nodes.commitment_position[row.index()] == position);
+            let own_listed =
+                nodes.find(&self.name).is_some_and(|row| nodes.commitment_position[row.index()] == position);
             if !own_listed {
                 match tally.iter_mut().find(|(seen, _)| *seen == own) {
                     Some((_, count)) => *count += 1,
@@ -323,8 +324,9 @@ pub fn run_cluster(
 ) -> Result<NodeReport, NodeError> {
     assert!(config.clustered(), "run_cluster needs [cluster] nats");
     let library_config = config.to_config();
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::Io { path: config.data_dir.clone(), source })?;
-    let mut checkpoints = CheckpointStore::new(config.checkpoints_dir(), config.cluster.checkpoints_kept as usize)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| NodeError::Io { path: config.data_dir.clone(), source })?;
+    let mut checkpoints = CheckpointStore::new(config.checkpoints_dir(), config.cluster.checkpoints_kept as usize);
     let started = starting_state(config, &mut checkpoints)?;
     let (mut mirror, recovery) =
         Mirror::open(&config.log_dir(), &config.data_dir.join(MIRROR_BASE_FILE), &library_config)?;
@@ -595,16 +597,18 @@ fn repair_tail(
     );
     let mut expected: hashbrown::HashMap<u64, u64> = hashbrown::HashMap::new();
     let mut refused = None;
-    cluster.mirror.read_from(stream_last + 1, &mut |record| {
-        match jetstream.publish_pinned(message_id(record.payload), record.payload, record.position - 1) {
-            Ok(ticket) => {
-                expected.insert(ticket, record.position);
-                true
-            }
-            Err(error) => {
-                refused = Some(error.to_string());
-                false
-            }
+    cluster.mirror.read_from(stream_last + 1, &mut |record| match jetstream.publish_pinned(
+        message_id(record.payload),
+        record.payload,
+        record.position - 1,
+    ) {
+        Ok(ticket) => {
+            expected.insert(ticket, record.position);
+            true
+        }
+        Err(error) => {
+            refused = Some(error.to_string());
+            false
         }
     })?;
     if let Some(error) = refused {

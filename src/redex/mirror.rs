@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::redex::embedded::{EmbeddedLog, RecoveryReport};
-use crate::redex::{Redex, RedexError, RecordView, Stamp};
+use crate::redex::{RecordView, Redex, RedexError, Stamp};
 
 pub struct Mirror {
     log: EmbeddedLog,

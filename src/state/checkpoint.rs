@@ -450,6 +450,11 @@ impl CheckpointStore {
         self.list().ok()?.pop()
     }
 
+    /// The position of the oldest checkpoint kept (None: none, or unreadable).
+    pub fn oldest(&self) -> Option<u64> {
+        self.list().ok()?.first().map(|(position, _)| *position)
+    }
+
     /// The newest checkpoint at or below `position` (a node whose log ends at
     /// `position` cannot use a checkpoint past it).
     pub fn latest_at_or_below(&self, position: u64) -> Option<(u64, PathBuf)> {
