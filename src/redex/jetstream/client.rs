@@ -46,7 +46,7 @@ const HEADER_BYTES_ALLOWANCE: u64 = 160;
 const TICK: Duration = Duration::from_millis(50);
 const PING_INTERVAL: Duration = Duration::from_secs(5);
 const PINGS_OUTSTANDING_MAX: u32 = 3;
-const STREAM_INFO_INTERVAL: Duration = Duration::from_secs(5);
+const STREAM_INFO_INTERVAL: Duration = Duration::from_secs(2);
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Bytes read per loop round before the thread turns to its other work.
 const READ_ROUND_BYTES_MAX: usize = 4 << 20;
@@ -91,9 +91,23 @@ enum RequestKind {
 }
 
 enum Consumer {
-    None { retry_at: Instant },
-    Creating { request: u64, sid: u64, name: String },
-    Active { sid: u64, name: String, last_seen: Instant, next_consumer_seq: u64, delivered_any: bool },
+    None {
+        retry_at: Instant,
+    },
+    Creating {
+        request: u64,
+        sid: u64,
+        name: String,
+    },
+    /// `create_request`: the create reply is still to come (deliveries came first).
+    Active {
+        sid: u64,
+        name: String,
+        create_request: Option<u64>,
+        last_seen: Instant,
+        next_consumer_seq: u64,
+        delivered_any: bool,
+    },
 }
 
 struct Conn {
@@ -233,8 +247,10 @@ pub(super) fn run(config: JetStreamConfig, next_position: u64, inner: Arc<Inner>
         backoff_ms: 0,
         inflight: BTreeMap::new(),
         resolving: false,
+        resolving_since: None,
         next_position,
         consumer_generation: 0,
+        consumers_created: 0,
         held: VecDeque::new(),
         held_bytes: 0,
         before_start: None,
@@ -263,8 +279,11 @@ struct Client {
     backoff_ms: u64,
     inflight: BTreeMap<u64, InFlight>,
     resolving: bool,
+    resolving_since: Option<Instant>,
     next_position: u64,
     consumer_generation: u64,
+    /// Consumers that came to exist (the first is not a recreation).
+    consumers_created: u64,
     held: VecDeque<OwnedRecord>,
     held_bytes: usize,
     before_start: Option<(u64, u64)>,
@@ -296,7 +315,9 @@ impl Client {
                     entry.state = SendState::Due(Instant::now());
                 }
             }
-            self.resolving |= !self.inflight.is_empty();
+            if !self.inflight.is_empty() {
+                self.start_resolving("connection lost");
+            }
             match end {
                 End::Stop => return,
                 End::Lost(reason) => tracing::warn!(server, "JetStream connection lost: {reason}"),
@@ -547,7 +568,7 @@ impl Client {
                     (Some(b'p'), Some(ticket)) => self.on_pub_reply(ticket, &message, now)?,
                     (Some(b'r'), Some(id)) => {
                         if let Some((kind, _)) = conn.requests.remove(&id) {
-                            self.on_api_reply(conn, kind, Some(&message), now)?;
+                            self.on_api_reply(conn, id, kind, Some(&message), now)?;
                         }
                     }
                     _ => return Err(self.protocol_error("a reply on the inbox with an unknown token".into())),
@@ -556,6 +577,20 @@ impl Client {
             ServerOp::Msg(message) => {
                 let current = match conn.consumer {
                     Consumer::Active { sid, .. } => sid == message.sid,
+                    Consumer::Creating { request, sid, ref name } if sid == message.sid => {
+                        // The consumer delivers before its create reply arrived: it exists.
+                        conn.consumer = Consumer::Active {
+                            sid,
+                            name: name.clone(),
+                            create_request: Some(request),
+                            last_seen: now,
+                            next_consumer_seq: 1,
+                            delivered_any: false,
+                        };
+                        self.stats.consumer_recreated += u64::from(self.consumers_created > 0);
+                        self.consumers_created += 1;
+                        true
+                    }
                     _ => false,
                 };
                 if current {
@@ -594,14 +629,24 @@ impl Client {
             }
         }
         if ambiguous {
-            let delay_ms = (50u64 << entry.attempts.min(10)).min(u64::from(self.config.reconnect_backoff_max_ms));
+            // Short: a new leader is usually elected within seconds and should not wait long.
+            let delay_ms = (50u64 << entry.attempts.min(3)).min(u64::from(self.config.reconnect_backoff_max_ms));
             entry.state = SendState::Due(now + Duration::from_millis(delay_ms));
-            self.resolving = true;
+            self.start_resolving("no responders or an unclear reply");
             return Ok(());
         }
         let result = result.expect("an unambiguous reply has a result");
         self.resolve(ticket, result);
         Ok(())
+    }
+
+    /// Stops taking new records until everything in flight resolved (module docs).
+    fn start_resolving(&mut self, why: &str) {
+        if !self.resolving {
+            tracing::info!(in_flight = self.inflight.len(), "resolving publishes in flight before new ones: {why}");
+            self.resolving = true;
+            self.resolving_since = Some(Instant::now());
+        }
     }
 
     fn resolve(&mut self, ticket: u64, result: Result<Stored, String>) {
@@ -618,14 +663,17 @@ impl Client {
             }
         }
         self.outcomes.push(PublishOutcome { ticket, result });
-        if self.inflight.is_empty() {
+        if self.inflight.is_empty() && self.resolving {
             self.resolving = false;
+            let since = self.resolving_since.take().map(|since| since.elapsed());
+            tracing::info!(?since, "every ambiguous publish resolved; sending new records again");
         }
     }
 
     fn on_api_reply(
         &mut self,
         conn: &mut Conn,
+        id: u64,
         kind: RequestKind,
         message: Option<&Message<'_>>,
         now: Instant,
@@ -683,21 +731,36 @@ impl Client {
                 _ => tracing::debug!("stream info without an answer"),
             },
             RequestKind::ConsumerCreate => {
-                let Consumer::Creating { request, sid, ref name } = conn.consumer else { return Ok(()) };
-                let _ = request;
                 let reply = match payload.map(serde_json::from_slice::<ApiReply>) {
                     Some(Ok(reply)) => Some(reply),
                     Some(Err(error)) => return Err(self.protocol_error(format!("bad consumer reply: {error}"))),
                     None => None,
                 };
+                let (sid, name) = match conn.consumer {
+                    Consumer::Creating { request, sid, ref name } if request == id => (sid, name.clone()),
+                    Consumer::Active { create_request: Some(request), .. } if request == id => {
+                        // Deliveries came before this reply and activated the consumer.
+                        if let Consumer::Active { ref mut create_request, .. } = conn.consumer {
+                            *create_request = None;
+                        }
+                        if let Some(error) = reply.and_then(|reply| reply.error) {
+                            self.recreate_consumer(conn, &format!("consumer creation failed: {error}"), now);
+                        }
+                        return Ok(());
+                    }
+                    _ => return Ok(()), // a reply for a consumer already replaced
+                };
                 match reply {
                     Some(ApiReply { error: None, .. }) => {
+                        self.stats.consumer_recreated += u64::from(self.consumers_created > 0);
+                        self.consumers_created += 1;
                         tracing::info!(consumer = name, from = self.next_position, "JetStream consumer created");
                         conn.api_failures = 0;
                         conn.api_backoff_ms = 0;
                         conn.consumer = Consumer::Active {
                             sid,
-                            name: name.clone(),
+                            name,
+                            create_request: None,
                             last_seen: now,
                             next_consumer_seq: 1,
                             delivered_any: false,
@@ -844,6 +907,7 @@ impl Client {
     fn drop_consumer(&mut self, conn: &mut Conn, now: Instant) {
         let old = std::mem::replace(&mut conn.consumer, Consumer::None { retry_at: now });
         conn.fc_deferred = None;
+        conn.requests.retain(|_, (kind, _)| !matches!(kind, RequestKind::ConsumerCreate));
         if let Consumer::Creating { sid, name, .. } | Consumer::Active { sid, name, .. } = old {
             proto::encode_unsub(&mut conn.wbuf, sid);
             let subject = format!("$JS.API.CONSUMER.DELETE.{}.{name}", self.config.stream);
@@ -853,9 +917,6 @@ impl Client {
 
     fn create_consumer(&mut self, conn: &mut Conn, now: Instant) {
         self.drop_consumer(conn, now);
-        if self.consumer_generation > 0 {
-            self.stats.consumer_recreated += 1;
-        }
         self.consumer_generation += 1;
         let name = format!("{}-{}-{}", self.consumer_prefix, self.boot, self.consumer_generation);
         let deliver = format!("{}_d{}", conn.inbox, self.consumer_generation);
@@ -913,7 +974,7 @@ impl Client {
         while let Some((&id, &(kind, deadline))) = conn.requests.iter().find(|(_, (_, deadline))| *deadline <= now) {
             let _ = deadline;
             conn.requests.remove(&id);
-            self.on_api_reply(conn, kind, None, now)?;
+            self.on_api_reply(conn, id, kind, None, now)?;
         }
         if let Some(at) = conn.stream_retry_at.filter(|&at| at <= now) {
             let _ = at;
@@ -924,13 +985,17 @@ impl Client {
             return Ok(());
         }
         // Publishes without an answer become due again, same msg id.
+        let mut timed_out = false;
         for entry in self.inflight.values_mut() {
             if let SendState::Sent(at) = entry.state {
                 if now.saturating_duration_since(at) >= self.ack_timeout {
                     entry.state = SendState::Due(now);
-                    self.resolving = true;
+                    timed_out = true;
                 }
             }
+        }
+        if timed_out {
+            self.start_resolving("publish ack timeout");
         }
         let blocked = self.reading_blocked();
         match conn.consumer {
