@@ -370,3 +370,38 @@ fn pinned_publish_with_a_wrong_expected_last_fails() {
     assert!(matches!(client.js.publish(msg_id(run, 99), &big), Err(PublishError::TooLarge { .. })));
     client.js.stop();
 }
+
+#[test]
+fn a_slow_reader_stalls_delivery_without_loss() {
+    let _serial = serial();
+    let Some(cluster) = NatsCluster::start(1) else { return };
+    let run = run_id();
+    let mut config = config(&cluster, "node-1", 1);
+    config.delivered_queue_max = 16;
+    let mut client = Client::start(config, 1);
+    let total = 3_000u64;
+    let body = vec![7u8; 16 << 10];
+    for index in 0..total {
+        loop {
+            match client.js.publish(msg_id(run, index), &body) {
+                Ok(_) => break,
+                Err(PublishError::Full { .. }) => {
+                    client.signal.wait(Some(50));
+                    client.take_acks();
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
+    }
+    client.wait_outcomes(total as usize, Duration::from_secs(30));
+    // Nothing read for a while: the client holds what it got and withholds flow
+    // control; heartbeats keep the consumer alive.
+    std::thread::sleep(Duration::from_secs(4));
+    let records = client.read(total as usize, Duration::from_secs(30));
+    assert_dense(&records, 1);
+    assert!(records.iter().all(|record| record.3 == body));
+    let stats = client.js.stats();
+    println!("{stats:?}");
+    assert_eq!((stats.consumer_recreated, stats.protocol_errors, stats.connects), (0, 0, 1), "{stats:?}");
+    client.js.stop();
+}

@@ -22,8 +22,9 @@
 //! last, else the consumer is recreated from `next_position` (or reading ends with
 //! BeforeStart when a new consumer starts beyond it). Accepted records wait in `held`
 //! until the shared queue has room; while anything is held, flow-control replies are
-//! withheld (the server stops sending), and past `HELD_BYTES_MAX` the socket is not
-//! read at all.
+//! withheld (the server stops sending), and past `HELD_BYTES_MAX` bytes or
+//! `HELD_RECORDS_PER_QUEUED * delivered_queue_max` records the socket is not read at
+//! all (acks and heartbeats wait too; the heartbeat and ping clocks pause).
 
 use super::proto::{self, Message, ServerInfo, ServerOp};
 use super::{Inner, JetStreamConfig, JetStreamStats, Outgoing, OwnedRecord, PublishOutcome, Stored};
@@ -54,6 +55,8 @@ const READ_ROUND_BYTES_MAX: usize = 4 << 20;
 const WRITE_BUFFER_BYTES_MAX: usize = 8 << 20;
 /// Held delivery bytes beyond which the socket is not read until the main thread drains.
 const HELD_BYTES_MAX: usize = 128 << 20;
+/// Held records, per `delivered_queue_max`, beyond which the socket is not read.
+const HELD_RECORDS_PER_QUEUED: usize = 16;
 /// Failed stream or consumer creations in a row before trying another server.
 const API_FAILURES_MAX: u32 = 5;
 /// A consumer nobody listens to is removed by the server after this long.
@@ -477,8 +480,11 @@ impl Client {
         end
     }
 
+    /// Too much held for the main thread: the socket is not read until it drains
+    /// (normally withheld flow control stops the server long before).
     fn reading_blocked(&self) -> bool {
         self.held_bytes > HELD_BYTES_MAX
+            || self.held.len() > (self.config.delivered_queue_max as usize).saturating_mul(HELD_RECORDS_PER_QUEUED)
     }
 
     /// One loop round: wait, read, timers, hand over, send, write.

@@ -31,9 +31,11 @@
 //!    purged past it) ends reading with [`JetStreamError::BeforeStart`].
 //! 4. Memory is bounded: at most `publish_window_max + publish_queue_max` records
 //!    are pending; at most `delivered_queue_max` delivered records wait for the main
-//!    thread, beyond which the thread holds further deliveries and withholds its
-//!    flow-control replies, so the server stops sending (nothing is dropped); read
-//!    buffers are bounded by the payload cap.
+//!    thread in the shared queue (and as many in the handle), beyond which the
+//!    thread holds further deliveries and withholds its flow-control replies, so the
+//!    server stops sending (nothing is dropped); should it hold 16 times
+//!    `delivered_queue_max` records or 128 MiB anyway, it stops reading the socket
+//!    until the main thread drains. Read buffers are bounded by the payload cap.
 //! 5. Malformed server input is counted as a protocol error and ends the
 //!    connection (the client reconnects); it never panics.
 
