@@ -405,3 +405,63 @@ fn a_slow_reader_stalls_delivery_without_loss() {
     assert_eq!((stats.consumer_recreated, stats.protocol_errors, stats.connects), (0, 0, 1), "{stats:?}");
     client.js.stop();
 }
+
+#[test]
+fn the_only_server_restarted_the_client_reconnects_and_continues() {
+    let _serial = serial();
+    let Some(mut cluster) = NatsCluster::start(1) else { return };
+    let run = run_id();
+    let mut client = Client::start(config(&cluster, "node-1", 1), 1);
+    client.publish_range(run, 0..2_000, &mut |_, _| {});
+    client.wait_outcomes(2_000, Duration::from_secs(20));
+    let first = client.read(2_000, Duration::from_secs(20));
+    assert_dense(&first, 1);
+    cluster.restart(0);
+    client.publish_range(run, 2_000..4_000, &mut |_, _| {});
+    client.wait_outcomes(4_000, Duration::from_secs(30));
+    assert_every_ticket_stored(&client, 4_000);
+    let second = client.read(2_000, Duration::from_secs(30));
+    assert_dense(&second, 2_001);
+    let ids: HashSet<[u8; 16]> = first.iter().chain(&second).filter_map(|record| record.2).collect();
+    assert_eq!(ids.len(), 4_000, "each record once");
+    let stats = client.js.stats();
+    assert!(stats.connects >= 2 && stats.connected, "{stats:?}");
+    client.js.stop();
+}
+
+#[test]
+fn three_servers_consumer_host_killed_the_consumer_is_recreated() {
+    let _serial = serial();
+    let Some(mut cluster) = NatsCluster::start(3) else { return };
+    let run = run_id();
+    let mut client = Client::start(config(&cluster, "node-9", 3), 1);
+    client.publish_range(run, 0..3_000, &mut |_, _| {});
+    client.wait_outcomes(3_000, Duration::from_secs(20));
+    let first = client.read(3_000, Duration::from_secs(20));
+    assert_dense(&first, 1);
+    // The first consumer of this client: named node-9-<boot>-1; find it by prefix.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let host = loop {
+        let names = cluster.consumer_names("MESHOS");
+        if let Some(name) = names.iter().find(|name| name.starts_with("node-9-")) {
+            if let Some(host) = cluster.consumer_host("MESHOS", name) {
+                break host;
+            }
+        }
+        assert!(Instant::now() < deadline, "the consumer's host is known: {names:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("killing {}, the consumer's host", cluster.name(host));
+    cluster.kill(host);
+    client.publish_range(run, 3_000..6_000, &mut |_, _| {});
+    client.wait_outcomes(6_000, Duration::from_secs(40));
+    assert_every_ticket_stored(&client, 6_000);
+    let second = client.read(3_000, Duration::from_secs(40));
+    assert_dense(&second, 3_001);
+    let ids: HashSet<[u8; 16]> = first.iter().chain(&second).filter_map(|record| record.2).collect();
+    assert_eq!(ids.len(), 6_000, "each record once");
+    let stats = client.js.stats();
+    println!("{stats:?}");
+    assert!(stats.consumer_recreated >= 1, "{stats:?}");
+    client.js.stop();
+}

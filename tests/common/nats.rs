@@ -206,6 +206,56 @@ impl NatsCluster {
         None
     }
 
+    /// The index of the server hosting the consumer named `consumer` of `stream`
+    /// (its leader, for an R1 consumer its only host), from `/jsz`.
+    pub fn consumer_host(&self, stream: &str, consumer: &str) -> Option<usize> {
+        for server in self.servers.iter().filter(|server| server.child.is_some()) {
+            let Some((200, body)) = http_get(server.http_port, "/jsz?streams=true&consumers=true") else { continue };
+            let Ok(json) = serde_json::from_str::<serde_json::Value>(&body) else { continue };
+            for account in json["account_details"].as_array().cloned().unwrap_or_default() {
+                for detail in account["stream_detail"].as_array().cloned().unwrap_or_default() {
+                    if detail["name"] != stream {
+                        continue;
+                    }
+                    for found in detail["consumer_detail"].as_array().cloned().unwrap_or_default() {
+                        if found["name"] != consumer {
+                            continue;
+                        }
+                        // A clustered consumer names its leader; a single server hosts it itself.
+                        let host = found["cluster"]["leader"].as_str().unwrap_or(&server.name).to_string();
+                        if let Some(index) = self.servers.iter().position(|server| server.name == host) {
+                            return Some(index);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The names of the consumers of `stream` that any running server reports.
+    pub fn consumer_names(&self, stream: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        for server in self.servers.iter().filter(|server| server.child.is_some()) {
+            let Some((200, body)) = http_get(server.http_port, "/jsz?streams=true&consumers=true") else { continue };
+            let Ok(json) = serde_json::from_str::<serde_json::Value>(&body) else { continue };
+            for account in json["account_details"].as_array().cloned().unwrap_or_default() {
+                for detail in account["stream_detail"].as_array().cloned().unwrap_or_default() {
+                    if detail["name"] == stream {
+                        for found in detail["consumer_detail"].as_array().cloned().unwrap_or_default() {
+                            if let Some(name) = found["name"].as_str() {
+                                if !names.iter().any(|known| known == name) {
+                                    names.push(name.to_string());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        names
+    }
+
     /// The directory holding configs, logs and stores.
     pub fn dir(&self) -> &Path {
         self.dir.path()
