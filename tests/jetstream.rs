@@ -469,3 +469,49 @@ fn three_servers_consumer_host_killed_the_consumer_is_recreated() {
     assert!(stats.consumer_recreated >= 1, "{stats:?}");
     client.js.stop();
 }
+
+/// Throughput figures for the docs (run by hand, in release):
+/// `cargo test --release --test jetstream -- --ignored --nocapture throughput`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn throughput_by_window_and_replicas() {
+    let _serial = serial();
+    for servers in [1usize, 3] {
+        let Some(cluster) = NatsCluster::start(servers) else { return };
+        let mut next_position = 1;
+        for (round, window) in [16u32, 64, 256, 1024].into_iter().enumerate() {
+            let run = run_id();
+            let mut config = config(&cluster, &format!("bench-{round}"), servers as u32);
+            config.publish_window_max = window;
+            // Reads from the end, as a node that is caught up does, and reads what it publishes.
+            let mut client = Client::start(config, next_position);
+            // Warm up: connected, stream and consumer created; skip what earlier rounds stored.
+            client.publish_range(run, 0..1, &mut |_, _| {});
+            client.wait_outcomes(1, Duration::from_secs(30));
+            let total = 30_000u64;
+            let body = vec![0x5a; 1024];
+            let started = Instant::now();
+            for index in 1..=total {
+                loop {
+                    match client.js.publish(msg_id(run, index), &body) {
+                        Ok(_) => break,
+                        Err(PublishError::Full { .. }) => {
+                            client.signal.wait(Some(50));
+                            client.take_acks();
+                            client.js.poll_records(usize::MAX, &mut |_| {}).unwrap();
+                        }
+                        Err(error) => panic!("{error}"),
+                    }
+                }
+            }
+            client.wait_outcomes(total as usize + 1, Duration::from_secs(60));
+            next_position = 1 + client.outcomes.values().map(|result| result.as_ref().unwrap().position).max().unwrap();
+            let elapsed = started.elapsed();
+            println!(
+                "{servers} server(s) R{servers}, 1 KiB records, window {window}: {total} stored in {elapsed:?} = {:.0} records/s",
+                total as f64 / elapsed.as_secs_f64()
+            );
+            client.js.stop();
+        }
+    }
+}
