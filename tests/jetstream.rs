@@ -359,6 +359,13 @@ fn pinned_publish_with_a_wrong_expected_last_fails() {
     let Some(cluster) = NatsCluster::start(1) else { return };
     let run = run_id();
     let mut client = Client::start(config(&cluster, "node-1", 1), 1);
+    // A fresh stream: caught up at once (the consumer has nothing to deliver).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !client.js.caught_up() {
+        assert!(Instant::now() < deadline, "caught up on an empty stream");
+        client.js.poll_records(10, &mut |record| panic!("a record at {}", record.position)).unwrap();
+        client.signal.wait(Some(20));
+    }
     client.publish_range(run, 0..10, &mut |_, _| {});
     client.wait_outcomes(10, Duration::from_secs(20));
     let wrong = client.js.publish_pinned(msg_id(run, 10), &payload(10), 3).unwrap();
@@ -369,6 +376,13 @@ fn pinned_publish_with_a_wrong_expected_last_fails() {
     client.wait_outcomes(12, Duration::from_secs(10));
     assert_eq!(client.outcomes[&right], Ok(Stored { position: 11, duplicate: false }));
     assert_eq!(client.js.stats().failed, 1);
+    // Tail repair: pins pipelined back to back all land where intended.
+    let tickets: Vec<u64> =
+        (0..50).map(|k| client.js.publish_pinned(msg_id(run, 100 + k), &payload(100 + k), 11 + k).unwrap()).collect();
+    client.wait_outcomes(62, Duration::from_secs(10));
+    for (k, ticket) in tickets.iter().enumerate() {
+        assert_eq!(client.outcomes[ticket], Ok(Stored { position: 12 + k as u64, duplicate: false }));
+    }
     // Too large for the cap: refused at once, nothing queued.
     let big = vec![0u8; 5 << 20];
     assert!(matches!(client.js.publish(msg_id(run, 99), &big), Err(PublishError::TooLarge { .. })));

@@ -216,11 +216,14 @@ struct StreamReply {
     state: Option<StreamState>,
 }
 
+/// A consumer create or purge reply (the fields each one uses).
 #[derive(serde::Deserialize)]
 struct ApiReply {
     error: Option<ApiError>,
     #[serde(default)]
     purged: u64,
+    /// Consumer create: messages the new consumer has to deliver.
+    num_pending: Option<u64>,
 }
 
 /// The thread's entry point.
@@ -757,7 +760,11 @@ impl Client {
                     _ => return Ok(()), // a reply for a consumer already replaced
                 };
                 match reply {
-                    Some(ApiReply { error: None, .. }) => {
+                    Some(ApiReply { error: None, num_pending, .. }) => {
+                        if num_pending == Some(0) {
+                            // Nothing to deliver: caught up now, not only at the first heartbeat.
+                            self.note_caught_up(self.next_position - 1);
+                        }
                         self.stats.consumer_recreated += u64::from(self.consumers_created > 0);
                         self.consumers_created += 1;
                         tracing::info!(consumer = name, from = self.next_position, "JetStream consumer created");
@@ -787,7 +794,7 @@ impl Client {
             }
             RequestKind::ConsumerDelete => {}
             RequestKind::Purge(position) => match payload.map(serde_json::from_slice::<ApiReply>) {
-                Some(Ok(ApiReply { error: None, purged })) => {
+                Some(Ok(ApiReply { error: None, purged, .. })) => {
                     self.stats.purges += 1;
                     tracing::info!(below = position, purged, "JetStream stream purged");
                 }
@@ -828,7 +835,7 @@ impl Client {
                 if last_consumer != next_consumer_seq - 1 {
                     self.recreate_consumer(conn, "the heartbeat reports deliveries we never got", now);
                 } else if last_stream == have {
-                    self.caught_up_through = Some(self.caught_up_through.map_or(have, |through| through.max(have)));
+                    self.note_caught_up(have);
                 } else if last_stream > have && !delivered_any {
                     // Started beyond the wanted position with nothing to deliver: purged past
                     // it? The stream's first sequence decides (the reply ends reading or
@@ -874,9 +881,14 @@ impl Client {
             payload: message.payload.to_vec(),
         });
         if meta.pending == 0 {
-            self.caught_up_through = Some(meta.stream_seq);
+            self.note_caught_up(meta.stream_seq);
         }
         Ok(())
+    }
+
+    /// The consumer reported nothing pending beyond `position`.
+    fn note_caught_up(&mut self, position: u64) {
+        self.caught_up_through = Some(self.caught_up_through.map_or(position, |through| through.max(position)));
     }
 
     /// Answers a flow-control request now, or once the main thread has drained what is held.
