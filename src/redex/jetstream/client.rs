@@ -15,7 +15,8 @@
 //! A reply is matched by ticket; one for a ticket no longer in flight (an earlier
 //! attempt's) is ignored, so each ticket resolves once. A 503, an API error of code
 //! 503, an ack timeout or a lost connection makes the record `Due` again (same msg
-//! id) and sets `resolving`, which clears when nothing is left in flight.
+//! id) and sets `resolving`, as does a definite failure; it clears when nothing is
+//! left in flight.
 //!
 //! Reading: `next_position` is the next stream sequence wanted; a delivery is
 //! accepted only at exactly that position and the consumer sequence that follows the
@@ -645,6 +646,10 @@ impl Client {
             return Ok(());
         }
         let result = result.expect("an unambiguous reply has a result");
+        if result.is_err() {
+            // A definite failure also pauses new records until the window drains.
+            self.start_resolving("a publish failed");
+        }
         self.resolve(ticket, result);
         Ok(())
     }
