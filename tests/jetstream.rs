@@ -1,8 +1,10 @@
 //! The JetStream client against real nats-server processes (skipped when nats-server
 //! is not installed): pipelined publish and read-back on one server, the stream
 //! leader killed while publishing on three, the client's own server killed, purge
-//! and BeforeStart, and a failed pin. The tests run one at a time (each starts its
-//! own servers) so their timing does not depend on each other.
+//! and BeforeStart, pins, a slow reader, the consumer's host killed, the only server
+//! restarted. One test uses a scripted peer instead, to send malformed input. The
+//! tests run one at a time (each starts its own servers) so their timing does not
+//! depend on each other.
 
 mod common;
 
@@ -528,4 +530,57 @@ fn throughput_by_window_and_replicas() {
             client.js.stop();
         }
     }
+}
+
+/// Not a NATS server: a scripted peer that completes the handshake and then sends
+/// one malformed operation per connection. The client counts a protocol error and
+/// reconnects each time; nothing panics.
+#[test]
+fn malformed_server_input_is_a_counted_protocol_error_and_a_reconnect() {
+    use std::io::{Read, Write};
+    let _serial = serial();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let garbage: [&[u8]; 4] =
+        [b"MSG a b c d e f\r\n", b"HMSG x 1 10 5\r\n", b"WHAT\r\n", b"MSG _INBOX.x.p1 1 999999999\r\n"];
+    let server = std::thread::spawn(move || {
+        for bad in garbage {
+            let (mut socket, _) = listener.accept().unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let info =
+                b"INFO {\"server_name\":\"scripted\",\"headers\":true,\"jetstream\":true,\"max_payload\":1048576}\r\n";
+            socket.write_all(info).unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !seen.windows(6).any(|window| window == b"PING\r\n") {
+                match socket.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => seen.extend_from_slice(&buf[..read]),
+                }
+            }
+            socket.write_all(b"PONG\r\n").unwrap();
+            socket.write_all(bad).unwrap();
+            // The client hangs up.
+            while let Ok(read) = socket.read(&mut buf) {
+                if read == 0 {
+                    break;
+                }
+            }
+        }
+    });
+    let mut client = Client::start(JetStreamConfig::new(vec![address], "node-x"), 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.js.stats().protocol_errors < 4 {
+        assert!(Instant::now() < deadline, "{:?}", client.js.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = client.js.stats();
+    assert!(stats.connects >= 4, "{stats:?}");
+    // Publishing still queues (it waits for a server); nothing was lost or answered.
+    let ticket = client.js.publish(msg_id(1, 1), b"x").unwrap();
+    assert_eq!(ticket, 1);
+    client.take_acks();
+    assert!(client.outcomes.is_empty());
+    client.js.stop();
+    server.join().unwrap();
 }
