@@ -450,6 +450,32 @@ fn the_only_server_restarted_the_client_reconnects_and_continues() {
 }
 
 #[test]
+fn three_servers_all_killed_and_restarted_the_client_continues() {
+    let _serial = serial();
+    let Some(mut cluster) = NatsCluster::start(3) else { return };
+    let run = run_id();
+    let mut client = Client::start(config(&cluster, "node-1", 3), 1);
+    client.publish_range(run, 0..3_000, &mut |_, _| {});
+    client.wait_outcomes(3_000, Duration::from_secs(20));
+    let first = client.read(3_000, Duration::from_secs(20));
+    assert_dense(&first, 1);
+    let started = Instant::now();
+    cluster.restart_all();
+    println!("all three servers killed and healthy again in {:?}", started.elapsed());
+    client.publish_range(run, 3_000..6_000, &mut |_, _| {});
+    client.wait_outcomes(6_000, Duration::from_secs(40));
+    assert_every_ticket_stored(&client, 6_000);
+    let second = client.read(3_000, Duration::from_secs(40));
+    assert_dense(&second, 3_001);
+    let ids: HashSet<[u8; 16]> = first.iter().chain(&second).filter_map(|record| record.2).collect();
+    assert_eq!(ids.len(), 6_000, "each record once");
+    let stats = client.js.stats();
+    println!("{stats:?}");
+    assert!(stats.connects >= 2, "{stats:?}");
+    client.js.stop();
+}
+
+#[test]
 fn three_servers_consumer_host_killed_the_consumer_is_recreated() {
     let _serial = serial();
     let Some(mut cluster) = NatsCluster::start(3) else { return };

@@ -185,6 +185,20 @@ impl NatsCluster {
         self.wait_healthy(i).expect("the restarted server becomes healthy");
     }
 
+    /// Kills every server with SIGKILL, starts them all again and waits until all are
+    /// healthy (a clustered server needs a quorum back to become healthy).
+    pub fn restart_all(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
+        for i in 0..self.servers.len() {
+            self.spawn(i).expect("restart a server");
+        }
+        for i in 0..self.servers.len() {
+            self.wait_healthy(i).expect("a restarted server becomes healthy");
+        }
+    }
+
     /// The index of the server leading `stream`, from the `/jsz` of any running server
     /// that hosts a replica; `None` while there is no leader.
     pub fn stream_leader(&self, stream: &str) -> Option<usize> {
