@@ -456,3 +456,58 @@ impl Drop for JetStream {
         self.shut_down();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation_names_the_bad_field() {
+        let good = JetStreamConfig::new(vec!["127.0.0.1:4222".into()], "node-1");
+        assert!(good.validate().is_ok());
+        let bad = |change: fn(&mut JetStreamConfig), field: &str| {
+            let mut config = good.clone();
+            change(&mut config);
+            match config.validate() {
+                Err(JetStreamError::Config(text)) => assert!(text.starts_with(field), "{text}"),
+                other => panic!("{field}: {other:?}"),
+            }
+        };
+        bad(|c| c.servers.clear(), "servers");
+        bad(|c| c.stream = "ME.SHOS".into(), "stream");
+        bad(|c| c.subject = "meshos.*".into(), "subject");
+        bad(|c| c.subject = "meshos log".into(), "subject");
+        bad(|c| c.client_name.clear(), "client_name");
+        bad(|c| c.stream_replicas = 0, "stream_replicas");
+        bad(|c| c.duplicate_window_ms = 10, "duplicate_window_ms");
+        bad(|c| c.publish_window_max = 0, "publish_window_max");
+        bad(|c| c.heartbeat_ms = 10, "request_timeout_ms");
+        bad(|c| c.record_bytes_max = 0, "record_bytes_max");
+        let signal = Signal::new();
+        let error = JetStream::start(good.clone(), 0, signal).err().expect("position 0 is refused");
+        assert!(matches!(error, JetStreamError::Config(_)));
+    }
+
+    #[test]
+    fn the_handle_bounds_what_is_pending_and_checks_the_cap() {
+        // No server listens on port 1: nothing is ever sent, so tickets stay pending.
+        let mut config = JetStreamConfig::new(vec!["127.0.0.1:1".into()], "node-1");
+        config.publish_window_max = 2;
+        config.publish_queue_max = 3;
+        config.record_bytes_max = 8;
+        let mut js = JetStream::start(config, 1, Signal::new()).expect("start");
+        assert_eq!(js.publish([0; 16], b"123456789"), Err(PublishError::TooLarge { bytes: 9, max_bytes: 8 }));
+        for ticket in 1..=5 {
+            assert_eq!(js.publish([ticket as u8; 16], b"x"), Ok(ticket));
+        }
+        assert_eq!(js.publish([9; 16], b"x"), Err(PublishError::Full { pending: 5 }));
+        let mut out = Vec::new();
+        js.poll_acks(&mut out);
+        assert!(out.is_empty());
+        assert_eq!(js.poll_records(10, &mut |_| panic!("no records")).unwrap(), 0);
+        assert!(!js.caught_up());
+        assert_eq!(js.stream_bounds(), None);
+        assert!(!js.stats().connected);
+        js.stop();
+    }
+}
