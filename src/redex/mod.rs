@@ -10,6 +10,7 @@
 //! at or below a reported durable position survives any crash of this process.
 
 pub mod embedded;
+pub mod jetstream;
 pub mod mirror;
 
 /// Where and when the log put a record.

@@ -1,6 +1,8 @@
 //! Shared test helpers: build events tersely, fold records in memory.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use meshos::admin::OperatorKey;
 use meshos::config::Config;
 use meshos::event::{
