@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::nats::NatsCluster;
-use meshos::event::{AdminCommand, EventKind, NodeStatus, PlacementIntent, ReplicaState};
+use meshos::event::{AdminCommand, EventKind, PlacementIntent, ReplicaState};
 use meshos::node::config::NodeConfig;
 use meshos::state::nodes::MaintenanceState;
 use meshos::state::State;
@@ -103,9 +103,22 @@ impl Drop for NodeProcess {
 
 struct Mesh {
     nats: NatsCluster,
-    root: tempfile::TempDir,
+    root: Option<tempfile::TempDir>,
     nodes: Vec<NodeProcess>,
     operator: meshos::admin::OperatorKey,
+}
+
+impl Drop for Mesh {
+    /// Kills the nodes; keeps their directories (configs, mirrors, logs) when the test failed.
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        let root = self.root.take().expect("dropped once");
+        if std::thread::panicking() {
+            eprintln!("node directories kept in {}", root.keep().display());
+        }
+    }
 }
 
 /// Extra config lines for every node of a scenario.
@@ -126,7 +139,7 @@ impl Mesh {
             .unwrap();
         assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
         let operator = meshos::admin::OperatorKey::generate(&root.path().join("operator.key")).unwrap();
-        let mut mesh = Mesh { nats, root, nodes: Vec::new(), operator };
+        let mut mesh = Mesh { nats, root: Some(root), nodes: Vec::new(), operator };
         for _ in 0..count {
             mesh.add_node(&tuning, "");
         }
@@ -135,10 +148,14 @@ impl Mesh {
         Some(mesh)
     }
 
+    fn root(&self) -> &std::path::Path {
+        self.root.as_ref().expect("until dropped").path()
+    }
+
     fn add_node(&mut self, tuning: &Tuning, extra_cluster: &str) -> usize {
         let index = self.nodes.len() + 1;
         let name = format!("node-{index}");
-        let dir = self.root.path().join(&name);
+        let dir = self.root().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
         let servers: Vec<String> = self.nats.client_urls().iter().map(|url| format!("\"{url}\"")).collect();
         let text = format!(
@@ -153,7 +170,7 @@ impl Mesh {
             dir = dir.display(),
             zone = (index - 1) % 3 + 1,
             servers = servers.join(", "),
-            key = self.root.path().join("cluster.key").display(),
+            key = self.root().join("cluster.key").display(),
             tuning = tuning.cluster,
         );
         let config_path = dir.join("node.toml");
@@ -235,6 +252,15 @@ impl Mesh {
     /// no node is fenced, and the commitments in the log agree position by position.
     fn assert_agreement(&self) {
         let live: Vec<&NodeProcess> = self.live().collect();
+        wait_for("a state commitment of every live node at one position", || {
+            let state = live[0].state(u64::MAX);
+            let nodes = &state.nodes;
+            let positions: Vec<u64> = live
+                .iter()
+                .map(|node| nodes.find(&node.name).map_or(0, |row| nodes.commitment_position[row.index()]))
+                .collect();
+            positions[0] > 0 && positions.iter().all(|position| *position == positions[0])
+        });
         let common = live.iter().map(|node| node.mirrored()).min().unwrap();
         assert!(common > 0);
         let hashes: Vec<(String, u128)> =
@@ -265,7 +291,16 @@ impl Mesh {
         eprintln!("agreement: {} live nodes at position {common}, {compared} commitment pairs equal", live.len());
     }
 
-    /// Waits until every blob has at least its intended healthy copies on live nodes.
+    /// Waits until every blob has exactly `replicas` healthy copies on live nodes.
+    fn wait_settled(&self, what: &str, blobs: &[[u8; 32]], replicas: usize) {
+        wait_for(what, || {
+            let state = self.live().next().unwrap().state(u64::MAX);
+            blobs.iter().all(|blob| healthy_holders(&state, blob).len() == replicas)
+        });
+    }
+
+    /// Waits until every blob has at least its intended healthy copies on live nodes (a
+/// node is live while its heartbeats arrive within `node_down_ms` of log time).
     fn wait_replicated(&self, what: &str, blobs: &[[u8; 32]], replicas: usize, avoid: &[&str]) {
         wait_for(what, || {
             let state = self.live().next().unwrap().state(u64::MAX);
@@ -283,7 +318,7 @@ fn healthy_holders(state: &State, blob: &[u8; 32]) -> Vec<String> {
         .iter()
         .filter(|replica| state.replicas.state[replica.index()] == ReplicaState::Healthy)
         .map(|replica| state.replicas.node[replica.index()])
-        .filter(|node| state.nodes.status[node.index()] == NodeStatus::Up)
+        .filter(|node| state.nodes.live[node.index()])
         .map(|node| state.nodes.name[node.index()].to_string())
         .collect()
 }
@@ -310,24 +345,27 @@ fn sigkill_a_node_rereplicate_then_rejoin() {
     let _serial = serial();
     let Some(mut mesh) = Mesh::start(4, Tuning::default()) else { return };
     let blobs = mesh.put_blobs(0, 6, 3);
-    mesh.wait_replicated("6 blobs at 3 copies", &blobs, 3, &[]);
+    mesh.wait_settled("6 blobs at exactly 3 copies (surplus dropped)", &blobs, 3);
     mesh.assert_agreement();
+    let before = mesh.nodes[0].state(u64::MAX);
+    let on_node_2 = blobs.iter().filter(|blob| healthy_holders(&before, blob).contains(&"node-2".to_string())).count();
+    assert!(on_node_2 > 0, "node-2 holds copies to lose");
 
     // node-2 dies hard: after node_down_ms the others copy its blobs elsewhere.
-    let before = mesh.nodes[0].state(u64::MAX);
     let incarnation = before.nodes.incarnation[node_row(&before, "node-2")];
     mesh.nodes[1].kill();
     mesh.wait_replicated("3 copies again, none on the dead node-2", &blobs, 3, &["node-2"]);
+    eprintln!("{on_node_2} blobs had a copy on node-2 and were copied elsewhere");
     mesh.assert_agreement();
 
     // It comes back: a new incarnation (its old copies fenced until re-verified), and
     // none of its records applied twice.
     mesh.nodes[1].start();
     wait_for("node-2 to catch up and listen", || mesh.nodes[1].listening());
-    wait_for("node-2 up again with a new incarnation", || {
+    wait_for("node-2 live again with a new incarnation", || {
         let state = mesh.nodes[0].state(u64::MAX);
         let row = node_row(&state, "node-2");
-        state.nodes.status[row] == NodeStatus::Up && state.nodes.incarnation[row] > incarnation
+        state.nodes.live[row] && state.nodes.incarnation[row] > incarnation
     });
     mesh.wait_replicated("every blob at 3 copies after the rejoin", &blobs, 3, &[]);
     let state = mesh.nodes[0].state(u64::MAX);
@@ -344,16 +382,22 @@ fn drain_a_node_across_the_cluster() {
     let _serial = serial();
     let Some(mut mesh) = Mesh::start(4, Tuning::default()) else { return };
     let blobs = mesh.put_blobs(1, 6, 2);
-    mesh.wait_replicated("6 blobs at 2 copies", &blobs, 2, &[]);
-    // The drain is asked through node-1 and carried out by node-3 and the others.
-    mesh.admin(0, 2, AdminCommand::EnterMaintenance { node: "node-3".into() });
-    wait_for("node-3 drained: in Maintenance and holding no copy", || {
+    mesh.wait_settled("6 blobs at exactly 2 copies", &blobs, 2);
+    // Drain the node (not node-1, which asks) holding the most copies.
+    let state = mesh.nodes[0].state(u64::MAX);
+    let held = |name: &str| blobs.iter().filter(|blob| healthy_holders(&state, blob).iter().any(|n| n == name)).count();
+    let drained = ["node-2", "node-3", "node-4"].into_iter().max_by_key(|name| held(name)).unwrap();
+    assert!(held(drained) > 0);
+    eprintln!("draining {drained}, which holds {} copies", held(drained));
+    // The drain is asked through node-1 and carried out by the drained node and the others.
+    mesh.admin(0, 2, AdminCommand::EnterMaintenance { node: drained.into() });
+    wait_for(&format!("{drained} drained: in Maintenance and holding no copy"), || {
         let state = mesh.nodes[0].state(u64::MAX);
-        let row = node_row(&state, "node-3");
+        let row = node_row(&state, drained);
         state.nodes.maintenance[row] == MaintenanceState::Maintenance
-            && blobs.iter().all(|blob| !healthy_holders(&state, blob).iter().any(|name| name == "node-3"))
+            && blobs.iter().all(|blob| !healthy_holders(&state, blob).iter().any(|name| name == drained))
     });
-    mesh.wait_replicated("2 copies of every blob off node-3", &blobs, 2, &["node-3"]);
+    mesh.wait_replicated("2 copies of every blob off the drained node", &blobs, 2, &[drained]);
     mesh.assert_agreement();
     for node in &mut mesh.nodes {
         node.stop();
@@ -419,24 +463,26 @@ fn kill_a_nats_server_under_load_loses_nothing() {
 #[test]
 fn checkpoints_trim_and_a_new_node_from_a_checkpoint() {
     let _serial = serial();
-    let tuning = Tuning { cluster: "checkpoint_interval_records = 300\ncheckpoints_kept = 2\n" };
+    let tuning = Tuning { cluster: "checkpoint_interval_records = 150\ncheckpoints_kept = 2\n" };
     let Some(mut mesh) = Mesh::start(3, tuning.clone()) else { return };
     let blobs = mesh.put_blobs(0, 4, 3);
     mesh.wait_replicated("4 blobs at 3 copies", &blobs, 3, &[]);
     wait_for("the stream trimmed below the nodes' checkpoints", || {
-        mesh.nats.stream_first_seq("MESHOS").is_some_and(|first| first > 300)
+        mesh.nats.stream_first_seq("MESHOS").is_some_and(|first| first > 150)
     });
     // A restart folds from its checkpoint and the mirror, not from position 1.
     mesh.nodes[2].stop();
     mesh.nodes[2].start();
     wait_for("node-3 back", || mesh.nodes[2].listening());
+    let log = std::fs::read_to_string(mesh.nodes[2].dir.with_extension("stderr")).unwrap();
+    assert!(log.contains("starting from checkpoint"), "node-3 restarted without its checkpoint: {log}");
     // A new node from node-1's newest checkpoint.
     let newest = std::fs::read_dir(mesh.nodes[0].dir.join("checkpoints"))
         .unwrap()
         .map(|entry| entry.unwrap().path())
         .max()
         .unwrap();
-    let copied = mesh.root.path().join("seed.checkpoint");
+    let copied = mesh.root().join("seed.checkpoint");
     std::fs::copy(&newest, &copied).unwrap();
     let index = mesh.add_node(&tuning, &format!("checkpoint_from = \"{}\"", copied.display()));
     wait_for("node-4 to start from the checkpoint and catch up", || mesh.nodes[index].listening());

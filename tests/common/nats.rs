@@ -32,8 +32,15 @@ pub struct NatsCluster {
     dir: tempfile::TempDir,
 }
 
-/// The nats-server binary: on PATH, or where Debian installs it.
+/// The nats-server binary: `MESHOS_NATS_SERVER` when set (CI sets it: then a missing
+/// binary fails the test instead of skipping it), else on PATH, or where Debian
+/// installs it.
 pub fn nats_server_binary() -> Option<PathBuf> {
+    if let Some(required) = std::env::var_os("MESHOS_NATS_SERVER") {
+        let required = PathBuf::from(required);
+        assert!(required.is_file(), "MESHOS_NATS_SERVER={} is not a file: the cluster tests must run", required.display());
+        return Some(required);
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/local/bin", "/usr/local/sbin"].map(PathBuf::from))
@@ -212,6 +219,25 @@ impl NatsCluster {
                         let leader = detail["cluster"]["leader"].as_str().unwrap_or_default();
                         if let Some(index) = self.servers.iter().position(|server| server.name == leader) {
                             return Some(index);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The stream's first sequence (above 1 once purged), from the `/jsz` of any
+    /// running server that hosts it.
+    pub fn stream_first_seq(&self, stream: &str) -> Option<u64> {
+        for server in self.servers.iter().filter(|server| server.child.is_some()) {
+            let Some((200, body)) = http_get(server.http_port, "/jsz?streams=true") else { continue };
+            let Ok(json) = serde_json::from_str::<serde_json::Value>(&body) else { continue };
+            for account in json["account_details"].as_array().cloned().unwrap_or_default() {
+                for detail in account["stream_detail"].as_array().cloned().unwrap_or_default() {
+                    if detail["name"] == stream {
+                        if let Some(first) = detail["state"]["first_seq"].as_u64() {
+                            return Some(first);
                         }
                     }
                 }
