@@ -162,7 +162,7 @@ impl Mesh {
             "name = \"{name}\"\ndata_dir = \"{dir}\"\nheartbeat_ms = 200\n\n\
              [ingest]\nlisten_tcp = \"127.0.0.1:0\"\n\n\
              [reconcile]\nnode_down_ms = 3000\nstabilisation_ms = 2000\nrecovery_ms = 2000\n\
-             action_timeout_ms = 20000\nmass_failure_share_permille = 500\n\n\
+             action_timeout_ms = 10000\nmass_failure_share_permille = 500\n\n\
              [capability]\nzone = \"z{zone}\"\ncapacity_bytes = 10737418240\n\n\
              [snapshot]\ninterval_ms = 200\n\n\
              [cluster]\nnats = [{servers}]\nstream_replicas = 3\ncredential_file = \"{key}\"\n\
@@ -300,7 +300,7 @@ impl Mesh {
     }
 
     /// Waits until every blob has at least its intended healthy copies on live nodes (a
-/// node is live while its heartbeats arrive within `node_down_ms` of log time).
+    /// node is live while its heartbeats arrive within `node_down_ms` of log time).
     fn wait_replicated(&self, what: &str, blobs: &[[u8; 32]], replicas: usize, avoid: &[&str]) {
         wait_for(what, || {
             let state = self.live().next().unwrap().state(u64::MAX);
@@ -402,6 +402,84 @@ fn drain_a_node_across_the_cluster() {
     for node in &mut mesh.nodes {
         node.stop();
     }
+}
+
+/// A node whose settings differ (`[fold] nodes_max`) folds the same log into another
+/// state: at the next commitment position its hash is not the others'. It says so in
+/// its log and its snapshot (`FENCED`) and stops acting; the others' status names it
+/// (`DIVERGED`). A second process started under an existing node's name is fenced too.
+#[test]
+fn a_diverged_node_and_a_duplicate_name_are_fenced() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    // node-4 takes one node fewer than the others: a fourth origin is refused there only.
+    let index = mesh.add_node(&Tuning::default(), "");
+    let config = std::fs::read_to_string(&mesh.nodes[index].config_path).unwrap();
+    mesh.nodes[index].kill();
+    std::fs::write(&mesh.nodes[index].config_path, format!("{config}\n[fold]\nnodes_max = 4\n")).unwrap();
+    mesh.nodes[index].start();
+    wait_for("node-4 listening", || mesh.nodes[index].listening());
+    let addr: std::net::SocketAddr =
+        std::fs::read_to_string(mesh.nodes[0].dir.join("node.addr")).unwrap().trim().parse().unwrap();
+    let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    let join = meshos::event::EventBatch {
+        events: vec![meshos::event::Event {
+            origin: "extra".into(),
+            origin_seq: 1,
+            kind: EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 0 }),
+        }],
+    };
+    let frame = client.send(&join, true).unwrap();
+    replies.wait_acked(frame, Duration::from_secs(30)).unwrap();
+    let status = |node: &NodeProcess| {
+        let output = Command::new(env!("CARGO_BIN_EXE_meshos"))
+            .args(["status", "-o", "json", "--config"])
+            .arg(&node.config_path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    wait_for("node-4 to see that it diverged and fence itself", || {
+        std::fs::read_to_string(mesh.nodes[index].dir.with_extension("stderr"))
+            .is_ok_and(|log| log.contains("state diverged") && log.contains("stops acting"))
+    });
+    wait_for("node-4's status to say FENCED", || status(&mesh.nodes[index]).contains("\"fence\":\"state diverged"));
+    wait_for("node-1's status to name node-4 as diverged", || {
+        status(&mesh.nodes[0]).contains("\"nodes_diverged\":[\"node-4\"]")
+    });
+    // Fenced, node-4 no longer carries out its actions.
+    let dispatched = |node: &NodeProcess| std::fs::read_to_string(node.dir.join("dispatched.log")).unwrap_or_default();
+    let before = dispatched(&mesh.nodes[index]);
+    let blobs = mesh.put_blobs(0, 4, 4);
+    mesh.wait_replicated("every blob on the three nodes that act", &blobs, 3, &["node-4"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(dispatched(&mesh.nodes[index]), before, "a fenced node ran actions");
+    let state = mesh.nodes[0].state(u64::MAX);
+    assert!(blobs.iter().all(|blob| !healthy_holders(&state, blob).contains(&"node-4".to_string())));
+
+    // A second process under node-2's name: both see records of their name they did
+    // not publish.
+    let impostor_dir = mesh.root().join("impostor");
+    std::fs::create_dir_all(&impostor_dir).unwrap();
+    let text = std::fs::read_to_string(&mesh.nodes[1].config_path)
+        .unwrap()
+        .replace(&mesh.nodes[1].dir.display().to_string(), &impostor_dir.display().to_string());
+    std::fs::write(impostor_dir.join("node.toml"), text).unwrap();
+    let mut impostor = NodeProcess {
+        name: "node-2".into(),
+        dir: impostor_dir.clone(),
+        config_path: impostor_dir.join("node.toml"),
+        child: None,
+    };
+    impostor.start();
+    wait_for("node-2 (either process) to report its name in use", || {
+        [&mesh.nodes[1], &impostor].iter().any(|node| {
+            std::fs::read_to_string(node.dir.with_extension("stderr"))
+                .is_ok_and(|log| log.contains("another process publishes as this node"))
+        })
+    });
+    impostor.kill();
+    mesh.nodes.pop().unwrap().kill();
 }
 
 /// Frames of events sent by an outside client (a pseudo-node "loader", over TCP) while
@@ -518,10 +596,12 @@ fn cluster_log_throughput() {
     let _serial = serial();
     let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
     let frames: u64 = std::env::var("FRAMES").ok().and_then(|text| text.parse().ok()).unwrap_or(2000);
-    let events_per_frame: u64 = std::env::var("EVENTS_PER_FRAME").ok().and_then(|text| text.parse().ok()).unwrap_or(256);
+    let events_per_frame: u64 =
+        std::env::var("EVENTS_PER_FRAME").ok().and_then(|text| text.parse().ok()).unwrap_or(256);
     let snapshot_of = |node: &NodeProcess| node.config().snapshot_path();
     let applied = |node: &NodeProcess| {
-        meshos::snapshot::MappedSnapshot::open(&snapshot_of(node)).map_or(0, |mapped| mapped.get().events_applied.to_native())
+        meshos::snapshot::MappedSnapshot::open(&snapshot_of(node))
+            .map_or(0, |mapped| mapped.get().events_applied.to_native())
     };
     let before: Vec<u64> = mesh.nodes.iter().map(applied).collect();
     let started = Instant::now();

@@ -138,6 +138,8 @@ struct Cluster {
     acting: bool,
     fence: Option<Fence>,
     commitments: VecDeque<(u64, [u8; 16])>,
+    /// The last commitment position compared with every voter's.
+    commitment_checked: u64,
     commitment_interval: u64,
     checkpoint_interval: u64,
     checkpoints: CheckpointStore,
@@ -205,48 +207,47 @@ impl Cluster {
         }
     }
 
-    /// Compares this node's commitments with the other nodes' at the same positions.
+    /// Compares this node's commitment with the other nodes' once every live node
+    /// that commits stands at the same position (commitments arrive at different
+    /// times; a decision on part of them could fence a healthy node): when this
+    /// node's hash is not held by a strict majority of them, it is fenced.
     fn check_commitments(&mut self) {
         if self.fence.is_some() {
             return;
         }
         let nodes = &self.engine.state.nodes;
-        // The newest own position that another node committed too.
-        for &(position, own) in self.commitments.iter().rev() {
-            let mut tally: Vec<([u8; 16], usize)> = Vec::new();
-            let mut others = 0;
-            for row in 0..nodes.len() {
-                if nodes.commitment_position[row] != position {
-                    continue;
-                }
-                let hash = if *nodes.name[row] == *self.name { own } else { nodes.commitment_hash[row] };
-                others += usize::from(*nodes.name[row] != *self.name);
-                match tally.iter_mut().find(|(seen, _)| *seen == hash) {
-                    Some((_, count)) => *count += 1,
-                    None => tally.push((hash, 1)),
-                }
-            }
-            if others == 0 {
-                continue;
-            }
-            let own_listed =
-                nodes.find(&self.name).is_some_and(|row| nodes.commitment_position[row.index()] == position);
-            if !own_listed {
-                match tally.iter_mut().find(|(seen, _)| *seen == own) {
-                    Some((_, count)) => *count += 1,
-                    None => tally.push((own, 1)),
-                }
-            }
-            let reporting: usize = tally.iter().map(|(_, count)| count).sum();
-            let (majority, agreeing) = tally.iter().copied().max_by_key(|(_, count)| *count).expect("own is counted");
-            let own_count = tally.iter().find(|(seen, _)| *seen == own).map_or(0, |(_, count)| *count);
-            if own_count * 2 <= reporting {
-                let fence = Fence::Diverged { position, own, majority, agreeing, reporting };
-                tracing::error!("{fence}");
-                self.fence = Some(fence);
-            }
+        let Some(own_row) = nodes.find(&self.name).map(|row| row.index()) else { return };
+        let position = nodes.commitment_position[own_row];
+        if position == 0 || position == self.commitment_checked {
             return;
         }
+        let Some(&(_, own)) = self.commitments.iter().find(|(at, _)| *at == position) else { return };
+        let mut voters = 0usize;
+        let mut agreeing = 0usize;
+        let mut tally: Vec<([u8; 16], usize)> = Vec::new();
+        for row in 0..nodes.len() {
+            if nodes.commitment_position[row] == 0 || !nodes.live[row] && row != own_row {
+                continue; // never commits (an outside client), or not live: not a voter
+            }
+            if nodes.commitment_position[row] != position {
+                return; // not every voter is here yet: look again later
+            }
+            let hash = if row == own_row { own } else { nodes.commitment_hash[row] };
+            voters += 1;
+            agreeing += usize::from(hash == own);
+            match tally.iter_mut().find(|(seen, _)| *seen == hash) {
+                Some((_, count)) => *count += 1,
+                None => tally.push((hash, 1)),
+            }
+        }
+        self.commitment_checked = position;
+        if voters < 2 || agreeing * 2 > voters {
+            return;
+        }
+        let (majority, count) = tally.iter().copied().max_by_key(|(_, count)| *count).expect("own is counted");
+        let fence = Fence::Diverged { position, own, majority, agreeing: count, reporting: voters };
+        tracing::error!("{fence}");
+        self.fence = Some(fence);
     }
 }
 
@@ -370,6 +371,7 @@ pub fn run_cluster(
         acting: false,
         fence: None,
         commitments: VecDeque::new(),
+        commitment_checked: 0,
         commitment_interval: config.cluster.commitment_interval_records as u64,
         checkpoint_interval: config.cluster.checkpoint_interval_records as u64,
         checkpoints,

@@ -468,19 +468,19 @@ fn copy<T>(target: &mut Vec<T>, values: impl Iterator<Item = T>) {
     target.extend(values);
 }
 
-/// True when node `row`'s committed hash is not held by a strict majority of the nodes
-/// that committed at the same position (and at least one other node did).
+/// True when node `row`'s committed hash differs from one that a strict majority (at
+/// least two) of the nodes committed at the same position holds. A tie, or nodes
+/// still arriving at the position, flags nobody.
 pub fn commitment_disagrees(nodes: &crate::state::nodes::NodeTable, row: usize) -> bool {
     let position = nodes.commitment_position[row];
     if position == 0 {
         return false;
     }
-    let (mut same, mut reporting) = (0usize, 0usize);
-    for other in 0..nodes.len() {
-        if nodes.commitment_position[other] == position {
-            reporting += 1;
-            same += usize::from(nodes.commitment_hash[other] == nodes.commitment_hash[row]);
-        }
-    }
-    reporting > 1 && same * 2 <= reporting
+    let at_position = || (0..nodes.len()).filter(move |&other| nodes.commitment_position[other] == position);
+    let reporting = at_position().count();
+    at_position().any(|candidate| {
+        let hash = nodes.commitment_hash[candidate];
+        let holders = at_position().filter(|&other| nodes.commitment_hash[other] == hash).count();
+        hash != nodes.commitment_hash[row] && holders >= 2 && holders * 2 > reporting
+    })
 }

@@ -38,7 +38,11 @@ pub struct NatsCluster {
 pub fn nats_server_binary() -> Option<PathBuf> {
     if let Some(required) = std::env::var_os("MESHOS_NATS_SERVER") {
         let required = PathBuf::from(required);
-        assert!(required.is_file(), "MESHOS_NATS_SERVER={} is not a file: the cluster tests must run", required.display());
+        assert!(
+            required.is_file(),
+            "MESHOS_NATS_SERVER={} is not a file: the cluster tests must run",
+            required.display()
+        );
         return Some(required);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
