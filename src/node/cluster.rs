@@ -148,6 +148,8 @@ struct Cluster {
     own_events: Vec<EventKind>,
     mirrored_unsynced: bool,
     folded: u64,
+    /// Roll-backs to a stream that lost its tail.
+    rewinds: u64,
 }
 
 impl Cluster {
@@ -342,7 +344,7 @@ pub fn run_cluster(
     if mirror.base() > position || mirror.last_position() < position {
         // The mirror does not continue from the state: begin a new one there.
         tracing::info!(from = mirror.base(), to = mirror.last_position(), position, "starting a new mirror");
-        mirror = mirror.reset(position)?;
+        mirror.reset(position)?;
     }
     let replay_started = Instant::now();
     if mirror.last_position() > position {
@@ -378,16 +380,25 @@ pub fn run_cluster(
         own_events: Vec::new(),
         mirrored_unsynced: false,
         folded: 0,
+        rewinds: 0,
     };
 
-    // Catch up before acting: fold what the stream holds beyond the mirror.
+    // Catch up before acting: fold what the stream holds beyond the mirror; when the
+    // stream lost a tail this node holds, give it back, or roll back to the stream
+    // and catch up again.
     let mut locals: Vec<Executors> = Vec::new();
+    let mut pending = PendingAcks { queue: VecDeque::new() };
     let mut next_progress = Instant::now() + PROGRESS_INTERVAL;
     while !stop.is_set() {
         let count = poll(&mut jetstream, &mut cluster, &mut locals)?;
         // Caught up: the consumer says nothing is pending, or the stream ends at or
-        // below what was folded (its tail was lost; repaired below). The stream's end
-        // as of the connection covers every record this node published before.
+        // below what was folded (its tail was lost). The stream's end as of the
+        // connection covers every record this node published before.
+        if let Some(stream_last) = jetstream.take_regression() {
+            cluster.mirror.sync()?;
+            repair(config, &mut jetstream, &mut cluster, &mut pending, stream_last, stop, &signal)?;
+            continue;
+        }
         let position = cluster.engine.state.position;
         let stream_ends = jetstream.stream_bounds().is_some_and(|(_, last)| last <= position);
         if count == 0 && (jetstream.caught_up() || stream_ends) {
@@ -408,11 +419,8 @@ pub fn run_cluster(
         }
     }
     cluster.mirror.sync()?;
-    if !stop.is_set() {
-        repair_tail(&mut jetstream, &mut cluster, stop, &signal)?;
-    }
-    tracing::info!(position = cluster.engine.state.position, folded = cluster.folded, "caught up; acting");
     cluster.acting = true;
+    tracing::info!(position = cluster.engine.state.position, folded = cluster.folded, "caught up; acting");
 
     let seq_last = cluster
         .engine
@@ -439,7 +447,6 @@ pub fn run_cluster(
     tracing::info!(name = config.name, tcp = tcp_addr, nats = ?config.cluster.nats, "node running in the cluster");
 
     let mut snapshots = config.snapshot_writer();
-    let mut pending = PendingAcks { queue: VecDeque::new() };
     let mut handed: Vec<Handed> = Vec::new();
     let mut outcomes: Vec<PublishOutcome> = Vec::new();
     let mut in_flight: usize = 0;
@@ -512,6 +519,13 @@ pub fn run_cluster(
         worked |= !outcomes.is_empty();
         let folded = poll(&mut jetstream, &mut cluster, &mut locals)?;
         worked |= folded > 0;
+        if !cluster.acting && folded == 0 && jetstream.caught_up() {
+            tracing::info!(position = cluster.engine.state.position, "caught up again after the rollback; acting");
+            cluster.acting = true;
+        }
+        if let Some(stream_last) = jetstream.take_regression() {
+            repair(config, &mut jetstream, &mut cluster, &mut pending, stream_last, stop, &signal)?;
+        }
         if cluster.mirrored_unsynced && folded < RECORDS_PER_TURN_MAX {
             cluster.mirror.sync()?;
             cluster.mirrored_unsynced = false;
@@ -574,21 +588,25 @@ pub fn run_cluster(
 
 /// After every NATS server lost the stream's tail at once (an acknowledgement is
 /// replication, not fsync): publishes this node's mirrored records past the stream's
-/// end again, each pinned to the position it had (`Nats-Expected-Last-Sequence`), so
-/// the stream holds again what every node folded. Several nodes may do it at once: the
-/// same bytes have the same message id and are stored once. A pin that fails means
-/// another record took the position: this node's state is not the cluster's, and it
-/// is fenced.
-fn repair_tail(
+/// end (`stream_last`) again, each pinned to the position it had
+/// (`Nats-Expected-Last-Sequence`), so the stream holds again what was folded there.
+/// Several nodes may do it at once: the same bytes have the same message id and are
+/// stored once. Returns the first position whose pin failed (another record took it
+/// first): the node must then rewind to the stream below it.
+fn republish_tail(
     jetstream: &mut JetStream,
     cluster: &mut Cluster,
+    stream_last: u64,
     stop: &StopFlag,
     signal: &Signal,
-) -> Result<(), NodeError> {
-    let Some((_, stream_last)) = jetstream.stream_bounds() else { return Ok(()) };
+) -> Result<Option<u64>, NodeError> {
     let mirrored = cluster.mirror.last_position();
-    if stream_last >= mirrored || stream_last < cluster.mirror.base() {
-        return Ok(());
+    if stream_last >= mirrored {
+        return Ok(None);
+    }
+    if stream_last < cluster.mirror.base() {
+        // The mirror begins after the loss: what it lacks cannot be given back.
+        return Ok(Some(stream_last + 1));
     }
     tracing::warn!(
         stream_last,
@@ -598,7 +616,7 @@ fn repair_tail(
         stream_last + 1
     );
     let mut expected: hashbrown::HashMap<u64, u64> = hashbrown::HashMap::new();
-    let mut refused = None;
+    let mut first_failed: Option<u64> = None;
     cluster.mirror.read_from(stream_last + 1, &mut |record| match jetstream.publish_pinned(
         message_id(record.payload),
         record.payload,
@@ -609,31 +627,101 @@ fn repair_tail(
             true
         }
         Err(error) => {
-            refused = Some(error.to_string());
+            tracing::warn!(position = record.position, "tail republish stopped: {error}");
+            first_failed = Some(record.position);
             false
         }
     })?;
-    if let Some(error) = refused {
-        tracing::error!("tail repair stopped: {error}");
-    }
     let mut outcomes = Vec::new();
     let started = Instant::now();
-    while !expected.is_empty() && !stop.is_set() && started.elapsed() < STOP_DRAIN_WAIT * 3 {
+    while !expected.is_empty() && !stop.is_set() {
+        if started.elapsed() > STOP_DRAIN_WAIT * 3 {
+            // Unresolved: treat the earliest as failed (the rewind re-reads the stream).
+            first_failed = expected.values().copied().chain(first_failed).min();
+            break;
+        }
         outcomes.clear();
         jetstream.poll_acks(&mut outcomes);
         for outcome in &outcomes {
             let Some(position) = expected.remove(&outcome.ticket) else { continue };
             let stored_at = outcome.result.as_ref().ok().map(|stored| stored.position);
-            if stored_at != Some(position) && cluster.fence.is_none() {
-                let fence = Fence::TailLost { position };
-                tracing::error!("{fence} ({:?})", outcome.result);
-                cluster.fence = Some(fence);
+            if stored_at != Some(position) {
+                tracing::warn!(position, result = ?outcome.result, "a republished record did not take its position");
+                first_failed = Some(first_failed.map_or(position, |failed| failed.min(position)));
             }
         }
         if outcomes.is_empty() {
             signal.wait(Some(50));
         }
     }
+    if first_failed.is_none() {
+        tracing::info!(from = stream_last + 1, to = mirrored, "the stream's lost tail is restored");
+    }
+    Ok(first_failed)
+}
+
+/// The stream lost its tail (it ends at `stream_last`, below what this node read): its
+/// client holds every new record back while the node gives the tail back from its
+/// mirror; when another record already took one of those positions, the node rolls
+/// back to the stream instead. Publishing resumes either way.
+fn repair(
+    config: &NodeConfig,
+    jetstream: &mut JetStream,
+    cluster: &mut Cluster,
+    pending: &mut PendingAcks,
+    stream_last: u64,
+    stop: &StopFlag,
+    signal: &Arc<Signal>,
+) -> Result<(), NodeError> {
+    match republish_tail(jetstream, cluster, stream_last, stop, signal)? {
+        None => jetstream.resume_publishing(),
+        Some(failed) => rewind(config, jetstream, cluster, pending, failed - 1, signal)?,
+    }
+    Ok(())
+}
+
+/// Rolls this node back to stream position `to` (the stream is the truth: its tail
+/// was lost and others wrote new records there): the newest checkpoint at or below
+/// `to` (else the empty state), a mirror begun again there, and a new consumer from
+/// the next position; the node folds without acting until it has caught up again.
+/// What it had folded past `to` and the stream lost comes back through the
+/// level-triggered reports (heartbeats, capabilities, inventories, daemon states).
+fn rewind(
+    config: &NodeConfig,
+    jetstream: &mut JetStream,
+    cluster: &mut Cluster,
+    pending: &mut PendingAcks,
+    to: u64,
+    signal: &Arc<Signal>,
+) -> Result<(), NodeError> {
+    let library_config = config.to_config();
+    let from = cluster.engine.state.position;
+    let state = match cluster.checkpoints.latest_at_or_below(to) {
+        Some((_, path)) => Some(cluster.checkpoints.load(&path, &library_config)?),
+        None => None,
+    };
+    cluster.engine = match state {
+        Some(state) => Engine::from_state(state),
+        None => Engine::new(&library_config),
+    };
+    let position = cluster.engine.state.position;
+    tracing::error!(
+        from,
+        to,
+        restart_at = position + 1,
+        "the cluster's log lost records this node had folded and others wrote past them: rolling back to the \
+         stream"
+    );
+    cluster.mirror.reset(position)?;
+    let _ = cluster.checkpoints.remove_above(position);
+    cluster.last_checkpoint = position;
+    cluster.commitments.retain(|(at, _)| *at <= position);
+    cluster.commitment_checked = cluster.commitment_checked.min(position);
+    pending.queue.retain(|entry| entry.1.is_none_or(|stored| stored <= to));
+    let fresh = JetStream::start(jetstream_config(config)?, position + 1, Arc::clone(signal))?;
+    std::mem::replace(jetstream, fresh).stop();
+    cluster.acting = false;
+    cluster.rewinds += 1;
     Ok(())
 }
 

@@ -20,7 +20,8 @@ use crate::redex::embedded::{EmbeddedLog, RecoveryReport};
 use crate::redex::{RecordView, Redex, RedexError, Stamp};
 
 pub struct Mirror {
-    log: EmbeddedLog,
+    /// Always Some, but for the moment `reset` closes it (its lock goes with it).
+    log: Option<EmbeddedLog>,
     base: u64,
     log_dir: PathBuf,
     base_file: PathBuf,
@@ -46,7 +47,7 @@ impl Mirror {
         };
         let (log, report) = EmbeddedLog::open(log_dir, config)?;
         let mirror = Mirror {
-            log,
+            log: Some(log),
             base,
             log_dir: log_dir.to_path_buf(),
             base_file: base_file.to_path_buf(),
@@ -62,35 +63,40 @@ impl Mirror {
 
     /// The stream position of the last record mirrored (the base when empty).
     pub fn last_position(&self) -> u64 {
-        self.base + self.log.last_position()
+        self.base + self.log.as_ref().map_or(0, |log| log.last_position())
     }
 
     /// Throws the mirror away and starts an empty one after stream position `base`
-    /// (a node starting from a checkpoint its mirror does not reach).
-    pub fn reset(self, base: u64) -> Result<Mirror, RedexError> {
-        let Mirror { log, log_dir, base_file, config, .. } = self;
+    /// (a node starting from a checkpoint its mirror does not reach, or rolling back).
+    pub fn reset(&mut self, base: u64) -> Result<(), RedexError> {
         // Closing the log releases its lock before its files go.
-        drop(log);
-        std::fs::remove_dir_all(&log_dir).map_err(io_error(&log_dir))?;
-        let temporary = base_file.with_extension("tmp");
+        drop(self.log.take());
+        std::fs::remove_dir_all(&self.log_dir).map_err(io_error(&self.log_dir))?;
+        let temporary = self.base_file.with_extension("tmp");
         std::fs::write(&temporary, format!("{base}\n")).map_err(io_error(&temporary))?;
         std::fs::File::open(&temporary).and_then(|file| file.sync_all()).map_err(io_error(&temporary))?;
-        std::fs::rename(&temporary, &base_file).map_err(io_error(&base_file))?;
-        let (log, _) = EmbeddedLog::open(&log_dir, &config)?;
-        Ok(Mirror { log, base, log_dir, base_file, config })
+        std::fs::rename(&temporary, &self.base_file).map_err(io_error(&self.base_file))?;
+        let (log, _) = EmbeddedLog::open(&self.log_dir, &self.config)?;
+        self.log = Some(log);
+        self.base = base;
+        Ok(())
+    }
+
+    fn log(&mut self) -> &mut EmbeddedLog {
+        self.log.as_mut().expect("the mirror's log is open (reset reopens it)")
     }
 
     /// Mirrors the record at stream `position` (the next one), stamped `time_ms`.
     pub fn append(&mut self, position: u64, time_ms: u64, payload: &[u8]) -> Result<Stamp, RedexError> {
         assert_eq!(position, self.last_position() + 1, "the mirror is appended densely, in stream order");
-        let stamp = self.log.append_at(payload, time_ms)?;
+        let stamp = self.log().append_at(payload, time_ms)?;
         debug_assert_eq!(self.base + stamp.position, position);
         Ok(Stamp { position, time_ms: stamp.time_ms })
     }
 
     /// Makes every mirrored record durable.
     pub fn sync(&mut self) -> Result<u64, RedexError> {
-        Ok(self.base + self.log.sync()?)
+        Ok(self.base + self.log().sync()?)
     }
 
     /// Visits mirrored records from stream position `from` (at least `base + 1`), in order,
@@ -100,7 +106,7 @@ impl Mirror {
             return Err(RedexError::BeforeStart { position: from, first: self.base + 1 });
         }
         let base = self.base;
-        let last = self.log.read_from(from - base, &mut |record| {
+        let last = self.log().read_from(from - base, &mut |record| {
             visit(RecordView { position: base + record.position, time_ms: record.time_ms, payload: record.payload })
         })?;
         Ok(base + last)

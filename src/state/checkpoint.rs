@@ -450,6 +450,19 @@ impl CheckpointStore {
         self.list().ok()?.pop()
     }
 
+    /// Deletes every checkpoint past `position` (a node rolling back to a stream that
+    /// lost records those checkpoints folded); returns how many.
+    pub fn remove_above(&self, position: u64) -> Result<usize, CheckpointError> {
+        let mut removed = 0;
+        for (at, path) in self.list()? {
+            if at > position {
+                std::fs::remove_file(&path).map_err(io_error(&path))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// The position of the oldest checkpoint kept (None: none, or unreadable).
     pub fn oldest(&self) -> Option<u64> {
         self.list().ok()?.first().map(|(position, _)| *position)

@@ -196,6 +196,24 @@ impl NatsCluster {
         self.wait_healthy(i).expect("the restarted server becomes healthy");
     }
 
+    /// Every server dies with SIGKILL, then, while all are down, `between` runs on
+    /// the directory holding their stores (`n1/`, `n2/`, ...), then all start again and
+    /// the call waits until all are healthy. Copying the stores aside at one crash and
+    /// back at the next makes the stream lose its tail, as a crash of every server
+    /// before its fsync can.
+    pub fn crash_all_with(&mut self, between: impl FnOnce(&Path)) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
+        between(self.dir.path());
+        for i in 0..self.servers.len() {
+            self.spawn(i).expect("restart a server");
+        }
+        for i in 0..self.servers.len() {
+            self.wait_healthy(i).expect("a restarted server becomes healthy");
+        }
+    }
+
     /// Kills every server with SIGKILL, starts them all again and waits until all are
     /// healthy (a clustered server needs a quorum back to become healthy).
     pub fn restart_all(&mut self) {

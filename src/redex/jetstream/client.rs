@@ -265,6 +265,8 @@ pub(super) fn run(config: JetStreamConfig, next_position: u64, inner: Arc<Inner>
         outcomes: Vec::new(),
         stats: JetStreamStats::default(),
         bounds: None,
+        regressed: None,
+        held_for_repair: false,
         purge_wanted: None,
         stop: false,
     };
@@ -298,6 +300,11 @@ struct Client {
     outcomes: Vec<PublishOutcome>,
     stats: JetStreamStats,
     bounds: Option<(u64, u64)>,
+    /// Set when a connection found the stream ending below what was delivered.
+    regressed: Option<u64>,
+    /// The stream lost its tail: only pinned records (the tail given back) go out until
+    /// the caller resumes publishing.
+    held_for_repair: bool,
     purge_wanted: Option<u64>,
     stop: bool,
 }
@@ -710,6 +717,18 @@ impl Client {
                         self.backoff_ms = 0;
                         if let Some(state) = state {
                             self.bounds = Some((state.first_seq, state.last_seq));
+                            // Before this connection publishes anything: a stream that ends
+                            // below what was delivered lost its tail (every server crashed).
+                            if state.last_seq + 1 < self.next_position {
+                                tracing::warn!(
+                                    stream_last = state.last_seq,
+                                    delivered = self.next_position - 1,
+                                    "the stream ends below what was delivered from it: it lost its tail"
+                                );
+                                self.regressed =
+                                    Some(self.regressed.map_or(state.last_seq, |at| at.min(state.last_seq)));
+                                self.held_for_repair = true;
+                            }
                         }
                         tracing::info!(stream = self.config.stream, bounds = ?self.bounds, "JetStream stream ready");
                     }
@@ -1085,6 +1104,24 @@ impl Client {
             if let Some(position) = shared.purge_wanted.take() {
                 self.purge_wanted = Some(self.purge_wanted.map_or(position, |wanted| wanted.max(position)));
             }
+            if std::mem::take(&mut shared.resume_publishing) {
+                self.held_for_repair = false;
+            }
+            if self.held_for_repair {
+                // The tail given back goes out now, whatever waits before it.
+                let mut index = 0;
+                while index < shared.queue.len() {
+                    if shared.queue[index].expected_last.is_none() {
+                        index += 1;
+                        continue;
+                    }
+                    let record = shared.queue.remove(index).expect("in range");
+                    let ticket = record.ticket;
+                    let previous =
+                        self.inflight.insert(ticket, InFlight { record, state: SendState::Due(now), attempts: 0 });
+                    assert!(previous.is_none(), "ticket {ticket} queued twice");
+                }
+            }
             for _ in 0..take_room.min(shared.queue.len()) {
                 let record = shared.queue.pop_front().expect("counted");
                 let ticket = record.ticket;
@@ -1093,6 +1130,10 @@ impl Client {
                 assert!(previous.is_none(), "ticket {ticket} queued twice");
             }
             shared.bounds = self.bounds;
+            if let Some(at) = self.regressed.take() {
+                shared.regressed = Some(shared.regressed.map_or(at, |seen| seen.min(at)));
+                notify = true;
+            }
             if shared.stats != self.stats {
                 shared.stats.clone_from(&self.stats);
             }
@@ -1117,7 +1158,7 @@ impl Client {
         let mut too_large = Vec::new();
         for (&ticket, entry) in self.inflight.iter_mut() {
             let SendState::Due(at) = entry.state else { continue };
-            if at > now {
+            if at > now || (self.held_for_repair && entry.record.expected_last.is_none()) {
                 continue;
             }
             if conn.unwritten_bytes() > WRITE_BUFFER_BYTES_MAX {

@@ -250,6 +250,10 @@ struct Shared {
     /// The highest position at which the consumer reported nothing pending.
     caught_up_through: Option<u64>,
     bounds: Option<(u64, u64)>,
+    /// The stream's last position when a connection found it below what was delivered.
+    regressed: Option<u64>,
+    /// The caller gave the lost tail back (or gave up): publishing resumes.
+    resume_publishing: bool,
     /// The highest position `purge_below` asked for, not yet sent.
     purge_wanted: Option<u64>,
     stats: JetStreamStats,
@@ -423,6 +427,21 @@ impl JetStream {
             let mut shared = self.inner.lock();
             shared.purge_wanted = Some(shared.purge_wanted.map_or(position, |wanted| wanted.max(position)));
         }
+        self.inner.wake();
+    }
+
+    /// The stream's last position when a (re)connection found the stream ending below
+    /// what this client had already delivered: every server lost the tail (an
+    /// acknowledgement is replication, not fsync). Taken once; the caller repairs.
+    /// Until `resume_publishing`, only pinned records are sent (the tail given back
+    /// must take its old positions before anything new is stored).
+    pub fn take_regression(&mut self) -> Option<u64> {
+        self.inner.lock().regressed.take()
+    }
+
+    /// Ends the hold `take_regression` reported: every queued record goes out again.
+    pub fn resume_publishing(&mut self) {
+        self.inner.lock().resume_publishing = true;
         self.inner.wake();
     }
 
