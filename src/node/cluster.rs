@@ -150,6 +150,8 @@ struct Cluster {
     folded: u64,
     /// Roll-backs to a stream that lost its tail.
     rewinds: u64,
+    /// Own events stored out of order and queued again under new numbers.
+    restamped: u64,
 }
 
 impl Cluster {
@@ -166,6 +168,9 @@ impl Cluster {
             let fence = Fence::NameInUse { position };
             tracing::error!("{fence}");
             self.fence = Some(fence);
+        }
+        if from_self && self.acting {
+            self.restamp_stale_own_events();
         }
         self.mirror.append(position, time_ms, &self.aligned)?;
         self.mirrored_unsynced = true;
@@ -191,6 +196,49 @@ impl Cluster {
         Ok(())
     }
 
+    /// A record of this node's that the stream stored after a later one (a publish
+    /// failed, and was resent after the next was stored) has events numbered at or
+    /// below what was folded: fold refuses them as stale. Those safe to apply late
+    /// (outcomes, samples, heartbeats, inventory digests, announcements, admin commands
+    /// with their own sequence) are queued again under new numbers; order-sensitive
+    /// facts (replica and daemon states, capabilities, intents, backpressure) are not:
+    /// the executors report them again (level-triggered).
+    fn restamp_stale_own_events(&mut self) {
+        let state = &self.engine.state;
+        let Some(own) = state.nodes.find(&self.name) else { return };
+        let last = state.nodes.origin_seq_last[own.index()];
+        let Ok(batch) = wire::access_batch(&self.aligned) else { return };
+        let stale = |event: &crate::event::ArchivedEvent| {
+            event.origin.as_str() == self.name && event.origin_seq.to_native() <= last
+        };
+        if !batch.events.iter().any(stale) {
+            return;
+        }
+        let Ok(owned) = wire::decode_batch(&self.aligned) else { return };
+        for event in owned.events.into_iter().filter(|event| event.origin == self.name && event.origin_seq <= last) {
+            let late_is_safe = matches!(
+                event.kind,
+                EventKind::ActionOutcome { .. }
+                    | EventKind::Rtt { .. }
+                    | EventKind::NodeHealth(crate::event::NodeHealth::Heartbeat { .. })
+                    | EventKind::InventoryDigest { .. }
+                    | EventKind::BlobAnnounce { .. }
+                    | EventKind::Admin(_)
+            );
+            self.restamped += u64::from(late_is_safe);
+            tracing::warn!(
+                origin_seq = event.origin_seq,
+                last,
+                kind = event.kind.name(),
+                again = late_is_safe,
+                "an own event was stored after a later one (a publish was resent)"
+            );
+            if late_is_safe {
+                self.own_events.push(event.kind);
+            }
+        }
+    }
+
     /// Writes a checkpoint of the state now (logged, never fatal: the mirror still holds
     /// everything).
     fn checkpoint(&mut self) {
@@ -210,7 +258,7 @@ impl Cluster {
     }
 
     /// Compares this node's commitment with the other nodes' once every live node
-    /// that commits stands at the same position (commitments arrive at different
+    /// stands at the same position (commitments arrive at different
     /// times; a decision on part of them could fence a healthy node): when this
     /// node's hash is not held by a strict majority of them, it is fenced.
     fn check_commitments(&mut self) {
@@ -228,11 +276,14 @@ impl Cluster {
         let mut agreeing = 0usize;
         let mut tally: Vec<([u8; 16], usize)> = Vec::new();
         for row in 0..nodes.len() {
-            if nodes.commitment_position[row] == 0 || !nodes.live[row] && row != own_row {
-                continue; // never commits (an outside client), or not live: not a voter
+            if !nodes.live[row] && row != own_row {
+                continue; // not live: not a voter
             }
             if nodes.commitment_position[row] != position {
-                return; // not every voter is here yet: look again later
+                // Not every live node is here yet (one that never commits, an outside
+                // client heartbeating under its own name, holds the decision until it
+                // is no longer live): look again later.
+                return;
             }
             let hash = if row == own_row { own } else { nodes.commitment_hash[row] };
             voters += 1;
@@ -381,6 +432,7 @@ pub fn run_cluster(
         mirrored_unsynced: false,
         folded: 0,
         rewinds: 0,
+        restamped: 0,
     };
 
     // Catch up before acting: fold what the stream holds beyond the mirror; when the
