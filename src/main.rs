@@ -1442,7 +1442,8 @@ fn run_snapshot_show(
              \"backpressure\":{},\"brake\":{},\"window_moves\":{},\"throttle_moves_max\":{},\"moves_inflight\":{},\
              \"pull_inflight_max\":{},\"placement_epoch\":{},\"plans_invalid\":{},\"copies_off_plan\":{},\
              \"copies_pulling\":{},\"rejected_total\":{},\"actions_failed\":{},\"actions_timed_out\":{},\
-             \"drain_blockers\":{},\"rtt_pairs\":{},\"fence\":{},\"nodes_diverged\":[{}]{}}}",
+             \"drain_blockers\":{},\"rtt_pairs\":{},\"fence\":{},\"nodes_diverged\":[{}],\
+             \"commitment_position\":{},\"commitment_reporting\":{},\"commitment_agreeing\":{}{}}}",
             json_string(&path.display().to_string()),
             summary.format_version,
             json_string(&summary.writer_node),
@@ -1487,6 +1488,9 @@ fn run_snapshot_show(
             summary.rtt_pairs,
             json_string(&summary.fence),
             summary.nodes_diverged.iter().map(|name| json_string(name)).collect::<Vec<_>>().join(","),
+            summary.commitment_position,
+            summary.commitment_reporting,
+            summary.commitment_agreeing,
             if node_table {
                 let rows: Vec<String> = lines
                     .iter()
@@ -1563,6 +1567,12 @@ fn run_snapshot_show(
     );
     if !summary.fence.is_empty() {
         println!("FENCED: {}", printable(&summary.fence));
+    }
+    if summary.commitment_position > 0 {
+        println!(
+            "state commitments: at log position {}, {} of the {} nodes that committed there hold this node's hash",
+            summary.commitment_position, summary.commitment_agreeing, summary.commitment_reporting
+        );
     }
     if !summary.nodes_diverged.is_empty() {
         let names: Vec<String> = summary.nodes_diverged.iter().map(|name| printable(name).to_string()).collect();

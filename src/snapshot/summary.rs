@@ -72,6 +72,11 @@ pub struct SnapshotSummary {
     pub fence: String,
     /// Nodes whose latest committed state hash is not the majority's at its position.
     pub nodes_diverged: Vec<String>,
+    /// The writer's latest state commitment (a clustered node): its position, how
+    /// many nodes committed at that position, and how many of them the same hash.
+    pub commitment_position: u64,
+    pub commitment_reporting: u32,
+    pub commitment_agreeing: u32,
 }
 
 /// Counts of `codes` by name in `names` (in code order, zero counts left out).
@@ -133,6 +138,17 @@ impl ArchivedSnapshot {
             .filter(|(name, _)| name != DRIFT_NAMES[0])
             .collect();
         let gates = &self.gates;
+        let writer = (0..nodes.name.len()).find(|&node| nodes.name[node].as_str() == self.writer_node.as_str());
+        let (mut commitment_position, mut commitment_reporting, mut commitment_agreeing) = (0, 0, 0);
+        if let Some(writer) = writer.filter(|&writer| nodes.commitment_position[writer].to_native() > 0) {
+            commitment_position = nodes.commitment_position[writer].to_native();
+            for node in 0..nodes.name.len() {
+                if nodes.commitment_position[node].to_native() == commitment_position {
+                    commitment_reporting += 1;
+                    commitment_agreeing += u32::from(nodes.commitment_hash[node] == nodes.commitment_hash[writer]);
+                }
+            }
+        }
         SnapshotSummary {
             format_version: self.format_version.to_native(),
             writer_node: self.writer_node.to_string(),
@@ -187,6 +203,9 @@ impl ArchivedSnapshot {
                 .filter(|&node| nodes.commitment_disagrees[node])
                 .map(|node| nodes.name[node].to_string())
                 .collect(),
+            commitment_position,
+            commitment_reporting,
+            commitment_agreeing,
         }
     }
 }
