@@ -8,8 +8,7 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use meshos::config::Config;
-use meshos::event::EventKind;
-use meshos::sim::fixtures::{converged_cluster, node_name, Feeder};
+use meshos::sim::fixtures::converged_cluster_with_rtt;
 use meshos::state::checkpoint::{self, CheckpointStore};
 use meshos::state::State;
 use rkyv::util::AlignedVec;
@@ -23,20 +22,7 @@ const RTT_PEERS: u32 = 8;
 /// The converged fixture (100,002 replicas) plus RTT samples from every node to
 /// `RTT_PEERS` others (the state of benches/snapshot.rs).
 fn cluster(config: &Config) -> State {
-    let base = converged_cluster(config, NODES, BLOBS, REPLICAS);
-    let mut feeder = Feeder::new(config, NODES);
-    feeder.state = base.clone();
-    feeder.time_ms = base.now_ms;
-    feeder.set_seqs(base.nodes.origin_seq_last.clone());
-    for node in 0..NODES {
-        for step in 1..=RTT_PEERS {
-            let peer = (node + step * 97) % NODES;
-            let rtt_us = 200 + (node * 31 + peer * 17) % 5_000;
-            feeder.push(node, EventKind::Rtt { peer: node_name(peer), rtt_us });
-        }
-    }
-    feeder.flush();
-    feeder.state
+    converged_cluster_with_rtt(config, NODES, BLOBS, REPLICAS, RTT_PEERS)
 }
 
 fn bench_checkpoint(c: &mut Criterion) {

@@ -8,8 +8,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use meshos::config::{Config, SnapshotLimits};
-use meshos::event::EventKind;
-use meshos::sim::fixtures::{converged_cluster, node_name, Feeder};
+use meshos::sim::fixtures::converged_cluster_with_rtt;
 use meshos::snapshot::{encode_into, MappedSnapshot, Snapshot, SnapshotWriter};
 use meshos::state::State;
 use rkyv::util::AlignedVec;
@@ -23,21 +22,7 @@ const RTT_PEERS: u32 = 8;
 /// The converged fixture (100,002 replicas) plus RTT samples from every node to
 /// `RTT_PEERS` others, folded through a feeder that continues its sequence numbers.
 fn cluster() -> State {
-    let config = Config::default();
-    let base = converged_cluster(&config, NODES, BLOBS, REPLICAS);
-    let mut feeder = Feeder::new(&config, NODES);
-    feeder.state = base.clone();
-    feeder.time_ms = base.now_ms;
-    feeder.set_seqs(base.nodes.origin_seq_last.clone());
-    for node in 0..NODES {
-        for step in 1..=RTT_PEERS {
-            let peer = (node + step * 97) % NODES;
-            let rtt_us = 200 + (node * 31 + peer * 17) % 5_000;
-            feeder.push(node, EventKind::Rtt { peer: node_name(peer), rtt_us });
-        }
-    }
-    feeder.flush();
-    feeder.state
+    converged_cluster_with_rtt(&Config::default(), NODES, BLOBS, REPLICAS, RTT_PEERS)
 }
 
 fn bench_snapshot(c: &mut Criterion) {

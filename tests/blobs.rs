@@ -14,27 +14,6 @@ use meshos::event::*;
 use meshos::exec::blobs::{BlobExecConfig, BlobExecutor};
 use meshos::exec::blobstore::BlobStore;
 use meshos::state::State;
-use meshos::sys::peer_server::{PeerServer, PeerServerConfig};
-
-struct Peer {
-    _dir: tempfile::TempDir,
-    store: Arc<BlobStore>,
-    server: PeerServer,
-}
-
-fn peer() -> Peer {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(BlobStore::open(dir.path()).unwrap());
-    let config = PeerServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        blobs_dir: dir.path().to_path_buf(),
-        connections_max: 8,
-        bytes_per_s: 0,
-        io_timeout_ms: 5_000,
-        key: None,
-    };
-    Peer { _dir: dir, store, server: PeerServer::start(config).unwrap() }
-}
 
 fn node_capability(name: &str, seq: u64, endpoint: String) -> Event {
     let capability =
@@ -95,7 +74,7 @@ fn action(state: &State, node: &str, kind: ActionKind) -> Action {
 
 #[test]
 fn a_pull_fetches_verifies_stores_then_announces() {
-    let (a, b, c) = (peer(), peer(), peer());
+    let (a, b, c) = (peer(None), peer(None), peer(None));
     let bytes: Vec<u8> = (0..1_000_000u32).map(|index| (index * 7 % 253) as u8).collect();
     let (blob, size) = a.store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {}).unwrap();
     let state = cluster(&[&a, &b, &c], blob, size, &["a"]);
@@ -115,7 +94,7 @@ fn a_pull_fetches_verifies_stores_then_announces() {
 
 #[test]
 fn a_holder_with_bad_bytes_is_skipped_for_the_next_and_a_pull_nobody_serves_fails_with_reasons() {
-    let (a, b, c) = (peer(), peer(), peer());
+    let (a, b, c) = (peer(None), peer(None), peer(None));
     let bytes = vec![42u8; 100_000];
     let (blob, size) = a.store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {}).unwrap();
     c.store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {}).unwrap();
@@ -145,7 +124,7 @@ fn a_holder_with_bad_bytes_is_skipped_for_the_next_and_a_pull_nobody_serves_fail
 
 #[test]
 fn drop_deletes_and_verify_says_corrupt() {
-    let (a, b, c) = (peer(), peer(), peer());
+    let (a, b, c) = (peer(None), peer(None), peer(None));
     let (blob, size) = b.store.put(&mut &b"some bytes"[..], None, u64::MAX, &mut |_| {}).unwrap();
     let state = cluster(&[&a, &b, &c], blob, size, &["b"]);
     let row = state.blobs.find(&blob).unwrap();
@@ -224,7 +203,7 @@ fn put_and_get_through_a_running_node() {
 /// the log calls healthy whose bytes rotted; a file the log never heard of is ignored.
 #[test]
 fn the_background_verifier_reports_a_rotten_copy() {
-    let (a, b, c) = (peer(), peer(), peer());
+    let (a, b, c) = (peer(None), peer(None), peer(None));
     let (blob, size) = b.store.put(&mut &b"kept bytes"[..], None, u64::MAX, &mut |_| {}).unwrap();
     b.store.put(&mut &b"a file the log never heard of"[..], None, u64::MAX, &mut |_| {}).unwrap();
     let state = cluster(&[&a, &b, &c], blob, size, &["b"]);

@@ -622,20 +622,7 @@ pub fn run_cluster(
     cluster.checkpoint();
     cluster.mirror.sync()?;
     snapshots.finish(&cluster.engine.state);
-    locals.iter_mut().for_each(|local| local.dispatcher.flush());
-    let report = NodeReport {
-        replayed_records,
-        position: cluster.engine.state.position,
-        state_hash: cluster.engine.state.state_hash(),
-        events_applied: cluster.engine.state.events_applied,
-        rejected: cluster.engine.state.rejections.total,
-        dispatched_actions: locals.iter().map(|local| local.dispatcher.dispatched).sum(),
-        daemons: locals[0].daemons.stats.clone(),
-        sequencer: sequencer.stats().clone(),
-        reactor: reactor_stats,
-    };
-    tracing::info!(position = report.position, state_hash = format!("{:032x}", report.state_hash), "stopped cleanly");
-    Ok(report)
+    Ok(NodeReport::at_stop(replayed_records, &cluster.engine.state, &mut locals, &sequencer, reactor_stats))
 }
 
 /// After every NATS server lost the stream's tail at once (an acknowledgement is

@@ -321,13 +321,9 @@ impl Executors {
     }
 }
 
-/// Writes `text` to `path` atomically (temporary file, fsync, rename).
+/// Writes `text` to `path` atomically (`sys::files::write_atomically`).
 pub(super) fn write_atomically(path: &Path, text: &str) -> Result<(), NodeError> {
-    let temporary = path.with_extension("tmp");
-    let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
-    file.write_all(text.as_bytes()).map_err(io_error(&temporary))?;
-    file.sync_all().map_err(io_error(&temporary))?;
-    std::fs::rename(&temporary, path).map_err(io_error(path))
+    crate::sys::files::write_atomically(path, text.as_bytes()).map_err(|(path, source)| NodeError::Io { path, source })
 }
 
 /// A node running on a thread of this process (benches, the load tool, embedding).
@@ -572,20 +568,37 @@ fn run_until(
     sequencer.commands().clear();
     log.sync()?;
     snapshots.finish(&engine.state);
-    locals.iter_mut().for_each(|local| local.dispatcher.flush());
-    let report = NodeReport {
-        replayed_records,
-        position: engine.state.position,
-        state_hash: engine.state.state_hash(),
-        events_applied: engine.state.events_applied,
-        rejected: engine.state.rejections.total,
-        dispatched_actions: locals.iter().map(|local| local.dispatcher.dispatched).sum(),
-        daemons: locals[0].daemons.stats.clone(),
-        sequencer: sequencer.stats().clone(),
-        reactor: reactor_stats,
-    };
-    tracing::info!(position = report.position, state_hash = format!("{:032x}", report.state_hash), "stopped cleanly");
-    Ok(report)
+    Ok(NodeReport::at_stop(replayed_records, &engine.state, &mut locals, &sequencer, reactor_stats))
+}
+
+impl NodeReport {
+    /// The report of a clean stop (the dispatchers' records flushed), logged.
+    pub(super) fn at_stop(
+        replayed_records: u64,
+        state: &State,
+        locals: &mut [Executors],
+        sequencer: &Sequencer,
+        reactor: ReactorStats,
+    ) -> NodeReport {
+        locals.iter_mut().for_each(|local| local.dispatcher.flush());
+        let report = NodeReport {
+            replayed_records,
+            position: state.position,
+            state_hash: state.state_hash(),
+            events_applied: state.events_applied,
+            rejected: state.rejections.total,
+            dispatched_actions: locals.iter().map(|local| local.dispatcher.dispatched).sum(),
+            daemons: locals[0].daemons.stats.clone(),
+            sequencer: sequencer.stats().clone(),
+            reactor,
+        };
+        tracing::info!(
+            position = report.position,
+            state_hash = format!("{:032x}", report.state_hash),
+            "stopped cleanly"
+        );
+        report
+    }
 }
 
 /// Collects, commits (one fsync), folds and reconciles one group, and hands each

@@ -72,10 +72,8 @@ impl Mirror {
         // Closing the log releases its lock before its files go.
         drop(self.log.take());
         std::fs::remove_dir_all(&self.log_dir).map_err(io_error(&self.log_dir))?;
-        let temporary = self.base_file.with_extension("tmp");
-        std::fs::write(&temporary, format!("{base}\n")).map_err(io_error(&temporary))?;
-        std::fs::File::open(&temporary).and_then(|file| file.sync_all()).map_err(io_error(&temporary))?;
-        std::fs::rename(&temporary, &self.base_file).map_err(io_error(&self.base_file))?;
+        crate::sys::files::write_atomically(&self.base_file, format!("{base}\n").as_bytes())
+            .map_err(|(path, source)| RedexError::Io { path, source })?;
         let (log, _) = EmbeddedLog::open(&self.log_dir, &self.config)?;
         self.log = Some(log);
         self.base = base;

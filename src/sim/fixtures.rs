@@ -70,6 +70,25 @@ impl Feeder {
     }
 }
 
+/// `converged_cluster` plus RTT samples from every node to `rtt_peers` others: the
+/// state the snapshot and checkpoint benches write and read.
+pub fn converged_cluster_with_rtt(config: &Config, nodes: u32, blobs: u32, replicas: u8, rtt_peers: u32) -> State {
+    let base = converged_cluster(config, nodes, blobs, replicas);
+    let mut feeder = Feeder::new(config, nodes);
+    feeder.state = base.clone();
+    feeder.time_ms = base.now_ms;
+    feeder.set_seqs(base.nodes.origin_seq_last.clone());
+    for node in 0..nodes {
+        for step in 1..=rtt_peers {
+            let peer = (node + step * 97) % nodes;
+            let rtt_us = 200 + (node * 31 + peer * 17) % 5_000;
+            feeder.push(node, crate::event::EventKind::Rtt { peer: node_name(peer), rtt_us });
+        }
+    }
+    feeder.flush();
+    feeder.state
+}
+
 /// A converged cluster: `nodes` nodes in 3 zones, `blobs` blobs with `replicas`
 /// copies each, every copy healthy on its planned node. Built through fold, with one
 /// full reconcile pass to compute the plans.

@@ -7,8 +7,6 @@
 //! reader's mapping stays valid and unchanged; `SnapshotWriter` starts at most one
 //! write per interval and none while the position has not moved since the last one.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,31 +37,11 @@ pub fn encode_into(
     Ok(buffer)
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
-    move |source| SnapshotError::Io { path: path.to_path_buf(), source }
-}
+pub use crate::sys::files::temporary_path;
 
-/// `PATH.tmp`: where a snapshot is written before it is renamed to `path`.
-pub fn temporary_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    PathBuf::from(name)
-}
-
-/// Publishes `bytes` at `path` atomically: written to `PATH.tmp`, fsynced, renamed
-/// over `path`, and the directory fsynced so the rename survives a crash.
+/// Publishes `bytes` at `path` atomically (`sys::files::write_atomically`).
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
-    let temporary = temporary_path(path);
-    let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
-    file.write_all(bytes).map_err(io_error(&temporary))?;
-    file.sync_all().map_err(io_error(&temporary))?;
-    drop(file);
-    std::fs::rename(&temporary, path).map_err(io_error(path))?;
-    let directory = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    File::open(directory).and_then(|directory| directory.sync_all()).map_err(io_error(directory))
+    crate::sys::files::write_atomically(path, bytes).map_err(|(path, source)| SnapshotError::Io { path, source })
 }
 
 /// One snapshot written.

@@ -40,7 +40,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -345,27 +345,11 @@ pub fn read_file(path: &Path, expected: &Config) -> Result<State, CheckpointErro
     decode(path, &buffer, expected)
 }
 
-/// `PATH.tmp`: where a checkpoint is written before it is renamed to `path`.
-pub fn temporary_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    PathBuf::from(name)
-}
+pub use crate::sys::files::temporary_path;
 
-/// Publishes `bytes` at `path` atomically: written to `PATH.tmp`, fsynced, renamed
-/// over `path`, and the directory fsynced so the rename survives a crash.
+/// Publishes `bytes` at `path` atomically (`sys::files::write_atomically`).
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let temporary = temporary_path(path);
-    let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
-    file.write_all(bytes).map_err(io_error(&temporary))?;
-    file.sync_all().map_err(io_error(&temporary))?;
-    drop(file);
-    std::fs::rename(&temporary, path).map_err(io_error(path))?;
-    let directory = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    File::open(directory).and_then(|directory| directory.sync_all()).map_err(io_error(directory))
+    crate::sys::files::write_atomically(path, bytes).map_err(|(path, source)| CheckpointError::Io { path, source })
 }
 
 /// Encodes `state` and publishes it at `path`; returns the file's size in bytes.

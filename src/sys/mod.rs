@@ -13,6 +13,7 @@
 //! configuration.
 
 pub mod client;
+pub mod files;
 pub mod peer_server;
 pub mod process;
 pub mod reactor;

@@ -168,3 +168,24 @@ pub fn write_small_cluster_log(dir: &std::path::Path) -> u64 {
     }
     log.sync().expect("sync")
 }
+
+/// A node's blob store behind a running peer port (with the cluster credential `key`).
+pub struct Peer {
+    pub _dir: tempfile::TempDir,
+    pub store: std::sync::Arc<meshos::exec::blobstore::BlobStore>,
+    pub server: meshos::sys::peer_server::PeerServer,
+}
+
+pub fn peer(key: Option<[u8; 32]>) -> Peer {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(meshos::exec::blobstore::BlobStore::open(dir.path()).unwrap());
+    let config = meshos::sys::peer_server::PeerServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        blobs_dir: dir.path().to_path_buf(),
+        connections_max: 8,
+        bytes_per_s: 0,
+        io_timeout_ms: 5_000,
+        key,
+    };
+    Peer { _dir: dir, store, server: meshos::sys::peer_server::PeerServer::start(config).unwrap() }
+}
