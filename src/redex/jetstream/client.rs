@@ -16,7 +16,11 @@
 //! attempt's) is ignored, so each ticket resolves once. A 503, an API error of code
 //! 503, an ack timeout or a lost connection makes the record `Due` again (same msg
 //! id) and sets `resolving`, as does a definite failure; it clears when nothing is
-//! left in flight.
+//! left in flight. While resolving, records go out one at a time in ticket order
+//! (stop and wait), so a record resent after a 503 cannot be stored after a later one
+//! a new leader took first. A connection that finds the stream ending below what was
+//! delivered (every server lost its tail) holds every record but pinned ones back
+//! until the caller resumes (`held_for_repair`).
 //!
 //! Reading: `next_position` is the next stream sequence wanted; a delivery is
 //! accepted only at exactly that position and the consumer sequence that follows the
@@ -1156,7 +1160,19 @@ impl Client {
             return;
         }
         let mut too_large = Vec::new();
+        // While resolving, one record at a time in ticket order (stop and wait): a
+        // record resent after a 503 must not be stored after a later one that a new
+        // leader took first (fold would refuse the earlier as stale).
+        let held_for_repair = self.held_for_repair;
+        let first = self
+            .inflight
+            .iter()
+            .find(|(_, entry)| !held_for_repair || entry.record.expected_last.is_some())
+            .map(|(&ticket, _)| ticket);
         for (&ticket, entry) in self.inflight.iter_mut() {
+            if self.resolving && Some(ticket) != first && first.is_some_and(|first| ticket > first) {
+                break;
+            }
             let SendState::Due(at) = entry.state else { continue };
             if at > now || (self.held_for_repair && entry.record.expected_last.is_none()) {
                 continue;
