@@ -654,3 +654,55 @@ fn cluster_log_throughput() {
         node.stop();
     }
 }
+
+/// Publishes raw payloads to the cluster's stream as an outsider (not a node); returns
+/// the position each was stored at.
+fn publish_raw(mesh: &Mesh, payloads: &[Vec<u8>]) -> Vec<u64> {
+    use meshos::redex::jetstream::{JetStream, JetStreamConfig, PublishOutcome};
+    let mut config = JetStreamConfig::new(mesh.nats.client_urls(), "outsider");
+    config.stream_replicas = 3;
+    config.record_bytes_max = 7 << 20;
+    let signal = meshos::ingest::park::Signal::new();
+    let mut js = JetStream::start(config, 1, std::sync::Arc::clone(&signal)).unwrap();
+    let mut tickets = Vec::new();
+    for (index, payload) in payloads.iter().enumerate() {
+        let mut id = [0xa5u8; 16];
+        id[..8].copy_from_slice(&(index as u64).to_le_bytes());
+        tickets.push(js.publish(id, payload).unwrap());
+    }
+    let mut positions = vec![0u64; payloads.len()];
+    let mut outcomes: Vec<PublishOutcome> = Vec::new();
+    wait_for("the outsider's records stored", || {
+        js.poll_acks(&mut outcomes);
+        signal.wait(Some(50));
+        outcomes.len() == payloads.len()
+    });
+    for outcome in &outcomes {
+        let index = tickets.iter().position(|ticket| *ticket == outcome.ticket).unwrap();
+        positions[index] = outcome.result.as_ref().expect("stored").position;
+    }
+    js.stop();
+    positions
+}
+
+/// A record on the stream that is no event batch, or too large for a node's mirror
+/// (`[log] frame_bytes_max`), is a counted rejection on every node: no node stops.
+#[test]
+fn malformed_and_oversized_records_from_the_stream_are_rejections() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    let frame_bytes_max = mesh.nodes[0].config().log.frame_bytes_max as usize;
+    let positions = publish_raw(&mesh, &[vec![0x5a; 100], vec![0x5a; frame_bytes_max - 16]]);
+    let last = *positions.iter().max().unwrap();
+    mesh.send(0, vec![EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 0 })]);
+    for node in &mut mesh.nodes {
+        wait_for(&format!("{} past the outsider's records", node.name), || {
+            let exited = node.child.as_mut().unwrap().try_wait().unwrap();
+            assert!(exited.is_none(), "{} stopped ({exited:?}); see {}", node.name, node.stderr_path());
+            node.mirrored() > last
+        });
+        let state = node.state(u64::MAX);
+        assert!(state.rejections.total >= 2, "{}: {} rejections", node.name, state.rejections.total);
+    }
+    mesh.assert_agreement();
+}

@@ -148,6 +148,8 @@ struct Cluster {
     own_events: Vec<EventKind>,
     mirrored_unsynced: bool,
     folded: u64,
+    /// The mirror's frame limit: a larger record from the stream is folded as empty.
+    frame_bytes_max: u32,
 }
 
 impl Cluster {
@@ -158,7 +160,18 @@ impl Cluster {
         assert_eq!(position, self.engine.state.position + 1, "the stream is delivered densely, in order");
         let time_ms = self.engine.state.now_ms.max(record.timestamp_ns / 1_000_000);
         self.aligned.clear();
-        self.aligned.extend_from_slice(record.payload);
+        if wire::frame_bytes(record.payload.len()) as u64 <= u64::from(self.frame_bytes_max) {
+            self.aligned.extend_from_slice(record.payload);
+        } else {
+            // Too large for the mirror (`[log] frame_bytes_max`): never an event batch this
+            // node could have sent. It is mirrored and folded as an empty record, which fold
+            // rejects, so the mirror stays dense and a replay folds the same.
+            tracing::warn!(
+                position,
+                bytes = record.payload.len(),
+                "a record too large for the mirror: folded as empty"
+            );
+        }
         let from_self = record.msg_id.is_some_and(|id| self.own_ids.remove(&id));
         if self.acting && !from_self && self.fence.is_none() && names_origin(&self.aligned, &self.name) {
             let fence = Fence::NameInUse { position };
@@ -378,6 +391,7 @@ pub fn run_cluster(
         own_events: Vec::new(),
         mirrored_unsynced: false,
         folded: 0,
+        frame_bytes_max: library_config.frame_bytes_max,
     };
 
     // Catch up before acting: fold what the stream holds beyond the mirror.
