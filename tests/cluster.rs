@@ -706,3 +706,48 @@ fn malformed_and_oversized_records_from_the_stream_are_rejections() {
     }
     mesh.assert_agreement();
 }
+
+/// A frame the node accepts but JetStream refuses (over the servers' `max_payload`)
+/// is never covered by a later frame's (cumulative) ack: the client is told, or the
+/// record is in the log.
+#[test]
+fn a_record_jetstream_refuses_is_never_acknowledged() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    let node = &mut mesh.nodes[0];
+    node.kill();
+    let config = std::fs::read_to_string(&node.config_path)
+        .unwrap()
+        .replace("[ingest]\n", "[ingest]\nconnection_buffer_bytes = 33554432\nqueue_bytes_max = 33554432\n");
+    std::fs::write(&node.config_path, format!("{config}\n[log]\nframe_bytes_max = 16777216\n")).unwrap();
+    node.start();
+    wait_for("node-1 listening again", || node.listening());
+    let heartbeat = |origin: &str, origin_seq: u64| meshos::event::Event {
+        origin: origin.into(),
+        origin_seq,
+        kind: EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 0 }),
+    };
+    let mut big = meshos::event::EventBatch { events: Vec::new() };
+    while meshos::wire::encode_batch(&big).len() < 9_000_000 {
+        let next = big.events.len() as u64 + 1;
+        big.events.extend((next..next + 10_000).map(|seq| heartbeat("big", seq)));
+    }
+    let small = meshos::event::EventBatch { events: vec![heartbeat("small", 1)] };
+    let addr: std::net::SocketAddr =
+        std::fs::read_to_string(mesh.nodes[0].dir.join("node.addr")).unwrap().trim().parse().unwrap();
+    let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    client.send(&big, true).unwrap();
+    let last = client.send(&small, true).unwrap();
+    match replies.wait_acked(last, Duration::from_secs(30)) {
+        Ok(ack) => {
+            let state = mesh.nodes[0].state(u64::MAX);
+            assert!(
+                state.nodes.find("big").is_some(),
+                "frames up to {last} acknowledged at position {}, but the first one is not in the log",
+                ack.position
+            );
+        }
+        Err(error @ meshos::sys::client::ClientError::TimedOut { .. }) => panic!("never told: {error}"),
+        Err(error) => eprintln!("the client was told: {error}"),
+    }
+}

@@ -97,31 +97,52 @@ impl std::fmt::Display for Fence {
     }
 }
 
-/// Clients waiting for their record to be read back, in the order it was handed over.
+/// Client records waiting to be read back, in the order they were handed over.
 struct PendingAcks {
-    /// (ticket, position once stored, source, frame number).
-    queue: VecDeque<(u64, Option<u64>, u64, u64)>,
+    queue: VecDeque<Pending>,
+}
+
+struct Pending {
+    ticket: u64,
+    /// Where it was stored, once known.
+    position: Option<u64>,
+    source: u64,
+    /// The frame number to acknowledge, when the client asked.
+    ack: Option<u64>,
 }
 
 impl PendingAcks {
     fn stored(&mut self, ticket: u64, position: u64) {
-        if let Some(entry) = self.queue.iter_mut().find(|entry| entry.0 == ticket) {
-            entry.1 = Some(position);
+        if let Some(entry) = self.queue.iter_mut().find(|entry| entry.ticket == ticket) {
+            entry.position = Some(position);
         }
     }
 
-    fn failed(&mut self, ticket: u64) {
-        self.queue.retain(|entry| entry.0 != ticket);
+    /// A client's record was not stored: acks are cumulative, so no later frame of
+    /// its source may be acknowledged (that would confirm the lost one too). The
+    /// source is told and closed instead.
+    fn failed(&mut self, ticket: u64, reason: &str, commands: &mut Vec<Command>) {
+        if let Some(source) = self.queue.iter().find(|entry| entry.ticket == ticket).map(|entry| entry.source) {
+            self.close(source, reason, commands);
+        }
+    }
+
+    fn close(&mut self, source: u64, reason: &str, commands: &mut Vec<Command>) {
+        self.queue.retain(|entry| entry.source != source);
+        let reason = format!("a record of this connection was not stored in the cluster's log: {reason}");
+        commands.push(Command::Close { source, error: wire::FrameError::BadPayload { reason } });
     }
 
     /// Acks, in hand-over order, every client whose record is folded (at or below `applied`).
     fn release(&mut self, applied: u64, time_ms: u64, commands: &mut Vec<Command>) {
-        while let Some(&(_, Some(position), source, seq)) = self.queue.front() {
+        while let Some(&Pending { position: Some(position), source, ack, .. }) = self.queue.front() {
             if position > applied {
                 break;
             }
             self.queue.pop_front();
-            commands.push(Command::Ack { source, seq, position, time_ms });
+            if let Some(seq) = ack {
+                commands.push(Command::Ack { source, seq, position, time_ms });
+            }
         }
     }
 }
@@ -500,14 +521,24 @@ pub fn run_cluster(
                 },
                 &mut handed,
             );
-            if let Some(error) = publish_failed {
+            if let Some(error) = &publish_failed {
                 tracing::error!("a record could not be published: {error}");
             }
-            for record in handed.iter().filter(|record| record.ticket != 0) {
-                in_flight += 1;
-                if let Some((source, seq)) = record.ack {
-                    pending.queue.push_back((record.ticket, None, source, seq));
+            for record in &handed {
+                match record.source {
+                    Some(source) if record.ticket == 0 => {
+                        let reason = publish_failed.as_deref().unwrap_or("not published");
+                        pending.close(source, reason, sequencer.commands());
+                    }
+                    Some(source) => pending.queue.push_back(Pending {
+                        ticket: record.ticket,
+                        position: None,
+                        source,
+                        ack: record.ack.map(|(_, seq)| seq),
+                    }),
+                    None => {}
                 }
+                in_flight += usize::from(record.ticket != 0);
             }
             worked = true;
         }
@@ -519,7 +550,7 @@ pub fn run_cluster(
                 Ok(stored) => pending.stored(outcome.ticket, stored.position),
                 Err(reason) => {
                     tracing::error!(ticket = outcome.ticket, "JetStream refused a record: {reason}");
-                    pending.failed(outcome.ticket);
+                    pending.failed(outcome.ticket, reason, sequencer.commands());
                 }
             }
         }
