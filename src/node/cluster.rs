@@ -37,7 +37,7 @@ use crate::event::EventKind;
 use crate::ingest::park::Signal;
 use crate::node::config::NodeConfig;
 use crate::node::run::{dispatch_actions, write_atomically, Executors, NodeError, NodeReport, ADDR_FILE};
-use crate::redex::jetstream::{Delivered, JetStream, JetStreamConfig, JetStreamError, PublishOutcome};
+use crate::redex::jetstream::{Delivered, JetStream, JetStreamConfig, JetStreamError, PublishOutcome, Stored};
 use crate::redex::mirror::Mirror;
 use crate::sequencer::{Handed, Sequencer};
 use crate::state::checkpoint::CheckpointStore;
@@ -147,6 +147,40 @@ impl PendingAcks {
     }
 }
 
+/// Message ids this process published whose record has not come back yet (bounded by
+/// the publishes in flight and the records stored but not yet read back).
+#[derive(Default)]
+struct OwnIds {
+    ids: hashbrown::HashSet<[u8; 16]>,
+    by_ticket: hashbrown::HashMap<u64, [u8; 16]>,
+}
+
+impl OwnIds {
+    fn published(&mut self, ticket: u64, id: [u8; 16]) {
+        self.ids.insert(id);
+        self.by_ticket.insert(ticket, id);
+    }
+
+    /// A publish ended: a record not stored, or stored at or below what was already
+    /// folded (a duplicate of an earlier record), never comes back.
+    fn outcome(&mut self, ticket: u64, result: &Result<Stored, String>, folded: u64) {
+        let Some(id) = self.by_ticket.remove(&ticket) else { return };
+        if result.as_ref().map_or(true, |stored| stored.position <= folded) {
+            self.ids.remove(&id);
+        }
+    }
+
+    /// A record came back: true when this process published it.
+    fn delivered(&mut self, id: [u8; 16]) -> bool {
+        self.ids.remove(&id)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.ids.len() + self.by_ticket.len()
+    }
+}
+
 /// What the loop keeps beside the engine.
 struct Cluster {
     name: String,
@@ -154,7 +188,7 @@ struct Cluster {
     mirror: Mirror,
     aligned: AlignedVec<{ wire::ALIGN_BYTES }>,
     /// Message ids this process published whose record has not come back yet.
-    own_ids: hashbrown::HashSet<[u8; 16]>,
+    own_ids: OwnIds,
     /// Records of this node's name folded since the start's catch-up.
     acting: bool,
     fence: Option<Fence>,
@@ -193,7 +227,7 @@ impl Cluster {
                 "a record too large for the mirror: folded as empty"
             );
         }
-        let from_self = record.msg_id.is_some_and(|id| self.own_ids.remove(&id));
+        let from_self = record.msg_id.is_some_and(|id| self.own_ids.delivered(id));
         if self.acting && !from_self && self.fence.is_none() && names_origin(&self.aligned, &self.name) {
             let fence = Fence::NameInUse { position };
             tracing::error!("{fence}");
@@ -401,7 +435,7 @@ pub fn run_cluster(
         engine,
         mirror,
         aligned: AlignedVec::new(),
-        own_ids: hashbrown::HashSet::new(),
+        own_ids: OwnIds::default(),
         acting: false,
         fence: None,
         commitments: VecDeque::new(),
@@ -510,7 +544,7 @@ pub fn run_cluster(
                     let id = message_id(payload);
                     match jetstream.publish(id, payload) {
                         Ok(ticket) => {
-                            cluster.own_ids.insert(id);
+                            cluster.own_ids.published(ticket, id);
                             ticket
                         }
                         Err(error) => {
@@ -545,6 +579,7 @@ pub fn run_cluster(
         outcomes.clear();
         jetstream.poll_acks(&mut outcomes);
         for outcome in &outcomes {
+            cluster.own_ids.outcome(outcome.ticket, &outcome.result, cluster.engine.state.position);
             in_flight = in_flight.saturating_sub(1);
             match &outcome.result {
                 Ok(stored) => pending.stored(outcome.ticket, stored.position),
@@ -725,4 +760,29 @@ pub fn trim_position(state: &State, own_name: &str) -> Option<u64> {
         below = below.min(needs);
     }
     (below != u64::MAX && below > 1).then_some(below)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_ids_forget_publishes_that_never_come_back() {
+        let mut own = OwnIds::default();
+        own.published(1, [1; 16]);
+        own.outcome(1, &Err("refused".into()), 10);
+        own.published(2, [2; 16]);
+        own.outcome(2, &Ok(Stored { position: 5, duplicate: true }), 10);
+        assert_eq!(own.len(), 0, "a refused publish and a duplicate of a folded record are forgotten");
+        own.published(3, [3; 16]);
+        own.outcome(3, &Ok(Stored { position: 11, duplicate: false }), 10);
+        assert!(own.delivered([3; 16]));
+        assert!(!own.delivered([3; 16]));
+        assert_eq!(own.len(), 0);
+        // Read back before its ack: forgotten on delivery, the ack finds nothing left.
+        own.published(4, [4; 16]);
+        assert!(own.delivered([4; 16]));
+        own.outcome(4, &Ok(Stored { position: 12, duplicate: false }), 12);
+        assert_eq!(own.len(), 0);
+    }
 }
