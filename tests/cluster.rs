@@ -751,3 +751,49 @@ fn a_record_jetstream_refuses_is_never_acknowledged() {
         Err(error) => eprintln!("the client was told: {error}"),
     }
 }
+
+/// Every NATS server lost the stream (its store wiped while the nodes were stopped):
+/// the first node to start publishes its whole mirror again, even when that is more
+/// than its publish window and queue hold at once, so a new node folds the same log.
+#[test]
+fn a_lost_stream_is_published_again_beyond_the_publish_queue() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    wait_for("40 records in node-1's mirror", || mesh.nodes[0].mirrored() >= 40);
+    for node in &mut mesh.nodes {
+        node.stop();
+    }
+    let mirrored = mesh.nodes[0].mirrored();
+    for i in 0..3 {
+        mesh.nats.kill(i);
+        let store = mesh.nats.dir().join(mesh.nats.name(i));
+        std::fs::remove_dir_all(store).unwrap();
+    }
+    mesh.nats.restart_all();
+    // node-1 may have at most 5 publishes pending at once.
+    let node = &mut mesh.nodes[0];
+    let config = std::fs::read_to_string(&node.config_path)
+        .unwrap()
+        .replace("[ingest]\n", "[ingest]\nrecords_per_commit_max = 4\n")
+        .replace("[cluster]\n", "[cluster]\npublish_window_max = 1\npublish_queue_max = 4\n");
+    std::fs::write(&node.config_path, config).unwrap();
+    node.start();
+    wait_for("node-1 listening after the repair", || node.listening());
+    let fresh = mesh.add_node(&Tuning::default(), "");
+    wait_for("node-4 listening", || mesh.nodes[fresh].listening());
+    wait_for("node-4 past node-1's old mirror", || mesh.nodes[fresh].mirrored() > mirrored);
+    // The stream holds node-1's records again, at their positions (both mirrors start at 1).
+    let payloads = |node: &NodeProcess| {
+        let mut payloads = Vec::new();
+        meshos::redex::embedded::read_unlocked(&node.dir.join("log"), &node.config().to_config(), &mut |record| {
+            payloads.push(record.payload.to_vec());
+            record.position < mirrored
+        })
+        .unwrap();
+        payloads
+    };
+    let (old, new) = (payloads(&mesh.nodes[0]), payloads(&mesh.nodes[fresh]));
+    assert_eq!(old.len() as u64, mirrored);
+    let differing: Vec<usize> = (0..old.len()).filter(|&at| old[at] != new[at]).map(|at| at + 1).collect();
+    assert!(differing.is_empty(), "positions {differing:?} of {mirrored} hold other records than node-1 folded");
+}

@@ -37,7 +37,9 @@ use crate::event::EventKind;
 use crate::ingest::park::Signal;
 use crate::node::config::NodeConfig;
 use crate::node::run::{dispatch_actions, write_atomically, Executors, NodeError, NodeReport, ADDR_FILE};
-use crate::redex::jetstream::{Delivered, JetStream, JetStreamConfig, JetStreamError, PublishOutcome, Stored};
+use crate::redex::jetstream::{
+    Delivered, JetStream, JetStreamConfig, JetStreamError, PublishError, PublishOutcome, Stored,
+};
 use crate::redex::mirror::Mirror;
 use crate::sequencer::{Handed, Sequencer};
 use crate::state::checkpoint::CheckpointStore;
@@ -679,42 +681,56 @@ fn repair_tail(
     );
     let mut expected: hashbrown::HashMap<u64, u64> = hashbrown::HashMap::new();
     let mut refused = None;
-    cluster.mirror.read_from(stream_last + 1, &mut |record| match jetstream.publish_pinned(
-        message_id(record.payload),
-        record.payload,
-        record.position - 1,
-    ) {
-        Ok(ticket) => {
-            expected.insert(ticket, record.position);
-            true
-        }
-        Err(error) => {
-            refused = Some(error.to_string());
-            false
+    let mut outcomes = Vec::new();
+    let deadline = Instant::now() + STOP_DRAIN_WAIT * 3;
+    let fence = &mut cluster.fence;
+    cluster.mirror.read_from(stream_last + 1, &mut |record| loop {
+        match jetstream.publish_pinned(message_id(record.payload), record.payload, record.position - 1) {
+            Ok(ticket) => {
+                expected.insert(ticket, record.position);
+                return true;
+            }
+            // More than the client holds at once: settle what came back, then go on.
+            Err(PublishError::Full { .. }) if !stop.is_set() && Instant::now() < deadline => {
+                outcomes.clear();
+                jetstream.poll_acks(&mut outcomes);
+                settle_repairs(&outcomes, &mut expected, fence);
+                if outcomes.is_empty() {
+                    signal.wait(Some(50));
+                }
+            }
+            Err(error) => {
+                refused = Some(error.to_string());
+                return false;
+            }
         }
     })?;
     if let Some(error) = refused {
         tracing::error!("tail repair stopped: {error}");
     }
-    let mut outcomes = Vec::new();
-    let started = Instant::now();
-    while !expected.is_empty() && !stop.is_set() && started.elapsed() < STOP_DRAIN_WAIT * 3 {
+    while !expected.is_empty() && !stop.is_set() && Instant::now() < deadline {
         outcomes.clear();
         jetstream.poll_acks(&mut outcomes);
-        for outcome in &outcomes {
-            let Some(position) = expected.remove(&outcome.ticket) else { continue };
-            let stored_at = outcome.result.as_ref().ok().map(|stored| stored.position);
-            if stored_at != Some(position) && cluster.fence.is_none() {
-                let fence = Fence::TailLost { position };
-                tracing::error!("{fence} ({:?})", outcome.result);
-                cluster.fence = Some(fence);
-            }
-        }
+        settle_repairs(&outcomes, &mut expected, &mut cluster.fence);
         if outcomes.is_empty() {
             signal.wait(Some(50));
         }
     }
     Ok(())
+}
+
+/// Checks the outcomes of tail-repair publishes: each must be stored at the position
+/// it had, else another record took it and this node is fenced.
+fn settle_repairs(outcomes: &[PublishOutcome], expected: &mut hashbrown::HashMap<u64, u64>, fence: &mut Option<Fence>) {
+    for outcome in outcomes {
+        let Some(position) = expected.remove(&outcome.ticket) else { continue };
+        let stored_at = outcome.result.as_ref().ok().map(|stored| stored.position);
+        if stored_at != Some(position) && fence.is_none() {
+            let lost = Fence::TailLost { position };
+            tracing::error!("{lost} ({:?})", outcome.result);
+            *fence = Some(lost);
+        }
+    }
 }
 
 /// Folds what the stream delivered (at most a turn's worth); returns how many.
