@@ -796,4 +796,6 @@ fn a_lost_stream_is_published_again_beyond_the_publish_queue() {
     assert_eq!(old.len() as u64, mirrored);
     let differing: Vec<usize> = (0..old.len()).filter(|&at| old[at] != new[at]).map(|at| at + 1).collect();
     assert!(differing.is_empty(), "positions {differing:?} of {mirrored} hold other records than node-1 folded");
+    // And with the times node-1 folded them at, not the servers' times of the repair.
+    mesh.assert_agreement();
 }

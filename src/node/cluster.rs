@@ -215,7 +215,9 @@ impl Cluster {
     fn apply(&mut self, record: &Delivered<'_>, locals: &mut [Executors]) -> Result<(), NodeError> {
         let position = record.position;
         assert_eq!(position, self.engine.state.position + 1, "the stream is delivered densely, in order");
-        let time_ms = self.engine.state.now_ms.max(record.timestamp_ns / 1_000_000);
+        // A record republished after the stream lost it keeps the time it was folded at.
+        let stamp_ms = record.stamped_ms.unwrap_or(record.timestamp_ns / 1_000_000);
+        let time_ms = self.engine.state.now_ms.max(stamp_ms);
         self.aligned.clear();
         if wire::frame_bytes(record.payload.len()) as u64 <= u64::from(self.frame_bytes_max) {
             self.aligned.extend_from_slice(record.payload);
@@ -685,7 +687,12 @@ fn repair_tail(
     let deadline = Instant::now() + STOP_DRAIN_WAIT * 3;
     let fence = &mut cluster.fence;
     cluster.mirror.read_from(stream_last + 1, &mut |record| loop {
-        match jetstream.publish_pinned(message_id(record.payload), record.payload, record.position - 1) {
+        match jetstream.publish_restamped(
+            message_id(record.payload),
+            record.payload,
+            record.position - 1,
+            record.time_ms,
+        ) {
             Ok(ticket) => {
                 expected.insert(ticket, record.position);
                 return true;
