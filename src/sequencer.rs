@@ -272,6 +272,11 @@ impl Sequencer {
         &mut self.commands
     }
 
+    /// Events of this node waiting for the next collection.
+    pub fn own_events_pending(&self) -> usize {
+        self.own_events.len()
+    }
+
     /// Records collected and not yet committed.
     pub fn pending_records(&self) -> usize {
         self.records.len()

@@ -822,3 +822,45 @@ fn a_stream_lost_under_running_nodes_loses_no_acknowledged_command() {
     let state = mesh.nodes[0].state(u64::MAX);
     assert!(state.nodes.cordoned[node_row(&state, "node-3")], "an acknowledged cordon was never folded");
 }
+
+/// A clean stop publishes the end of the daemons it stopped, even when the last record
+/// in flight is acknowledged in the turn that reaps them (here: one record at a time).
+#[test]
+fn a_clean_stop_publishes_its_daemons_end() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    let node = &mut mesh.nodes[0];
+    node.kill();
+    let config = std::fs::read_to_string(&node.config_path)
+        .unwrap()
+        .replace("[ingest]\n", "[ingest]\nrecords_per_commit_max = 1\n")
+        .replace("[cluster]\n", "[cluster]\npublish_window_max = 1\npublish_queue_max = 1\n");
+    std::fs::write(&node.config_path, config).unwrap();
+    node.start();
+    wait_for("node-1 listening again", || node.listening());
+    let spec =
+        meshos::event::DaemonSpec { stop_grace_ms: 200, ..meshos::event::DaemonSpec::new("nap", "/usr/bin/sleep") };
+    let spec = meshos::event::DaemonSpec { args: vec!["1000".into()], ..spec };
+    mesh.send(
+        0,
+        vec![EventKind::DaemonIntent {
+            spec: Box::new(spec),
+            runs_on: meshos::event::DaemonPlacement::Nodes(vec!["node-1".into()]),
+        }],
+    );
+    let running_on_node_1 = |state: &State| {
+        let row = node_row(state, "node-1");
+        (0..state.daemons.node.len())
+            .any(|daemon| state.daemons.node[daemon].index() == row && state.daemons.state[daemon].is_running())
+    };
+    for round in 0..3 {
+        wait_for(&format!("round {round}: the daemon running on node-1"), || {
+            running_on_node_1(&mesh.nodes[1].state(u64::MAX))
+        });
+        mesh.nodes[0].stop();
+        std::thread::sleep(Duration::from_secs(1));
+        let state = mesh.nodes[1].state(u64::MAX);
+        assert!(!running_on_node_1(&state), "round {round}: node-1 stopped cleanly, its daemon still runs in the log");
+        mesh.nodes[0].start();
+    }
+}

@@ -622,7 +622,13 @@ pub fn run_cluster(
         resumer.send(sequencer.commands());
         if let Some(since) = draining {
             let running: usize = locals.iter().map(|local| local.daemons.running_count()).sum();
-            let quiet = running == 0 && in_flight == 0 && locals.iter().all(|local| local.events.is_empty());
+            // Events pushed after this turn's collection (a daemon reaped, a commitment)
+            // wait for the next one: not quiet yet.
+            let quiet = running == 0
+                && in_flight == 0
+                && locals.iter().all(|local| local.events.is_empty())
+                && sequencer.own_events_pending() == 0
+                && cluster.own_events.is_empty();
             if quiet || since.elapsed() > STOP_DRAIN_WAIT {
                 if !quiet {
                     tracing::warn!(in_flight, running, "stopping before every record came back");
