@@ -114,9 +114,14 @@ struct Pending {
 }
 
 impl PendingAcks {
+    /// The entry of `ticket` (tickets rise in hand-over order, so the queue is sorted).
+    fn find(&self, ticket: u64) -> Option<usize> {
+        self.queue.binary_search_by_key(&ticket, |entry| entry.ticket).ok()
+    }
+
     fn stored(&mut self, ticket: u64, position: u64) {
-        if let Some(entry) = self.queue.iter_mut().find(|entry| entry.ticket == ticket) {
-            entry.position = Some(position);
+        if let Some(at) = self.find(ticket) {
+            self.queue[at].position = Some(position);
         }
     }
 
@@ -124,7 +129,7 @@ impl PendingAcks {
     /// its source may be acknowledged (that would confirm the lost one too). The
     /// source is told and closed instead.
     fn failed(&mut self, ticket: u64, reason: &str, commands: &mut Vec<Command>) {
-        if let Some(source) = self.queue.iter().find(|entry| entry.ticket == ticket).map(|entry| entry.source) {
+        if let Some(source) = self.find(ticket).map(|at| self.queue[at].source) {
             self.close(source, reason, commands);
         }
     }
@@ -794,6 +799,22 @@ pub fn trim_position(state: &State, own_name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_record_closes_its_source_and_nothing_of_it_is_acknowledged() {
+        let mut pending = PendingAcks { queue: VecDeque::new() };
+        for (ticket, source, ack) in [(1, 7, Some(1)), (2, 8, Some(1)), (3, 7, None), (4, 7, Some(3))] {
+            pending.queue.push_back(Pending { ticket, position: None, source, ack });
+        }
+        let mut commands = Vec::new();
+        pending.stored(1, 10);
+        pending.stored(2, 11);
+        pending.failed(3, "refused", &mut commands);
+        pending.stored(4, 12);
+        pending.release(12, 0, &mut commands);
+        assert!(matches!(commands[0], Command::Close { source: 7, .. }), "{commands:?}");
+        assert!(matches!(commands[1..], [Command::Ack { source: 8, seq: 1, position: 11, .. }]), "{commands:?}");
+    }
 
     #[test]
     fn own_ids_forget_publishes_that_never_come_back() {
