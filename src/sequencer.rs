@@ -133,6 +133,8 @@ pub struct Committed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Handed {
     pub ticket: u64,
+    /// The client source the record came from (None: the node's own events).
+    pub source: Option<u64>,
     pub ack: Option<(u64, u64)>,
 }
 
@@ -268,6 +270,11 @@ impl Sequencer {
     /// Replies for the reactor since the last call (send them with `Resumer::send`).
     pub fn commands(&mut self) -> &mut Vec<Command> {
         &mut self.commands
+    }
+
+    /// Events of this node waiting for the next collection.
+    pub fn own_events_pending(&self) -> usize {
+        self.own_events.len()
     }
 
     /// Records collected and not yet committed.
@@ -579,8 +586,9 @@ impl Sequencer {
         assert!(!self.records.is_empty(), "hand over of an empty group");
         for record in &self.records {
             let ticket = submit(&self.group[record.offset..record.offset + record.bytes]);
+            let source = (record.source != usize::MAX).then(|| self.sources[record.source].id);
             let ack = record.ack_wanted.then(|| (self.sources[record.source].id, record.frame_seq));
-            out.push(Handed { ticket, ack });
+            out.push(Handed { ticket, source, ack });
         }
         // The acks come later, once read back; a bad frame's close need not wait for them.
         self.commands.append(&mut self.pending_closes);

@@ -714,3 +714,212 @@ fn cluster_log_throughput() {
         node.stop();
     }
 }
+
+/// Publishes raw payloads to the cluster's stream as an outsider (not a node); returns
+/// the position each was stored at.
+fn publish_raw(mesh: &Mesh, payloads: &[Vec<u8>]) -> Vec<u64> {
+    use meshos::redex::jetstream::{JetStream, JetStreamConfig, PublishOutcome};
+    let mut config = JetStreamConfig::new(mesh.nats.client_urls(), "outsider");
+    config.stream_replicas = 3;
+    config.record_bytes_max = 7 << 20;
+    let signal = meshos::ingest::park::Signal::new();
+    let mut js = JetStream::start(config, 1, std::sync::Arc::clone(&signal)).unwrap();
+    let mut tickets = Vec::new();
+    for (index, payload) in payloads.iter().enumerate() {
+        let mut id = [0xa5u8; 16];
+        id[..8].copy_from_slice(&(index as u64).to_le_bytes());
+        tickets.push(js.publish(id, payload).unwrap());
+    }
+    let mut positions = vec![0u64; payloads.len()];
+    let mut outcomes: Vec<PublishOutcome> = Vec::new();
+    wait_for("the outsider's records stored", || {
+        js.poll_acks(&mut outcomes);
+        signal.wait(Some(50));
+        outcomes.len() == payloads.len()
+    });
+    for outcome in &outcomes {
+        let index = tickets.iter().position(|ticket| *ticket == outcome.ticket).unwrap();
+        positions[index] = outcome.result.as_ref().expect("stored").position;
+    }
+    js.stop();
+    positions
+}
+
+/// A record on the stream that is no event batch, or too large for a node's mirror
+/// (`[log] frame_bytes_max`), is a counted rejection on every node: no node stops.
+#[test]
+fn malformed_and_oversized_records_from_the_stream_are_rejections() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    let frame_bytes_max = mesh.nodes[0].config().log.frame_bytes_max as usize;
+    let positions = publish_raw(&mesh, &[vec![0x5a; 100], vec![0x5a; frame_bytes_max - 16]]);
+    let last = *positions.iter().max().unwrap();
+    mesh.send(0, vec![EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 0 })]);
+    for node in &mut mesh.nodes {
+        wait_for(&format!("{} past the outsider's records", node.name), || {
+            let exited = node.child.as_mut().unwrap().try_wait().unwrap();
+            assert!(exited.is_none(), "{} stopped ({exited:?}); see {}", node.name, node.stderr_path());
+            node.mirrored() > last
+        });
+        let state = node.state(u64::MAX);
+        assert!(state.rejections.total >= 2, "{}: {} rejections", node.name, state.rejections.total);
+    }
+    mesh.assert_agreement();
+}
+
+/// A frame the node accepts but JetStream refuses (over the servers' `max_payload`)
+/// is never covered by a later frame's (cumulative) ack: the client is told, or the
+/// record is in the log.
+#[test]
+fn a_record_jetstream_refuses_is_never_acknowledged() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    let node = &mut mesh.nodes[0];
+    node.kill();
+    let config = std::fs::read_to_string(&node.config_path)
+        .unwrap()
+        .replace("[ingest]\n", "[ingest]\nconnection_buffer_bytes = 33554432\nqueue_bytes_max = 33554432\n");
+    std::fs::write(&node.config_path, format!("{config}\n[log]\nframe_bytes_max = 16777216\n")).unwrap();
+    node.start();
+    wait_for("node-1 listening again", || node.listening());
+    let heartbeat = |origin: &str, origin_seq: u64| meshos::event::Event {
+        origin: origin.into(),
+        origin_seq,
+        kind: EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 0 }),
+    };
+    let mut big = meshos::event::EventBatch { events: Vec::new() };
+    while meshos::wire::encode_batch(&big).len() < 9_000_000 {
+        let next = big.events.len() as u64 + 1;
+        big.events.extend((next..next + 10_000).map(|seq| heartbeat("big", seq)));
+    }
+    let small = meshos::event::EventBatch { events: vec![heartbeat("small", 1)] };
+    let addr: std::net::SocketAddr =
+        std::fs::read_to_string(mesh.nodes[0].dir.join("node.addr")).unwrap().trim().parse().unwrap();
+    let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    client.send(&big, true).unwrap();
+    let last = client.send(&small, true).unwrap();
+    match replies.wait_acked(last, Duration::from_secs(30)) {
+        Ok(ack) => {
+            let state = mesh.nodes[0].state(u64::MAX);
+            assert!(
+                state.nodes.find("big").is_some(),
+                "frames up to {last} acknowledged at position {}, but the first one is not in the log",
+                ack.position
+            );
+        }
+        Err(error @ meshos::sys::client::ClientError::TimedOut { .. }) => panic!("never told: {error}"),
+        Err(error) => eprintln!("the client was told: {error}"),
+    }
+}
+
+/// Every NATS server lost the stream (its store wiped while the nodes were stopped):
+/// the first node to start publishes its whole mirror again, even when that is more
+/// than its publish window and queue hold at once, so a new node folds the same log.
+#[test]
+fn a_lost_stream_is_published_again_beyond_the_publish_queue() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    wait_for("40 records in node-1's mirror", || mesh.nodes[0].mirrored() >= 40);
+    for node in &mut mesh.nodes {
+        node.stop();
+    }
+    let mirrored = mesh.nodes[0].mirrored();
+    for i in 0..3 {
+        mesh.nats.kill(i);
+        let store = mesh.nats.dir().join(mesh.nats.name(i));
+        std::fs::remove_dir_all(store).unwrap();
+    }
+    mesh.nats.restart_all();
+    // node-1 may have at most 5 publishes pending at once.
+    let node = &mut mesh.nodes[0];
+    let config = std::fs::read_to_string(&node.config_path)
+        .unwrap()
+        .replace("[ingest]\n", "[ingest]\nrecords_per_commit_max = 4\n")
+        .replace("[cluster]\n", "[cluster]\npublish_window_max = 1\npublish_queue_max = 4\n");
+    std::fs::write(&node.config_path, config).unwrap();
+    node.start();
+    wait_for("node-1 listening after the repair", || node.listening());
+    let fresh = mesh.add_node(&Tuning::default(), "");
+    wait_for("node-4 listening", || mesh.nodes[fresh].listening());
+    wait_for("node-4 past node-1's old mirror", || mesh.nodes[fresh].mirrored() > mirrored);
+    // The stream holds node-1's records again, at their positions (both mirrors start at 1).
+    let payloads = |node: &NodeProcess| {
+        let mut payloads = Vec::new();
+        meshos::redex::embedded::read_unlocked(&node.dir.join("log"), &node.config().to_config(), &mut |record| {
+            payloads.push(record.payload.to_vec());
+            record.position < mirrored
+        })
+        .unwrap();
+        payloads
+    };
+    let (old, new) = (payloads(&mesh.nodes[0]), payloads(&mesh.nodes[fresh]));
+    assert_eq!(old.len() as u64, mirrored);
+    let differing: Vec<usize> = (0..old.len()).filter(|&at| old[at] != new[at]).map(|at| at + 1).collect();
+    assert!(differing.is_empty(), "positions {differing:?} of {mirrored} hold other records than node-1 folded");
+    // And with the times node-1 folded them at, not the servers' times of the repair.
+    mesh.assert_agreement();
+}
+
+/// Every NATS server lost the stream while the nodes run (a power loss of the NATS
+/// machines: an acknowledgement is replication, not fsync). Each node's client finds,
+/// on reconnecting, a stream ending below what it read, and holds new records back
+/// while the node gives the tail back (or rolls back to the stream): an admin command
+/// sent afterwards is acknowledged only once every node can fold it.
+#[test]
+fn a_stream_lost_under_running_nodes_loses_no_acknowledged_command() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    wait_for("300 records in node-1's mirror", || mesh.nodes[0].mirrored() >= 300);
+    for i in 0..3 {
+        mesh.nats.kill(i);
+        let store = mesh.nats.dir().join(mesh.nats.name(i));
+        std::fs::remove_dir_all(store).unwrap();
+    }
+    mesh.nats.restart_all();
+    mesh.admin(0, 2, AdminCommand::Cordon { node: "node-3".into() });
+    std::thread::sleep(Duration::from_secs(2));
+    let state = mesh.nodes[0].state(u64::MAX);
+    assert!(state.nodes.cordoned[node_row(&state, "node-3")], "an acknowledged cordon was never folded");
+}
+
+/// A clean stop publishes the end of the daemons it stopped, even when the last record
+/// in flight is acknowledged in the turn that reaps them (here: one record at a time).
+#[test]
+fn a_clean_stop_publishes_its_daemons_end() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    let node = &mut mesh.nodes[0];
+    node.kill();
+    let config = std::fs::read_to_string(&node.config_path)
+        .unwrap()
+        .replace("[ingest]\n", "[ingest]\nrecords_per_commit_max = 1\n")
+        .replace("[cluster]\n", "[cluster]\npublish_window_max = 1\npublish_queue_max = 1\n");
+    std::fs::write(&node.config_path, config).unwrap();
+    node.start();
+    wait_for("node-1 listening again", || node.listening());
+    let spec =
+        meshos::event::DaemonSpec { stop_grace_ms: 200, ..meshos::event::DaemonSpec::new("nap", "/usr/bin/sleep") };
+    let spec = meshos::event::DaemonSpec { args: vec!["1000".into()], ..spec };
+    mesh.send(
+        0,
+        vec![EventKind::DaemonIntent {
+            spec: Box::new(spec),
+            runs_on: meshos::event::DaemonPlacement::Nodes(vec!["node-1".into()]),
+        }],
+    );
+    let running_on_node_1 = |state: &State| {
+        let row = node_row(state, "node-1");
+        (0..state.daemons.node.len())
+            .any(|daemon| state.daemons.node[daemon].index() == row && state.daemons.state[daemon].is_running())
+    };
+    for round in 0..3 {
+        wait_for(&format!("round {round}: the daemon running on node-1"), || {
+            running_on_node_1(&mesh.nodes[1].state(u64::MAX))
+        });
+        mesh.nodes[0].stop();
+        std::thread::sleep(Duration::from_secs(1));
+        let state = mesh.nodes[1].state(u64::MAX);
+        assert!(!running_on_node_1(&state), "round {round}: node-1 stopped cleanly, its daemon still runs in the log");
+        mesh.nodes[0].start();
+    }
+}

@@ -37,7 +37,9 @@ use crate::event::EventKind;
 use crate::ingest::park::Signal;
 use crate::node::config::NodeConfig;
 use crate::node::run::{dispatch_actions, write_atomically, Executors, NodeError, NodeReport, ADDR_FILE};
-use crate::redex::jetstream::{Delivered, JetStream, JetStreamConfig, JetStreamError, PublishOutcome};
+use crate::redex::jetstream::{
+    Delivered, JetStream, JetStreamConfig, JetStreamError, PublishError, PublishOutcome, Stored,
+};
 use crate::redex::mirror::Mirror;
 use crate::sequencer::{Handed, Sequencer};
 use crate::state::checkpoint::CheckpointStore;
@@ -97,43 +99,105 @@ impl std::fmt::Display for Fence {
     }
 }
 
-/// Clients waiting for their record to be read back, in the order it was handed over.
+/// Client records waiting to be read back, in the order they were handed over.
 struct PendingAcks {
-    /// (ticket, position once stored, source, frame number).
-    queue: VecDeque<(u64, Option<u64>, u64, u64)>,
+    queue: VecDeque<Pending>,
+}
+
+struct Pending {
+    ticket: u64,
+    /// Where it was stored, once known.
+    position: Option<u64>,
+    source: u64,
+    /// The frame number to acknowledge, when the client asked.
+    ack: Option<u64>,
 }
 
 impl PendingAcks {
+    /// The entry of `ticket` (tickets rise in hand-over order, so the queue is sorted).
+    fn find(&self, ticket: u64) -> Option<usize> {
+        self.queue.binary_search_by_key(&ticket, |entry| entry.ticket).ok()
+    }
+
     fn stored(&mut self, ticket: u64, position: u64) {
-        if let Some(entry) = self.queue.iter_mut().find(|entry| entry.0 == ticket) {
-            entry.1 = Some(position);
+        if let Some(at) = self.find(ticket) {
+            self.queue[at].position = Some(position);
         }
     }
 
-    fn failed(&mut self, ticket: u64) {
-        self.queue.retain(|entry| entry.0 != ticket);
+    /// A client's record was not stored: acks are cumulative, so no later frame of
+    /// its source may be acknowledged (that would confirm the lost one too). The
+    /// source is told and closed instead.
+    fn failed(&mut self, ticket: u64, reason: &str, commands: &mut Vec<Command>) {
+        if let Some(source) = self.find(ticket).map(|at| self.queue[at].source) {
+            self.close(source, reason, commands);
+        }
+    }
+
+    fn close(&mut self, source: u64, reason: &str, commands: &mut Vec<Command>) {
+        self.queue.retain(|entry| entry.source != source);
+        let reason = format!("a record of this connection was not stored in the cluster's log: {reason}");
+        commands.push(Command::Close { source, error: wire::FrameError::BadPayload { reason } });
     }
 
     /// Acks, in hand-over order, every client whose record is folded (at or below `applied`).
     fn release(&mut self, applied: u64, time_ms: u64, commands: &mut Vec<Command>) {
-        while let Some(&(_, Some(position), source, seq)) = self.queue.front() {
+        while let Some(&Pending { position: Some(position), source, ack, .. }) = self.queue.front() {
             if position > applied {
                 break;
             }
             self.queue.pop_front();
-            commands.push(Command::Ack { source, seq, position, time_ms });
+            if let Some(seq) = ack {
+                commands.push(Command::Ack { source, seq, position, time_ms });
+            }
         }
+    }
+}
+
+/// Message ids this process published whose record has not come back yet (bounded by
+/// the publishes in flight and the records stored but not yet read back).
+#[derive(Default)]
+struct OwnIds {
+    ids: hashbrown::HashSet<[u8; 16]>,
+    by_ticket: hashbrown::HashMap<u64, [u8; 16]>,
+}
+
+impl OwnIds {
+    fn published(&mut self, ticket: u64, id: [u8; 16]) {
+        self.ids.insert(id);
+        self.by_ticket.insert(ticket, id);
+    }
+
+    /// A publish ended: a record not stored, or stored at or below what was already
+    /// folded (a duplicate of an earlier record), never comes back.
+    fn outcome(&mut self, ticket: u64, result: &Result<Stored, String>, folded: u64) {
+        let Some(id) = self.by_ticket.remove(&ticket) else { return };
+        if result.as_ref().map_or(true, |stored| stored.position <= folded) {
+            self.ids.remove(&id);
+        }
+    }
+
+    /// A record came back: true when this process published it.
+    fn delivered(&mut self, id: [u8; 16]) -> bool {
+        self.ids.remove(&id)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.ids.len() + self.by_ticket.len()
     }
 }
 
 /// What the loop keeps beside the engine.
 struct Cluster {
     name: String,
+    /// The node's settings (a rollback starts a new JetStream client from them).
+    config: NodeConfig,
     engine: Engine,
     mirror: Mirror,
     aligned: AlignedVec<{ wire::ALIGN_BYTES }>,
     /// Message ids this process published whose record has not come back yet.
-    own_ids: hashbrown::HashSet<[u8; 16]>,
+    own_ids: OwnIds,
     /// Records of this node's name folded since the start's catch-up.
     acting: bool,
     fence: Option<Fence>,
@@ -152,6 +216,8 @@ struct Cluster {
     rewinds: u64,
     /// Own events stored out of order and queued again under new numbers.
     restamped: u64,
+    /// The mirror's frame limit: a larger record from the stream is folded as empty.
+    frame_bytes_max: u32,
 }
 
 impl Cluster {
@@ -160,10 +226,23 @@ impl Cluster {
     fn apply(&mut self, record: &Delivered<'_>, locals: &mut [Executors]) -> Result<(), NodeError> {
         let position = record.position;
         assert_eq!(position, self.engine.state.position + 1, "the stream is delivered densely, in order");
-        let time_ms = self.engine.state.now_ms.max(record.timestamp_ns / 1_000_000);
+        // A record republished after the stream lost it keeps the time it was folded at.
+        let stamp_ms = record.stamped_ms.unwrap_or(record.timestamp_ns / 1_000_000);
+        let time_ms = self.engine.state.now_ms.max(stamp_ms);
         self.aligned.clear();
-        self.aligned.extend_from_slice(record.payload);
-        let from_self = record.msg_id.is_some_and(|id| self.own_ids.remove(&id));
+        if wire::frame_bytes(record.payload.len()) as u64 <= u64::from(self.frame_bytes_max) {
+            self.aligned.extend_from_slice(record.payload);
+        } else {
+            // Too large for the mirror (`[log] frame_bytes_max`): never an event batch this
+            // node could have sent. It is mirrored and folded as an empty record, which fold
+            // rejects, so the mirror stays dense and a replay folds the same.
+            tracing::warn!(
+                position,
+                bytes = record.payload.len(),
+                "a record too large for the mirror: folded as empty"
+            );
+        }
+        let from_self = record.msg_id.is_some_and(|id| self.own_ids.delivered(id));
         if self.acting && !from_self && self.fence.is_none() && names_origin(&self.aligned, &self.name) {
             let fence = Fence::NameInUse { position };
             tracing::error!("{fence}");
@@ -416,11 +495,12 @@ pub fn run_cluster(
     let mut jetstream = JetStream::start(jetstream_config(config)?, engine.state.position + 1, Arc::clone(&signal))?;
     let mut cluster = Cluster {
         name: config.name.clone(),
+        config: config.clone(),
         last_checkpoint: checkpoints.latest().map_or(0, |(position, _)| position),
         engine,
         mirror,
         aligned: AlignedVec::new(),
-        own_ids: hashbrown::HashSet::new(),
+        own_ids: OwnIds::default(),
         acting: false,
         fence: None,
         commitments: VecDeque::new(),
@@ -433,6 +513,7 @@ pub fn run_cluster(
         folded: 0,
         rewinds: 0,
         restamped: 0,
+        frame_bytes_max: library_config.frame_bytes_max,
     };
 
     // Catch up before acting: fold what the stream holds beyond the mirror; when the
@@ -448,7 +529,7 @@ pub fn run_cluster(
         // connection covers every record this node published before.
         if let Some(stream_last) = jetstream.take_regression() {
             cluster.mirror.sync()?;
-            repair(config, &mut jetstream, &mut cluster, &mut pending, stream_last, stop, &signal)?;
+            repair(&mut jetstream, &mut cluster, &mut pending, &mut Vec::new(), stream_last, stop, &signal)?;
             continue;
         }
         let position = cluster.engine.state.position;
@@ -534,7 +615,7 @@ pub fn run_cluster(
                     let id = message_id(payload);
                     match jetstream.publish(id, payload) {
                         Ok(ticket) => {
-                            cluster.own_ids.insert(id);
+                            cluster.own_ids.published(ticket, id);
                             ticket
                         }
                         Err(error) => {
@@ -545,26 +626,37 @@ pub fn run_cluster(
                 },
                 &mut handed,
             );
-            if let Some(error) = publish_failed {
+            if let Some(error) = &publish_failed {
                 tracing::error!("a record could not be published: {error}");
             }
-            for record in handed.iter().filter(|record| record.ticket != 0) {
-                in_flight += 1;
-                if let Some((source, seq)) = record.ack {
-                    pending.queue.push_back((record.ticket, None, source, seq));
+            for record in &handed {
+                match record.source {
+                    Some(source) if record.ticket == 0 => {
+                        let reason = publish_failed.as_deref().unwrap_or("not published");
+                        pending.close(source, reason, sequencer.commands());
+                    }
+                    Some(source) => pending.queue.push_back(Pending {
+                        ticket: record.ticket,
+                        position: None,
+                        source,
+                        ack: record.ack.map(|(_, seq)| seq),
+                    }),
+                    None => {}
                 }
+                in_flight += usize::from(record.ticket != 0);
             }
             worked = true;
         }
         outcomes.clear();
         jetstream.poll_acks(&mut outcomes);
         for outcome in &outcomes {
+            cluster.own_ids.outcome(outcome.ticket, &outcome.result, cluster.engine.state.position);
             in_flight = in_flight.saturating_sub(1);
             match &outcome.result {
                 Ok(stored) => pending.stored(outcome.ticket, stored.position),
                 Err(reason) => {
                     tracing::error!(ticket = outcome.ticket, "JetStream refused a record: {reason}");
-                    pending.failed(outcome.ticket);
+                    pending.failed(outcome.ticket, reason, sequencer.commands());
                 }
             }
         }
@@ -576,7 +668,7 @@ pub fn run_cluster(
             cluster.acting = true;
         }
         if let Some(stream_last) = jetstream.take_regression() {
-            repair(config, &mut jetstream, &mut cluster, &mut pending, stream_last, stop, &signal)?;
+            repair(&mut jetstream, &mut cluster, &mut pending, sequencer.commands(), stream_last, stop, &signal)?;
         }
         if cluster.mirrored_unsynced && folded < RECORDS_PER_TURN_MAX {
             cluster.mirror.sync()?;
@@ -604,7 +696,13 @@ pub fn run_cluster(
         resumer.send(sequencer.commands());
         if let Some(since) = draining {
             let running: usize = locals.iter().map(|local| local.daemons.running_count()).sum();
-            let quiet = running == 0 && in_flight == 0 && locals.iter().all(|local| local.events.is_empty());
+            // Events pushed after this turn's collection (a daemon reaped, a commitment)
+            // wait for the next one: not quiet yet.
+            let quiet = running == 0
+                && in_flight == 0
+                && locals.iter().all(|local| local.events.is_empty())
+                && sequencer.own_events_pending() == 0
+                && cluster.own_events.is_empty();
             if quiet || since.elapsed() > STOP_DRAIN_WAIT {
                 if !quiet {
                     tracing::warn!(in_flight, running, "stopping before every record came back");
@@ -656,39 +754,44 @@ fn republish_tail(
     );
     let mut expected: hashbrown::HashMap<u64, u64> = hashbrown::HashMap::new();
     let mut first_failed: Option<u64> = None;
-    cluster.mirror.read_from(stream_last + 1, &mut |record| match jetstream.publish_pinned(
-        message_id(record.payload),
-        record.payload,
-        record.position - 1,
-    ) {
-        Ok(ticket) => {
-            expected.insert(ticket, record.position);
-            true
-        }
-        Err(error) => {
-            tracing::warn!(position = record.position, "tail republish stopped: {error}");
-            first_failed = Some(record.position);
-            false
+    let mut outcomes = Vec::new();
+    let deadline = Instant::now() + STOP_DRAIN_WAIT * 3;
+    cluster.mirror.read_from(stream_last + 1, &mut |record| loop {
+        match jetstream.publish_restamped(
+            message_id(record.payload),
+            record.payload,
+            record.position - 1,
+            record.time_ms,
+        ) {
+            Ok(ticket) => {
+                expected.insert(ticket, record.position);
+                return true;
+            }
+            // More than the client holds at once: settle what came back, then go on.
+            Err(PublishError::Full { .. }) if !stop.is_set() && Instant::now() < deadline => {
+                outcomes.clear();
+                jetstream.poll_acks(&mut outcomes);
+                settle_repairs(&outcomes, &mut expected, &mut first_failed);
+                if outcomes.is_empty() {
+                    signal.wait(Some(50));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(position = record.position, "tail republish stopped: {error}");
+                first_failed = Some(first_failed.map_or(record.position, |failed| failed.min(record.position)));
+                return false;
+            }
         }
     })?;
-    let mut outcomes = Vec::new();
-    let started = Instant::now();
     while !expected.is_empty() && !stop.is_set() {
-        if started.elapsed() > STOP_DRAIN_WAIT * 3 {
+        if Instant::now() > deadline {
             // Unresolved: treat the earliest as failed (the rewind re-reads the stream).
             first_failed = expected.values().copied().chain(first_failed).min();
             break;
         }
         outcomes.clear();
         jetstream.poll_acks(&mut outcomes);
-        for outcome in &outcomes {
-            let Some(position) = expected.remove(&outcome.ticket) else { continue };
-            let stored_at = outcome.result.as_ref().ok().map(|stored| stored.position);
-            if stored_at != Some(position) {
-                tracing::warn!(position, result = ?outcome.result, "a republished record did not take its position");
-                first_failed = Some(first_failed.map_or(position, |failed| failed.min(position)));
-            }
-        }
+        settle_repairs(&outcomes, &mut expected, &mut first_failed);
         if outcomes.is_empty() {
             signal.wait(Some(50));
         }
@@ -704,17 +807,17 @@ fn republish_tail(
 /// mirror; when another record already took one of those positions, the node rolls
 /// back to the stream instead. Publishing resumes either way.
 fn repair(
-    config: &NodeConfig,
     jetstream: &mut JetStream,
     cluster: &mut Cluster,
     pending: &mut PendingAcks,
+    commands: &mut Vec<Command>,
     stream_last: u64,
     stop: &StopFlag,
     signal: &Arc<Signal>,
 ) -> Result<(), NodeError> {
     match republish_tail(jetstream, cluster, stream_last, stop, signal)? {
         None => jetstream.resume_publishing(),
-        Some(failed) => rewind(config, jetstream, cluster, pending, failed - 1, signal)?,
+        Some(failed) => rewind(jetstream, cluster, pending, commands, failed - 1, signal)?,
     }
     Ok(())
 }
@@ -726,14 +829,14 @@ fn repair(
 /// What it had folded past `to` and the stream lost comes back through the
 /// level-triggered reports (heartbeats, capabilities, inventories, daemon states).
 fn rewind(
-    config: &NodeConfig,
     jetstream: &mut JetStream,
     cluster: &mut Cluster,
     pending: &mut PendingAcks,
+    commands: &mut Vec<Command>,
     to: u64,
     signal: &Arc<Signal>,
 ) -> Result<(), NodeError> {
-    let library_config = config.to_config();
+    let library_config = cluster.config.to_config();
     let from = cluster.engine.state.position;
     let state = match cluster.checkpoints.latest_at_or_below(to) {
         Some((_, path)) => Some(cluster.checkpoints.load(&path, &library_config)?),
@@ -756,12 +859,38 @@ fn rewind(
     cluster.last_checkpoint = position;
     cluster.commitments.retain(|(at, _)| *at <= position);
     cluster.commitment_checked = cluster.commitment_checked.min(position);
-    pending.queue.retain(|entry| entry.1.is_none_or(|stored| stored <= to));
-    let fresh = JetStream::start(jetstream_config(config)?, position + 1, Arc::clone(signal))?;
+    // Clients whose records the stream lost get no ack: their connections are closed.
+    let lost: Vec<u64> = pending
+        .queue
+        .iter()
+        .filter(|entry| entry.position.is_some_and(|stored| stored > to))
+        .map(|entry| entry.source)
+        .collect();
+    for source in lost {
+        pending.close(source, "the cluster's log lost it (every NATS server crashed)", commands);
+    }
+    let fresh = JetStream::start(jetstream_config(&cluster.config)?, position + 1, Arc::clone(signal))?;
     std::mem::replace(jetstream, fresh).stop();
     cluster.acting = false;
     cluster.rewinds += 1;
     Ok(())
+}
+
+/// Checks the outcomes of tail-repair publishes: each must be stored at the position
+/// it had, else another record took it and this node is fenced.
+fn settle_repairs(
+    outcomes: &[PublishOutcome],
+    expected: &mut hashbrown::HashMap<u64, u64>,
+    first_failed: &mut Option<u64>,
+) {
+    for outcome in outcomes {
+        let Some(position) = expected.remove(&outcome.ticket) else { continue };
+        let stored_at = outcome.result.as_ref().ok().map(|stored| stored.position);
+        if stored_at != Some(position) {
+            tracing::warn!(position, result = ?outcome.result, "a republished record did not take its position");
+            *first_failed = Some(first_failed.map_or(position, |failed| failed.min(position)));
+        }
+    }
 }
 
 /// Folds what the stream delivered (at most a turn's worth); returns how many.
@@ -807,4 +936,45 @@ pub fn trim_position(state: &State, own_name: &str) -> Option<u64> {
         below = below.min(needs);
     }
     (below != u64::MAX && below > 1).then_some(below)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_record_closes_its_source_and_nothing_of_it_is_acknowledged() {
+        let mut pending = PendingAcks { queue: VecDeque::new() };
+        for (ticket, source, ack) in [(1, 7, Some(1)), (2, 8, Some(1)), (3, 7, None), (4, 7, Some(3))] {
+            pending.queue.push_back(Pending { ticket, position: None, source, ack });
+        }
+        let mut commands = Vec::new();
+        pending.stored(1, 10);
+        pending.stored(2, 11);
+        pending.failed(3, "refused", &mut commands);
+        pending.stored(4, 12);
+        pending.release(12, 0, &mut commands);
+        assert!(matches!(commands[0], Command::Close { source: 7, .. }), "{commands:?}");
+        assert!(matches!(commands[1..], [Command::Ack { source: 8, seq: 1, position: 11, .. }]), "{commands:?}");
+    }
+
+    #[test]
+    fn own_ids_forget_publishes_that_never_come_back() {
+        let mut own = OwnIds::default();
+        own.published(1, [1; 16]);
+        own.outcome(1, &Err("refused".into()), 10);
+        own.published(2, [2; 16]);
+        own.outcome(2, &Ok(Stored { position: 5, duplicate: true }), 10);
+        assert_eq!(own.len(), 0, "a refused publish and a duplicate of a folded record are forgotten");
+        own.published(3, [3; 16]);
+        own.outcome(3, &Ok(Stored { position: 11, duplicate: false }), 10);
+        assert!(own.delivered([3; 16]));
+        assert!(!own.delivered([3; 16]));
+        assert_eq!(own.len(), 0);
+        // Read back before its ack: forgotten on delivery, the ack finds nothing left.
+        own.published(4, [4; 16]);
+        assert!(own.delivered([4; 16]));
+        own.outcome(4, &Ok(Stored { position: 12, duplicate: false }), 12);
+        assert_eq!(own.len(), 0);
+    }
 }

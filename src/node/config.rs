@@ -543,6 +543,23 @@ impl NodeConfig {
                 return field(name, format!("{value} is outside {low}..={high}"));
             }
         }
+        // The node's name is JetStream's client name, at most 64 bytes there.
+        if !cluster.nats.is_empty() && self.name.len() > 64 {
+            return field(
+                "name",
+                format!("{} bytes: a node in a cluster (cluster.nats) has at most 64", self.name.len()),
+            );
+        }
+        // The loop hands a group to JetStream only when all of it fits the queue.
+        if cluster.publish_queue_max < self.ingest.records_per_commit_max {
+            return field(
+                "cluster.publish_queue_max",
+                format!(
+                    "{} cannot hold one group of ingest.records_per_commit_max ({}): nothing would be published",
+                    cluster.publish_queue_max, self.ingest.records_per_commit_max
+                ),
+            );
+        }
         if !cluster.nats.is_empty() && cluster.credential_file.as_os_str().is_empty() {
             return field(
                 "cluster.credential_file",
@@ -807,6 +824,17 @@ mod tests {
             ("[cluster]\nnats = [\"127.0.0.1:4222\"]", "cluster.credential_file"),
             ("[cluster]\nsubject = \"meshos.*\"", "cluster.subject"),
             ("[cluster]\nstream_replicas = 0", "cluster.stream_replicas"),
+            (
+                // JetStream's client name (the node's) is at most 64 bytes: such a node could not start.
+                "name = \"nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn\"\n\
+                 [cluster]\nnats = [\"127.0.0.1:4222\"]\ncredential_file = \"k\"",
+                "name",
+            ),
+            (
+                // A group of 256 records (the default) never fits a queue of 100: nothing is published.
+                "[cluster]\nnats = [\"127.0.0.1:4222\"]\ncredential_file = \"k\"\npublish_queue_max = 100",
+                "cluster.publish_queue_max",
+            ),
             ("[ingest]\nqueue_frames = \"many\"", "queue_frames"),
         ];
         for (text, field) in cases {

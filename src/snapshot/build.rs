@@ -131,7 +131,7 @@ impl Snapshot {
         copy(&mut to.commitment_position, from.commitment_position.iter().copied());
         copy(&mut to.commitment_hash, from.commitment_hash.iter().copied());
         copy(&mut to.needs_position, from.needs_position.iter().copied());
-        copy(&mut to.commitment_disagrees, (0..from.len()).map(|row| commitment_disagrees(from, row)));
+        commitments_disagreeing(from, &mut to.commitment_disagrees);
         // The per-node move counters grow with the node table (one per node).
         copy(
             &mut to.moves_inflight,
@@ -468,19 +468,64 @@ fn copy<T>(target: &mut Vec<T>, values: impl Iterator<Item = T>) {
     target.extend(values);
 }
 
-/// True when node `row`'s committed hash differs from one that a strict majority (at
-/// least two) of the nodes committed at the same position holds. A tie, or nodes
-/// still arriving at the position, flags nobody.
-pub fn commitment_disagrees(nodes: &crate::state::nodes::NodeTable, row: usize) -> bool {
-    let position = nodes.commitment_position[row];
-    if position == 0 {
-        return false;
+/// For every node, true when its committed hash differs from one that a strict
+/// majority (at least two) of the nodes committed at the same position holds. A tie,
+/// or nodes still arriving at the position, flags nobody. One sort, not a scan of
+/// every node per node and candidate (cubic in the nodes).
+pub fn commitments_disagreeing(nodes: &crate::state::nodes::NodeTable, out: &mut Vec<bool>) {
+    copy(out, std::iter::repeat_n(false, nodes.len()));
+    let key = |row: usize| (nodes.commitment_position[row], nodes.commitment_hash[row]);
+    let mut order: Vec<usize> = (0..nodes.len()).filter(|&row| nodes.commitment_position[row] != 0).collect();
+    order.sort_unstable_by_key(|&row| key(row));
+    for group in order.chunk_by(|&a, &b| nodes.commitment_position[a] == nodes.commitment_position[b]) {
+        let reporting = group.len();
+        let majority = group
+            .chunk_by(|&a, &b| key(a) == key(b))
+            .find(|run| run.len() >= 2 && run.len() * 2 > reporting)
+            .map(|run| nodes.commitment_hash[run[0]]);
+        if let Some(majority) = majority {
+            for &row in group {
+                out[row] = nodes.commitment_hash[row] != majority;
+            }
+        }
     }
-    let at_position = || (0..nodes.len()).filter(move |&other| nodes.commitment_position[other] == position);
-    let reporting = at_position().count();
-    at_position().any(|candidate| {
-        let hash = nodes.commitment_hash[candidate];
-        let holders = at_position().filter(|&other| nodes.commitment_hash[other] == hash).count();
-        hash != nodes.commitment_hash[row] && holders >= 2 && holders * 2 > reporting
-    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::nodes::NodeTable;
+
+    fn table(commitments: &[(u64, u8)]) -> NodeTable {
+        let mut nodes = NodeTable::default();
+        for (index, &(position, hash)) in commitments.iter().enumerate() {
+            let row = nodes.insert(&format!("node-{index}"), 1, 0).index();
+            nodes.commitment_position[row] = position;
+            nodes.commitment_hash[row] = [hash; 16];
+        }
+        nodes
+    }
+
+    fn flags(nodes: &NodeTable) -> Vec<bool> {
+        let mut out = Vec::new();
+        commitments_disagreeing(nodes, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_node_against_a_strict_majority_at_its_position_disagrees() {
+        let nodes = table(&[(100, 1), (100, 1), (100, 1), (100, 2), (0, 0), (200, 3), (200, 4)]);
+        assert_eq!(flags(&nodes), [false, false, false, true, false, false, false]);
+        // A tie flags nobody; a majority of one is none.
+        assert_eq!(flags(&table(&[(5, 1), (5, 1), (5, 2), (5, 2)])), [false; 4]);
+        assert_eq!(flags(&table(&[(5, 1), (5, 2)])), [false; 2]);
+    }
+
+    #[test]
+    fn thousands_of_nodes_cost_little() {
+        let nodes = table(&vec![(100, 7); 3000]);
+        let started = std::time::Instant::now();
+        assert!(flags(&nodes).iter().all(|disagrees| !disagrees));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "took {:?}", started.elapsed());
+    }
 }

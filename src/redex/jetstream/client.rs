@@ -901,11 +901,13 @@ impl Client {
         self.next_position += 1;
         self.stats.delivered += 1;
         let msg_id = proto::header_value(message.headers, "Nats-Msg-Id").and_then(decode_msg_id);
+        let stamped_ms = proto::header_value(message.headers, "Meshos-Time-Ms").and_then(proto::parse_u64);
         self.held_bytes += message.payload.len();
         self.held.push_back(OwnedRecord {
             position: meta.stream_seq,
             timestamp_ns: meta.timestamp_ns,
             msg_id,
+            stamped_ms,
             payload: message.payload.to_vec(),
         });
         if meta.pending == 0 {
@@ -1187,13 +1189,18 @@ impl Client {
             }
             let reply = format!("{}.p{ticket}", conn.inbox);
             let msg_id = crate::event::hex(&record.msg_id);
-            let expected;
-            let mut headers = [("Nats-Msg-Id", msg_id.as_str()), ("", "")];
+            let (expected, stamped);
+            let mut headers = [("Nats-Msg-Id", msg_id.as_str()), ("", ""), ("", "")];
             let mut count = 1;
             if let Some(last) = record.expected_last {
                 expected = last.to_string();
-                headers[1] = ("Nats-Expected-Last-Sequence", expected.as_str());
-                count = 2;
+                headers[count] = ("Nats-Expected-Last-Sequence", expected.as_str());
+                count += 1;
+            }
+            if let Some(time_ms) = record.stamped_ms {
+                stamped = time_ms.to_string();
+                headers[count] = ("Meshos-Time-Ms", stamped.as_str());
+                count += 1;
             }
             proto::encode_hpub(&mut conn.wbuf, &self.config.subject, &reply, &headers[..count], &record.payload);
             if entry.attempts == 0 {

@@ -189,6 +189,9 @@ pub struct Delivered<'a> {
     pub timestamp_ns: u64,
     /// The publisher's `Nats-Msg-Id`, when it was 32 hex digits.
     pub msg_id: Option<[u8; 16]>,
+    /// The time a republished record was first stamped with (`Meshos-Time-Ms`, see
+    /// `publish_restamped`), in ms since the Unix epoch.
+    pub stamped_ms: Option<u64>,
     pub payload: &'a [u8],
 }
 
@@ -225,6 +228,7 @@ struct Outgoing {
     msg_id: [u8; 16],
     payload: Vec<u8>,
     expected_last: Option<u64>,
+    stamped_ms: Option<u64>,
 }
 
 /// A delivered record owned by the queue between the threads.
@@ -233,6 +237,7 @@ struct OwnedRecord {
     position: u64,
     timestamp_ns: u64,
     msg_id: Option<[u8; 16]>,
+    stamped_ms: Option<u64>,
     payload: Vec<u8>,
 }
 
@@ -333,7 +338,7 @@ impl JetStream {
     /// Queues one record under `msg_id` (sent as 32 hex digits in `Nats-Msg-Id`);
     /// returns its ticket (1, 2, ...).
     pub fn publish(&mut self, msg_id: [u8; 16], payload: &[u8]) -> Result<u64, PublishError> {
-        self.enqueue(msg_id, payload, None)
+        self.enqueue(msg_id, payload, None, None)
     }
 
     /// Like `publish`, with `Nats-Expected-Last-Sequence: expected_last`: stored only
@@ -344,10 +349,29 @@ impl JetStream {
         payload: &[u8],
         expected_last: u64,
     ) -> Result<u64, PublishError> {
-        self.enqueue(msg_id, payload, Some(expected_last))
+        self.enqueue(msg_id, payload, Some(expected_last), None)
     }
 
-    fn enqueue(&mut self, msg_id: [u8; 16], payload: &[u8], expected_last: Option<u64>) -> Result<u64, PublishError> {
+    /// Like `publish_pinned`, for a record republished after the stream lost it: it
+    /// carries the time it was first folded at (`Meshos-Time-Ms`), delivered as
+    /// `Delivered::stamped_ms`, so a reader folds it at that time, not the server's new one.
+    pub fn publish_restamped(
+        &mut self,
+        msg_id: [u8; 16],
+        payload: &[u8],
+        expected_last: u64,
+        stamped_ms: u64,
+    ) -> Result<u64, PublishError> {
+        self.enqueue(msg_id, payload, Some(expected_last), Some(stamped_ms))
+    }
+
+    fn enqueue(
+        &mut self,
+        msg_id: [u8; 16],
+        payload: &[u8],
+        expected_last: Option<u64>,
+        stamped_ms: Option<u64>,
+    ) -> Result<u64, PublishError> {
         let max_bytes = self.inner.payload_bytes_max.load(Ordering::Relaxed);
         if payload.len() as u64 > max_bytes {
             return Err(PublishError::TooLarge { bytes: payload.len(), max_bytes });
@@ -356,7 +380,7 @@ impl JetStream {
             return Err(PublishError::Full { pending: self.pending });
         }
         let ticket = self.next_ticket;
-        let outgoing = Outgoing { ticket, msg_id, payload: payload.to_vec(), expected_last };
+        let outgoing = Outgoing { ticket, msg_id, payload: payload.to_vec(), expected_last, stamped_ms };
         let was_empty = {
             let mut shared = self.inner.lock();
             shared.queue.push_back(outgoing);
@@ -407,6 +431,7 @@ impl JetStream {
                 position: record.position,
                 timestamp_ns: record.timestamp_ns,
                 msg_id: record.msg_id,
+                stamped_ms: record.stamped_ms,
                 payload: &record.payload,
             });
             visited += 1;
