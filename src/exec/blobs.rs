@@ -26,6 +26,9 @@
 //! digest of what is on disk is reported (`InventoryDigest`; a mismatch with the log's
 //! view makes fold queue this node's copies for verification).
 //!
+//! (A re-announced copy's bytes were checked when it was stored: the store keeps a
+//! file only under the hash of its bytes; rot since then is the verifier's to find.)
+//!
 //! Invariants: a copy is announced healthy only after its bytes were checked and
 //! stored (the bytes must hash to the blob's name, whoever served them); a blob not
 //! in the log's tables is never fetched; this module only emits events (reconcile

@@ -251,6 +251,7 @@ impl Cluster {
         if from_self && self.acting {
             self.restamp_stale_own_events();
         }
+        let commits = carries_commitment(&self.aligned);
         self.mirror.append(position, time_ms, &self.aligned)?;
         self.mirrored_unsynced = true;
         let (state, actions) = self.engine.apply(position, time_ms, &self.aligned);
@@ -268,6 +269,11 @@ impl Cluster {
                 let needs_position = self.checkpoints.oldest().map_or(0, |oldest| oldest + 1);
                 self.own_events.push(EventKind::Commitment { position, state_hash: hash, needs_position });
             }
+        }
+        if commits {
+            // Compared as each commitment arrives: under load a turn spans many
+            // positions, and the moment every voter stands at one position is brief.
+            self.check_commitments();
         }
         if position >= self.last_checkpoint + self.checkpoint_interval {
             self.checkpoint();
@@ -381,6 +387,13 @@ impl Cluster {
         tracing::error!("{fence}");
         self.fence = Some(fence);
     }
+}
+
+/// True when the batch holds a state commitment.
+fn carries_commitment(payload: &[u8]) -> bool {
+    wire::access_batch(payload).is_ok_and(|batch| {
+        batch.events.iter().any(|event| matches!(event.kind, crate::event::ArchivedEventKind::Commitment { .. }))
+    })
 }
 
 /// True when an event of the batch names `name` as its origin.
@@ -552,7 +565,8 @@ pub fn run_cluster(
         }
     }
     cluster.mirror.sync()?;
-    cluster.acting = true;
+    // Stopped while catching up: nothing is dispatched; the loop below only winds down.
+    cluster.acting = !stop.is_set();
     tracing::info!(position = cluster.engine.state.position, folded = cluster.folded, "caught up; acting");
 
     let seq_last = cluster
@@ -663,7 +677,7 @@ pub fn run_cluster(
         worked |= !outcomes.is_empty();
         let folded = poll(&mut jetstream, &mut cluster, &mut locals)?;
         worked |= folded > 0;
-        if !cluster.acting && folded == 0 && jetstream.caught_up() {
+        if !cluster.acting && draining.is_none() && !stop.is_set() && folded == 0 && jetstream.caught_up() {
             tracing::info!(position = cluster.engine.state.position, "caught up again after the rollback; acting");
             cluster.acting = true;
         }
@@ -675,9 +689,6 @@ pub fn run_cluster(
             cluster.mirrored_unsynced = false;
         }
         pending.release(cluster.engine.state.position, cluster.engine.state.now_ms, sequencer.commands());
-        if folded > 0 {
-            cluster.check_commitments();
-        }
         let now = Instant::now();
         if config.cluster.trim && now >= next_trim {
             next_trim = now + TRIM_INTERVAL;
