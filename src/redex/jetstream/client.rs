@@ -232,7 +232,13 @@ struct ApiReply {
 }
 
 /// The thread's entry point.
-pub(super) fn run(config: JetStreamConfig, next_position: u64, inner: Arc<Inner>, wake: Arc<Signal>, poll: Poll) {
+pub(super) fn run(
+    config: JetStreamConfig,
+    next_position: u64,
+    inner: Arc<Inner>,
+    wake: crate::sync::Arc<Signal>,
+    poll: Poll,
+) {
     let mut boot = [0u8; 4];
     if crate::sys::process::random_bytes(&mut boot).is_err() {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -283,7 +289,7 @@ struct Client {
     ack_timeout: Duration,
     request_timeout: Duration,
     inner: Arc<Inner>,
-    wake: Arc<Signal>,
+    wake: crate::sync::Arc<Signal>,
     poll: Poll,
     boot: String,
     consumer_prefix: String,

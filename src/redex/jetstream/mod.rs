@@ -306,7 +306,11 @@ impl JetStream {
     /// tracing), creates or updates the stream and runs an ordered push consumer from
     /// `next_position` (1 for a fresh node). Returns at once; `wake.notify()` is
     /// called whenever acks or records become available.
-    pub fn start(config: JetStreamConfig, next_position: u64, wake: Arc<Signal>) -> Result<JetStream, JetStreamError> {
+    pub fn start(
+        config: JetStreamConfig,
+        next_position: u64,
+        wake: crate::sync::Arc<Signal>,
+    ) -> Result<JetStream, JetStreamError> {
         config.validate()?;
         if next_position == 0 {
             return Err(JetStreamError::Config("next_position: positions start at 1".into()));
