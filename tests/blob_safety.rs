@@ -267,19 +267,24 @@ fn a_stored_copy_the_log_lost_is_announced_again() {
     exec.poll(&state, state.nodes.find("b"), &mut out);
     let digest = u128::from_le_bytes(blob[..16].try_into().unwrap()).to_le_bytes();
     assert_eq!(
-        out,
-        vec![
+        out[..2],
+        [
             EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
-            EventKind::InventoryDigest { blob_count: 1, digest },
+            EventKind::InventoryDigest { blob_count: 1, digest }
         ]
     );
+    // A verification pass that ends meanwhile reports the digest again, but does not
+    // announce the copy twice while the log has not shown the first announcement.
+    exec.poll(&state, state.nodes.find("b"), &mut out);
+    assert!(out[2..].iter().all(|event| *event == EventKind::InventoryDigest { blob_count: 1, digest }), "{out:?}");
     assert_eq!(exec.stats.reannounced, 1);
     // Once the log holds the copy, nothing is announced again.
     let state = state_with(blob, size, &["a", "b"]);
     let mut exec = BlobExecutor::new(config(0, 1 << 20), Arc::clone(&store));
     let mut out = Vec::new();
     exec.poll(&state, state.nodes.find("b"), &mut out);
-    assert_eq!(out, vec![EventKind::InventoryDigest { blob_count: 1, digest }]);
+    assert!(out.iter().all(|event| *event == EventKind::InventoryDigest { blob_count: 1, digest }), "{out:?}");
+    assert!(!out.is_empty());
 }
 
 /// `meshos get -o OUT` wrote through the predictable OUT.meshos-part: a symlink planted

@@ -176,6 +176,9 @@ pub struct BlobExecutor {
     /// Jobs running per blob, and blobs dropped while a job on them ran.
     running_blobs: std::collections::HashMap<BlobHash, u32>,
     dropped_while_running: std::collections::HashSet<BlobHash>,
+    /// Copies announced again whose announcement the log has not shown yet: not
+    /// announced twice (the log may lag by a pass).
+    reannounced: std::collections::HashSet<BlobHash>,
     /// The node is stopping: new blob actions stay unanswered (the next run cancels them).
     stopping: bool,
     /// The first poll compares the log with the store (copies it lost while down).
@@ -257,6 +260,7 @@ impl BlobExecutor {
             done_rx,
             running_blobs: std::collections::HashMap::new(),
             dropped_while_running: std::collections::HashSet::new(),
+            reannounced: std::collections::HashSet::new(),
             stopping: false,
             checked_at_start: false,
             verifier_stop,
@@ -328,7 +332,9 @@ impl BlobExecutor {
                 continue;
             }
             let replica = state.replicas.find(row, own);
-            if replica.is_none() {
+            if replica.is_some() {
+                self.reannounced.remove(&blob);
+            } else if self.reannounced.insert(blob) {
                 self.stats.reannounced += 1;
                 tracing::info!(
                     blob = crate::exec::blobstore::hex(&blob),
