@@ -55,17 +55,7 @@ fn executor(store: Arc<BlobStore>) -> BlobExecutor {
 }
 
 fn run(executor: &mut BlobExecutor, state: &State, action: Action) -> Vec<EventKind> {
-    let mut out = Vec::new();
-    executor.dispatch(state, &action, &mut out);
-    let started = Instant::now();
-    while executor.busy() > 0 {
-        assert!(started.elapsed() < Duration::from_secs(30), "the job did not finish");
-        executor.poll(state, state.nodes.find("b"), &mut out);
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // The periodic inventory digest is not about the action.
-    out.retain(|event| !matches!(event, EventKind::InventoryDigest { .. }));
-    out
+    run_blob_action(executor, state, &action, "b")
 }
 
 fn action(state: &State, node: &str, kind: ActionKind) -> Action {

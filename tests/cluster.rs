@@ -76,6 +76,11 @@ impl NodeProcess {
         self.dir.with_extension("stderr").display().to_string()
     }
 
+    /// The node's ingest TCP address (`DATA_DIR/node.addr`).
+    fn tcp_addr(&self) -> std::net::SocketAddr {
+        std::fs::read_to_string(self.dir.join("node.addr")).unwrap().trim().parse().unwrap()
+    }
+
     fn listening(&self) -> bool {
         std::fs::read_to_string(self.dir.join("node.addr")).is_ok_and(|text| !text.trim().is_empty())
     }
@@ -250,6 +255,13 @@ impl Mesh {
         blobs
     }
 
+    /// SIGTERM to every running node; each must exit 0.
+    fn stop_all(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+    }
+
     fn live(&self) -> impl Iterator<Item = &NodeProcess> {
         self.nodes.iter().filter(|node| node.child.is_some())
     }
@@ -318,6 +330,22 @@ impl Mesh {
     }
 }
 
+/// `count` heartbeats of `origin` numbered from `*seq + 1` (an outside client speaking
+/// for a pseudo-node of its own), as one frame.
+fn heartbeats(origin: &str, seq: &mut u64, count: u64) -> meshos::event::EventBatch {
+    let events = (0..count)
+        .map(|_| {
+            *seq += 1;
+            meshos::event::Event {
+                origin: origin.into(),
+                origin_seq: *seq,
+                kind: EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 1 }),
+            }
+        })
+        .collect();
+    meshos::event::EventBatch { events }
+}
+
 fn healthy_holders(state: &State, blob: &[u8; 32]) -> Vec<String> {
     let Some(row) = state.blobs.find(blob) else { return Vec::new() };
     state.blobs.replica_rows[row.index()]
@@ -378,9 +406,7 @@ fn sigkill_a_node_rereplicate_then_rejoin() {
     let stale = state.rejections.kept.iter().filter(|rejection| rejection.reason.name() == "stale_origin_seq").count();
     assert_eq!(stale, 0, "a record was applied twice: {:?}", state.rejections.kept);
     mesh.assert_agreement();
-    for node in &mut mesh.nodes {
-        node.stop();
-    }
+    mesh.stop_all();
 }
 
 #[test]
@@ -405,9 +431,7 @@ fn drain_a_node_across_the_cluster() {
     });
     mesh.wait_replicated("2 copies of every blob off the drained node", &blobs, 2, &[drained]);
     mesh.assert_agreement();
-    for node in &mut mesh.nodes {
-        node.stop();
-    }
+    mesh.stop_all();
 }
 
 /// A node whose settings differ (`[fold] nodes_max`) folds the same log into another
@@ -425,17 +449,9 @@ fn a_diverged_node_and_a_duplicate_name_are_fenced() {
     std::fs::write(&mesh.nodes[index].config_path, format!("{config}\n[fold]\nnodes_max = 4\n")).unwrap();
     mesh.nodes[index].start();
     wait_for("node-4 listening", || mesh.nodes[index].listening());
-    let addr: std::net::SocketAddr =
-        std::fs::read_to_string(mesh.nodes[0].dir.join("node.addr")).unwrap().trim().parse().unwrap();
+    let addr = mesh.nodes[0].tcp_addr();
     let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
-    let join = meshos::event::EventBatch {
-        events: vec![meshos::event::Event {
-            origin: "extra".into(),
-            origin_seq: 1,
-            kind: EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 0 }),
-        }],
-    };
-    let frame = client.send(&join, true).unwrap();
+    let frame = client.send(&heartbeats("extra", &mut 0, 1), true).unwrap();
     replies.wait_acked(frame, Duration::from_secs(30)).unwrap();
     let status = |node: &NodeProcess| {
         let output = Command::new(env!("CARGO_BIN_EXE_meshos"))
@@ -531,9 +547,7 @@ fn a_tail_lost_by_every_nats_server_is_repaired() {
     mesh.wait_replicated("every blob, those of the lost tail too, at 3 copies", &second, 3, &[]);
     mesh.wait_replicated("the first blobs at 3 copies", &first, 3, &[]);
     mesh.assert_agreement();
-    for node in &mut mesh.nodes {
-        node.stop();
-    }
+    mesh.stop_all();
 }
 
 /// Frames of events sent by an outside client (a pseudo-node "loader", over TCP) while
@@ -543,8 +557,7 @@ fn a_tail_lost_by_every_nats_server_is_repaired() {
 fn kill_a_nats_server_under_load_loses_nothing() {
     let _serial = serial();
     let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
-    let addr: std::net::SocketAddr =
-        std::fs::read_to_string(mesh.nodes[0].dir.join("node.addr")).unwrap().trim().parse().unwrap();
+    let addr = mesh.nodes[0].tcp_addr();
     let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
     const FRAMES: u64 = 3000;
     const EVENTS_PER_FRAME: u64 = 20;
@@ -557,17 +570,7 @@ fn kill_a_nats_server_under_load_loses_nothing() {
             eprintln!("killing NATS server {leader} (the stream leader) after {frame} frames");
             mesh.nats.kill(leader);
         }
-        let events = (0..EVENTS_PER_FRAME)
-            .map(|_| {
-                seq += 1;
-                meshos::event::Event {
-                    origin: "loader".into(),
-                    origin_seq: seq,
-                    kind: EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 1 }),
-                }
-            })
-            .collect();
-        last_frame = client.send(&meshos::event::EventBatch { events }, true).unwrap();
+        last_frame = client.send(&heartbeats("loader", &mut seq, EVENTS_PER_FRAME), true).unwrap();
     }
     replies.wait_acked(last_frame, Duration::from_secs(60)).expect("every frame acknowledged");
     let elapsed = started.elapsed().as_secs_f64();
@@ -591,9 +594,7 @@ fn kill_a_nats_server_under_load_loses_nothing() {
         }
     }
     mesh.assert_agreement();
-    for node in &mut mesh.nodes {
-        node.stop();
-    }
+    mesh.stop_all();
 }
 
 /// Checkpoints every few hundred records, the stream trimmed below what every node
@@ -640,9 +641,7 @@ fn checkpoints_trim_and_a_new_node_from_a_checkpoint() {
     let newcomer = mesh.nodes.pop().unwrap();
     mesh.assert_agreement();
     drop(newcomer);
-    for node in &mut mesh.nodes {
-        node.stop();
-    }
+    mesh.stop_all();
 }
 
 /// Throughput of the cluster log: three loaders (one TCP connection to each node, as
@@ -670,25 +669,15 @@ fn cluster_log_throughput() {
         .iter()
         .enumerate()
         .map(|(index, node)| {
-            let addr: std::net::SocketAddr =
-                std::fs::read_to_string(node.dir.join("node.addr")).unwrap().trim().parse().unwrap();
+            let addr = node.tcp_addr();
             std::thread::spawn(move || {
                 let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
                 let origin = format!("loader-{index}");
                 let mut seq = 0u64;
                 let mut last = 0;
                 for frame in 0..frames {
-                    let events = (0..events_per_frame)
-                        .map(|_| {
-                            seq += 1;
-                            meshos::event::Event {
-                                origin: origin.clone(),
-                                origin_seq: seq,
-                                kind: EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 1 }),
-                            }
-                        })
-                        .collect();
-                    last = client.send(&meshos::event::EventBatch { events }, frame + 1 == frames).unwrap();
+                    let batch = heartbeats(&origin, &mut seq, events_per_frame);
+                    last = client.send(&batch, frame + 1 == frames).unwrap();
                 }
                 replies.wait_acked(last, Duration::from_secs(600)).unwrap();
             })
@@ -710,9 +699,7 @@ fn cluster_log_throughput() {
         total as f64 / folded,
         (3 * frames) as f64 / folded
     );
-    for node in &mut mesh.nodes {
-        node.stop();
-    }
+    mesh.stop_all();
 }
 
 /// Publishes raw payloads to the cluster's stream as an outsider (not a node); returns
@@ -793,8 +780,7 @@ fn a_record_jetstream_refuses_is_never_acknowledged() {
         big.events.extend((next..next + 10_000).map(|seq| heartbeat("big", seq)));
     }
     let small = meshos::event::EventBatch { events: vec![heartbeat("small", 1)] };
-    let addr: std::net::SocketAddr =
-        std::fs::read_to_string(mesh.nodes[0].dir.join("node.addr")).unwrap().trim().parse().unwrap();
+    let addr = mesh.nodes[0].tcp_addr();
     let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
     client.send(&big, true).unwrap();
     let last = client.send(&small, true).unwrap();
@@ -820,9 +806,7 @@ fn a_lost_stream_is_published_again_beyond_the_publish_queue() {
     let _serial = serial();
     let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
     wait_for("40 records in node-1's mirror", || mesh.nodes[0].mirrored() >= 40);
-    for node in &mut mesh.nodes {
-        node.stop();
-    }
+    mesh.stop_all();
     let mirrored = mesh.nodes[0].mirrored();
     for i in 0..3 {
         mesh.nats.kill(i);

@@ -73,17 +73,7 @@ fn pull(executor: &mut BlobExecutor, state: &State, blob: &BlobHash, source: &st
             source: state.nodes.find(source).unwrap(),
         },
     };
-    let mut out = Vec::new();
-    executor.dispatch(state, &action, &mut out);
-    let started = Instant::now();
-    while executor.busy() > 0 {
-        assert!(started.elapsed() < Duration::from_secs(30), "the pull did not finish");
-        executor.poll(state, state.nodes.find("b"), &mut out);
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // The periodic inventory digest is not about the pull.
-    out.retain(|event| !matches!(event, EventKind::InventoryDigest { .. }));
-    out
+    run_blob_action(executor, state, &action, "b")
 }
 
 fn some_blob(store: &BlobStore) -> (BlobHash, u64) {

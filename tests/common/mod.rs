@@ -189,3 +189,23 @@ pub fn peer(key: Option<[u8; 32]>) -> Peer {
     };
     Peer { _dir: dir, store, server: meshos::sys::peer_server::PeerServer::start(config).unwrap() }
 }
+
+/// Dispatches `action` to a blob executor and polls it (as node `own`) until its jobs
+/// end; the events it produced, without the periodic inventory digests.
+pub fn run_blob_action(
+    executor: &mut meshos::exec::blobs::BlobExecutor,
+    state: &State,
+    action: &meshos::action::Action,
+    own: &str,
+) -> Vec<EventKind> {
+    let mut out = Vec::new();
+    executor.dispatch(state, action, &mut out);
+    let started = std::time::Instant::now();
+    while executor.busy() > 0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the job did not finish");
+        executor.poll(state, state.nodes.find(own), &mut out);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    out.retain(|event| !matches!(event, EventKind::InventoryDigest { .. }));
+    out
+}
