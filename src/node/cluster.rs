@@ -1,6 +1,7 @@
 //! A node as one of many: the cluster's log is a NATS JetStream stream shared by
-//! every node (`[cluster] nats`), this node's disk holds a mirror of it, checkpoints
-//! of its state, and nothing else of the order.
+//! every node (`[cluster] nats`), met through `redex::SharedRedex` (publish, outcomes,
+//! records read back; `redex::jetstream::JetStream` is its backend); this node's disk
+//! holds a mirror of it, checkpoints of its state, and nothing else of the order.
 //!
 //! Start: load the newest checkpoint (`DATA_DIR/checkpoints`, else `[cluster]
 //! checkpoint_from` for a new node, else an empty state), fold the mirror past it, then
@@ -41,6 +42,7 @@ use crate::redex::jetstream::{
     Delivered, JetStream, JetStreamConfig, JetStreamError, PublishError, PublishOutcome, Stored,
 };
 use crate::redex::mirror::Mirror;
+use crate::redex::SharedRedex;
 use crate::sequencer::{Handed, Sequencer};
 use crate::state::checkpoint::CheckpointStore;
 use crate::state::State;
@@ -596,7 +598,6 @@ pub fn run_cluster(
     let mut snapshots = config.snapshot_writer();
     let mut handed: Vec<Handed> = Vec::new();
     let mut outcomes: Vec<PublishOutcome> = Vec::new();
-    let mut in_flight: usize = 0;
     let capacity = config.cluster.publish_queue_max as usize;
     let group_max = config.ingest.records_per_commit_max as usize;
     let mut next_trim = Instant::now() + TRIM_INTERVAL;
@@ -621,6 +622,7 @@ pub fn run_cluster(
             sequencer.push_own(event);
         }
         let mut worked = false;
+        let in_flight = jetstream.pending() as usize;
         if in_flight + group_max <= capacity && sequencer.collect() > 0 {
             handed.clear();
             let mut publish_failed = None;
@@ -657,7 +659,6 @@ pub fn run_cluster(
                     }),
                     None => {}
                 }
-                in_flight += usize::from(record.ticket != 0);
             }
             worked = true;
         }
@@ -665,7 +666,6 @@ pub fn run_cluster(
         jetstream.poll_acks(&mut outcomes);
         for outcome in &outcomes {
             cluster.own_ids.outcome(outcome.ticket, &outcome.result, cluster.engine.state.position);
-            in_flight = in_flight.saturating_sub(1);
             match &outcome.result {
                 Ok(stored) => pending.stored(outcome.ticket, stored.position),
                 Err(reason) => {
@@ -709,6 +709,7 @@ pub fn run_cluster(
             let running: usize = locals.iter().map(|local| local.daemons.running_count()).sum();
             // Events pushed after this turn's collection (a daemon reaped, a commitment)
             // wait for the next one: not quiet yet.
+            let in_flight = jetstream.pending();
             let quiet = running == 0
                 && in_flight == 0
                 && locals.iter().all(|local| local.events.is_empty())
@@ -742,7 +743,7 @@ pub fn run_cluster(
 /// stored once. Returns the first position whose pin failed (another record took it
 /// first): the node must then rewind to the stream below it.
 fn republish_tail(
-    jetstream: &mut JetStream,
+    log: &mut dyn SharedRedex,
     cluster: &mut Cluster,
     stream_last: u64,
     stop: &StopFlag,
@@ -768,12 +769,7 @@ fn republish_tail(
     let mut outcomes = Vec::new();
     let deadline = Instant::now() + STOP_DRAIN_WAIT * 3;
     cluster.mirror.read_from(stream_last + 1, &mut |record| loop {
-        match jetstream.publish_restamped(
-            message_id(record.payload),
-            record.payload,
-            record.position - 1,
-            record.time_ms,
-        ) {
+        match log.publish_restamped(message_id(record.payload), record.payload, record.position - 1, record.time_ms) {
             Ok(ticket) => {
                 expected.insert(ticket, record.position);
                 return true;
@@ -781,7 +777,7 @@ fn republish_tail(
             // More than the client holds at once: settle what came back, then go on.
             Err(PublishError::Full { .. }) if !stop.is_set() && Instant::now() < deadline => {
                 outcomes.clear();
-                jetstream.poll_acks(&mut outcomes);
+                log.poll_acks(&mut outcomes);
                 settle_repairs(&outcomes, &mut expected, &mut first_failed);
                 if outcomes.is_empty() {
                     signal.wait(Some(50));
@@ -801,7 +797,7 @@ fn republish_tail(
             break;
         }
         outcomes.clear();
-        jetstream.poll_acks(&mut outcomes);
+        log.poll_acks(&mut outcomes);
         settle_repairs(&outcomes, &mut expected, &mut first_failed);
         if outcomes.is_empty() {
             signal.wait(Some(50));
@@ -818,7 +814,7 @@ fn republish_tail(
 /// mirror; when another record already took one of those positions, the node rolls
 /// back to the stream instead. Publishing resumes either way.
 fn repair(
-    jetstream: &mut JetStream,
+    log: &mut dyn SharedRedex,
     cluster: &mut Cluster,
     pending: &mut PendingAcks,
     commands: &mut Vec<Command>,
@@ -826,9 +822,9 @@ fn repair(
     stop: &StopFlag,
     signal: &Arc<Signal>,
 ) -> Result<(), NodeError> {
-    match republish_tail(jetstream, cluster, stream_last, stop, signal)? {
-        None => jetstream.resume_publishing(),
-        Some(failed) => rewind(jetstream, cluster, pending, commands, failed - 1, signal)?,
+    match republish_tail(log, cluster, stream_last, stop, signal)? {
+        None => log.resume_publishing(),
+        Some(failed) => rewind(log, cluster, pending, commands, failed - 1)?,
     }
     Ok(())
 }
@@ -840,12 +836,11 @@ fn repair(
 /// What it had folded past `to` and the stream lost comes back through the
 /// level-triggered reports (heartbeats, capabilities, inventories, daemon states).
 fn rewind(
-    jetstream: &mut JetStream,
+    log: &mut dyn SharedRedex,
     cluster: &mut Cluster,
     pending: &mut PendingAcks,
     commands: &mut Vec<Command>,
     to: u64,
-    signal: &Arc<Signal>,
 ) -> Result<(), NodeError> {
     let library_config = cluster.config.to_config();
     let from = cluster.engine.state.position;
@@ -870,18 +865,18 @@ fn rewind(
     cluster.last_checkpoint = position;
     cluster.commitments.retain(|(at, _)| *at <= position);
     cluster.commitment_checked = cluster.commitment_checked.min(position);
-    // Clients whose records the stream lost get no ack: their connections are closed.
+    // Clients whose records the stream lost, or whose publishes the restart abandons,
+    // get no ack: their connections are closed.
     let lost: Vec<u64> = pending
         .queue
         .iter()
-        .filter(|entry| entry.position.is_some_and(|stored| stored > to))
+        .filter(|entry| entry.position.is_none_or(|stored| stored > to))
         .map(|entry| entry.source)
         .collect();
     for source in lost {
         pending.close(source, "the cluster's log lost it (every NATS server crashed)", commands);
     }
-    let fresh = JetStream::start(jetstream_config(&cluster.config)?, position + 1, Arc::clone(signal))?;
-    std::mem::replace(jetstream, fresh).stop();
+    log.restart_from(position + 1)?;
     cluster.acting = false;
     cluster.rewinds += 1;
     Ok(())
@@ -905,9 +900,9 @@ fn settle_repairs(
 }
 
 /// Folds what the stream delivered (at most a turn's worth); returns how many.
-fn poll(jetstream: &mut JetStream, cluster: &mut Cluster, locals: &mut [Executors]) -> Result<usize, NodeError> {
+fn poll(log: &mut dyn SharedRedex, cluster: &mut Cluster, locals: &mut [Executors]) -> Result<usize, NodeError> {
     let mut failure = None;
-    let count = jetstream
+    let count = log
         .poll_records(RECORDS_PER_TURN_MAX, &mut |record| {
             if failure.is_none() {
                 if let Err(error) = cluster.apply(&record, locals) {

@@ -72,3 +72,105 @@ pub trait Redex {
     /// (or `from - 1` when none was).
     fn read_from(&mut self, from: u64, visit: &mut dyn FnMut(RecordView<'_>) -> bool) -> Result<u64, RedexError>;
 }
+
+/// A log many nodes write, whose order is decided elsewhere (a clustered node's NATS
+/// JetStream stream, `jetstream::JetStream`): a record's position and time are known
+/// only once it is read back, with other nodes' records in between, so appending and
+/// reading are apart. Records are published under a message id (a resend of the same
+/// bytes is stored once); every publish gets exactly one outcome; records are read
+/// back densely, in position order, from a start position.
+///
+/// Invariants (of every implementation): positions are dense and never reused but
+/// after `restart_from` a lower one (a lost tail); a record read back is byte for byte
+/// what was published; `caught_up` means nothing stored beyond the last record handed
+/// out was known when it was last asked.
+pub trait SharedRedex {
+    /// Queues a record; returns its ticket, or `Full` (backpressure: keep it, retry).
+    fn publish(&mut self, msg_id: [u8; 16], payload: &[u8]) -> Result<u64, jetstream::PublishError>;
+    /// Queues a record that must land right after `expected_last`, read back with
+    /// `time_ms` as its time (a lost tail given back).
+    fn publish_restamped(
+        &mut self,
+        msg_id: [u8; 16],
+        payload: &[u8],
+        expected_last: u64,
+        time_ms: u64,
+    ) -> Result<u64, jetstream::PublishError>;
+    /// Outcomes of earlier publishes, one per ticket.
+    fn poll_acks(&mut self, out: &mut Vec<jetstream::PublishOutcome>);
+    /// Tickets issued without an outcome yet.
+    fn pending(&self) -> u64;
+    /// Hands out at most `max` records read back, in order; returns how many.
+    fn poll_records(
+        &mut self,
+        max: usize,
+        visit: &mut dyn FnMut(jetstream::Delivered<'_>),
+    ) -> Result<usize, jetstream::JetStreamError>;
+    fn caught_up(&self) -> bool;
+    /// `(first, last)` position of the log, as last seen.
+    fn bounds(&self) -> Option<(u64, u64)>;
+    /// The log's last position when it was found ending below what was read from it
+    /// (it lost its tail); new records are held back until `resume_publishing`.
+    fn take_regression(&mut self) -> Option<u64>;
+    fn resume_publishing(&mut self);
+    /// Asks for every record below `position` to be removed (idempotent).
+    fn purge_below(&mut self, position: u64);
+    /// Reads again from `position` (a rollback); pending publishes are abandoned.
+    fn restart_from(&mut self, position: u64) -> Result<(), jetstream::JetStreamError>;
+}
+
+impl SharedRedex for jetstream::JetStream {
+    fn publish(&mut self, msg_id: [u8; 16], payload: &[u8]) -> Result<u64, jetstream::PublishError> {
+        jetstream::JetStream::publish(self, msg_id, payload)
+    }
+
+    fn publish_restamped(
+        &mut self,
+        msg_id: [u8; 16],
+        payload: &[u8],
+        expected_last: u64,
+        time_ms: u64,
+    ) -> Result<u64, jetstream::PublishError> {
+        jetstream::JetStream::publish_restamped(self, msg_id, payload, expected_last, time_ms)
+    }
+
+    fn poll_acks(&mut self, out: &mut Vec<jetstream::PublishOutcome>) {
+        jetstream::JetStream::poll_acks(self, out)
+    }
+
+    fn pending(&self) -> u64 {
+        jetstream::JetStream::pending(self)
+    }
+
+    fn poll_records(
+        &mut self,
+        max: usize,
+        visit: &mut dyn FnMut(jetstream::Delivered<'_>),
+    ) -> Result<usize, jetstream::JetStreamError> {
+        jetstream::JetStream::poll_records(self, max, visit)
+    }
+
+    fn caught_up(&self) -> bool {
+        jetstream::JetStream::caught_up(self)
+    }
+
+    fn bounds(&self) -> Option<(u64, u64)> {
+        self.stream_bounds()
+    }
+
+    fn take_regression(&mut self) -> Option<u64> {
+        jetstream::JetStream::take_regression(self)
+    }
+
+    fn resume_publishing(&mut self) {
+        jetstream::JetStream::resume_publishing(self)
+    }
+
+    fn purge_below(&mut self, position: u64) {
+        jetstream::JetStream::purge_below(self, position)
+    }
+
+    fn restart_from(&mut self, position: u64) -> Result<(), jetstream::JetStreamError> {
+        jetstream::JetStream::restart_from(self, position)
+    }
+}

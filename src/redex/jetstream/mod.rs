@@ -299,6 +299,9 @@ pub struct JetStream {
     /// The last position handed out (`next_position - 1` at start).
     handed_through: u64,
     caught_up_through: Option<u64>,
+    /// Kept to start reading again from another position (`restart_from`).
+    config: JetStreamConfig,
+    wake: crate::sync::Arc<Signal>,
 }
 
 impl JetStream {
@@ -324,9 +327,10 @@ impl JetStream {
         });
         let pending_max = u64::from(config.publish_window_max) + u64::from(config.publish_queue_max);
         let thread_inner = Arc::clone(&inner);
+        let (thread_config, thread_wake) = (config.clone(), crate::sync::Arc::clone(&wake));
         let thread = std::thread::Builder::new()
             .name("jetstream".into())
-            .spawn(move || client::run(config, next_position, thread_inner, wake, poll))?;
+            .spawn(move || client::run(thread_config, next_position, thread_inner, thread_wake, poll))?;
         Ok(JetStream {
             inner,
             thread: Some(thread),
@@ -336,7 +340,26 @@ impl JetStream {
             records: VecDeque::new(),
             handed_through: next_position - 1,
             caught_up_through: None,
+            config,
+            wake,
         })
+    }
+
+    /// Stops the client and starts a new one reading from `next_position` (a node
+    /// rolling back to a stream that lost its tail). Publishes pending in the old
+    /// client are abandoned: they get no outcome. Tickets keep rising across the
+    /// restart, so an old ticket never names a new record.
+    pub fn restart_from(&mut self, next_position: u64) -> Result<(), JetStreamError> {
+        self.shut_down();
+        let next_ticket = self.next_ticket;
+        *self = JetStream::start(self.config.clone(), next_position, crate::sync::Arc::clone(&self.wake))?;
+        self.next_ticket = next_ticket;
+        Ok(())
+    }
+
+    /// Tickets issued whose outcome `poll_acks` has not returned yet.
+    pub fn pending(&self) -> u64 {
+        self.pending
     }
 
     /// Queues one record under `msg_id` (sent as 32 hex digits in `Nats-Msg-Id`);
