@@ -245,7 +245,10 @@ impl Cluster {
             );
         }
         let from_self = record.msg_id.is_some_and(|id| self.own_ids.delivered(id));
-        if self.acting && !from_self && self.fence.is_none() && names_origin(&self.aligned, &self.name) {
+        // One look at the batch (validated again by fold): does it speak for this node,
+        // does it carry a commitment?
+        let (speaks_for_self, commits) = scan(&self.aligned, &self.name);
+        if self.acting && !from_self && self.fence.is_none() && speaks_for_self {
             let fence = Fence::NameInUse { position };
             tracing::error!("{fence}");
             self.fence = Some(fence);
@@ -253,7 +256,6 @@ impl Cluster {
         if from_self && self.acting {
             self.restamp_stale_own_events();
         }
-        let commits = carries_commitment(&self.aligned);
         self.mirror.append(position, time_ms, &self.aligned)?;
         self.mirrored_unsynced = true;
         let (state, actions) = self.engine.apply(position, time_ms, &self.aligned);
@@ -391,16 +393,16 @@ impl Cluster {
     }
 }
 
-/// True when the batch holds a state commitment.
-fn carries_commitment(payload: &[u8]) -> bool {
-    wire::access_batch(payload).is_ok_and(|batch| {
-        batch.events.iter().any(|event| matches!(event.kind, crate::event::ArchivedEventKind::Commitment { .. }))
-    })
-}
-
-/// True when an event of the batch names `name` as its origin.
-fn names_origin(payload: &[u8], name: &str) -> bool {
-    wire::access_batch(payload).is_ok_and(|batch| batch.events.iter().any(|event| event.origin.as_str() == name))
+/// Whether an event of the batch names `name` as its origin, and whether one is a
+/// state commitment (both false for a payload that is not a valid batch).
+fn scan(payload: &[u8], name: &str) -> (bool, bool) {
+    let Ok(batch) = wire::access_batch(payload) else { return (false, false) };
+    let mut found = (false, false);
+    for event in batch.events.iter() {
+        found.0 |= event.origin.as_str() == name;
+        found.1 |= matches!(event.kind, crate::event::ArchivedEventKind::Commitment { .. });
+    }
+    found
 }
 
 /// The content hash a record is published under (JetStream's de-duplication id): a
