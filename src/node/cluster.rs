@@ -247,14 +247,17 @@ impl Cluster {
         let from_self = record.msg_id.is_some_and(|id| self.own_ids.delivered(id));
         // One look at the batch (validated again by fold): does it speak for this node,
         // does it carry a commitment?
-        let (speaks_for_self, commits) = scan(&self.aligned, &self.name);
+        let own_last =
+            self.engine.state.nodes.find(&self.name).map(|row| self.engine.state.nodes.origin_seq_last[row.index()]);
+        let scanned = scan(&self.aligned, &self.name, own_last);
+        let (speaks_for_self, commits) = (scanned.speaks_for_self, scanned.commits);
         if self.acting && !from_self && self.fence.is_none() && speaks_for_self {
             let fence = Fence::NameInUse { position };
             tracing::error!("{fence}");
             self.fence = Some(fence);
         }
-        if from_self && self.acting {
-            self.restamp_stale_own_events();
+        if from_self && self.acting && scanned.stale_own {
+            self.restamp_stale_own_events(own_last.expect("a stale own event needs the node's row"));
         }
         self.mirror.append(position, time_ms, &self.aligned)?;
         self.mirrored_unsynced = true;
@@ -292,17 +295,7 @@ impl Cluster {
     /// with their own sequence) are queued again under new numbers; order-sensitive
     /// facts (replica and daemon states, capabilities, intents, backpressure) are not:
     /// the executors report them again (level-triggered).
-    fn restamp_stale_own_events(&mut self) {
-        let state = &self.engine.state;
-        let Some(own) = state.nodes.find(&self.name) else { return };
-        let last = state.nodes.origin_seq_last[own.index()];
-        let Ok(batch) = wire::access_batch(&self.aligned) else { return };
-        let stale = |event: &crate::event::ArchivedEvent| {
-            event.origin.as_str() == self.name && event.origin_seq.to_native() <= last
-        };
-        if !batch.events.iter().any(stale) {
-            return;
-        }
+    fn restamp_stale_own_events(&mut self, last: u64) {
         let Ok(owned) = wire::decode_batch(&self.aligned) else { return };
         for event in owned.events.into_iter().filter(|event| event.origin == self.name && event.origin_seq <= last) {
             let late_is_safe = matches!(
@@ -393,14 +386,27 @@ impl Cluster {
     }
 }
 
-/// Whether an event of the batch names `name` as its origin, and whether one is a
-/// state commitment (both false for a payload that is not a valid batch).
-fn scan(payload: &[u8], name: &str) -> (bool, bool) {
-    let Ok(batch) = wire::access_batch(payload) else { return (false, false) };
-    let mut found = (false, false);
+/// What a delivered batch holds, found in one look (fold validates it again).
+struct Scanned {
+    /// An event names this node as its origin.
+    speaks_for_self: bool,
+    /// An event is a state commitment.
+    commits: bool,
+    /// An event of this node is numbered at or below what was folded of it (stored
+    /// after a later one): fold will refuse it as stale.
+    stale_own: bool,
+}
+
+/// Scans `payload` for this node's events (`own_last`: its last origin sequence
+/// folded, None before it joined) and commitments; all false for an invalid batch.
+fn scan(payload: &[u8], name: &str, own_last: Option<u64>) -> Scanned {
+    let mut found = Scanned { speaks_for_self: false, commits: false, stale_own: false };
+    let Ok(batch) = wire::access_batch(payload) else { return found };
     for event in batch.events.iter() {
-        found.0 |= event.origin.as_str() == name;
-        found.1 |= matches!(event.kind, crate::event::ArchivedEventKind::Commitment { .. });
+        let own = event.origin.as_str() == name;
+        found.speaks_for_self |= own;
+        found.stale_own |= own && own_last.is_some_and(|last| event.origin_seq.to_native() <= last);
+        found.commits |= matches!(event.kind, crate::event::ArchivedEventKind::Commitment { .. });
     }
     found
 }

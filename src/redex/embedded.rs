@@ -42,7 +42,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rkyv::util::AlignedVec;
 
 use crate::config::{Config, FsyncPolicy};
-use crate::redex::{RecordView, Redex, RedexError, Stamp};
+use crate::redex::{io_error, RecordView, Redex, RedexError, Stamp};
 use crate::wire::{self, FrameKind};
 
 /// User-space write buffer size: flushed to the file once it grows past this.
@@ -148,10 +148,6 @@ pub struct EmbeddedLog {
     unsynced_records: u64,
     unsynced_bytes: u64,
     poisoned: bool,
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RedexError + '_ {
-    move |source| RedexError::Io { path: path.to_path_buf(), source }
 }
 
 fn segment_file_name(base_position: u64) -> String {

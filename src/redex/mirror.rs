@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::redex::embedded::{EmbeddedLog, RecoveryReport};
-use crate::redex::{RecordView, Redex, RedexError, Stamp};
+use crate::redex::{io_error, RecordView, Redex, RedexError, Stamp};
 
 pub struct Mirror {
     /// Always Some, but for the moment `reset` closes it (its lock goes with it).
@@ -26,10 +26,6 @@ pub struct Mirror {
     log_dir: PathBuf,
     base_file: PathBuf,
     config: Config,
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RedexError + '_ {
-    move |source| RedexError::Io { path: path.to_path_buf(), source }
 }
 
 impl Mirror {

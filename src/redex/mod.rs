@@ -55,6 +55,11 @@ pub enum RedexError {
     Config(#[from] crate::config::ConfigError),
 }
 
+/// An I/O error of `path`, for `map_err`.
+pub(crate) fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> RedexError + '_ {
+    move |source| RedexError::Io { path: path.to_path_buf(), source }
+}
+
 /// The ordered log.
 pub trait Redex {
     /// Appends one record holding `payload` (an archived `EventBatch`), stamped with
