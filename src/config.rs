@@ -58,9 +58,14 @@ pub const RECORD_EVENTS_MAX_DEFAULT: u32 = 512;
 pub const RTT_EWMA_SHIFT_DEFAULT: u8 = 3;
 pub const NAME_BYTES_MAX_DEFAULT: u32 = 253;
 pub const KEYRING_KEYS_MAX_DEFAULT: u32 = 16;
-pub const ADMIN_KEYS_SEEN_MAX_DEFAULT: u32 = 256;
-/// Upper bound of `admin_keys_seen_max` (the seen keys are scanned linearly).
-pub const ADMIN_KEYS_SEEN_MAX_LIMIT: u32 = 4096;
+/// Upper bound of `keyring_keys_max` (the keys are scanned linearly).
+pub const KEYRING_KEYS_MAX_LIMIT: u32 = 256;
+/// Operator sections remembered while valid (the replay window).
+pub const OPERATOR_NONCES_MAX_DEFAULT: u32 = 1 << 16;
+/// Longest an operator section may stay valid: one hour of log time.
+pub const OPERATOR_VALIDITY_MAX_MS_DEFAULT: u64 = 3_600_000;
+/// Largest step of a node's origin sequence numbers between two applied events.
+pub const ORIGIN_SEQ_STEP_MAX_DEFAULT: u64 = 1 << 32;
 /// Row ids are `u32`; the largest value is reserved as "none".
 pub const ROWS_MAX_LIMIT: u32 = u32::MAX - 1;
 
@@ -68,8 +73,8 @@ pub const ROWS_MAX_LIMIT: u32 = u32::MAX - 1;
 const _: () = assert!(SEGMENT_BYTES_MAX_DEFAULT >= FRAME_BYTES_MAX_DEFAULT as u64 + wire::SEGMENT_HEADER_BYTES as u64);
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT <= FRAME_BYTES_MAX_LIMIT);
 // Every key of a keyring is remembered among the seen keys, so one keyring fits.
-const _: () = assert!(KEYRING_KEYS_MAX_DEFAULT >= 1 && KEYRING_KEYS_MAX_DEFAULT <= ADMIN_KEYS_SEEN_MAX_DEFAULT);
-const _: () = assert!(ADMIN_KEYS_SEEN_MAX_DEFAULT <= ADMIN_KEYS_SEEN_MAX_LIMIT);
+const _: () = assert!(KEYRING_KEYS_MAX_DEFAULT >= 1 && KEYRING_KEYS_MAX_DEFAULT <= KEYRING_KEYS_MAX_LIMIT);
+const _: () = assert!(OPERATOR_NONCES_MAX_DEFAULT >= 1 && OPERATOR_VALIDITY_MAX_MS_DEFAULT >= 60_000);
 const _: () = assert!(FRAME_BYTES_MAX_LIMIT as u64 <= u32::MAX as u64);
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT as usize >= wire::HEADER_BYTES + wire::ALIGN_BYTES);
 
@@ -89,6 +94,10 @@ pub struct Config {
     pub fold: FoldLimits,
     /// Reconcile's budgets, gates and timers.
     pub reconcile: ReconcileConfig,
+    /// Where trust starts: the cluster's operator keys, first nodes and id. Like the
+    /// limits it must be equal on every node (it is in the state and its hash); the
+    /// default trusts nothing (every record is refused), a node always loads one.
+    pub genesis: crate::trust::Genesis,
 }
 
 /// Reconcile's budgets, gates and timers. Like `FoldLimits` they shape the state
@@ -252,10 +261,14 @@ pub struct FoldLimits {
     pub rtt_ewma_shift: u8,
     /// Most operator keys one keyring version may hold.
     pub keyring_keys_max: u32,
-    /// Most distinct operator keys remembered over the cluster's life (rotated-out
-    /// keys keep their last admin sequence number, so they cannot replay); a key
-    /// rotation that would pass it is rejected.
-    pub admin_keys_seen_max: u32,
+    /// Operator sections remembered while they are valid (the replay window); one
+    /// more while it is full is refused (`operator_window_full`).
+    pub operator_nonces_max: u32,
+    /// Longest validity an operator section may claim past the log time it is folded
+    /// at; a section claiming more is refused (a leaked section must expire).
+    pub operator_validity_max_ms: u64,
+    /// Largest step of one node's origin sequence numbers between applied events.
+    pub origin_seq_step_max: u64,
 }
 
 impl Default for FoldLimits {
@@ -274,7 +287,9 @@ impl Default for FoldLimits {
             name_bytes_max: NAME_BYTES_MAX_DEFAULT,
             rtt_ewma_shift: RTT_EWMA_SHIFT_DEFAULT,
             keyring_keys_max: KEYRING_KEYS_MAX_DEFAULT,
-            admin_keys_seen_max: ADMIN_KEYS_SEEN_MAX_DEFAULT,
+            operator_nonces_max: OPERATOR_NONCES_MAX_DEFAULT,
+            operator_validity_max_ms: OPERATOR_VALIDITY_MAX_MS_DEFAULT,
+            origin_seq_step_max: ORIGIN_SEQ_STEP_MAX_DEFAULT,
         }
     }
 }
@@ -346,11 +361,19 @@ impl Default for Config {
             record_events_max: RECORD_EVENTS_MAX_DEFAULT,
             fold: FoldLimits::default(),
             reconcile: ReconcileConfig::default(),
+            genesis: crate::trust::Genesis::none(),
         }
     }
 }
 
 impl Config {
+    /// The defaults with the genesis of tests, the simulator and generated logs
+    /// (`Genesis::for_tests`: the test operator key; nodes are admitted in the log by
+    /// `trust::testing::MixedSealer`). Never a node's.
+    pub fn for_tests() -> Config {
+        Config { genesis: crate::trust::Genesis::for_tests::<&str>(&[]), ..Config::default() }
+    }
+
     /// Checks every field; the error names the first bad field and why.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
@@ -410,16 +433,19 @@ impl Config {
         if fold.rtt_ewma_shift > 8 {
             return invalid("fold.rtt_ewma_shift", format!("{} is above 8", fold.rtt_ewma_shift));
         }
-        if fold.admin_keys_seen_max == 0 || fold.admin_keys_seen_max > ADMIN_KEYS_SEEN_MAX_LIMIT {
-            let reason = format!("{} is outside 1..={ADMIN_KEYS_SEEN_MAX_LIMIT}", fold.admin_keys_seen_max);
-            return invalid("fold.admin_keys_seen_max", reason);
-        }
-        if fold.keyring_keys_max == 0 || fold.keyring_keys_max > fold.admin_keys_seen_max {
-            let reason = format!(
-                "{} is outside 1..=admin_keys_seen_max ({}): every keyring key is remembered",
-                fold.keyring_keys_max, fold.admin_keys_seen_max
-            );
+        if fold.keyring_keys_max == 0 || fold.keyring_keys_max > KEYRING_KEYS_MAX_LIMIT {
+            let reason = format!("{} is outside 1..={KEYRING_KEYS_MAX_LIMIT}", fold.keyring_keys_max);
             return invalid("fold.keyring_keys_max", reason);
+        }
+        if fold.operator_nonces_max == 0 {
+            return invalid("fold.operator_nonces_max", "must be at least 1".to_string());
+        }
+        if fold.operator_validity_max_ms < 60_000 {
+            let reason = format!("{} ms is below one minute: operators could not sign ahead", fold.operator_validity_max_ms);
+            return invalid("fold.operator_validity_max_ms", reason);
+        }
+        if fold.origin_seq_step_max == 0 {
+            return invalid("fold.origin_seq_step_max", "must be at least 1".to_string());
         }
         self.reconcile.validate()
     }

@@ -45,9 +45,9 @@ pub enum EventKind {
     Rtt { peer: String, rtt_us: u32 },
     /// Node health: the origin's own heartbeat, or its view of a node's status.
     NodeHealth(NodeHealth),
-    /// Operator intent, applied through the log, signed with the operator's ed25519
-    /// key (see `admin`). Boxed: rare, and larger than every hot event.
-    Admin(Box<SignedAdmin>),
+    /// An operator command. Applied only from a section signed by a key of the
+    /// cluster keyring (`trust`). Boxed: rare, and larger than every hot event.
+    Admin(Box<AdminCommand>),
     /// A blob exists (announced by the node that first stored it).
     BlobAnnounce { blob: BlobHash, size_bytes: u64 },
     /// Desired placement of a blob (from Dataforts or the built-in planner).
@@ -128,25 +128,6 @@ pub enum NodeStatus {
     Left = 4,
 }
 
-/// An operator's command, signed. Fold applies it only when `signature` is a valid
-/// ed25519 signature by `key` over `admin::signed_bytes(operator, admin_seq, command)`,
-/// `key` is in the cluster keyring (or the command is the keyring's genesis, signed
-/// by a key it installs) and `admin_seq` is above the last one applied from `key`.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-#[rkyv(derive(Debug))]
-pub struct SignedAdmin {
-    /// Who issued the command (for the record; the key is what is trusted).
-    pub operator: String,
-    /// The signer's ed25519 public key.
-    pub key: [u8; 32],
-    /// Strictly increasing per signing key (the CLI uses wall-clock microseconds at
-    /// signing): a replayed or reordered admin event is rejected.
-    pub admin_seq: u64,
-    pub command: AdminCommand,
-    /// ed25519 signature over the canonical signed bytes.
-    pub signature: [u8; 64],
-}
-
 /// An operator command and the node (or blob) it applies to.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
@@ -191,6 +172,17 @@ pub enum AdminCommand {
     SetKeyring {
         version: u64,
         keys: Vec<[u8; 32]>,
+    },
+    /// Admits node `name` with its ed25519 public key (a known name gets the new key:
+    /// a reinstalled node); its records are folded from then on.
+    AdmitNode {
+        name: String,
+        key: [u8; 32],
+    },
+    /// Revokes node `name`'s key and marks the node left: nothing it signs is folded
+    /// again, and trimming the log stops waiting for it.
+    RemoveNode {
+        name: String,
     },
 }
 

@@ -13,9 +13,9 @@
 use rkyv::rancor;
 
 use crate::event::{
-    AdminCommand, ArchivedCapability, ArchivedDaemonPlacement, ArchivedDaemonSignal, ArchivedEvent, ArchivedEventBatch,
-    ArchivedEventKind, ArchivedNodeHealth, ArchivedNodeStatus, ArchivedOutcome, ArchivedPlacementIntent,
-    ArchivedReplicaState, ArchivedSignedAdmin, BlobHash, DaemonSpec, NodeStatus, ReplicaState, SignedAdmin,
+    AdminCommand, ArchivedCapability, ArchivedDaemonPlacement, ArchivedDaemonSignal, ArchivedEvent, ArchivedEventKind,
+    ArchivedNodeHealth, ArchivedNodeStatus, ArchivedOutcome, ArchivedPlacementIntent, ArchivedReplicaState, BlobHash,
+    DaemonSpec, NodeStatus, ReplicaState,
 };
 use crate::state::daemons::{DaemonState, SpecPlacement};
 use crate::state::ids::{NodeRow, SymbolId};
@@ -23,50 +23,178 @@ use crate::state::keyring::{key_prefix_hex, PublicKey};
 use crate::state::nodes::MaintenanceState;
 use crate::state::rejections::{RejectReason, Rejection};
 use crate::state::State;
+use crate::trust::{self, Section, Sender, SignerKind};
 use crate::wire;
 
 type Applied = Result<(), RejectReason>;
 
-/// Validates `payload` as an archived `EventBatch` and folds it as record `position`
-/// committed at `time_ms`. A payload that fails validation is rejected whole.
+/// Which sections of a record a verifier ahead of fold already found validly signed
+/// (bit `i`: section `i`; sections past 63 are always verified in fold). A pure
+/// function of the payload and the cluster id (`verified_sections`), so it changes
+/// how fast fold runs, never what it decides.
+pub type VerifiedSections = u64;
+
+/// Verifies every section's signature of `payload` for `cluster_id` (what fold would
+/// check), for a verifier running ahead of fold on another thread.
+pub fn verified_sections(payload: &[u8], cluster_id: &crate::trust::ClusterId) -> VerifiedSections {
+    let mut verified = 0;
+    for (index, section) in trust::sections(payload).enumerate().take(64) {
+        match section {
+            Ok(section) if trust::record::verify(&section, cluster_id) => verified |= 1 << index,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    verified
+}
+
+/// Folds `payload` (signed sections, see `trust::record`) as record `position`
+/// committed at `time_ms`, verifying every signature here.
 pub fn fold_payload(state: &mut State, position: u64, time_ms: u64, payload: &[u8]) {
+    fold_payload_verified(state, position, time_ms, payload, 0)
+}
+
+/// `fold_payload` with the sections a verifier already checked (`verified`).
+pub fn fold_payload_verified(state: &mut State, position: u64, time_ms: u64, payload: &[u8], verified: VerifiedSections) {
     if !(payload.as_ptr() as usize).is_multiple_of(wire::ALIGN_BYTES) {
         // Validity must depend on the bytes, never on where they sit in memory.
         let mut aligned = rkyv::util::AlignedVec::<{ wire::ALIGN_BYTES }>::with_capacity(payload.len());
         aligned.extend_from_slice(payload);
-        return fold_payload(state, position, time_ms, &aligned);
+        return fold_payload_verified(state, position, time_ms, &aligned, verified);
     }
-    match wire::access_batch(payload) {
-        Ok(batch) => fold_record(state, position, time_ms, batch),
-        Err(_) => {
-            begin_record(state, position, time_ms);
-            state.rejections.push(Rejection {
-                position,
-                event_index: u32::MAX,
-                origin: "".into(),
-                origin_seq: 0,
-                kind: "record",
-                reason: RejectReason::BadPayload { payload_bytes: payload.len().min(u32::MAX as usize) as u32 },
-            });
+    begin_record(state, position, time_ms);
+    state.keyring.prune_window(state.now_ms);
+    for (index, section) in trust::sections(payload).enumerate() {
+        match section {
+            Ok(section) => fold_section(state, position, &section, index < 64 && verified & (1 << index) != 0),
+            Err(error) => {
+                let reason = RejectReason::BadSection { code: error.reason_code(), offset: error_offset(&error) };
+                reject_whole(state, position, "", "record", reason);
+            }
         }
     }
 }
 
-/// Folds an already validated batch as record `position` committed at `time_ms`.
-pub fn fold_record(state: &mut State, position: u64, time_ms: u64, batch: &ArchivedEventBatch) {
-    begin_record(state, position, time_ms);
+fn error_offset(error: &trust::SectionError) -> u32 {
+    use trust::SectionError::*;
+    let offset = match error {
+        Empty => 0,
+        Truncated { offset, .. }
+        | BadMagic { offset }
+        | BadVersion { offset, .. }
+        | BadKind { offset, .. }
+        | BadName { offset, .. }
+        | BadPadding { offset } => *offset,
+    };
+    offset.min(u32::MAX as usize) as u32
+}
+
+/// One rejection for a whole section or record (`event_index` u32::MAX).
+fn reject_whole(state: &mut State, position: u64, signer: &str, kind: &'static str, reason: RejectReason) {
+    state.rejections.push(Rejection {
+        position,
+        event_index: u32::MAX,
+        origin: truncated(signer, state.limits.name_bytes_max),
+        origin_seq: 0,
+        kind,
+        reason,
+    });
+}
+
+/// Whether the section's signer may sign in this cluster now: the node's admitted
+/// key, or an operator key of the keyring within its validity and not replayed.
+/// Cheap checks first; the signature last (unless already verified).
+fn admit_section(state: &State, section: &Section<'_>, verified: bool) -> Applied {
+    let name = || truncated(section.name, state.limits.name_bytes_max);
+    match section.kind {
+        SignerKind::Unsigned => return Err(RejectReason::UnsignedSection),
+        SignerKind::Node => {
+            if !state.keyring.node_key_is(section.name, &section.key) {
+                return Err(match state.keyring.identity(section.name) {
+                    None => RejectReason::NodeNotAdmitted(name()),
+                    Some(row) if state.keyring.identity_revoked[row] => RejectReason::NodeRevoked(name()),
+                    Some(_) => RejectReason::WrongNodeKey { node: name(), key: key_prefix_hex(&section.key).into() },
+                });
+            }
+        }
+        SignerKind::Operator => {
+            if !state.keyring.contains(&section.key) {
+                return Err(if state.keyring.version == 0 {
+                    RejectReason::NoGenesis
+                } else {
+                    RejectReason::UnknownAdminKey(key_prefix_hex(&section.key).into())
+                });
+            }
+            let now_ms = state.now_ms;
+            if section.expires_ms < now_ms {
+                return Err(RejectReason::OperatorExpired { expires_ms: section.expires_ms, now_ms });
+            }
+            if section.expires_ms - now_ms > state.limits.operator_validity_max_ms {
+                return Err(RejectReason::OperatorValidityTooLong { expires_ms: section.expires_ms, now_ms });
+            }
+            if state.keyring.operator_window.contains(&(section.expires_ms, section.nonce)) {
+                return Err(RejectReason::OperatorReplayed { expires_ms: section.expires_ms });
+            }
+            if state.keyring.operator_window.len() >= state.limits.operator_nonces_max as usize {
+                return Err(RejectReason::TableFull("operator replay window"));
+            }
+        }
+    }
+    if !verified && !trust::record::verify(section, &state.keyring.cluster_id) {
+        return Err(RejectReason::BadSignature { signer: name(), key: key_prefix_hex(&section.key).into() });
+    }
+    Ok(())
+}
+
+/// Folds one section: its signer admitted, then each event if that signer may send it.
+fn fold_section(state: &mut State, position: u64, section: &Section<'_>, verified: bool) {
+    if let Err(reason) = admit_section(state, section, verified) {
+        return reject_whole(state, position, section.name, "section", reason);
+    }
+    let batch = match wire::access_batch(section.body) {
+        Ok(batch) => batch,
+        Err(_) => {
+            let reason = RejectReason::BadPayload { payload_bytes: section.body.len().min(u32::MAX as usize) as u32 };
+            return reject_whole(state, position, section.name, "section", reason);
+        }
+    };
+    let operator = section.kind == SignerKind::Operator;
+    if operator {
+        // Consumed once admitted, whatever becomes of its events: a copy is a replay.
+        state.keyring.operator_window.insert((section.expires_ms, section.nonce));
+    }
     for (index, event) in batch.events.iter().enumerate() {
-        match apply_event(state, event) {
+        let applied = match (operator, trust::sender_of(&event.kind)) {
+            (true, Sender::Operator) => apply_operator_event(state, &event.kind),
+            (false, Sender::Node) if event.origin.as_str() == section.name => apply_event(state, event),
+            (false, Sender::Node) => Err(RejectReason::OriginNotSigner {
+                origin: truncated(event.origin.as_str(), state.limits.name_bytes_max),
+                signer: truncated(section.name, state.limits.name_bytes_max),
+            }),
+            (false, Sender::Operator) => Err(RejectReason::OperatorOnly(event.kind.name())),
+            (true, Sender::Node) => Err(RejectReason::NodeOnly(event.kind.name())),
+        };
+        match applied {
             Ok(()) => state.events_applied += 1,
             Err(reason) => state.rejections.push(Rejection {
                 position,
                 event_index: index as u32,
-                origin: truncated(event.origin.as_str(), state.limits.name_bytes_max),
-                origin_seq: event.origin_seq.to_native(),
+                origin: truncated(if operator { section.name } else { event.origin.as_str() }, state.limits.name_bytes_max),
+                origin_seq: if operator { 0 } else { event.origin_seq.to_native() },
                 kind: event.kind.name(),
                 reason,
             }),
         }
+    }
+}
+
+/// An operator intent from an admitted operator section.
+fn apply_operator_event(state: &mut State, kind: &ArchivedEventKind) -> Applied {
+    match kind {
+        ArchivedEventKind::Admin(command) => admin(state, command),
+        ArchivedEventKind::PlacementIntent(intent) => placement_intent(state, intent),
+        ArchivedEventKind::DaemonIntent { spec, runs_on } => daemon_intent(state, spec, runs_on),
+        _ => unreachable!("only operator intents reach here (trust::sender_of)"),
     }
 }
 
@@ -110,6 +238,10 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
             return Err(RejectReason::StaleOriginSeq { last, got: origin_seq });
         }
     }
+    let last = known.map_or(0, |row| state.nodes.origin_seq_last[row.index()]);
+    if origin_seq - last > state.limits.origin_seq_step_max {
+        return Err(RejectReason::OriginSeqJump { last, got: origin_seq, step_max: state.limits.origin_seq_step_max });
+    }
     let origin = match (known, &event.kind) {
         (Some(row), _) => row,
         (None, ArchivedEventKind::NodeHealth(ArchivedNodeHealth::Heartbeat { .. })) => {
@@ -128,14 +260,13 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
         ArchivedEventKind::Daemon { daemon, signal } => daemon_signal(state, origin, daemon.as_str(), signal),
         ArchivedEventKind::Rtt { peer, rtt_us } => rtt_sample(state, origin, peer.as_str(), rtt_us.to_native()),
         ArchivedEventKind::NodeHealth(health) => node_health(state, origin, health),
-        ArchivedEventKind::Admin(signed) => admin(state, signed),
         ArchivedEventKind::BlobAnnounce { blob, size_bytes } => {
             blob_announce(state, origin, blob, size_bytes.to_native())
         }
-        ArchivedEventKind::PlacementIntent(intent) => placement_intent(state, intent),
-        ArchivedEventKind::DaemonIntent { spec, runs_on } => daemon_intent(state, spec, runs_on),
         ArchivedEventKind::Capability(capability) => apply_capability(state, origin, capability),
-        ArchivedEventKind::ActionOutcome { action, outcome } => action_outcome(state, action.to_native(), outcome),
+        ArchivedEventKind::ActionOutcome { action, outcome } => {
+            action_outcome(state, origin, action.to_native(), outcome)
+        }
         ArchivedEventKind::InventoryDigest { blob_count, digest } => {
             inventory_digest(state, origin, blob_count.to_native(), *digest);
             Ok(())
@@ -146,6 +277,9 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
         }
         ArchivedEventKind::Commitment { position, state_hash, needs_position } => {
             commitment(state, origin, position.to_native(), *state_hash, needs_position.to_native())
+        }
+        ArchivedEventKind::Admin(_) | ArchivedEventKind::PlacementIntent(_) | ArchivedEventKind::DaemonIntent { .. } => {
+            unreachable!("operator intents never reach a node's events (trust::sender_of)")
         }
     }?;
     state.nodes.origin_seq_last[origin.index()] = origin_seq;
@@ -168,7 +302,13 @@ fn commitment(state: &mut State, origin: NodeRow, position: u64, hash: [u8; 16],
 
 /// An executor reports how an action ended: it leaves the in-flight table and its
 /// effects apply (a cancellation frees capacity and backs nothing off).
-fn action_outcome(state: &mut State, id: crate::event::ActionId, outcome: &ArchivedOutcome) -> Applied {
+fn action_outcome(state: &mut State, origin: NodeRow, id: crate::event::ActionId, outcome: &ArchivedOutcome) -> Applied {
+    // Only the node the action was addressed to reports how it ended.
+    match state.inflight.get(id) {
+        None => return Err(RejectReason::UnknownAction(id)),
+        Some(inflight) if inflight.action.node != origin => return Err(RejectReason::NotYourAction(id)),
+        Some(_) => {}
+    }
     if let ArchivedOutcome::Cancelled { .. } = outcome {
         let cancelled = state.inflight.cancel(id).ok_or(RejectReason::UnknownAction(id))?;
         cancel_effects(state, &cancelled.action);
@@ -542,7 +682,15 @@ fn node_health(state: &mut State, origin: NodeRow, health: &ArchivedNodeHealth) 
             set_status(state, origin, NodeStatus::Up, silent_return);
         }
         ArchivedNodeHealth::Status { node, status } => {
+            // A node speaks for itself only; others' status comes from their silence
+            // (liveness) or from an operator (`remove-node`).
             let node = find_node(state, node.as_str())?;
+            if node != origin {
+                return Err(RejectReason::StatusOfAnotherNode(truncated(
+                    state.nodes.name[node.index()].as_ref(),
+                    state.limits.name_bytes_max,
+                )));
+            }
             set_status(state, node, native_node_status(*status), false);
         }
     }
@@ -560,37 +708,13 @@ fn node_or_all(state: &State, node: Option<&str>) -> Result<std::ops::Range<usiz
     }
 }
 
-/// A signed admin event, checked in this order (the first failure is the reason):
-/// operator name; signature (`verify_strict`); before the keyring's genesis only a
-/// `SetKeyring` version 1 signed by one of its own keys; otherwise a key of the
-/// current keyring; `admin_seq` above the last applied from that key (so re-applying
-/// the same event, or replaying an old one, changes nothing but the rejection count);
-/// then the command itself (a rotation: version + 1 and a valid key list). Only when
-/// everything passes does the command apply and the key's `admin_seq` advance.
-fn admin(state: &mut State, signed: &ArchivedSignedAdmin) -> Applied {
-    check_name(signed.operator.as_str(), state)?;
-    // Admin events are rare control-plane input: a native copy costs nothing that matters.
-    let signed: SignedAdmin = rkyv::deserialize::<SignedAdmin, rancor::Error>(signed)
-        .map_err(|_| RejectReason::InvalidIntent("admin event does not deserialize"))?;
-    if !crate::admin::verify(&signed) {
-        return Err(RejectReason::BadAdminSignature(key_prefix_hex(&signed.key).into()));
-    }
-    if state.keyring.version == 0 {
-        let genesis =
-            matches!(&signed.command, AdminCommand::SetKeyring { version: 1, keys } if keys.contains(&signed.key));
-        if !genesis {
-            return Err(RejectReason::AdminWithoutKeyring);
-        }
-    } else if !state.keyring.contains(&signed.key) {
-        return Err(RejectReason::UnknownAdminKey(key_prefix_hex(&signed.key).into()));
-    }
-    let last = state.keyring.last_admin_seq(&signed.key);
-    if signed.admin_seq <= last {
-        return Err(RejectReason::AdminReplayed { last, got: signed.admin_seq });
-    }
-    apply_admin(state, &signed.command)?;
-    state.keyring.record(&signed.key, signed.admin_seq);
-    Ok(())
+/// An operator's command (its section's signer and replay window were checked). The
+/// archived command is deserialized to native (admin events are rare control-plane
+/// input); it applies whole or not at all.
+fn admin(state: &mut State, command: &rkyv::boxed::ArchivedBox<crate::event::ArchivedAdminCommand>) -> Applied {
+    let command: AdminCommand = rkyv::deserialize::<AdminCommand, rancor::Error>(command.get())
+        .map_err(|_| RejectReason::InvalidIntent("admin command does not deserialize"))?;
+    apply_admin(state, &command)
 }
 
 /// A key rotation (or the genesis): checks the version and the key list, then installs it.
@@ -611,11 +735,24 @@ fn set_keyring(state: &mut State, version: u64, keys: &[PublicKey]) -> Applied {
     if !keys.iter().all(crate::admin::is_public_key) {
         return Err(RejectReason::InvalidKeyring("a key is not an ed25519 public key"));
     }
-    let seen_after = state.keyring.seen.len() + state.keyring.unseen_count(keys);
-    if seen_after > state.limits.admin_keys_seen_max as usize {
-        return Err(RejectReason::TableFull("admin key"));
-    }
     state.keyring.install(version, keys);
+    Ok(())
+}
+
+/// Admits a node's key: a valid name and key, a key no other node holds, room.
+fn admit_node(state: &mut State, name: &str, key: &PublicKey) -> Applied {
+    trust::check_node_name(name).map_err(|_| RejectReason::BadNodeName(truncated(name, state.limits.name_bytes_max)))?;
+    if !trust::is_public_key(key) {
+        return Err(RejectReason::InvalidKeyring("a node key is not an ed25519 public key"));
+    }
+    let holder = (0..state.keyring.identities()).find(|&row| &state.keyring.identity_key[row] == key);
+    if holder.is_some_and(|row| state.keyring.identity_name[row].as_ref() != name) {
+        return Err(RejectReason::InvalidKeyring("another node was admitted with this key"));
+    }
+    if state.keyring.identity(name).is_none() && state.keyring.identities() >= state.limits.nodes_max as usize {
+        return Err(RejectReason::TableFull("identity"));
+    }
+    state.keyring.admit(name, key);
     Ok(())
 }
 
@@ -623,6 +760,15 @@ fn apply_admin(state: &mut State, command: &AdminCommand) -> Applied {
     match command {
         // The keyring is not a node role: nothing for reconcile to look at again.
         AdminCommand::SetKeyring { version, keys } => return set_keyring(state, *version, keys),
+        AdminCommand::AdmitNode { name, key } => return admit_node(state, name, key),
+        AdminCommand::RemoveNode { name } => {
+            if !state.keyring.revoke(name) {
+                return Err(RejectReason::NodeNotAdmitted(truncated(name, state.limits.name_bytes_max)));
+            }
+            if let Some(node) = state.nodes.find(name) {
+                set_status(state, node, NodeStatus::Left, false);
+            }
+        }
         AdminCommand::EnterMaintenance { node } => {
             let index = find_node(state, node.as_str())?.index();
             let now_ms = state.now_ms;

@@ -83,4 +83,6 @@ pub mod sync;
 #[cfg(feature = "engine")]
 pub mod sys;
 #[cfg(feature = "engine")]
+pub mod trust;
+#[cfg(feature = "engine")]
 pub mod wire;

@@ -39,12 +39,15 @@ struct Window {
 
 type SharedWindow = Arc<(Mutex<Window>, Condvar)>;
 
-/// A frame of events whose sequence numbers can be rewritten in place.
+/// A frame of events whose sequence numbers can be rewritten in place: one node
+/// section signed with the origin's test key (`trust::test_key_of`; the node under
+/// load admits it in its genesis), signed again at each `fill`.
 pub struct FrameTemplate {
     frame: Vec<u8>,
     payload_bytes: usize,
     /// Offsets of each event's `origin_seq` field within the payload.
     seq_offsets: Vec<usize>,
+    sealer: crate::trust::Sealer,
 }
 
 /// The blob connection `index` announces and reports on.
@@ -58,26 +61,28 @@ pub fn load_origin(index: u32) -> String {
 }
 
 impl FrameTemplate {
-    /// A template of `kinds` (one event each) from `origin`.
-    pub fn new(origin: &str, kinds: Vec<EventKind>) -> FrameTemplate {
+    /// A template of `kinds` (one event each) from `origin`, for cluster `cluster_id`.
+    pub fn new(origin: &str, kinds: Vec<EventKind>, cluster_id: crate::trust::ClusterId) -> FrameTemplate {
         let events = kinds
             .into_iter()
             .enumerate()
             .map(|(index, kind)| Event { origin: origin.to_string(), origin_seq: index as u64 + 1, kind })
             .collect();
-        let payload = wire::encode_batch(&EventBatch { events });
-        let batch = wire::access_batch(&payload).expect("a freshly archived batch validates");
+        let sealer = crate::trust::Sealer::node(origin, crate::trust::test_key_of(origin), cluster_id);
+        let payload = sealer.seal_batch(&EventBatch { events });
+        let section = crate::trust::sections(&payload).next().expect("one section").expect("a sealed section");
+        let batch = wire::access_batch(section.body).expect("a freshly archived batch validates");
         let base = payload.as_ptr() as usize;
         let seq_offsets =
             batch.events.iter().map(|event| (&event.origin_seq as *const _ as *const u8) as usize - base).collect();
         let mut frame = Vec::new();
         wire::encode_frame(&mut frame, FrameKind::Events, 1, 0, &payload);
-        FrameTemplate { frame, payload_bytes: payload.len(), seq_offsets }
+        FrameTemplate { frame, payload_bytes: payload.len(), seq_offsets, sealer }
     }
 
     /// The steady-state frame of load connection `index`: `events` events cycling
     /// heartbeat, RTT sample to `peer`, replica update.
-    pub fn steady(index: u32, events: u32, peer: &str) -> FrameTemplate {
+    pub fn steady(index: u32, events: u32, peer: &str, cluster_id: crate::trust::ClusterId) -> FrameTemplate {
         let blob = load_blob(index);
         let kinds = (0..events)
             .map(|at| match at % 3 {
@@ -86,12 +91,12 @@ impl FrameTemplate {
                 _ => EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
             })
             .collect();
-        FrameTemplate::new(&load_origin(index), kinds)
+        FrameTemplate::new(&load_origin(index), kinds, cluster_id)
     }
 
     /// The setup frame of load connection `index`: join, announce its blob, report
     /// its copy healthy.
-    pub fn setup(index: u32) -> FrameTemplate {
+    pub fn setup(index: u32, cluster_id: crate::trust::ClusterId) -> FrameTemplate {
         let blob = load_blob(index);
         FrameTemplate::new(
             &load_origin(index),
@@ -100,6 +105,7 @@ impl FrameTemplate {
                 EventKind::BlobAnnounce { blob, size_bytes: 4096 },
                 EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
             ],
+            cluster_id,
         )
     }
 
@@ -120,6 +126,7 @@ impl FrameTemplate {
             let at = payload_start + offset;
             self.frame[at..at + 8].copy_from_slice(&(first_origin_seq + index as u64).to_le_bytes());
         }
+        self.sealer.sign_section_at(&mut self.frame[payload_start..payload_start + self.payload_bytes], 0);
         let kind = if ack { FrameKind::EventsAckWanted } else { FrameKind::Events };
         let payload = &self.frame[payload_start..payload_start + self.payload_bytes];
         let header = wire::header_bytes(kind, frame_seq, 0, payload);
@@ -145,6 +152,8 @@ pub struct LoadOptions {
     /// new origins (a setup frame first); else no setup frame, and origin sequence
     /// numbers continue after this.
     pub resume_after: u64,
+    /// The node's cluster (its genesis admits the load origins' test keys).
+    pub cluster_id: crate::trust::ClusterId,
 }
 
 /// What one connection did.
@@ -199,8 +208,8 @@ fn drive(addr: SocketAddr, index: u32, options: &LoadOptions, ack_timeout: Durat
         Mutex::new(Window { send_times: vec![Instant::now(); SEND_TIMES], acked_seq: 0, reader_done: false }),
         Condvar::new(),
     ));
-    let mut setup = FrameTemplate::setup(index);
-    let mut steady = FrameTemplate::steady(index, options.events_per_frame, &options.peer);
+    let mut setup = FrameTemplate::setup(index, options.cluster_id);
+    let mut steady = FrameTemplate::steady(index, options.events_per_frame, &options.peer, options.cluster_id);
     let setup_frames = (options.resume_after == 0) as u64;
     let (setup_events, steady_events) = (setup.events() * setup_frames, steady.events());
     let last_seq = setup_frames + options.frames_per_connection;
@@ -320,7 +329,7 @@ mod tests {
 
     #[test]
     fn a_filled_template_is_a_valid_frame_with_the_given_numbers() {
-        let mut template = FrameTemplate::steady(3, 64, "node-1");
+        let mut template = FrameTemplate::steady(3, 64, "node-1", [7; 16]);
         let frame = template.fill(9, 1000, true).to_vec();
         let decoded = wire::decode_frame(&frame, 1 << 20).unwrap();
         assert_eq!((decoded.header.kind, decoded.header.seq), (FrameKind::EventsAckWanted, 9));

@@ -15,7 +15,7 @@ use crate::redex::embedded::{self, EmbeddedLog, RecoveryReport, VerifyReport};
 use crate::redex::{Redex, RedexError};
 use crate::sim::gen::{GenError, GenOptions, Generator};
 use crate::state::{State, Summary};
-use crate::wire;
+
 
 /// How far a long job has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,10 +75,10 @@ pub fn generate(
         return Err(ToolError::OutputNotEmpty { path: dir.to_path_buf(), records: recovery.last_position });
     }
     let mut batch = EventBatch::default();
-    let mut payload = rkyv::util::AlignedVec::new();
+    let mut sealer = crate::trust::testing::MixedSealer::new(config.genesis.cluster_id());
     let mut records = 0;
     while let Some(time_ms) = generator.next_batch(&mut batch) {
-        payload = wire::encode_batch_into(&batch, payload);
+        let payload = sealer.seal(&batch.events, time_ms);
         log.append_at(&payload, time_ms)?;
         records += 1;
         progress(Progress { done: generator.produced(), total: options.events, unit: "events" });

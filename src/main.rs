@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshos::admin;
 use meshos::config::{Config, FsyncPolicy};
-use meshos::event::{AdminCommand, SignedAdmin};
+use meshos::event::AdminCommand;
 use meshos::logtool::{self, Progress};
 use meshos::sim;
 use meshos::sim::cluster::SimOptions;
@@ -71,20 +71,22 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
     Cluster(ClusterCommand),
     /// Operator commands, signed with your ed25519 key and sent through the log.
     ///
-    /// Every admin command is an event in the log, signed with an operator's key:
-    /// nodes apply only events signed by a key in the cluster keyring, and the keyring
-    /// itself changes only by a signed `set-keyring` (key rotation). Anything else is
-    /// rejected, with its reason, in the state (`meshos log replay --show-rejections`).
+    /// Every admin command is an event in the log, in a section signed with an
+    /// operator's key for this cluster and valid for 10 minutes: nodes apply only
+    /// sections signed by a key in the cluster keyring, each once. The keyring starts
+    /// from the cluster's genesis (`meshos cluster init`, or a single node's first
+    /// start, which writes DATA_DIR/admin.key) and changes only by a signed
+    /// `set-keyring` (key rotation). Anything else is rejected, with its reason, in
+    /// the state (`meshos log replay --show-rejections`).
     ///
-    /// Keys: `meshos admin keygen --out FILE` writes a new key file (the secret seed
-    /// as 64 hex characters, mode 0600; a file others can read is refused) and prints
-    /// its public key.
+    /// Keys: `--key FILE` (default: the node's DATA_DIR/admin.key). `meshos admin
+    /// keygen --out FILE` writes a new key file (the secret seed as 64 hex characters,
+    /// mode 0600; a file others can read is refused) and prints its public key.
     ///
-    /// Genesis: a new cluster has no keyring. Its first admin event must be
-    /// `set-keyring --version 1` listing your public key and signed by that key (trust
-    /// on first use, like `kubeadm init` or SSH); every later admin event must be
-    /// signed by a key of the current keyring, and each `set-keyring` must carry the
-    /// current version plus one.
+    /// Nodes: `admit-node NAME --node-key HEX` lets a node's key sign its records
+    /// (its public key is in its log at first start, and `meshos admin public-key
+    /// --key DATA_DIR/node.key` prints it); `remove-node NAME` revokes it and marks the
+    /// node left.
     ///
     /// Every command reads the node's config (--config) for its name, log and socket.
     /// Without --dry-run it sends the signed event to that node over its local Unix
@@ -97,12 +99,10 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
     /// the expected time to safe and the daemons that stop.
     #[command(
         subcommand,
-        after_help = "Example (a new cluster):
-  meshos admin keygen --out ~/.meshos/ops.key
-  meshos admin set-keyring --version 1 --public-key <HEX printed by keygen> \\
-      --key ~/.meshos/ops.key --config node.toml
+        after_help = "Example:
   meshos admin enter-maintenance node-7 --key ~/.meshos/ops.key --config node.toml --dry-run
-  meshos admin enter-maintenance node-7 --key ~/.meshos/ops.key --config node.toml"
+  meshos admin enter-maintenance node-7 --key ~/.meshos/ops.key --config node.toml
+  meshos admin admit-node node-9 --node-key <HEX from node-9's log> --key ~/.meshos/ops.key --config node.toml"
     )]
     Admin(AdminCommandLine),
     /// Declare daemons the cluster runs (daemon intents, through the log).
@@ -402,6 +402,24 @@ enum AdminCommandLine {
         #[command(flatten)]
         common: AdminArgs,
     },
+    /// Admit node NAME with its public key: its signed records are folded from now
+    /// on (a known name gets the new key: a reinstalled node).
+    AdmitNode {
+        name: String,
+        /// The node's public key (64 hex characters): its log prints it at first start,
+        /// `meshos admin public-key --key DATA_DIR/node.key` too.
+        #[arg(long = "node-key", value_name = "HEX")]
+        node_key: String,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+    /// Remove node NAME: its key is revoked (nothing it signs is folded again) and the
+    /// node is marked left (its copies are made elsewhere, trimming stops waiting).
+    RemoveNode {
+        name: String,
+        #[command(flatten)]
+        common: AdminArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -437,6 +455,9 @@ struct DaemonArgs {
     /// The node: its config file or its data directory (`--dir`, or $MESHOS_DIR).
     #[arg(long, alias = "dir", env = "MESHOS_DIR", value_name = "NODE.toml | DIR")]
     config: PathBuf,
+    /// The operator key that signs the intent (default: the node's DATA_DIR/admin.key).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -447,9 +468,10 @@ struct DaemonArgs {
 
 #[derive(Args)]
 struct AdminArgs {
-    /// Your operator key file (see `meshos admin keygen`).
+    /// Your operator key file (see `meshos admin keygen`; default: the node's
+    /// DATA_DIR/admin.key, which a single node's first start writes).
     #[arg(long, value_name = "FILE")]
-    key: PathBuf,
+    key: Option<PathBuf>,
     /// The node: its config file or its data directory (`--dir`, or $MESHOS_DIR).
     #[arg(long, alias = "dir", env = "MESHOS_DIR", value_name = "NODE.toml | DIR")]
     config: PathBuf,
@@ -493,6 +515,31 @@ enum ClusterCommand {
         /// The file to write (refused if it exists).
         #[arg(short = 'o', long, value_name = "FILE")]
         out: PathBuf,
+    },
+    /// Start a new cluster: its genesis (the operator keys and first nodes every node
+    /// trusts, and so the cluster id), a key per node, and an operator key.
+    ///
+    /// Writes into DIR: `genesis.toml` (public: copy it to every node's data directory,
+    /// or name it in `[cluster] genesis_file`), `NODE.key` for each --nodes name (secret:
+    /// copy each to its node as DATA_DIR/node.key, mode 0600) and, unless
+    /// --operator-key names yours, `admin.key` (secret: the operator key that signs
+    /// admin commands). Nodes added later create their own key at first start and are
+    /// admitted with `meshos admin admit-node`.
+    #[command(after_help = "Example:
+  meshos cluster init -o /etc/meshos/init --nodes node-1,node-2,node-3
+  scp /etc/meshos/init/genesis.toml node-2:/var/lib/meshos/
+  scp /etc/meshos/init/node-2.key node-2:/var/lib/meshos/node.key")]
+    Init {
+        /// The directory to write into (created; existing files are never replaced).
+        #[arg(short = 'o', long, value_name = "DIR")]
+        out: PathBuf,
+        /// The first nodes, admitted from the start (comma-separated names).
+        #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
+        nodes: Vec<String>,
+        /// An existing operator key file to trust instead of writing a new admin.key;
+        /// repeat for more operators (any of them may sign).
+        #[arg(long = "operator-key", value_name = "FILE")]
+        operator_keys: Vec<PathBuf>,
     },
 }
 
@@ -695,7 +742,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Explain { target, config, history, output } => {
             let node_config = meshos::node::config::NodeConfig::load_file_or_dir(&config)?;
             let explanation =
-                meshos::explain::explain(&node_config.log_dir(), &node_config.to_config(), &target, history)?;
+                meshos::explain::explain(&node_config.log_dir(), &node_config.engine_config()?, &target, history)?;
             if output == Output::Json {
                 let list = |lines: &[String]| lines.iter().map(|line| json_string(line)).collect::<Vec<_>>().join(",");
                 println!(
@@ -781,6 +828,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 out.display()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Cluster(ClusterCommand::Init { out, nodes, operator_keys }) => {
+            run_cluster_init(&out, &nodes, &operator_keys)
         }
         Command::Config(ConfigCommand::Default) => {
             print!("{}", meshos::node::config::EXAMPLE_TOML);
@@ -1015,6 +1065,11 @@ fn admin_command(line: AdminCommandLine) -> anyhow::Result<(AdminCommand, AdminA
             let keys = public_keys.iter().map(|text| admin::parse_public_key(text)).collect::<Result<Vec<_>, _>>()?;
             (AdminCommand::SetKeyring { version, keys }, common)
         }
+        AdminCommandLine::AdmitNode { name, node_key, common } => {
+            meshos::trust::check_node_name(&name).map_err(|error| anyhow::anyhow!("`{name}`: {error}"))?;
+            (AdminCommand::AdmitNode { name, key: admin::parse_public_key(&node_key)? }, common)
+        }
+        AdminCommandLine::RemoveNode { name, common } => (AdminCommand::RemoveNode { name }, common),
     })
 }
 
@@ -1025,10 +1080,9 @@ fn run_admin(line: AdminCommandLine) -> anyhow::Result<ExitCode> {
             let public = key.public_key_hex();
             println!("wrote {} (mode 0600); public key: {public}", out.display());
             println!(
-                "next: put this public key in the cluster keyring.\n  on a new cluster (no keyring yet), sign the genesis with it:\n    \
-                 meshos admin set-keyring --version 1 --public-key {public} --key {} --config NODE.toml\n  \
-                 on a cluster with a keyring, an operator whose key is in it runs set-keyring with the next version, \
-                 listing every key to keep and this one.",
+                "next: put this public key in the cluster keyring: name it at `meshos cluster init --operator-key`, \
+                 or have an operator whose key is in the keyring run `meshos admin set-keyring` with the next \
+                 version, listing every key to keep and this one ({}).",
                 out.display()
             );
             return Ok(ExitCode::SUCCESS);
@@ -1041,30 +1095,37 @@ fn run_admin(line: AdminCommandLine) -> anyhow::Result<ExitCode> {
     }
     let (command, common) = admin_command(line)?;
     let node_config = meshos::node::config::NodeConfig::load_file_or_dir(&common.config)?;
-    let key = admin::OperatorKey::load(&common.key)?;
+    let (key, key_path) = meshos::node::identity::operator_key(&node_config, common.key.as_deref())?;
     let operator = match &common.operator {
         Some(operator) => operator.clone(),
-        // Informational (the key is what is trusted): $USER, $LOGNAME, else the uid.
-        None => std::env::var("USER")
-            .or_else(|_| std::env::var("LOGNAME"))
-            .unwrap_or_else(|_| format!("uid-{}", meshos::sys::process::effective_uid())),
+        None => admin::default_operator_name(),
     };
-    let config = node_config.to_config();
-    let signed = key.sign(&operator, admin::admin_seq_from_clock(), command);
-    let command_name = admin::COMMAND_NAMES[admin::command_code(&signed.command) as usize];
+    let config = node_config
+        .engine_config()
+        .with_context(|| format!("cannot load the cluster's genesis of node `{}`", node_config.name))?;
+    let signed_ms = admin::wall_clock_ms();
+    let command_name = admin::COMMAND_NAMES[admin::command_code(&command) as usize];
+    let payload = admin::seal_operator(
+        &key,
+        &operator,
+        config.genesis.cluster_id(),
+        vec![admin::command_kind(command.clone())],
+        signed_ms.saturating_add(admin::OPERATOR_VALIDITY_MS),
+        &admin::random_nonce()?,
+    );
     if common.dry_run {
-        let preview = admin::preview::preview(&node_config.log_dir(), &config, &node_config.name, &signed)
+        let preview = admin::preview::preview(&node_config.log_dir(), &config, &payload, &command, signed_ms)
             .with_context(|| format!("cannot preview on the log of node `{}`", node_config.name))?;
         if common.output == Output::Json {
             println!("{}", preview_json(&preview));
         } else {
-            print_preview(&preview, &signed, &node_config.name, common.show);
+            print_preview(&preview, &operator, &key, &key_path, &node_config.name, common.show);
         }
         return Ok(if preview.applied { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     let timeout = Duration::from_millis(common.timeout_ms);
     let socket = node_config.local_socket_path();
-    let ack = admin::submit::send(&socket, &node_config.name, signed, timeout)
+    let ack = admin::submit::send_payload(&socket, &payload, timeout)
         .with_context(|| format!("cannot send to node `{}` on {}", node_config.name, socket.display()))?;
     let outcome = admin::submit::outcome(&node_config.log_dir(), &config, ack.position)
         .with_context(|| format!("appended at position {}, but cannot read the log back", ack.position))?;
@@ -1099,6 +1160,40 @@ fn run_admin(line: AdminCommandLine) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if word == "applied" { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn run_cluster_init(out: &std::path::Path, nodes: &[String], operator_keys: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    use meshos::trust::{Genesis, KeyPair};
+    for name in nodes {
+        meshos::trust::check_node_name(name).map_err(|error| anyhow::anyhow!("--nodes `{name}`: {error}"))?;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let genesis_path = out.join("genesis.toml");
+    anyhow::ensure!(!genesis_path.exists(), "{} exists: a cluster was initialized there already", genesis_path.display());
+    let mut operators = Vec::new();
+    for path in operator_keys {
+        operators.push(KeyPair::load(path)?.public_key());
+    }
+    if operators.is_empty() {
+        let path = out.join("admin.key");
+        operators.push(KeyPair::generate(&path)?.public_key());
+        println!("wrote {} (mode 0600): the operator key; keep it secret", path.display());
+    }
+    let mut admitted = Vec::new();
+    for name in nodes {
+        let path = out.join(format!("{name}.key"));
+        let key = KeyPair::generate(&path)?;
+        println!("wrote {} (mode 0600): {name}'s key; copy it to that node as DATA_DIR/node.key", path.display());
+        admitted.push((name.clone(), key.public_key()));
+    }
+    let genesis = Genesis::generate(operators, admitted)?;
+    genesis.write_new(&genesis_path)?;
+    println!(
+        "wrote {}: cluster {}; copy it to every node's data directory (or name it in [cluster] genesis_file)",
+        genesis_path.display(),
+        genesis.cluster_id_hex()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_daemon_ls(config: &std::path::Path, output: Output) -> anyhow::Result<ExitCode> {
@@ -1181,9 +1276,13 @@ fn run_daemon(line: DaemonCommandLine) -> anyhow::Result<ExitCode> {
         }
     };
     let node_config = meshos::node::config::NodeConfig::load_file_or_dir(&common.config)?;
-    let config = node_config.to_config();
+    let config = node_config
+        .engine_config()
+        .with_context(|| format!("cannot load the cluster's genesis of node `{}`", node_config.name))?;
+    let (key, _) = meshos::node::identity::operator_key(&node_config, common.key.as_deref())?;
+    let payload = admin::sign_now(&key, &admin::default_operator_name(), config.genesis.cluster_id(), vec![kind])?;
     let socket = node_config.local_socket_path();
-    let ack = admin::submit::send_event(&socket, &node_config.name, kind, Duration::from_millis(common.timeout_ms))
+    let ack = admin::submit::send_payload(&socket, &payload, Duration::from_millis(common.timeout_ms))
         .with_context(|| format!("cannot send to node `{}` on {}", node_config.name, socket.display()))?;
     let outcome = admin::submit::outcome(&node_config.log_dir(), &config, ack.position)
         .with_context(|| format!("appended at position {}, but cannot read the log back", ack.position))?;
@@ -1214,13 +1313,21 @@ fn run_put(file: &std::path::Path, replicas: u8, zone_spread: bool, common: &Dae
     let store = meshos::exec::blobstore::BlobStore::attach(&node_config.blobs_dir())?;
     let mut source = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
     let (blob, size_bytes) = store.put(&mut source, None, node_config.blobs.blob_bytes_max, &mut |_| {})?;
-    let events = vec![
-        EventKind::BlobAnnounce { blob, size_bytes },
-        EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
-        EventKind::PlacementIntent(PlacementIntent { blob, replicas, zone_spread, pinned: Vec::new() }),
-    ];
+    let config = node_config
+        .engine_config()
+        .with_context(|| format!("cannot load the cluster's genesis of node `{}`", node_config.name))?;
+    let (key, _) = meshos::node::identity::operator_key(&node_config, common.key.as_deref())?;
+    // The copy is the node's fact (its own section, signed by the node); the placement
+    // intent is the operator's (signed here).
+    let facts =
+        vec![EventKind::BlobAnnounce { blob, size_bytes }, EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy }];
+    let intent = EventKind::PlacementIntent(PlacementIntent { blob, replicas, zone_spread, pinned: Vec::new() });
+    let intent = admin::sign_now(&key, &admin::default_operator_name(), config.genesis.cluster_id(), vec![intent])?;
     let socket = node_config.local_socket_path();
-    let ack = admin::submit::send_events(&socket, &node_config.name, events, Duration::from_millis(common.timeout_ms))
+    let timeout = Duration::from_millis(common.timeout_ms);
+    admin::submit::send_events(&socket, &node_config.name, facts, timeout)
+        .with_context(|| format!("cannot send to node `{}` on {}", node_config.name, socket.display()))?;
+    let ack = admin::submit::send_payload(&socket, &intent, timeout)
         .with_context(|| format!("cannot send to node `{}` on {}", node_config.name, socket.display()))?;
     let id = meshos::exec::blobstore::hex(&blob);
     if common.output == Output::Json {
@@ -1283,7 +1390,7 @@ fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyho
         return Ok(ExitCode::SUCCESS);
     }
     // Not here: ask the log who holds it and fetch from them.
-    let (engine, _) = admin::preview::replay_read_only(&node_config.log_dir(), &node_config.to_config(), u64::MAX)?;
+    let (engine, _) = admin::preview::replay_read_only(&node_config.log_dir(), &node_config.engine_config()?, u64::MAX)?;
     let state = &engine.state;
     let row = state.blobs.find(&hash).with_context(|| format!("blob {blob} is not in the log"))?;
     // The holders' peer ports want the cluster credential: this node's, under its name.
@@ -1661,13 +1768,20 @@ fn bytes_text(bytes: u64) -> String {
     }
 }
 
-fn print_preview(preview: &admin::preview::Preview, signed: &SignedAdmin, node: &str, show: usize) {
+fn print_preview(
+    preview: &admin::preview::Preview,
+    operator: &str,
+    key: &admin::OperatorKey,
+    key_path: &std::path::Path,
+    node: &str,
+    show: usize,
+) {
     println!(
-        "dry run: {} as `{}` (key {}..., admin_seq {}) on node `{node}`'s log at position {}",
+        "dry run: {} as `{}` (key {}... from {}) on node `{node}`'s log at position {}",
         preview.command,
-        printable(&signed.operator),
-        &admin::hex(&signed.key)[..16],
-        signed.admin_seq,
+        printable(operator),
+        &key.public_key_hex()[..16],
+        key_path.display(),
         preview.log_position
     );
     if let Some(tail) = &preview.log_tail {

@@ -41,6 +41,7 @@ use crate::event::{Event, EventBatch, EventKind};
 use crate::ingest::ring::Consumer;
 use crate::redex::{Redex, RedexError, Stamp};
 use crate::sys::reactor::{Command, Source, SourceKind};
+use crate::trust::{Sealer, SignerKind};
 use crate::wire::{self, FrameError, FrameKind};
 
 /// Limits and marks of the sequencer (from the node config's `[ingest]`).
@@ -158,6 +159,10 @@ pub struct Sequencer {
     /// Replies for the reactor (acks, resumes, closes), taken by the caller.
     commands: Vec<Command>,
     patch_offsets: Vec<usize>,
+    /// Offsets (in the frame being taken) of unsigned sections to sign as this node's.
+    unsigned_sections: Vec<usize>,
+    /// Signs this node's records and its local clients' unsigned sections.
+    sealer: Sealer,
     own_batch: EventBatch,
     /// Collections so far, and whether the current one also looks at idle sources.
     collects: u64,
@@ -184,7 +189,9 @@ impl Sequencer {
     /// A sequencer whose own events continue after `own_seq_last` (the highest
     /// origin_seq of this node in the folded state); `backpressure_raised` is this
     /// node's backpressure mark in the folded state.
-    pub fn new(config: SequencerConfig, own_seq_last: u64, backpressure_raised: bool) -> Sequencer {
+    pub fn new(config: SequencerConfig, sealer: Sealer, own_seq_last: u64, backpressure_raised: bool) -> Sequencer {
+        assert_eq!(sealer.kind, SignerKind::Node, "a sequencer signs as its node");
+        assert_eq!(sealer.name, config.node_name, "a sequencer signs with its own node's key");
         assert!(config.frames_per_round_max >= 1 && config.records_per_commit_max >= 1);
         assert!(config.commit_bytes_max >= config.frame_bytes_max, "a group must hold one frame");
         assert!(config.backpressure_queue_low_permille < config.backpressure_queue_high_permille);
@@ -203,6 +210,8 @@ impl Sequencer {
             stats: SequencerStats::default(),
             commands: Vec::new(),
             patch_offsets: Vec::new(),
+            unsigned_sections: Vec::new(),
+            sealer,
             own_batch: EventBatch::default(),
             collects: 0,
             scan_idle: true,
@@ -398,7 +407,7 @@ impl Sequencer {
         if self.own_batch.events.is_empty() {
             return;
         }
-        let payload = wire::encode_batch(&self.own_batch);
+        let payload = self.sealer.seal_batch(&self.own_batch);
         let offset = self.group.len();
         self.group.extend_from_slice(&payload);
         pad_to_alignment(&mut self.group);
@@ -451,48 +460,14 @@ impl Sequencer {
         let offset = self.group.len();
         self.group.extend_from_slice(payload);
         let local = self.sources[index].kind == SourceKind::Unix;
-        let checked = {
-            let bytes = &self.group[offset..];
-            match wire::access_batch(bytes) {
-                Err(error) => Err(error),
-                Ok(batch) => {
-                    self.patch_offsets.clear();
-                    let name = self.config.node_name.as_str();
-                    let mut wrong_origin = None;
-                    for event in batch.events.iter() {
-                        let own = event.origin.as_str() == name;
-                        // Local events speak for this node; remote ones never may (this
-                        // node alone numbers its own events).
-                        if own != local {
-                            wrong_origin = Some(event.origin.as_str().chars().take(64).collect::<String>());
-                            break;
-                        }
-                        if local {
-                            let field = &event.origin_seq as *const _ as *const u8;
-                            self.patch_offsets.push(offset_in(bytes, field));
-                        }
-                    }
-                    let remaining = u64::MAX - self.own_seq;
-                    match wrong_origin {
-                        Some(origin) if local => Err(FrameError::BadPayload {
-                            reason: format!(
-                                "events on the local socket must name this node `{name}` as their origin, not `{origin}`"
-                            ),
-                        }),
-                        Some(origin) => Err(FrameError::BadPayload {
-                            reason: format!(
-                                "events over TCP may not name this node `{origin}` as their origin: only the node \
-                                 itself and its local socket speak for it"
-                            ),
-                        }),
-                        None if self.patch_offsets.len() as u64 > remaining => Err(FrameError::BadPayload {
-                            reason: "this node's origin sequence numbers are exhausted".to_string(),
-                        }),
-                        None => Ok(batch.events.len() as u64),
-                    }
-                }
-            }
-        };
+        let checked = check_sections(
+            &self.group[offset..],
+            local,
+            &self.config.node_name,
+            u64::MAX - self.own_seq,
+            &mut self.patch_offsets,
+            &mut self.unsigned_sections,
+        );
         let events = match checked {
             Ok(events) => events,
             Err(error) => {
@@ -504,6 +479,10 @@ impl Sequencer {
             // Checked above: enough numbers remain for every event of the frame.
             self.own_seq += 1;
             self.group[offset + at..offset + at + 8].copy_from_slice(&self.own_seq.to_le_bytes());
+        }
+        for &start in &self.unsigned_sections {
+            // Stamped: now the node signs the local client's section as its own.
+            self.sealer.sign_unsigned_at(&mut self.group[offset..], start);
         }
         self.sources[index].last_frame_seq = header.seq;
         pad_to_alignment(&mut self.group);
@@ -659,6 +638,70 @@ impl Sequencer {
             && self.sources.is_empty()
             && self.pending_closes.is_empty()
     }
+}
+
+/// Checks a client frame's payload: well-formed sections, each body a valid
+/// archived batch. From the Unix socket (`local`), unsigned sections must name this
+/// node as every event's origin (their `origin_seq` offsets, relative to `payload`,
+/// go to `patch_offsets` and their starts to `unsigned`, for stamping and signing);
+/// over TCP every section must be signed, and none by this node's name (only the
+/// node itself speaks for it). Signatures are fold's to check. Returns the events.
+fn check_sections(
+    payload: &[u8],
+    local: bool,
+    name: &str,
+    numbers_left: u64,
+    patch_offsets: &mut Vec<usize>,
+    unsigned: &mut Vec<usize>,
+) -> Result<u64, FrameError> {
+    patch_offsets.clear();
+    unsigned.clear();
+    let mut events = 0u64;
+    for section in crate::trust::sections(payload) {
+        let section = section.map_err(|error| FrameError::BadPayload { reason: error.to_string() })?;
+        let batch = wire::access_batch(section.body).map_err(|error| FrameError::BadPayload {
+            reason: format!("section at byte {} (signer `{}`): {error}", section.offset, section.name),
+        })?;
+        events += batch.events.len() as u64;
+        match section.kind {
+            SignerKind::Unsigned if !local => {
+                return Err(FrameError::BadPayload {
+                    reason: "unsigned events over TCP: a client signs its frames with its node key (only the node's \
+                             own Unix socket takes unsigned events)"
+                        .to_string(),
+                })
+            }
+            SignerKind::Unsigned => {
+                for event in batch.events.iter() {
+                    if event.origin.as_str() != name {
+                        let origin = event.origin.as_str().chars().take(64).collect::<String>();
+                        return Err(FrameError::BadPayload {
+                            reason: format!(
+                                "events on the local socket must name this node `{name}` as their origin, not \
+                                 `{origin}`"
+                            ),
+                        });
+                    }
+                    let field = &event.origin_seq as *const _ as *const u8;
+                    patch_offsets.push(offset_in(payload, field));
+                }
+                unsigned.push(section.offset);
+            }
+            SignerKind::Node if section.name == name => {
+                return Err(FrameError::BadPayload {
+                    reason: format!(
+                        "a section signed as this node `{name}` from a client: only the node itself and its local \
+                         socket speak for it"
+                    ),
+                })
+            }
+            SignerKind::Node | SignerKind::Operator => {}
+        }
+    }
+    if patch_offsets.len() as u64 > numbers_left {
+        return Err(FrameError::BadPayload { reason: "this node's origin sequence numbers are exhausted".to_string() });
+    }
+    Ok(events)
 }
 
 fn pad_to_alignment(group: &mut AlignedVec<{ wire::ALIGN_BYTES }>) {

@@ -28,7 +28,7 @@ use rkyv::util::AlignedVec;
 use crate::event::{ArchivedEventBatch, EventBatch};
 
 pub const MAGIC: [u8; 4] = *b"MSHF";
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 pub const HEADER_BYTES: usize = 32;
 /// Frames and payloads start on this alignment, enough for every archived type.
 pub const ALIGN_BYTES: usize = 16;

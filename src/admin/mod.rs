@@ -1,56 +1,44 @@
-//! Signed admin events: operator keys, the canonical signed bytes, signing and
-//! verification; `preview` (what an admin event would do, for `--dry-run`) and
-//! `submit` (send one to the local node and confirm it was applied).
+//! Operator commands: signing them into an operator section, the command names, key
+//! and hex parsing; `preview` (what a command would do, for `--dry-run`) and `submit`
+//! (send one to the local node and confirm it was applied).
 //!
-//! Admin commands reach the cluster only through the log, each signed with an
-//! operator's ed25519 key. Fold applies one only when the signature verifies
-//! (`verify_strict`), the key is in the cluster keyring and the event's `admin_seq`
-//! is above the last one applied from that key; the keyring itself changes only by a
-//! signed `SetKeyring` (see `state::keyring` for the genesis rule).
+//! Admin commands reach the cluster only through the log, in a section signed with
+//! an operator's ed25519 key (`trust::record`): the signature binds the cluster id,
+//! an expiry (`OPERATOR_VALIDITY_MS` after signing) and a random nonce, so a copied
+//! section is refused by the replay window while valid and by its expiry after (no
+//! dependence on the signer's clock being monotonic, or on one signer at a time: two
+//! terminals may sign with one key at once). Fold applies the section only when its
+//! key is in the cluster keyring; the keyring changes only by a signed `SetKeyring`,
+//! and it starts from the genesis (`trust::genesis`), never from the log.
 //!
-//! The signed bytes are a hand-written canonical encoding, not the rkyv archive (whose
-//! layout is an implementation detail of the wire format), produced by one function
-//! used by both signer and verifier ([`signed_bytes`]):
+//! Command codes (names for people and JSON): 0 enter_maintenance, 1
+//! exit_maintenance, 2 drain, 3 cordon, 4 uncordon, 5 restart_all_daemons, 6
+//! clear_avoid, 7 drop_replicas, 8 invalidate_placement, 9 set_keyring, 10
+//! admit_node, 11 remove_node.
 //!
-//! ```text
-//! b"meshos-admin-v1\0"            domain separation
-//! u32 LE length + operator bytes
-//! u64 LE admin_seq
-//! u8 command code + fields        strings: u32 LE length + bytes; Option: 0 | 1 + value;
-//!                                 hashes and keys: raw 32 bytes; Vec: u32 LE count + items
-//! ```
-//!
-//! Command codes: 0 enter_maintenance, 1 exit_maintenance, 2 drain, 3 cordon,
-//! 4 uncordon, 5 restart_all_daemons, 6 clear_avoid, 7 drop_replicas,
-//! 8 invalidate_placement, 9 set_keyring. The signer's public key is bound by ed25519
-//! itself (it is hashed into every signature), so it is not repeated in the bytes.
-//!
-//! Key files hold the 32-byte secret seed as 64 lowercase hex characters and a
-//! newline, readable by their owner only (mode 0600); `OperatorKey::load` refuses a
-//! file that group or others may read. Keys are generated from `/dev/urandom`.
-//!
-//! Invariants: `signed_bytes` is a pure function of (operator, admin_seq, command),
-//! pinned by a golden test (`tests/admin.rs`); changing it changes the domain string;
-//! `verify` never panics on any input; nothing here is called by fold except
-//! `verify`, which is pure. Errors are typed (`AdminError`).
+//! Invariants: a nonce comes from `/dev/urandom`; nothing here is called by fold.
+//! Errors are typed (`AdminError`).
 
 pub mod preview;
 pub mod submit;
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use rkyv::util::AlignedVec;
 
-use crate::event::{AdminCommand, BlobHash, SignedAdmin};
-use crate::state::keyring::PublicKey;
+use crate::event::{AdminCommand, BlobHash, Event, EventBatch, EventKind};
+use crate::trust::{ClusterId, KeyPair, Sealer};
+use crate::wire::{self, ALIGN_BYTES};
 
-/// The domain string every signed admin message starts with.
-pub const SIGNED_DOMAIN: &[u8] = b"meshos-admin-v1\0";
-/// Where key generation reads its randomness.
-const RANDOM_SOURCE: &str = "/dev/urandom";
+pub use crate::trust::keys::is_public_key;
+pub use crate::trust::PublicKey;
+
+/// An operator's signing key.
+pub type OperatorKey = KeyPair;
+
+/// How long a signed operator section stays valid after signing: enough for a slow
+/// path to the log, short enough that a leaked section soon expires.
+pub const OPERATOR_VALIDITY_MS: u64 = 600_000;
 
 /// Everything that can go wrong with keys, signing and talking to the node.
 #[derive(Debug, thiserror::Error)]
@@ -76,118 +64,8 @@ pub enum AdminError {
     Log(#[from] crate::redex::RedexError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-}
-
-/// An operator's ed25519 signing key (zeroized on drop).
-pub struct OperatorKey {
-    signing: SigningKey,
-}
-
-impl std::fmt::Debug for OperatorKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "OperatorKey({})", self.public_key_hex())
-    }
-}
-
-impl OperatorKey {
-    /// The key of a 32-byte secret seed: deterministic, for tests and the simulator.
-    pub fn from_seed(seed: [u8; 32]) -> OperatorKey {
-        OperatorKey { signing: SigningKey::from_bytes(&seed) }
-    }
-
-    /// Generates a key from `/dev/urandom` and writes it to `path` with mode 0600;
-    /// refuses to overwrite an existing file.
-    pub fn generate(path: &Path) -> Result<OperatorKey, AdminError> {
-        let io_error = |source| AdminError::Io { path: path.to_path_buf(), source };
-        let mut seed = [0u8; 32];
-        crate::sys::process::random_bytes(&mut seed)
-            .map_err(|source| AdminError::Io { path: PathBuf::from(RANDOM_SOURCE), source })?;
-        let key = OperatorKey::from_seed(seed);
-        wipe(&mut seed);
-        let mut file = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-            Ok(file) => file,
-            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(AdminError::KeyFileExists { path: path.to_path_buf() })
-            }
-            Err(error) => return Err(io_error(error)),
-        };
-        let mut text = hex(key.signing.as_bytes()).into_bytes();
-        text.push(b'\n');
-        let written = file.write_all(&text).and_then(|()| file.sync_all());
-        wipe(&mut text);
-        written.map_err(io_error)?;
-        Ok(key)
-    }
-
-    /// Loads a key file written by `generate`; refuses one that group or others may
-    /// access (any mode bit in 0o077).
-    pub fn load(path: &Path) -> Result<OperatorKey, AdminError> {
-        let io_error = |source| AdminError::Io { path: path.to_path_buf(), source };
-        let mut file = File::open(path).map_err(io_error)?;
-        let mode = file.metadata().map_err(io_error)?.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(AdminError::KeyFileMode { path: path.to_path_buf(), mode });
-        }
-        let mut text = Vec::with_capacity(65);
-        // One byte more than a key file holds, to see a file that is too long.
-        Read::by_ref(&mut file).take(66).read_to_end(&mut text).map_err(io_error)?;
-        let parsed = parse_seed(&text);
-        wipe(&mut text);
-        let mut seed =
-            parsed.map_err(|reason| AdminError::KeyFileFormat { path: path.to_path_buf(), reason: reason.into() })?;
-        let key = OperatorKey::from_seed(seed);
-        wipe(&mut seed);
-        Ok(key)
-    }
-
-    pub fn public_key(&self) -> PublicKey {
-        self.signing.verifying_key().to_bytes()
-    }
-
-    pub fn public_key_hex(&self) -> String {
-        hex(&self.public_key())
-    }
-
-    /// Signs `command` as `operator` with sequence number `admin_seq`.
-    pub fn sign(&self, operator: &str, admin_seq: u64, command: AdminCommand) -> SignedAdmin {
-        let bytes = signed_bytes(operator, admin_seq, &command);
-        let signature = self.signing.sign(&bytes).to_bytes();
-        SignedAdmin { operator: operator.to_string(), key: self.public_key(), admin_seq, command, signature }
-    }
-}
-
-/// Parses a key file's bytes: 64 hex characters, then an optional newline.
-fn parse_seed(text: &[u8]) -> Result<[u8; 32], &'static str> {
-    let body = text.strip_suffix(b"\n").unwrap_or(text);
-    if body.len() != 64 {
-        return Err("wrong length");
-    }
-    let mut seed = [0u8; 32];
-    for (index, pair) in body.chunks_exact(2).enumerate() {
-        let (Some(high), Some(low)) = (hex_value(pair[0]), hex_value(pair[1])) else {
-            return Err("a character is not hex");
-        };
-        seed[index] = high << 4 | low;
-    }
-    Ok(seed)
-}
-
-/// Overwrites secret bytes before they are dropped (volatile, so it is not elided).
-fn wipe(bytes: &mut [u8]) {
-    for byte in bytes.iter_mut() {
-        // SAFETY: `byte` is a valid, aligned, exclusive reference to one byte.
-        unsafe { std::ptr::write_volatile(byte, 0) };
-    }
-    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
-}
-
-fn hex_value(character: u8) -> Option<u8> {
-    match character {
-        b'0'..=b'9' => Some(character - b'0'),
-        b'a'..=b'f' => Some(character - b'a' + 10),
-        b'A'..=b'F' => Some(character - b'A' + 10),
-        _ => None,
-    }
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
 }
 
 pub use crate::event::hex;
@@ -199,14 +77,7 @@ pub fn parse_hex32(what: &'static str, text: &str) -> Result<[u8; 32], AdminErro
     if bytes.len() != 64 {
         return Err(bad(&format!("{} characters, expected 64 hex characters", bytes.len())));
     }
-    let mut out = [0u8; 32];
-    for (index, pair) in bytes.chunks_exact(2).enumerate() {
-        let (Some(high), Some(low)) = (hex_value(pair[0]), hex_value(pair[1])) else {
-            return Err(bad("not hex"));
-        };
-        out[index] = high << 4 | low;
-    }
-    Ok(out)
+    crate::trust::keys::parse_hex_bytes(bytes).ok_or_else(|| bad("not hex"))
 }
 
 /// Parses an operator's public key in hex; refuses bytes that are not an ed25519 point.
@@ -227,49 +98,7 @@ pub fn parse_blob(text: &str) -> Result<BlobHash, AdminError> {
     parse_hex32("blob hash", text)
 }
 
-/// Whether `key` is a usable ed25519 public key: a curve point that is not of small
-/// order (a weak key can never pass `verify_strict`).
-pub fn is_public_key(key: &PublicKey) -> bool {
-    VerifyingKey::from_bytes(key).is_ok_and(|key| !key.is_weak())
-}
-
-/// The canonical bytes an admin event's signature covers (module docs).
-pub fn signed_bytes(operator: &str, admin_seq: u64, command: &AdminCommand) -> Vec<u8> {
-    let mut out = Vec::with_capacity(SIGNED_DOMAIN.len() + operator.len() + 96);
-    out.extend_from_slice(SIGNED_DOMAIN);
-    put_str(&mut out, operator);
-    out.extend_from_slice(&admin_seq.to_le_bytes());
-    out.push(command_code(command));
-    match command {
-        AdminCommand::EnterMaintenance { node }
-        | AdminCommand::ExitMaintenance { node }
-        | AdminCommand::Drain { node }
-        | AdminCommand::Cordon { node }
-        | AdminCommand::Uncordon { node } => put_str(&mut out, node),
-        AdminCommand::RestartAllDaemons { node } | AdminCommand::ClearAvoid { node } => match node {
-            None => out.push(0),
-            Some(node) => {
-                out.push(1);
-                put_str(&mut out, node);
-            }
-        },
-        AdminCommand::DropReplicas { node, blob } => {
-            put_str(&mut out, node);
-            put_hash(&mut out, blob.as_ref());
-        }
-        AdminCommand::InvalidatePlacement { blob } => put_hash(&mut out, blob.as_ref()),
-        AdminCommand::SetKeyring { version, keys } => {
-            out.extend_from_slice(&version.to_le_bytes());
-            out.extend_from_slice(&length_u32(keys.len()).to_le_bytes());
-            for key in keys {
-                out.extend_from_slice(key);
-            }
-        }
-    }
-    out
-}
-
-/// The command's code in the signed bytes and its stable name.
+/// The command's code: its index in `COMMAND_NAMES`.
 pub fn command_code(command: &AdminCommand) -> u8 {
     match command {
         AdminCommand::EnterMaintenance { .. } => 0,
@@ -282,11 +111,13 @@ pub fn command_code(command: &AdminCommand) -> u8 {
         AdminCommand::DropReplicas { .. } => 7,
         AdminCommand::InvalidatePlacement { .. } => 8,
         AdminCommand::SetKeyring { .. } => 9,
+        AdminCommand::AdmitNode { .. } => 10,
+        AdminCommand::RemoveNode { .. } => 11,
     }
 }
 
 /// Names of the commands, indexed by `command_code`.
-pub const COMMAND_NAMES: [&str; 10] = [
+pub const COMMAND_NAMES: [&str; 12] = [
     "enter_maintenance",
     "exit_maintenance",
     "drain",
@@ -297,47 +128,67 @@ pub const COMMAND_NAMES: [&str; 10] = [
     "drop_replicas",
     "invalidate_placement",
     "set_keyring",
+    "admit_node",
+    "remove_node",
 ];
 
-/// Frames are at most 64 MiB, so no length reaches u32::MAX; saturate regardless.
-fn length_u32(length: usize) -> u32 {
-    u32::try_from(length).unwrap_or(u32::MAX)
+/// A fresh random nonce for an operator section.
+pub fn random_nonce() -> Result<[u8; 16], AdminError> {
+    let mut nonce = [0u8; 16];
+    crate::sys::process::random_bytes(&mut nonce)
+        .map_err(|source| AdminError::Io { path: PathBuf::from("/dev/urandom"), source })?;
+    Ok(nonce)
 }
 
-fn put_str(out: &mut Vec<u8>, text: &str) {
-    out.extend_from_slice(&length_u32(text.len()).to_le_bytes());
-    out.extend_from_slice(text.as_bytes());
-}
-
-fn put_hash(out: &mut Vec<u8>, hash: Option<&BlobHash>) {
-    match hash {
-        None => out.push(0),
-        Some(hash) => {
-            out.push(1);
-            out.extend_from_slice(hash);
-        }
-    }
-}
-
-/// Whether `signed.signature` is a valid (strict) ed25519 signature by `signed.key`
-/// over the event's signed bytes. False for a key that is not a valid point.
-pub fn verify(signed: &SignedAdmin) -> bool {
-    let Ok(key) = VerifyingKey::from_bytes(&signed.key) else { return false };
-    let signature = Signature::from_bytes(&signed.signature);
-    let bytes = signed_bytes(&signed.operator, signed.admin_seq, &signed.command);
-    key.verify_strict(&bytes, &signature).is_ok()
-}
-
-/// An admin sequence number from the wall clock: microseconds since the Unix epoch.
-/// For the CLI only (fold never reads a clock); strictly increasing per key as long
-/// as one operator does not sign two events within the same microsecond.
-pub fn admin_seq_from_clock() -> u64 {
+/// Milliseconds since the Unix epoch on this machine's clock (the signer's: only
+/// the expiry depends on it, and fold bounds how far ahead it may lie).
+pub fn wall_clock_ms() -> u64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    u64::try_from(now.as_micros()).unwrap_or(u64::MAX)
+    u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The fixed key the simulator and `meshos log gen` sign their admin events with
-/// (seed: 32 bytes of 0x5e). Public in the code, so never trust it in a real keyring.
+/// A payload of one operator section carrying `kinds` (operator intents: commands,
+/// daemon specs, placement intents), signed by `key` as `operator` for `cluster_id`,
+/// valid until `expires_ms`, under `nonce`.
+pub fn seal_operator(
+    key: &KeyPair,
+    operator: &str,
+    cluster_id: ClusterId,
+    kinds: Vec<EventKind>,
+    expires_ms: u64,
+    nonce: &[u8; 16],
+) -> AlignedVec<ALIGN_BYTES> {
+    let events = kinds.into_iter().map(|kind| Event { origin: String::new(), origin_seq: 0, kind }).collect();
+    let body = wire::encode_batch(&EventBatch { events });
+    let mut out = AlignedVec::with_capacity(crate::trust::record::SECTION_HEADER_BYTES + body.len() + ALIGN_BYTES);
+    Sealer::operator(operator, key.clone(), cluster_id).seal_into(&mut out, &body, expires_ms, nonce);
+    out
+}
+
+/// `seal_operator` now: valid for `OPERATOR_VALIDITY_MS` from this machine's clock,
+/// with a random nonce.
+pub fn sign_now(key: &KeyPair, operator: &str, cluster_id: ClusterId, kinds: Vec<EventKind>) -> Result<AlignedVec<ALIGN_BYTES>, AdminError> {
+    let expires_ms = wall_clock_ms().saturating_add(OPERATOR_VALIDITY_MS);
+    Ok(seal_operator(key, operator, cluster_id, kinds, expires_ms, &random_nonce()?))
+}
+
+/// The operator name a section carries by default: `$USER@$HOSTNAME`-like, for the
+/// record only (the key is what is trusted).
+pub fn default_operator_name() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "operator".to_string());
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let host = host.trim();
+    let name = if host.is_empty() { user } else { format!("{user}@{host}") };
+    name.chars().filter(|c| c.is_ascii_graphic()).take(64).collect()
+}
+
+/// An admin command as an event kind.
+pub fn command_kind(command: AdminCommand) -> EventKind {
+    EventKind::Admin(Box::new(command))
+}
+
+/// The fixed key the simulator and `meshos log gen` sign their admin events with.
+/// Public in the code, so never trust it in a real keyring.
 pub fn test_key() -> OperatorKey {
-    OperatorKey::from_seed([0x5e; 32])
+    crate::trust::test_operator_key()
 }

@@ -4,9 +4,9 @@
 //! complete records only, a torn tail a running node is still writing is left out)
 //! and replayed through the same `Engine` a node runs (fold, then the incremental
 //! pass after every record), so the state is the node's at that position. Then one
-//! synthetic record is applied at the next position and at the last record's time,
-//! holding the signed event as the node's Unix socket would stamp it (origin: the
-//! node, origin_seq: its next one). The result says whether fold would apply the
+//! synthetic record is applied at the next position, holding the signed operator
+//! section as it would reach the log, at the later of the last record's time and
+//! the signing time. The result says whether fold would apply the
 //! event or why it would reject it (so a dry run also proves the key is accepted),
 //! which actions the pass after it emits, and, for commands that move copies off a
 //! node (enter maintenance, drain, drop every replica of a node), the copies that must
@@ -23,12 +23,11 @@ use std::path::Path;
 use crate::action::{describe, ActionKind};
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::event::{blob_hex, AdminCommand, Event, EventBatch, EventKind, ReplicaState, SignedAdmin};
+use crate::event::{blob_hex, AdminCommand, ReplicaState};
 use crate::reconcile::maintenance::{needed_copies, safe_elsewhere, time_to_safe_ms};
 use crate::redex::embedded::{read_unlocked, UnlockedRead};
 use crate::state::ids::NodeRow;
 use crate::state::State;
-use crate::wire;
 
 use super::{command_code, AdminError, COMMAND_NAMES};
 
@@ -99,28 +98,32 @@ pub fn replay_read_only(dir: &Path, config: &Config, up_to: u64) -> Result<(Engi
     Ok((engine, read))
 }
 
-/// Reads the node's log (`dir`) read-only and previews `signed` on top of it, as
-/// `node` would receive it over its Unix socket.
-pub fn preview(dir: &Path, config: &Config, node: &str, signed: &SignedAdmin) -> Result<Preview, AdminError> {
+/// Reads the node's log (`dir`) read-only and previews the operator section
+/// `payload` (carrying `command`, signed at `signed_ms`) on top of it.
+pub fn preview(
+    dir: &Path,
+    config: &Config,
+    payload: &[u8],
+    command: &AdminCommand,
+    signed_ms: u64,
+) -> Result<Preview, AdminError> {
     let (engine, read) = replay_read_only(dir, config, u64::MAX)?;
-    let mut preview = preview_on(engine, node, signed);
+    let mut preview = preview_on(engine, payload, command, signed_ms);
     preview.log_tail = read.stopped_at.map(|damage| damage.to_string());
     Ok(preview)
 }
 
-/// Previews `signed` on top of `engine`'s state (consumed: the synthetic record is
-/// applied to it).
-pub fn preview_on(mut engine: Engine, node: &str, signed: &SignedAdmin) -> Preview {
+/// Previews `payload` (an operator section carrying `command`, signed at
+/// `signed_ms`) on top of `engine`'s state (consumed: the synthetic record is applied
+/// to it).
+pub fn preview_on(mut engine: Engine, payload: &[u8], command: &AdminCommand, signed_ms: u64) -> Preview {
     let log_position = engine.state.position;
-    let targets = target_nodes(&engine.state, &signed.command);
+    let targets = target_nodes(&engine.state, command);
     let before: Vec<&'static str> =
         targets.iter().map(|row| engine.state.nodes.maintenance[row.index()].name()).collect();
-    let origin_seq = engine.state.nodes.find(node).map_or(1, |row| engine.state.nodes.origin_seq_last[row.index()] + 1);
-    let event = Event { origin: node.to_string(), origin_seq, kind: EventKind::Admin(Box::new(signed.clone())) };
-    let payload = wire::encode_batch(&EventBatch { events: vec![event] });
     let rejected_before = engine.state.rejections.total;
-    let time_ms = engine.state.now_ms;
-    let (state, emitted) = engine.apply(log_position + 1, time_ms, &payload);
+    let time_ms = engine.state.now_ms.max(signed_ms);
+    let (state, emitted) = engine.apply(log_position + 1, time_ms, payload);
     let actions: Vec<String> = emitted.iter().map(|action| describe(state, action)).collect();
     let rejection = (state.rejections.total > rejected_before)
         .then(|| state.rejections.kept.back().map(|rejection| (rejection.reason.name(), rejection.reason.to_string())))
@@ -128,7 +131,7 @@ pub fn preview_on(mut engine: Engine, node: &str, signed: &SignedAdmin) -> Previ
     let mut preview = Preview {
         log_position,
         log_tail: None,
-        command: COMMAND_NAMES[command_code(&signed.command) as usize],
+        command: COMMAND_NAMES[command_code(command) as usize],
         applied: rejection.is_none(),
         rejection,
         actions,

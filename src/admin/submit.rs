@@ -1,38 +1,35 @@
-//! Sending a signed admin event to the local node and confirming what became of it.
+//! Sending operator sections and local events to the local node, and confirming
+//! what became of them.
 //!
-//! The event goes over the node's Unix socket (`NodeConfig::local_socket_path`) as one
-//! frame asking for an acknowledgement. Local events must name the node as their
-//! origin, and the node's sequencer stamps their `origin_seq` from its own counter, so
-//! the event carries the node's name and origin_seq 0. The ack comes once the record
-//! is durable and gives its log position; the node folds it right after. To say
-//! whether fold applied or rejected the event, `outcome` replays the log read-only up
-//! to that position (the same fold and passes the node ran) and looks for a rejection
-//! at that position.
+//! Everything goes over the node's Unix socket (`NodeConfig::local_socket_path`,
+//! mode 0600: only the node's user reaches it) as one frame asking for an
+//! acknowledgement. An operator section (admin commands, daemon specs, placement
+//! intents) is signed here with the operator's key and passes the node untouched;
+//! local events (a blob `put` stored) go as an unsigned section naming the node,
+//! which the node's sequencer numbers and signs as its own. The ack comes once the
+//! record is durable and gives its log position; the node folds it right after. To
+//! say whether fold applied or rejected it, `outcome` replays the log read-only up
+//! to that position (the same fold and passes the node ran) and looks for a
+//! rejection at that position.
 //!
-//! Invariants: the signature never covers the origin or origin_seq (the node stamps
-//! them), only the operator, admin_seq and command; nothing here writes to the log
-//! except through the node.
+//! Invariants: nothing here writes to the log except through the node.
 
 use std::path::Path;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::event::{Event, EventBatch, EventKind, SignedAdmin};
+use crate::event::{Event, EventBatch, EventKind};
 use crate::sys::client::{Ack, Client};
 
 use super::preview::replay_read_only;
 use super::AdminError;
 
-/// Sends `signed` to the node `node` listening on `socket` and waits up to `timeout`
-/// for the acknowledgement (durable in the node's log).
-pub fn send(socket: &Path, node: &str, signed: SignedAdmin, timeout: Duration) -> Result<Ack, AdminError> {
-    send_event(socket, node, EventKind::Admin(Box::new(signed)), timeout)
-}
-
-/// Sends one event as the node's own (daemon intents from `meshos daemon apply`, admin
-/// events) and waits up to `timeout` for the acknowledgement.
-pub fn send_event(socket: &Path, node: &str, kind: EventKind, timeout: Duration) -> Result<Ack, AdminError> {
-    send_events(socket, node, vec![kind], timeout)
+/// Sends a sealed payload (an operator section) to the node listening on `socket`
+/// and waits up to `timeout` for the acknowledgement (durable in the node's log).
+pub fn send_payload(socket: &Path, payload: &[u8], timeout: Duration) -> Result<Ack, AdminError> {
+    let (mut client, mut replies) = Client::connect_unix(socket)?;
+    let seq = client.send_payload(payload, true)?;
+    Ok(replies.wait_acked(seq, timeout)?)
 }
 
 /// Sends events as the node's own, in one record, and waits for the acknowledgement.

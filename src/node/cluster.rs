@@ -36,6 +36,7 @@ use rkyv::util::AlignedVec;
 use crate::engine::Engine;
 use crate::event::EventKind;
 use crate::ingest::park::Signal;
+use crate::config::Config;
 use crate::node::config::NodeConfig;
 use crate::node::run::{dispatch_actions, write_atomically, Executors, NodeError, NodeReport, ADDR_FILE};
 use crate::redex::jetstream::{
@@ -220,6 +221,10 @@ struct Cluster {
     restamped: u64,
     /// The mirror's frame limit: a larger record from the stream is folded as empty.
     frame_bytes_max: u32,
+    /// This node's public key: sections signed with it are this node's.
+    own_key: crate::trust::PublicKey,
+    /// Copies of this node's old records delivered under another message id.
+    replayed_own: u64,
 }
 
 impl Cluster {
@@ -249,8 +254,15 @@ impl Cluster {
         // does it carry a commitment?
         let own_last =
             self.engine.state.nodes.find(&self.name).map(|row| self.engine.state.nodes.origin_seq_last[row.index()]);
-        let scanned = scan(&self.aligned, &self.name, own_last);
+        let scanned =
+            scan(&self.aligned, &self.name, &self.own_key, &self.engine.state.keyring.cluster_id, own_last, from_self);
         let (speaks_for_self, commits) = (scanned.speaks_for_self, scanned.commits);
+        if !from_self && scanned.replayed_own {
+            // Our own signed bytes again under another message id: a duplicate (fold
+            // refuses its events as stale), never a reason to stop.
+            self.replayed_own += 1;
+            tracing::warn!(position, "a copy of a record this node published before: refused as a duplicate");
+        }
         if self.acting && !from_self && self.fence.is_none() && speaks_for_self {
             let fence = Fence::NameInUse { position };
             tracing::error!("{fence}");
@@ -296,8 +308,14 @@ impl Cluster {
     /// facts (replica and daemon states, capabilities, intents, backpressure) are not:
     /// the executors report them again (level-triggered).
     fn restamp_stale_own_events(&mut self, last: u64) {
-        let Ok(owned) = wire::decode_batch(&self.aligned) else { return };
-        for event in owned.events.into_iter().filter(|event| event.origin == self.name && event.origin_seq <= last) {
+        let own_key = self.own_key;
+        let sections: Vec<crate::event::EventBatch> = crate::trust::sections(&self.aligned)
+            .map_while(Result::ok)
+            .filter(|section| section.kind == crate::trust::SignerKind::Node && section.key == own_key)
+            .filter_map(|section| wire::decode_batch(section.body).ok())
+            .collect();
+        let owned = sections.into_iter().flat_map(|batch| batch.events);
+        for event in owned.filter(|event| event.origin == self.name && event.origin_seq <= last) {
             let late_is_safe = matches!(
                 event.kind,
                 EventKind::ActionOutcome { .. }
@@ -388,8 +406,13 @@ impl Cluster {
 
 /// What a delivered batch holds, found in one look (fold validates it again).
 struct Scanned {
-    /// An event names this node as its origin.
+    /// A section validly signed with this node's key carries an event numbered above
+    /// what was folded of this node: if this node did not publish it, another process
+    /// holds its key.
     speaks_for_self: bool,
+    /// A section signed with this node's key whose events were all folded before: a
+    /// copy of an old record (a replay), refused by fold as stale.
+    replayed_own: bool,
     /// An event is a state commitment.
     commits: bool,
     /// An event of this node is numbered at or below what was folded of it (stored
@@ -397,16 +420,39 @@ struct Scanned {
     stale_own: bool,
 }
 
-/// Scans `payload` for this node's events (`own_last`: its last origin sequence
-/// folded, None before it joined) and commitments; all false for an invalid batch.
-fn scan(payload: &[u8], name: &str, own_last: Option<u64>) -> Scanned {
-    let mut found = Scanned { speaks_for_self: false, commits: false, stale_own: false };
-    let Ok(batch) = wire::access_batch(payload) else { return found };
-    for event in batch.events.iter() {
-        let own = event.origin.as_str() == name;
-        found.speaks_for_self |= own;
-        found.stale_own |= own && own_last.is_some_and(|last| event.origin_seq.to_native() <= last);
-        found.commits |= matches!(event.kind, crate::event::ArchivedEventKind::Commitment { .. });
+/// Scans `payload` for sections signed with this node's key (`own_last`: its last
+/// origin sequence folded, None before it joined) and for commitments. Unless the
+/// record is one this node published (`from_self`: its message id, the hash of these
+/// bytes, is one of ours), an own section is verified here (rare: only a replay or a
+/// second process makes one), so a forged section naming this node never counts.
+/// All false for a bad payload.
+fn scan(
+    payload: &[u8],
+    name: &str,
+    own_key: &crate::trust::PublicKey,
+    cluster_id: &crate::trust::ClusterId,
+    own_last: Option<u64>,
+    from_self: bool,
+) -> Scanned {
+    let mut found = Scanned { speaks_for_self: false, replayed_own: false, commits: false, stale_own: false };
+    for section in crate::trust::sections(payload) {
+        let Ok(section) = section else { break };
+        let Ok(batch) = wire::access_batch(section.body) else { continue };
+        let own = section.kind == crate::trust::SignerKind::Node && section.name == name && &section.key == own_key;
+        let (mut fresh, mut stale) = (false, false);
+        for event in batch.events.iter() {
+            found.commits |= matches!(event.kind, crate::event::ArchivedEventKind::Commitment { .. });
+            if own && event.origin.as_str() == name {
+                let old = own_last.is_some_and(|last| event.origin_seq.to_native() <= last);
+                stale |= old;
+                fresh |= !old;
+            }
+        }
+        if own && (fresh || stale) && (from_self || crate::trust::record::verify(&section, cluster_id)) {
+            found.speaks_for_self |= fresh;
+            found.stale_own |= stale;
+            found.replayed_own |= stale && !fresh;
+        }
     }
     found
 }
@@ -446,7 +492,7 @@ pub fn jetstream_config(config: &NodeConfig) -> Result<JetStreamConfig, NodeErro
 /// Loads the state a clustered node starts from: its newest readable checkpoint, else
 /// `[cluster] checkpoint_from`, else nothing (position 0).
 fn starting_state(config: &NodeConfig, checkpoints: &mut CheckpointStore) -> Result<Option<State>, NodeError> {
-    let library_config = config.to_config();
+    let library_config = config.engine_config()?;
     let mut below = u64::MAX;
     while let Some((position, path)) = checkpoints.latest_at_or_below(below) {
         match checkpoints.load(&path, &library_config) {
@@ -479,7 +525,11 @@ pub fn run_cluster(
     ready: Option<std::sync::mpsc::Sender<std::net::SocketAddr>>,
 ) -> Result<NodeReport, NodeError> {
     assert!(config.clustered(), "run_cluster needs [cluster] nats");
-    let library_config = config.to_config();
+    let identity = crate::node::identity::prepare(config)?;
+    for line in &identity.created {
+        tracing::info!("{line}");
+    }
+    let library_config = Config { genesis: identity.genesis.clone(), ..config.to_config() };
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| NodeError::Io { path: config.data_dir.clone(), source })?;
     let mut checkpoints = CheckpointStore::new(config.checkpoints_dir(), config.cluster.checkpoints_kept as usize);
@@ -518,6 +568,8 @@ pub fn run_cluster(
     let mut jetstream = JetStream::start(jetstream_config(config)?, engine.state.position + 1, Arc::clone(&signal))?;
     let mut cluster = Cluster {
         name: config.name.clone(),
+        own_key: identity.key.public_key(),
+        replayed_own: 0,
         config: config.clone(),
         last_checkpoint: checkpoints.latest().map_or(0, |(position, _)| position),
         engine,
@@ -591,7 +643,8 @@ pub fn run_cluster(
         .nodes
         .find(&config.name)
         .is_some_and(|row| cluster.engine.state.nodes.backpressure[row.index()]);
-    let mut sequencer = Sequencer::new(config.sequencer_config(), seq_last, backpressure_raised);
+    let mut sequencer =
+        Sequencer::new(config.sequencer_config(), identity.sealer(&config.name), seq_last, backpressure_raised);
     crate::sys::process::reset_child_signal();
     locals.push(Executors::open(config, &cluster.engine.state, &signal)?);
     let (reactor, new_sources) = Reactor::start(config.reactor_config(), Arc::clone(&signal))?;
@@ -850,7 +903,7 @@ fn rewind(
     commands: &mut Vec<Command>,
     to: u64,
 ) -> Result<(), NodeError> {
-    let library_config = cluster.config.to_config();
+    let library_config = cluster.config.engine_config()?;
     let from = cluster.engine.state.position;
     let state = match cluster.checkpoints.latest_at_or_below(to) {
         Some((_, path)) => Some(cluster.checkpoints.load(&path, &library_config)?),

@@ -61,6 +61,13 @@ pub struct ClusterConfig {
     /// relative to `data_dir` unless absolute. Blob pulls and RTT probes between nodes
     /// prove they know it. Required when `nats` is set.
     pub credential_file: PathBuf,
+    /// The cluster's genesis (`meshos cluster init` writes it; the same file on every
+    /// node), relative to `data_dir` unless absolute. A single machine's first start
+    /// writes one for itself when it is missing.
+    pub genesis_file: PathBuf,
+    /// This node's own ed25519 key (created with mode 0600 at the first start),
+    /// relative to `data_dir` unless absolute. Secret: whoever holds it is this node.
+    pub node_key_file: PathBuf,
     /// A file holding the NATS auth token, if the servers require one ("" for none).
     pub nats_token_file: PathBuf,
     /// Publishes in flight to JetStream at once (acks are awaited in a window).
@@ -88,6 +95,8 @@ impl Default for ClusterConfig {
             subject: "meshos.log".to_string(),
             stream_replicas: 3,
             credential_file: PathBuf::new(),
+            genesis_file: PathBuf::from("genesis.toml"),
+            node_key_file: PathBuf::from("node.key"),
             nats_token_file: PathBuf::new(),
             publish_window_max: 256,
             publish_queue_max: 4096,
@@ -356,8 +365,11 @@ impl NodeConfig {
     /// Checks every field beyond what parsing checks.
     pub fn check(&self) -> Result<(), String> {
         let field = |name: &str, reason: String| Err(format!("config field `{name}`: {reason}"));
-        if self.name.is_empty() || self.name.len() > self.fold.name_bytes_max as usize {
-            return field("name", format!("must be 1..={} bytes", self.fold.name_bytes_max));
+        if let Err(error) = crate::trust::check_node_name(&self.name) {
+            return field("name", format!("`{}`: {error}", self.name.escape_debug()));
+        }
+        if self.name.len() > self.fold.name_bytes_max as usize {
+            return field("name", format!("must be 1..={} bytes (fold.name_bytes_max)", self.fold.name_bytes_max));
         }
         if !LOG_LEVELS.contains(&self.log_level.as_str()) {
             return field("log_level", format!("`{}` is not one of {}", self.log_level, LOG_LEVELS.join(", ")));
@@ -616,6 +628,22 @@ impl NodeConfig {
             reconcile: self.reconcile,
             ..Config::default()
         }
+    }
+
+    /// The cluster's genesis file.
+    pub fn genesis_path(&self) -> PathBuf {
+        self.data_dir.join(&self.cluster.genesis_file)
+    }
+
+    /// This node's key file.
+    pub fn node_key_path(&self) -> PathBuf {
+        self.data_dir.join(&self.cluster.node_key_file)
+    }
+
+    /// The engine's config with the cluster's genesis loaded (what a node folds with
+    /// and what a tool replaying its log must use).
+    pub fn engine_config(&self) -> Result<Config, crate::trust::TrustError> {
+        Ok(Config { genesis: crate::node::identity::load_genesis(self)?, ..self.to_config() })
     }
 
     /// The log directory: `data_dir/log`.

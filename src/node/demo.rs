@@ -4,10 +4,12 @@
 //! node-1, whose sockets the CLI talks to); each has its own data directory, blob
 //! store, peer port, SDK socket and supervised daemons, and they move blob bytes
 //! between their peer ports for real. Zones `z1`..`z3` are dealt round robin so
-//! placement spreads copies. On first start the demo installs a keyring with an
-//! operator key it writes to `DIR/operator.key`, declares a `worker` daemon on every
-//! node and stores a few dozen blobs on node-1 at 3 replicas; the other copies arrive
-//! by pulls. Run again on the same directory, it resumes from its log.
+//! placement spreads copies. On first start the demo does what `meshos cluster init`
+//! does: an operator key in `DIR/operator.key`, a key per node (`DIR/node-N/node.key`)
+//! and a genesis admitting every node (`DIR/genesis.toml`, which every node's config
+//! names); then it declares a `worker` daemon on every node (an operator section) and
+//! stores a few dozen blobs on node-1 at 3 replicas; the other copies arrive by
+//! pulls. Run again on the same directory, it resumes from its log.
 //!
 //! Every node's config names one cluster credential, `DIR/cluster.key` (created on
 //! the first start when absent, kept after), so the blob pulls and RTT probes between
@@ -21,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::admin::OperatorKey;
-use crate::event::{AdminCommand, DaemonPlacement, DaemonSpec, EventKind, PlacementIntent, ReplicaState};
+use crate::event::{DaemonPlacement, DaemonSpec, EventKind, PlacementIntent, ReplicaState};
 use crate::node::config::NodeConfig;
 
 /// What the demo starts.
@@ -52,7 +54,12 @@ pub enum DemoError {
     Admin(#[from] crate::admin::AdminError),
     #[error(transparent)]
     Blobs(#[from] crate::exec::blobstore::BlobStoreError),
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
 }
+
+/// The demo's genesis file.
+pub const GENESIS_FILE: &str = "genesis.toml";
 
 /// The node configs of the demo, written to `DIR/node-N/node.toml` (so the CLI can
 /// name them); node-1 first.
@@ -69,6 +76,7 @@ pub fn configs(options: &DemoOptions) -> Result<Vec<NodeConfig>, DemoError> {
     // Absolute, so the file is found whatever the node's data directory.
     let cluster_key =
         std::path::absolute(&cluster_key).map_err(|source| DemoError::Io { path: cluster_key.clone(), source })?;
+    let genesis_path = init_trust(options)?;
     let mut configs = Vec::new();
     for index in 1..=options.nodes {
         let name = format!("node-{index}");
@@ -79,10 +87,11 @@ pub fn configs(options: &DemoOptions) -> Result<Vec<NodeConfig>, DemoError> {
              [ingest]\nlisten_tcp = \"127.0.0.1:0\"\n\n\
              [reconcile]\nrecovery_ms = 10000\n\n\
              [capability]\nzone = \"z{}\"\ncapacity_bytes = 10737418240\n\n\
-             [cluster]\ncredential_file = \"{}\"\n",
+             [cluster]\ncredential_file = \"{}\"\ngenesis_file = \"{}\"\n",
             data_dir.display(),
             (index - 1) % 3 + 1,
-            cluster_key.display()
+            cluster_key.display(),
+            genesis_path.display()
         );
         std::fs::create_dir_all(&data_dir).map_err(|source| DemoError::Io { path: data_dir.clone(), source })?;
         let path = data_dir.join("node.toml");
@@ -90,6 +99,38 @@ pub fn configs(options: &DemoOptions) -> Result<Vec<NodeConfig>, DemoError> {
         configs.push(NodeConfig::parse(&text).map_err(DemoError::Invalid)?);
     }
     Ok(configs)
+}
+
+/// On the first start: the operator key, every node's key and the genesis admitting
+/// them all (what `meshos cluster init` does); later, checks the genesis admits every
+/// node. Returns the genesis file's absolute path.
+fn init_trust(options: &DemoOptions) -> Result<PathBuf, DemoError> {
+    let genesis_path = std::path::absolute(options.dir.join(GENESIS_FILE))
+        .map_err(|source| DemoError::Io { path: options.dir.clone(), source })?;
+    let names: Vec<String> = (1..=options.nodes).map(|index| format!("node-{index}")).collect();
+    let mut nodes = Vec::new();
+    for name in &names {
+        let data_dir = options.dir.join(name);
+        std::fs::create_dir_all(&data_dir).map_err(|source| DemoError::Io { path: data_dir.clone(), source })?;
+        let (key, _) = crate::trust::KeyPair::load_or_create(&data_dir.join("node.key"))?;
+        nodes.push((name.clone(), key.public_key()));
+    }
+    if genesis_path.exists() {
+        let genesis = crate::trust::Genesis::load(&genesis_path)?;
+        if let Some((name, _)) = nodes.iter().find(|node| !genesis.nodes().contains(node)) {
+            return Err(DemoError::Invalid(format!(
+                "{name} is not in this demo's genesis ({}): the directory was made with fewer nodes; start it with \
+                 the same --nodes or in a new directory",
+                genesis_path.display()
+            )));
+        }
+        return Ok(genesis_path);
+    }
+    let key_path = options.dir.join(KEY_FILE);
+    let operator = if key_path.exists() { OperatorKey::load(&key_path)? } else { OperatorKey::generate(&key_path)? };
+    let genesis = crate::trust::Genesis::generate(vec![operator.public_key()], nodes)?;
+    genesis.write_new(&genesis_path)?;
+    Ok(genesis_path)
 }
 
 /// Deterministic bytes for seeded blob `index`.
@@ -121,11 +162,15 @@ pub fn seed(options: &DemoOptions, first: &NodeConfig) -> Result<String, DemoErr
         return Ok("resumed from the log (the workload was seeded before)".to_string());
     }
     let key_path = options.dir.join(KEY_FILE);
-    let key = if key_path.exists() { OperatorKey::load(&key_path)? } else { OperatorKey::generate(&key_path)? };
+    let key = OperatorKey::load(&key_path)?;
+    let cluster_id = crate::node::identity::load_genesis(first)?.cluster_id();
     let socket = first.local_socket_path();
     let timeout = Duration::from_secs(30);
     let send = |kinds: Vec<EventKind>| crate::admin::submit::send_events(&socket, &first.name, kinds, timeout);
-    let genesis = key.sign("demo", 1, AdminCommand::SetKeyring { version: 1, keys: vec![key.public_key()] });
+    let send_signed = |kinds: Vec<EventKind>| {
+        let payload = crate::admin::sign_now(&key, "demo", cluster_id, kinds)?;
+        crate::admin::submit::send_payload(&socket, &payload, timeout)
+    };
     // The worker is this binary's hidden `demo-worker`: a real SDK daemon (it
     // registers, reports health every second, stops on the control event).
     let program = std::env::current_exe().map_err(|source| DemoError::Io { path: PathBuf::from("<self>"), source })?;
@@ -135,24 +180,23 @@ pub fn seed(options: &DemoOptions, first: &NodeConfig) -> Result<String, DemoErr
         stop_grace_ms: 4_000,
         ..DaemonSpec::new("worker", &program.display().to_string())
     };
-    send(vec![
-        EventKind::Admin(Box::new(genesis)),
-        EventKind::DaemonIntent { spec: Box::new(worker), runs_on: DaemonPlacement::AllNodes },
-    ])?;
+    send_signed(vec![EventKind::DaemonIntent { spec: Box::new(worker), runs_on: DaemonPlacement::AllNodes }])?;
     let store = crate::exec::blobstore::BlobStore::attach(&first.blobs_dir())?;
     let replicas = options.replicas.min(options.nodes as u8).max(1);
     for index in 0..options.blobs {
         let bytes = blob_bytes(index, options.blob_bytes);
         let (blob, size_bytes) = store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {})?;
-        send(vec![
-            EventKind::BlobAnnounce { blob, size_bytes },
-            EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
-            EventKind::PlacementIntent(PlacementIntent { blob, replicas, zone_spread: true, pinned: Vec::new() }),
-        ])?;
+        send(vec![EventKind::BlobAnnounce { blob, size_bytes }, EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy }])?;
+        send_signed(vec![EventKind::PlacementIntent(PlacementIntent {
+            blob,
+            replicas,
+            zone_spread: true,
+            pinned: Vec::new(),
+        })])?;
     }
     std::fs::write(&marker, b"seeded\n").map_err(|source| DemoError::Io { path: marker.clone(), source })?;
     Ok(format!(
-        "seeded: keyring (key {}), a `worker` daemon on every node, {} blobs of {} bytes at {replicas} replicas",
+        "seeded: operator key {}, a `worker` daemon on every node, {} blobs of {} bytes at {replicas} replicas",
         key_path.display(),
         options.blobs,
         options.blob_bytes

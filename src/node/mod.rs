@@ -5,5 +5,6 @@
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod identity;
 pub mod run;
 pub mod spec_file;

@@ -41,6 +41,8 @@ use crate::exec::capability::CapabilityPublisher;
 use crate::exec::daemons::DaemonExecutor;
 use crate::ingest::park::Signal;
 use crate::node::config::NodeConfig;
+use crate::node::identity::NodeIdentity;
+use crate::config::Config;
 use crate::redex::embedded::EmbeddedLog;
 use crate::redex::{Redex, RedexError};
 use crate::sequencer::{Sequencer, SequencerStats};
@@ -80,6 +82,8 @@ pub enum NodeError {
     Checkpoint(#[from] crate::state::checkpoint::CheckpointError),
     #[error("cluster log: {0}")]
     JetStream(#[from] crate::redex::jetstream::JetStreamError),
+    #[error("identity: {0}")]
+    Trust(#[from] crate::trust::TrustError),
     #[error(
         "the cluster's log was trimmed: this node needs position {requested} but the stream begins at {first}; copy a \
          recent checkpoint from another node (DATA_DIR/checkpoints) and name it in [cluster] checkpoint_from"
@@ -159,7 +163,12 @@ const PEER_SINK_BATCHES_MAX: usize = 1024;
 const PEER_SINK_EVENTS_PER_FRAME: usize = 256;
 
 impl PeerSink {
-    fn start(name: String, seq_last: u64, ingest: std::net::SocketAddr) -> Result<PeerSink, NodeError> {
+    fn start(
+        name: String,
+        sealer: crate::trust::Sealer,
+        seq_last: u64,
+        ingest: std::net::SocketAddr,
+    ) -> Result<PeerSink, NodeError> {
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<EventKind>>(PEER_SINK_BATCHES_MAX);
         let thread = std::thread::Builder::new()
             .name(format!("meshos-sink-{name}"))
@@ -168,6 +177,7 @@ impl PeerSink {
                     Ok(connected) => connected,
                     Err(error) => return tracing::error!(node = name, "cannot reach the log's owner: {error}"),
                 };
+                client.set_sealer(sealer);
                 let mut seq = seq_last;
                 let mut last_frame = None;
                 for kinds in receiver {
@@ -397,7 +407,21 @@ fn run_until(
         assert_eq!(configs.len(), 1, "a group of nodes shares one embedded log, not a cluster's");
         return crate::node::cluster::run_cluster(config, stop, ready);
     }
-    let library_config = config.to_config();
+    let mut identities = Vec::with_capacity(configs.len());
+    for node in configs {
+        let identity = crate::node::identity::prepare(node)?;
+        for line in &identity.created {
+            tracing::info!(node = node.name, "{line}");
+        }
+        if identity.genesis != identities.first().map_or(identity.genesis.clone(), |first: &NodeIdentity| first.genesis.clone()) {
+            return Err(NodeError::Trust(crate::trust::TrustError::Genesis {
+                path: node.genesis_path(),
+                reason: "the nodes of one group must share their genesis".to_string(),
+            }));
+        }
+        identities.push(identity);
+    }
+    let library_config = Config { genesis: identities[0].genesis.clone(), ..config.to_config() };
     std::fs::create_dir_all(&config.data_dir).map_err(io_error(&config.data_dir))?;
     let (mut log, recovery) = EmbeddedLog::open(&config.log_dir(), &library_config)?;
     if recovery.dropped_bytes > 0 {
@@ -428,7 +452,23 @@ fn run_until(
         |name: &str| engine.state.nodes.find(name).map_or(0, |row| engine.state.nodes.origin_seq_last[row.index()]);
     let backpressure_raised =
         engine.state.nodes.find(&config.name).is_some_and(|row| engine.state.nodes.backpressure[row.index()]);
-    let mut sequencer = Sequencer::new(config.sequencer_config(), seq_last_of(&config.name), backpressure_raised);
+    let mut sequencer = Sequencer::new(
+        config.sequencer_config(),
+        identities[0].sealer(&config.name),
+        seq_last_of(&config.name),
+        backpressure_raised,
+    );
+    for (node, identity) in configs.iter().zip(&identities) {
+        if engine.state.keyring.node_key(&node.name) != Some(identity.key.public_key()) {
+            tracing::warn!(
+                node = node.name,
+                "this node's key is not admitted (yet): nothing it signs is folded; an operator runs `meshos admin \
+                 admit-node {} --node-key {}`",
+                node.name,
+                identity.key.public_key_hex()
+            );
+        }
+    }
     let signal = Signal::new();
     crate::sys::process::reset_child_signal();
     let mut locals = Vec::with_capacity(configs.len());
@@ -440,8 +480,9 @@ fn run_until(
     let tcp_addr = reactor.local_tcp_addr().map(|addr| addr.to_string()).unwrap_or_default();
     if configs.len() > 1 {
         let ingest = reactor.local_tcp_addr().expect("a group's first node listens on TCP");
-        for local in &mut locals[1..] {
-            local.sink = Sink::Peer(PeerSink::start(local.name.clone(), seq_last_of(&local.name), ingest)?);
+        for (local, identity) in locals[1..].iter_mut().zip(&identities[1..]) {
+            let sealer = identity.sealer(&local.name);
+            local.sink = Sink::Peer(PeerSink::start(local.name.clone(), sealer, seq_last_of(&local.name), ingest)?);
         }
     }
     write_atomically(&config.data_dir.join(ADDR_FILE), &format!("{tcp_addr}\n"))?;

@@ -30,7 +30,7 @@ use smallvec::SmallVec;
 use crate::action::{Action, ActionKind};
 use crate::config::{Config, ReconcileConfig};
 use crate::event::{
-    AdminCommand, BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventBatch, EventKind,
+    AdminCommand, BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventKind,
     NodeHealth, Outcome, PlacementIntent, ReplicaState,
 };
 use crate::fold::fold_payload;
@@ -265,9 +265,8 @@ struct Sim {
     needed: u64,
     stats: SimStats,
     rejections_seen: u64,
-    /// The operator's key (the fixed test key) and its last admin sequence number.
-    admin_key: crate::admin::OperatorKey,
-    admin_seq: u64,
+    /// Seals each record's mixed events into signed sections (test keys).
+    sealer: crate::trust::testing::MixedSealer,
     /// Every record folded (commit time, payload), when `run_logged` asked for them.
     log: Option<Vec<(u64, rkyv::util::AlignedVec<{ wire::ALIGN_BYTES }>)>>,
 }
@@ -420,8 +419,7 @@ impl Sim {
             needed: 0,
             stats: SimStats::default(),
             rejections_seen: 0,
-            admin_key: crate::admin::test_key(),
-            admin_seq: 0,
+            sealer: crate::trust::testing::MixedSealer::new(config.genesis.cluster_id()),
             log: None,
             options,
         }
@@ -472,11 +470,9 @@ impl Sim {
         self.events.push(Event { origin: self.names[node].clone(), origin_seq: self.seq[node], kind });
     }
 
-    /// An admin command from `node`, signed with the simulator's operator key.
+    /// An admin command (sealed into an operator section with the test operator key).
     fn admin(&mut self, node: usize, command: AdminCommand) {
-        self.admin_seq += 1;
-        let signed = self.admin_key.sign("sim-operator", self.admin_seq, command);
-        self.emit(node, EventKind::Admin(Box::new(signed)));
+        self.emit(node, EventKind::Admin(Box::new(command)));
     }
 
     fn heartbeat(&mut self, node: usize) {
@@ -506,7 +502,8 @@ impl Sim {
     /// Folds the pending events as the next record at the sim clock and runs an
     /// incremental pass; returns the pass's actions.
     fn commit(&mut self) -> Vec<Action> {
-        let payload = wire::encode_batch(&EventBatch { events: std::mem::take(&mut self.events) });
+        let events = std::mem::take(&mut self.events);
+        let payload = self.sealer.seal(&events, self.now_ms);
         let position = self.state.position + 1;
         fold_payload(&mut self.state, position, self.now_ms, &payload);
         assert_eq!(self.state.position, position, "fold did not advance to the record's position");
@@ -537,9 +534,6 @@ impl Sim {
             self.heartbeat(node);
             self.next_digest_ms[node] = self.now_ms + self.rng.below(DIGEST_MS_MIN + DIGEST_MS_SPAN);
         }
-        // The keyring's genesis: the operator key installs itself (node 0 has joined).
-        let keys = vec![self.admin_key.public_key()];
-        self.admin(0, AdminCommand::SetKeyring { version: 1, keys });
         for name in DAEMONS {
             let runs_on =
                 if name == "indexer" { DaemonPlacement::AllNodes } else { DaemonPlacement::Label("storage".into()) };

@@ -4,11 +4,11 @@
 //! Invariant: the state returned is converged: a full pass over it emits nothing.
 
 use crate::config::Config;
-use crate::event::{BlobHash, Capability, Event, EventBatch, EventKind, NodeHealth, PlacementIntent, ReplicaState};
+use crate::event::{BlobHash, Capability, Event, EventKind, NodeHealth, PlacementIntent, ReplicaState};
 use crate::fold::fold_payload;
 use crate::reconcile::{Reconciler, Scope};
 use crate::state::State;
-use crate::wire;
+
 
 /// Log time of the fixture's records (2026-01-01T00:00:00Z plus a little).
 pub const FIXTURE_EPOCH_MS: u64 = 1_767_225_600_000;
@@ -31,6 +31,7 @@ pub struct Feeder {
     seqs: Vec<u64>,
     pending: Vec<Event>,
     pub time_ms: u64,
+    sealer: crate::trust::testing::MixedSealer,
 }
 
 impl Feeder {
@@ -40,6 +41,7 @@ impl Feeder {
             seqs: vec![0; nodes as usize],
             pending: Vec::new(),
             time_ms: FIXTURE_EPOCH_MS,
+            sealer: crate::trust::testing::MixedSealer::new(config.genesis.cluster_id()),
         }
     }
 
@@ -63,8 +65,8 @@ impl Feeder {
         if self.pending.is_empty() {
             return;
         }
-        let payload = wire::encode_batch(&EventBatch { events: std::mem::take(&mut self.pending) });
         self.time_ms += 1;
+        let payload = self.sealer.seal(&std::mem::take(&mut self.pending), self.time_ms);
         let position = self.state.position + 1;
         fold_payload(&mut self.state, position, self.time_ms, &payload);
     }

@@ -6,7 +6,7 @@
 //! then the cluster lives: heartbeats, replica churn (corruption, deletion, repair),
 //! RTT samples from a synthetic latency map, daemon health, saturation and crashes,
 //! inventory digests, nodes going down and coming back, capability forks, and admin
-//! commands (after a genesis keyring, each signed with `admin::test_key`). Records
+//! commands (sealed by `trust::testing::MixedSealer` with the test operator key). Records
 //! carry up to `record_events` events; log time advances by a pseudo-random
 //! 50..150 ms per record from a fixed epoch.
 //!
@@ -86,9 +86,6 @@ pub struct Generator {
     next_pid: u32,
     /// RTT peers per node (0: no RTT samples).
     rtt_peers: usize,
-    /// The operator's key (the fixed test key) and its last admin sequence number.
-    admin_key: crate::admin::OperatorKey,
-    admin_seq: u64,
 }
 
 fn capacity_bytes(node: usize, version: u64) -> u64 {
@@ -182,8 +179,6 @@ impl Generator {
             instances: Vec::new(),
             next_pid: 1000,
             rtt_peers: (nodes - 1).min(RTT_PEERS_MAX).min(limits.rtt_pairs_max as usize / nodes),
-            admin_key: crate::admin::test_key(),
-            admin_seq: 0,
             names,
             options,
         };
@@ -258,9 +253,6 @@ impl Generator {
             events.push(self.capability(node));
             events.push(self.event(node, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 100 })));
         }
-        // The keyring's genesis, once the admin origin has joined: the key installs itself.
-        let keys = vec![self.admin_key.public_key()];
-        events.push(self.signed_admin(AdminCommand::SetKeyring { version: 1, keys }));
         for name in DAEMONS {
             let runs_on = if name == "indexer" {
                 DaemonPlacement::AllNodes
@@ -427,8 +419,10 @@ impl Generator {
             self.down_count -= 1;
             return self.heartbeat(node);
         }
-        let observer = self.random_up_node();
-        let may_go_down = node != ADMIN_ORIGIN && node != observer && self.down_count < nodes as u32 / 4;
+        // A node reports only its own status (a node going down says so before it
+        // falls silent; the rest of the cluster learns it from its silence).
+        let observer = node;
+        let may_go_down = node != ADMIN_ORIGIN && self.down_count < nodes as u32 / 4;
         let status = if may_go_down && self.rng.percent(50) {
             self.up[node] = false;
             self.down_count += 1;
@@ -472,11 +466,9 @@ impl Generator {
         self.signed_admin(command)
     }
 
-    /// An admin event from the admin origin, signed with the generator's operator key.
+    /// An admin command (the log's sealer puts it in an operator section).
     fn signed_admin(&mut self, command: AdminCommand) -> Event {
-        self.admin_seq += 1;
-        let signed = self.admin_key.sign("operator", self.admin_seq, command);
-        self.event(ADMIN_ORIGIN, EventKind::Admin(Box::new(signed)))
+        self.event(ADMIN_ORIGIN, EventKind::Admin(Box::new(command)))
     }
 
     /// Events produced so far.

@@ -57,7 +57,7 @@ use crate::config::{Config, FoldLimits, ReconcileConfig};
 
 pub const MAGIC: [u8; 8] = *b"MESHCKPT";
 /// Bumped whenever the layout or the archived `State` changes shape.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 80;
 /// The archive's alignment (rkyv's `aligned` feature aligns to 16).
 pub const ALIGN_BYTES: usize = 16;
@@ -292,6 +292,17 @@ pub fn decode(path: &Path, bytes: &[u8], expected: &Config) -> Result<State, Che
                 header.position, header.now_ms, state.position, state.now_ms
             ),
         ));
+    }
+    if state.keyring.cluster_id != expected.genesis.cluster_id() {
+        return Err(CheckpointError::ConfigMismatch {
+            path: path.to_path_buf(),
+            section: "cluster",
+            field: format!(
+                "genesis: the checkpoint is of cluster {}, this node's genesis is of cluster {}",
+                crate::event::hex(&state.keyring.cluster_id),
+                expected.genesis.cluster_id_hex()
+            ),
+        });
     }
     state.limits = expected.fold;
     state.reconcile = expected.reconcile;

@@ -116,6 +116,11 @@ impl InflightTable {
         entry
     }
 
+    /// The action `id` while it is in flight.
+    pub fn get(&self, id: ActionId) -> Option<&InflightAction> {
+        self.entries.iter().find(|entry| entry.action.id == id)
+    }
+
     /// Removes a settled action; `None` when no such action is in flight.
     pub fn settle(&mut self, id: ActionId, success: bool) -> Option<InflightAction> {
         let index = self.entries.iter().position(|entry| entry.action.id == id)?;

@@ -177,7 +177,7 @@ impl State {
             rtt: RttTable::default(),
             inflight: InflightTable::new(config.reconcile.tracked_inflight_max()),
             symbols: Symbols::default(),
-            keyring: Keyring::default(),
+            keyring: Keyring::from_genesis(&config.genesis),
             rejections: Rejections::new(config.fold.rejections_kept_max),
             limits: config.fold,
             reconcile: config.reconcile,
@@ -248,9 +248,12 @@ impl State {
         self.daemons.check_columns()?;
         self.rtt.check_columns()?;
         ids::columns_in_step(
-            "keyring",
-            self.keyring.seen.len(),
-            &[("admin_seq_last", self.keyring.admin_seq_last.len())],
+            "identities",
+            self.keyring.identity_name.len(),
+            &[
+                ("identity_key", self.keyring.identity_key.len()),
+                ("identity_revoked", self.keyring.identity_revoked.len()),
+            ],
         )?;
         ids::columns_in_step("inflight", self.nodes.len(), &[("moves_by_node", self.inflight.moves_by_node.len())])
     }
@@ -265,6 +268,7 @@ impl State {
         self.specs.rebuild_index()?;
         self.daemons.rebuild_index()?;
         self.rtt.rebuild_index()?;
+        self.keyring.rebuild_index()?;
         // As fold and `InflightTable::new` reserve them: neither list grows in a pass.
         let room = self.blobs.len().saturating_sub(self.dirty_blobs.len());
         self.dirty_blobs.reserve(room);
@@ -382,7 +386,11 @@ impl State {
             self.nodes.labels.iter().all(|labels| labels.len() <= self.limits.labels_per_node_max as usize),
             "labels past labels_per_node_max"
         );
-        self.keyring.verify_invariants(self.limits.keyring_keys_max, self.limits.admin_keys_seen_max)?;
+        self.keyring.verify_invariants(
+            self.limits.keyring_keys_max,
+            self.limits.nodes_max,
+            self.limits.operator_nonces_max,
+        )?;
         let inflight = &self.inflight;
         ensure!(inflight.entries.len() <= inflight.capacity, "more in-flight actions than the table's capacity");
         for entry in inflight.entries.iter() {

@@ -63,19 +63,19 @@ pub enum RejectReason {
     InvalidIntent(#[rkyv(with = StaticText)] &'static str),
     /// A table reached its configured row limit.
     TableFull(#[rkyv(with = StaticText)] &'static str),
-    /// An admin event whose signature does not verify with its key (or whose key is
-    /// not an ed25519 public key); carries the key's first 8 bytes in hex.
-    BadAdminSignature(Box<str>),
-    /// An admin event before the keyring's genesis that is not itself a valid genesis
-    /// (`SetKeyring` version 1 signed by one of the keys it installs).
-    AdminWithoutKeyring,
-    /// An admin event signed by a key that is not in the current keyring.
+    /// A section whose signature does not verify for its key in this cluster
+    /// (tampered, signed for another cluster, or forged); signer and key prefix.
+    BadSignature {
+        signer: Box<str>,
+        key: Box<str>,
+    },
+    /// An operator section while the state has no genesis (no key is trusted).
+    NoGenesis,
+    /// An operator section signed by a key that is not in the current keyring.
     UnknownAdminKey(Box<str>),
-    /// An admin sequence number not above the last one applied from the same key
-    /// (a replayed or reordered admin event).
-    AdminReplayed {
-        last: u64,
-        got: u64,
+    /// An operator section already applied (same expiry and nonce): a replay.
+    OperatorReplayed {
+        expires_ms: u64,
     },
     /// A key rotation whose version is not the current version plus one.
     StaleKeyringVersion {
@@ -95,10 +95,60 @@ pub enum RejectReason {
         last: u64,
         log_position: u64,
     },
+    /// A payload that is not well-formed signed sections (`trust::SectionError`'s code
+    /// and the byte offset of the bad section); nothing after it is folded.
+    BadSection {
+        #[rkyv(with = StaticText)]
+        code: &'static str,
+        offset: u32,
+    },
+    /// An unsigned section in the log (only a node's Unix socket may send one, and the
+    /// node signs it before it is appended).
+    UnsignedSection,
+    /// A node section from a name no operator admitted.
+    NodeNotAdmitted(Box<str>),
+    /// A node section from a node an operator removed.
+    NodeRevoked(Box<str>),
+    /// A node section signed by a key other than the one admitted for the node.
+    WrongNodeKey {
+        node: Box<str>,
+        key: Box<str>,
+    },
+    /// An operator section folded after its expiry.
+    OperatorExpired {
+        expires_ms: u64,
+        now_ms: u64,
+    },
+    /// An operator section claiming validity past `operator_validity_max_ms`.
+    OperatorValidityTooLong {
+        expires_ms: u64,
+        now_ms: u64,
+    },
+    /// A node fact in a node section whose event names another origin.
+    OriginNotSigner {
+        origin: Box<str>,
+        signer: Box<str>,
+    },
+    /// An operator intent (the event kind) in a node's section.
+    OperatorOnly(#[rkyv(with = StaticText)] &'static str),
+    /// A node fact (the event kind) in an operator's section.
+    NodeOnly(#[rkyv(with = StaticText)] &'static str),
+    /// An origin sequence number more than `origin_seq_step_max` past the last one.
+    OriginSeqJump {
+        last: u64,
+        got: u64,
+        step_max: u64,
+    },
+    /// An outcome of an action addressed to another node.
+    NotYourAction(ActionId),
+    /// A node reporting another node's status.
+    StatusOfAnotherNode(Box<str>),
+    /// An admission of a name outside the node name rule (`trust::check_node_name`).
+    BadNodeName(Box<str>),
 }
 
 /// Stable names of the reasons, indexed by `RejectReason::code`.
-pub const REJECT_REASON_NAMES: [&str; 26] = [
+pub const REJECT_REASON_NAMES: [&str; 40] = [
     "bad_payload",
     "unknown_origin",
     "stale_origin_seq",
@@ -117,14 +167,28 @@ pub const REJECT_REASON_NAMES: [&str; 26] = [
     "bad_name",
     "invalid_intent",
     "table_full",
-    "bad_admin_signature",
-    "admin_without_keyring",
+    "bad_signature",
+    "no_genesis",
     "unknown_admin_key",
-    "admin_replayed",
+    "operator_replayed",
     "stale_keyring_version",
     "invalid_keyring",
     "would_drop_last_copy",
     "bad_commitment",
+    "bad_section",
+    "unsigned_section",
+    "node_not_admitted",
+    "node_revoked",
+    "wrong_node_key",
+    "operator_expired",
+    "operator_validity_too_long",
+    "origin_not_signer",
+    "operator_only",
+    "node_only",
+    "origin_seq_jump",
+    "not_your_action",
+    "status_of_another_node",
+    "bad_node_name",
 ];
 
 impl RejectReason {
@@ -148,14 +212,28 @@ impl RejectReason {
             RejectReason::BadName { .. } => 15,
             RejectReason::InvalidIntent(_) => 16,
             RejectReason::TableFull(_) => 17,
-            RejectReason::BadAdminSignature(_) => 18,
-            RejectReason::AdminWithoutKeyring => 19,
+            RejectReason::BadSignature { .. } => 18,
+            RejectReason::NoGenesis => 19,
             RejectReason::UnknownAdminKey(_) => 20,
-            RejectReason::AdminReplayed { .. } => 21,
+            RejectReason::OperatorReplayed { .. } => 21,
             RejectReason::StaleKeyringVersion { .. } => 22,
             RejectReason::InvalidKeyring(_) => 23,
             RejectReason::WouldDropLastCopy { .. } => 24,
             RejectReason::BadCommitment { .. } => 25,
+            RejectReason::BadSection { .. } => 26,
+            RejectReason::UnsignedSection => 27,
+            RejectReason::NodeNotAdmitted(_) => 28,
+            RejectReason::NodeRevoked(_) => 29,
+            RejectReason::WrongNodeKey { .. } => 30,
+            RejectReason::OperatorExpired { .. } => 31,
+            RejectReason::OperatorValidityTooLong { .. } => 32,
+            RejectReason::OriginNotSigner { .. } => 33,
+            RejectReason::OperatorOnly(_) => 34,
+            RejectReason::NodeOnly(_) => 35,
+            RejectReason::OriginSeqJump { .. } => 36,
+            RejectReason::NotYourAction(_) => 37,
+            RejectReason::StatusOfAnotherNode(_) => 38,
+            RejectReason::BadNodeName(_) => 39,
         }
     }
 
@@ -197,18 +275,17 @@ impl fmt::Display for RejectReason {
             RejectReason::BadName { bytes, max } => write!(f, "name of {bytes} bytes (must be 1..={max})"),
             RejectReason::InvalidIntent(what) => write!(f, "invalid intent: {what}"),
             RejectReason::TableFull(table) => write!(f, "{table} table is full (raise its limit in the config)"),
-            RejectReason::BadAdminSignature(key) => {
-                write!(f, "admin event signature does not verify with key {key}... (tampered or wrongly signed)")
-            }
-            RejectReason::AdminWithoutKeyring => write!(
+            RejectReason::BadSignature { signer, key } => write!(
                 f,
-                "no keyring yet: the first admin event must be `set-keyring --version 1` signed by one of the keys \
-                 it installs"
+                "signature of `{signer}` (key {key}...) does not verify for this cluster (tampered, forged or signed \
+                 for another cluster)"
             ),
-            RejectReason::UnknownAdminKey(key) => write!(f, "admin key {key}... is not in the cluster keyring"),
-            RejectReason::AdminReplayed { last, got } => {
-                write!(f, "admin sequence {got} is not above the last applied {last} from this key (replayed)")
-            }
+            RejectReason::NoGenesis => write!(f, "this state has no genesis: no operator key is trusted"),
+            RejectReason::UnknownAdminKey(key) => write!(f, "operator key {key}... is not in the cluster keyring"),
+            RejectReason::OperatorReplayed { expires_ms } => write!(
+                f,
+                "this operator section (valid until {expires_ms}) was applied before: a replay"
+            ),
             RejectReason::StaleKeyringVersion { current, got } => {
                 write!(f, "keyring version {got} is not the current version {current} plus one")
             }
@@ -220,6 +297,47 @@ impl fmt::Display for RejectReason {
                 f,
                 "state commitment at position {position} does not follow the node's last ({last}) or lies beyond \
                  the log ({log_position})"
+            ),
+            RejectReason::BadSection { code, offset } => {
+                write!(f, "payload is not signed sections: {code} at byte {offset} (nothing after it is folded)")
+            }
+            RejectReason::UnsignedSection => write!(f, "an unsigned section reached the log (only signed ones fold)"),
+            RejectReason::NodeNotAdmitted(name) => write!(
+                f,
+                "node `{name}` is not admitted: an operator admits its key first (`meshos admin admit-node`)"
+            ),
+            RejectReason::NodeRevoked(name) => write!(f, "node `{name}` was removed: its key signs nothing any more"),
+            RejectReason::WrongNodeKey { node, key } => {
+                write!(f, "section signed for node `{node}` with key {key}..., not the key admitted for it")
+            }
+            RejectReason::OperatorExpired { expires_ms, now_ms } => write!(
+                f,
+                "operator section expired at {expires_ms} (log time {now_ms}): a replay, or the signer's clock is \
+                 behind"
+            ),
+            RejectReason::OperatorValidityTooLong { expires_ms, now_ms } => write!(
+                f,
+                "operator section valid until {expires_ms}, too far past log time {now_ms} \
+                 (fold.operator_validity_max_ms; is the signer's clock ahead?)"
+            ),
+            RejectReason::OriginNotSigner { origin, signer } => {
+                write!(f, "event of node `{origin}` in a section signed by `{signer}`: a node speaks only for itself")
+            }
+            RejectReason::OperatorOnly(kind) => write!(f, "{kind} is an operator intent: a node's key cannot send it"),
+            RejectReason::NodeOnly(kind) => write!(f, "{kind} is a node's own fact: an operator section cannot carry it"),
+            RejectReason::OriginSeqJump { last, got, step_max } => write!(
+                f,
+                "origin sequence {got} jumps more than {step_max} past the last applied {last}"
+            ),
+            RejectReason::NotYourAction(id) => {
+                write!(f, "action {}:{} is addressed to another node: only its node reports it", id.position, id.index)
+            }
+            RejectReason::StatusOfAnotherNode(name) => {
+                write!(f, "status of node `{name}` from another node: a node reports only its own")
+            }
+            RejectReason::BadNodeName(name) => write!(
+                f,
+                "`{name}` is not a node name (1..=64 bytes of a-z, A-Z, 0-9, '-', '_', '.'; not starting with '-' or '.')"
             ),
         }
     }

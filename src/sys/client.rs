@@ -91,6 +91,9 @@ pub struct Client {
     stream: Stream,
     next_seq: u64,
     frame: Vec<u8>,
+    /// Signs batches as a node (TCP clients); None: unsigned sections, which only the
+    /// node's Unix socket takes (the node signs them as its own).
+    sealer: Option<crate::trust::Sealer>,
 }
 
 /// The receiving half: acks and errors in.
@@ -118,17 +121,27 @@ impl Client {
 
     fn from_stream(stream: Stream) -> Result<(Client, Replies), ClientError> {
         let replies = Replies { stream: stream.try_clone()?, buffer: Vec::new(), acked: Ack::default() };
-        Ok((Client { stream, next_seq: 1, frame: Vec::new() }, replies))
+        Ok((Client { stream, next_seq: 1, frame: Vec::new(), sealer: None }, replies))
     }
 
-    /// Sends `batch` as the next frame; with `ack`, the node acknowledges it once
-    /// durable. Returns the frame's number.
+    /// Signs every batch `send` sends with `sealer` (a node's key: what a TCP port
+    /// requires).
+    pub fn set_sealer(&mut self, sealer: crate::trust::Sealer) {
+        self.sealer = Some(sealer);
+    }
+
+    /// Sends `batch` as the next frame (signed with the sealer, or as an unsigned
+    /// section without one); with `ack`, the node acknowledges it once durable.
+    /// Returns the frame's number.
     pub fn send(&mut self, batch: &EventBatch, ack: bool) -> Result<u64, ClientError> {
-        let payload = wire::encode_batch(batch);
+        let payload = match &self.sealer {
+            Some(sealer) => sealer.seal_batch(batch),
+            None => crate::trust::record::unsigned_batch(batch),
+        };
         self.send_payload(&payload, ack)
     }
 
-    /// Sends an archived `EventBatch` payload as the next frame.
+    /// Sends a payload (signed sections) as the next frame.
     pub fn send_payload(&mut self, payload: &[u8], ack: bool) -> Result<u64, ClientError> {
         let seq = self.next_seq;
         let kind = if ack { FrameKind::EventsAckWanted } else { FrameKind::Events };

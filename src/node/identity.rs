@@ -1,0 +1,101 @@
+//! A node's identity at start: its own ed25519 key (`[cluster] node_key_file`,
+//! created with mode 0600 at the first start) and its cluster's genesis
+//! (`[cluster] genesis_file`). A clustered node must be given the genesis (`meshos
+//! cluster init` writes it); a single machine's first start writes one for itself,
+//! with a new operator key in `DATA_DIR/admin.key` (0600) and itself admitted, the
+//! way a first `k3s server` writes its own admin credentials: trust comes from the
+//! operator's disk, never from the first event that reaches a port.
+//!
+//! Invariants: an existing genesis or key is never replaced; every file this writes
+//! holds a secret only when it is mode 0600.
+
+use std::path::{Path, PathBuf};
+
+use crate::node::config::NodeConfig;
+use crate::trust::{Genesis, KeyPair, Sealer, TrustError};
+
+/// The file a single machine's first start writes its operator key to.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+
+/// What a node signs with and trusts.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub key: KeyPair,
+    pub genesis: Genesis,
+    /// What the start created, for the log (key, genesis, operator key).
+    pub created: Vec<String>,
+}
+
+impl NodeIdentity {
+    /// The sealer of this node's records.
+    pub fn sealer(&self, name: &str) -> Sealer {
+        Sealer::node(name, self.key.clone(), self.genesis.cluster_id())
+    }
+
+    /// Whether the genesis admits this node's key from the start (else an operator
+    /// admits it with `meshos admin admit-node`).
+    pub fn admitted_at_genesis(&self, name: &str) -> bool {
+        self.genesis.nodes().iter().any(|(node, key)| node == name && key == &self.key.public_key())
+    }
+}
+
+/// Loads (or, on a first start, creates) the node's key and genesis (module docs).
+pub fn prepare(config: &NodeConfig) -> Result<NodeIdentity, TrustError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| TrustError::Io { path: config.data_dir.clone(), source })?;
+    let mut created = Vec::new();
+    let key_path = config.node_key_path();
+    let (key, new_key) = KeyPair::load_or_create(&key_path)?;
+    if new_key {
+        created.push(format!("created this node's key {} (public {})", key_path.display(), key.public_key_hex()));
+    }
+    let genesis_path = config.genesis_path();
+    let genesis = if genesis_path.exists() {
+        Genesis::load(&genesis_path)?
+    } else if config.clustered() {
+        return Err(TrustError::Genesis {
+            path: genesis_path,
+            reason: "missing: every node of a cluster loads the genesis `meshos cluster init` wrote (copy it here, or \
+                     name it in [cluster] genesis_file)"
+                .to_string(),
+        });
+    } else {
+        let admin_path = config.data_dir.join(ADMIN_KEY_FILE);
+        let operator = KeyPair::generate(&admin_path)?;
+        let genesis = Genesis::generate(vec![operator.public_key()], vec![(config.name.clone(), key.public_key())])?;
+        genesis.write_new(&genesis_path)?;
+        created.push(format!(
+            "initialized a new cluster {} with this node admitted: genesis {}, operator key {} (keep it secret; \
+             `meshos admin` and `meshos daemon` use it)",
+            genesis.cluster_id_hex(),
+            genesis_path.display(),
+            admin_path.display()
+        ));
+        genesis
+    };
+    Ok(NodeIdentity { key, genesis, created })
+}
+
+/// The genesis a node uses, for tools that read its log (never creates one).
+pub fn load_genesis(config: &NodeConfig) -> Result<Genesis, TrustError> {
+    Genesis::load(&config.genesis_path())
+}
+
+/// The operator key a CLI command signs with: `--key FILE` if given, else the
+/// node's `DATA_DIR/admin.key` when it exists.
+pub fn operator_key(config: &NodeConfig, key: Option<&Path>) -> Result<(KeyPair, PathBuf), TrustError> {
+    let path = match key {
+        Some(path) => path.to_path_buf(),
+        None => config.data_dir.join(ADMIN_KEY_FILE),
+    };
+    if key.is_none() && !path.exists() {
+        return Err(TrustError::Io {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no operator key: pass --key FILE (an operator key in the cluster keyring)",
+            ),
+        });
+    }
+    Ok((KeyPair::load(&path)?, path))
+}
