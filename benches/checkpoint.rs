@@ -26,7 +26,7 @@ fn cluster(config: &Config) -> State {
 }
 
 fn bench_checkpoint(c: &mut Criterion) {
-    let config = Config::default();
+    let config = Config::for_tests();
     let state = cluster(&config);
     assert_eq!(state.replicas.live, BLOBS * REPLICAS as u32);
     let dir = tempfile::tempdir().unwrap();

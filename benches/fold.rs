@@ -23,9 +23,9 @@ fn cluster(live_events: u64) -> (State, Records) {
         GenOptions { seed: 42, nodes: 100, blobs: 33_334, replicas: 3, events: 0, record_events: RECORD_EVENTS as u32 };
     // setup: 2 per node, 2 daemon intents, 3 per daemon instance (150), 2 + 2 x replicas per blob
     let setup_events = 2 * 100 + 2 + 3 * 150 + 33_334 * 8;
-    let limits = Config::default().fold;
+    let limits = Config::for_tests().fold;
     let mut generator = Generator::new(GenOptions { events: setup_events + live_events, ..options }, &limits).unwrap();
-    let mut state = State::new(&Config::default());
+    let mut state = State::new(&Config::for_tests());
     let mut batch = EventBatch::default();
     let mut live = Vec::new();
     let mut folded_events = 0;

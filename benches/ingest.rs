@@ -18,12 +18,21 @@ const EVENTS_PER_ITERATION: u64 = 1 << 20;
 const EVENTS_PER_FRAME: u32 = 64;
 const FRAMES_PER_WRITE: u32 = 8;
 
+/// The node's genesis admits the load clients `load-0`.. (their test keys).
 fn start_node(dir: &std::path::Path) -> meshos::node::run::Background {
+    let clients: Vec<String> = (0..256).map(loadgen::load_origin).collect();
+    meshos::sim::fixtures::trust_test_node_dir(dir, "bench-node", &clients);
     let text = format!(
         "name = \"bench-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n",
         dir.display()
     );
     meshos::node::run::spawn(NodeConfig::parse(&text).unwrap()).expect("the node starts")
+}
+
+fn cluster_id() -> [u8; 16] {
+    let mut names = vec!["bench-node".to_string()];
+    names.extend((0..256).map(loadgen::load_origin));
+    meshos::trust::Genesis::for_tests(&names).cluster_id()
 }
 
 fn node_end_to_end(c: &mut Criterion) {
@@ -53,6 +62,7 @@ fn node_end_to_end(c: &mut Criterion) {
                         frames_per_write: FRAMES_PER_WRITE,
                         peer: "bench-node".to_string(),
                         resume_after: sent_per_origin,
+                        cluster_id: cluster_id(),
                     };
                     let started = Instant::now();
                     let results = loadgen::run(addr, &options, Duration::from_secs(60));
@@ -74,7 +84,7 @@ fn node_end_to_end(c: &mut Criterion) {
 fn raw_loopback(c: &mut Criterion) {
     let mut group = c.benchmark_group("ingest/raw_loopback");
     group.sample_size(10).throughput(Throughput::Elements(EVENTS_PER_ITERATION));
-    let frame = FrameTemplate::steady(0, EVENTS_PER_FRAME, "bench-node").fill(2, 4, true).to_vec();
+    let frame = FrameTemplate::steady(0, EVENTS_PER_FRAME, "bench-node", cluster_id()).fill(2, 4, true).to_vec();
     let chunk: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * FRAMES_PER_WRITE as usize).collect();
     for connections in [1u32, 16, 256] {
         let frames_per_connection = EVENTS_PER_ITERATION / EVENTS_PER_FRAME as u64 / connections as u64;

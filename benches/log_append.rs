@@ -21,7 +21,7 @@ fn append(c: &mut Criterion) {
             let payload = vec![0xA5u8; payload_bytes];
             group.throughput(Throughput::Bytes((payload_bytes * BATCH_RECORDS) as u64));
             let temp = tempfile::tempdir().unwrap();
-            let config = Config { fsync: policy, ..Config::default() };
+            let config = Config { fsync: policy, ..Config::for_tests() };
             let (mut log, _) = EmbeddedLog::open(temp.path(), &config).unwrap();
             group.bench_function(format!("{payload_bytes}B_x16"), |bench| {
                 bench.iter(|| {
@@ -45,7 +45,7 @@ fn replay(c: &mut Criterion) {
     let payload = vec![0x5Au8; 40 << 10];
     group.throughput(Throughput::Bytes(records * payload.len() as u64));
     let temp = tempfile::tempdir().unwrap();
-    let config = Config { fsync: FsyncPolicy::Never, ..Config::default() };
+    let config = Config { fsync: FsyncPolicy::Never, ..Config::for_tests() };
     let (mut log, _) = EmbeddedLog::open(temp.path(), &config).unwrap();
     for _ in 0..records {
         log.append_at(&payload, 0).unwrap();

@@ -16,13 +16,13 @@ const NODES: u32 = 1_000;
 const REPLICAS: u8 = 3;
 
 fn cluster(replica_rows: u32) -> State {
-    converged_cluster(&Config::default(), NODES, replica_rows / REPLICAS as u32, REPLICAS)
+    converged_cluster(&Config::for_tests(), NODES, replica_rows / REPLICAS as u32, REPLICAS)
 }
 
 /// Folds events into a copy of `state` through a feeder that continues its origin
 /// sequence numbers.
 fn disturbed(state: &State, build: impl FnOnce(&State, &mut dyn FnMut(u32, EventKind))) -> State {
-    let mut feeder = Feeder::new(&Config::default(), state.nodes.len() as u32);
+    let mut feeder = Feeder::new(&Config::for_tests(), state.nodes.len() as u32);
     feeder.state = state.clone();
     let seqs: Vec<u64> = state.nodes.origin_seq_last.clone();
     let mut events = Vec::new();
@@ -88,13 +88,10 @@ fn bench_disturbed(c: &mut Criterion) {
 fn bench_drain(c: &mut Criterion) {
     let base = cluster(100_000);
     let entered = disturbed(&base, |_, push| {
-        // The keyring's genesis, then the 333 signed commands.
-        let key = meshos::admin::test_key();
-        let genesis = AdminCommand::SetKeyring { version: 1, keys: vec![key.public_key()] };
-        push(0, EventKind::Admin(Box::new(key.sign("ops", 1, genesis))));
+        // The 333 commands (the fixture's sealer signs them with the test operator key).
         for node in 0..333u32 {
             let command = AdminCommand::EnterMaintenance { node: node_name(node * 3 + node % 3) };
-            push(0, EventKind::Admin(Box::new(key.sign("ops", 2 + node as u64, command))));
+            push(0, EventKind::Admin(Box::new(command)));
         }
     });
     let mut group = c.benchmark_group("reconcile/drain_third");

@@ -22,7 +22,7 @@ const RTT_PEERS: u32 = 8;
 /// The converged fixture (100,002 replicas) plus RTT samples from every node to
 /// `RTT_PEERS` others, folded through a feeder that continues its sequence numbers.
 fn cluster() -> State {
-    converged_cluster_with_rtt(&Config::default(), NODES, BLOBS, REPLICAS, RTT_PEERS)
+    converged_cluster_with_rtt(&Config::for_tests(), NODES, BLOBS, REPLICAS, RTT_PEERS)
 }
 
 fn bench_snapshot(c: &mut Criterion) {

@@ -120,19 +120,33 @@ fn hostile_clients(addr: SocketAddr, idle: u32) -> Hostile {
     let mut garbage = TcpStream::connect(addr).unwrap();
     garbage.write_all(&[0x5a; 4096]).unwrap();
     let mut cut = TcpStream::connect(addr).unwrap();
-    let frame = FrameTemplate::setup(900).fill(1, 1, true).to_vec();
+    let frame = FrameTemplate::setup(900, cluster_id()).fill(1, 1, true).to_vec();
     cut.write_all(&frame[..frame.len() / 2]).unwrap();
     drop(cut);
     let mut deaf = TcpStream::connect(addr).unwrap();
-    deaf.write_all(FrameTemplate::setup(901).fill(1, 1, true)).unwrap();
-    let mut steady = FrameTemplate::steady(901, 64, "load-node");
+    deaf.write_all(FrameTemplate::setup(901, cluster_id()).fill(1, 1, true)).unwrap();
+    let mut steady = FrameTemplate::steady(901, 64, "load-node", cluster_id());
     for seq in 2..=2000u64 {
         deaf.write_all(steady.fill(seq, 4 + (seq - 2) * 64, true)).unwrap();
     }
     Hostile { _idle: idle, _deaf: deaf, garbage }
 }
 
+/// The load clients the node's genesis admits (their test keys).
+fn clients() -> Vec<String> {
+    let mut names: Vec<String> = (0..1024).map(loadgen::load_origin).collect();
+    names.extend([900, 901].map(loadgen::load_origin));
+    names
+}
+
+fn cluster_id() -> [u8; 16] {
+    let mut names = vec!["load-node".to_string()];
+    names.extend(clients());
+    meshos::trust::Genesis::for_tests(&names).cluster_id()
+}
+
 fn start_node(dir: &Path, connections_max: u32) -> meshos::node::run::Background {
+    meshos::sim::fixtures::trust_test_node_dir(dir, "load-node", &clients());
     let text = format!(
         "name = \"load-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_max = {connections_max}\n",
         dir.display()
@@ -143,7 +157,7 @@ fn start_node(dir: &Path, connections_max: u32) -> meshos::node::run::Background
 fn main() {
     let flags = parse_flags();
     let frames_per_connection = (flags.events / flags.events_per_frame as u64 / flags.connections as u64).max(1);
-    let mut template = FrameTemplate::steady(0, flags.events_per_frame, "load-node");
+    let mut template = FrameTemplate::steady(0, flags.events_per_frame, "load-node", cluster_id());
     let frame = template.fill(2, 4, true).to_vec();
     let bytes_per_event = frame.len() as f64 / flags.events_per_frame as f64;
 
@@ -163,6 +177,7 @@ fn main() {
         frames_per_write: flags.frames_per_write,
         peer: "load-node".to_string(),
         resume_after: 0,
+        cluster_id: cluster_id(),
     };
     let started = Instant::now();
     let results = loadgen::run(addr, &options, Duration::from_secs(120));

@@ -441,7 +441,8 @@ impl Config {
             return invalid("fold.operator_nonces_max", "must be at least 1".to_string());
         }
         if fold.operator_validity_max_ms < 60_000 {
-            let reason = format!("{} ms is below one minute: operators could not sign ahead", fold.operator_validity_max_ms);
+            let reason =
+                format!("{} ms is below one minute: operators could not sign ahead", fold.operator_validity_max_ms);
             return invalid("fold.operator_validity_max_ms", reason);
         }
         if fold.origin_seq_step_max == 0 {

@@ -55,7 +55,13 @@ pub fn fold_payload(state: &mut State, position: u64, time_ms: u64, payload: &[u
 }
 
 /// `fold_payload` with the sections a verifier already checked (`verified`).
-pub fn fold_payload_verified(state: &mut State, position: u64, time_ms: u64, payload: &[u8], verified: VerifiedSections) {
+pub fn fold_payload_verified(
+    state: &mut State,
+    position: u64,
+    time_ms: u64,
+    payload: &[u8],
+    verified: VerifiedSections,
+) {
     if !(payload.as_ptr() as usize).is_multiple_of(wire::ALIGN_BYTES) {
         // Validity must depend on the bytes, never on where they sit in memory.
         let mut aligned = rkyv::util::AlignedVec::<{ wire::ALIGN_BYTES }>::with_capacity(payload.len());
@@ -179,7 +185,10 @@ fn fold_section(state: &mut State, position: u64, section: &Section<'_>, verifie
             Err(reason) => state.rejections.push(Rejection {
                 position,
                 event_index: index as u32,
-                origin: truncated(if operator { section.name } else { event.origin.as_str() }, state.limits.name_bytes_max),
+                origin: truncated(
+                    if operator { section.name } else { event.origin.as_str() },
+                    state.limits.name_bytes_max,
+                ),
                 origin_seq: if operator { 0 } else { event.origin_seq.to_native() },
                 kind: event.kind.name(),
                 reason,
@@ -278,7 +287,9 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
         ArchivedEventKind::Commitment { position, state_hash, needs_position } => {
             commitment(state, origin, position.to_native(), *state_hash, needs_position.to_native())
         }
-        ArchivedEventKind::Admin(_) | ArchivedEventKind::PlacementIntent(_) | ArchivedEventKind::DaemonIntent { .. } => {
+        ArchivedEventKind::Admin(_)
+        | ArchivedEventKind::PlacementIntent(_)
+        | ArchivedEventKind::DaemonIntent { .. } => {
             unreachable!("operator intents never reach a node's events (trust::sender_of)")
         }
     }?;
@@ -302,7 +313,12 @@ fn commitment(state: &mut State, origin: NodeRow, position: u64, hash: [u8; 16],
 
 /// An executor reports how an action ended: it leaves the in-flight table and its
 /// effects apply (a cancellation frees capacity and backs nothing off).
-fn action_outcome(state: &mut State, origin: NodeRow, id: crate::event::ActionId, outcome: &ArchivedOutcome) -> Applied {
+fn action_outcome(
+    state: &mut State,
+    origin: NodeRow,
+    id: crate::event::ActionId,
+    outcome: &ArchivedOutcome,
+) -> Applied {
     // Only the node the action was addressed to reports how it ended.
     match state.inflight.get(id) {
         None => return Err(RejectReason::UnknownAction(id)),
@@ -741,7 +757,8 @@ fn set_keyring(state: &mut State, version: u64, keys: &[PublicKey]) -> Applied {
 
 /// Admits a node's key: a valid name and key, a key no other node holds, room.
 fn admit_node(state: &mut State, name: &str, key: &PublicKey) -> Applied {
-    trust::check_node_name(name).map_err(|_| RejectReason::BadNodeName(truncated(name, state.limits.name_bytes_max)))?;
+    trust::check_node_name(name)
+        .map_err(|_| RejectReason::BadNodeName(truncated(name, state.limits.name_bytes_max)))?;
     if !trust::is_public_key(key) {
         return Err(RejectReason::InvalidKeyring("a node key is not an ed25519 public key"));
     }

@@ -333,7 +333,9 @@ mod tests {
         let frame = template.fill(9, 1000, true).to_vec();
         let decoded = wire::decode_frame(&frame, 1 << 20).unwrap();
         assert_eq!((decoded.header.kind, decoded.header.seq), (FrameKind::EventsAckWanted, 9));
-        let batch = wire::decode_batch(decoded.payload).unwrap();
+        let batches = wire::decode_sections(decoded.payload).unwrap();
+        assert_eq!(batches.len(), 1, "one section, signed by the load origin");
+        let batch = &batches[0];
         assert_eq!(batch.events.len(), 64);
         for (index, event) in batch.events.iter().enumerate() {
             assert_eq!(event.origin, "load-3");

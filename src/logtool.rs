@@ -16,7 +16,6 @@ use crate::redex::{Redex, RedexError};
 use crate::sim::gen::{GenError, GenOptions, Generator};
 use crate::state::{State, Summary};
 
-
 /// How far a long job has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {

@@ -296,11 +296,31 @@ struct LimitArgs {
     /// Size at which a log segment file is closed and a new one started, in bytes.
     #[arg(long, default_value_t = meshos::config::SEGMENT_BYTES_MAX_DEFAULT)]
     segment_bytes_max: u64,
+    /// The cluster's genesis the log is folded with (default: DIR/genesis.toml, which
+    /// `meshos log gen` writes; a node's log: pass its --config instead).
+    #[arg(long, value_name = "FILE")]
+    genesis: Option<PathBuf>,
 }
 
 impl LimitArgs {
     fn config(&self) -> Config {
         Config { frame_bytes_max: self.frame_bytes_max, segment_bytes_max: self.segment_bytes_max, ..Config::default() }
+    }
+
+    /// The limits with the genesis of the log in `dir` (--genesis, else DIR/genesis.toml).
+    fn config_for(&self, dir: &std::path::Path) -> anyhow::Result<Config> {
+        let path = self.genesis.clone().unwrap_or_else(|| dir.join("genesis.toml"));
+        let genesis = if path.exists() || self.genesis.is_some() {
+            meshos::trust::Genesis::load(&path)?
+        } else {
+            eprintln!(
+                "warning: no genesis ({} or --genesis, or a node's --config): no key is trusted, every record will \
+                 be refused",
+                path.display()
+            );
+            meshos::trust::Genesis::none()
+        };
+        Ok(Config { genesis, ..self.config() })
     }
 }
 
@@ -853,7 +873,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
             let mut printer = ProgressPrinter::new("sim");
-            let report = sim::cluster::run(&options, &Config::default(), &mut |step, steps| {
+            let report = sim::cluster::run(&options, &Config::for_tests(), &mut |step, steps| {
                 printer.update(Progress { done: step as u64, total: steps as u64, unit: "steps" })
             });
             printer.finish();
@@ -901,12 +921,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Log(LogCommand::Gen { out, seed, nodes, blobs, replicas, events, record_events, limits }) => {
-            let config = Config { fsync: FsyncPolicy::Manual, record_events_max: record_events, ..limits.config() };
+            // A generated log is signed with the test keys; its genesis goes beside it.
+            let genesis = meshos::trust::Genesis::for_tests::<&str>(&[]);
+            let config =
+                Config { fsync: FsyncPolicy::Manual, record_events_max: record_events, genesis, ..limits.config() };
             let options = GenOptions { seed, nodes, blobs, replicas, events, record_events };
             let mut printer = ProgressPrinter::new("gen");
             let report = logtool::generate(&out, &options, &config, &mut |progress| printer.update(progress))
                 .with_context(|| format!("cannot generate a log in {}", out.display()))?;
             printer.finish();
+            config.genesis.write_new(&out.join("genesis.toml"))?;
             println!(
                 "wrote {} events in {} records to {} (positions 1..={}); replay it with: meshos log replay {}",
                 report.events,
@@ -919,8 +943,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Log(LogCommand::Replay { dir, output, show_rejections, reconcile, config, limits }) => {
             let base = match &config {
-                Some(path) => meshos::node::config::NodeConfig::load_file_or_dir(path)?.to_config(),
-                None => limits.config(),
+                Some(path) => meshos::node::config::NodeConfig::load_file_or_dir(path)?.engine_config()?,
+                None => limits.config_for(&dir)?,
             };
             let config = Config { fsync: FsyncPolicy::Manual, ..base };
             let mut printer = ProgressPrinter::new("replay");
@@ -985,7 +1009,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Log(LogCommand::Verify { dir, output, limits }) => {
-            let config = limits.config();
+            let config = limits.config_for(&dir)?;
             let report = logtool::verify(&dir, &config).with_context(|| format!("cannot verify {}", dir.display()))?;
             if output == Output::Json {
                 let damage =
@@ -1169,7 +1193,11 @@ fn run_cluster_init(out: &std::path::Path, nodes: &[String], operator_keys: &[Pa
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let genesis_path = out.join("genesis.toml");
-    anyhow::ensure!(!genesis_path.exists(), "{} exists: a cluster was initialized there already", genesis_path.display());
+    anyhow::ensure!(
+        !genesis_path.exists(),
+        "{} exists: a cluster was initialized there already",
+        genesis_path.display()
+    );
     let mut operators = Vec::new();
     for path in operator_keys {
         operators.push(KeyPair::load(path)?.public_key());
@@ -1319,8 +1347,10 @@ fn run_put(file: &std::path::Path, replicas: u8, zone_spread: bool, common: &Dae
     let (key, _) = meshos::node::identity::operator_key(&node_config, common.key.as_deref())?;
     // The copy is the node's fact (its own section, signed by the node); the placement
     // intent is the operator's (signed here).
-    let facts =
-        vec![EventKind::BlobAnnounce { blob, size_bytes }, EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy }];
+    let facts = vec![
+        EventKind::BlobAnnounce { blob, size_bytes },
+        EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
+    ];
     let intent = EventKind::PlacementIntent(PlacementIntent { blob, replicas, zone_spread, pinned: Vec::new() });
     let intent = admin::sign_now(&key, &admin::default_operator_name(), config.genesis.cluster_id(), vec![intent])?;
     let socket = node_config.local_socket_path();
@@ -1390,7 +1420,8 @@ fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyho
         return Ok(ExitCode::SUCCESS);
     }
     // Not here: ask the log who holds it and fetch from them.
-    let (engine, _) = admin::preview::replay_read_only(&node_config.log_dir(), &node_config.engine_config()?, u64::MAX)?;
+    let (engine, _) =
+        admin::preview::replay_read_only(&node_config.log_dir(), &node_config.engine_config()?, u64::MAX)?;
     let state = &engine.state;
     let row = state.blobs.find(&hash).with_context(|| format!("blob {blob} is not in the log"))?;
     // The holders' peer ports want the cluster credential: this node's, under its name.

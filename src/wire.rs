@@ -12,7 +12,8 @@
 //!               (an acknowledgement repeats the sender's frame number it acknowledges)
 //! 24      8     time_ms (u64 LE): the commit time a log stamps on a record (and an
 //!               acknowledgement carries); 0 from a client
-//! 32      n     payload: an archived `EventBatch` (records, events) or UTF-8 text (error)
+//! 32      n     payload: signed sections, each an archived `EventBatch` (`trust::record`;
+//!               records, events), or UTF-8 text (error)
 //! 32+n    p     zero padding up to a multiple of 16, so frames stay aligned back to back
 //! ```
 //!
@@ -287,6 +288,33 @@ fn without_addresses(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Validates a record's payload as signed sections (`trust::record`) whose bodies are
+/// archived batches, and counts their events (signatures are fold's to check). The
+/// payload must start 8-byte aligned in memory.
+pub fn validate_sections(payload: &[u8]) -> Result<u64, FrameError> {
+    let mut events = 0u64;
+    for section in crate::trust::sections(payload) {
+        let section = section.map_err(|error| FrameError::BadPayload { reason: error.to_string() })?;
+        let batch = access_batch(section.body).map_err(|error| FrameError::BadPayload {
+            reason: format!("section at byte {} (signer `{}`): {error}", section.offset, section.name),
+        })?;
+        events += batch.events.len() as u64;
+    }
+    Ok(events)
+}
+
+/// Deserialises every section's batch of a record's payload (tests and tools).
+pub fn decode_sections(payload: &[u8]) -> Result<Vec<EventBatch>, FrameError> {
+    let mut aligned = AlignedVec::<ALIGN_BYTES>::with_capacity(payload.len());
+    aligned.extend_from_slice(payload);
+    let mut batches = Vec::new();
+    for section in crate::trust::sections(&aligned) {
+        let section = section.map_err(|error| FrameError::BadPayload { reason: error.to_string() })?;
+        batches.push(decode_batch(section.body)?);
+    }
+    Ok(batches)
 }
 
 /// Deserialises a batch (for tests and tools; the hot path reads archived events in place).

@@ -1,10 +1,11 @@
-//! Signed admin events and the cluster keyring, data-driven: bad signatures, unknown
-//! keys, replays and stale rotations are rejected and counted with nothing else
-//! changing; rotation retires old keys; a removed-then-re-added key cannot replay;
-//! the genesis must be self-signed; a blob's last healthy copy cannot be dropped by
-//! name; the keyring's limits hold. Also: the signed bytes and a signature are pinned
-//! (golden), key files (mode 0600, no overwrite, a readable file refused), and the
-//! read-only log reader and dry-run preview on a log a writer holds.
+//! Operator sections and node identities in fold, data-driven: a section whose
+//! signature, cluster, key or expiry is wrong, or that was applied before, is refused
+//! and counted with nothing else changing; two commands signed at once with one key
+//! both apply, in either order; rotation retires old keys; a blob's last healthy copy
+//! cannot be dropped by name; the keyring's limits hold; node sections apply only
+//! from the admitted key, only for the signer's own facts, and stop at removal. Also:
+//! key files (mode 0600, no overwrite, a readable file refused), and the read-only
+//! log reader and dry-run preview on a log a writer holds.
 
 mod common;
 
@@ -14,8 +15,10 @@ use common::*;
 use meshos::admin::{self, preview, OperatorKey};
 use meshos::config::{Config, FoldLimits};
 use meshos::event::*;
-use meshos::reconcile::{Reconciler, Scope};
+use meshos::fold::fold_payload;
 use meshos::state::State;
+use meshos::trust::{test_key_of, Sealer};
+use rkyv::util::AlignedVec;
 
 const BLOB: BlobHash = [7; 32];
 /// The curve's identity point: decodes, but is a weak (small-order) key.
@@ -29,12 +32,25 @@ fn key(seed: u8) -> OperatorKey {
     OperatorKey::from_seed([seed; 32])
 }
 
-/// The setup every case starts from: nodes a and b, the genesis (test key, admin_seq
-/// 2), a blob with a healthy copy on a and on b.
+fn cluster_id() -> [u8; 16] {
+    Config::for_tests().genesis.cluster_id()
+}
+
+/// One operator section carrying `kinds`, signed by `signer` for the test cluster.
+fn operator_section(signer: &OperatorKey, kinds: Vec<EventKind>, expires_ms: u64, nonce: u8) -> AlignedVec<16> {
+    admin::seal_operator(signer, "ops", cluster_id(), kinds, expires_ms, &[nonce; 16])
+}
+
+/// One node section of `events`, signed by `name` with `signer`.
+fn node_section(name: &str, signer: OperatorKey, events: Vec<Event>) -> AlignedVec<16> {
+    Sealer::node(name, signer, cluster_id()).seal_batch(&EventBatch { events })
+}
+
+/// The setup every case starts from: nodes a and b (admitted by the test sealer), a
+/// blob with a healthy copy on a and on b.
 fn setup() -> Vec<Event> {
     vec![
         capability("a", 1, 1, 0, "z1"),
-        genesis("a", 2),
         capability("b", 1, 1, 0, "z2"),
         event("a", 3, EventKind::BlobAnnounce { blob: BLOB, size_bytes: 100 }),
         event(
@@ -47,39 +63,39 @@ fn setup() -> Vec<Event> {
     ]
 }
 
-/// Folds `events` one record each on top of `state`; returns the rejection reasons.
-fn fold_each(state: &mut State, events: &[Event]) -> Vec<&'static str> {
-    let before = state.rejections.total as usize;
-    for event in events {
-        fold_batches(state, &[vec![event.clone()]]);
-    }
-    rejection_names(state).split_off(before.min(state.rejections.kept.len()))
-}
-
 fn setup_state() -> State {
-    let mut state = State::new(&Config::default());
+    let mut state = State::new(&Config::for_tests());
     fold_batches(&mut state, &[setup()]);
     assert_eq!(rejection_names(&state), Vec::<&str>::new());
     state
 }
 
-/// Folds one event that must be rejected with `reason`, and checks that nothing but
-/// the rejection bookkeeping (and the log position and time) changed.
-fn assert_rejected_without_effect(state: &mut State, event: Event, reason: &str) {
+/// The log time the next record of `state` is folded at.
+fn next_time(state: &State) -> u64 {
+    1_000 + (state.position + 1) * 100
+}
+
+/// Folds `payload` as the next record; returns the reasons of the rejections it added.
+fn fold_next(state: &mut State, payload: &[u8]) -> Vec<&'static str> {
+    let before = state.rejections.total as usize;
+    let position = state.position + 1;
+    fold_payload(state, position, next_time(state), payload);
+    let added = state.rejections.total as usize - before;
+    let names = rejection_names(state);
+    names[names.len() - added.min(names.len())..].to_vec()
+}
+
+/// Folds `payload`, which must be refused once with `reason` and change nothing but
+/// the rejection bookkeeping (and the log position and time).
+fn assert_refused_without_effect(state: &mut State, payload: &[u8], reason: &str) {
     let before = state.clone();
-    fold_batches(state, &[vec![event]]);
-    assert_eq!(state.rejections.total, before.rejections.total + 1, "counted");
-    assert_eq!(state.rejections.kept.back().unwrap().reason.name(), reason, "{:?}", state.rejections.kept.back());
-    assert_eq!(state.rejections.by_reason[state.rejections.kept.back().unwrap().reason.code()], {
-        let code = state.rejections.kept.back().unwrap().reason.code();
-        before.rejections.by_reason[code] + 1
-    });
+    assert_eq!(fold_next(state, payload), [reason], "{:?}", state.rejections.kept.back());
     let mut undone = state.clone();
     undone.rejections = before.rejections.clone();
     undone.position = before.position;
     undone.now_ms = before.now_ms;
-    assert_eq!(undone.state_hash(), before.state_hash(), "a rejected admin event changed the state");
-    assert_eq!(state.keyring, before.keyring);
+    undone.keyring.prune_window(before.now_ms);
+    assert_eq!(undone.state_hash(), before.state_hash(), "a refused section changed the state");
     assert_eq!(state.events_applied, before.events_applied);
 }
 
@@ -87,294 +103,257 @@ fn cordoned(state: &State, node: &str) -> bool {
     state.nodes.cordoned[state.nodes.find(node).unwrap().index()]
 }
 
-#[test]
-fn a_bad_signature_is_rejected_counted_and_changes_nothing_else() {
-    let mut state = setup_state();
-    // The command was changed after signing (cordon b -> cordon a).
-    let mut tampered = admin("a", 6, AdminCommand::Cordon { node: "b".into() });
-    if let EventKind::Admin(signed) = &mut tampered.kind {
-        signed.command = AdminCommand::Cordon { node: "a".into() };
-    }
-    assert_rejected_without_effect(&mut state, tampered, "bad_admin_signature");
-    // A flipped signature bit, a flipped admin_seq, another operator name, a key that is
-    // not a curve point: each fails the signature.
-    let cases: [fn(&mut SignedAdmin); 5] = [
-        |signed| signed.signature[10] ^= 0x01,
-        |signed| signed.admin_seq += 1,
-        |signed| signed.operator = "mallory".into(),
-        |signed| signed.key = [0xff; 32],
-        |signed| signed.key = key(9).public_key(),
-    ];
-    for (index, tamper) in cases.iter().enumerate() {
-        let mut event = admin("a", 7 + index as u64, AdminCommand::Cordon { node: "b".into() });
-        if let EventKind::Admin(signed) = &mut event.kind {
-            tamper(signed);
-        }
-        assert_rejected_without_effect(&mut state, event, "bad_admin_signature");
-    }
-    assert!(!cordoned(&state, "a") && !cordoned(&state, "b"));
-    let message = state.rejections.kept.back().unwrap().to_string();
-    assert!(message.contains("signature does not verify"), "{message}");
+fn cordon(node: &str) -> Vec<EventKind> {
+    vec![admin::command_kind(AdminCommand::Cordon { node: node.into() })]
 }
 
 #[test]
-fn an_unknown_key_is_rejected_and_counted() {
+fn a_tampered_or_foreign_operator_section_is_refused_and_changes_nothing() {
     let mut state = setup_state();
-    let stranger = signed_with(&key(3), "a", 6, 100, AdminCommand::Cordon { node: "b".into() });
-    assert_rejected_without_effect(&mut state, stranger, "unknown_admin_key");
+    let expires = next_time(&state) + 60_000;
+    let good = operator_section(&admin::test_key(), cordon("b"), expires, 1);
+    // Each byte range the signature covers, changed after signing: header fields (kind
+    // of signer, expiry, nonce, name), the signature, the body.
+    let tampers: [(usize, &str); 6] = [
+        (16, "bad_signature"),     // expiry
+        (30, "bad_signature"),     // nonce
+        (80, "bad_signature"),     // the operator's name
+        (150, "bad_signature"),    // the signature
+        (230, "bad_signature"),    // the body (the archived command)
+        (50, "unknown_admin_key"), // the key: another key is not in the keyring
+    ];
+    for (at, reason) in tampers {
+        let mut bad = good.clone();
+        bad[at] ^= 0x01;
+        assert_refused_without_effect(&mut state, &bad, reason);
+    }
+    // Signed by a key outside the keyring; signed for another cluster.
+    let stranger = operator_section(&key(3), cordon("b"), expires, 2);
+    assert_refused_without_effect(&mut state, &stranger, "unknown_admin_key");
     let message = state.rejections.kept.back().unwrap().to_string();
     assert!(message.contains(&admin::hex(&key(3).public_key())[..16]), "names the key: {message}");
-}
-
-#[test]
-fn re_applying_the_same_admin_event_is_a_no_op() {
-    let mut state = setup_state();
-    let cordon = admin("a", 6, AdminCommand::Cordon { node: "b".into() });
-    assert_eq!(fold_each(&mut state, std::slice::from_ref(&cordon)), Vec::<&str>::new());
-    assert!(cordoned(&state, "b"));
-    fold_batches(&mut state, &[vec![admin("a", 7, AdminCommand::Uncordon { node: "b".into() })]]);
+    let elsewhere = admin::seal_operator(&admin::test_key(), "ops", [0x99; 16], cordon("b"), expires, &[3; 16]);
+    assert_refused_without_effect(&mut state, &elsewhere, "bad_signature");
     assert!(!cordoned(&state, "b"));
-    // The same event appended again: its origin sequence is stale.
-    assert_rejected_without_effect(&mut state, cordon.clone(), "stale_origin_seq");
-    // The same signed command in a new event (a node's Unix socket stamps a fresh
-    // origin_seq): its admin_seq is not above the key's last.
-    let again = Event { origin_seq: 8, ..cordon };
-    assert_rejected_without_effect(&mut state, again, "admin_replayed");
-    assert!(!cordoned(&state, "b"), "the replay did not cordon b again");
-    let message = state.rejections.kept.back().unwrap().to_string();
-    assert!(message.contains("admin sequence 6 is not above the last applied 7"), "{message}");
+    // The untouched section applies.
+    assert_eq!(fold_next(&mut state, &good), Vec::<&str>::new());
+    assert!(cordoned(&state, "b"));
 }
 
 #[test]
-fn a_replayed_key_rotation_is_rejected_and_counted() {
+fn a_replayed_or_expired_operator_section_is_refused() {
     let mut state = setup_state();
-    let (old, new) = (operator_key(), key(2));
-    let rotation = signed_with(
-        &old,
-        "a",
-        6,
-        10,
-        AdminCommand::SetKeyring { version: 2, keys: vec![old.public_key(), new.public_key()] },
+    let now = next_time(&state);
+    let section = operator_section(&admin::test_key(), cordon("b"), now + 1_000, 1);
+    assert_eq!(fold_next(&mut state, &section), Vec::<&str>::new());
+    let uncordon = vec![admin::command_kind(AdminCommand::Uncordon { node: "b".into() })];
+    assert_eq!(
+        fold_next(&mut state, &operator_section(&admin::test_key(), uncordon, now + 1_000, 2)),
+        Vec::<&str>::new()
     );
-    assert_eq!(fold_each(&mut state, std::slice::from_ref(&rotation)), Vec::<&str>::new());
-    assert_eq!((state.keyring.version, state.keyring.keys.len()), (2, 2));
-    // Replayed as is (new origin_seq): admin_replayed.
-    assert_rejected_without_effect(&mut state, Event { origin_seq: 7, ..rotation }, "admin_replayed");
-    // Signed afresh with the same version: stale_keyring_version.
-    let stale = signed_with(&new, "a", 8, 11, AdminCommand::SetKeyring { version: 2, keys: vec![new.public_key()] });
-    assert_rejected_without_effect(&mut state, stale, "stale_keyring_version");
-    // And an old genesis replayed on a cluster that has a keyring.
-    let genesis_again =
-        signed_with(&old, "a", 9, 12, AdminCommand::SetKeyring { version: 1, keys: vec![old.public_key()] });
-    assert_rejected_without_effect(&mut state, genesis_again, "stale_keyring_version");
-    assert_eq!(state.keyring.keys, vec![old.public_key(), new.public_key()]);
+    assert!(!cordoned(&state, "b"));
+    // The same bytes again, while valid: a replay.
+    assert_refused_without_effect(&mut state, &section, "operator_replayed");
+    // Later than its expiry (records are 100 ms apart): refused by its expiry, and the
+    // replay window forgot it.
+    for _ in 0..12 {
+        fold_batches(&mut state, &[vec![]]);
+    }
+    assert_refused_without_effect(&mut state, &section, "operator_expired");
+    assert!(state.keyring.operator_window.is_empty(), "expired entries are pruned");
+    // A section claiming to stay valid past operator_validity_max_ms.
+    let far = next_time(&state) + state.limits.operator_validity_max_ms + 1;
+    assert_refused_without_effect(
+        &mut state,
+        &operator_section(&admin::test_key(), cordon("b"), far, 3),
+        "operator_validity_too_long",
+    );
+    assert!(!cordoned(&state, "b"));
+}
+
+/// The defect: two commands signed with one key at the same moment (two
+/// terminals), or by a clock that stepped back, reach the log in either order; both
+/// apply, since replay protection is a nonce and an expiry, not the signer's clock.
+#[test]
+fn commands_signed_at_once_with_one_key_apply_in_either_order() {
+    let mut state = setup_state();
+    let now = next_time(&state);
+    let later_signed = operator_section(&admin::test_key(), cordon("a"), now + 60_000, 1);
+    let earlier_signed = operator_section(&admin::test_key(), cordon("b"), now + 30_000, 2);
+    let same_moment = operator_section(
+        &admin::test_key(),
+        vec![admin::command_kind(AdminCommand::ClearAvoid { node: None })],
+        now + 60_000,
+        3,
+    );
+    for section in [&later_signed, &earlier_signed, &same_moment] {
+        assert_eq!(fold_next(&mut state, section), Vec::<&str>::new());
+    }
+    assert!(cordoned(&state, "a") && cordoned(&state, "b"));
+    assert_eq!(state.keyring.operator_window.len(), 3);
 }
 
 #[test]
-fn rotating_to_a_new_key_retires_the_old_one() {
+fn rotation_retires_the_old_key_and_keyring_limits_hold() {
     let mut state = setup_state();
-    let (old, new) = (operator_key(), key(2));
-    let rotation = signed_with(&old, "a", 6, 10, AdminCommand::SetKeyring { version: 2, keys: vec![new.public_key()] });
-    assert_eq!(fold_each(&mut state, &[rotation]), Vec::<&str>::new());
-    assert_rejected_without_effect(
+    let now = next_time(&state);
+    let me = admin::test_key().public_key();
+    let set = |version: u64, keys: Vec<[u8; 32]>| vec![admin::command_kind(AdminCommand::SetKeyring { version, keys })];
+    let cases: Vec<(Vec<EventKind>, &str)> = vec![
+        (set(3, vec![me]), "stale_keyring_version"),
+        (set(1, vec![me]), "stale_keyring_version"),
+        (set(2, vec![]), "invalid_keyring"),
+        (set(2, vec![me, me]), "invalid_keyring"),
+        (set(2, vec![me, IDENTITY_POINT]), "invalid_keyring"),
+    ];
+    for (nonce, (kinds, reason)) in cases.into_iter().enumerate() {
+        let section = operator_section(&admin::test_key(), kinds, now + 60_000, 10 + nonce as u8);
+        // The section itself is admitted (its nonce is spent); its command is refused.
+        let before = state.keyring.keys.clone();
+        assert_eq!(fold_next(&mut state, &section), [reason]);
+        assert_eq!(state.keyring.keys, before);
+    }
+    // Rotation to key(2) only: the test key is out, key(2) signs.
+    let rotate = operator_section(&admin::test_key(), set(2, vec![key(2).public_key()]), now + 60_000, 1);
+    assert_eq!(fold_next(&mut state, &rotate), Vec::<&str>::new());
+    assert_eq!(state.keyring.version, 2);
+    assert_refused_without_effect(
         &mut state,
-        signed_with(&old, "a", 7, 11, AdminCommand::Cordon { node: "b".into() }),
+        &operator_section(&admin::test_key(), cordon("b"), now + 60_000, 2),
         "unknown_admin_key",
     );
-    let by_new = signed_with(&new, "a", 8, 1, AdminCommand::Cordon { node: "b".into() });
-    assert_eq!(fold_each(&mut state, &[by_new]), Vec::<&str>::new());
-    assert!(cordoned(&state, "b"), "the new key's command applied");
-    assert_eq!(state.keyring.last_admin_seq(&new.public_key()), 1);
-    assert_eq!(state.keyring.last_admin_seq(&old.public_key()), 10, "the old key's last sequence is kept");
-}
-
-#[test]
-fn a_removed_then_re_added_key_cannot_replay_its_old_events() {
-    let mut state = setup_state();
-    let (first, second) = (operator_key(), key(2));
-    let captured = signed_with(&first, "a", 6, 10, AdminCommand::Cordon { node: "b".into() });
-    let events = vec![
-        captured.clone(),
-        signed_with(&first, "a", 7, 11, AdminCommand::Uncordon { node: "b".into() }),
-        signed_with(&first, "a", 8, 12, AdminCommand::SetKeyring { version: 2, keys: vec![second.public_key()] }),
-        signed_with(
-            &second,
-            "a",
-            9,
-            1,
-            AdminCommand::SetKeyring { version: 3, keys: vec![second.public_key(), first.public_key()] },
-        ),
-    ];
-    assert_eq!(fold_each(&mut state, &events), Vec::<&str>::new());
-    assert!(state.keyring.contains(&first.public_key()) && !cordoned(&state, "b"));
-    assert_rejected_without_effect(&mut state, Event { origin_seq: 10, ..captured }, "admin_replayed");
-    assert!(!cordoned(&state, "b"));
-    let fresh = signed_with(&first, "a", 11, 13, AdminCommand::Cordon { node: "b".into() });
-    assert_eq!(fold_each(&mut state, &[fresh]), Vec::<&str>::new());
-    assert!(cordoned(&state, "b"));
-}
-
-#[test]
-fn the_genesis_must_be_self_signed_and_admin_before_it_is_rejected() {
-    let join = vec![capability("a", 1, 1, 0, "z1"), capability("b", 1, 1, 0, "z2")];
-    let mut state = State::new(&Config::default());
-    fold_batches(&mut state, &[join]);
-    let (signer, other) = (operator_key(), key(2));
-    let cases = vec![
-        ("admin before any keyring", admin("a", 2, AdminCommand::Cordon { node: "b".into() })),
-        (
-            "genesis installing only another key",
-            signed_with(&signer, "a", 3, 3, AdminCommand::SetKeyring { version: 1, keys: vec![other.public_key()] }),
-        ),
-        (
-            "genesis at version 2",
-            signed_with(&signer, "a", 4, 4, AdminCommand::SetKeyring { version: 2, keys: vec![signer.public_key()] }),
-        ),
-    ];
-    for (name, event) in cases {
-        let before = state.rejections.total;
-        assert_rejected_without_effect(&mut state, event, "admin_without_keyring");
-        assert_eq!(state.rejections.total, before + 1, "{name}");
-    }
-    assert_eq!(state.keyring.version, 0);
-    // A genesis that lists two keys, signed by one of them, applies; the other key
-    // can sign from then on.
-    let genesis = signed_with(
-        &signer,
-        "a",
-        5,
-        5,
-        AdminCommand::SetKeyring { version: 1, keys: vec![other.public_key(), signer.public_key()] },
-    );
-    let by_other = signed_with(&other, "a", 6, 1, AdminCommand::Cordon { node: "b".into() });
-    assert_eq!(fold_each(&mut state, &[genesis, by_other]), Vec::<&str>::new());
-    assert_eq!(state.keyring.version, 1);
+    assert_eq!(fold_next(&mut state, &operator_section(&key(2), cordon("b"), now + 60_000, 3)), Vec::<&str>::new());
     assert!(cordoned(&state, "b"));
     state.check_invariants();
-}
-
-#[test]
-fn dropping_a_blob_s_last_healthy_copy_by_name_is_refused() {
-    let mut state = setup_state();
-    let drop_on = |seq, node: &str| admin("a", seq, AdminCommand::DropReplicas { node: node.into(), blob: Some(BLOB) });
-    // Two healthy copies: dropping a's is accepted (it is marked).
-    assert_eq!(fold_each(&mut state, &[drop_on(6, "a")]), Vec::<&str>::new());
-    let row = |state: &State, node: &str| {
-        let blob = state.blobs.find(&BLOB).unwrap();
-        state.replicas.find(blob, state.nodes.find(node).unwrap()).unwrap().index()
-    };
-    assert!(state.replicas.drop_requested[row(&state, "a")]);
-    // b's copy is deleted: a's is now the blob's only healthy copy, and a drop of it
-    // by name is refused.
-    let events =
-        [event("b", 3, EventKind::ReplicaUpdate { blob: BLOB, state: ReplicaState::Deleted }), drop_on(7, "a")];
-    assert_eq!(fold_each(&mut state, &events[..1]), Vec::<&str>::new());
-    assert_rejected_without_effect(&mut state, events[1].clone(), "would_drop_last_copy");
-    // The node-wide form only marks; reconcile keeps the last healthy copy.
-    let node_wide = admin("a", 8, AdminCommand::DropReplicas { node: "a".into(), blob: None });
-    assert_eq!(fold_each(&mut state, &[node_wide]), Vec::<&str>::new());
-    let mut reconciler = Reconciler::new();
-    for _ in 0..3 {
-        let actions = reconciler.pass(&mut state, Scope::Full);
-        assert!(
-            actions.iter().all(|action| action.kind.name() != "drop_replica"),
-            "the last healthy copy must never be dropped"
-        );
-    }
-}
-
-#[test]
-fn keyring_limits_and_malformed_key_lists_are_rejected() {
-    let limits = FoldLimits { keyring_keys_max: 2, admin_keys_seen_max: 3, ..FoldLimits::default() };
-    let mut state = State::new(&Config { fold: limits, ..Config::default() });
-    let signer = operator_key();
-    let genesis =
-        signed_with(&signer, "a", 2, 1, AdminCommand::SetKeyring { version: 1, keys: vec![signer.public_key()] });
-    fold_batches(&mut state, &[vec![capability("a", 1, 1, 0, "z1"), genesis]]);
-    assert_eq!(state.keyring.version, 1);
-    let set = |seq: u64, keys: Vec<[u8; 32]>| {
-        signed_with(&signer, "a", seq, seq, AdminCommand::SetKeyring { version: 2, keys })
-    };
-    let me = signer.public_key();
-    let cases = vec![
-        (set(3, vec![]), "invalid_keyring"),
-        (set(4, vec![me, key(2).public_key(), key(3).public_key()]), "invalid_keyring"),
-        (set(5, vec![me, me]), "invalid_keyring"),
-        (set(6, vec![me, IDENTITY_POINT]), "invalid_keyring"),
-    ];
-    for (event, reason) in cases {
-        assert_rejected_without_effect(&mut state, event, reason);
-    }
-    // Seen keys: me + 2 + 3 fill the 3 slots; a fourth distinct key is refused.
-    let rotate = |seq: u64, version: u64, keys: Vec<[u8; 32]>| {
-        signed_with(&signer, "a", seq, seq, AdminCommand::SetKeyring { version, keys })
-    };
-    let events = vec![rotate(7, 2, vec![me, key(2).public_key()]), rotate(8, 3, vec![me, key(3).public_key()])];
-    assert_eq!(fold_each(&mut state, &events), Vec::<&str>::new());
-    assert_eq!(state.keyring.seen.len(), 3);
-    assert_rejected_without_effect(&mut state, rotate(9, 4, vec![me, key(4).public_key()]), "table_full");
-    // Re-installing a seen key needs no new slot.
-    assert_eq!(fold_each(&mut state, &[rotate(10, 4, vec![key(2).public_key(), me])]), Vec::<&str>::new());
-    state.check_invariants();
-    let error = Config {
-        fold: FoldLimits { keyring_keys_max: 4, admin_keys_seen_max: 3, ..FoldLimits::default() },
-        ..Config::default()
-    }
-    .validate()
-    .unwrap_err()
-    .to_string();
+    let limits = FoldLimits { keyring_keys_max: 1, ..FoldLimits::default() };
+    let mut small = State::new(&Config { fold: limits, ..Config::for_tests() });
+    fold_batches(&mut small, &[setup()]);
+    let two =
+        operator_section(&admin::test_key(), set(2, vec![me, key(2).public_key()]), next_time(&small) + 60_000, 4);
+    assert_eq!(fold_next(&mut small, &two), ["invalid_keyring"]);
+    let error = Config { fold: FoldLimits { keyring_keys_max: 0, ..FoldLimits::default() }, ..Config::for_tests() }
+        .validate()
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("fold.keyring_keys_max"), "{error}");
 }
 
-/// The signed bytes and a signature, pinned: a change to the canonical encoding (or
-/// to how keys sign) breaks this test and must change the domain string on purpose.
 #[test]
-fn signed_bytes_and_signature_are_pinned() {
-    const DOMAIN: &str = "6d6573686f732d61646d696e2d763100"; // b"meshos-admin-v1\0"
-    let command = AdminCommand::DropReplicas { node: "n3".into(), blob: Some([0xab; 32]) };
-    let expected = [
-        DOMAIN,
-        "03000000",         // operator: length 3
-        "6f7073",           // "ops"
-        "2a00000000000000", // admin_seq 42
-        "07",               // drop_replicas
-        "02000000",         // node: length 2
-        "6e33",             // "n3"
-        "01",               // Some(blob)
-        &"ab".repeat(32),
-    ]
-    .concat();
-    assert_eq!(admin::hex(&admin::signed_bytes("ops", 42, &command)), expected);
-    let keyring = AdminCommand::SetKeyring { version: 2, keys: vec![[1; 32], [2; 32]] };
-    let expected = [
-        DOMAIN,
-        "00000000",         // operator: empty
-        "0100000000000000", // admin_seq 1
-        "09",               // set_keyring
-        "0200000000000000", // version 2
-        "02000000",         // 2 keys
-        &"01".repeat(32),
-        &"02".repeat(32),
-    ]
-    .concat();
-    assert_eq!(admin::hex(&admin::signed_bytes("", 1, &keyring)), expected);
-    let restart = AdminCommand::RestartAllDaemons { node: None };
+fn the_last_healthy_copy_cannot_be_dropped_by_name() {
+    let mut state = setup_state();
+    let now = next_time(&state);
+    let drop =
+        |node: &str| vec![admin::command_kind(AdminCommand::DropReplicas { node: node.into(), blob: Some(BLOB) })];
     assert_eq!(
-        admin::hex(&admin::signed_bytes("o", 0, &restart)),
-        [DOMAIN, "010000006f", "0000000000000000", "05", "00"].concat()
+        fold_next(&mut state, &operator_section(&admin::test_key(), drop("a"), now + 60_000, 1)),
+        Vec::<&str>::new()
     );
-    let signer = key(1);
-    assert_eq!(admin::hex(&signer.public_key()), GOLDEN_PUBLIC_KEY);
-    let signed = signer.sign("ops", 42, command);
-    assert_eq!(admin::hex(&signed.signature), GOLDEN_SIGNATURE);
-    assert!(admin::verify(&signed));
+    // b's copy is healthy and a's is marked: b's is not the last healthy one yet, but
+    // once a's copy is gone it is.
+    fold_batches(
+        &mut state,
+        &[vec![event("a", 6, EventKind::ReplicaUpdate { blob: BLOB, state: ReplicaState::Deleted })]],
+    );
+    assert_eq!(
+        fold_next(&mut state, &operator_section(&admin::test_key(), drop("b"), now + 60_000, 2)),
+        ["would_drop_last_copy"]
+    );
 }
 
-const GOLDEN_PUBLIC_KEY: &str = "8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c";
-const GOLDEN_SIGNATURE: &str = concat!(
-    "4aee7317e210fc1cdb0e597c425d0b217063224d68e743d01332e336b448131b",
-    "d7fded6e552492e4ea5c61b011a0453e700e9878c64b0c73d55f84deb72beb07",
-);
+#[test]
+fn node_sections_apply_only_from_the_admitted_key_and_for_the_signer_alone() {
+    let mut state = setup_state();
+    let heartbeat =
+        |origin: &str, seq: u64| event(origin, seq, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 1 }));
+    // Not admitted (an invented node), admitted with another key, and a tampered one.
+    assert_refused_without_effect(
+        &mut state,
+        &node_section("ghost", test_key_of("ghost"), vec![heartbeat("ghost", 1)]),
+        "node_not_admitted",
+    );
+    assert_refused_without_effect(&mut state, &node_section("a", key(9), vec![heartbeat("a", 10)]), "wrong_node_key");
+    let mut tampered = node_section("a", test_key_of("a"), vec![heartbeat("a", 10)]);
+    let last = tampered.len() - 20;
+    tampered[last] ^= 0x04;
+    let reasons = fold_next(&mut state, &tampered);
+    assert!(reasons == ["bad_signature"] || reasons == ["bad_section"], "{reasons:?}");
+    // a signing b's fact; a sending an operator intent; an operator sending a fact.
+    let as_b = node_section(
+        "a",
+        test_key_of("a"),
+        vec![event("b", 9, EventKind::ReplicaUpdate { blob: BLOB, state: ReplicaState::Deleted })],
+    );
+    assert_eq!(fold_next(&mut state, &as_b), ["origin_not_signer"]);
+    let intent = node_section(
+        "a",
+        test_key_of("a"),
+        vec![event("a", 11, EventKind::Admin(Box::new(AdminCommand::Cordon { node: "b".into() })))],
+    );
+    assert_eq!(fold_next(&mut state, &intent), ["operator_only"]);
+    let fact = operator_section(
+        &admin::test_key(),
+        vec![EventKind::ReplicaUpdate { blob: BLOB, state: ReplicaState::Deleted }],
+        next_time(&state) + 60_000,
+        1,
+    );
+    assert_eq!(fold_next(&mut state, &fact), ["node_only"]);
+    assert!(!cordoned(&state, "b"));
+    assert_eq!(state.blobs.healthy_count[0], 2, "nobody dropped a copy");
+    // An unsigned section never folds; neither does garbage.
+    assert_eq!(
+        fold_next(&mut state, &meshos::trust::record::unsigned_batch(&EventBatch { events: vec![heartbeat("a", 12)] })),
+        ["unsigned_section"]
+    );
+    let mut garbage = AlignedVec::<16>::new();
+    garbage.extend_from_slice(&[0x5a; 64]);
+    assert_eq!(fold_next(&mut state, &garbage), ["bad_section"]);
+    state.check_invariants();
+}
+
+#[test]
+fn admission_removal_and_readmission_of_a_node() {
+    let mut state = setup_state();
+    let now = next_time(&state);
+    let admit = |name: &str, public: [u8; 32]| {
+        vec![admin::command_kind(AdminCommand::AdmitNode { name: name.into(), key: public })]
+    };
+    let heartbeat =
+        |origin: &str, seq: u64| event(origin, seq, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 1 }));
+    // c is admitted, joins, is removed: its key folds nothing more and it is left.
+    assert_eq!(
+        fold_next(&mut state, &operator_section(&admin::test_key(), admit("c", key(5).public_key()), now + 60_000, 1)),
+        Vec::<&str>::new()
+    );
+    assert_eq!(fold_next(&mut state, &node_section("c", key(5), vec![heartbeat("c", 1)])), Vec::<&str>::new());
+    let remove = vec![admin::command_kind(AdminCommand::RemoveNode { name: "c".into() })];
+    assert_eq!(
+        fold_next(&mut state, &operator_section(&admin::test_key(), remove, now + 60_000, 2)),
+        Vec::<&str>::new()
+    );
+    let c = state.nodes.find("c").unwrap().index();
+    assert_eq!(state.nodes.status[c], NodeStatus::Left);
+    assert_refused_without_effect(&mut state, &node_section("c", key(5), vec![heartbeat("c", 2)]), "node_revoked");
+    // Another node's key, a bad name: refused. Re-admitted with a new key: it folds again.
+    assert_eq!(
+        fold_next(&mut state, &operator_section(&admin::test_key(), admit("d", key(5).public_key()), now + 60_000, 3)),
+        ["invalid_keyring"]
+    );
+    assert_eq!(
+        fold_next(
+            &mut state,
+            &operator_section(&admin::test_key(), admit("bad\nname", key(6).public_key()), now + 60_000, 4)
+        ),
+        ["bad_node_name"]
+    );
+    assert_eq!(
+        fold_next(&mut state, &operator_section(&admin::test_key(), admit("c", key(6).public_key()), now + 60_000, 5)),
+        Vec::<&str>::new()
+    );
+    assert_eq!(fold_next(&mut state, &node_section("c", key(5), vec![heartbeat("c", 3)])), ["wrong_node_key"]);
+    assert_eq!(fold_next(&mut state, &node_section("c", key(6), vec![heartbeat("c", 3)])), Vec::<&str>::new());
+    assert_eq!(state.nodes.status[c], NodeStatus::Up);
+    state.check_invariants();
+}
 
 #[test]
 fn key_files_are_owner_only_never_overwritten_and_round_trip() {
@@ -409,12 +388,14 @@ fn a_dry_run_reads_a_locked_log_with_a_torn_tail_and_appends_nothing() {
     use meshos::redex::embedded::{read_unlocked, EmbeddedLog};
     use meshos::redex::Redex;
     let dir = tempfile::tempdir().unwrap();
-    let config = Config { fsync: meshos::config::FsyncPolicy::Manual, ..Config::default() };
+    let config = Config { fsync: meshos::config::FsyncPolicy::Manual, ..Config::for_tests() };
     let (mut log, _) = EmbeddedLog::open(dir.path(), &config).unwrap();
     let records = small_cluster_records();
+    let mut sealer = meshos::trust::testing::MixedSealer::new(config.genesis.cluster_id());
     for (index, events) in records.iter().enumerate() {
-        let payload = meshos::wire::encode_batch(&EventBatch { events: events.clone() });
-        log.append_at(&payload, 1_000_000 + index as u64 * 1_000).unwrap();
+        let time_ms = 1_000_000 + index as u64 * 1_000;
+        let payload = sealer.seal(events, time_ms);
+        log.append_at(&payload, time_ms).unwrap();
     }
     log.sync().unwrap();
     let segment = std::fs::read_dir(dir.path())
@@ -439,8 +420,10 @@ fn a_dry_run_reads_a_locked_log_with_a_torn_tail_and_appends_nothing() {
     assert!(read.stopped_at.as_ref().unwrap().reason.contains("truncated"), "{:?}", read.stopped_at);
 
     let command = AdminCommand::EnterMaintenance { node: "n2".into() };
-    let signed = admin::test_key().sign("ops", 1_000, command);
-    let preview = preview::preview(dir.path(), &config, "n1", &signed).unwrap();
+    let signed_ms = 1_003_000;
+    let signed =
+        operator_section(&admin::test_key(), vec![admin::command_kind(command.clone())], signed_ms + 60_000, 1);
+    let preview = preview::preview(dir.path(), &config, &signed, &command, signed_ms).unwrap();
     assert!(preview.applied, "{:?}", preview.rejection);
     assert_eq!(preview.log_position, 4);
     assert!(preview.log_tail.is_some());
@@ -463,8 +446,9 @@ fn a_dry_run_reads_a_locked_log_with_a_torn_tail_and_appends_nothing() {
     assert_eq!(log.last_position(), 4);
 
     // A key outside the keyring: the preview says it would be rejected and why.
-    let stranger = key(4).sign("ops", 1, AdminCommand::Cordon { node: "n2".into() });
-    let preview = preview::preview(dir.path(), &config, "n1", &stranger).unwrap();
+    let cordon = AdminCommand::Cordon { node: "n2".into() };
+    let stranger = operator_section(&key(4), vec![admin::command_kind(cordon.clone())], signed_ms + 60_000, 2);
+    let preview = preview::preview(dir.path(), &config, &stranger, &cordon, signed_ms).unwrap();
     assert!(!preview.applied && preview.actions.is_empty() && preview.nodes.is_empty());
     assert_eq!(preview.rejection.as_ref().unwrap().0, "unknown_admin_key");
     drop(log);

@@ -24,7 +24,7 @@ fn cap(name: &str, endpoint: String) -> Event {
 }
 
 fn state_with(blob: BlobHash, size: u64, holders: &[&str]) -> State {
-    let mut state = State::new(&meshos::config::Config::default());
+    let mut state = State::new(&meshos::config::Config::for_tests());
     let mut setup = Vec::new();
     for name in ["a", "b"] {
         setup.push(cap(name, "127.0.0.1:1".into()));
@@ -186,7 +186,7 @@ fn a_trickling_or_lying_peer_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(BlobStore::open(dir.path()).unwrap());
     let blob = [7u8; 32];
-    let mut state = State::new(&meshos::config::Config::default());
+    let mut state = State::new(&meshos::config::Config::for_tests());
     let setup = vec![
         cap("a", addr.clone()),
         heartbeat("a", 2),

@@ -24,7 +24,7 @@ fn node_capability(name: &str, seq: u64, endpoint: String) -> Event {
 /// Nodes a, b and c with their peer ports; `blob` announced by a and held healthy by
 /// `holders`.
 fn cluster(peers: &[&Peer; 3], blob: BlobHash, size_bytes: u64, holders: &[&str]) -> State {
-    let mut state = State::new(&meshos::config::Config::default());
+    let mut state = State::new(&meshos::config::Config::for_tests());
     let mut setup = Vec::new();
     for (name, peer) in ["a", "b", "c"].iter().zip(peers) {
         setup.push(node_capability(name, 1, peer.server.addr().to_string()));

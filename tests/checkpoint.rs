@@ -15,13 +15,13 @@ use meshos::action::Action;
 use meshos::admin::OperatorKey;
 use meshos::config::Config;
 use meshos::engine::Engine;
-use meshos::event::{AdminCommand, DaemonPlacement, DaemonSpec, EventBatch, EventKind, NodeHealth};
+use meshos::event::{AdminCommand, DaemonPlacement, DaemonSpec, EventKind, NodeHealth};
 use meshos::sim::cluster::{run_logged, sim_config, SimOptions};
 use meshos::sim::gen::GenOptions;
 use meshos::state::checkpoint::{self, CheckpointError, CheckpointStore, HEADER_BYTES};
 use meshos::state::nodes::MaintenanceState;
 use meshos::state::State;
-use meshos::wire;
+
 use rkyv::util::AlignedVec;
 
 type Records = Vec<(u64, AlignedVec<16>)>;
@@ -101,25 +101,37 @@ fn restore_and_compare(records: &Records, config: &Config, at: &[u64]) -> Covera
 }
 
 /// Records that fold refuses (each kept in the rejection ring with a message), and a
-/// new node that joins for them: a damaged payload, an event from an unknown origin,
-/// a stale origin sequence, an invalid daemon intent, an admin event signed by a key
-/// outside the keyring.
-fn rejected_records() -> Vec<AlignedVec<16>> {
-    use common::{event, signed_with};
+/// new node that joins for them: an event from an admitted origin that never joined,
+/// a stale origin sequence, an invalid daemon intent, an admin command signed by a key
+/// outside the keyring, a payload that is not signed sections.
+fn rejected_records(time_ms: u64) -> Vec<AlignedVec<16>> {
+    use common::event;
     let origin = "ckpt-extra";
     let heartbeat = EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 5 });
     let bad_spec = DaemonSpec::new("ckpt-bad", "");
-    let batches = vec![
-        vec![event(origin, 1, heartbeat.clone())],
-        vec![
-            event("ckpt-ghost", 1, EventKind::BlobAnnounce { blob: [0xcc; 32], size_bytes: 10 }),
-            event(origin, 1, heartbeat),
-            event(origin, 2, EventKind::DaemonIntent { spec: Box::new(bad_spec), runs_on: DaemonPlacement::AllNodes }),
-            signed_with(&OperatorKey::from_seed([7; 32]), origin, 3, 1, AdminCommand::ClearAvoid { node: None }),
-        ],
+    let mut sealer = meshos::trust::testing::MixedSealer::new(Config::for_tests().genesis.cluster_id());
+    sealer.set_nonce_base(1 << 40);
+    let mut records = vec![
+        sealer.seal(&[event(origin, 1, heartbeat.clone())], time_ms),
+        sealer.seal(
+            &[
+                event("ckpt-ghost", 1, EventKind::BlobAnnounce { blob: [0xcc; 32], size_bytes: 10 }),
+                event(origin, 1, heartbeat),
+                event(
+                    origin,
+                    2,
+                    EventKind::DaemonIntent { spec: Box::new(bad_spec), runs_on: DaemonPlacement::AllNodes },
+                ),
+            ],
+            time_ms,
+        ),
     ];
-    let mut records: Vec<AlignedVec<16>> =
-        batches.into_iter().map(|events| wire::encode_batch(&EventBatch { events })).collect();
+    let mut stranger = meshos::trust::testing::MixedSealer::new(Config::for_tests().genesis.cluster_id());
+    stranger.set_operator(OperatorKey::from_seed([7; 32]));
+    records.push(
+        stranger
+            .seal(&[event(origin, 3, EventKind::Admin(Box::new(AdminCommand::ClearAvoid { node: None })))], time_ms),
+    );
     let mut garbage = AlignedVec::<16>::new();
     garbage.extend_from_slice(&[0xa5; 48]);
     records.push(garbage);
@@ -133,14 +145,14 @@ fn generated_log(seed: u64, splice: usize) -> Records {
     let options = GenOptions { seed, nodes: 24, blobs: 300, replicas: 3, events: 40_000, record_events: 16 };
     let mut records = common::generate(options);
     let time_ms = records[splice - 1].0;
-    let extra: Records = rejected_records().into_iter().map(|payload| (time_ms, payload)).collect();
+    let extra: Records = rejected_records(time_ms).into_iter().map(|payload| (time_ms, payload)).collect();
     records.splice(splice..splice, extra);
     records
 }
 
 #[test]
 fn a_restored_engine_follows_a_generated_log_exactly() {
-    let config = Config::default();
+    let config = Config::for_tests();
     let records = generated_log(11, 700);
     let last = records.len() as u64;
     assert!(last > 2_000, "{last} records");
@@ -153,9 +165,9 @@ fn a_restored_engine_follows_a_generated_log_exactly() {
 
 #[test]
 fn a_restored_engine_follows_a_simulated_cluster_exactly() {
-    let config = sim_config(&Config::default());
+    let config = sim_config(&Config::for_tests());
     let options = SimOptions { seed: 5, nodes: 12, blobs: 150, replicas: 3, steps: 1_200 };
-    let (report, records) = run_logged(&options, &Config::default());
+    let (report, records) = run_logged(&options, &Config::for_tests());
     assert!(report.violations.is_empty(), "{:?}", report.violations);
     let last = records.len() as u64;
     let at: Vec<u64> = [0.1, 0.25, 0.4, 0.55, 0.7, 0.9].iter().map(|share| (last as f64 * share) as u64).collect();
@@ -168,7 +180,7 @@ fn a_restored_engine_follows_a_simulated_cluster_exactly() {
 /// A checkpoint of a busy state: the generated log folded to `position` (with the
 /// rejected records in it), written at `dir`.
 fn busy_checkpoint(dir: &Path) -> (PathBuf, State) {
-    let config = Config::default();
+    let config = Config::for_tests();
     let records = generated_log(3, 100);
     let mut engine = Engine::new(&config);
     for (index, (time_ms, payload)) in records.iter().take(400).enumerate() {
@@ -198,7 +210,7 @@ fn load_bytes(bytes: &[u8], config: &Config) -> Result<State, CheckpointError> {
 fn flipped_bytes_and_truncation_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let (path, state) = busy_checkpoint(dir.path());
-    let config = Config::default();
+    let config = Config::for_tests();
     let bytes = std::fs::read(&path).unwrap();
     let store = CheckpointStore::new(dir.path(), 1);
     assert_eq!(store.load(&path, &config).unwrap().state_hash(), state.state_hash());
@@ -233,7 +245,7 @@ fn flipped_bytes_and_truncation_are_errors_not_panics() {
 fn changes_behind_valid_checksums_are_errors_or_the_same_state() {
     let dir = tempfile::tempdir().unwrap();
     let (path, state) = busy_checkpoint(dir.path());
-    let config = Config::default();
+    let config = Config::for_tests();
     let bytes = std::fs::read(&path).unwrap();
     let archive_start = bytes.len() - u64::from_le_bytes(bytes[64..72].try_into().unwrap()) as usize;
     let (mut refused, mut same) = (0, 0);
@@ -294,18 +306,18 @@ fn other_fold_or_reconcile_settings_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = busy_checkpoint(dir.path());
     let store = CheckpointStore::new(dir.path(), 1);
-    let mut config = Config::default();
+    let mut config = Config::for_tests();
     config.fold.blobs_max = 1_000;
     let error = store.load(&path, &config).unwrap_err();
     let CheckpointError::ConfigMismatch { section, field, .. } = &error else { panic!("{error}") };
     assert_eq!((*section, field.split(' ').next().unwrap()), ("fold", "blobs_max"));
     assert!(error.to_string().contains("checkpoint was made with different [fold] settings: blobs_max"), "{error}");
-    let mut config = Config::default();
+    let mut config = Config::for_tests();
     config.reconcile.action_timeout_ms = 1;
     let error = store.load(&path, &config).unwrap_err();
     assert!(error.to_string().contains("different [reconcile] settings: action_timeout_ms"), "{error}");
     // Node-local settings do not matter.
-    let config = Config { frame_bytes_max: Config::default().frame_bytes_max * 2, ..Config::default() };
+    let config = Config { frame_bytes_max: Config::for_tests().frame_bytes_max * 2, ..Config::for_tests() };
     store.load(&path, &config).expect("a node-local setting is not part of the state");
 }
 
@@ -314,7 +326,7 @@ fn the_store_keeps_the_newest_and_finds_by_position() {
     let dir = tempfile::tempdir().unwrap();
     let store = CheckpointStore::new(dir.path().join("checkpoints"), 3);
     assert_eq!(store.latest(), None, "no directory yet");
-    let config = Config::default();
+    let config = Config::for_tests();
     let records = common::generate(common::small_options(4));
     let mut engine = Engine::new(&config);
     let mut written = Vec::new();

@@ -182,7 +182,7 @@ fn replay_names_rejected_events_and_their_reasons() {
         kind: EventKind::ReplicaUpdate { blob: [5; 32], state: ReplicaState::Healthy },
     };
     let batch = EventBatch { events: vec![heartbeat(1), heartbeat(2), heartbeat(2), stray] };
-    let (mut log, _) = EmbeddedLog::open(dir.path(), &Config::default()).unwrap();
+    let (mut log, _) = EmbeddedLog::open(dir.path(), &Config::for_tests()).unwrap();
     log.append(&meshos::wire::encode_batch(&batch)).unwrap();
     log.sync().unwrap();
     drop(log);
@@ -214,7 +214,7 @@ fn verify_flags_an_intact_record_with_an_invalid_payload_and_replay_rejects_it()
     let good = meshos::wire::encode_batch(&EventBatch { events: vec![heartbeat.clone(), heartbeat] });
     let mut bad = good.to_vec();
     bad.push(7);
-    let (mut log, _) = EmbeddedLog::open(dir.path(), &Config::default()).unwrap();
+    let (mut log, _) = EmbeddedLog::open(dir.path(), &Config::for_tests()).unwrap();
     log.append(&good).unwrap();
     log.append(&bad).unwrap();
     log.sync().unwrap();

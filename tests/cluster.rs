@@ -91,7 +91,7 @@ impl NodeProcess {
 
     /// The node's state, folded from its mirror (read-only, while it runs) up to `up_to`.
     fn state(&self, up_to: u64) -> State {
-        let config = self.config().to_config();
+        let config = self.config().engine_config().unwrap();
         let (engine, _) =
             meshos::admin::preview::replay_read_only(&self.dir.join("log"), &config, up_to).expect("mirror replays");
         engine.state
@@ -112,7 +112,6 @@ struct Mesh {
     nats: NatsCluster,
     root: Option<tempfile::TempDir>,
     nodes: Vec<NodeProcess>,
-    operator: meshos::admin::OperatorKey,
 }
 
 impl Drop for Mesh {
@@ -134,6 +133,20 @@ struct Tuning {
     cluster: &'static str,
 }
 
+/// Every name the scenarios' genesis admits: the nodes and the outside clients.
+fn genesis_names() -> Vec<String> {
+    let mut names: Vec<String> = (1..=8).map(|index| format!("node-{index}")).collect();
+    names.extend(["extra", "loader", "big", "small"].map(String::from));
+    names.extend((0..3).map(|index| format!("loader-{index}")));
+    names
+}
+
+/// What an outside client of the scenarios signs its frames with.
+fn client_sealer(name: &str) -> meshos::trust::Sealer {
+    let cluster_id = meshos::trust::Genesis::for_tests(&genesis_names()).cluster_id();
+    meshos::trust::Sealer::node(name, meshos::trust::test_key_of(name), cluster_id)
+}
+
 impl Mesh {
     /// Starts NATS and `count` nodes; None when nats-server is absent (and not required).
     fn start(count: usize, tuning: Tuning) -> Option<Mesh> {
@@ -145,13 +158,15 @@ impl Mesh {
             .output()
             .unwrap();
         assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-        let operator = meshos::admin::OperatorKey::generate(&root.path().join("operator.key")).unwrap();
-        let mut mesh = Mesh { nats, root: Some(root), nodes: Vec::new(), operator };
+        // The genesis (`meshos cluster init` in a real cluster): the test operator key,
+        // the nodes any scenario starts and the outside clients, each with its test key.
+        common::write_operator_key(&root.path().join("operator.key"));
+        meshos::trust::Genesis::for_tests(&genesis_names()).write_new(&root.path().join("genesis.toml")).unwrap();
+        let mut mesh = Mesh { nats, root: Some(root), nodes: Vec::new() };
         for _ in 0..count {
             mesh.add_node(&tuning, "");
         }
         mesh.wait_all_listening();
-        mesh.genesis();
         Some(mesh)
     }
 
@@ -164,6 +179,9 @@ impl Mesh {
         let name = format!("node-{index}");
         let dir = self.root().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
+        if !dir.join("node.key").exists() {
+            meshos::trust::test_key_of(&name).write_new(&dir.join("node.key")).unwrap();
+        }
         let servers: Vec<String> = self.nats.client_urls().iter().map(|url| format!("\"{url}\"")).collect();
         let text = format!(
             "name = \"{name}\"\ndata_dir = \"{dir}\"\nheartbeat_ms = 200\n\n\
@@ -173,11 +191,12 @@ impl Mesh {
              [capability]\nzone = \"z{zone}\"\ncapacity_bytes = 10737418240\n\n\
              [snapshot]\ninterval_ms = 200\n\n\
              [cluster]\nnats = [{servers}]\nstream_replicas = 3\ncredential_file = \"{key}\"\n\
-             commitment_interval_records = 100\n{tuning}\n{extra_cluster}\n",
+             genesis_file = \"{genesis}\"\ncommitment_interval_records = 100\n{tuning}\n{extra_cluster}\n",
             dir = dir.display(),
             zone = (index - 1) % 3 + 1,
             servers = servers.join(", "),
             key = self.root().join("cluster.key").display(),
+            genesis = self.root().join("genesis.toml").display(),
             tuning = tuning.cluster,
         );
         let config_path = dir.join("node.toml");
@@ -196,32 +215,23 @@ impl Mesh {
         }
     }
 
-    /// Signs the keyring's genesis (first admin event) through node-1.
-    fn genesis(&self) {
-        let genesis = self.operator.sign(
-            "test",
-            1,
-            AdminCommand::SetKeyring { version: 1, keys: vec![self.operator.public_key()] },
-        );
-        self.send(0, vec![EventKind::Admin(Box::new(genesis))]);
-    }
-
-    fn admin(&self, through: usize, seq: u64, command: AdminCommand) {
-        let signed = self.operator.sign("test", seq, command);
-        self.send(through, vec![EventKind::Admin(Box::new(signed))]);
+    /// An operator's command through node `through`.
+    fn admin(&self, through: usize, _seq: u64, command: AdminCommand) {
+        self.send(through, vec![EventKind::Admin(Box::new(command))]);
     }
 
     /// Sends events as node `through`'s own (its local socket); returns once read back.
     fn send(&self, through: usize, kinds: Vec<EventKind>) -> u64 {
         let node = &self.nodes[through];
         let config = node.config();
-        let ack = meshos::admin::submit::send_events(
-            &config.local_socket_path(),
+        let payload = common::local_payload(
+            &self.root().join("genesis.toml"),
+            &self.root().join("operator.key"),
             &config.name,
             kinds,
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|error| panic!("sending through {}: {error}", node.name));
+        );
+        let ack = meshos::admin::submit::send_payload(&config.local_socket_path(), &payload, Duration::from_secs(30))
+            .unwrap_or_else(|error| panic!("sending through {}: {error}", node.name));
         ack.position
     }
 
@@ -451,6 +461,7 @@ fn a_diverged_node_and_a_duplicate_name_are_fenced() {
     wait_for("node-4 listening", || mesh.nodes[index].listening());
     let addr = mesh.nodes[0].tcp_addr();
     let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    client.set_sealer(client_sealer("extra"));
     let frame = client.send(&heartbeats("extra", &mut 0, 1), true).unwrap();
     replies.wait_acked(frame, Duration::from_secs(30)).unwrap();
     let status = |node: &NodeProcess| {
@@ -673,6 +684,7 @@ fn cluster_log_throughput() {
             std::thread::spawn(move || {
                 let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
                 let origin = format!("loader-{index}");
+                client.set_sealer(client_sealer(&origin));
                 let mut seq = 0u64;
                 let mut last = 0;
                 for frame in 0..frames {
@@ -782,7 +794,9 @@ fn a_record_jetstream_refuses_is_never_acknowledged() {
     let small = meshos::event::EventBatch { events: vec![heartbeat("small", 1)] };
     let addr = mesh.nodes[0].tcp_addr();
     let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    client.set_sealer(client_sealer("big"));
     client.send(&big, true).unwrap();
+    client.set_sealer(client_sealer("small"));
     let last = client.send(&small, true).unwrap();
     match replies.wait_acked(last, Duration::from_secs(30)) {
         Ok(ack) => {
@@ -829,10 +843,14 @@ fn a_lost_stream_is_published_again_beyond_the_publish_queue() {
     // The stream holds node-1's records again, at their positions (both mirrors start at 1).
     let payloads = |node: &NodeProcess| {
         let mut payloads = Vec::new();
-        meshos::redex::embedded::read_unlocked(&node.dir.join("log"), &node.config().to_config(), &mut |record| {
-            payloads.push(record.payload.to_vec());
-            record.position < mirrored
-        })
+        meshos::redex::embedded::read_unlocked(
+            &node.dir.join("log"),
+            &node.config().engine_config().unwrap(),
+            &mut |record| {
+                payloads.push(record.payload.to_vec());
+                record.position < mirrored
+            },
+        )
         .unwrap();
         payloads
     };

@@ -4,11 +4,13 @@
 //! daemon's own output files, then stops the node and reads what happened, with log
 //! times, from its log.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meshos::event::{DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventBatch, EventKind, RestartPolicy};
+use meshos::event::{DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventKind, RestartPolicy};
 use meshos::node::config::NodeConfig;
 use meshos::redex::Redex;
 
@@ -77,13 +79,10 @@ impl Node {
         std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
     }
 
-    /// Appends events as this node's own through its local socket; waits until folded.
+    /// Appends events through the local socket (intents signed with the operator key
+    /// the node's first start wrote); waits until durable.
     fn send(&self, kinds: Vec<EventKind>) {
-        let (mut client, mut replies) =
-            meshos::sys::client::Client::connect_unix(&self.dir.join("local.sock")).unwrap();
-        let events = kinds.into_iter().map(|kind| Event { origin: NODE.to_string(), origin_seq: 0, kind }).collect();
-        let seq = client.send(&EventBatch { events }, true).unwrap();
-        replies.wait_acked(seq, WAIT_LIMIT).unwrap();
+        common::send_local(&self.dir, NODE, kinds);
     }
 
     /// SIGTERM (or SIGKILL), then waits; true when it exited 0.
@@ -136,14 +135,12 @@ fn spec(name: &str, command: &Path, args: &[&str], health_timeout_ms: u32, resta
 
 /// Every event in the (stopped) node's log, with its record's log time.
 fn history(dir: &Path) -> Vec<(u64, Event)> {
-    let config = NodeConfig::load(&dir.join("node.toml")).unwrap().to_config();
+    let config = NodeConfig::load(&dir.join("node.toml")).unwrap().engine_config().unwrap();
     let (mut log, _) = meshos::redex::embedded::EmbeddedLog::open(&dir.join("log"), &config).unwrap();
     let mut events = Vec::new();
     log.read_from(1, &mut |record| {
-        let mut aligned = rkyv::util::AlignedVec::<16>::new();
-        aligned.extend_from_slice(record.payload);
-        let batch = rkyv::from_bytes::<EventBatch, rkyv::rancor::Error>(&aligned).unwrap();
-        events.extend(batch.events.into_iter().map(|event| (record.time_ms, event)));
+        let batches = meshos::wire::decode_sections(record.payload).unwrap();
+        events.extend(batches.into_iter().flat_map(|batch| batch.events).map(|event| (record.time_ms, event)));
         true
     })
     .unwrap();
@@ -162,7 +159,7 @@ fn signal_times(history: &[(u64, Event)], name: &str, select: impl Fn(&DaemonSig
 }
 
 fn replay(dir: &Path) -> meshos::state::State {
-    let config = NodeConfig::load(&dir.join("node.toml")).unwrap().to_config();
+    let config = NodeConfig::load(&dir.join("node.toml")).unwrap().engine_config().unwrap();
     meshos::logtool::replay(&dir.join("log"), &config, true, &mut |_| {}).unwrap().state
 }
 
@@ -312,9 +309,9 @@ fn the_example_daemon_registers_reports_and_shuts_down_on_node_stop() {
     assert!(state.position < bound, "a quiet node appends little: {} records (bound {bound})", state.position);
 }
 
-/// A signed admin event (the test operator key) as this node's own event.
-fn admin(admin_seq: u64, command: meshos::event::AdminCommand) -> EventKind {
-    EventKind::Admin(Box::new(meshos::admin::test_key().sign("tester", admin_seq, command)))
+/// An admin command (`Node::send` signs it with the node's operator key).
+fn admin(_admin_seq: u64, command: meshos::event::AdminCommand) -> EventKind {
+    EventKind::Admin(Box::new(command))
 }
 
 #[test]
@@ -324,8 +321,7 @@ fn the_example_daemon_stops_on_enter_maintenance_and_comes_back_on_exit() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_with(dir.path(), "\n[reconcile]\nrecovery_ms = 300\n");
     let example = spec("example", &example_daemon(), &["--interval-ms", "50"], 2_000, Default::default());
-    let keys = vec![meshos::admin::test_key().public_key()];
-    node.send(vec![admin(1, AdminCommand::SetKeyring { version: 1, keys }), example]);
+    node.send(vec![example]);
     wait_for(&node, "registration", || node.daemon_output("example").contains("registered as"));
     node.send(vec![admin(2, AdminCommand::EnterMaintenance { node: NODE.to_string() })]);
     wait_for(&node, "a clean exit", || node.daemon_output("example").contains("shut down cleanly"));
@@ -336,7 +332,7 @@ fn the_example_daemon_stops_on_enter_maintenance_and_comes_back_on_exit() {
     node.send(vec![admin(3, AdminCommand::ExitMaintenance { node: NODE.to_string() })]);
     wait_for(&node, "the daemon back", || node.daemon_output("example").matches("registered as").count() == 2);
     // Exiting, then Recovery (300 ms), then Active: read the log as the node writes it.
-    let config = NodeConfig::load(&dir.path().join("node.toml")).unwrap().to_config();
+    let config = NodeConfig::load(&dir.path().join("node.toml")).unwrap().engine_config().unwrap();
     wait_for(&node, "the node to be active again", || {
         let (engine, _) = meshos::admin::preview::replay_read_only(&dir.path().join("log"), &config, u64::MAX).unwrap();
         let own = engine.state.nodes.find(NODE).unwrap().index();

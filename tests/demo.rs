@@ -43,7 +43,7 @@ fn start(dir: &Path) -> Demo {
 }
 
 fn read_state(dir: &Path) -> State {
-    let config = NodeConfig::load(&dir.join("node-1/node.toml")).unwrap().to_config();
+    let config = NodeConfig::load(&dir.join("node-1/node.toml")).unwrap().engine_config().unwrap();
     let (engine, _) = meshos::admin::preview::replay_read_only(&dir.join("node-1/log"), &config, u64::MAX).unwrap();
     engine.state
 }

@@ -62,7 +62,7 @@ impl Rig {
         let mut rig = Rig {
             _tmp: tmp,
             dir,
-            engine: Engine::new(&Config::default()),
+            engine: Engine::new(&Config::for_tests()),
             exec,
             sdk,
             seq: 0,
@@ -364,7 +364,7 @@ fn removal_keeps_the_declared_spec() {
         stop_grace_ms: 10_000,
     };
     let remove = EventKind::DaemonIntent { spec: Box::new(removal), runs_on: DaemonPlacement::Nowhere };
-    let mut state = meshos::state::State::new(&Config::default());
+    let mut state = meshos::state::State::new(&Config::for_tests());
     fold_batches(
         &mut state,
         &[vec![capability(NODE, 1, 1, 0, "z")], vec![event(NODE, 2, intent)], vec![event(NODE, 3, remove)]],

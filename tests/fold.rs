@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use meshos::admin::OperatorKey;
 use meshos::config::{Config, FoldLimits};
 use meshos::event::*;
 use meshos::fold::fold_payload;
@@ -68,8 +67,8 @@ fn base_applies_every_kind_without_rejection() {
         admin("a", 9, AdminCommand::Drain { node: "b".into() }),
         admin("a", 10, AdminCommand::DropReplicas { node: "b".into(), blob: None }),
         admin("a", 11, AdminCommand::InvalidatePlacement { blob: None }),
-        event("a", 12, EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down })),
-        heartbeat("b", 7),
+        event("b", 7, EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down })),
+        heartbeat("b", 8),
         capability("a", 13, 2, 1, "z2"),
     ]));
     assert_eq!(rejection_names(&state), Vec::<&str>::new(), "{:?}", state.rejections.kept);
@@ -90,7 +89,9 @@ fn base_applies_every_kind_without_rejection() {
     assert_eq!(state.nodes.capability_version[0], 2);
     assert_eq!(state.symbols.name(state.nodes.zone[0]), "z2");
     assert_eq!(state.placement_epoch, 1);
-    assert_eq!(state.events_applied, 20);
+    // Every event, and the admissions of a and b the test sealer put in front.
+    assert_eq!(state.keyring.identities(), 2);
+    assert_eq!(state.events_applied, 20 + 2);
 }
 
 /// Each case: extra events after `base()` and the rejection reasons they must produce.
@@ -208,28 +209,18 @@ fn contradictions_are_rejected_with_their_reason() {
             )],
             vec!["invalid_intent"],
         ),
-        ("over-long node name", vec![heartbeat(&"n".repeat(300), 1)], vec!["bad_name"]),
+        // A name outside the node name rule is never admitted, so nothing it signs folds.
+        ("node name with a newline", vec![heartbeat("n\nx", 1)], vec!["node_not_admitted"]),
         (
-            "admin signed by a key not in the keyring",
-            vec![signed_with(&OperatorKey::from_seed([3; 32]), "a", 6, 6, AdminCommand::Cordon { node: "b".into() })],
-            vec!["unknown_admin_key"],
+            "a node reporting another node's status",
+            vec![event(
+                "a",
+                6,
+                EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down }),
+            )],
+            vec!["status_of_another_node"],
         ),
-        (
-            "admin event with a tampered signature",
-            vec![{
-                let mut tampered = admin("a", 6, AdminCommand::Cordon { node: "b".into() });
-                if let EventKind::Admin(signed) = &mut tampered.kind {
-                    signed.command = AdminCommand::Cordon { node: "a".into() };
-                }
-                tampered
-            }],
-            vec!["bad_admin_signature"],
-        ),
-        (
-            "admin sequence not above the key's last",
-            vec![signed_with(&operator_key(), "a", 6, 2, AdminCommand::Cordon { node: "b".into() })],
-            vec!["admin_replayed"],
-        ),
+        ("an origin sequence far past the last", vec![heartbeat("b", 1 << 40)], vec!["origin_seq_jump"]),
         (
             "key rotation skipping a version",
             vec![admin("a", 6, AdminCommand::SetKeyring { version: 3, keys: vec![operator_key().public_key()] })],
@@ -272,7 +263,7 @@ fn contradictions_are_rejected_with_their_reason() {
 
 #[test]
 fn commitments_are_kept_per_node_and_hashed() {
-    let mut state = State::new(&Config::default());
+    let mut state = State::new(&Config::for_tests());
     let commit = |seq, position, hash| {
         event("a", seq, EventKind::Commitment { position, state_hash: [hash; 16], needs_position: position })
     };
@@ -282,7 +273,7 @@ fn commitments_are_kept_per_node_and_hashed() {
     let b = state.nodes.find("b").unwrap().index();
     assert_eq!((state.nodes.commitment_position[a], state.nodes.commitment_hash[a]), (2, [9; 16]));
     assert_eq!((state.nodes.needs_position[a], state.nodes.commitment_position[b]), (2, 0));
-    let mut other = State::new(&Config::default());
+    let mut other = State::new(&Config::for_tests());
     fold_batches(&mut other, &[base(), vec![heartbeat("b", 2)], vec![commit(6, 2, 8)]]);
     assert_ne!(state.state_hash(), other.state_hash(), "the committed hash is part of the state");
 }
@@ -302,7 +293,7 @@ fn rejected_events_change_nothing_but_the_rejection_count() {
 
 #[test]
 fn a_bad_payload_is_rejected_whole_and_counted() {
-    let mut state = State::new(&Config::default());
+    let mut state = State::new(&Config::for_tests());
     let mut garbage = rkyv::util::AlignedVec::<16>::new();
     garbage.extend_from_slice(&[0xAB; 64]);
     fold_payload(&mut state, 1, 5, &garbage);
@@ -312,7 +303,7 @@ fn a_bad_payload_is_rejected_whole_and_counted() {
 
 #[test]
 fn rejections_ring_is_bounded_but_all_are_counted() {
-    let config = Config { fold: FoldLimits { rejections_kept_max: 4, ..FoldLimits::default() }, ..Config::default() };
+    let config = Config { fold: FoldLimits { rejections_kept_max: 4, ..FoldLimits::default() }, ..Config::for_tests() };
     let mut state = State::new(&config);
     let events: Vec<Event> =
         (1..=10).map(|seq| event("ghost", seq, EventKind::Rtt { peer: "x".into(), rtt_us: 1 })).collect();
@@ -324,11 +315,12 @@ fn rejections_ring_is_bounded_but_all_are_counted() {
 
 #[test]
 fn full_tables_reject_instead_of_growing() {
-    let config = Config { fold: FoldLimits { nodes_max: 2, ..FoldLimits::default() }, ..Config::default() };
+    let config = Config { fold: FoldLimits { nodes_max: 2, ..FoldLimits::default() }, ..Config::for_tests() };
     let mut state = State::new(&config);
     fold_batches(&mut state, &[vec![heartbeat("a", 1), heartbeat("b", 1), heartbeat("c", 1)]]);
     assert_eq!(state.nodes.len(), 2);
-    assert_eq!(rejection_names(&state), vec!["table_full"]);
+    // The identity table (bounded by nodes_max too) is full first: c is never admitted.
+    assert_eq!(rejection_names(&state), vec!["table_full", "node_not_admitted"]);
 }
 
 #[test]
@@ -337,7 +329,7 @@ fn generated_cluster_folds_without_rejections() {
     let state = fold_generated(&records);
     state.check_invariants();
     assert_eq!(state.rejections.total, 0, "{:?}", state.rejections.kept.iter().take(5).collect::<Vec<_>>());
-    assert_eq!(state.events_applied, 20_000);
+    assert_eq!(state.events_applied, 20_000 + 12, "every event and the 12 admissions");
     assert_eq!(state.nodes.len(), 12);
     assert_eq!(state.blobs.len(), 200);
     assert!(state.daemons.running > 0 && !state.rtt.is_empty());
@@ -351,7 +343,7 @@ fn replay_is_deterministic_whole_or_in_pieces() {
     assert_eq!(whole, fold_generated(&generate(small_options(5))).state_hash(), "same seed, same log");
     assert_ne!(whole, fold_generated(&generate(small_options(6))).state_hash(), "other seed, other state");
     for split in [1, records.len() / 3, records.len() - 1] {
-        let mut state = State::new(&Config::default());
+        let mut state = State::new(&Config::for_tests());
         for (index, (time_ms, payload)) in records[..split].iter().enumerate() {
             fold_payload(&mut state, index as u64 + 1, *time_ms, payload);
         }
@@ -422,28 +414,22 @@ fn arbitrary_kind() -> impl Strategy<Value = EventKind> {
             action: ActionId { position, index },
             outcome: Outcome::Failure { reason: "x".into() }
         }),
-        (name.clone(), 0u8..10, prop::option::of(blob), 0u64..40, any::<bool>()).prop_map(
-            |(node, which, blob, admin_seq, tamper)| {
-                let key = operator_key();
-                let command = match which {
-                    0 => AdminCommand::EnterMaintenance { node },
-                    1 => AdminCommand::ExitMaintenance { node },
-                    2 => AdminCommand::Drain { node },
-                    3 => AdminCommand::Cordon { node },
-                    4 => AdminCommand::Uncordon { node },
-                    5 => AdminCommand::RestartAllDaemons { node: Some(node) },
-                    6 => AdminCommand::ClearAvoid { node: None },
-                    7 => AdminCommand::DropReplicas { node, blob },
-                    8 => AdminCommand::InvalidatePlacement { blob },
-                    _ => AdminCommand::SetKeyring { version: 1, keys: vec![key.public_key()] },
-                };
-                let mut signed = key.sign("ops", admin_seq, command);
-                if tamper {
-                    signed.signature[5] ^= 1;
-                }
-                EventKind::Admin(Box::new(signed))
-            }
-        ),
+        (name.clone(), 0u8..10, prop::option::of(blob)).prop_map(|(node, which, blob)| {
+            let key = operator_key();
+            let command = match which {
+                0 => AdminCommand::EnterMaintenance { node },
+                1 => AdminCommand::ExitMaintenance { node },
+                2 => AdminCommand::Drain { node },
+                3 => AdminCommand::Cordon { node },
+                4 => AdminCommand::Uncordon { node },
+                5 => AdminCommand::RestartAllDaemons { node: Some(node) },
+                6 => AdminCommand::ClearAvoid { node: None },
+                7 => AdminCommand::DropReplicas { node, blob },
+                8 => AdminCommand::InvalidatePlacement { blob },
+                _ => AdminCommand::SetKeyring { version: 2, keys: vec![key.public_key()] },
+            };
+            EventKind::Admin(Box::new(command))
+        }),
         (any::<u32>(), any::<[u8; 16]>())
             .prop_map(|(blob_count, digest)| EventKind::InventoryDigest { blob_count, digest }),
     ]
@@ -460,10 +446,12 @@ proptest! {
     /// Random event streams never panic fold; every event is applied or rejected.
     #[test]
     fn random_streams_never_panic_fold(batches in prop::collection::vec(prop::collection::vec(arbitrary_event(), 0..40), 1..6)) {
-        let mut state = State::new(&Config::default());
+        let mut state = State::new(&Config::for_tests());
         fold_batches(&mut state, &batches);
         let total: usize = batches.iter().map(Vec::len).sum();
-        prop_assert_eq!(state.events_applied + state.rejections.total, total as u64);
+        // The test sealer's admissions are applied events too.
+        let admitted = state.keyring.identities() as u64;
+        prop_assert_eq!(state.events_applied + state.rejections.total, total as u64 + admitted);
         state.check_invariants();
     }
 
@@ -471,7 +459,7 @@ proptest! {
     /// rejection bookkeeping and log position aside.
     #[test]
     fn rejected_events_have_no_partial_effect(events in prop::collection::vec(arbitrary_event(), 1..60)) {
-        let mut state = State::new(&Config::default());
+        let mut state = State::new(&Config::for_tests());
         for event in events {
             let before = state.clone();
             fold_batches(&mut state, &[vec![event]]);
@@ -490,7 +478,7 @@ proptest! {
     fn mutated_frames_never_panic(events in prop::collection::vec(arbitrary_event(), 1..20),
                                   flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
                                   cut in any::<prop::sample::Index>()) {
-        let payload = wire::encode_batch(&EventBatch { events });
+        let payload = meshos::trust::testing::seal_for(&State::new(&Config::for_tests()), &events, 1);
         let mut frame = Vec::new();
         wire::encode_frame(&mut frame, wire::FrameKind::Record, 1, 1, &payload);
         for (index, value) in &flips {
@@ -502,7 +490,7 @@ proptest! {
         aligned.extend_from_slice(&frame[..end]);
         let _ = wire::decode_header(&aligned, 1 << 20);
         if let Ok(decoded) = wire::decode_frame(&aligned, 1 << 20) {
-            let mut state = State::new(&Config::default());
+            let mut state = State::new(&Config::for_tests());
             fold_payload(&mut state, 1, 1, decoded.payload);
         }
         // Skip the frame checksum: mutate the payload itself and fold it directly.
@@ -511,13 +499,12 @@ proptest! {
             let at = index.index(raw.len());
             raw[at] ^= value;
         }
-        let mut state = State::new(&Config::default());
+        let mut state = State::new(&Config::for_tests());
         fold_payload(&mut state, 1, 1, &raw);
-        // Every event of a payload that still validates is applied or rejected (a flip
-        // may leave a valid empty batch); a payload that does not is rejected once.
-        match wire::access_batch(&raw) {
-            Ok(batch) => prop_assert_eq!(state.events_applied + state.rejections.total, batch.events.len() as u64),
-            Err(_) => prop_assert_eq!((state.events_applied, state.rejections.total), (0, 1)),
+        // A flipped byte breaks a section's shape, its body or its signature: whatever
+        // it hit is rejected, and nothing a flip touched is applied as if signed.
+        if raw[..] != payload[..] {
+            prop_assert!(state.rejections.total >= 1, "a changed byte of a signed payload must be refused");
         }
         state.check_invariants();
     }
@@ -550,7 +537,7 @@ fn a_bad_payload_hashes_the_same_wherever_it_sits_in_memory() {
         let mut buffer = rkyv::util::AlignedVec::<16>::new();
         buffer.extend_from_slice(&vec![0u8; shift]);
         buffer.extend_from_slice(&bytes);
-        let mut state = State::new(&Config::default());
+        let mut state = State::new(&Config::for_tests());
         fold_payload(&mut state, 1, 5, &buffer[shift..]);
         assert_eq!(rejection_names(&state), vec!["bad_payload"]);
         state.state_hash()
@@ -565,7 +552,7 @@ fn an_unaligned_good_payload_is_folded_not_rejected() {
     let mut buffer = rkyv::util::AlignedVec::<16>::new();
     buffer.extend_from_slice(&[0u8; 5]);
     buffer.extend_from_slice(&payload);
-    let mut state = State::new(&Config::default());
+    let mut state = State::new(&Config::for_tests());
     fold_payload(&mut state, 1, 1_100, &buffer[5..]);
     assert_eq!(state.state_hash(), fold_events(&base()).state_hash());
 }
@@ -574,7 +561,7 @@ fn an_unaligned_good_payload_is_folded_not_rejected() {
 fn names_labels_and_specs_are_bounded() {
     let limits =
         FoldLimits { symbols_max: 3, labels_per_node_max: 2, daemon_spec_bytes_max: 256, ..FoldLimits::default() };
-    let mut state = State::new(&Config { fold: limits, ..Config::default() });
+    let mut state = State::new(&Config { fold: limits, ..Config::for_tests() });
     let labelled = |seq, version, labels: &[&str]| {
         let capability = Capability {
             version,

@@ -23,7 +23,7 @@ fn payload(position: u64) -> Vec<u8> {
 
 /// Small segments so a few dozen records span several files.
 fn small_config() -> Config {
-    Config { frame_bytes_max: 1024, segment_bytes_max: 2048, fsync: FsyncPolicy::Manual, ..Config::default() }
+    Config { frame_bytes_max: 1024, segment_bytes_max: 2048, fsync: FsyncPolicy::Manual, ..Config::for_tests() }
 }
 
 fn write_log(dir: &Path, config: &Config, records: u64) {
@@ -148,7 +148,7 @@ fn flipped_byte_is_found_and_quarantined() {
 
 #[test]
 fn cut_tails_are_recovered() {
-    let config = Config { fsync: FsyncPolicy::Always, ..Config::default() };
+    let config = Config { fsync: FsyncPolicy::Always, ..Config::for_tests() };
     // Cut inside the last frame's header, inside its payload, and one byte short.
     for (name, cut_into_last) in [("mid-header", 10u64), ("mid-payload", 40), ("one byte short", u64::MAX)] {
         let temp = tempfile::tempdir().unwrap();
@@ -230,7 +230,7 @@ fn corrupt_segment_header_drops_that_segment_and_later() {
 #[test]
 fn second_writer_is_locked_out() {
     let temp = tempfile::tempdir().unwrap();
-    let config = Config::default();
+    let config = Config::for_tests();
     let (log, _) = EmbeddedLog::open(temp.path(), &config).unwrap();
     let error = EmbeddedLog::open(temp.path(), &config).unwrap_err();
     assert!(matches!(error, RedexError::Locked { .. }), "{error}");
@@ -255,7 +255,7 @@ fn oversized_record_is_refused() {
 #[test]
 fn positions_and_times_never_go_backwards() {
     let temp = tempfile::tempdir().unwrap();
-    let config = Config { fsync: FsyncPolicy::Manual, ..Config::default() };
+    let config = Config { fsync: FsyncPolicy::Manual, ..Config::for_tests() };
     let (mut log, report) = EmbeddedLog::open(temp.path(), &config).unwrap();
     assert_eq!((report.last_position, log.last_position(), log.durable_position()), (0, 0, 0));
     let first = log.append_at(&payload(1), 1_000).unwrap();

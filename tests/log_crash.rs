@@ -49,10 +49,10 @@ fn expected_payload(position: u64) -> Vec<u8> {
 
 /// Mode `i` of a log directory: (config, how the child syncs).
 fn config_for(mode: usize) -> Config {
-    let small = Config { frame_bytes_max: 4096, segment_bytes_max: 8192, ..Config::default() };
+    let small = Config { frame_bytes_max: 4096, segment_bytes_max: 8192, ..Config::for_tests() };
     match mode % 4 {
         0 => Config { fsync: FsyncPolicy::Always, ..small },
-        1 => Config { fsync: FsyncPolicy::Manual, ..Config::default() },
+        1 => Config { fsync: FsyncPolicy::Manual, ..Config::for_tests() },
         2 => Config { fsync: FsyncPolicy::Group { records: 5, bytes: 1 << 20 }, ..small },
         _ => Config { fsync: FsyncPolicy::Manual, ..small },
     }

@@ -4,6 +4,8 @@
 //! every acknowledged event is in the log and the restarted node recovers exactly the
 //! state a replay gives.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -26,6 +28,10 @@ struct Node {
 }
 
 fn write_config(dir: &Path) -> PathBuf {
+    // node-1 and the load clients (load-0.., 900 and 901) with their test keys.
+    let mut others = common::load_names(0, 8);
+    others.extend(common::load_names(900, 2));
+    common::trust_node_dir(dir, "node-1", &others);
     let path = dir.join("node.toml");
     let text = format!(
         "name = \"node-1\"\ndata_dir = \"{}\"\nheartbeat_ms = 100\nlog_level = \"info\"\n\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n",
@@ -36,7 +42,7 @@ fn write_config(dir: &Path) -> PathBuf {
 }
 
 fn library_config(dir: &Path) -> meshos::config::Config {
-    let config = NodeConfig::load(&dir.join("node.toml")).unwrap().to_config();
+    let config = NodeConfig::load(&dir.join("node.toml")).unwrap().engine_config().unwrap();
     meshos::config::Config { fsync: FsyncPolicy::Manual, ..config }
 }
 
@@ -123,7 +129,7 @@ fn log_origin_seqs(dir: &Path) -> HashMap<String, Vec<u64>> {
     let (mut log, _) = meshos::redex::embedded::EmbeddedLog::open(&dir.join("log"), &library_config(dir)).unwrap();
     let mut seqs: HashMap<String, Vec<u64>> = HashMap::new();
     meshos::redex::Redex::read_from(&mut log, 1, &mut |record| {
-        for event in meshos::wire::decode_batch(record.payload).unwrap().events {
+        for event in meshos::wire::decode_sections(record.payload).unwrap().into_iter().flat_map(|batch| batch.events) {
             seqs.entry(event.origin).or_default().push(event.origin_seq);
         }
         true
@@ -142,6 +148,15 @@ fn contiguous(seqs: &HashMap<String, Vec<u64>>, origin: &str) -> u64 {
     list.len() as u64
 }
 
+/// The cluster of every node these tests start (`common::trust_node_dir`).
+fn cluster_id() -> [u8; 16] {
+    let mut others = common::load_names(0, 8);
+    others.extend(common::load_names(900, 2));
+    let mut names = vec!["node-1".to_string()];
+    names.extend(others);
+    meshos::trust::Genesis::for_tests(&names).cluster_id()
+}
+
 fn load(addr: SocketAddr, first_index: u32, connections: u32, frames: u64) -> Vec<ConnectionResult> {
     let options = LoadOptions {
         connections,
@@ -151,6 +166,7 @@ fn load(addr: SocketAddr, first_index: u32, connections: u32, frames: u64) -> Ve
         frames_per_write: 4,
         peer: "node-1".to_string(),
         resume_after: 0,
+        cluster_id: cluster_id(),
     };
     loadgen::run(addr, &options, ACK_TIMEOUT)
 }
@@ -165,15 +181,15 @@ fn every_event_of_good_clients_is_folded_despite_bad_clients_and_sigterm_is_clea
     let mut garbage = TcpStream::connect(node.addr).unwrap();
     garbage.write_all(&[0x5a; 4096]).unwrap();
     let mut cut = TcpStream::connect(node.addr).unwrap();
-    let mut template = loadgen::FrameTemplate::setup(900);
+    let mut template = loadgen::FrameTemplate::setup(900, cluster_id());
     let frame = template.fill(1, 1, true).to_vec();
     cut.write_all(&frame[..frame.len() / 2]).unwrap();
     drop(cut);
     // A client that sends and never reads its acknowledgements.
     let mut deaf = TcpStream::connect(node.addr).unwrap();
-    let mut deaf_template = loadgen::FrameTemplate::setup(901);
+    let mut deaf_template = loadgen::FrameTemplate::setup(901, cluster_id());
     deaf.write_all(deaf_template.fill(1, 1, true)).unwrap();
-    let mut deaf_steady = loadgen::FrameTemplate::steady(901, 64, "node-1");
+    let mut deaf_steady = loadgen::FrameTemplate::steady(901, 64, "node-1", cluster_id());
     for seq in 2..=300u64 {
         deaf.write_all(deaf_steady.fill(seq, 4 + (seq - 2) * 64, true)).unwrap();
     }
@@ -227,8 +243,11 @@ fn every_event_of_good_clients_is_folded_despite_bad_clients_and_sigterm_is_clea
         meshos::redex::embedded::EmbeddedLog::open(&dir.path().join("log"), &library_config(dir.path())).unwrap();
     let mut stamped = Vec::new();
     meshos::redex::Redex::read_from(&mut log, local_ack.position, &mut |record| {
-        let batch = meshos::wire::decode_batch(record.payload).unwrap();
-        stamped = batch.events.iter().map(|event| (event.origin.clone(), event.origin_seq)).collect();
+        let batches = meshos::wire::decode_sections(record.payload).unwrap();
+        stamped = batches
+            .iter()
+            .flat_map(|batch| batch.events.iter().map(|event| (event.origin.clone(), event.origin_seq)))
+            .collect();
         false
     })
     .unwrap();

@@ -32,7 +32,7 @@ fn capability(name: &str, endpoint: String) -> Event {
 /// Live nodes with these peer ports; `blob` (if any) announced and held healthy by
 /// `holders`.
 fn cluster(nodes: &[(&str, String)], blob: Option<(BlobHash, u64)>, holders: &[&str]) -> State {
-    let mut state = State::new(&meshos::config::Config::default());
+    let mut state = State::new(&meshos::config::Config::for_tests());
     let mut setup = Vec::new();
     for (name, endpoint) in nodes {
         setup.push(capability(name, endpoint.clone()));

@@ -6,13 +6,11 @@ mod common;
 
 use common::event;
 use meshos::action::describe;
-use meshos::admin::OperatorKey;
 use meshos::config::{Config, ReconcileConfig};
 use meshos::event::*;
 use meshos::fold::fold_payload;
 use meshos::reconcile::{Reconciler, Scope};
 use meshos::state::State;
-use meshos::wire;
 
 /// Folds records one by one (100 ms apart unless a record says otherwise) and runs an
 /// incremental pass after each; returns the described actions of every pass.
@@ -21,28 +19,23 @@ struct Harness {
     reconciler: Reconciler,
     time_ms: u64,
     seqs: std::collections::BTreeMap<String, u64>,
-    /// The operator's key and its last admin sequence number.
-    key: OperatorKey,
-    admin_seq: u64,
 }
 
 impl Harness {
     fn new(reconcile: ReconcileConfig) -> Harness {
-        let config = Config { reconcile, ..Config::default() };
+        let config = Config { reconcile, ..Config::for_tests() };
         Harness {
             state: State::new(&config),
             reconciler: Reconciler::new(),
             time_ms: 1_000_000,
             seqs: Default::default(),
-            key: meshos::admin::test_key(),
-            admin_seq: 0,
         }
     }
 
     /// One record at `time_ms + after_ms`; the actions of the pass after it.
     fn step(&mut self, after_ms: u64, events: Vec<Event>) -> Vec<String> {
         self.time_ms += after_ms;
-        let payload = wire::encode_batch(&EventBatch { events });
+        let payload = meshos::trust::testing::seal_for(&self.state, &events, self.time_ms);
         let position = self.state.position + 1;
         fold_payload(&mut self.state, position, self.time_ms, &payload);
         assert_eq!(self.state.rejections.total, 0, "{:?}", self.state.rejections.kept);
@@ -69,15 +62,13 @@ impl Harness {
         event(origin, *seq, kind)
     }
 
-    /// An admin command from `origin`, signed with the operator key (next admin_seq).
+    /// An admin command (sealed in an operator section signed by the test key).
     fn signed(&mut self, origin: &str, command: AdminCommand) -> Event {
-        self.admin_seq += 1;
-        let signed = self.key.sign("ops", self.admin_seq, command);
-        self.ev(origin, EventKind::Admin(Box::new(signed)))
+        self.ev(origin, EventKind::Admin(Box::new(command)))
     }
 
-    /// Nodes join with one zone each and a heartbeat; the first join also signs the
-    /// keyring's genesis (from the first node), so admin commands apply.
+    /// Nodes join with one zone each and a heartbeat (the sealer admits their test
+    /// keys in the same record; the genesis trusts the test operator key).
     fn join(&mut self, names: &[&str]) -> Vec<String> {
         let mut events = Vec::new();
         for (index, name) in names.iter().enumerate() {
@@ -91,10 +82,6 @@ impl Harness {
             };
             events.push(self.ev(name, EventKind::Capability(Box::new(capability))));
             events.push(self.ev(name, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 })));
-        }
-        if self.state.keyring.version == 0 {
-            let keys = vec![self.key.public_key()];
-            events.push(self.signed(names[0], AdminCommand::SetKeyring { version: 1, keys }));
         }
         self.step(100, events)
     }
@@ -433,7 +420,7 @@ fn incremental_equals_full_on_generated_logs() {
             record_events: 64,
         };
         let records = common::generate(options);
-        let mut state = State::new(&Config::default());
+        let mut state = State::new(&Config::for_tests());
         let mut incremental = Reconciler::new();
         let mut full = Reconciler::new();
         let mut emitted = 0usize;
@@ -1091,7 +1078,7 @@ fn a_node_leaving_maintenance_recovers_after_a_fresh_capability_and_its_ramp_up_
     assert!(h.state.nodes.eligible[b]);
     // Exit of an active node is refused with its reason (the harness counts rejections).
     let event = h.signed("a", AdminCommand::ExitMaintenance { node: "b".into() });
-    let payload = wire::encode_batch(&EventBatch { events: vec![event] });
+    let payload = meshos::trust::testing::seal_for(&h.state, &[event], h.time_ms + 10);
     let position = h.state.position + 1;
     fold_payload(&mut h.state, position, h.time_ms + 10, &payload);
     assert_eq!(h.state.rejections.total, 1);

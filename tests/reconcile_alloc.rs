@@ -52,7 +52,7 @@ fn allocations_during(work: impl FnOnce()) -> u64 {
 }
 
 fn disturbed(base: &State, corrupt_every: usize, down: Option<u32>) -> State {
-    let mut feeder = Feeder::new(&Config::default(), base.nodes.len() as u32);
+    let mut feeder = Feeder::new(&Config::for_tests(), base.nodes.len() as u32);
     feeder.state = base.clone();
     feeder.set_seqs(base.nodes.origin_seq_last.clone());
     feeder.time_ms = base.now_ms;
@@ -69,7 +69,7 @@ fn disturbed(base: &State, corrupt_every: usize, down: Option<u32>) -> State {
 
 #[test]
 fn passes_allocate_nothing_outside_the_arena() {
-    let base = converged_cluster(&Config::default(), 100, 3_000, 3);
+    let base = converged_cluster(&Config::for_tests(), 100, 3_000, 3);
     let mut reconciler = Reconciler::new();
 
     // Warm up: the arena and the planner's scratch reach their working size.
@@ -99,7 +99,7 @@ fn passes_allocate_nothing_outside_the_arena() {
     // A state loaded from a checkpoint has its working lists' room reserved again
     // (`State::rebuild_indexes`): its passes allocate nothing either. (In this test,
     // not another: the counter is global and tests run on parallel threads.)
-    let config = Config::default();
+    let config = Config::for_tests();
     for scope in [Scope::Incremental, Scope::Full] {
         let churned = disturbed(&base, 100, Some(7));
         let bytes = checkpoint::encode_into(&churned, rkyv::util::AlignedVec::new()).unwrap();

@@ -33,11 +33,25 @@ fn frame(origin: &str, first_seq: u64, count: u64, frame_seq: u64, ack: bool) ->
             kind: EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 1 }),
         })
         .collect();
-    let payload = wire::encode_batch(&EventBatch { events });
+    // This node's own events come unsigned over its Unix socket (the sequencer signs
+    // them); every other origin signs with its key.
+    let batch = EventBatch { events };
+    let payload = if origin == "node-1" {
+        meshos::trust::record::unsigned_batch(&batch)
+    } else {
+        meshos::trust::Sealer::node(origin, meshos::trust::test_key_of(origin), CLUSTER_ID).seal_batch(&batch)
+    };
     let mut out = Vec::new();
     let kind = if ack { FrameKind::EventsAckWanted } else { FrameKind::Events };
     wire::encode_frame(&mut out, kind, frame_seq, 0, &payload);
     out
+}
+
+const CLUSTER_ID: [u8; 16] = [3; 16];
+
+/// What node-1 signs its records with.
+fn sealer() -> meshos::trust::Sealer {
+    meshos::trust::Sealer::node("node-1", meshos::trust::test_key_of("node-1"), CLUSTER_ID)
 }
 
 fn source(id: u64, kind: SourceKind, capacity: usize) -> (Producer<Vec<u8>>, Source) {
@@ -61,7 +75,7 @@ fn command_kinds(sequencer: &mut Sequencer) -> Vec<&'static str> {
 /// An embedded log in a new temporary directory (kept alive by the returned guard).
 fn temp_log() -> (tempfile::TempDir, EmbeddedLog) {
     let dir = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open(dir.path(), &Config { fsync: FsyncPolicy::Manual, ..Config::default() }).unwrap().0;
+    let log = EmbeddedLog::open(dir.path(), &Config { fsync: FsyncPolicy::Manual, ..Config::for_tests() }).unwrap().0;
     (dir, log)
 }
 
@@ -70,8 +84,11 @@ fn committed(sequencer: &Sequencer) -> Vec<Vec<(String, u64)>> {
     sequencer
         .committed()
         .map(|(_, payload)| {
-            let batch = wire::access_batch(payload).unwrap();
-            batch.events.iter().map(|event| (event.origin.to_string(), event.origin_seq.to_native())).collect()
+            let batches = wire::decode_sections(payload).unwrap();
+            batches
+                .iter()
+                .flat_map(|batch| batch.events.iter().map(|event| (event.origin.clone(), event.origin_seq)))
+                .collect()
         })
         .collect()
 }
@@ -79,7 +96,7 @@ fn committed(sequencer: &Sequencer) -> Vec<Vec<(String, u64)>> {
 #[test]
 fn sources_are_served_round_robin_and_a_full_group_resumes_after_the_last_served() {
     let (_dir, mut log) = temp_log();
-    let mut sequencer = Sequencer::new(config(2, 4), 0, false);
+    let mut sequencer = Sequencer::new(config(2, 4), sealer(), 0, false);
     let (mut chatty, chatty_source) = source(20, SourceKind::Tcp, 16);
     let (mut quiet, quiet_source) = source(21, SourceKind::Tcp, 16);
     let (mut third, third_source) = source(22, SourceKind::Tcp, 16);
@@ -106,7 +123,7 @@ fn sources_are_served_round_robin_and_a_full_group_resumes_after_the_last_served
 #[test]
 fn local_sources_get_this_nodes_sequence_numbers_and_a_foreign_origin_closes_them() {
     let (_dir, mut log) = temp_log();
-    let mut sequencer = Sequencer::new(config(8, 64), 41, false);
+    let mut sequencer = Sequencer::new(config(8, 64), sealer(), 41, false);
     let (mut local, local_source) = source(30, SourceKind::Unix, 8);
     sequencer.add_source(local_source);
     local.try_push(frame("node-1", 0, 3, 1, false)).unwrap();
@@ -131,7 +148,7 @@ fn local_sources_get_this_nodes_sequence_numbers_and_a_foreign_origin_closes_the
 #[test]
 fn acks_are_queued_after_the_sync_with_the_highest_frame_of_each_source() {
     let (_dir, mut log) = temp_log();
-    let mut sequencer = Sequencer::new(config(8, 64), 0, false);
+    let mut sequencer = Sequencer::new(config(8, 64), sealer(), 0, false);
     let (mut client, client_source) = source(40, SourceKind::Tcp, 8);
     sequencer.add_source(client_source);
     client.try_push(frame("a", 1, 2, 1, true)).unwrap();
@@ -155,7 +172,7 @@ fn acks_are_queued_after_the_sync_with_the_highest_frame_of_each_source() {
 fn backpressure_rises_above_the_high_mark_and_falls_only_below_the_low_mark() {
     let (_dir, mut log) = temp_log();
     // One frame per group, so the queue drains one frame per commit.
-    let mut sequencer = Sequencer::new(config(1, 1), 0, false);
+    let mut sequencer = Sequencer::new(config(1, 1), sealer(), 0, false);
     let (mut client, client_source) = source(50, SourceKind::Tcp, 16);
     sequencer.add_source(client_source);
     for seq in 1..=15 {
@@ -192,7 +209,7 @@ fn backpressure_rises_above_the_high_mark_and_falls_only_below_the_low_mark() {
 fn an_idle_source_is_served_wherever_it_sits_among_busy_ones() {
     for quiet_at in 0..5usize {
         let (_dir, mut log) = temp_log();
-        let mut sequencer = Sequencer::new(config(1, 2), 0, false);
+        let mut sequencer = Sequencer::new(config(1, 2), sealer(), 0, false);
         let (mut busy, mut quiet) = (Vec::new(), None);
         for index in 0..5usize {
             let (producer, new_source) = source(100 + index as u64, SourceKind::Tcp, 64);
@@ -241,7 +258,7 @@ fn an_idle_source_is_served_wherever_it_sits_among_busy_ones() {
 fn frame_numbers_must_start_at_one_and_increase() {
     for numbers in [vec![5u64, 3], vec![0], vec![2, 2]] {
         let (_dir, mut log) = temp_log();
-        let mut sequencer = Sequencer::new(config(8, 64), 0, false);
+        let mut sequencer = Sequencer::new(config(8, 64), sealer(), 0, false);
         let (mut client, client_source) = source(70, SourceKind::Tcp, 8);
         sequencer.add_source(client_source);
         for (index, &number) in numbers.iter().enumerate() {
@@ -279,7 +296,7 @@ fn frame_numbers_must_start_at_one_and_increase() {
 #[test]
 fn a_bad_frame_closes_its_source_only_after_the_acks_of_the_good_frames_before_it() {
     let (_dir, mut log) = temp_log();
-    let mut sequencer = Sequencer::new(config(8, 64), 0, false);
+    let mut sequencer = Sequencer::new(config(8, 64), sealer(), 0, false);
     let (mut client, client_source) = source(72, SourceKind::Tcp, 8);
     sequencer.add_source(client_source);
     client.try_push(frame("a", 1, 1, 1, true)).unwrap();
@@ -295,7 +312,7 @@ fn a_bad_frame_closes_its_source_only_after_the_acks_of_the_good_frames_before_i
 
 #[test]
 fn tcp_frames_may_not_speak_for_this_node() {
-    let mut sequencer = Sequencer::new(config(8, 64), 0, false);
+    let mut sequencer = Sequencer::new(config(8, 64), sealer(), 0, false);
     let (mut tcp, tcp_source) = source(80, SourceKind::Tcp, 8);
     sequencer.add_source(tcp_source);
     tcp.try_push(frame("node-1", u64::MAX, 1, 1, false)).unwrap();
@@ -306,7 +323,7 @@ fn tcp_frames_may_not_speak_for_this_node() {
     });
     assert!(error.expect("closed").contains("may not name this node"));
     // Even a folded state at the very end of the numbers does not panic a restart.
-    let mut restarted = Sequencer::new(config(8, 64), u64::MAX, false);
+    let mut restarted = Sequencer::new(config(8, 64), sealer(), u64::MAX, false);
     restarted.push_own(EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 }));
     assert_eq!(restarted.collect(), 0);
     assert_eq!(restarted.stats().own_events_unnumbered, 1);
@@ -315,14 +332,17 @@ fn tcp_frames_may_not_speak_for_this_node() {
 #[test]
 fn a_restart_lowers_backpressure_an_earlier_run_left_raised() {
     let (_dir, mut log) = temp_log();
-    let mut sequencer = Sequencer::new(config(8, 64), 10, true);
+    let mut sequencer = Sequencer::new(config(8, 64), sealer(), 10, true);
     assert_eq!(sequencer.collect(), 1);
     sequencer.commit(&mut log).unwrap();
     let batch: Vec<String> = sequencer
         .committed()
         .flat_map(|(_, payload)| {
-            let batch = wire::decode_batch(payload).unwrap();
-            batch.events.into_iter().map(|event| format!("{} {} {:?}", event.origin, event.origin_seq, event.kind))
+            let batches = wire::decode_sections(payload).unwrap();
+            batches
+                .into_iter()
+                .flat_map(|batch| batch.events)
+                .map(|event| format!("{} {} {:?}", event.origin, event.origin_seq, event.kind))
         })
         .collect();
     assert_eq!(batch, ["node-1 11 Backpressure { raised: false }"]);
@@ -333,7 +353,8 @@ fn a_restart_lowers_backpressure_an_earlier_run_left_raised() {
 #[test]
 fn backpressure_is_lowered_only_after_the_low_marks_held_for_the_hold_period() {
     let (_dir, mut log) = temp_log();
-    let mut sequencer = Sequencer::new(SequencerConfig { backpressure_hold_ms: 200, ..config(1, 1) }, 0, false);
+    let mut sequencer =
+        Sequencer::new(SequencerConfig { backpressure_hold_ms: 200, ..config(1, 1) }, sealer(), 0, false);
     let (mut client, client_source) = source(90, SourceKind::Tcp, 8);
     sequencer.add_source(client_source);
     let mut seq = 0;

@@ -20,7 +20,7 @@ fn acceptance(seed: u64) -> SimOptions {
 }
 
 fn run(options: &SimOptions) -> SimReport {
-    cluster::run(options, &Config::default(), &mut |_, _| {})
+    cluster::run(options, &Config::for_tests(), &mut |_, _| {})
 }
 
 fn assert_clean(options: &SimOptions) {
@@ -115,7 +115,7 @@ fn options_out_of_range_name_their_flag() {
 
 /// Two nodes joined by fold, no pass yet: neither is eligible.
 fn joined_state(reconcile: ReconcileConfig) -> State {
-    let config = Config { reconcile, ..Config::default() };
+    let config = Config { reconcile, ..Config::for_tests() };
     let mut state = State::new(&config);
     let mut events = Vec::new();
     for name in ["a", "b"] {

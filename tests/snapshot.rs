@@ -28,7 +28,7 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
-        Cluster { engine: Engine::new(&Config::default()), seqs: BTreeMap::new() }
+        Cluster { engine: Engine::new(&Config::for_tests()), seqs: BTreeMap::new() }
     }
 
     fn apply(&mut self, events: &[Event]) {

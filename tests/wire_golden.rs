@@ -25,25 +25,44 @@ fn heartbeat_batch() -> EventBatch {
     }
 }
 
-fn mixed_batch() -> EventBatch {
+/// The cluster id the pinned signatures are made for.
+const CLUSTER_ID: [u8; 16] = [0x42; 16];
+
+fn node_batch() -> EventBatch {
     EventBatch {
-        events: vec![
-            Event {
-                origin: "n2".into(),
-                origin_seq: 1,
-                kind: EventKind::ReplicaUpdate { blob: [0xab; 32], state: ReplicaState::Healthy },
-            },
-            Event {
-                origin: "n2".into(),
-                origin_seq: 2,
-                kind: EventKind::Admin(Box::new(meshos::admin::OperatorKey::from_seed([7; 32]).sign(
-                    "ops",
-                    1,
-                    AdminCommand::DropReplicas { node: "n3".into(), blob: None },
-                ))),
-            },
-        ],
+        events: vec![Event {
+            origin: "n2".into(),
+            origin_seq: 1,
+            kind: EventKind::ReplicaUpdate { blob: [0xab; 32], state: ReplicaState::Healthy },
+        }],
     }
+}
+
+fn operator_batch() -> EventBatch {
+    EventBatch {
+        events: vec![Event {
+            origin: String::new(),
+            origin_seq: 0,
+            kind: EventKind::Admin(Box::new(AdminCommand::DropReplicas { node: "n3".into(), blob: None })),
+        }],
+    }
+}
+
+/// A node's section (heartbeat of node-1, signed with its test key).
+fn heartbeat_payload() -> Vec<u8> {
+    let sealer = meshos::trust::Sealer::node("node-1", meshos::trust::test_key_of("node-1"), CLUSTER_ID);
+    sealer.seal_batch(&heartbeat_batch()).to_vec()
+}
+
+/// A record of two sections: n2's replica update, then an operator's command
+/// (ed25519 signatures are deterministic, so the bytes are fixed).
+fn record_payload() -> Vec<u8> {
+    let mut out = rkyv::util::AlignedVec::<16>::new();
+    let node = meshos::trust::Sealer::node("n2", meshos::trust::test_key_of("n2"), CLUSTER_ID);
+    node.seal_into(&mut out, &wire::encode_batch(&node_batch()), 0, &[0; 16]);
+    let operator = meshos::trust::Sealer::operator("ops", meshos::admin::OperatorKey::from_seed([7; 32]), CLUSTER_ID);
+    operator.seal_into(&mut out, &wire::encode_batch(&operator_batch()), 1_767_225_660_000, &[9; 16]);
+    out.to_vec()
 }
 
 /// Prints the current bytes, for a deliberate format change (`--nocapture`).
@@ -55,15 +74,13 @@ fn show(name: &str, bytes: &[u8]) -> String {
 
 #[test]
 fn events_frame_bytes_are_pinned() {
-    let payload = wire::encode_batch(&heartbeat_batch());
-    let bytes = frame(FrameKind::Events, 1, 0, &payload);
+    let bytes = frame(FrameKind::Events, 1, 0, &heartbeat_payload());
     assert_eq!(show("events", &bytes), GOLDEN_EVENTS);
 }
 
 #[test]
 fn record_frame_bytes_are_pinned() {
-    let payload = wire::encode_batch(&mixed_batch());
-    let bytes = frame(FrameKind::Record, 42, 1_767_225_600_000, &payload);
+    let bytes = frame(FrameKind::Record, 42, 1_767_225_600_000, &record_payload());
     assert_eq!(show("record", &bytes), GOLDEN_RECORD);
 }
 
@@ -85,11 +102,18 @@ fn ack_frame_bytes_are_pinned() {
 
 #[test]
 fn golden_frames_decode_back_to_their_events() {
-    for (golden, batch) in [(GOLDEN_EVENTS, heartbeat_batch()), (GOLDEN_RECORD, mixed_batch())] {
+    let cases = [(GOLDEN_EVENTS, vec![heartbeat_batch()]), (GOLDEN_RECORD, vec![node_batch(), operator_batch()])];
+    for (golden, batches) in cases {
         let bytes: Vec<u8> =
             (0..golden.len()).step_by(2).map(|at| u8::from_str_radix(&golden[at..at + 2], 16).unwrap()).collect();
         let frame = wire::decode_frame(&bytes, 1 << 20).unwrap();
-        assert_eq!(wire::decode_batch(frame.payload).unwrap(), batch);
+        assert_eq!(wire::decode_sections(frame.payload).unwrap(), batches);
+        // Every section's signature verifies for the pinned cluster, and for no other.
+        for section in meshos::trust::sections(frame.payload) {
+            let section = section.unwrap();
+            assert!(meshos::trust::record::verify(&section, &CLUSTER_ID));
+            assert!(!meshos::trust::record::verify(&section, &[0x43; 16]));
+        }
     }
 }
 

@@ -167,7 +167,12 @@ pub fn seal_operator(
 
 /// `seal_operator` now: valid for `OPERATOR_VALIDITY_MS` from this machine's clock,
 /// with a random nonce.
-pub fn sign_now(key: &KeyPair, operator: &str, cluster_id: ClusterId, kinds: Vec<EventKind>) -> Result<AlignedVec<ALIGN_BYTES>, AdminError> {
+pub fn sign_now(
+    key: &KeyPair,
+    operator: &str,
+    cluster_id: ClusterId,
+    kinds: Vec<EventKind>,
+) -> Result<AlignedVec<ALIGN_BYTES>, AdminError> {
     let expires_ms = wall_clock_ms().saturating_add(OPERATOR_VALIDITY_MS);
     Ok(seal_operator(key, operator, cluster_id, kinds, expires_ms, &random_nonce()?))
 }

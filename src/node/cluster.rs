@@ -33,10 +33,10 @@ use std::time::{Duration, Instant};
 
 use rkyv::util::AlignedVec;
 
+use crate::config::Config;
 use crate::engine::Engine;
 use crate::event::EventKind;
 use crate::ingest::park::Signal;
-use crate::config::Config;
 use crate::node::config::NodeConfig;
 use crate::node::run::{dispatch_actions, write_atomically, Executors, NodeError, NodeReport, ADDR_FILE};
 use crate::redex::jetstream::{

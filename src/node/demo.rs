@@ -186,7 +186,10 @@ pub fn seed(options: &DemoOptions, first: &NodeConfig) -> Result<String, DemoErr
     for index in 0..options.blobs {
         let bytes = blob_bytes(index, options.blob_bytes);
         let (blob, size_bytes) = store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {})?;
-        send(vec![EventKind::BlobAnnounce { blob, size_bytes }, EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy }])?;
+        send(vec![
+            EventKind::BlobAnnounce { blob, size_bytes },
+            EventKind::ReplicaUpdate { blob, state: ReplicaState::Healthy },
+        ])?;
         send_signed(vec![EventKind::PlacementIntent(PlacementIntent {
             blob,
             replicas,

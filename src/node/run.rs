@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::action::{describe, Action};
+use crate::config::Config;
 use crate::engine::Engine;
 use crate::event::{EventKind, NodeHealth};
 use crate::exec::capability::CapabilityPublisher;
@@ -42,7 +43,6 @@ use crate::exec::daemons::DaemonExecutor;
 use crate::ingest::park::Signal;
 use crate::node::config::NodeConfig;
 use crate::node::identity::NodeIdentity;
-use crate::config::Config;
 use crate::redex::embedded::EmbeddedLog;
 use crate::redex::{Redex, RedexError};
 use crate::sequencer::{Sequencer, SequencerStats};
@@ -413,7 +413,9 @@ fn run_until(
         for line in &identity.created {
             tracing::info!(node = node.name, "{line}");
         }
-        if identity.genesis != identities.first().map_or(identity.genesis.clone(), |first: &NodeIdentity| first.genesis.clone()) {
+        if identity.genesis
+            != identities.first().map_or(identity.genesis.clone(), |first: &NodeIdentity| first.genesis.clone())
+        {
             return Err(NodeError::Trust(crate::trust::TrustError::Genesis {
                 path: node.genesis_path(),
                 reason: "the nodes of one group must share their genesis".to_string(),

@@ -297,8 +297,8 @@ fn scan_segment(
         if problem.is_none() && validate_payloads {
             // An intact frame whose payload is not an event batch was written that way: it
             // is not damage (open keeps it, fold rejects it as bad_payload), but say so.
-            match wire::access_batch(frame.payload) {
-                Ok(batch) => scan.events += batch.events.len() as u64,
+            match wire::validate_sections(frame.payload) {
+                Ok(events) => scan.events += events,
                 Err(error) => {
                     scan.invalid_payloads += 1;
                     if scan.first_invalid_payload.is_none() {

@@ -30,8 +30,8 @@ use smallvec::SmallVec;
 use crate::action::{Action, ActionKind};
 use crate::config::{Config, ReconcileConfig};
 use crate::event::{
-    AdminCommand, BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventKind,
-    NodeHealth, Outcome, PlacementIntent, ReplicaState,
+    AdminCommand, BlobHash, Capability, DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventKind, NodeHealth,
+    Outcome, PlacementIntent, ReplicaState,
 };
 use crate::fold::fold_payload;
 use crate::reconcile::{Reconciler, Scope};

@@ -9,7 +9,6 @@ use crate::fold::fold_payload;
 use crate::reconcile::{Reconciler, Scope};
 use crate::state::State;
 
-
 /// Log time of the fixture's records (2026-01-01T00:00:00Z plus a little).
 pub const FIXTURE_EPOCH_MS: u64 = 1_767_225_600_000;
 /// Events per record when building a fixture.
@@ -137,4 +136,25 @@ pub fn converged_cluster(config: &Config, nodes: u32, blobs: u32, replicas: u8) 
     let actions = reconciler.pass(&mut feeder.state, Scope::Full).len();
     assert_eq!(actions, 0, "the fixture cluster must be converged");
     feeder.state
+}
+
+/// Gives a node `name` whose data directory is `dir` a known identity before its
+/// first start (tests, benches, the load tool): its key file holds
+/// `trust::test_key_of(name)` and `dir/genesis.toml` is `Genesis::for_tests` admitting
+/// `name` and `others` (load clients, other nodes) with their test keys, under the
+/// test operator key. Existing files are kept. Returns the genesis.
+pub fn trust_test_node_dir(dir: &std::path::Path, name: &str, others: &[String]) -> crate::trust::Genesis {
+    std::fs::create_dir_all(dir).expect("a test directory");
+    let key_path = dir.join("node.key");
+    if !key_path.exists() {
+        crate::trust::test_key_of(name).write_new(&key_path).expect("a test key file");
+    }
+    let mut names = vec![name.to_string()];
+    names.extend(others.iter().cloned());
+    let genesis = crate::trust::Genesis::for_tests(&names);
+    let genesis_path = dir.join("genesis.toml");
+    if !genesis_path.exists() {
+        genesis.write_new(&genesis_path).expect("a test genesis file");
+    }
+    genesis
 }

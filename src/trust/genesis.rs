@@ -64,7 +64,11 @@ impl Genesis {
     }
 
     /// A genesis of these keys and nodes; the error names the first bad entry.
-    pub fn new(salt: [u8; 16], operator_keys: Vec<PublicKey>, nodes: Vec<(String, PublicKey)>) -> Result<Genesis, String> {
+    pub fn new(
+        salt: [u8; 16],
+        operator_keys: Vec<PublicKey>,
+        nodes: Vec<(String, PublicKey)>,
+    ) -> Result<Genesis, String> {
         if operator_keys.is_empty() {
             return Err("a genesis needs at least one operator key".into());
         }
@@ -139,7 +143,8 @@ impl Genesis {
             self.cluster_id_hex()
         );
         let _ = writeln!(text, "salt = \"{}\"", crate::event::hex(&self.salt));
-        let keys: Vec<String> = self.operator_keys.iter().map(|key| format!("\"{}\"", crate::event::hex(key))).collect();
+        let keys: Vec<String> =
+            self.operator_keys.iter().map(|key| format!("\"{}\"", crate::event::hex(key))).collect();
         let _ = writeln!(text, "operator_keys = [{}]", keys.join(", "));
         for (name, key) in &self.nodes {
             let _ = write!(text, "\n[[nodes]]\nname = \"{name}\"\nkey = \"{}\"\n", crate::event::hex(key));
@@ -163,7 +168,8 @@ impl Genesis {
         let key = |what: &str, text: &str| {
             parse_hex_bytes(text.as_bytes()).ok_or_else(|| bad(format!("{what} `{text}` is not 64 hex digits")))
         };
-        let operator_keys = file.operator_keys.iter().map(|text| key("operator key", text)).collect::<Result<_, _>>()?;
+        let operator_keys =
+            file.operator_keys.iter().map(|text| key("operator key", text)).collect::<Result<_, _>>()?;
         let nodes = file
             .nodes
             .iter()
@@ -173,7 +179,8 @@ impl Genesis {
     }
 
     pub fn load(path: &Path) -> Result<Genesis, TrustError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TrustError::Io { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| TrustError::Io { path: path.to_path_buf(), source })?;
         Genesis::parse(&text, path)
     }
 
@@ -193,7 +200,8 @@ impl Genesis {
     /// `trust::test_operator_key()` and the nodes `names` with `test_key_of(name)`.
     /// Its keys are public in the code: never a real cluster's.
     pub fn for_tests<S: AsRef<str>>(names: &[S]) -> Genesis {
-        let nodes = names.iter().map(|name| (name.as_ref().to_string(), test_key_of(name.as_ref()).public_key())).collect();
+        let nodes =
+            names.iter().map(|name| (name.as_ref().to_string(), test_key_of(name.as_ref()).public_key())).collect();
         Genesis::new([0x7e; 16], vec![test_operator_key().public_key()], nodes).expect("test names are valid")
     }
 }

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 pub use genesis::{test_operator_key, Genesis};
 pub use keys::{is_public_key, test_key_of, verify_bytes, KeyPair, PublicKey};
-pub use record::{sections, ClusterId, Section, SectionError, Sealer, SignerKind};
+pub use record::{sections, ClusterId, Sealer, Section, SectionError, SignerKind};
 
 use crate::event::ArchivedEventKind;
 
@@ -93,9 +93,9 @@ pub enum Sender {
 /// Who may send an event of this kind.
 pub fn sender_of(kind: &ArchivedEventKind) -> Sender {
     match kind {
-        ArchivedEventKind::Admin(_) | ArchivedEventKind::DaemonIntent { .. } | ArchivedEventKind::PlacementIntent(_) => {
-            Sender::Operator
-        }
+        ArchivedEventKind::Admin(_)
+        | ArchivedEventKind::DaemonIntent { .. }
+        | ArchivedEventKind::PlacementIntent(_) => Sender::Operator,
         ArchivedEventKind::ReplicaUpdate { .. }
         | ArchivedEventKind::Daemon { .. }
         | ArchivedEventKind::Rtt { .. }

@@ -168,7 +168,11 @@ pub fn section_at(payload: &[u8], offset: usize) -> Result<(Section<'_>, usize),
     let padded = body_bytes as u64 + wire::padding_bytes(body_bytes) as u64;
     let remaining = (payload.len() - body_start) as u64;
     if padded > remaining {
-        return Err(SectionError::Truncated { offset, needed: SECTION_HEADER_BYTES as u64 + padded, available: available as u64 });
+        return Err(SectionError::Truncated {
+            offset,
+            needed: SECTION_HEADER_BYTES as u64 + padded,
+            available: available as u64,
+        });
     }
     let body_end = body_start + body_bytes;
     let next = body_start + padded as usize;
@@ -246,7 +250,15 @@ pub fn verify(section: &Section<'_>, cluster_id: &ClusterId) -> bool {
 }
 
 /// Writes a section header (everything but the signature) for `body`.
-fn write_header(header: &mut [u8], kind: SignerKind, name: &str, key: &PublicKey, expires_ms: u64, nonce: &[u8; 16], body_bytes: usize) {
+fn write_header(
+    header: &mut [u8],
+    kind: SignerKind,
+    name: &str,
+    key: &PublicKey,
+    expires_ms: u64,
+    nonce: &[u8; 16],
+    body_bytes: usize,
+) {
     assert!(name.len() <= SIGNER_NAME_BYTES_MAX, "signer names are checked at config time");
     assert!(body_bytes <= u32::MAX as usize);
     header[..SECTION_HEADER_BYTES].fill(0);

@@ -60,19 +60,42 @@ impl MixedSealer {
         })
     }
 
-    /// The payload of one record holding `events` at log time `time_ms`.
+    /// The payload of one record holding `events` at log time `time_ms` (origins
+    /// this sealer has not seen are admitted in it).
     pub fn seal(&mut self, events: &[Event], time_ms: u64) -> AlignedVec<ALIGN_BYTES> {
+        self.seal_admitting(events, time_ms, &|sealer: &MixedSealer, name: &str| sealer.nodes.contains_key(name))
+    }
+
+    /// The same, admitting the origins `state` has not admitted with their test key.
+    pub fn seal_for(&mut self, state: &crate::state::State, events: &[Event], time_ms: u64) -> AlignedVec<ALIGN_BYTES> {
+        self.seal_admitting(events, time_ms, &|_: &MixedSealer, name: &str| {
+            state.keyring.node_key(name) == Some(test_key_of(name).public_key())
+        })
+    }
+
+    fn seal_admitting(
+        &mut self,
+        events: &[Event],
+        time_ms: u64,
+        admitted: &dyn Fn(&MixedSealer, &str) -> bool,
+    ) -> AlignedVec<ALIGN_BYTES> {
         let mut out = AlignedVec::<ALIGN_BYTES>::new();
         if self.admit {
             let mut admissions = Vec::new();
+            let mut named = std::collections::HashSet::new();
             for event in events {
                 if native_sender_of(&event.kind) == Sender::Node
-                    && !self.nodes.contains_key(&event.origin)
+                    && !admitted(self, &event.origin)
+                    && named.insert(event.origin.clone())
                     && super::check_node_name(&event.origin).is_ok()
                 {
                     let key = self.node(&event.origin).key.public_key();
                     let command = AdminCommand::AdmitNode { name: event.origin.clone(), key };
-                    admissions.push(Event { origin: String::new(), origin_seq: 0, kind: EventKind::Admin(Box::new(command)) });
+                    admissions.push(Event {
+                        origin: String::new(),
+                        origin_seq: 0,
+                        kind: EventKind::Admin(Box::new(command)),
+                    });
                 }
             }
             if !admissions.is_empty() {
@@ -89,7 +112,8 @@ impl MixedSealer {
                 + events[start..]
                     .iter()
                     .take_while(|event| {
-                        native_sender_of(&event.kind) == sender && (sender == Sender::Operator || &event.origin == origin)
+                        native_sender_of(&event.kind) == sender
+                            && (sender == Sender::Operator || &event.origin == origin)
                     })
                     .count();
             let body = wire::encode_batch(&EventBatch { events: events[start..end].to_vec() });
@@ -113,6 +137,12 @@ impl MixedSealer {
         out
     }
 
+    /// Starts the nonces at a value of the caller's (a fresh sealer per record must
+    /// not repeat the nonces of the last one).
+    pub fn set_nonce_base(&mut self, base: u64) {
+        self.nonce_next = base;
+    }
+
     fn next_nonce(&mut self) -> [u8; 16] {
         let mut nonce = [0u8; 16];
         nonce[..8].copy_from_slice(&self.nonce_next.to_le_bytes());
@@ -120,4 +150,13 @@ impl MixedSealer {
         self.nonce_next += 1;
         nonce
     }
+}
+
+/// One record of mixed `events` for `state` at `time_ms`, with a fresh sealer
+/// (origins `state` has not admitted are admitted in the record; nonces from the
+/// record's position, so no two records share one).
+pub fn seal_for(state: &crate::state::State, events: &[Event], time_ms: u64) -> AlignedVec<ALIGN_BYTES> {
+    let mut sealer = MixedSealer::new(state.keyring.cluster_id);
+    sealer.set_nonce_base((state.position + 1) << 20);
+    sealer.seal_for(state, events, time_ms)
 }

@@ -24,20 +24,17 @@ pub fn operator_key() -> OperatorKey {
     meshos::admin::test_key()
 }
 
-/// An admin event from `origin` (origin sequence `seq`), signed by `key` with admin
-/// sequence `admin_seq`.
-pub fn signed_with(key: &OperatorKey, origin: &str, seq: u64, admin_seq: u64, command: AdminCommand) -> Event {
-    event(origin, seq, EventKind::Admin(Box::new(key.sign("ops", admin_seq, command))))
-}
-
-/// An admin event signed by the test operator key, its admin sequence the origin's.
+/// An admin command (the sealer puts it in a section signed by the test operator
+/// key; `origin` and `seq` are only where it stands in a test's list).
 pub fn admin(origin: &str, seq: u64, command: AdminCommand) -> Event {
-    signed_with(&operator_key(), origin, seq, seq, command)
+    event(origin, seq, EventKind::Admin(Box::new(command)))
 }
 
-/// The keyring's genesis: the test operator key installs itself.
+/// Where a test's log once installed the keyring's genesis: the genesis now comes from
+/// the config (`Config::for_tests`), so this is a harmless event of `origin` that keeps
+/// its numbering (backpressure stays lowered).
 pub fn genesis(origin: &str, seq: u64) -> Event {
-    admin(origin, seq, AdminCommand::SetKeyring { version: 1, keys: vec![operator_key().public_key()] })
+    event(origin, seq, EventKind::Backpressure { raised: false })
 }
 
 pub fn heartbeat(origin: &str, seq: u64) -> Event {
@@ -59,15 +56,16 @@ pub fn capability(origin: &str, seq: u64, version: u64, fork_of: u64, zone: &str
 /// Folds each batch as one record, log time advancing 100 ms per record.
 pub fn fold_batches(state: &mut State, batches: &[Vec<Event>]) {
     for events in batches {
-        let payload = wire::encode_batch(&EventBatch { events: events.clone() });
         let position = state.position + 1;
-        fold_payload(state, position, 1_000 + position * 100, &payload);
+        let time_ms = 1_000 + position * 100;
+        let payload = meshos::trust::testing::seal_for(state, events, time_ms);
+        fold_payload(state, position, time_ms, &payload);
     }
 }
 
 /// Folds `events` as one record into a fresh state.
 pub fn fold_events(events: &[Event]) -> State {
-    let mut state = State::new(&Config::default());
+    let mut state = State::new(&Config::for_tests());
     fold_batches(&mut state, &[events.to_vec()]);
     state
 }
@@ -79,11 +77,12 @@ pub fn rejection_names(state: &State) -> Vec<&'static str> {
 
 /// Generates a log in memory: the archived payloads and their log times.
 pub fn generate(options: GenOptions) -> Vec<(u64, rkyv::util::AlignedVec<16>)> {
-    let mut generator = Generator::new(options, &Config::default().fold).expect("valid options");
+    let mut generator = Generator::new(options, &Config::for_tests().fold).expect("valid options");
     let mut batch = EventBatch::default();
     let mut records = Vec::new();
+    let mut sealer = meshos::trust::testing::MixedSealer::new(Config::for_tests().genesis.cluster_id());
     while let Some(time_ms) = generator.next_batch(&mut batch) {
-        records.push((time_ms, wire::encode_batch(&batch)));
+        records.push((time_ms, sealer.seal(&batch.events, time_ms)));
     }
     records
 }
@@ -94,7 +93,7 @@ pub fn small_options(seed: u64) -> GenOptions {
 
 /// Folds generated records into a fresh state.
 pub fn fold_generated(records: &[(u64, rkyv::util::AlignedVec<16>)]) -> State {
-    let mut state = State::new(&Config::default());
+    let mut state = State::new(&Config::for_tests());
     for (index, (time_ms, payload)) in records.iter().enumerate() {
         fold_payload(&mut state, index as u64 + 1, *time_ms, payload);
     }
@@ -160,7 +159,7 @@ pub fn small_cluster_records() -> Vec<Vec<Event>> {
 /// last position.
 pub fn write_small_cluster_log(dir: &std::path::Path) -> u64 {
     use meshos::redex::Redex;
-    let config = Config { fsync: meshos::config::FsyncPolicy::Manual, ..Config::default() };
+    let config = Config { fsync: meshos::config::FsyncPolicy::Manual, ..Config::for_tests() };
     let (mut log, _) = meshos::redex::embedded::EmbeddedLog::open(dir, &config).expect("open a new log");
     for (index, events) in small_cluster_records().iter().enumerate() {
         let payload = wire::encode_batch(&EventBatch { events: events.clone() });
@@ -208,4 +207,56 @@ pub fn run_blob_action(
     }
     out.retain(|event| !matches!(event, EventKind::InventoryDigest { .. }));
     out
+}
+
+/// `sim::fixtures::trust_test_node_dir`: the node's test key and a test genesis.
+pub fn trust_node_dir(dir: &std::path::Path, name: &str, others: &[String]) -> meshos::trust::Genesis {
+    meshos::sim::fixtures::trust_test_node_dir(dir, name, others)
+}
+
+/// The test operator key, written to `path` (mode 0600) for the CLI's `--key`.
+pub fn write_operator_key(path: &std::path::Path) {
+    if !path.exists() {
+        meshos::trust::test_operator_key().write_new(path).unwrap();
+    }
+}
+
+/// Load clients `load-<first>`.. `load-<first + count - 1>`.
+pub fn load_names(first: u32, count: u32) -> Vec<String> {
+    (first..first + count).map(meshos::loadgen::load_origin).collect()
+}
+
+/// One frame's payload for a node's local socket: operator intents among `kinds` in a
+/// section signed with the operator key at `key_path` for the cluster of the genesis
+/// at `genesis_path`, the rest (the node's own facts) in an unsigned section the node
+/// stamps and signs.
+pub fn local_payload(
+    genesis_path: &std::path::Path,
+    key_path: &std::path::Path,
+    node: &str,
+    kinds: Vec<EventKind>,
+) -> rkyv::util::AlignedVec<16> {
+    let (intents, facts): (Vec<EventKind>, Vec<EventKind>) =
+        kinds.into_iter().partition(|kind| meshos::trust::native_sender_of(kind) == meshos::trust::Sender::Operator);
+    let mut payload = rkyv::util::AlignedVec::<16>::new();
+    if !facts.is_empty() {
+        let events = facts.into_iter().map(|kind| event(node, 0, kind)).collect();
+        meshos::trust::record::unsigned_into(&mut payload, &wire::encode_batch(&EventBatch { events }));
+    }
+    if !intents.is_empty() {
+        let genesis = meshos::trust::Genesis::load(genesis_path).unwrap();
+        let key = meshos::trust::KeyPair::load(key_path).unwrap();
+        let signed = meshos::admin::sign_now(&key, "tester", genesis.cluster_id(), intents).unwrap();
+        payload.extend_from_slice(&signed);
+    }
+    payload
+}
+
+/// Sends `kinds` to the node whose data directory is `dir` (its local socket, its
+/// genesis and `admin.key` there) and waits until durable; returns the position.
+pub fn send_local(dir: &std::path::Path, node: &str, kinds: Vec<EventKind>) -> u64 {
+    let payload = local_payload(&dir.join("genesis.toml"), &dir.join("admin.key"), node, kinds);
+    let (mut client, mut replies) = meshos::sys::client::Client::connect_unix(&dir.join("local.sock")).unwrap();
+    let seq = client.send_payload(&payload, true).unwrap();
+    replies.wait_acked(seq, std::time::Duration::from_secs(30)).unwrap().position
 }
