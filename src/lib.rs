@@ -10,7 +10,13 @@
 //! use meshos::config::Config;
 //! use meshos::event::{Event, EventBatch, EventKind, NodeHealth};
 //! use meshos::state::State;
+//! use meshos::trust::{test_key_of, Genesis, Sealer};
 //! use meshos::{fold, wire};
+//!
+//! // The cluster's genesis admits node-1's key (`Genesis::for_tests` uses keys anyone
+//! // can compute: a real cluster's comes from `meshos cluster init`).
+//! let genesis = Genesis::for_tests(&["node-1"]);
+//! let config = Config { genesis: genesis.clone(), ..Config::default() };
 //!
 //! let batch = EventBatch {
 //!     events: vec![Event {
@@ -19,18 +25,18 @@
 //!         kind: EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 120 }),
 //!     }],
 //! };
-//! // A sender frames the archived batch...
-//! let payload = wire::encode_batch(&batch);
+//! // A sender signs the archived batch with its key for its cluster, and frames it...
+//! let payload = Sealer::node("node-1", test_key_of("node-1"), genesis.cluster_id()).seal_batch(&batch);
 //! let mut frame = Vec::new();
 //! wire::encode_frame(&mut frame, wire::FrameKind::Events, 1, 0, &payload);
 //!
 //! // ...a receiver checks the frame (magic, version, size, checksum) before anything else...
-//! let config = Config::default();
 //! let received = wire::decode_frame(&frame, config.frame_bytes_max).expect("a valid frame");
 //! let mut aligned = rkyv::util::AlignedVec::<16>::new();
 //! aligned.extend_from_slice(received.payload);
 //!
-//! // ...and once the log has stamped it as record 1 at some commit time, fold applies it.
+//! // ...and once the log has stamped it as record 1 at some commit time, fold applies it
+//! // (the signature verifies for node-1's admitted key, and node-1 speaks for itself).
 //! let mut state = State::new(&config);
 //! fold::fold_payload(&mut state, 1, 1_000, &aligned);
 //! assert_eq!(state.nodes.find("node-1").map(|row| row.0), Some(0));

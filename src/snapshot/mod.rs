@@ -556,7 +556,7 @@ mod tests {
 
     #[test]
     fn a_converged_cluster_round_trips_in_memory() {
-        let state = converged_cluster(&Config::default(), 12, 40, 3);
+        let state = converged_cluster(&Config::for_tests(), 12, 40, 3);
         let snapshot = Snapshot::from_state(&state, "node-00000", &SnapshotLimits::default());
         let bytes = encoded(&snapshot);
         assert_eq!(&bytes[..8], &MAGIC);
@@ -570,14 +570,14 @@ mod tests {
         assert!(summary.drift.is_empty() && summary.actions_by_kind.is_empty());
         // Reusing the buffers gives the same bytes.
         let mut reused =
-            Snapshot::from_state(&converged_cluster(&Config::default(), 3, 2, 1), "x", &SnapshotLimits::default());
+            Snapshot::from_state(&converged_cluster(&Config::for_tests(), 3, 2, 1), "x", &SnapshotLimits::default());
         reused.fill_from(&state, "node-00000", &SnapshotLimits::default());
         assert_eq!(encoded(&reused).as_slice(), bytes.as_slice());
     }
 
     #[test]
     fn codes_past_the_name_tables_read_as_unknown() {
-        let state = converged_cluster(&Config::default(), 3, 2, 1);
+        let state = converged_cluster(&Config::for_tests(), 3, 2, 1);
         let mut snapshot = Snapshot::from_state(&state, "n", &SnapshotLimits::default());
         snapshot.nodes.maintenance[0] = 200;
         snapshot.names.maintenance.truncate(1);
@@ -590,7 +590,7 @@ mod tests {
 
     #[test]
     fn out_of_range_rows_give_empty_ranges() {
-        let state = converged_cluster(&Config::default(), 3, 2, 1);
+        let state = converged_cluster(&Config::for_tests(), 3, 2, 1);
         let bytes = encoded(&Snapshot::from_state(&state, "n", &SnapshotLimits::default()));
         let archived = validate_bytes(&bytes).unwrap();
         assert_eq!(archived.blobs.holders(1), 1..2);
