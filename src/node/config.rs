@@ -356,8 +356,11 @@ impl NodeConfig {
     /// Checks every field beyond what parsing checks.
     pub fn check(&self) -> Result<(), String> {
         let field = |name: &str, reason: String| Err(format!("config field `{name}`: {reason}"));
-        if self.name.is_empty() || self.name.len() > self.fold.name_bytes_max as usize {
-            return field("name", format!("must be 1..={} bytes", self.fold.name_bytes_max));
+        if let Err(error) = crate::config::check_node_name(&self.name) {
+            return field("name", format!("{:?}: {error}", self.name));
+        }
+        if self.name.len() > self.fold.name_bytes_max as usize {
+            return field("name", format!("must be 1..={} bytes (fold.name_bytes_max)", self.fold.name_bytes_max));
         }
         if !LOG_LEVELS.contains(&self.log_level.as_str()) {
             return field("log_level", format!("`{}` is not one of {}", self.log_level, LOG_LEVELS.join(", ")));
@@ -542,13 +545,6 @@ impl NodeConfig {
             if value < low || value > high {
                 return field(name, format!("{value} is outside {low}..={high}"));
             }
-        }
-        // The node's name is JetStream's client name, at most 64 bytes there.
-        if !cluster.nats.is_empty() && self.name.len() > 64 {
-            return field(
-                "name",
-                format!("{} bytes: a node in a cluster (cluster.nats) has at most 64", self.name.len()),
-            );
         }
         // The loop hands a group to JetStream only when all of it fits the queue.
         if cluster.publish_queue_max < self.ingest.records_per_commit_max {
@@ -836,6 +832,10 @@ mod tests {
                 "cluster.publish_queue_max",
             ),
             ("[ingest]\nqueue_frames = \"many\"", "queue_frames"),
+            ("name = \"node-1\\nnode-2\"", "name"),
+            ("name = \"\"", "name"),
+            ("name = \"-n\"", "name"),
+            ("name = \"Node\"", "name"),
         ];
         for (text, field) in cases {
             let error = NodeConfig::parse(text).unwrap_err();
