@@ -20,7 +20,7 @@ const FRAMES_PER_WRITE: u32 = 8;
 
 fn start_node(dir: &std::path::Path) -> meshos::node::run::Background {
     let text = format!(
-        "name = \"bench-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n",
+        "name = \"bench-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_per_address_max = 1024\n",
         dir.display()
     );
     meshos::node::run::spawn(NodeConfig::parse(&text).unwrap()).expect("the node starts")

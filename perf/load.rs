@@ -134,7 +134,7 @@ fn hostile_clients(addr: SocketAddr, idle: u32) -> Hostile {
 
 fn start_node(dir: &Path, connections_max: u32) -> meshos::node::run::Background {
     let text = format!(
-        "name = \"load-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_max = {connections_max}\n",
+        "name = \"load-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_max = {connections_max}\nconnections_per_address_max = {connections_max}\n",
         dir.display()
     );
     meshos::node::run::spawn(NodeConfig::parse(&text).unwrap()).expect("the node starts")

@@ -28,7 +28,8 @@ struct Node {
 fn write_config(dir: &Path) -> PathBuf {
     let path = dir.join("node.toml");
     let text = format!(
-        "name = \"node-1\"\ndata_dir = \"{}\"\nheartbeat_ms = 100\nlog_level = \"info\"\n\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n",
+        "name = \"node-1\"\ndata_dir = \"{}\"\nheartbeat_ms = 100\nlog_level = \"info\"\n\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n\
+         # Every test client connects from 127.0.0.1.\nconnections_per_address_max = 1024\n",
         dir.display()
     );
     std::fs::write(&path, text).unwrap();
