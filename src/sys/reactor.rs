@@ -1617,13 +1617,14 @@ fn read_connection(connection: &mut Connection, round: &mut Round) -> Outcome {
         reads_left -= 1;
         let room_wanted = (buffer_max - held).min(READ_CHUNK_BYTES);
         let capacity = connection.buffer.capacity();
-        if capacity < held + room_wanted {
-            // Double, but not past the partial frame's own end (when its header is
-            // here) plus one read, nor past what the budget allows this connection.
-            let frame_end = match wire::decode_header(&connection.buffer, round.config.frame_bytes_max) {
-                Ok(header) => header.frame_bytes().max(held + room_wanted),
-                Err(_) => buffer_max,
-            };
+        // The partial frame's end when its header is here: the buffer grows past the
+        // floor only as far as that frame needs (the next frames wait for it to go).
+        let frame_end = match wire::decode_header(&connection.buffer, round.config.frame_bytes_max) {
+            Ok(header) => header.frame_bytes().max(BUFFER_FLOOR_BYTES),
+            Err(_) => buffer_max,
+        };
+        if capacity < held + room_wanted && capacity < frame_end {
+            // Double, but not past the frame's end nor what the budget allows.
             let allowed = BUFFER_FLOOR_BYTES + connection.charged + round.budget.available();
             let target = (capacity * 2).clamp(held + room_wanted, buffer_max).min(frame_end).min(allowed);
             if target > capacity {
