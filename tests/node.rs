@@ -492,3 +492,21 @@ fn rejections_reach_status_and_the_log_and_the_local_socket_is_private() {
     let (clean, _) = terminate(node);
     assert!(clean);
 }
+
+/// A node name with a newline (or another character outside the rule) is refused by
+/// `meshos config check`, naming the field, the character and its byte.
+#[test]
+fn config_check_refuses_a_node_name_outside_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, "name = \"node-1\\nnode-2\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_meshos")).args(["config", "check"]).arg(&path).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`name`") && stderr.contains("'\\n' at byte 6"), "{stderr}");
+    std::fs::write(&path, "name = \"node-1\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_meshos")).args(["config", "check"]).arg(&path).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("ingest memory at most") && stdout.contains("partial_frame_bytes_max"), "{stdout}");
+}

@@ -1087,3 +1087,43 @@ fn a_frame_trickled_in_is_closed_at_the_frame_deadline() {
     consumer.finish();
     assert_eq!((stats.closed_frame_timeout, stats.closed_idle, stats.frames_in), (1, 0, 0));
 }
+
+/// A connection paused on a full ring is not waiting on its peer: neither timeout
+/// closes it (that would drop good data), and every frame arrives once resumed.
+#[test]
+fn a_paused_connection_outlives_its_timeouts_and_loses_nothing() {
+    const FRAMES: u64 = 10;
+    let config = ReactorConfig { idle_timeout_ms: 200, frame_timeout_ms: 200, ..tcp_config(2, 8) };
+    // No consumer thread: the test holds the source, so its ring of 2 stays full.
+    let (reactor, new_sources) = Reactor::start(config, Signal::new()).unwrap();
+    let mut client = connect_with_timeout(reactor.local_tcp_addr().unwrap());
+    for seq in 1..=FRAMES {
+        client.write_all(&events_frame(1, seq, 1)).unwrap();
+    }
+    wait_for_stats(&reactor, "the source paused", |stats| stats.paused_now == 1);
+    let mut source = new_sources.recv_timeout(WAIT_LIMIT).unwrap();
+    // Several sweeps pass while paused (no timing is asserted: only that none closed it).
+    std::thread::sleep(Duration::from_millis(1_000));
+    let stats = reactor.stats();
+    assert_eq!((stats.closed, stats.closed_idle, stats.closed_frame_timeout), (0, 0, 0), "{stats:?}");
+    let mut popped = 0;
+    let start = Instant::now();
+    while popped < FRAMES {
+        assert!(start.elapsed() < WAIT_LIMIT, "{popped} frames popped: {:?}", reactor.stats());
+        match source.frames.pop() {
+            Some(frame) => {
+                popped += 1;
+                assert_eq!(wire::decode_frame(&frame, FRAME_BYTES_MAX).unwrap().header.seq, popped);
+                if source.frames.take_unblocked() {
+                    reactor.resume(source.id);
+                }
+            }
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    // Read again and silent: now the idle timeout applies.
+    let text = read_error_frame(&mut client);
+    assert!(text.contains("idle_timeout_ms"), "{text}");
+    let stats = reactor.shutdown();
+    assert_eq!((stats.frames_in, stats.closed_idle, stats.closed_frame_timeout), (FRAMES, 1, 0));
+}
