@@ -113,7 +113,7 @@
 //!    `frame_timeout_ms` since its partial frame began; each close gets an error
 //!    frame (best effort) and is counted.
 //! 10. Every rejection is counted; at most one log line per reason per
-//!    `rejection_log_interval_ms`, and none is lost from the counts the lines give.
+//!     `rejection_log_interval_ms`, and none is lost from the counts the lines give.
 //!
 //! Not done here: payload validation (`wire::access_batch`) is left to the
 //! sequencer, which must copy the payload to an aligned buffer anyway, and reports a
