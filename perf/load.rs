@@ -148,7 +148,7 @@ fn cluster_id() -> [u8; 16] {
 fn start_node(dir: &Path, connections_max: u32) -> meshos::node::run::Background {
     meshos::sim::fixtures::trust_test_node_dir(dir, "load-node", &clients());
     let text = format!(
-        "name = \"load-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_max = {connections_max}\n",
+        "name = \"load-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_max = {connections_max}\nconnections_per_address_max = {connections_max}\n",
         dir.display()
     );
     meshos::node::run::spawn(NodeConfig::parse(&text).unwrap()).expect("the node starts")

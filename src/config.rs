@@ -49,6 +49,47 @@ pub enum ConfigError {
     Invalid { field: &'static str, reason: String },
 }
 
+/// Bytes of a node's name at most (`check_node_name`). A name is also JetStream's
+/// client name and part of consumer names, which allow 64.
+pub const NODE_NAME_BYTES_MAX: usize = 64;
+
+/// Why a node name is not acceptable (`check_node_name`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeNameError {
+    #[error("a node name must not be empty")]
+    Empty,
+    #[error("a node name has at most {NODE_NAME_BYTES_MAX} bytes, this one {bytes}")]
+    TooLong { bytes: usize },
+    #[error(
+        "character {character:?} at byte {position} is not allowed in a node name (only a-z, 0-9, '-', '_' and '.')"
+    )]
+    BadCharacter { character: char, position: usize },
+    #[error("a node name must not start with {character:?}")]
+    BadStart { character: char },
+}
+
+/// The one rule for node names: 1..=`NODE_NAME_BYTES_MAX` bytes of `[a-z0-9_.-]`,
+/// not starting with '-' or '.'. The error names the first bad character and its
+/// byte position. (The node's own name is checked by its config; fold may use the
+/// same function for names arriving in events.)
+pub fn check_node_name(name: &str) -> Result<(), NodeNameError> {
+    if name.is_empty() {
+        return Err(NodeNameError::Empty);
+    }
+    if let Some((position, character)) =
+        name.char_indices().find(|(_, character)| !matches!(character, 'a'..='z' | '0'..='9' | '-' | '_' | '.'))
+    {
+        return Err(NodeNameError::BadCharacter { character, position });
+    }
+    if name.len() > NODE_NAME_BYTES_MAX {
+        return Err(NodeNameError::TooLong { bytes: name.len() });
+    }
+    match name.as_bytes()[0] {
+        first @ (b'-' | b'.') => Err(NodeNameError::BadStart { character: first as char }),
+        _ => Ok(()),
+    }
+}
+
 pub const FRAME_BYTES_MAX_DEFAULT: u32 = 4 << 20;
 pub const FRAME_BYTES_MAX_LIMIT: u32 = 64 << 20;
 pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 << 20;
@@ -459,6 +500,22 @@ mod tests {
     #[test]
     fn default_is_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn node_names_follow_one_rule() {
+        for good in ["node-1", "a", "n.0_x-y", &"n".repeat(NODE_NAME_BYTES_MAX)] {
+            assert_eq!(check_node_name(good), Ok(()), "{good}");
+        }
+        assert_eq!(check_node_name(""), Err(NodeNameError::Empty));
+        assert_eq!(check_node_name(&"n".repeat(65)), Err(NodeNameError::TooLong { bytes: 65 }));
+        assert_eq!(check_node_name("node\nevil"), Err(NodeNameError::BadCharacter { character: '\n', position: 4 }));
+        assert_eq!(check_node_name("Node"), Err(NodeNameError::BadCharacter { character: 'N', position: 0 }));
+        assert_eq!(check_node_name("n\u{e9}"), Err(NodeNameError::BadCharacter { character: '\u{e9}', position: 1 }));
+        assert_eq!(check_node_name("-n"), Err(NodeNameError::BadStart { character: '-' }));
+        assert_eq!(check_node_name(".n"), Err(NodeNameError::BadStart { character: '.' }));
+        let text = check_node_name("a b").unwrap_err().to_string();
+        assert!(text.contains("' '") && text.contains("byte 1"), "{text}");
     }
 
     #[test]

@@ -860,8 +860,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = meshos::node::config::NodeConfig::load(&file)?;
             println!("{}: ok (node `{}`, data in {})", file.display(), config.name, config.data_dir.display());
             println!(
-                "ingest memory at most {:.1} GiB: connections_max x (connection_buffer_bytes + queue_bytes_max + \
-                 frame_bytes_max)",
+                "ingest memory at most {:.1} GiB: (connections_max + local_connections_max) x (68 KiB + \
+                 queue_bytes_max + frame_bytes_max) + partial_frame_bytes_max",
                 config.ingest_memory_bytes_max() as f64 / (1u64 << 30) as f64
             );
             Ok(ExitCode::SUCCESS)
@@ -1581,7 +1581,7 @@ fn run_snapshot_show(
              \"pull_inflight_max\":{},\"placement_epoch\":{},\"plans_invalid\":{},\"copies_off_plan\":{},\
              \"copies_pulling\":{},\"rejected_total\":{},\"actions_failed\":{},\"actions_timed_out\":{},\
              \"drain_blockers\":{},\"rtt_pairs\":{},\"fence\":{},\"nodes_diverged\":[{}],\
-             \"commitment_position\":{},\"commitment_reporting\":{},\"commitment_agreeing\":{}{}}}",
+             \"commitment_position\":{},\"commitment_reporting\":{},\"commitment_agreeing\":{},\"ingest\":{}{}}}",
             json_string(&path.display().to_string()),
             summary.format_version,
             json_string(&summary.writer_node),
@@ -1629,6 +1629,26 @@ fn run_snapshot_show(
             summary.commitment_position,
             summary.commitment_reporting,
             summary.commitment_agreeing,
+            {
+                let named = |counts: &[(String, u64)]| {
+                    let fields: Vec<String> =
+                        counts.iter().map(|(name, count)| format!("{}:{count}", json_string(name))).collect();
+                    format!("{{{}}}", fields.join(","))
+                };
+                format!(
+                    "{{\"connections_open\":{},\"frames_in\":{},\"partial_frame_bytes\":{},\
+                     \"partial_frame_bytes_peak\":{},\"partial_frame_bytes_max\":{},\"frames_refused\":{},\
+                     \"frames_refused_by_reason\":{},\"connections_refused_by_reason\":{}}}",
+                    summary.ingest_connections_open,
+                    summary.ingest_frames_in,
+                    summary.ingest_partial_frame_bytes,
+                    summary.ingest_partial_frame_bytes_peak,
+                    summary.ingest_partial_frame_bytes_max,
+                    summary.ingest_frame_errors.iter().map(|(_, count)| count).sum::<u64>(),
+                    named(&summary.ingest_frame_errors),
+                    named(&summary.ingest_connection_refusals)
+                )
+            },
             if node_table {
                 let rows: Vec<String> = lines
                     .iter()
@@ -1779,6 +1799,33 @@ fn run_snapshot_show(
         "failures: {} events rejected, {} actions failed, {} timed out; {} RTT pairs measured",
         summary.rejected_total, summary.actions_failed, summary.actions_timed_out, summary.rtt_pairs
     );
+    let nonzero = |counts: &[(String, u64)]| {
+        let listed: Vec<String> = counts
+            .iter()
+            .filter(|(_, count)| *count > 0)
+            .map(|(name, count)| format!("{}={count}", printable(name)))
+            .collect();
+        if listed.is_empty() {
+            "none".to_string()
+        } else {
+            listed.join(" ")
+        }
+    };
+    println!(
+        "ingest of `{}`: {} connections open, {} frames in; partial frames {} of {} (peak {})",
+        printable(&summary.writer_node),
+        summary.ingest_connections_open,
+        summary.ingest_frames_in,
+        bytes_text(summary.ingest_partial_frame_bytes),
+        bytes_text(summary.ingest_partial_frame_bytes_max),
+        bytes_text(summary.ingest_partial_frame_bytes_peak)
+    );
+    println!(
+        "  frames refused: {} ({})",
+        summary.ingest_frame_errors.iter().map(|(_, count)| count).sum::<u64>(),
+        nonzero(&summary.ingest_frame_errors)
+    );
+    println!("  connections refused, closed or held back by a limit: {}", nonzero(&summary.ingest_connection_refusals));
     Ok(ExitCode::SUCCESS)
 }
 

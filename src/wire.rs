@@ -268,8 +268,15 @@ pub fn access_batch(payload: &[u8]) -> Result<&ArchivedEventBatch, FrameError> {
     if !(payload.as_ptr() as usize).is_multiple_of(8) {
         return Err(FrameError::BadPayload { reason: "payload is not 8-byte aligned in memory".to_string() });
     }
-    rkyv::access::<ArchivedEventBatch, rancor::Error>(payload)
-        .map_err(|error| FrameError::BadPayload { reason: without_addresses(&error.to_string()) })
+    // `BoxedError`, not `rancor::Error`: the latter keeps its detail only in builds
+    // with debug assertions and says "failed without error information" in release.
+    rkyv::access::<ArchivedEventBatch, rancor::BoxedError>(payload).map_err(|error| FrameError::BadPayload {
+        reason: format!(
+            "payload of {} bytes is not an archived EventBatch of wire version {VERSION}: {}",
+            payload.len(),
+            without_addresses(&error.to_string())
+        ),
+    })
 }
 
 /// Validator messages name memory addresses (`ptr 0x00005622bdc70601`), which differ
@@ -321,8 +328,13 @@ pub fn decode_sections(payload: &[u8]) -> Result<Vec<EventBatch>, FrameError> {
 pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, FrameError> {
     let mut aligned = AlignedVec::<ALIGN_BYTES>::with_capacity(payload.len());
     aligned.extend_from_slice(payload);
-    rkyv::from_bytes::<EventBatch, rancor::Error>(&aligned)
-        .map_err(|error| FrameError::BadPayload { reason: error.to_string() })
+    rkyv::from_bytes::<EventBatch, rancor::BoxedError>(&aligned).map_err(|error| FrameError::BadPayload {
+        reason: format!(
+            "payload of {} bytes is not an archived EventBatch of wire version {VERSION}: {}",
+            payload.len(),
+            without_addresses(&error.to_string())
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -390,6 +402,15 @@ mod tests {
         }
         let mut garbage = AlignedVec::<16>::new();
         garbage.extend_from_slice(&[0xffu8; 48]);
-        assert!(matches!(access_batch(&garbage), Err(FrameError::BadPayload { .. })));
+        let error = access_batch(&garbage).unwrap_err();
+        assert!(matches!(error, FrameError::BadPayload { .. }));
+        // The text says what failed, in every build (release included).
+        let text = error.to_string();
+        assert!(
+            text.contains(&format!("payload of 48 bytes is not an archived EventBatch of wire version {VERSION}: "))
+        );
+        assert!(!text.contains("without error information"), "{text}");
+        let text = decode_batch(&[0xffu8; 48]).unwrap_err().to_string();
+        assert!(text.contains("not an archived EventBatch") && !text.contains("without error information"), "{text}");
     }
 }

@@ -28,15 +28,22 @@ struct Node {
 }
 
 fn write_config(dir: &Path) -> PathBuf {
+    write_config_with(dir, "")
+}
+
+/// The test config, with `ingest` lines added to its `[ingest]` section.
+fn write_config_with(dir: &Path, ingest: &str) -> PathBuf {
     // node-1 and the load clients (load-0.., 900 and 901) with their test keys.
     let mut others = common::load_names(0, 8);
     others.extend(common::load_names(900, 2));
     common::trust_node_dir(dir, "node-1", &others);
     let path = dir.join("node.toml");
-    let text = format!(
-        "name = \"node-1\"\ndata_dir = \"{}\"\nheartbeat_ms = 100\nlog_level = \"info\"\n\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n",
+    let mut text = format!(
+        "name = \"node-1\"\ndata_dir = \"{}\"\nheartbeat_ms = 100\nlog_level = \"info\"\n\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n\
+         # Every test client connects from 127.0.0.1.\nconnections_per_address_max = 1024\n",
         dir.display()
     );
+    text.push_str(ingest);
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -52,22 +59,28 @@ fn start(dir: &Path) -> Node {
 }
 
 /// `start`, optionally under `ulimit -n fd_limit` (through `sh`, which then execs the node).
-#[allow(clippy::zombie_processes, reason = "the returned Node is waited on by terminate() or after kill()")]
 fn start_limited(dir: &Path, fd_limit: Option<u32>) -> Node {
     let config = write_config(dir);
+    start_config(dir, &config, fd_limit.map(|limit| format!("ulimit -n {limit}")))
+}
+
+/// Starts the node with `config`, optionally after the shell command `prefix`
+/// (through `sh`, which then execs the node).
+#[allow(clippy::zombie_processes, reason = "the returned Node is waited on by terminate() or after kill()")]
+fn start_config(dir: &Path, config: &Path, prefix: Option<String>) -> Node {
     let addr_file = dir.join("node.addr");
     let _ = std::fs::remove_file(&addr_file);
     let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
-    let mut command = match fd_limit {
+    let mut command = match prefix {
         None => {
             let mut command = Command::new(env!("CARGO_BIN_EXE_meshos"));
-            command.args(["node", "--config"]).arg(&config);
+            command.args(["node", "--config"]).arg(config);
             command
         }
-        Some(limit) => {
+        Some(prefix) => {
             let mut command = Command::new("sh");
             command.arg("-c").arg(format!(
-                "ulimit -n {limit} && exec '{}' node --config '{}'",
+                "{prefix} && exec '{}' node --config '{}'",
                 env!("CARGO_BIN_EXE_meshos"),
                 config.display()
             ));
@@ -383,4 +396,136 @@ fn connections_past_the_descriptor_limit_are_served_once_descriptors_free() {
     }
     let (clean, _) = terminate(node);
     assert!(clean);
+}
+
+/// `meshos status` for the node in `dir`, as text or JSON; panics unless it exits 0.
+fn status(dir: &Path, json: bool) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_meshos"));
+    command.args(["status", "--config"]).arg(dir.join("node.toml"));
+    if json {
+        command.args(["-o", "json"]);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Ten bad frames, a garbage payload and refused connections: the operator sees
+/// each by reason in `meshos status` (text and JSON) and in the node's log, which
+/// holds one line per reason per interval and counts the lines it held back. The
+/// payload's error frame says what failed. Under a permissive umask the local socket
+/// is still the owner's alone.
+#[test]
+fn rejections_reach_status_and_the_log_and_the_local_socket_is_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(
+        dir.path(),
+        "local_connections_max = 2\nrejection_log_interval_ms = 500\nframe_timeout_ms = 300\n",
+    );
+    let node = start_config(dir.path(), &config, Some("umask 000".to_string()));
+    let mode = std::fs::metadata(dir.path().join("local.sock")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "local.sock is mode {mode:o}");
+
+    let read_error_text = |stream: &mut dyn Read| {
+        let mut bytes = Vec::new();
+        let _ = stream.read_to_end(&mut bytes);
+        let frame = meshos::wire::decode_frame(&bytes, 1 << 20).expect("an error frame");
+        assert_eq!(frame.header.kind, meshos::wire::FrameKind::Error);
+        String::from_utf8_lossy(frame.payload).into_owned()
+    };
+    for _ in 0..10 {
+        let mut garbage = TcpStream::connect(node.addr).unwrap();
+        garbage.set_read_timeout(Some(ACK_TIMEOUT)).unwrap();
+        garbage.write_all(&[0x5a; 64]).unwrap();
+        assert!(read_error_text(&mut garbage).contains("magic"));
+    }
+    // A whole frame whose payload is not an event batch.
+    let mut payload = TcpStream::connect(node.addr).unwrap();
+    payload.set_read_timeout(Some(ACK_TIMEOUT)).unwrap();
+    let mut frame = Vec::new();
+    meshos::wire::encode_frame(&mut frame, meshos::wire::FrameKind::EventsAckWanted, 1, 0, &[0xff; 64]);
+    payload.write_all(&frame).unwrap();
+    let text = read_error_text(&mut payload);
+    let expected =
+        format!("payload of 64 bytes is not an archived EventBatch of wire version {}: ", meshos::wire::VERSION);
+    assert!(text.contains(&expected) && !text.contains("without error information"), "{text}");
+    // Half a frame, never finished: closed at the frame deadline.
+    let mut slow = TcpStream::connect(node.addr).unwrap();
+    slow.set_read_timeout(Some(ACK_TIMEOUT)).unwrap();
+    slow.write_all(&frame[..40]).unwrap();
+    assert!(read_error_text(&mut slow).contains("frame_timeout_ms"));
+    // The local socket's own limit: two served, the third refused.
+    let locals: Vec<_> =
+        (0..2).map(|_| std::os::unix::net::UnixStream::connect(dir.path().join("local.sock")).unwrap()).collect();
+    let mut refused = std::os::unix::net::UnixStream::connect(dir.path().join("local.sock")).unwrap();
+    refused.set_read_timeout(Some(ACK_TIMEOUT)).unwrap();
+    assert!(read_error_text(&mut refused).contains("local_connections_max"));
+
+    let started = Instant::now();
+    let json = loop {
+        let json = status(dir.path(), true);
+        if json.contains("\"bad_magic\":10,") && json.contains("\"local_over_limit\":1") {
+            break json;
+        }
+        assert!(started.elapsed() < ACK_TIMEOUT, "status never showed the rejections: {json}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(json.contains("\"bad_payload\":1"), "{json}");
+    assert!(json.contains("\"frames_refused\":11,"), "{json}");
+    assert!(json.contains("\"frame_timeout\":1,"), "{json}");
+    let text = status(dir.path(), false);
+    assert!(text.contains("frames refused: 11 (bad_magic=10 bad_payload=1)"), "{text}");
+    assert!(text.contains("local_over_limit=1") && text.contains("frame_timeout=1"), "{text}");
+
+    // The log: every bad_magic accounted for, in fewer lines than rejections.
+    let counted = |stderr: &str| {
+        let lines: Vec<&str> =
+            stderr.lines().filter(|line| line.contains("ingest rejected") && line.contains("bad_magic")).collect();
+        let total: u64 = lines
+            .iter()
+            .map(|line| {
+                let suppressed: u64 = field(line, "suppressed").parse().unwrap();
+                if line.contains("more `bad_magic`") {
+                    suppressed
+                } else {
+                    1 + suppressed
+                }
+            })
+            .sum();
+        (lines.len(), total)
+    };
+    let started = Instant::now();
+    let (lines, total) = loop {
+        let (lines, total) = counted(&stderr_of(dir.path()));
+        if total == 10 {
+            break (lines, total);
+        }
+        assert!(started.elapsed() < ACK_TIMEOUT, "{total} of 10 bad frames in the log: {}", stderr_of(dir.path()));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(lines < 10, "{lines} lines for {total} rejections: not rate-limited");
+    eprintln!("{text}");
+    stderr_of(dir.path()).lines().filter(|line| line.contains("ingest rejected")).for_each(|line| eprintln!("{line}"));
+    drop(locals);
+    let (clean, _) = terminate(node);
+    assert!(clean);
+}
+
+/// A node name with a newline (or another character outside the rule) is refused by
+/// `meshos config check`, naming the field, the character and its byte.
+#[test]
+fn config_check_refuses_a_node_name_outside_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, "name = \"node-1\\nnode-2\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_meshos")).args(["config", "check"]).arg(&path).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`name`") && stderr.contains("'\\n' at byte 6"), "{stderr}");
+    std::fs::write(&path, "name = \"node-1\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_meshos")).args(["config", "check"]).arg(&path).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("ingest memory at most") && stdout.contains("partial_frame_bytes_max"), "{stdout}");
 }

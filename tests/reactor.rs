@@ -31,7 +31,14 @@ fn tcp_config(queue_frames: u32, connections_max: u32) -> ReactorConfig {
         listen_tcp: Some("127.0.0.1:0".parse().unwrap()),
         listen_unix: None,
         connections_max,
+        local_connections_max: 64,
+        // Tests connect many clients from 127.0.0.1.
+        connections_per_address_max: 1 << 16,
         connection_buffer_bytes: 256 << 10,
+        partial_frame_bytes_max: 1 << 30,
+        idle_timeout_ms: 600_000,
+        frame_timeout_ms: 600_000,
+        rejection_log_interval_ms: 10_000,
         queue_frames,
         queue_bytes_max: 1 << 30,
         frame_bytes_max: FRAME_BYTES_MAX,
@@ -853,4 +860,270 @@ fn a_paused_source_still_gets_its_acks() {
     let stats = reactor.shutdown();
     assert_eq!((stats.closed, stats.paused_now), (1, 0));
     assert_eq!(client.read(&mut [0u8; 16]).unwrap(), 0, "shutdown closed the connection");
+}
+
+/// A TCP connection to `addr` from `source` (any 127.0.0.0/8 address is the loopback
+/// interface), so one test can be several remote addresses.
+fn connect_from(source: std::net::Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd as _;
+    let SocketAddr::V4(addr) = addr else { panic!("an IPv4 listener") };
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let length = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns; the addresses are
+    // valid `sockaddr_in` values that outlive the calls; on success the descriptor is
+    // handed to exactly one `TcpStream`, which closes it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let local = sockaddr(source, 0);
+        let bound = libc::bind(fd, &local as *const libc::sockaddr_in as *const libc::sockaddr, length);
+        assert_eq!(bound, 0, "bind {source}: {}", std::io::Error::last_os_error());
+        let remote = sockaddr(*addr.ip(), addr.port());
+        let connected = libc::connect(fd, &remote as *const libc::sockaddr_in as *const libc::sockaddr, length);
+        assert_eq!(connected, 0, "connect from {source}: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        stream.set_read_timeout(Some(WAIT_LIMIT)).unwrap();
+        stream
+    }
+}
+
+/// The attacker of the issue: idle connections by the thousand. From one address
+/// they stop at `connections_per_address_max`, so a client from another address is
+/// served; from many addresses they fill `connections_max`, and the local socket,
+/// counted apart, is still served (until its own limit).
+#[test]
+fn a_flood_of_idle_connections_locks_out_neither_other_addresses_nor_the_local_socket() {
+    const PER_ADDRESS: u32 = 8;
+    const TCP_MAX: u32 = 32;
+    const LOCAL_MAX: u32 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("local.sock");
+    let config = ReactorConfig {
+        listen_unix: Some(path.clone()),
+        connections_per_address_max: PER_ADDRESS,
+        local_connections_max: LOCAL_MAX,
+        ..tcp_config(8, TCP_MAX)
+    };
+    let (reactor, consumer) = start(config, Duration::ZERO);
+    let addr = reactor.local_tcp_addr().unwrap();
+    let attacker = std::net::Ipv4Addr::new(127, 0, 0, 1);
+    let mut idle: Vec<TcpStream> = (0..40).map(|_| connect_from(attacker, addr)).collect();
+    let stats =
+        wait_for_stats(&reactor, "the flood dealt with", |stats| stats.accepted + stats.rejected_per_address == 40);
+    assert_eq!((stats.accepted, stats.rejected_per_address), (PER_ADDRESS as u64, 40 - PER_ADDRESS as u64));
+    let text = read_error_frame(idle.pop().unwrap());
+    assert!(text.contains("connections_per_address_max") && text.contains("127.0.0.1"), "{text}");
+
+    // Another address is served.
+    let mut good = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), addr);
+    send_frames(&mut good, 1, 10, 2);
+    consumer.wait_for("the other address's frames", |consumed| source_with_frames(consumed, 1, 10).is_some());
+
+    // Many addresses fill connections_max; the local socket is still served.
+    let open_before = PER_ADDRESS + 1;
+    for host in 10..14u8 {
+        for _ in 0..PER_ADDRESS {
+            idle.push(connect_from(std::net::Ipv4Addr::new(127, 0, 0, host), addr));
+        }
+    }
+    let over_limit = (open_before + 4 * PER_ADDRESS - TCP_MAX) as u64;
+    wait_for_stats(&reactor, "connections_max reached", |stats| stats.rejected_connections == over_limit);
+    let mut local = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    send_frames(&mut local, 2, 10, 2);
+    consumer.wait_for("the local client's frames", |consumed| source_with_frames(consumed, 2, 10).is_some());
+    // The local socket has its own limit.
+    let mut locals: Vec<_> = (1..=LOCAL_MAX).map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap()).collect();
+    let refused = locals.pop().unwrap();
+    refused.set_read_timeout(Some(WAIT_LIMIT)).unwrap();
+    let text = read_error_frame(refused);
+    assert!(text.contains("local_connections_max"), "{text}");
+
+    let stats = reactor.shutdown();
+    consumer.finish();
+    assert_eq!(stats.rejected_per_address, 40 - PER_ADDRESS as u64);
+    assert_eq!(stats.rejected_connections, over_limit);
+    assert_eq!(stats.rejected_local_connections, 1);
+    assert_eq!(stats.accepted, (TCP_MAX + LOCAL_MAX) as u64);
+    let refusals = stats.connection_refusals();
+    assert_eq!(refusals[0], ("over_limit", over_limit));
+    assert_eq!(refusals[1], ("local_over_limit", 1));
+    assert_eq!(refusals[2], ("per_address", 40 - PER_ADDRESS as u64));
+}
+
+/// The attacker of the issue: many connections each holding a big frame minus a few
+/// bytes. The read buffers beyond their floor never pass the partial-frame budget
+/// (connections beyond it stop being read), small frames of another client are
+/// served meanwhile, and the frame deadline closes the holders, freeing the budget.
+#[test]
+fn partial_frames_held_open_stay_within_the_budget_until_their_deadline() {
+    const HOLDERS: usize = 12;
+    const BIG_FRAME_BYTES: u32 = 1 << 20;
+    const BUDGET_BYTES: u64 = 2 << 20;
+    let config = ReactorConfig {
+        frame_bytes_max: BIG_FRAME_BYTES,
+        connection_buffer_bytes: BIG_FRAME_BYTES,
+        partial_frame_bytes_max: BUDGET_BYTES,
+        frame_timeout_ms: 3_000,
+        ..tcp_config(8, 64)
+    };
+    let (reactor, consumer) = start(config, Duration::ZERO);
+    let addr = reactor.local_tcp_addr().unwrap();
+    // A header announcing a frame of almost BIG_FRAME_BYTES, and all but 100 bytes of it.
+    let mut partial = events_frame(9, 1, 1)[..wire::HEADER_BYTES].to_vec();
+    let payload_bytes = BIG_FRAME_BYTES - 64;
+    partial[8..12].copy_from_slice(&payload_bytes.to_le_bytes());
+    partial.resize(wire::HEADER_BYTES + payload_bytes as usize - 100, 0);
+    let holders: Vec<JoinHandle<String>> = (0..HOLDERS)
+        .map(|_| {
+            let partial = partial.clone();
+            std::thread::spawn(move || {
+                let mut stream = connect_with_timeout(addr);
+                // A holder the reactor stops reading blocks here until it is closed.
+                let _ = stream.write_all(&partial);
+                let mut bytes = Vec::new();
+                let _ = stream.read_to_end(&mut bytes);
+                match wire::decode_frame(&bytes, FRAME_BYTES_MAX) {
+                    Ok(frame) => String::from_utf8_lossy(frame.payload).into_owned(),
+                    Err(error) => format!("no error frame: {error}"),
+                }
+            })
+        })
+        .collect();
+    let stats = wait_for_stats(&reactor, "holders waiting for the budget", |stats| stats.budget_waits >= 1);
+    assert!(stats.partial_frame_bytes <= BUDGET_BYTES, "{stats:?}");
+    // Small frames need no budget: another client is served meanwhile.
+    tcp_client(addr, 1, 50, 2).join().unwrap();
+    consumer.wait_for("the small client's frames", |consumed| source_with_frames(consumed, 1, 50).is_some());
+
+    for holder in holders {
+        let text = holder.join().unwrap();
+        assert!(text.contains("frame_timeout_ms"), "{text}");
+    }
+    // `closed` counts last in a close: every holder and the small client are gone.
+    let stats = wait_for_stats(&reactor, "the budget freed", |stats| stats.closed == HOLDERS as u64 + 1);
+    assert_eq!((stats.closed_frame_timeout, stats.partial_frame_bytes), (HOLDERS as u64, 0), "{stats:?}");
+    let stats_at_end = reactor.shutdown();
+    consumer.finish();
+    assert!(stats.partial_frame_bytes_peak <= BUDGET_BYTES, "{stats:?}");
+    assert!(stats.partial_frame_bytes_peak >= BUDGET_BYTES / 2, "the holders did use the budget: {stats:?}");
+    assert_eq!((stats.waiting_for_budget_now, stats.closed_idle), (0, 0));
+    assert_eq!(stats.disconnected_mid_frame, 0);
+    assert_eq!(stats_at_end.connection_refusals()[4], ("frame_timeout", HOLDERS as u64));
+    eprintln!(
+        "peak {} bytes charged, {} waits for the budget, {} bytes in",
+        stats.partial_frame_bytes_peak, stats.budget_waits, stats.bytes_in
+    );
+}
+
+/// Idle connections (TCP and local) are closed after `idle_timeout_ms`, with an
+/// error frame saying so; a client that keeps sending stays open.
+#[test]
+fn idle_connections_are_closed_after_the_timeout_and_busy_ones_are_not() {
+    const IDLE_TCP: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("local.sock");
+    let config = ReactorConfig { listen_unix: Some(path.clone()), idle_timeout_ms: 1_000, ..tcp_config(64, 64) };
+    let (reactor, consumer) = start(config, Duration::ZERO);
+    let addr = reactor.local_tcp_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut stream = connect_with_timeout(addr);
+            let mut seq = 0;
+            while !stop.load(Ordering::Acquire) {
+                seq += 1;
+                stream.write_all(&events_frame(1, seq, 1)).unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            seq
+        })
+    };
+    let idle: Vec<TcpStream> = (0..IDLE_TCP).map(|_| connect_with_timeout(addr)).collect();
+    let local = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    local.set_read_timeout(Some(WAIT_LIMIT)).unwrap();
+    for stream in idle {
+        let text = read_error_frame(stream);
+        assert!(text.contains("idle_timeout_ms"), "{text}");
+    }
+    assert!(read_error_frame(local).contains("idle_timeout_ms"));
+    stop.store(true, Ordering::Release);
+    let sent = busy.join().unwrap();
+    consumer.wait_for("every busy frame", |consumed| source_with_frames(consumed, 1, sent).is_some());
+    let stats = reactor.shutdown();
+    consumer.finish();
+    assert_eq!(stats.closed_idle, IDLE_TCP as u64 + 1, "{stats:?}");
+    assert_eq!(stats.closed_frame_timeout, 0);
+    assert_eq!(stats.frames_in, sent);
+}
+
+/// Slowloris: a frame sent a byte at a time, never idle, is closed at the frame
+/// deadline and counted.
+#[test]
+fn a_frame_trickled_in_is_closed_at_the_frame_deadline() {
+    let config = ReactorConfig { frame_timeout_ms: 500, ..tcp_config(8, 8) };
+    let (reactor, consumer) = start(config, Duration::ZERO);
+    let addr = reactor.local_tcp_addr().unwrap();
+    let frame = events_frame(1, 1, 50);
+    let mut stream = connect_with_timeout(addr);
+    let mut reader = stream.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        for byte in &frame[..frame.len() - 1] {
+            if stream.write_all(std::slice::from_ref(byte)).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let text = read_error_frame(&mut reader);
+    assert!(text.contains("frame_timeout_ms"), "{text}");
+    trickle.join().unwrap();
+    let stats = reactor.shutdown();
+    consumer.finish();
+    assert_eq!((stats.closed_frame_timeout, stats.closed_idle, stats.frames_in), (1, 0, 0));
+}
+
+/// A connection paused on a full ring is not waiting on its peer: neither timeout
+/// closes it (that would drop good data), and every frame arrives once resumed.
+#[test]
+fn a_paused_connection_outlives_its_timeouts_and_loses_nothing() {
+    const FRAMES: u64 = 10;
+    let config = ReactorConfig { idle_timeout_ms: 200, frame_timeout_ms: 200, ..tcp_config(2, 8) };
+    // No consumer thread: the test holds the source, so its ring of 2 stays full.
+    let (reactor, new_sources) = Reactor::start(config, Signal::new()).unwrap();
+    let mut client = connect_with_timeout(reactor.local_tcp_addr().unwrap());
+    for seq in 1..=FRAMES {
+        client.write_all(&events_frame(1, seq, 1)).unwrap();
+    }
+    wait_for_stats(&reactor, "the source paused", |stats| stats.paused_now == 1);
+    let mut source = new_sources.recv_timeout(WAIT_LIMIT).unwrap();
+    // Several sweeps pass while paused (no timing is asserted: only that none closed it).
+    std::thread::sleep(Duration::from_millis(1_000));
+    let stats = reactor.stats();
+    assert_eq!((stats.closed, stats.closed_idle, stats.closed_frame_timeout), (0, 0, 0), "{stats:?}");
+    let mut popped = 0;
+    let start = Instant::now();
+    while popped < FRAMES {
+        assert!(start.elapsed() < WAIT_LIMIT, "{popped} frames popped: {:?}", reactor.stats());
+        match source.frames.pop() {
+            Some(frame) => {
+                popped += 1;
+                assert_eq!(wire::decode_frame(&frame, FRAME_BYTES_MAX).unwrap().header.seq, popped);
+                if source.frames.take_unblocked() {
+                    reactor.resume(source.id);
+                }
+            }
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    // Read again and silent: now the idle timeout applies.
+    let text = read_error_frame(&mut client);
+    assert!(text.contains("idle_timeout_ms"), "{text}");
+    let stats = reactor.shutdown();
+    assert_eq!((stats.frames_in, stats.closed_idle, stats.closed_frame_timeout), (FRAMES, 1, 0));
 }

@@ -764,6 +764,9 @@ pub fn run_cluster(
         if let Some(fence) = &cluster.fence {
             snapshots.set_fence(&fence.to_string());
         }
+        if snapshots.is_due(&cluster.engine.state, now) {
+            snapshots.set_ingest(&crate::node::run::ingest_view(&reactor.stats(), config));
+        }
         snapshots.tick(&cluster.engine.state, now);
         resumer.send(sequencer.commands());
         if let Some(since) = draining {
@@ -792,6 +795,7 @@ pub fn run_cluster(
     jetstream.stop();
     cluster.checkpoint();
     cluster.mirror.sync()?;
+    snapshots.set_ingest(&crate::node::run::ingest_view(&reactor_stats, config));
     snapshots.finish(&cluster.engine.state);
     Ok(NodeReport::at_stop(replayed_records, &cluster.engine.state, &mut locals, &sequencer, reactor_stats))
 }

@@ -238,8 +238,22 @@ impl Default for DaemonsConfig {
 pub struct IngestConfig {
     pub listen_tcp: String,
     pub local_socket: PathBuf,
+    /// TCP connections open at once at most.
     pub connections_max: u32,
+    /// Connections on the local Unix socket at once at most (apart from TCP's).
+    pub local_connections_max: u32,
+    /// TCP connections open at once from one remote IP address at most.
+    pub connections_per_address_max: u32,
     pub connection_buffer_bytes: u32,
+    /// Read-buffer bytes beyond the first 64 KiB of each connection, summed over
+    /// all connections (partial frames, and whole ones waiting for queue room).
+    pub partial_frame_bytes_max: u64,
+    /// A connection that sends no byte for this long is closed.
+    pub idle_timeout_ms: u32,
+    /// A frame must arrive whole within this long of its first byte.
+    pub frame_timeout_ms: u32,
+    /// At most one log line per ingest rejection reason per this interval.
+    pub rejection_log_interval_ms: u32,
     pub queue_frames: u32,
     pub queue_bytes_max: u32,
     pub frames_per_round_max: u32,
@@ -289,7 +303,13 @@ impl Default for IngestConfig {
             listen_tcp: "127.0.0.1:7400".to_string(),
             local_socket: PathBuf::from("local.sock"),
             connections_max: 4096,
+            local_connections_max: 64,
+            connections_per_address_max: 64,
             connection_buffer_bytes: 8 << 20,
+            partial_frame_bytes_max: 64 << 20,
+            idle_timeout_ms: 60_000,
+            frame_timeout_ms: 10_000,
+            rejection_log_interval_ms: 10_000,
             queue_frames: 64,
             queue_bytes_max: 8 << 20,
             frames_per_round_max: 8,
@@ -384,6 +404,11 @@ impl NodeConfig {
         let bounded = [
             ("heartbeat_ms", self.heartbeat_ms, 10, 3_600_000),
             ("ingest.connections_max", ingest.connections_max, 1, 1 << 20),
+            ("ingest.local_connections_max", ingest.local_connections_max, 1, 1 << 16),
+            ("ingest.connections_per_address_max", ingest.connections_per_address_max, 1, 1 << 20),
+            ("ingest.idle_timeout_ms", ingest.idle_timeout_ms, 10, 86_400_000),
+            ("ingest.frame_timeout_ms", ingest.frame_timeout_ms, 10, 3_600_000),
+            ("ingest.rejection_log_interval_ms", ingest.rejection_log_interval_ms, 100, 3_600_000),
             ("ingest.queue_frames", ingest.queue_frames, 2, 1 << 16),
             ("ingest.queue_bytes_max", ingest.queue_bytes_max, 4096, u32::MAX),
             ("ingest.frames_per_round_max", ingest.frames_per_round_max, 1, 1 << 16),
@@ -427,6 +452,28 @@ impl NodeConfig {
                 format!(
                     "{} must hold one frame of log.frame_bytes_max ({})",
                     ingest.connection_buffer_bytes, self.log.frame_bytes_max
+                ),
+            );
+        }
+        if ingest.partial_frame_bytes_max < ingest.connection_buffer_bytes as u64
+            || ingest.partial_frame_bytes_max > 1 << 40
+        {
+            return field(
+                "ingest.partial_frame_bytes_max",
+                format!(
+                    "{} is outside connection_buffer_bytes ({})..=2^40: one connection must be able to fill its \
+                     buffer",
+                    ingest.partial_frame_bytes_max, ingest.connection_buffer_bytes
+                ),
+            );
+        }
+        // A peer node sends at least its heartbeats; it must never look idle.
+        if ingest.idle_timeout_ms <= self.heartbeat_ms {
+            return field(
+                "ingest.idle_timeout_ms",
+                format!(
+                    "{} must be above heartbeat_ms ({}): a peer that sends only its heartbeats is not idle",
+                    ingest.idle_timeout_ms, self.heartbeat_ms
                 ),
             );
         }
@@ -554,13 +601,6 @@ impl NodeConfig {
             if value < low || value > high {
                 return field(name, format!("{value} is outside {low}..={high}"));
             }
-        }
-        // The node's name is JetStream's client name, at most 64 bytes there.
-        if !cluster.nats.is_empty() && self.name.len() > 64 {
-            return field(
-                "name",
-                format!("{} bytes: a node in a cluster (cluster.nats) has at most 64", self.name.len()),
-            );
         }
         // The loop hands a group to JetStream only when all of it fits the queue.
         if cluster.publish_queue_max < self.ingest.records_per_commit_max {
@@ -735,13 +775,18 @@ impl NodeConfig {
         }
     }
 
-    /// The most memory ingest can hold, in bytes: per connection its read buffer, its
-    /// ring's byte budget and one frame past it, times `connections_max`.
+    /// The most memory ingest can hold, in bytes: per connection (TCP and local) its
+    /// fixed part (`sys::reactor::CONNECTION_FIXED_BYTES_MAX`: the read buffer's
+    /// floor and the output buffer), its ring's byte budget and one frame past it;
+    /// plus, once for all connections, the partial-frame budget (read buffers above
+    /// their floor).
     pub fn ingest_memory_bytes_max(&self) -> u64 {
         let ingest = &self.ingest;
-        let per_connection =
-            ingest.connection_buffer_bytes as u64 + ingest.queue_bytes_max as u64 + self.log.frame_bytes_max as u64;
-        per_connection * ingest.connections_max as u64
+        let connections = ingest.connections_max as u64 + ingest.local_connections_max as u64;
+        let per_connection = crate::sys::reactor::CONNECTION_FIXED_BYTES_MAX as u64
+            + ingest.queue_bytes_max as u64
+            + self.log.frame_bytes_max as u64;
+        connections * per_connection + ingest.partial_frame_bytes_max
     }
 
     /// The reactor's listeners and limits (call after `check`).
@@ -750,7 +795,13 @@ impl NodeConfig {
             listen_tcp: Some(self.ingest.listen_tcp.parse().expect("checked by NodeConfig::check")),
             listen_unix: Some(self.local_socket_path()),
             connections_max: self.ingest.connections_max,
+            local_connections_max: self.ingest.local_connections_max,
+            connections_per_address_max: self.ingest.connections_per_address_max,
             connection_buffer_bytes: self.ingest.connection_buffer_bytes,
+            partial_frame_bytes_max: self.ingest.partial_frame_bytes_max,
+            idle_timeout_ms: self.ingest.idle_timeout_ms,
+            frame_timeout_ms: self.ingest.frame_timeout_ms,
+            rejection_log_interval_ms: self.ingest.rejection_log_interval_ms,
             queue_frames: self.ingest.queue_frames,
             queue_bytes_max: self.ingest.queue_bytes_max,
             frame_bytes_max: self.log.frame_bytes_max,
@@ -834,6 +885,12 @@ mod tests {
                 "ingest.local_socket",
             ),
             ("[ingest]\nconnection_buffer_bytes = 100", "ingest.connection_buffer_bytes"),
+            ("[ingest]\nlocal_connections_max = 0", "ingest.local_connections_max"),
+            ("[ingest]\nconnections_per_address_max = 0", "ingest.connections_per_address_max"),
+            ("[ingest]\npartial_frame_bytes_max = 1048576", "ingest.partial_frame_bytes_max"),
+            ("[ingest]\nidle_timeout_ms = 1000", "ingest.idle_timeout_ms"),
+            ("[ingest]\nframe_timeout_ms = 0", "ingest.frame_timeout_ms"),
+            ("[ingest]\nrejection_log_interval_ms = 1", "ingest.rejection_log_interval_ms"),
             ("[log]\nfsync = \"sometimes\"", "fsync"),
             ("[log]\nframe_bytes_max = 3", "frame_bytes_max"),
             ("[reconcile]\npull_inflight_max = 0", "reconcile.pull_inflight_max"),
@@ -864,6 +921,10 @@ mod tests {
                 "cluster.publish_queue_max",
             ),
             ("[ingest]\nqueue_frames = \"many\"", "queue_frames"),
+            ("name = \"node-1\\nnode-2\"", "name"),
+            ("name = \"\"", "name"),
+            ("name = \"-n\"", "name"),
+            ("name = \"Node\"", "name"),
         ];
         for (text, field) in cases {
             let error = NodeConfig::parse(text).unwrap_err();

@@ -511,7 +511,11 @@ fn run_until(
             local.tick(&engine.state, &mut sequencer);
         }
         let worked = commit_group(&mut sequencer, &mut log, &mut engine, &mut locals)?;
-        snapshots.tick(&engine.state, Instant::now());
+        let now = Instant::now();
+        if snapshots.is_due(&engine.state, now) {
+            snapshots.set_ingest(&ingest_view(&reactor.stats(), config));
+        }
+        snapshots.tick(&engine.state, now);
         resumer.send(sequencer.commands());
         let now = Instant::now();
         if now >= next_stats {
@@ -610,6 +614,7 @@ fn run_until(
     }
     sequencer.commands().clear();
     log.sync()?;
+    snapshots.set_ingest(&ingest_view(&reactor_stats, config));
     snapshots.finish(&engine.state);
     Ok(NodeReport::at_stop(replayed_records, &engine.state, &mut locals, &sequencer, reactor_stats))
 }
@@ -686,8 +691,36 @@ pub(super) fn dispatch_actions(state: &State, actions: &[Action], locals: &mut [
     }
 }
 
-fn log_stats(sequencer: &Sequencer, engine: &Engine, reactor: &ReactorStats) {
+/// The node's ingest counters as the snapshot shows them (`meshos status`).
+pub(super) fn ingest_view(reactor: &ReactorStats, config: &NodeConfig) -> crate::snapshot::IngestView {
+    let (frame_error_names, frame_errors) =
+        reactor.frame_rejections().iter().map(|(name, count)| (name.to_string(), *count)).unzip();
+    let (connection_refusal_names, connection_refusals) =
+        reactor.connection_refusals().iter().map(|(name, count)| (name.to_string(), *count)).unzip();
+    crate::snapshot::IngestView {
+        connections_open: reactor.accepted - reactor.closed,
+        frames_in: reactor.frames_in,
+        bytes_in: reactor.bytes_in,
+        partial_frame_bytes: reactor.partial_frame_bytes,
+        partial_frame_bytes_peak: reactor.partial_frame_bytes_peak,
+        partial_frame_bytes_max: config.ingest.partial_frame_bytes_max,
+        frame_error_names,
+        frame_errors,
+        connection_refusal_names,
+        connection_refusals,
+    }
+}
+
+/// The loop's periodic counters line. `rejected_frames`: every frame refused (the
+/// reactor's frame errors, the sequencer's payload refusals it acted on, wrong
+/// kinds); `refused_connections`: connections refused or closed by a limit. Each
+/// rejection is also logged by the reactor as it happens (rate-limited per reason).
+pub(super) fn log_stats(sequencer: &Sequencer, engine: &Engine, reactor: &ReactorStats) {
     let stats = sequencer.stats();
+    let rejected_frames: u64 = reactor.frame_rejections().iter().map(|(_, count)| count).sum();
+    let refusals = reactor.connection_refusals();
+    // The last reason counts waits for the partial-frame budget, not connections.
+    let refused_connections: u64 = refusals[..refusals.len() - 1].iter().map(|(_, count)| count).sum();
     tracing::info!(
         position = engine.state.position,
         events = stats.events,
@@ -695,7 +728,11 @@ fn log_stats(sequencer: &Sequencer, engine: &Engine, reactor: &ReactorStats) {
         commits = stats.commits,
         connections = reactor.accepted - reactor.closed,
         backpressure = sequencer.backpressure(),
-        rejected_frames = stats.rejected_frames,
+        rejected_frames,
+        payloads_rejected = stats.rejected_frames,
+        refused_connections,
+        partial_frame_bytes = reactor.partial_frame_bytes,
+        budget_waits = reactor.budget_waits,
         "ingest"
     );
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
-use super::{Snapshot, SnapshotError, ALIGN_BYTES, FORMAT_VERSION, HEADER_BYTES, MAGIC};
+use super::{IngestView, Snapshot, SnapshotError, ALIGN_BYTES, FORMAT_VERSION, HEADER_BYTES, MAGIC};
 use crate::config::SnapshotLimits;
 use crate::state::State;
 
@@ -90,6 +90,7 @@ pub struct SnapshotWriter {
     /// The last attempt failed (one warning per run of failures).
     failing: bool,
     fence: String,
+    ingest: IngestView,
     pub stats: WriterStats,
 }
 
@@ -108,6 +109,7 @@ impl SnapshotWriter {
             last_position: None,
             failing: false,
             fence: String::new(),
+            ingest: IngestView::default(),
             stats: WriterStats::default(),
         }
     }
@@ -159,9 +161,16 @@ impl SnapshotWriter {
         }
     }
 
+    /// The node's ingest counters, written into every snapshot from now on (set them
+    /// when `is_due` says a write comes).
+    pub fn set_ingest(&mut self, ingest: &IngestView) {
+        self.ingest.clone_from(ingest);
+    }
+
     fn write_inner(&mut self, state: &State) -> Result<u64, SnapshotError> {
         self.snapshot.fill_from(state, &self.writer_node, &self.limits);
         self.snapshot.fence.clone_from(&self.fence);
+        self.snapshot.ingest.clone_from(&self.ingest);
         self.snapshot.written_unix_ms =
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64);
         let buffer = encode_into(&self.snapshot, std::mem::take(&mut self.buffer))?;

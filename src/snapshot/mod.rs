@@ -9,7 +9,9 @@
 //! a bounded list); heat (node load and the hot mark, daemon saturation); the locality
 //! map (network coordinates and measured RTT pairs); node health and maintenance with
 //! drain progress, the copies that block a drain and the expected time to safe;
-//! daemon status; placement stability; and the log position and state hash.
+//! daemon status; placement stability; the log position and state hash; and, apart
+//! from the state, the writing node's ingest counters (frames refused per reason,
+//! connections refused or closed per limit, the partial-frame budget).
 //!
 //! File layout (`file.rs`):
 //!
@@ -29,7 +31,8 @@
 //! reader needs no table of its own. `NONE` (u32::MAX) is "no row".
 //!
 //! Invariants: a snapshot is a pure function of the state, the writer's name, the
-//! write time and the `SnapshotLimits` (`Snapshot::from_state`); every column of a
+//! write time, its fence and ingest counters (set by the writer; empty in
+//! `Snapshot::from_state`) and the `SnapshotLimits`; every column of a
 //! table has the table's length (asserted by `check_shape`, which the builder runs);
 //! every list picked from a table is bounded by a `SnapshotLimits` field and its total
 //! is counted beside it; a file is only ever published whole (temporary file, fsync,
@@ -55,7 +58,7 @@ use std::path::PathBuf;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Bumped whenever an archived type below changes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The first bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"MSHSNAP\0";
 /// Bytes before the archive (magic, version, checksum); a multiple of the archive's
@@ -157,6 +160,33 @@ pub struct Snapshot {
     pub placement: PlacementView,
     pub locality: Locality,
     pub drain_blockers: DrainBlockers,
+    /// The writing node's ingest counters (not part of the state; empty when built
+    /// without a node).
+    pub ingest: IngestView,
+}
+
+/// The writing node's ingest counters since it started (its reactor's): what it
+/// refused and why. Names and counts are parallel lists (`frame_error_names[i]` was
+/// refused `frame_errors[i]` times), so a reader needs no table of its own.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[rkyv(derive(Debug))]
+pub struct IngestView {
+    pub connections_open: u64,
+    pub frames_in: u64,
+    pub bytes_in: u64,
+    /// Read-buffer bytes charged to the partial-frame budget now, the most ever, and
+    /// the budget (`ingest.partial_frame_bytes_max`).
+    pub partial_frame_bytes: u64,
+    pub partial_frame_bytes_peak: u64,
+    pub partial_frame_bytes_max: u64,
+    /// Frames refused, per reason (the reactor's frame errors, payloads the
+    /// sequencer refused included, and frames of a kind clients may not send).
+    pub frame_error_names: Vec<String>,
+    pub frame_errors: Vec<u64>,
+    /// Connections refused or closed by a limit (over the limit, per address, idle,
+    /// frame deadline) and waits for the partial-frame budget, per reason.
+    pub connection_refusal_names: Vec<String>,
+    pub connection_refusals: Vec<u64>,
 }
 
 /// Stable names of every code the file stores, indexed by code.
@@ -586,6 +616,28 @@ mod tests {
         assert_eq!(ArchivedSnapshot::name_of(&archived.names.maintenance, 200), "unknown");
         let summary = archived.summary();
         assert_eq!(summary.nodes_by_maintenance, vec![("active".to_string(), 2), ("unknown".to_string(), 1)]);
+    }
+
+    #[test]
+    fn ingest_counters_round_trip_and_uneven_lists_do_not_panic() {
+        let state = converged_cluster(&Config::default(), 3, 2, 1);
+        let mut snapshot = Snapshot::from_state(&state, "n", &SnapshotLimits::default());
+        assert_eq!(snapshot.ingest, IngestView::default(), "not part of the state");
+        snapshot.ingest = IngestView {
+            connections_open: 3,
+            frames_in: 40,
+            partial_frame_bytes_max: 1 << 20,
+            frame_error_names: vec!["bad_magic".to_string(), "bad_payload".to_string()],
+            frame_errors: vec![10, 1],
+            connection_refusal_names: vec!["per_address".to_string(), "idle_timeout".to_string()],
+            connection_refusals: vec![7],
+            ..IngestView::default()
+        };
+        let bytes = encoded(&snapshot);
+        let summary = validate_bytes(&bytes).unwrap().summary();
+        assert_eq!((summary.ingest_connections_open, summary.ingest_frames_in), (3, 40));
+        assert_eq!(summary.ingest_frame_errors, vec![("bad_magic".to_string(), 10), ("bad_payload".to_string(), 1)]);
+        assert_eq!(summary.ingest_connection_refusals, vec![("per_address".to_string(), 7)]);
     }
 
     #[test]

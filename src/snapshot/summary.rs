@@ -77,6 +77,15 @@ pub struct SnapshotSummary {
     pub commitment_position: u64,
     pub commitment_reporting: u32,
     pub commitment_agreeing: u32,
+    /// The writing node's ingest counters (`IngestView`); every reason listed, zeros
+    /// included.
+    pub ingest_connections_open: u64,
+    pub ingest_frames_in: u64,
+    pub ingest_partial_frame_bytes: u64,
+    pub ingest_partial_frame_bytes_peak: u64,
+    pub ingest_partial_frame_bytes_max: u64,
+    pub ingest_frame_errors: Vec<(String, u64)>,
+    pub ingest_connection_refusals: Vec<(String, u64)>,
 }
 
 /// Counts of `codes` by name in `names` (in code order, zero counts left out).
@@ -206,6 +215,26 @@ impl ArchivedSnapshot {
             commitment_position,
             commitment_reporting,
             commitment_agreeing,
+            ingest_connections_open: self.ingest.connections_open.to_native(),
+            ingest_frames_in: self.ingest.frames_in.to_native(),
+            ingest_partial_frame_bytes: self.ingest.partial_frame_bytes.to_native(),
+            ingest_partial_frame_bytes_peak: self.ingest.partial_frame_bytes_peak.to_native(),
+            ingest_partial_frame_bytes_max: self.ingest.partial_frame_bytes_max.to_native(),
+            // Parallel lists of unequal length (a damaged writer) pair up to the shorter.
+            ingest_frame_errors: self
+                .ingest
+                .frame_error_names
+                .iter()
+                .zip(self.ingest.frame_errors.iter())
+                .map(|(name, count)| (name.to_string(), count.to_native()))
+                .collect(),
+            ingest_connection_refusals: self
+                .ingest
+                .connection_refusal_names
+                .iter()
+                .zip(self.ingest.connection_refusals.iter())
+                .map(|(name, count)| (name.to_string(), count.to_native()))
+                .collect(),
         }
     }
 }

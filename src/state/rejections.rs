@@ -282,10 +282,9 @@ impl fmt::Display for RejectReason {
             ),
             RejectReason::NoGenesis => write!(f, "this state has no genesis: no operator key is trusted"),
             RejectReason::UnknownAdminKey(key) => write!(f, "operator key {key}... is not in the cluster keyring"),
-            RejectReason::OperatorReplayed { expires_ms } => write!(
-                f,
-                "this operator section (valid until {expires_ms}) was applied before: a replay"
-            ),
+            RejectReason::OperatorReplayed { expires_ms } => {
+                write!(f, "this operator section (valid until {expires_ms}) was applied before: a replay")
+            }
             RejectReason::StaleKeyringVersion { current, got } => {
                 write!(f, "keyring version {got} is not the current version {current} plus one")
             }
@@ -302,10 +301,9 @@ impl fmt::Display for RejectReason {
                 write!(f, "payload is not signed sections: {code} at byte {offset} (nothing after it is folded)")
             }
             RejectReason::UnsignedSection => write!(f, "an unsigned section reached the log (only signed ones fold)"),
-            RejectReason::NodeNotAdmitted(name) => write!(
-                f,
-                "node `{name}` is not admitted: an operator admits its key first (`meshos admin admit-node`)"
-            ),
+            RejectReason::NodeNotAdmitted(name) => {
+                write!(f, "node `{name}` is not admitted: an operator admits its key first (`meshos admin admit-node`)")
+            }
             RejectReason::NodeRevoked(name) => write!(f, "node `{name}` was removed: its key signs nothing any more"),
             RejectReason::WrongNodeKey { node, key } => {
                 write!(f, "section signed for node `{node}` with key {key}..., not the key admitted for it")
@@ -324,11 +322,12 @@ impl fmt::Display for RejectReason {
                 write!(f, "event of node `{origin}` in a section signed by `{signer}`: a node speaks only for itself")
             }
             RejectReason::OperatorOnly(kind) => write!(f, "{kind} is an operator intent: a node's key cannot send it"),
-            RejectReason::NodeOnly(kind) => write!(f, "{kind} is a node's own fact: an operator section cannot carry it"),
-            RejectReason::OriginSeqJump { last, got, step_max } => write!(
-                f,
-                "origin sequence {got} jumps more than {step_max} past the last applied {last}"
-            ),
+            RejectReason::NodeOnly(kind) => {
+                write!(f, "{kind} is a node's own fact: an operator section cannot carry it")
+            }
+            RejectReason::OriginSeqJump { last, got, step_max } => {
+                write!(f, "origin sequence {got} jumps more than {step_max} past the last applied {last}")
+            }
             RejectReason::NotYourAction(id) => {
                 write!(f, "action {}:{} is addressed to another node: only its node reports it", id.position, id.index)
             }
@@ -337,7 +336,7 @@ impl fmt::Display for RejectReason {
             }
             RejectReason::BadNodeName(name) => write!(
                 f,
-                "`{name}` is not a node name (1..=64 bytes of a-z, A-Z, 0-9, '-', '_', '.'; not starting with '-' or '.')"
+                "`{name}` is not a node name (1..=64 bytes of a-z, 0-9, '-', '_', '.'; not starting with '-' or '.')"
             ),
         }
     }

@@ -35,10 +35,43 @@
 //! so it stays replaceable as long as possible. Writes never block: on WouldBlock
 //! the connection asks for WRITABLE and finishes when the socket is writable.
 //!
-//! Registration: a connection wants READABLE unless paused, plus WRITABLE while it
-//! has anything to write; wanting neither means deregistered (mio has no empty
-//! interest set). `interest` records what is registered; changes go through
-//! register / reregister / deregister, and a failure closes the connection.
+//! Registration: a connection wants READABLE unless paused or starved, plus
+//! WRITABLE while it has anything to write; wanting neither means deregistered (mio
+//! has no empty interest set). `interest` records what is registered; changes go
+//! through register / reregister / deregister, and a failure closes the connection.
+//!
+//! Memory: a read buffer holds up to `BUFFER_FLOOR_BYTES` of capacity for free;
+//! every capacity byte above it is charged to one budget shared by all connections
+//! (`partial_frame_bytes_max`). A connection whose buffer is full to its capacity
+//! and may not grow is *starved*: READABLE is withdrawn (TCP pushes back, as for a
+//! full ring) and it waits, oldest first, in `starved`; each round after budget
+//! frees, the waiting connections are read again while budget is left. Budget
+//! frees when a buffer empties or shrinks (frames pushed) or a connection closes,
+//! and the frame deadline guarantees that: a partial frame that does not complete
+//! within `frame_timeout_ms` of its first byte closes its connection, so no
+//! connection holds budget forever and waiting ones cannot deadlock.
+//!
+//! Time: the reactor reads `Instant::now()` once per round (it is I/O code, not
+//! fold). A connection not sending a byte for `idle_timeout_ms`, or not completing
+//! a frame within `frame_timeout_ms`, is closed with an error frame and counted
+//! (`closed_idle`, `closed_frame_timeout`); a paused or quiesced connection is not
+//! waiting on its peer, so neither timer runs against it (both restart at resume).
+//! The check is a sweep over the connections at most once per sweep interval (a
+//! quarter of the shorter timeout, between 5 ms and 1 s), never a per-round scan;
+//! the poll timeout wakes the thread for it. For 4,096 connections a sweep costs
+//! microseconds.
+//!
+//! Limits on connections: TCP connections at most `connections_max`, and at most
+//! `connections_per_address_max` from one remote IP address; the Unix socket is
+//! counted apart, at most `local_connections_max`, so a TCP flood never locks out
+//! local tools. The Unix socket is made mode 0600 right after bind (whatever the
+//! umask); a connection that reached it before that is closed unserved.
+//!
+//! The log: every rejection (frame error by reason, a frame of the wrong kind, a
+//! connection refused or closed by a limit, a wait for the budget) is counted in
+//! [`ReactorStats`] and logged at warn level with its peer, at most one line per
+//! reason per `rejection_log_interval_ms`; the lines held back are counted in the
+//! reason's next line (or a summary line at the next sweep after the interval).
 //!
 //! Invariants:
 //! 1. A frame is pushed only whole and checked; a partial frame left by a peer that
@@ -55,17 +88,32 @@
 //!    (otherwise no error frame, since it cannot be written without blocking), then
 //!    that connection alone is closed; the count is kept per
 //!    `FrameError::reason_code` ([`ERROR_REASONS`]).
-//! 5. At most `connections_max` connections are open; one more is accepted, sent an
-//!    error frame saying so, closed and counted (`rejected_connections`).
+//! 5. At most `connections_max` TCP connections are open, at most
+//!    `connections_per_address_max` of them from one IP address, and at most
+//!    `local_connections_max` Unix ones; one more is accepted, sent an error frame
+//!    naming the limit, closed and counted (`rejected_connections`,
+//!    `rejected_per_address`, `rejected_local_connections`).
 //! 6. A connection's read buffer starts empty (an idle connection costs nothing but
 //!    its struct) and never holds more than `connection_buffer_bytes`; start refuses a
 //!    configuration where one frame of `frame_bytes_max` would not fit. Its output
 //!    buffer starts empty and never holds more than `OUTPUT_BYTES_MAX`; its pending
-//!    ack is one fixed-size value.
+//!    ack is one fixed-size value. The read buffers' capacity above
+//!    `BUFFER_FLOOR_BYTES`, summed over all connections, never passes
+//!    `partial_frame_bytes_max` (`partial_frame_bytes` is that sum now); start
+//!    refuses a budget smaller than one `connection_buffer_bytes`.
 //! 7. `paused` means READABLE is withheld, whatever the output needs; `paused_now`
-//!    counts the paused connections that are open.
+//!    counts the paused connections that are open. `starved` means READABLE is
+//!    withheld for want of budget and the connection is listed in `starved`;
+//!    `waiting_for_budget_now` counts the starved connections that are open. A
+//!    connection is never both.
 //! 8. Nothing here panics on input; socket errors (reading or writing) close the one
 //!    connection. A peer that closes while acks are pending is simply closed.
+//! 9. A connection that is read (not paused, not quiesced) is closed within one
+//!    sweep interval after `idle_timeout_ms` without a byte, or after
+//!    `frame_timeout_ms` since its partial frame began; each close gets an error
+//!    frame (best effort) and is counted.
+//! 10. Every rejection is counted; at most one log line per reason per
+//!     `rejection_log_interval_ms`, and none is lost from the counts the lines give.
 //!
 //! Not done here: payload validation (`wire::access_batch`) is left to the
 //! sequencer, which must copy the payload to an aligned buffer anyway, and reports a
@@ -76,9 +124,9 @@
 //! pending acks.
 
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -86,7 +134,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 // `Signal::new` builds one); everything else here uses std's.
 use crate::sync::Arc as SignalArc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
@@ -123,8 +171,12 @@ const UNIX_LISTENER_TOKEN: Token = Token(2);
 const FIRST_CONNECTION_ID: u64 = 16;
 /// Bytes added to a read buffer at most per read call.
 const READ_CHUNK_BYTES: usize = 64 << 10;
-/// An empty read buffer larger than this is released (idle connections stay cheap).
-const IDLE_BUFFER_KEEP_BYTES: usize = 64 << 10;
+/// Bytes of read buffer a connection may hold without drawing on the shared
+/// partial-frame budget (`partial_frame_bytes_max`): every capacity byte above this
+/// is charged to the budget. An empty buffer above it is released, and one holding
+/// at most half of it is shrunk back to it, so idle connections stay cheap and the
+/// budget comes back.
+pub const BUFFER_FLOOR_BYTES: usize = 64 << 10;
 /// Bytes of an error frame's text at most.
 const ERROR_TEXT_BYTES_MAX: usize = 1024;
 /// Bytes of an error frame at most (header, text, padding).
@@ -137,7 +189,17 @@ const ACK_FRAME_BYTES: usize = wire::frame_bytes(wire::ACK_PAYLOAD_BYTES);
 const OUTPUT_BYTES_MAX: usize = 4 << 10;
 const _: () = assert!(ACK_FRAME_BYTES <= OUTPUT_BYTES_MAX);
 const _: () = assert!(ERROR_FRAME_BYTES_MAX <= OUTPUT_BYTES_MAX);
-const _: () = assert!(OUTPUT_BYTES_MAX <= IDLE_BUFFER_KEEP_BYTES);
+const _: () = assert!(OUTPUT_BYTES_MAX <= BUFFER_FLOOR_BYTES);
+// A first read into an empty buffer never needs the budget.
+const _: () = assert!(READ_CHUNK_BYTES <= BUFFER_FLOOR_BYTES);
+/// What one open connection costs at most apart from its ring and what it draws on
+/// the partial-frame budget: its read buffer's floor and its output buffer.
+pub const CONNECTION_FIXED_BYTES_MAX: usize = BUFFER_FLOOR_BYTES + OUTPUT_BYTES_MAX;
+/// The timeouts are checked by a sweep over the connections at most this often
+/// (a quarter of the shorter timeout, within these bounds): a connection is closed
+/// between its timeout and its timeout plus one sweep interval.
+const SWEEP_INTERVAL_MAX: Duration = Duration::from_secs(1);
+const SWEEP_INTERVAL_MIN: Duration = Duration::from_millis(5);
 /// Bytes read and discarded after an error, before closing (so an unread input does
 /// not turn the close into a reset that could destroy the error frame).
 const DRAIN_ON_CLOSE_BYTES_MAX: usize = 256 << 10;
@@ -153,8 +215,26 @@ const READS_PER_ROUND_MAX: u32 = 16;
 pub struct ReactorConfig {
     pub listen_tcp: Option<SocketAddr>,
     pub listen_unix: Option<PathBuf>,
+    /// TCP connections open at once at most.
     pub connections_max: u32,
+    /// Unix-socket (local) connections open at once at most, apart from TCP's.
+    pub local_connections_max: u32,
+    /// TCP connections open at once from one remote IP address at most.
+    pub connections_per_address_max: u32,
+    /// The most bytes one connection's read buffer holds.
     pub connection_buffer_bytes: u32,
+    /// Read-buffer bytes above `BUFFER_FLOOR_BYTES` per connection, summed over all
+    /// connections, at most; a connection that needs more stops being read until
+    /// the budget frees.
+    pub partial_frame_bytes_max: u64,
+    /// A connection that sends no byte for this long is closed.
+    pub idle_timeout_ms: u32,
+    /// A frame must arrive whole within this long of its first byte (while the
+    /// connection is read), or the connection is closed.
+    pub frame_timeout_ms: u32,
+    /// At most one log line per rejection reason per this interval; the rest are
+    /// counted and reported in the next line.
+    pub rejection_log_interval_ms: u32,
     /// Ring length per connection, rounded up to a power of two (at least 2).
     pub queue_frames: u32,
     /// Bytes of frames one connection's ring may hold; a frame that would pass it
@@ -202,6 +282,11 @@ pub enum Command {
     Quiesce,
 }
 
+/// Why connections were refused or closed by the reactor's limits, in the order of
+/// [`ReactorStats::connection_refusals`].
+pub const CONNECTION_REFUSALS: [&str; 6] =
+    ["over_limit", "local_over_limit", "per_address", "idle_timeout", "frame_timeout", "memory_budget_wait"];
+
 /// Counters since start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReactorStats {
@@ -220,8 +305,25 @@ pub struct ReactorStats {
     /// Times a connection spent its read budget of a round and was served again
     /// after the other ready connections.
     pub budget_spent: u64,
-    /// Connections over `connections_max`, answered with an error frame and closed.
+    /// TCP connections over `connections_max`, answered with an error frame and closed.
     pub rejected_connections: u64,
+    /// Unix-socket connections over `local_connections_max`, answered and closed.
+    pub rejected_local_connections: u64,
+    /// TCP connections over `connections_per_address_max` from one IP address,
+    /// answered and closed.
+    pub rejected_per_address: u64,
+    /// Connections closed after `idle_timeout_ms` without a byte.
+    pub closed_idle: u64,
+    /// Connections closed because a frame did not complete within `frame_timeout_ms`.
+    pub closed_frame_timeout: u64,
+    /// Times a connection stopped being read because its partial frame needed more
+    /// of the partial-frame budget than was left.
+    pub budget_waits: u64,
+    /// Connections waiting for the partial-frame budget now.
+    pub waiting_for_budget_now: u64,
+    /// Read-buffer bytes charged to the partial-frame budget now, and the most ever.
+    pub partial_frame_bytes: u64,
+    pub partial_frame_bytes_peak: u64,
     /// Connections closed by the peer in the middle of a frame (partial frame discarded).
     pub disconnected_mid_frame: u64,
     /// Valid frames of a kind clients may not send (anything but `Events` and
@@ -261,6 +363,31 @@ pub enum ReactorError {
     Thread(#[source] io::Error),
 }
 
+impl ReactorStats {
+    /// Connections refused or closed by each limit, named as in [`CONNECTION_REFUSALS`]
+    /// (`memory_budget_wait`: times reading stopped for want of budget; not a close).
+    pub fn connection_refusals(&self) -> [(&'static str, u64); CONNECTION_REFUSALS.len()] {
+        let counts = [
+            self.rejected_connections,
+            self.rejected_local_connections,
+            self.rejected_per_address,
+            self.closed_idle,
+            self.closed_frame_timeout,
+            self.budget_waits,
+        ];
+        std::array::from_fn(|index| (CONNECTION_REFUSALS[index], counts[index]))
+    }
+
+    /// Frames refused, per reason: the [`ERROR_REASONS`] (the consumer's closes
+    /// included), then `unexpected_kind`.
+    pub fn frame_rejections(&self) -> [(&'static str, u64); ERROR_REASONS.len() + 1] {
+        std::array::from_fn(|index| match ERROR_REASONS.get(index) {
+            Some(name) => (*name, self.errors_by_reason[index]),
+            None => ("unexpected_kind", self.unexpected_kind),
+        })
+    }
+}
+
 #[derive(Default)]
 struct StatCells {
     accepted: AtomicU64,
@@ -272,6 +399,14 @@ struct StatCells {
     resumes: AtomicU64,
     budget_spent: AtomicU64,
     rejected_connections: AtomicU64,
+    rejected_local_connections: AtomicU64,
+    rejected_per_address: AtomicU64,
+    closed_idle: AtomicU64,
+    closed_frame_timeout: AtomicU64,
+    budget_waits: AtomicU64,
+    waiting_for_budget_now: AtomicU64,
+    partial_frame_bytes: AtomicU64,
+    partial_frame_bytes_peak: AtomicU64,
     disconnected_mid_frame: AtomicU64,
     unexpected_kind: AtomicU64,
     errors_by_reason: [AtomicU64; ERROR_REASONS.len()],
@@ -300,6 +435,14 @@ impl StatCells {
             resumes: load(&self.resumes),
             budget_spent: load(&self.budget_spent),
             rejected_connections: load(&self.rejected_connections),
+            rejected_local_connections: load(&self.rejected_local_connections),
+            rejected_per_address: load(&self.rejected_per_address),
+            closed_idle: load(&self.closed_idle),
+            closed_frame_timeout: load(&self.closed_frame_timeout),
+            budget_waits: load(&self.budget_waits),
+            waiting_for_budget_now: load(&self.waiting_for_budget_now),
+            partial_frame_bytes: load(&self.partial_frame_bytes),
+            partial_frame_bytes_peak: load(&self.partial_frame_bytes_peak),
             disconnected_mid_frame: load(&self.disconnected_mid_frame),
             unexpected_kind: load(&self.unexpected_kind),
             errors_by_reason: std::array::from_fn(|index| load(&self.errors_by_reason[index])),
@@ -390,6 +533,16 @@ impl Reactor {
             remove_stale_socket(path);
             let bind_error = |source| ReactorError::BindUnix { path: path.clone(), source };
             let mut listener = UnixListener::bind(path).map_err(bind_error)?;
+            // The socket's mode comes from the umask: make it the owner's alone. A
+            // connection that reached it before the chmod is closed unserved (the
+            // node has not announced itself yet, so nobody legitimate is waiting).
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
+                while let Ok((early, _)) = listener.accept() {
+                    drop(early);
+                }
+            }
             poll.registry()
                 .register(&mut listener, UNIX_LISTENER_TOKEN, Interest::READABLE)
                 .map_err(ReactorError::Poll)?;
@@ -403,7 +556,20 @@ impl Reactor {
         });
         let (sources_tx, sources_rx) = mpsc::channel();
         let ring_frames = (config.queue_frames as usize).next_power_of_two().max(2);
+        let shorter_timeout_ms = config.idle_timeout_ms.min(config.frame_timeout_ms) as u64;
+        let sweep_interval =
+            (Duration::from_millis(shorter_timeout_ms) / 4).clamp(SWEEP_INTERVAL_MIN, SWEEP_INTERVAL_MAX);
+        let now = Instant::now();
         let event_loop = EventLoop {
+            now,
+            next_sweep: now + sweep_interval,
+            sweep_interval,
+            budget: Budget { max: usize::try_from(config.partial_frame_bytes_max).unwrap_or(usize::MAX), used: 0 },
+            starved: VecDeque::new(),
+            tcp_open: 0,
+            unix_open: 0,
+            per_address: HashMap::new(),
+            rejection_log: RejectionLog::new(Duration::from_millis(config.rejection_log_interval_ms as u64)),
             poll,
             shared: Arc::clone(&shared),
             signal,
@@ -493,8 +659,17 @@ fn check_config(config: &ReactorConfig) -> Result<(), ReactorError> {
     if config.listen_tcp.is_none() && config.listen_unix.is_none() {
         return bad("listen_tcp", "neither a TCP address nor a Unix socket to listen on".to_string());
     }
-    if config.connections_max == 0 {
-        return bad("connections_max", "must be at least 1".to_string());
+    for (field, value) in [
+        ("connections_max", config.connections_max),
+        ("local_connections_max", config.local_connections_max),
+        ("connections_per_address_max", config.connections_per_address_max),
+        ("idle_timeout_ms", config.idle_timeout_ms),
+        ("frame_timeout_ms", config.frame_timeout_ms),
+        ("rejection_log_interval_ms", config.rejection_log_interval_ms),
+    ] {
+        if value == 0 {
+            return bad(field, "must be at least 1".to_string());
+        }
     }
     if config.queue_frames == 0 || config.queue_frames > 1 << 20 {
         return bad("queue_frames", format!("{} is outside 1..=1048576", config.queue_frames));
@@ -511,6 +686,17 @@ fn check_config(config: &ReactorConfig) -> Result<(), ReactorError> {
             format!(
                 "{} cannot hold one frame of frame_bytes_max ({})",
                 config.connection_buffer_bytes, config.frame_bytes_max
+            ),
+        );
+    }
+    // One connection alone must be able to fill its buffer, or a frame of
+    // frame_bytes_max could never be read whole.
+    if config.partial_frame_bytes_max < config.connection_buffer_bytes as u64 {
+        return bad(
+            "partial_frame_bytes_max",
+            format!(
+                "{} cannot hold one connection's buffer of connection_buffer_bytes ({})",
+                config.partial_frame_bytes_max, config.connection_buffer_bytes
             ),
         );
     }
@@ -659,8 +845,20 @@ struct Connection {
     /// Received bytes not yet pushed: whole frames waiting for ring room, then at
     /// most one partial frame. Never longer than `connection_buffer_bytes`.
     buffer: Vec<u8>,
+    /// The buffer's capacity above `BUFFER_FLOOR_BYTES`, charged to the budget.
+    charged: usize,
     /// True while READABLE is withheld because the ring is full.
     paused: bool,
+    /// True while READABLE is withheld because the buffer must grow and the
+    /// partial-frame budget has no room; the connection is in `EventLoop::starved`.
+    starved: bool,
+    /// The TCP peer (None for a Unix socket), for the per-address count and the log.
+    peer: Option<SocketAddr>,
+    /// When the last byte arrived (or the connection was accepted or resumed).
+    last_byte_at: Instant,
+    /// When the partial frame in the buffer began (or reading it resumed); None
+    /// while the buffer holds no partial frame.
+    frame_started_at: Option<Instant>,
     /// False once the reactor quiesced: the socket is no longer read.
     reading: bool,
     /// What the socket is registered for; `None` while deregistered.
@@ -678,13 +876,24 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(stream: Stream, frames: Producer<Vec<u8>>, interest: Interest) -> Connection {
+    fn new(
+        stream: Stream,
+        frames: Producer<Vec<u8>>,
+        interest: Interest,
+        peer: Option<SocketAddr>,
+        now: Instant,
+    ) -> Connection {
         Connection {
             stream,
             frames,
             queued: QueuedBytes::default(),
             buffer: Vec::new(),
+            charged: 0,
             paused: false,
+            starved: false,
+            peer,
+            last_byte_at: now,
+            frame_started_at: None,
             reading: true,
             interest: Some(interest),
             output: Vec::new(),
@@ -697,7 +906,7 @@ impl Connection {
 
     /// READABLE unless paused, WRITABLE while something is left to write.
     fn wanted_interest(&self) -> Option<Interest> {
-        let readable = (!self.paused && self.reading).then_some(Interest::READABLE);
+        let readable = (!self.paused && !self.starved && self.reading).then_some(Interest::READABLE);
         let writable = (!self.output.is_empty() || self.pending_ack.is_some()).then_some(Interest::WRITABLE);
         match (readable, writable) {
             (Some(readable), Some(writable)) => Some(readable | writable),
@@ -782,11 +991,116 @@ enum Outcome {
     Budget,
     /// The ring is full and blocked: pause the connection.
     Paused,
+    /// The buffer is full to its capacity and the partial-frame budget cannot grow
+    /// it: stop reading until the budget frees.
+    Starved,
     /// Close the connection (the counters are already updated).
     Close,
 }
 
+/// The partial-frame budget: read-buffer bytes above the floor, over all connections.
+struct Budget {
+    max: usize,
+    used: usize,
+}
+
+impl Budget {
+    fn available(&self) -> usize {
+        self.max.saturating_sub(self.used)
+    }
+
+    /// Charges (or refunds) `connection` for its buffer's capacity now.
+    fn settle(&mut self, connection: &mut Connection, stats: &StatCells) {
+        let charge = connection.buffer.capacity().saturating_sub(BUFFER_FLOOR_BYTES);
+        if charge == connection.charged {
+            return;
+        }
+        self.used = self.used - connection.charged + charge;
+        connection.charged = charge;
+        stats.partial_frame_bytes.store(self.used as u64, Ordering::Relaxed);
+        stats.partial_frame_bytes_peak.fetch_max(self.used as u64, Ordering::Relaxed);
+    }
+
+    /// Gives back everything `connection` holds (it is closing).
+    fn release(&mut self, connection: &mut Connection, stats: &StatCells) {
+        self.used -= connection.charged;
+        connection.charged = 0;
+        stats.partial_frame_bytes.store(self.used as u64, Ordering::Relaxed);
+    }
+}
+
+/// Rejection reasons for the log: the frame errors ([`ERROR_REASONS`]), then a
+/// frame of the wrong kind, then the [`CONNECTION_REFUSALS`].
+const LOG_REASONS: usize = ERROR_REASONS.len() + 1 + CONNECTION_REFUSALS.len();
+const LOG_UNEXPECTED_KIND: usize = ERROR_REASONS.len();
+const LOG_CONNECTION: usize = ERROR_REASONS.len() + 1;
+
+fn log_reason_name(reason: usize) -> &'static str {
+    match reason {
+        index if index < ERROR_REASONS.len() => ERROR_REASONS[index],
+        LOG_UNEXPECTED_KIND => "unexpected_kind",
+        index => CONNECTION_REFUSALS[index - LOG_CONNECTION],
+    }
+}
+
+/// The rejection log: at most one line per reason per interval; what is suppressed
+/// meanwhile is counted and reported by the next line of that reason, or by a
+/// summary line at a sweep once the interval passed.
+struct RejectionLog {
+    interval: Duration,
+    last_line: [Option<Instant>; LOG_REASONS],
+    suppressed: [u64; LOG_REASONS],
+}
+
+impl RejectionLog {
+    fn new(interval: Duration) -> RejectionLog {
+        RejectionLog { interval, last_line: [None; LOG_REASONS], suppressed: [0; LOG_REASONS] }
+    }
+
+    fn note(&mut self, reason: usize, now: Instant, peer: Option<SocketAddr>, text: &str) {
+        if self.last_line[reason].is_some_and(|last| now.saturating_duration_since(last) < self.interval) {
+            self.suppressed[reason] += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut self.suppressed[reason]);
+        self.last_line[reason] = Some(now);
+        let peer = peer.map_or_else(|| "local socket".to_string(), |peer| peer.to_string());
+        tracing::warn!(reason = log_reason_name(reason), peer, suppressed, "ingest rejected: {}", text.escape_debug());
+    }
+
+    /// Reports the reasons whose suppressed count waits and whose interval passed.
+    fn flush(&mut self, now: Instant) {
+        for reason in 0..LOG_REASONS {
+            let due = self.last_line[reason].is_none_or(|last| now.saturating_duration_since(last) >= self.interval);
+            if self.suppressed[reason] > 0 && due {
+                let suppressed = std::mem::take(&mut self.suppressed[reason]);
+                self.last_line[reason] = Some(now);
+                tracing::warn!(
+                    reason = log_reason_name(reason),
+                    suppressed,
+                    "ingest rejected: {suppressed} more `{}` since the last line",
+                    log_reason_name(reason)
+                );
+            }
+        }
+    }
+}
+
 struct EventLoop {
+    /// The time of this round (taken once after each poll).
+    now: Instant,
+    /// When the timeouts are next checked, and how often.
+    next_sweep: Instant,
+    sweep_interval: Duration,
+    budget: Budget,
+    /// Connections waiting for the partial-frame budget, oldest first (a closed or
+    /// woken one may stay listed; its `starved` flag decides).
+    starved: VecDeque<u64>,
+    tcp_open: u32,
+    unix_open: u32,
+    /// Open TCP connections per remote IP address (no entry at zero).
+    per_address: HashMap<IpAddr, u32>,
+    rejection_log: RejectionLog,
     poll: Poll,
     shared: Arc<Shared>,
     signal: SignalArc<Signal>,
@@ -815,14 +1129,17 @@ impl EventLoop {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         while !self.shared.stopping.load(Ordering::Acquire) {
             // Connections that used their read budget are served again at once.
+            let until_sweep = self.next_sweep.saturating_duration_since(Instant::now());
             let timeout = if !self.read_again.is_empty() {
-                Some(Duration::ZERO)
+                Duration::ZERO
             } else if !self.accept_retry.is_empty() {
-                Some(ACCEPT_RETRY)
+                ACCEPT_RETRY.min(until_sweep)
             } else {
-                None
+                until_sweep
             };
-            if let Err(error) = self.poll.poll(&mut events, timeout) {
+            let polled = self.poll.poll(&mut events, Some(timeout));
+            self.now = Instant::now();
+            if let Err(error) = polled {
                 if error.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -857,6 +1174,11 @@ impl EventLoop {
             for id in std::mem::take(&mut self.read_again) {
                 self.on_readable(id);
             }
+            self.wake_starved();
+            if self.now >= self.next_sweep {
+                self.sweep();
+                self.next_sweep = self.now + self.sweep_interval;
+            }
             if self.pushed {
                 self.pushed = false;
                 self.signal.notify();
@@ -873,17 +1195,17 @@ impl EventLoop {
         loop {
             let accepted = if token == TCP_LISTENER_TOKEN {
                 match &self.tcp_listener {
-                    Some(listener) => listener.accept().map(|(stream, _)| Stream::Tcp(stream)),
+                    Some(listener) => listener.accept().map(|(stream, peer)| (Stream::Tcp(stream), Some(peer))),
                     None => return,
                 }
             } else {
                 match &self.unix_listener {
-                    Some(listener) => listener.accept().map(|(stream, _)| Stream::Unix(stream)),
+                    Some(listener) => listener.accept().map(|(stream, _)| (Stream::Unix(stream), None)),
                     None => return,
                 }
             };
             match accepted {
-                Ok(stream) => self.admit(stream),
+                Ok((stream, peer)) => self.admit(stream, peer),
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 // Out of descriptors, a peer gone before accept: readiness is
@@ -898,14 +1220,50 @@ impl EventLoop {
         }
     }
 
-    fn admit(&mut self, mut stream: Stream) {
-        if self.connections.len() >= self.config.connections_max as usize {
-            bump(&self.stats().rejected_connections, 1);
-            stream.write_error_frame(&format!(
-                "connection refused: {} connections open, the limit is {} (connections_max)",
-                self.connections.len(),
-                self.config.connections_max
-            ));
+    /// The limit `stream` would pass if admitted: its log reason, counter and the
+    /// refusal's text; None when it may be admitted.
+    fn refusal(&self, stream: &Stream, peer: Option<SocketAddr>) -> Option<(usize, String)> {
+        match (stream.kind(), peer) {
+            (SourceKind::Unix, _) => (self.unix_open >= self.config.local_connections_max).then(|| {
+                let text = format!(
+                    "connection refused: {} local connections open, the limit is {} (local_connections_max)",
+                    self.unix_open, self.config.local_connections_max
+                );
+                (LOG_CONNECTION + 1, text)
+            }),
+            (SourceKind::Tcp, peer) => {
+                let from_peer = peer.and_then(|peer| self.per_address.get(&peer.ip())).copied().unwrap_or(0);
+                if from_peer >= self.config.connections_per_address_max {
+                    let text = format!(
+                        "connection refused: {from_peer} connections open from {}, the limit is {} \
+                         (connections_per_address_max)",
+                        peer.map_or_else(String::new, |peer| peer.ip().to_string()),
+                        self.config.connections_per_address_max
+                    );
+                    return Some((LOG_CONNECTION + 2, text));
+                }
+                (self.tcp_open >= self.config.connections_max).then(|| {
+                    let text = format!(
+                        "connection refused: {} connections open, the limit is {} (connections_max)",
+                        self.tcp_open, self.config.connections_max
+                    );
+                    (LOG_CONNECTION, text)
+                })
+            }
+        }
+    }
+
+    fn admit(&mut self, mut stream: Stream, peer: Option<SocketAddr>) {
+        if let Some((reason, text)) = self.refusal(&stream, peer) {
+            let stats = &self.shared.stats;
+            let counter = match reason - LOG_CONNECTION {
+                0 => &stats.rejected_connections,
+                1 => &stats.rejected_local_connections,
+                _ => &stats.rejected_per_address,
+            };
+            bump(counter, 1);
+            stream.write_error_frame(&text);
+            self.rejection_log.note(reason, self.now, peer, &text);
             return;
         }
         let id = self.next_id;
@@ -922,7 +1280,16 @@ impl EventLoop {
             return;
         }
         bump(&self.stats().accepted, 1);
-        self.connections.insert(id, Connection::new(stream, producer, Interest::READABLE));
+        match kind {
+            SourceKind::Tcp => {
+                self.tcp_open += 1;
+                if let Some(peer) = peer {
+                    *self.per_address.entry(peer.ip()).or_insert(0) += 1;
+                }
+            }
+            SourceKind::Unix => self.unix_open += 1,
+        }
+        self.connections.insert(id, Connection::new(stream, producer, Interest::READABLE, peer, self.now));
         self.pushed = true;
         // Data may already be waiting; edge-triggered readiness reports it, but
         // reading now costs one failed read at most.
@@ -931,11 +1298,87 @@ impl EventLoop {
 
     fn on_readable(&mut self, id: u64) {
         let Some(connection) = self.connections.get_mut(&id) else { return };
-        if connection.paused || !connection.reading {
+        if connection.paused || connection.starved || !connection.reading {
             return;
         }
-        let outcome = read_connection(connection, &self.config, &self.shared.stats, &mut self.pushed);
+        let mut round = Round {
+            config: &self.config,
+            stats: &self.shared.stats,
+            pushed: &mut self.pushed,
+            budget: &mut self.budget,
+            log: &mut self.rejection_log,
+            now: self.now,
+        };
+        let outcome = read_connection(connection, &mut round);
         self.settle(id, outcome);
+    }
+
+    /// Reads the connections that wait for the budget, oldest first, while the
+    /// budget has room for a read (each is looked at once per round at most).
+    fn wake_starved(&mut self) {
+        for _ in 0..self.starved.len() {
+            // Woken with little room, a connection reads what fits and may wait
+            // again; once nothing is left, the rest wait for the next round.
+            if self.budget.available() == 0 {
+                return;
+            }
+            let Some(id) = self.starved.pop_front() else { return };
+            let Some(connection) = self.connections.get_mut(&id) else { continue };
+            if !connection.starved {
+                continue;
+            }
+            connection.starved = false;
+            self.shared.stats.waiting_for_budget_now.fetch_sub(1, Ordering::Relaxed);
+            self.update_interest(id);
+            // Whatever the socket holds; if the budget is still short, it waits again.
+            self.on_readable(id);
+        }
+    }
+
+    /// Closes the connections whose idle or frame timeout passed (read ones only:
+    /// a paused or quiesced connection is not waiting on its peer), and writes the
+    /// rejection log's pending counts. O(connections), at most once per sweep
+    /// interval (at most 1 s): for 4,096 connections a few microseconds.
+    fn sweep(&mut self) {
+        let now = self.now;
+        let idle_timeout = Duration::from_millis(self.config.idle_timeout_ms as u64);
+        let frame_timeout = Duration::from_millis(self.config.frame_timeout_ms as u64);
+        let mut expired = Vec::new();
+        for (&id, connection) in &self.connections {
+            if connection.paused || !connection.reading {
+                continue;
+            }
+            if let Some(started) = connection.frame_started_at {
+                if now.saturating_duration_since(started) >= frame_timeout {
+                    expired.push((id, false));
+                }
+            } else if !connection.starved && now.saturating_duration_since(connection.last_byte_at) >= idle_timeout {
+                expired.push((id, true));
+            }
+        }
+        for (id, idle) in expired {
+            let Some(connection) = self.connections.get_mut(&id) else { continue };
+            let (reason, counter, text) = if idle {
+                let text = format!(
+                    "connection closed: no byte received for {} ms (idle_timeout_ms)",
+                    self.config.idle_timeout_ms
+                );
+                (LOG_CONNECTION + 3, &self.shared.stats.closed_idle, text)
+            } else {
+                let text = format!(
+                    "connection closed: a frame was not complete within {} ms of its first byte ({} bytes of it \
+                     received; frame_timeout_ms)",
+                    self.config.frame_timeout_ms,
+                    connection.buffer.len()
+                );
+                (LOG_CONNECTION + 4, &self.shared.stats.closed_frame_timeout, text)
+            };
+            bump(counter, 1);
+            self.rejection_log.note(reason, now, connection.peer, &text);
+            connection.finish_with_error(&text, &self.shared.stats);
+            self.close(id);
+        }
+        self.rejection_log.flush(now);
     }
 
     /// Writes what the connection has to write, then asks for WRITABLE if the socket
@@ -978,6 +1421,22 @@ impl EventLoop {
                 bump(&self.stats().pauses, 1);
                 self.update_interest(id);
             }
+            Outcome::Starved => {
+                let Some(connection) = self.connections.get_mut(&id) else { return };
+                debug_assert!(!connection.starved && !connection.paused);
+                connection.starved = true;
+                bump(&self.shared.stats.waiting_for_budget_now, 1);
+                bump(&self.shared.stats.budget_waits, 1);
+                let text = format!(
+                    "reading stopped: a partial frame of {} bytes needs more of the partial-frame budget \
+                     ({} bytes, partial_frame_bytes_max) than is left",
+                    connection.buffer.len(),
+                    self.budget.max
+                );
+                self.rejection_log.note(LOG_CONNECTION + 5, self.now, connection.peer, &text);
+                self.starved.push_back(id);
+                self.update_interest(id);
+            }
             Outcome::Close => self.close(id),
         }
     }
@@ -1017,6 +1476,11 @@ impl EventLoop {
             return; // a spurious resume (module docs of ingest::ring, step 3)
         }
         connection.paused = false;
+        // The peer was not being read: its timers start again.
+        connection.last_byte_at = self.now;
+        if connection.frame_started_at.is_some() {
+            connection.frame_started_at = Some(self.now);
+        }
         self.shared.stats.paused_now.fetch_sub(1, Ordering::Relaxed);
         bump(&self.shared.stats.resumes, 1);
         self.update_interest(id);
@@ -1029,7 +1493,9 @@ impl EventLoop {
         let Some(connection) = self.connections.get_mut(&id) else { return };
         bump(&self.shared.stats.closed_by_consumer, 1);
         bump(&self.shared.stats.errors_by_reason[reason_index(error)], 1);
-        connection.finish_with_error(&error.to_string(), &self.shared.stats);
+        let text = error.to_string();
+        self.rejection_log.note(reason_index(error), self.now, connection.peer, &text);
+        connection.finish_with_error(&text, &self.shared.stats);
         self.close(id);
     }
 
@@ -1041,6 +1507,25 @@ impl EventLoop {
             }
             if connection.paused {
                 self.shared.stats.paused_now.fetch_sub(1, Ordering::Relaxed);
+            }
+            if connection.starved {
+                // Its entry in `starved` is skipped when reached.
+                self.shared.stats.waiting_for_budget_now.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.budget.release(&mut connection, &self.shared.stats);
+            match (connection.stream.kind(), connection.peer) {
+                (SourceKind::Unix, _) => self.unix_open -= 1,
+                (SourceKind::Tcp, peer) => {
+                    self.tcp_open -= 1;
+                    if let Some(peer) = peer {
+                        if let Some(count) = self.per_address.get_mut(&peer.ip()) {
+                            *count -= 1;
+                            if *count == 0 {
+                                self.per_address.remove(&peer.ip());
+                            }
+                        }
+                    }
+                }
             }
             bump(&self.stats().closed, 1);
             // Dropping the producer abandons the ring once the consumer drains it.
@@ -1092,36 +1577,64 @@ impl EventLoop {
     }
 }
 
+/// What reading one connection needs of the event loop, for one round.
+struct Round<'a> {
+    config: &'a ReactorConfig,
+    stats: &'a StatCells,
+    /// Set when something was pushed (the consumer is notified after the round).
+    pushed: &'a mut bool,
+    budget: &'a mut Budget,
+    log: &'a mut RejectionLog,
+    now: Instant,
+}
+
 /// Pushes every whole frame in the buffer, then reads until the socket would block
 /// (splitting frames after each read), the ring is full, the round's read budget is
-/// spent or the connection must close.
-fn read_connection(
-    connection: &mut Connection,
-    config: &ReactorConfig,
-    stats: &StatCells,
-    pushed: &mut bool,
-) -> Outcome {
-    let buffer_max = config.connection_buffer_bytes as usize;
+/// spent, the partial-frame budget cannot grow the buffer, or the connection must
+/// close.
+fn read_connection(connection: &mut Connection, round: &mut Round) -> Outcome {
+    let buffer_max = round.config.connection_buffer_bytes as usize;
     let mut reads_left = READS_PER_ROUND_MAX;
     loop {
-        match push_frames(connection, config, stats, pushed) {
+        match push_frames(connection, round) {
             Outcome::Idle => {}
             other => return other,
         }
         // Only a partial frame is left, shorter than frame_bytes_max <= buffer_max.
         let held = connection.buffer.len();
         assert!(held < buffer_max, "partial frame of {held} bytes fills the buffer of {buffer_max}");
-        if held == 0 && connection.buffer.capacity() > IDLE_BUFFER_KEEP_BYTES {
-            connection.buffer = Vec::new();
+        if connection.buffer.capacity() > BUFFER_FLOOR_BYTES {
+            if held == 0 {
+                connection.buffer = Vec::new();
+            } else if held <= BUFFER_FLOOR_BYTES / 2 {
+                connection.buffer.shrink_to(BUFFER_FLOOR_BYTES);
+            }
+            round.budget.settle(connection, round.stats);
         }
         if reads_left == 0 {
             return Outcome::Budget;
         }
         reads_left -= 1;
-        let room = (buffer_max - held).min(READ_CHUNK_BYTES);
-        if connection.buffer.capacity() < held + room {
-            let target = (connection.buffer.capacity() * 2).clamp(held + room, buffer_max);
-            connection.buffer.reserve_exact(target - held);
+        let room_wanted = (buffer_max - held).min(READ_CHUNK_BYTES);
+        let capacity = connection.buffer.capacity();
+        // The partial frame's end when its header is here: the buffer grows past the
+        // floor only as far as that frame needs (the next frames wait for it to go).
+        let frame_end = match wire::decode_header(&connection.buffer, round.config.frame_bytes_max) {
+            Ok(header) => header.frame_bytes().max(BUFFER_FLOOR_BYTES),
+            Err(_) => buffer_max,
+        };
+        if capacity < held + room_wanted && capacity < frame_end {
+            // Double, but not past the frame's end nor what the budget allows.
+            let allowed = BUFFER_FLOOR_BYTES + connection.charged + round.budget.available();
+            let target = (capacity * 2).clamp(held + room_wanted, buffer_max).min(frame_end).min(allowed);
+            if target > capacity {
+                connection.buffer.reserve_exact(target - held);
+                round.budget.settle(connection, round.stats);
+            }
+        }
+        let room = room_wanted.min(connection.buffer.capacity() - held);
+        if room == 0 {
+            return Outcome::Starved;
         }
         connection.buffer.resize(held + room, 0);
         let result = connection.stream.read(&mut connection.buffer[held..]);
@@ -1134,16 +1647,22 @@ fn read_connection(
         match result {
             Ok(0) => {
                 if held > 0 {
-                    bump(&stats.disconnected_mid_frame, 1);
+                    bump(&round.stats.disconnected_mid_frame, 1);
                 }
                 return Outcome::Close;
             }
-            Ok(count) => bump(&stats.bytes_in, count as u64),
+            Ok(count) => {
+                bump(&round.stats.bytes_in, count as u64);
+                connection.last_byte_at = round.now;
+                if held == 0 {
+                    connection.frame_started_at = Some(round.now);
+                }
+            }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Outcome::Idle,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => {
                 if held > 0 {
-                    bump(&stats.disconnected_mid_frame, 1);
+                    bump(&round.stats.disconnected_mid_frame, 1);
                 }
                 return Outcome::Close;
             }
@@ -1154,7 +1673,8 @@ fn read_connection(
 /// Pushes every whole, checked frame at the front of the buffer. `Idle`: what is
 /// left is a partial frame (or nothing). `Paused`: the ring is full and blocked.
 /// `Close`: a bad frame was answered with an error frame, or the consumer is gone.
-fn push_frames(connection: &mut Connection, config: &ReactorConfig, stats: &StatCells, pushed: &mut bool) -> Outcome {
+fn push_frames(connection: &mut Connection, round: &mut Round) -> Outcome {
+    let (config, stats) = (round.config, round.stats);
     let mut consumed = 0;
     let outcome = loop {
         let rest = &connection.buffer[consumed..];
@@ -1163,7 +1683,7 @@ fn push_frames(connection: &mut Connection, config: &ReactorConfig, stats: &Stat
         }
         let frame_bytes = match wire::decode_header(rest, config.frame_bytes_max) {
             Ok(header) => header.frame_bytes(),
-            Err(error) => break reject_frame(connection, stats, &error),
+            Err(error) => break reject_frame(connection, round, &error),
         };
         if rest.len() < frame_bytes {
             break Outcome::Idle;
@@ -1176,10 +1696,11 @@ fn push_frames(connection: &mut Connection, config: &ReactorConfig, stats: &Stat
                     "frame kind {:?} is not accepted from clients: only Events and EventsAckWanted frames",
                     frame.header.kind
                 );
+                round.log.note(LOG_UNEXPECTED_KIND, round.now, connection.peer, &text);
                 connection.finish_with_error(&text, stats);
                 break Outcome::Close;
             }
-            Err(error) => break reject_frame(connection, stats, &error),
+            Err(error) => break reject_frame(connection, round, &error),
         }
         let budget = config.queue_bytes_max as usize;
         match push_or_block(&mut connection.frames, &mut connection.queued, budget, rest[..frame_bytes].to_vec()) {
@@ -1188,10 +1709,16 @@ fn push_frames(connection: &mut Connection, config: &ReactorConfig, stats: &Stat
             Push::ConsumerGone => break Outcome::Close,
         }
         consumed += frame_bytes;
-        *pushed = true;
+        *round.pushed = true;
         bump(&stats.frames_in, 1);
     };
     connection.buffer.drain(..consumed);
+    if connection.buffer.is_empty() {
+        connection.frame_started_at = None;
+    } else if consumed > 0 {
+        // The frame left over began in the bytes just read.
+        connection.frame_started_at = Some(round.now);
+    }
     outcome
 }
 
@@ -1261,9 +1788,11 @@ fn push_or_block(frames: &mut Producer<Vec<u8>>, queued: &mut QueuedBytes, budge
     }
 }
 
-fn reject_frame(connection: &mut Connection, stats: &StatCells, error: &FrameError) -> Outcome {
-    bump(&stats.errors_by_reason[reason_index(error)], 1);
-    connection.finish_with_error(&error.to_string(), stats);
+fn reject_frame(connection: &mut Connection, round: &mut Round, error: &FrameError) -> Outcome {
+    bump(&round.stats.errors_by_reason[reason_index(error)], 1);
+    let text = error.to_string();
+    round.log.note(reason_index(error), round.now, connection.peer, &text);
+    connection.finish_with_error(&text, round.stats);
     Outcome::Close
 }
 
@@ -1293,7 +1822,7 @@ mod tests {
     fn acks_keep_only_the_newest_pending_and_never_go_back() {
         let (near, mut far) = UnixStream::pair().unwrap();
         let (producer, _consumer) = ring(2);
-        let mut connection = Connection::new(Stream::Unix(near), producer, Interest::READABLE);
+        let mut connection = Connection::new(Stream::Unix(near), producer, Interest::READABLE, None, Instant::now());
         let stats = StatCells::default();
         let ack = |seq| PendingAck { seq, position: seq * 10, time_ms: seq * 100 };
         assert_eq!(connection.wanted_interest(), Some(Interest::READABLE));
@@ -1346,7 +1875,13 @@ mod tests {
             listen_tcp: Some("127.0.0.1:0".parse().unwrap()),
             listen_unix: None,
             connections_max: 4,
+            local_connections_max: 2,
+            connections_per_address_max: 4,
             connection_buffer_bytes: 4096,
+            partial_frame_bytes_max: 4096,
+            idle_timeout_ms: 1000,
+            frame_timeout_ms: 1000,
+            rejection_log_interval_ms: 1000,
             queue_frames: 3,
             queue_bytes_max: 1 << 20,
             frame_bytes_max: 4096,
@@ -1361,6 +1896,14 @@ mod tests {
         assert_eq!(field(ReactorConfig { queue_frames: 0, ..good.clone() }), "queue_frames");
         assert_eq!(field(ReactorConfig { queue_bytes_max: 0, ..good.clone() }), "queue_bytes_max");
         assert_eq!(field(ReactorConfig { frame_bytes_max: 16, ..good.clone() }), "frame_bytes_max");
+        assert_eq!(field(ReactorConfig { local_connections_max: 0, ..good.clone() }), "local_connections_max");
+        assert_eq!(
+            field(ReactorConfig { connections_per_address_max: 0, ..good.clone() }),
+            "connections_per_address_max"
+        );
+        assert_eq!(field(ReactorConfig { idle_timeout_ms: 0, ..good.clone() }), "idle_timeout_ms");
+        assert_eq!(field(ReactorConfig { frame_timeout_ms: 0, ..good.clone() }), "frame_timeout_ms");
+        assert_eq!(field(ReactorConfig { partial_frame_bytes_max: 4095, ..good.clone() }), "partial_frame_bytes_max");
         assert_eq!(field(ReactorConfig { connection_buffer_bytes: 4095, ..good }), "connection_buffer_bytes");
     }
 }

@@ -40,42 +40,11 @@ pub enum TrustError {
     Genesis { path: PathBuf, reason: String },
 }
 
-/// Longest node name: what a signed section's header holds (and JetStream's client
-/// name allows).
-pub const NODE_NAME_BYTES_MAX: usize = record::SIGNER_NAME_BYTES_MAX;
+/// The node name rule lives with the config (`config::check_node_name`): a name is a
+/// file name, a NATS client name, a log field and a signed section's signer.
+pub use crate::config::{check_node_name, NodeNameError, NODE_NAME_BYTES_MAX};
 
-/// Why a node name is not allowed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NodeNameError {
-    #[error("a node name cannot be empty")]
-    Empty,
-    #[error("a node name has at most {NODE_NAME_BYTES_MAX} bytes, this one {0}")]
-    TooLong(usize),
-    #[error("character {character:?} at byte {at} is not allowed: node names use a-z, A-Z, 0-9, '-', '_' and '.'")]
-    BadCharacter { character: char, at: usize },
-    #[error("a node name cannot start with '-' or '.'")]
-    BadStart,
-}
-
-/// The node name rule: 1 to 64 bytes of ASCII letters, digits, '-', '_' and '.', not
-/// starting with '-' or '.' (a name is a file name, a NATS client name, a log field).
-pub fn check_node_name(name: &str) -> Result<(), NodeNameError> {
-    if name.is_empty() {
-        return Err(NodeNameError::Empty);
-    }
-    if name.len() > NODE_NAME_BYTES_MAX {
-        return Err(NodeNameError::TooLong(name.len()));
-    }
-    if let Some((at, character)) =
-        name.char_indices().find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(NodeNameError::BadCharacter { character, at });
-    }
-    if name.starts_with(['-', '.']) {
-        return Err(NodeNameError::BadStart);
-    }
-    Ok(())
-}
+const _: () = assert!(NODE_NAME_BYTES_MAX == record::SIGNER_NAME_BYTES_MAX);
 
 /// What a signer may send: node facts only from that node, operator intents only
 /// under an operator signature (ARCHITECTURE.md, "Trust model", has the table).
