@@ -620,7 +620,7 @@ mod tests {
 
     #[test]
     fn ingest_counters_round_trip_and_uneven_lists_do_not_panic() {
-        let state = converged_cluster(&Config::default(), 3, 2, 1);
+        let state = converged_cluster(&Config::for_tests(), 3, 2, 1);
         let mut snapshot = Snapshot::from_state(&state, "n", &SnapshotLimits::default());
         assert_eq!(snapshot.ingest, IngestView::default(), "not part of the state");
         snapshot.ingest = IngestView {
