@@ -1127,18 +1127,9 @@ fn run_admin(line: AdminCommandLine) -> anyhow::Result<ExitCode> {
     let config = node_config
         .engine_config()
         .with_context(|| format!("cannot load the cluster's genesis of node `{}`", node_config.name))?;
-    let signed_ms = admin::wall_clock_ms();
     let command_name = admin::COMMAND_NAMES[admin::command_code(&command) as usize];
-    let payload = admin::seal_operator(
-        &key,
-        &operator,
-        config.genesis.cluster_id(),
-        vec![admin::command_kind(command.clone())],
-        signed_ms.saturating_add(admin::OPERATOR_VALIDITY_MS),
-        &admin::random_nonce()?,
-    );
     if common.dry_run {
-        let preview = admin::preview::preview(&node_config.log_dir(), &config, &payload, &command, signed_ms)
+        let preview = admin::preview::preview(&node_config.log_dir(), &config, &key, &operator, &command)
             .with_context(|| format!("cannot preview on the log of node `{}`", node_config.name))?;
         if common.output == Output::Json {
             println!("{}", preview_json(&preview));
@@ -1147,6 +1138,7 @@ fn run_admin(line: AdminCommandLine) -> anyhow::Result<ExitCode> {
         }
         return Ok(if preview.applied { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
+    let payload = admin::sign_now(&key, &operator, config.genesis.cluster_id(), vec![admin::command_kind(command)])?;
     let timeout = Duration::from_millis(common.timeout_ms);
     let socket = node_config.local_socket_path();
     let ack = admin::submit::send_payload(&socket, &payload, timeout)

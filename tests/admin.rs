@@ -425,10 +425,7 @@ fn a_dry_run_reads_a_locked_log_with_a_torn_tail_and_appends_nothing() {
     assert!(read.stopped_at.as_ref().unwrap().reason.contains("truncated"), "{:?}", read.stopped_at);
 
     let command = AdminCommand::EnterMaintenance { node: "n2".into() };
-    let signed_ms = 1_003_000;
-    let signed =
-        operator_section(&admin::test_key(), vec![admin::command_kind(command.clone())], signed_ms + 60_000, 1);
-    let preview = preview::preview(dir.path(), &config, &signed, &command, signed_ms).unwrap();
+    let preview = preview::preview(dir.path(), &config, &admin::test_key(), "ops", &command).unwrap();
     assert!(preview.applied, "{:?}", preview.rejection);
     assert_eq!(preview.log_position, 4);
     assert!(preview.log_tail.is_some());
@@ -452,8 +449,7 @@ fn a_dry_run_reads_a_locked_log_with_a_torn_tail_and_appends_nothing() {
 
     // A key outside the keyring: the preview says it would be rejected and why.
     let cordon = AdminCommand::Cordon { node: "n2".into() };
-    let stranger = operator_section(&key(4), vec![admin::command_kind(cordon.clone())], signed_ms + 60_000, 2);
-    let preview = preview::preview(dir.path(), &config, &stranger, &cordon, signed_ms).unwrap();
+    let preview = preview::preview(dir.path(), &config, &key(4), "ops", &cordon).unwrap();
     assert!(!preview.applied && preview.actions.is_empty() && preview.nodes.is_empty());
     assert_eq!(preview.rejection.as_ref().unwrap().0, "unknown_admin_key");
     drop(log);

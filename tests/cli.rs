@@ -182,10 +182,14 @@ fn replay_names_rejected_events_and_their_reasons() {
         kind: EventKind::ReplicaUpdate { blob: [5; 32], state: ReplicaState::Healthy },
     };
     let batch = EventBatch { events: vec![heartbeat(1), heartbeat(2), heartbeat(2), stray] };
-    let (mut log, _) = EmbeddedLog::open(dir.path(), &Config::for_tests()).unwrap();
-    log.append(&meshos::wire::encode_batch(&batch)).unwrap();
+    let config = Config::for_tests();
+    let (mut log, _) = EmbeddedLog::open(dir.path(), &config).unwrap();
+    let mut sealer = meshos::trust::testing::MixedSealer::new(config.genesis.cluster_id());
+    log.append_at(&sealer.seal(&batch.events, 1_000), 1_000).unwrap();
     log.sync().unwrap();
     drop(log);
+    // The log's genesis beside it, as `meshos log gen` writes it.
+    config.genesis.write_new(&dir.path().join("genesis.toml")).unwrap();
 
     let output = meshos(&["log", "replay", dir.path().to_str().unwrap(), "--show-rejections", "5"]);
     assert!(output.status.success(), "{}", stderr(&output));
@@ -211,14 +215,18 @@ fn verify_flags_an_intact_record_with_an_invalid_payload_and_replay_rejects_it()
         origin_seq: 1,
         kind: EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 }),
     };
-    let good = meshos::wire::encode_batch(&EventBatch { events: vec![heartbeat.clone(), heartbeat] });
+    // Signed under a name outside the node name rule: never admitted, so refused.
+    let config = Config::for_tests();
+    let mut sealer = meshos::trust::testing::MixedSealer::new(config.genesis.cluster_id());
+    let good = sealer.seal(&[heartbeat.clone(), heartbeat], 1_000);
     let mut bad = good.to_vec();
     bad.push(7);
-    let (mut log, _) = EmbeddedLog::open(dir.path(), &Config::for_tests()).unwrap();
-    log.append(&good).unwrap();
-    log.append(&bad).unwrap();
+    let (mut log, _) = EmbeddedLog::open(dir.path(), &config).unwrap();
+    log.append_at(&good, 1_000).unwrap();
+    log.append_at(&bad, 1_000).unwrap();
     log.sync().unwrap();
     drop(log);
+    config.genesis.write_new(&dir.path().join("genesis.toml")).unwrap();
 
     let path = dir.path().to_str().unwrap();
     let verify = meshos(&["log", "verify", path]);
@@ -228,8 +236,8 @@ fn verify_flags_an_intact_record_with_an_invalid_payload_and_replay_rejects_it()
     let replay = meshos(&["log", "replay", path, "--show-rejections", "3"]);
     let text = stdout(&replay);
     assert!(!text.contains('\u{1b}'), "control characters from the log are escaped: {text:?}");
-    assert!(text.contains("rejected by reason: bad_payload=1 stale_origin_seq=1"), "{text}");
-    assert!(last_line(&replay).starts_with("position=2 ") && last_line(&replay).ends_with(" rejected=2"), "{text}");
+    assert!(text.contains("rejected by reason: bad_section=1 node_not_admitted=2"), "{text}");
+    assert!(last_line(&replay).starts_with("position=2 ") && last_line(&replay).ends_with(" rejected=3"), "{text}");
     assert_eq!(stdout(&meshos(&["log", "verify", path])), stdout(&verify), "verify and replay changed nothing");
 }
 
@@ -335,7 +343,7 @@ fn admin_keygen_writes_an_owner_only_key_and_refuses_to_overwrite() {
     let text = stdout(&output);
     let public = text.split("public key: ").nth(1).unwrap().lines().next().unwrap().to_string();
     assert_eq!(public.len(), 64, "{text}");
-    assert!(text.contains("set-keyring --version 1 --public-key") && text.contains(&public), "next step: {text}");
+    assert!(text.contains("cluster init --operator-key") && text.contains("set-keyring"), "next step: {text}");
     assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     let shown = meshos(&["admin", "public-key", "--key", key.to_str().unwrap()]);
     assert_eq!(stdout(&shown).trim(), public);
@@ -347,7 +355,7 @@ fn admin_keygen_writes_an_owner_only_key_and_refuses_to_overwrite() {
     assert_eq!(std::fs::read(&key).unwrap(), before, "the key file is untouched");
 
     let help = stdout(&meshos(&["admin", "--help"]));
-    assert!(help.contains("Genesis") && help.contains("--dry-run") && help.contains("keygen"), "{help}");
+    assert!(help.contains("genesis") && help.contains("--dry-run") && help.contains("admit-node"), "{help}");
 }
 
 #[test]
@@ -377,8 +385,9 @@ fn admin_dry_run_prints_what_would_happen_and_appends_nothing() {
     let log = dir.path().join("log");
     let last = write_small_cluster_log(&log);
     let config = node_config(dir.path(), "n1");
+    meshos::config::Config::for_tests().genesis.write_new(&dir.path().join("genesis.toml")).unwrap();
     let key = dir.path().join("ops.key");
-    key_file(&key, [0x5e; 32], 0o600); // the test key the log's genesis installed
+    key_file(&key, [0x5e; 32], 0o600); // the test operator key the genesis trusts
     let before = snapshot(&log);
     let run = |extra: &[&str]| {
         let mut args = vec!["admin", "enter-maintenance", "n2", "--key", key.to_str().unwrap()];
@@ -458,38 +467,51 @@ fn admin_commands_reach_a_running_node_through_its_log() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(300)); // its first heartbeats
+                                                               // The first start wrote the cluster's genesis and its operator key (admin.key):
+                                                               // the CLI signs with it by default.
+    assert!(dir.path().join("genesis.toml").exists() && dir.path().join("admin.key").exists());
     let key = dir.path().join("ops.key");
     let public = {
         let output = meshos(&["admin", "keygen", "--out", key.to_str().unwrap()]);
         stdout(&output).split("public key: ").nth(1).unwrap().lines().next().unwrap().to_string()
     };
-    let admin = |args: &[&str], key: &Path| {
+    let admin = |args: &[&str], key: Option<&Path>| {
         let mut all = args.to_vec();
-        all.extend(["--key", key.to_str().unwrap(), "--config", config.to_str().unwrap(), "--operator", "ops"]);
+        if let Some(key) = key {
+            all.extend(["--key", key.to_str().unwrap()]);
+        }
+        all.extend(["--config", config.to_str().unwrap(), "--operator", "ops"]);
         meshos(&all)
     };
-    let cordon = admin(&["admin", "cordon", "node-1"], &key);
-    assert_eq!(cordon.status.code(), Some(1), "no keyring yet");
-    assert!(stdout(&cordon).contains("REJECTED (admin_without_keyring)"), "{}", stdout(&cordon));
+    let cordon = admin(&["admin", "cordon", "node-1"], Some(&key));
+    assert_eq!(cordon.status.code(), Some(1), "a new key is not in the keyring");
+    assert!(stdout(&cordon).contains("REJECTED (unknown_admin_key)"), "{}", stdout(&cordon));
 
-    let genesis = admin(&["admin", "set-keyring", "--version", "1", "--public-key", &public], &key);
-    assert!(genesis.status.success(), "{}{}", stdout(&genesis), stderr(&genesis));
-    assert!(stdout(&genesis).contains("set_keyring: appended at log position") && stdout(&genesis).contains("applied"));
+    // The node's own operator key adds the new one (rotation to version 2, both keys).
+    let admin_public =
+        stdout(&meshos(&["admin", "public-key", "--key", dir.path().join("admin.key").to_str().unwrap()]));
+    let rotate = admin(
+        &["admin", "set-keyring", "--version", "2", "--public-key", admin_public.trim(), "--public-key", &public],
+        None,
+    );
+    assert!(rotate.status.success(), "{}{}", stdout(&rotate), stderr(&rotate));
+    assert!(stdout(&rotate).contains("set_keyring: appended at log position") && stdout(&rotate).contains("applied"));
 
-    let dry = admin(&["admin", "cordon", "node-1", "--dry-run"], &key);
+    let dry = admin(&["admin", "cordon", "node-1", "--dry-run"], Some(&key));
     assert!(stdout(&dry).contains("would be: applied"), "{}", stdout(&dry));
-    let cordon = admin(&["admin", "cordon", "node-1", "-o", "json"], &key);
+    let cordon = admin(&["admin", "cordon", "node-1", "-o", "json"], Some(&key));
     assert!(cordon.status.success(), "{}{}", stdout(&cordon), stderr(&cordon));
     assert!(stdout(&cordon).contains("\"outcome\":\"applied\""), "{}", stdout(&cordon));
 
     let stranger = dir.path().join("stranger.key");
     key_file(&stranger, [9; 32], 0o600);
-    let refused = admin(&["admin", "uncordon", "node-1"], &stranger);
+    let refused = admin(&["admin", "uncordon", "node-1"], Some(&stranger));
     assert_eq!(refused.status.code(), Some(1));
     assert!(stdout(&refused).contains("REJECTED (unknown_admin_key)"), "{}", stdout(&refused));
 
     unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
     assert!(node.wait().unwrap().success());
-    let replay = meshos(&["log", "replay", dir.path().join("log").to_str().unwrap()]);
-    assert!(stdout(&replay).contains("admin_without_keyring=1 unknown_admin_key=1"), "{}", stdout(&replay));
+    let replay =
+        meshos(&["log", "replay", dir.path().join("log").to_str().unwrap(), "--config", config.to_str().unwrap()]);
+    assert!(stdout(&replay).contains("unknown_admin_key=2"), "{}", stdout(&replay));
 }

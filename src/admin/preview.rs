@@ -4,9 +4,10 @@
 //! complete records only, a torn tail a running node is still writing is left out)
 //! and replayed through the same `Engine` a node runs (fold, then the incremental
 //! pass after every record), so the state is the node's at that position. Then one
-//! synthetic record is applied at the next position, holding the signed operator
-//! section as it would reach the log, at the later of the last record's time and
-//! the signing time. The result says whether fold would apply the
+//! synthetic record is applied at the next position and the last record's time,
+//! holding the command in an operator section signed with the operator's key as if
+//! at that time (valid `OPERATOR_VALIDITY_MS` from it, a fresh nonce). The result
+//! says whether fold would apply the
 //! event or why it would reject it (so a dry run also proves the key is accepted),
 //! which actions the pass after it emits, and, for commands that move copies off a
 //! node (enter maintenance, drain, drop every replica of a node), the copies that must
@@ -29,7 +30,7 @@ use crate::redex::embedded::{read_unlocked, UnlockedRead};
 use crate::state::ids::NodeRow;
 use crate::state::State;
 
-use super::{command_code, AdminError, COMMAND_NAMES};
+use super::{command_code, AdminError, OperatorKey, COMMAND_NAMES};
 
 /// What the dry run found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,17 +99,22 @@ pub fn replay_read_only(dir: &Path, config: &Config, up_to: u64) -> Result<(Engi
     Ok((engine, read))
 }
 
-/// Reads the node's log (`dir`) read-only and previews the operator section
-/// `payload` (carrying `command`, signed at `signed_ms`) on top of it.
+/// Reads the node's log (`dir`) read-only and previews `command`, signed by `key` as
+/// `operator`, on top of it.
 pub fn preview(
     dir: &Path,
     config: &Config,
-    payload: &[u8],
+    key: &OperatorKey,
+    operator: &str,
     command: &AdminCommand,
-    signed_ms: u64,
 ) -> Result<Preview, AdminError> {
     let (engine, read) = replay_read_only(dir, config, u64::MAX)?;
-    let mut preview = preview_on(engine, payload, command, signed_ms);
+    let signed_ms = engine.state.now_ms;
+    let kinds = vec![super::command_kind(command.clone())];
+    let expires_ms = signed_ms.saturating_add(super::OPERATOR_VALIDITY_MS);
+    let payload =
+        super::seal_operator(key, operator, config.genesis.cluster_id(), kinds, expires_ms, &super::random_nonce()?);
+    let mut preview = preview_on(engine, &payload, command, signed_ms);
     preview.log_tail = read.stopped_at.map(|damage| damage.to_string());
     Ok(preview)
 }

@@ -161,9 +161,10 @@ pub fn write_small_cluster_log(dir: &std::path::Path) -> u64 {
     use meshos::redex::Redex;
     let config = Config { fsync: meshos::config::FsyncPolicy::Manual, ..Config::for_tests() };
     let (mut log, _) = meshos::redex::embedded::EmbeddedLog::open(dir, &config).expect("open a new log");
+    let mut sealer = meshos::trust::testing::MixedSealer::new(config.genesis.cluster_id());
     for (index, events) in small_cluster_records().iter().enumerate() {
-        let payload = wire::encode_batch(&EventBatch { events: events.clone() });
-        log.append_at(&payload, 1_000_000 + index as u64 * 1_000).expect("append");
+        let time_ms = 1_000_000 + index as u64 * 1_000;
+        log.append_at(&sealer.seal(events, time_ms), time_ms).expect("append");
     }
     log.sync().expect("sync")
 }
