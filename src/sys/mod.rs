@@ -18,4 +18,5 @@ pub mod peer_server;
 pub mod process;
 pub mod reactor;
 pub mod sdk_server;
+pub mod secure;
 pub mod signals;
