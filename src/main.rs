@@ -1286,9 +1286,8 @@ fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyho
     let (engine, _) = admin::preview::replay_read_only(&node_config.log_dir(), &node_config.to_config(), u64::MAX)?;
     let state = &engine.state;
     let row = state.blobs.find(&hash).with_context(|| format!("blob {blob} is not in the log"))?;
-    // The holders' peer ports want the cluster credential: this node's, under its name.
-    let key = node_config.cluster_key()?;
-    let client = meshos::sys::peer_server::Client { name: &node_config.name, key: key.as_ref() };
+    // The holders' peer ports want a node identity: this node's.
+    let secure = node_config.node_identity()?.secure_config();
     let mut errors = Vec::new();
     for &replica in &state.blobs.replica_rows[row.index()] {
         let node = state.replicas.node[replica.index()].index();
@@ -1296,7 +1295,7 @@ fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyho
         if state.replicas.state[replica.index()] != meshos::event::ReplicaState::Healthy || endpoint.is_empty() {
             continue;
         }
-        let fetched = meshos::sys::peer_server::fetch(endpoint, &hash, &client, timeout)
+        let fetched = meshos::sys::peer_server::fetch(endpoint, &hash, &secure, Some(&state.nodes.name[node]), timeout)
             .map_err(anyhow::Error::from)
             .and_then(|(_, mut reader)| write(&mut reader));
         match fetched {

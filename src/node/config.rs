@@ -1,21 +1,28 @@
 //! The node's config file: TOML, every field optional with a documented default
 //! (`example.toml` is the reference and is what `--print-default-config` prints),
-//! unknown fields refused, every value checked at start. The cluster credential
-//! (`[cluster] credential_file`) is read by `cluster_key` and handed to the peer
-//! port, the blob executor and the prober through their config builders; its bytes
-//! never appear in their `Debug` output.
+//! unknown fields refused, every value checked at start. The node's identity on the
+//! secure channel (`sys::secure`: its name, signing key, cluster id and the admitted
+//! keys) comes from `node_identity` and is handed to the peer port, the blob executor
+//! and the prober through their config builders; key bytes never appear in their
+//! `Debug` output. (`node_identity` is an interim seam, marked TODO(lead): it derives
+//! the identity from the cluster credential, `[cluster] credential_file`, until node
+//! keys and their admission in the log are wired in.)
 //!
 //! Invariants: `NodeConfig::load` either returns a config whose `to_config()` passes
 //! `Config::validate` and whose ingest values are in bounds, or an error that names
 //! the file, the field and why; the example file parses to exactly the defaults.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
 
 use serde::Deserialize;
 
 use crate::config::{Config, FoldLimits, FsyncPolicy, ReconcileConfig, SnapshotLimits};
 use crate::sequencer::SequencerConfig;
 use crate::sys::reactor::ReactorConfig;
+use crate::sys::secure::{ClusterId, LocalIdentity, PeerKeys, SecureConfig};
 
 /// The documented example, with every default.
 pub const EXAMPLE_TOML: &str = include_str!("example.toml");
@@ -58,8 +65,9 @@ pub struct ClusterConfig {
     /// Copies the stream keeps (1 for a single NATS server, 3 for three).
     pub stream_replicas: u32,
     /// A file holding the cluster credential (64 hex digits, `meshos cluster keygen`),
-    /// relative to `data_dir` unless absolute. Blob pulls and RTT probes between nodes
-    /// prove they know it. Required when `nats` is set.
+    /// relative to `data_dir` unless absolute. Required when `nats` is set. For now
+    /// the nodes' identities on the peer port derive from it (`node_identity`,
+    /// TODO(lead): node keys replace it).
     pub credential_file: PathBuf,
     /// A file holding the NATS auth token, if the servers require one ("" for none).
     pub nats_token_file: PathBuf,
@@ -166,6 +174,10 @@ impl Default for ProbesConfig {
 pub struct BlobsConfig {
     pub peer_listen: String,
     pub peer_connections_max: u32,
+    pub peer_idle_timeout_ms: u32,
+    pub peer_handshake_connections_max: u32,
+    pub peer_handshake_per_address_max: u32,
+    pub peer_handshake_timeout_ms: u32,
     pub transfers_max: u32,
     pub fetch_timeout_ms: u32,
     pub blob_bytes_max: u64,
@@ -180,6 +192,10 @@ impl Default for BlobsConfig {
         BlobsConfig {
             peer_listen: "127.0.0.1:0".to_string(),
             peer_connections_max: 64,
+            peer_idle_timeout_ms: crate::sys::peer_server::IO_TIMEOUT_MS_DEFAULT,
+            peer_handshake_connections_max: crate::sys::peer_server::HANDSHAKE_CONNECTIONS_MAX_DEFAULT,
+            peer_handshake_per_address_max: crate::sys::peer_server::HANDSHAKE_PER_ADDRESS_MAX_DEFAULT,
+            peer_handshake_timeout_ms: crate::sys::peer_server::HANDSHAKE_TIMEOUT_MS_DEFAULT,
             transfers_max: 4,
             fetch_timeout_ms: 30_000,
             blob_bytes_max: 1 << 32,
@@ -466,6 +482,15 @@ impl NodeConfig {
         let blobs = &self.blobs;
         let bounded = [
             ("blobs.peer_connections_max", blobs.peer_connections_max as u64, 1, 65_536),
+            ("blobs.peer_idle_timeout_ms", blobs.peer_idle_timeout_ms as u64, 100, 3_600_000),
+            ("blobs.peer_handshake_connections_max", blobs.peer_handshake_connections_max as u64, 1, 4_096),
+            (
+                "blobs.peer_handshake_per_address_max",
+                blobs.peer_handshake_per_address_max as u64,
+                1,
+                blobs.peer_handshake_connections_max as u64,
+            ),
+            ("blobs.peer_handshake_timeout_ms", blobs.peer_handshake_timeout_ms as u64, 100, 60_000),
             ("blobs.transfers_max", blobs.transfers_max as u64, 1, 1_024),
             ("blobs.fetch_timeout_ms", blobs.fetch_timeout_ms as u64, 100, 3_600_000),
             ("blobs.blob_bytes_max", blobs.blob_bytes_max, 1, 1 << 50),
@@ -634,20 +659,41 @@ impl NodeConfig {
         self.data_dir.join(&self.daemons.sdk_socket)
     }
 
-    /// The prober's settings (call after `check`); `key`: the cluster credential
-    /// (`cluster_key`).
-    pub fn probe_config(&self, key: Option<[u8; 32]>) -> crate::exec::probes::ProbeConfig {
+    /// This node's identity on the secure channel (peer port, blob fetches, probes).
+    ///
+    /// TODO(lead): interim seam. Until node keys (`DATA_DIR/node.key`), their
+    /// admission in the log and the genesis cluster id are wired in, the identity is
+    /// derived from the cluster credential (`cluster_key`; 32 zero bytes when unset,
+    /// one machine): every node's signing key is derived from the credential and its
+    /// name, and the "admitted" keys are those derivations ([`InterimCredentialKeys`]),
+    /// so anyone holding the credential can be any node: the trust of the MAC scheme
+    /// this replaces, no more. Replace the body with: the key read from `node.key`,
+    /// the cluster id from genesis, and `keys` a `PeerKeys` over the folded state's
+    /// admitted node (and operator) keys; the callers need not change.
+    pub fn node_identity(&self) -> Result<NodeIdentity, NodeConfigError> {
+        let keys = InterimCredentialKeys { credential: self.cluster_key()?.unwrap_or([0; 32]) };
+        Ok(NodeIdentity {
+            name: self.name.clone(),
+            signing_key: keys.signing_key(&self.name),
+            cluster_id: keys.cluster_id(),
+            keys: std::sync::Arc::new(keys),
+        })
+    }
+
+    /// The prober's settings (call after `check`); `secure`: this node's identity
+    /// (`node_identity().secure_config()`).
+    pub fn probe_config(&self, secure: &Arc<SecureConfig>) -> crate::exec::probes::ProbeConfig {
         crate::exec::probes::ProbeConfig {
             interval_ms: self.probes.interval_ms,
             peers_per_round: self.probes.peers_per_round,
             timeout_ms: self.probes.timeout_ms,
-            key,
+            secure: Arc::clone(secure),
         }
     }
 
-    /// The blob executor's settings (call after `check`); `key`: the cluster
-    /// credential (`cluster_key`).
-    pub fn blob_exec_config(&self, key: Option<[u8; 32]>) -> crate::exec::blobs::BlobExecConfig {
+    /// The blob executor's settings (call after `check`); `secure`: this node's
+    /// identity.
+    pub fn blob_exec_config(&self, secure: &Arc<SecureConfig>) -> crate::exec::blobs::BlobExecConfig {
         crate::exec::blobs::BlobExecConfig {
             transfers_max: self.blobs.transfers_max,
             fetch_timeout_ms: self.blobs.fetch_timeout_ms,
@@ -655,21 +701,23 @@ impl NodeConfig {
             receive_bytes_per_s: self.blobs.receive_bytes_per_s,
             verify_bytes_per_s: self.blobs.verify_bytes_per_s,
             verify_pass_ms: self.blobs.verify_pass_ms,
-            node_name: self.name.clone(),
-            key,
+            secure: Arc::clone(secure),
         }
     }
 
-    /// The peer port's settings (call after `check`); `key`: the cluster credential
-    /// (`cluster_key`).
-    pub fn peer_server_config(&self, key: Option<[u8; 32]>) -> crate::sys::peer_server::PeerServerConfig {
+    /// The peer port's settings (call after `check`); `secure`: this node's identity.
+    pub fn peer_server_config(&self, secure: &Arc<SecureConfig>) -> crate::sys::peer_server::PeerServerConfig {
+        let blobs = &self.blobs;
         crate::sys::peer_server::PeerServerConfig {
-            listen: self.blobs.peer_listen.parse().expect("checked by NodeConfig::check"),
+            listen: blobs.peer_listen.parse().expect("checked by NodeConfig::check"),
             blobs_dir: self.blobs_dir(),
-            connections_max: self.blobs.peer_connections_max,
-            bytes_per_s: self.blobs.send_bytes_per_s,
-            io_timeout_ms: crate::sys::peer_server::IO_TIMEOUT_MS_DEFAULT,
-            key,
+            connections_max: blobs.peer_connections_max,
+            bytes_per_s: blobs.send_bytes_per_s,
+            io_timeout_ms: blobs.peer_idle_timeout_ms,
+            handshake_connections_max: blobs.peer_handshake_connections_max,
+            handshake_per_address_max: blobs.peer_handshake_per_address_max,
+            handshake_timeout_ms: blobs.peer_handshake_timeout_ms,
+            secure: Arc::clone(secure),
         }
     }
 
@@ -753,6 +801,73 @@ impl NodeConfig {
     }
 }
 
+/// Who this node is on the secure channel: the parts `sys::secure` needs.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub signing_key: SigningKey,
+    pub cluster_id: ClusterId,
+    /// The admitted keys peers are checked against.
+    pub keys: Arc<dyn PeerKeys>,
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("name", &self.name)
+            .field("public_key", &crate::event::hex(&self.signing_key.verifying_key().to_bytes()))
+            .field("cluster_id", &crate::event::hex(&self.cluster_id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeIdentity {
+    /// The secure channel's config for the peer port and its clients (nodes only, no
+    /// operators; messages up to `peer_server::MESSAGE_BYTES_MAX`).
+    pub fn secure_config(&self) -> Arc<SecureConfig> {
+        Arc::new(SecureConfig {
+            cluster_id: self.cluster_id,
+            local: LocalIdentity::Node { name: self.name.clone(), key: self.signing_key.clone() },
+            keys: Arc::clone(&self.keys),
+            accept_operators: false,
+            message_bytes_max: crate::sys::peer_server::MESSAGE_BYTES_MAX,
+        })
+    }
+}
+
+/// TODO(lead): interim keys, see [`NodeConfig::node_identity`]; remove with it. Every
+/// name's key is derived (blake3 `derive_key`) from the cluster credential and the
+/// name; the cluster id likewise from the credential.
+#[derive(Clone)]
+pub struct InterimCredentialKeys {
+    pub credential: [u8; 32],
+}
+
+impl InterimCredentialKeys {
+    const NODE_KEY_CONTEXT: &'static str = "meshos 2026 interim node signing key from the cluster credential";
+    const CLUSTER_ID_CONTEXT: &'static str = "meshos 2026 interim cluster id from the cluster credential";
+
+    /// The signing key of node `name`.
+    pub fn signing_key(&self, name: &str) -> SigningKey {
+        let mut material = self.credential.to_vec();
+        material.extend_from_slice(name.as_bytes());
+        SigningKey::from_bytes(&blake3::derive_key(Self::NODE_KEY_CONTEXT, &material))
+    }
+
+    pub fn cluster_id(&self) -> ClusterId {
+        let derived = blake3::derive_key(Self::CLUSTER_ID_CONTEXT, &self.credential);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&derived[..16]);
+        id
+    }
+}
+
+impl PeerKeys for InterimCredentialKeys {
+    fn node_key(&self, name: &str) -> Option<[u8; 32]> {
+        Some(self.signing_key(name).verifying_key().to_bytes())
+    }
+}
+
 /// Creates a cluster credential file at `path`: 32 random bytes
 /// (`sys::process::random_bytes`) as 64 hex digits and a newline, mode 0600, fsynced;
 /// never overwrites a file (`meshos cluster keygen`, the demo's first start).
@@ -815,6 +930,9 @@ mod tests {
             ("[capability]\nlabels = [\"\"]", "capability.labels"),
             ("[blobs]\npeer_listen = \"here\"", "blobs.peer_listen"),
             ("[blobs]\ntransfers_max = 0", "blobs.transfers_max"),
+            ("[blobs]\npeer_handshake_per_address_max = 17", "blobs.peer_handshake_per_address_max"),
+            ("[blobs]\npeer_handshake_timeout_ms = 10", "blobs.peer_handshake_timeout_ms"),
+            ("[blobs]\npeer_handshake_connections_max = 0", "blobs.peer_handshake_connections_max"),
             ("[probes]\ninterval_ms = 1", "probes.interval_ms"),
             ("[snapshot]\ninterval_ms = 5", "snapshot.interval_ms"),
             ("[snapshot]\npath = \"\"", "snapshot.path"),

@@ -241,10 +241,10 @@ impl Executors {
         let mut events = Vec::new();
         daemons.adopt_nothing(state, state.nodes.find(&config.name), &mut events);
         let store = crate::exec::blobstore::BlobStore::open(&config.blobs_dir())?;
-        let key = config.cluster_key()?;
-        let blobs = crate::exec::blobs::BlobExecutor::new(config.blob_exec_config(key), std::sync::Arc::new(store));
+        let secure = config.node_identity()?.secure_config();
+        let blobs = crate::exec::blobs::BlobExecutor::new(config.blob_exec_config(&secure), std::sync::Arc::new(store));
         blobs.adopt_nothing(state, state.nodes.find(&config.name), &mut events);
-        let peer_server = crate::sys::peer_server::PeerServer::start(config.peer_server_config(key))?;
+        let peer_server = crate::sys::peer_server::PeerServer::start(config.peer_server_config(&secure))?;
         let capacity_bytes = match config.capability.capacity_bytes {
             0 => crate::sys::process::filesystem_bytes(&config.data_dir).unwrap_or(0),
             bytes => bytes,
@@ -267,7 +267,7 @@ impl Executors {
             capability,
             events,
             sink: Sink::Own,
-            prober: crate::exec::probes::Prober::new(config.probe_config(key)),
+            prober: crate::exec::probes::Prober::new(config.probe_config(&secure)),
             heartbeat: Duration::from_millis(config.heartbeat_ms as u64),
             next_heartbeat: Instant::now(),
         })

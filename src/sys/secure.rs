@@ -8,14 +8,20 @@
 //!    prologue [`PROLOGUE`]: two messages, initiator `e`, responder `e, ee`. Both
 //!    sides then hold transport keys and the same handshake hash `h` (32 bytes), which
 //!    covers the prologue and both fresh ephemeral keys.
-//! 2. The responder sends its identity, encrypted: kind (node or operator), the
+//! 2. The initiator sends its identity, encrypted: kind (node or operator), the
 //!    cluster id, its ed25519 public key, an ed25519 signature and its node name. The
-//!    signature covers [`SIGNATURE_DOMAIN`], the cluster id, `h`, the role (`R`), the
+//!    signature covers [`SIGNATURE_DOMAIN`], the cluster id, `h`, the role (`I`), the
 //!    kind, the key and the name ([`signed_bytes`]).
-//! 3. The initiator checks it (below), then sends its own identity the same way
-//!    (role `I`).
-//! 4. The responder checks it and sends a one-byte verdict: accept, or the refusal
-//!    ([`Refusal`]), after which it closes. Only then do application messages flow.
+//! 3. The responder checks it (below). If it fails, the responder sends a one-byte
+//!    refusal ([`Refusal`]) and fails; else it sends its own identity the same way
+//!    (role `R`) and is established.
+//! 4. The initiator checks that and is established. Only then do application
+//!    messages flow (the first request goes with the next flight).
+//!
+//! The initiator speaks first so that a responder (a server) learns exactly why a
+//! stranger failed, and signs nothing for one: a node's name and public key are no
+//! secret, so the initiator's identity shown to an unchecked responder gives little
+//! away, and its signature is bound to that one session.
 //!
 //! Identities are signed over the *final* Noise hash rather than carried in the
 //! Noise payloads: `snow` exposes the hash only between messages, and the final hash
@@ -46,11 +52,12 @@
 //!
 //! Handshake: per side one X25519 key generation and one Diffie-Hellman, one ed25519
 //! signature and one ed25519 verification (tens of microseconds each on a current
-//! core; the two ed25519 operations dominate), 4 frames (~32 + 48 + 2 x ~170 + 19
-//! bytes) and three round trips before the first request (connect, Noise, verdict).
-//! A responder signs before it knows who connects: a stranger costs it one key
-//! generation, one DH and one signature, which is why servers bound the connections
-//! still in their handshake. Per message: 4 bytes of length, and per 65519 bytes of
+//! core; the two ed25519 operations dominate), 4 frames (34 + 50 + 2 x ~150 bytes for
+//! short names) and two round trips after the TCP connect before the first request
+//! can go (Noise, identities). A stranger costs a responder one key generation, one
+//! DH, one decryption and a key lookup, and a signature verification only if it names
+//! an admitted node with that node's public key; servers still bound the connections
+//! in their handshake (time and count). Per message: 4 bytes of length, and per 65519 bytes of
 //! plaintext (one Noise message) 2 bytes of frame length and a 16-byte tag; a 64 KiB
 //! message costs 38 bytes, under 0.06%.
 //!
@@ -61,8 +68,7 @@
 //! blocking `std::net::TcpStream` with a handshake deadline.
 //!
 //! Invariants: no application message is delivered or accepted for sending before
-//! the peer's identity checked (an initiator may send once its own identity is out;
-//! what it receives before the verdict is never delivered as a message); nothing here
+//! the peer's identity checked; nothing here
 //! panics on peer input; buffered input is at most one frame (65537 bytes) beyond
 //! what the caller fed in one call, a partial message at most `message_bytes_max`;
 //! after an error the channel is dead (every further call fails) and `outgoing()`
@@ -103,7 +109,6 @@ const KIND_NODE: u8 = 1;
 const KIND_OPERATOR: u8 = 2;
 const ROLE_INITIATOR: u8 = b'I';
 const ROLE_RESPONDER: u8 = b'R';
-const VERDICT_ACCEPT: u8 = 0;
 /// kind, cluster id, key, signature; the name follows.
 const IDENTITY_FIXED_BYTES: usize = 1 + 16 + 32 + 64;
 
@@ -219,7 +224,7 @@ impl std::fmt::Debug for SecureConfig {
     }
 }
 
-/// Why a responder refused an initiator (sent to it as the verdict, one byte).
+/// Why a responder refused an initiator (sent to it as one byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     WrongCluster,
@@ -350,10 +355,8 @@ pub enum Role {
 enum Phase {
     /// The Noise handshake is under way.
     Noise(Box<snow::HandshakeState>),
-    /// Noise is done; the peer's identity is awaited.
+    /// Noise is done; the peer's identity (or, for an initiator, a refusal) is awaited.
     AwaitIdentity,
-    /// (Initiator) its identity is out; the responder's verdict is awaited.
-    AwaitVerdict,
     Established,
     Failed(String),
 }
@@ -374,6 +377,9 @@ pub struct Channel {
     /// A message whose first chunks arrived: its total length and its bytes so far.
     partial: Option<(usize, Vec<u8>)>,
     scratch: Vec<u8>,
+    /// Sent instead of this side's identity (tests of replayed identities).
+    #[cfg(test)]
+    identity_override: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -480,6 +486,8 @@ impl Channel {
             messages: VecDeque::new(),
             partial: None,
             scratch: vec![0u8; NOISE_MESSAGE_BYTES_MAX],
+            #[cfg(test)]
+            identity_override: None,
         })
     }
 
@@ -490,12 +498,6 @@ impl Channel {
     /// Both identities checked: messages flow both ways.
     pub fn is_established(&self) -> bool {
         matches!(self.phase, Phase::Established)
-    }
-
-    /// Messages may be sent: established, or an initiator whose identity is out
-    /// (they go after it; the responder reads them only once it accepted).
-    pub fn can_send(&self) -> bool {
-        matches!(self.phase, Phase::Established | Phase::AwaitVerdict)
     }
 
     /// The channel failed (every further call fails).
@@ -581,7 +583,7 @@ impl Channel {
         if let Phase::Failed(reason) = &self.phase {
             return Err(SecureError::Failed(reason.clone()));
         }
-        if !self.can_send() {
+        if !self.is_established() {
             return Err(SecureError::NotEstablished);
         }
         if message.len() as u64 > self.config.message_bytes_max as u64 {
@@ -653,9 +655,8 @@ impl Channel {
                         .into_transport_mode()
                         .map_err(|error| SecureError::BadHandshake(format!("Noise: {error}")))?,
                 );
-                if self.role == Role::Responder {
-                    let identity = identity_message(&self.config, &self.handshake_hash, Role::Responder);
-                    self.encrypt(&identity)?;
+                if self.role == Role::Initiator {
+                    self.send_identity()?;
                 }
                 self.phase = Phase::AwaitIdentity;
                 Ok(())
@@ -664,11 +665,15 @@ impl Channel {
                 let read =
                     self.decrypt(frame).map_err(|reason| SecureError::BadHandshake(format!("identity: {reason}")))?;
                 let message = self.scratch[..read].to_vec();
-                let peer_role = match self.role {
-                    Role::Initiator => Role::Responder,
-                    Role::Responder => Role::Initiator,
+                let checked = match (self.role, message.as_slice()) {
+                    (Role::Initiator, &[code]) => Err(Refusal::from_code(code).map_or_else(
+                        || SecureError::BadHandshake(format!("unknown refusal {code}")),
+                        SecureError::Refused,
+                    )),
+                    (Role::Initiator, _) => self.check_identity(&message, Role::Responder),
+                    (Role::Responder, _) => self.check_identity(&message, Role::Initiator),
                 };
-                match self.check_identity(&message, peer_role) {
+                match checked {
                     Ok(identity) => self.peer = Some(identity),
                     Err(error) => {
                         if self.role == Role::Responder {
@@ -678,33 +683,11 @@ impl Channel {
                         return Err(error);
                     }
                 }
-                match self.role {
-                    Role::Initiator => {
-                        let identity = identity_message(&self.config, &self.handshake_hash, Role::Initiator);
-                        self.encrypt(&identity)?;
-                        self.phase = Phase::AwaitVerdict;
-                    }
-                    Role::Responder => {
-                        self.encrypt(&[VERDICT_ACCEPT])?;
-                        self.phase = Phase::Established;
-                    }
+                if self.role == Role::Responder {
+                    self.send_identity()?;
                 }
+                self.phase = Phase::Established;
                 Ok(())
-            }
-            Phase::AwaitVerdict => {
-                let read =
-                    self.decrypt(frame).map_err(|reason| SecureError::BadHandshake(format!("verdict: {reason}")))?;
-                match self.scratch[..read] {
-                    [VERDICT_ACCEPT] => {
-                        self.phase = Phase::Established;
-                        Ok(())
-                    }
-                    [code] => Err(Refusal::from_code(code).map_or_else(
-                        || SecureError::BadHandshake(format!("unknown verdict {code}")),
-                        SecureError::Refused,
-                    )),
-                    _ => Err(SecureError::BadHandshake(format!("a verdict of {read} bytes"))),
-                }
             }
             Phase::Established => {
                 self.phase = Phase::Established;
@@ -713,6 +696,16 @@ impl Channel {
             }
             Phase::Failed(reason) => Err(SecureError::Failed(reason)),
         }
+    }
+
+    /// Sends this side's identity for this session.
+    fn send_identity(&mut self) -> Result<(), SecureError> {
+        #[cfg(test)]
+        if let Some(replayed) = self.identity_override.take() {
+            return self.encrypt(&replayed);
+        }
+        let identity = identity_message(&self.config, &self.handshake_hash, self.role);
+        self.encrypt(&identity)
     }
 
     /// One decrypted chunk (in `scratch[..read]`) of an application message.
@@ -1063,12 +1056,18 @@ mod tests {
     #[test]
     fn a_peer_of_another_cluster_is_refused() {
         let stranger = with(&node("a", 1), |config| config.cluster_id = [0xee; 16]);
-        let (client, server, result) = pair(stranger, node("s", 2));
-        // The client checks the server first and stops there.
-        let (role, error) = result.unwrap_err();
-        assert_eq!(role, Role::Initiator);
+        let mut client = Channel::initiator(stranger, None).unwrap();
+        let mut server = Channel::responder(node("s", 2)).unwrap();
+        // The server checks the client first, refuses, and says why.
+        let (role, error) = pump(&mut client, &mut server).unwrap_err();
+        assert_eq!(role, Role::Responder);
         assert!(matches!(error, SecureError::WrongCluster { .. }) && error.is_authentication(), "{error}");
-        assert!(client.is_failed() && !server.is_established() && server.peer().is_none());
+        assert!(server.is_failed() && server.peer().is_none());
+        let error = client.receive(&server.take_outgoing()).unwrap_err();
+        assert!(matches!(error, SecureError::Refused(Refusal::WrongCluster)), "{error}");
+        // A server of another cluster: the same, seen from its side.
+        let (_, _, result) = pair(node("a", 1), with(&node("s", 2), |config| config.cluster_id = [0xee; 16]));
+        assert!(matches!(result, Err((Role::Responder, SecureError::WrongCluster { .. }))));
     }
 
     #[test]
@@ -1145,7 +1144,7 @@ mod tests {
         let mut client = Channel::initiator(node("a", 1), None).unwrap();
         let mut server = Channel::responder(node("s", 2)).unwrap();
         let mut recorded = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..3 {
             let bytes = client.take_outgoing();
             recorded.extend_from_slice(&bytes);
             server.receive(&bytes).unwrap();
@@ -1160,15 +1159,12 @@ mod tests {
         // A node that saw "a"'s identity in one session (it signs that session's hash)
         // cannot pass it off as its own in another: the signature does not check.
         let seen = identity_message(&node("a", 1), &client.handshake_hash().unwrap(), Role::Initiator);
-        let mut relay = Channel::initiator(node("a", 1), None).unwrap();
+        let mut relay = Channel::initiator(node("s", 2), None).unwrap();
+        relay.identity_override = Some(seen);
         let mut victim = Channel::responder(node("s", 2)).unwrap();
         victim.receive(&relay.take_outgoing()).unwrap();
-        let answer = victim.take_outgoing();
-        // Only the Noise answer (its first frame): the relay does not send its own identity.
-        let noise_frame = 2 + u16::from_be_bytes([answer[0], answer[1]]) as usize;
-        relay.receive(&answer[..noise_frame]).unwrap();
+        relay.receive(&victim.take_outgoing()).unwrap();
         assert_ne!(relay.handshake_hash(), client.handshake_hash());
-        relay.encrypt(&seen).unwrap();
         let error = victim.receive(&relay.take_outgoing()).unwrap_err();
         assert!(matches!(error, SecureError::BadSignature { .. }), "{error}");
     }
