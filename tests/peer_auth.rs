@@ -252,7 +252,8 @@ fn idle_strangers_from_one_address_do_not_keep_a_real_peer_from_its_blob() {
     let (blob, size) = some_blob(&a.store);
     let idle: Vec<TcpStream> = (0..65).map(|_| connect_from("127.0.0.2", a.server.addr())).collect();
     let stats = wait_for(&a, "the idle connections are taken in", |stats| stats.refusals.address_limit == 61);
-    assert_eq!((stats.handshaking, stats.connections), (4, 0), "{stats:?}");
+    // Four held (or, on a slow machine, already past their deadline), none served.
+    assert_eq!((stats.handshaking as u64 + stats.refusals.handshake_deadline, stats.connections), (4, 0), "{stats:?}");
 
     let nodes = [("a", a.server.addr().to_string()), ("b", b.server.addr().to_string())];
     let state = cluster(&nodes, Some((blob, size)), &["a"]);
@@ -286,7 +287,7 @@ fn idle_strangers_from_many_addresses_are_evicted_for_a_real_peer() {
             + refusals.handshake_deadline
     };
     let stats = wait_for(&a, "the idle connections are taken in", |stats| taken_in(stats) == 65);
-    assert_eq!(stats.handshaking, 16, "the pool is full: {stats:?}");
+    assert!(stats.refusals.handshake_evicted > 0, "the pool filled up: {stats:?}");
 
     let nodes = [("a", a.server.addr().to_string()), ("b", b.server.addr().to_string())];
     let state = cluster(&nodes, Some((blob, size)), &["a"]);
