@@ -66,7 +66,7 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
     /// Print or check a node config file (TOML).
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Cluster setup: the credential every node of a cluster shares.
+    /// Cluster setup: a new cluster's genesis, node keys and operator key.
     #[command(subcommand)]
     Cluster(ClusterCommand),
     /// Operator commands, signed with your ed25519 key and sent through the log.
@@ -132,7 +132,7 @@ Log level: `log_level` in the file, or RUST_LOG                   (`debug`, or p
     /// Each node has its own data directory, blob store, peer port, SDK socket and
     /// supervised daemons; they share node-1's embedded log, and move blob bytes
     /// between their peer ports for real. The first start installs a keyring (the
-    /// operator key is written to DIR/operator.key), a `worker` daemon on every node and
+    /// operator key is written to DIR/node-1/admin.key), a `worker` daemon on every node and
     /// a few dozen blobs at 3 replicas on node-1 (the other copies arrive by pulls).
     /// It prints how to reach it and what to try. Ctrl-C stops it; run it again on the
     /// same --dir to resume from its log.
@@ -525,17 +525,6 @@ enum ConfigCommand {
 
 #[derive(Subcommand)]
 enum ClusterCommand {
-    /// Write a new cluster credential (64 hex digits, mode 0600).
-    ///
-    /// Copy the same file to every node and name it in `[cluster] credential_file`:
-    /// blob pulls and RTT probes between nodes prove they know it, so a process outside
-    /// the cluster can neither pull blobs nor answer probes.
-    #[command(after_help = "Example:\n  meshos cluster keygen -o /etc/meshos/cluster.key")]
-    Keygen {
-        /// The file to write (refused if it exists).
-        #[arg(short = 'o', long, value_name = "FILE")]
-        out: PathBuf,
-    },
     /// Start a new cluster: its genesis (the operator keys and first nodes every node
     /// trusts, and so the cluster id), a key per node, and an operator key.
     ///
@@ -840,15 +829,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Put { file, replicas, zone_spread, common } => run_put(&file, replicas, zone_spread, &common),
         Command::Get { blob, out, config } => run_get(&blob, &out, &config),
-        Command::Cluster(ClusterCommand::Keygen { out }) => {
-            meshos::node::config::write_cluster_key(&out)
-                .with_context(|| format!("{}: cannot create the credential file", out.display()))?;
-            println!(
-                "wrote {} (mode 0600); copy it to every node and set `[cluster] credential_file` to it",
-                out.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
         Command::Cluster(ClusterCommand::Init { out, nodes, operator_keys }) => {
             run_cluster_init(&out, &nodes, &operator_keys)
         }
@@ -1416,9 +1396,10 @@ fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyho
         admin::preview::replay_read_only(&node_config.log_dir(), &node_config.engine_config()?, u64::MAX)?;
     let state = &engine.state;
     let row = state.blobs.find(&hash).with_context(|| format!("blob {blob} is not in the log"))?;
-    // The holders' peer ports want the cluster credential: this node's, under its name.
-    let key = node_config.cluster_key()?;
-    let client = meshos::sys::peer_server::Client { name: &node_config.name, key: key.as_ref() };
+    // The holders' peer ports want a node identity: this node's.
+    let own = meshos::node::identity::load(&node_config)?;
+    let keys = meshos::node::identity::StateKeys::from_state(state);
+    let secure = node_config.node_identity(&own, keys).secure_config();
     let mut errors = Vec::new();
     for &replica in &state.blobs.replica_rows[row.index()] {
         let node = state.replicas.node[replica.index()].index();
@@ -1426,7 +1407,7 @@ fn run_get(blob: &str, out: &std::path::Path, config: &std::path::Path) -> anyho
         if state.replicas.state[replica.index()] != meshos::event::ReplicaState::Healthy || endpoint.is_empty() {
             continue;
         }
-        let fetched = meshos::sys::peer_server::fetch(endpoint, &hash, &client, timeout)
+        let fetched = meshos::sys::peer_server::fetch(endpoint, &hash, &secure, Some(&state.nodes.name[node]), timeout)
             .map_err(anyhow::Error::from)
             .and_then(|(_, mut reader)| write(&mut reader));
         match fetched {

@@ -5,8 +5,8 @@
 //! and `meshos get` followed a planted symlink.
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use meshos::event::*;
 use meshos::exec::blobs::{BlobExecConfig, BlobExecutor};
 use meshos::exec::blobstore::BlobStore;
 use meshos::state::State;
-use meshos::sys::peer_server::{PeerServer, PeerServerConfig};
+use meshos::sys::secure::SecureStream;
 
 fn cap(name: &str, endpoint: String) -> Event {
     let c = Capability { version: 1, fork_of: 0, zone: "z".into(), capacity_bytes: 1 << 30, labels: vec![], endpoint };
@@ -47,8 +47,7 @@ fn config(rate: u64, verify_rate: u64) -> BlobExecConfig {
         receive_bytes_per_s: rate,
         verify_bytes_per_s: verify_rate,
         verify_pass_ms: 1_000,
-        node_name: "b".into(),
-        key: None,
+        secure: node_secure("b"),
     }
 }
 
@@ -130,27 +129,22 @@ fn attaching_to_the_store_leaves_transfers_alone() {
 /// ever (with connections_max = 1 the port would answer `NO busy` to everyone).
 #[test]
 fn a_peer_that_never_reads_gives_the_port_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = BlobStore::open(dir.path()).unwrap();
+    let a = peer_with(node_secure("a"), |config| {
+        config.connections_max = 1;
+        config.io_timeout_ms = 500;
+    });
     let bytes = vec![3u8; 32 << 20];
-    let (blob, _) = store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {}).unwrap();
-    let server = PeerServer::start(PeerServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        blobs_dir: dir.path().into(),
-        connections_max: 1,
-        bytes_per_s: 0,
-        io_timeout_ms: 500,
-        key: None,
-    })
-    .unwrap();
-    let mut stuck = TcpStream::connect(server.addr()).unwrap();
-    stuck.write_all(format!("BLOB {} - stuck\n", meshos::exec::blobstore::hex(&blob)).as_bytes()).unwrap();
+    let (blob, _) = a.store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {}).unwrap();
+    let timeout = Duration::from_secs(5);
+    let mut stuck = SecureStream::connect(a.server.addr(), node_secure("stuck"), Some("a"), timeout).unwrap();
+    stuck.send(format!("BLOB {}", meshos::exec::blobstore::hex(&blob)).as_bytes()).unwrap();
     let started = Instant::now();
     let ok = loop {
         std::thread::sleep(Duration::from_millis(200));
         let ok = meshos::sys::peer_server::ping(
-            &server.addr().to_string(),
-            &meshos::sys::peer_server::Client { name: "b", key: None },
+            &a.server.addr().to_string(),
+            &node_secure("b"),
+            Some("a"),
             Duration::from_secs(2),
         );
         if ok.is_ok() || started.elapsed() > Duration::from_secs(20) {
@@ -169,15 +163,16 @@ fn a_trickling_or_lying_peer_is_cut_off() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
-        for announced in ["OK 10\n", "OK 4000000000\n"] {
-            let (mut stream, _) = listener.accept().unwrap();
-            let _ = stream.write_all(format!("MESHOS-PEER 1 {}\n", "00".repeat(32)).as_bytes());
-            let mut line = [0u8; 70];
-            let _ = stream.read(&mut line);
-            let _ = stream.write_all(announced.as_bytes());
+        for announced in ["OK 10", "OK 4000000000"] {
+            // Node "a" itself, authenticated, but serving badly.
+            let (stream, _) = listener.accept().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let Ok(mut secure) = SecureStream::accept(stream, node_secure("a"), deadline) else { continue };
+            let _ = secure.receive();
+            let _ = secure.send(announced.as_bytes());
             for _ in 0..10 {
                 std::thread::sleep(Duration::from_millis(150));
-                if stream.write_all(b"x").is_err() {
+                if secure.send(b"x").is_err() {
                     break;
                 }
             }

@@ -48,8 +48,7 @@ fn executor(store: Arc<BlobStore>) -> BlobExecutor {
         receive_bytes_per_s: 0,
         verify_bytes_per_s: 0,
         verify_pass_ms: 1_000,
-        node_name: "b".into(),
-        key: None,
+        secure: node_secure("b"),
     };
     BlobExecutor::new(config, store)
 }
@@ -64,7 +63,7 @@ fn action(state: &State, node: &str, kind: ActionKind) -> Action {
 
 #[test]
 fn a_pull_fetches_verifies_stores_then_announces() {
-    let (a, b, c) = (peer(None), peer(None), peer(None));
+    let (a, b, c) = (peer("a"), peer("b"), peer("c"));
     let bytes: Vec<u8> = (0..1_000_000u32).map(|index| (index * 7 % 253) as u8).collect();
     let (blob, size) = a.store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {}).unwrap();
     let state = cluster(&[&a, &b, &c], blob, size, &["a"]);
@@ -84,7 +83,7 @@ fn a_pull_fetches_verifies_stores_then_announces() {
 
 #[test]
 fn a_holder_with_bad_bytes_is_skipped_for_the_next_and_a_pull_nobody_serves_fails_with_reasons() {
-    let (a, b, c) = (peer(None), peer(None), peer(None));
+    let (a, b, c) = (peer("a"), peer("b"), peer("c"));
     let bytes = vec![42u8; 100_000];
     let (blob, size) = a.store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {}).unwrap();
     c.store.put(&mut bytes.as_slice(), None, u64::MAX, &mut |_| {}).unwrap();
@@ -114,7 +113,7 @@ fn a_holder_with_bad_bytes_is_skipped_for_the_next_and_a_pull_nobody_serves_fail
 
 #[test]
 fn drop_deletes_and_verify_says_corrupt() {
-    let (a, b, c) = (peer(None), peer(None), peer(None));
+    let (a, b, c) = (peer("a"), peer("b"), peer("c"));
     let (blob, size) = b.store.put(&mut &b"some bytes"[..], None, u64::MAX, &mut |_| {}).unwrap();
     let state = cluster(&[&a, &b, &c], blob, size, &["b"]);
     let row = state.blobs.find(&blob).unwrap();
@@ -193,7 +192,7 @@ fn put_and_get_through_a_running_node() {
 /// the log calls healthy whose bytes rotted; a file the log never heard of is ignored.
 #[test]
 fn the_background_verifier_reports_a_rotten_copy() {
-    let (a, b, c) = (peer(None), peer(None), peer(None));
+    let (a, b, c) = (peer("a"), peer("b"), peer("c"));
     let (blob, size) = b.store.put(&mut &b"kept bytes"[..], None, u64::MAX, &mut |_| {}).unwrap();
     b.store.put(&mut &b"a file the log never heard of"[..], None, u64::MAX, &mut |_| {}).unwrap();
     let state = cluster(&[&a, &b, &c], blob, size, &["b"]);
@@ -205,8 +204,7 @@ fn the_background_verifier_reports_a_rotten_copy() {
         receive_bytes_per_s: 0,
         verify_bytes_per_s: 1 << 20,
         verify_pass_ms: 1_000,
-        node_name: "b".into(),
-        key: None,
+        secure: node_secure("b"),
     };
     let mut verifier = BlobExecutor::new(config, Arc::clone(&b.store));
     let own = state.nodes.find("b");

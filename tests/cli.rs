@@ -205,7 +205,7 @@ fn replay_names_rejected_events_and_their_reasons() {
 #[test]
 fn verify_flags_an_intact_record_with_an_invalid_payload_and_replay_rejects_it() {
     use meshos::config::Config;
-    use meshos::event::{Event, EventBatch, EventKind, NodeHealth};
+    use meshos::event::{Event, EventKind, NodeHealth};
     use meshos::redex::embedded::EmbeddedLog;
     use meshos::redex::Redex;
 

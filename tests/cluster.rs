@@ -152,12 +152,6 @@ impl Mesh {
     fn start(count: usize, tuning: Tuning) -> Option<Mesh> {
         let nats = NatsCluster::start(3)?;
         let root = tempfile::tempdir().unwrap();
-        let status = Command::new(env!("CARGO_BIN_EXE_meshos"))
-            .args(["cluster", "keygen", "-o"])
-            .arg(root.path().join("cluster.key"))
-            .output()
-            .unwrap();
-        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
         // The genesis (`meshos cluster init` in a real cluster): the test operator key,
         // the nodes any scenario starts and the outside clients, each with its test key.
         common::write_operator_key(&root.path().join("operator.key"));
@@ -190,12 +184,11 @@ impl Mesh {
              action_timeout_ms = 10000\nmass_failure_share_permille = 500\n\n\
              [capability]\nzone = \"z{zone}\"\ncapacity_bytes = 10737418240\n\n\
              [snapshot]\ninterval_ms = 200\n\n\
-             [cluster]\nnats = [{servers}]\nstream_replicas = 3\ncredential_file = \"{key}\"\n\
+             [cluster]\nnats = [{servers}]\nstream_replicas = 3\n\
              genesis_file = \"{genesis}\"\ncommitment_interval_records = 100\n{tuning}\n{extra_cluster}\n",
             dir = dir.display(),
             zone = (index - 1) % 3 + 1,
             servers = servers.join(", "),
-            key = self.root().join("cluster.key").display(),
             genesis = self.root().join("genesis.toml").display(),
             tuning = tuning.cluster,
         );

@@ -81,13 +81,19 @@ fn blob_files(dir: &Path, node: &str) -> Vec<PathBuf> {
     store.list().unwrap().iter().map(|hash| store.path_of(hash)).collect()
 }
 
-/// The cluster credential every demo node's config names (the same for all).
-fn cluster_key(dir: &Path) -> [u8; 32] {
-    let keys: Vec<Option<[u8; 32]>> = (1..=5)
-        .map(|node| NodeConfig::load(&dir.join(format!("node-{node}/node.toml"))).unwrap().cluster_key().unwrap())
-        .collect();
-    assert!(keys.iter().all(|key| key.is_some() && *key == keys[0]), "one credential for every node");
-    keys[0].unwrap()
+/// The genesis every demo node's config names (the same for all): its cluster id, and
+/// checks each node's own key is the one it admits.
+fn cluster_id(dir: &Path) -> [u8; 16] {
+    let mut ids = Vec::new();
+    for node in 1..=5 {
+        let config = NodeConfig::load(&dir.join(format!("node-{node}/node.toml"))).unwrap();
+        let genesis = meshos::node::identity::load_genesis(&config).unwrap();
+        let own = meshos::trust::KeyPair::load(&config.node_key_path()).unwrap();
+        assert!(genesis.nodes().contains(&(config.name.clone(), own.public_key())), "{} admitted", config.name);
+        ids.push(genesis.cluster_id());
+    }
+    assert!(ids.iter().all(|id| *id == ids[0]), "one genesis for every node");
+    ids[0]
 }
 
 fn kill(pid: u32, signal: i32) {
@@ -106,9 +112,9 @@ fn drain_two_kill_workers_then_crash_and_resume() {
             state.blobs.len() == BLOBS && holders(&state).iter().all(|names| names.len() == 3)
         }
     });
-    // Every node proves the same cluster credential (`DIR/cluster.key`) on its peer
-    // traffic: the copies above travelled over authenticated pulls.
-    let credential = cluster_key(&dir);
+    // Every node signs with its own key, admitted by the demo's genesis; the copies
+    // above travelled over the secure channel between their peer ports.
+    let cluster = cluster_id(&dir);
     for node in 1..=5 {
         wait_for("a worker on every node", || worker_pid(&dir, node).is_some());
     }
@@ -224,7 +230,7 @@ fn drain_two_kill_workers_then_crash_and_resume() {
     wait_for("every blob at 3 healthy copies after the restart", || {
         holders(&read_state(&dir)).iter().all(|names| names.len() == 3)
     });
-    assert_eq!(cluster_key(&dir), credential, "the restart keeps the cluster credential");
+    assert_eq!(cluster_id(&dir), cluster, "the restart keeps the cluster's genesis");
     for pid in orphans {
         assert!(meshos::sys::process::start_ticks(pid).is_none(), "worker {pid} of the killed run was stopped");
     }

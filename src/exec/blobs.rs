@@ -14,10 +14,11 @@
 //! once (further actions wait in a queue, in order); received bytes pass the node's
 //! shared rate limit. Results come back on a channel the node loop drains.
 //!
-//! Fetches prove the cluster credential (`key`, `sys::peer_server`'s challenge and
-//! response) under this node's name (`node_name`). A holder that refuses the
-//! credential, or whose own credential differs, is logged by name, counted
-//! (`credential_failures`) and treated as a failed source: the next holder is tried.
+//! Fetches run over the secure channel (`sys::secure`, through `sys::peer_server`):
+//! this node proves its identity (`secure`) and each holder must prove it is the node
+//! the log names. A holder that refuses this node's identity, or is not who the log
+//! says, is logged by name, counted (`credential_failures`) and treated as a failed
+//! source: the next holder is tried.
 //!
 //! Level-triggered inventory (at start and after each background verification pass):
 //! copies the log calls healthy whose file is gone are reported `Deleted`; stored
@@ -46,6 +47,7 @@ use crate::exec::blobstore::BlobStore;
 use crate::state::ids::NodeRow;
 use crate::state::State;
 use crate::sys::peer_server::{self, RateLimit};
+use crate::sys::secure::SecureConfig;
 
 #[derive(Clone)]
 pub struct BlobExecConfig {
@@ -61,10 +63,8 @@ pub struct BlobExecConfig {
     /// this rate (0: no background verification), one pass per `verify_pass_ms`.
     pub verify_bytes_per_s: u64,
     pub verify_pass_ms: u32,
-    /// This node's name, which its fetches give the holders (and their MAC binds).
-    pub node_name: String,
-    /// The cluster credential fetches prove; None: keyless (one machine).
-    pub key: Option<[u8; 32]>,
+    /// This node's identity, its cluster and the admitted keys, for the secure channel.
+    pub secure: Arc<SecureConfig>,
 }
 
 impl std::fmt::Debug for BlobExecConfig {
@@ -76,8 +76,7 @@ impl std::fmt::Debug for BlobExecConfig {
             .field("receive_bytes_per_s", &self.receive_bytes_per_s)
             .field("verify_bytes_per_s", &self.verify_bytes_per_s)
             .field("verify_pass_ms", &self.verify_pass_ms)
-            .field("node_name", &self.node_name)
-            .field("key", &peer_server::key_shown(&self.key))
+            .field("secure", &self.secure)
             .finish()
     }
 }
@@ -97,8 +96,8 @@ pub struct BlobExecStats {
     pub missing: u64,
     /// Stored copies the log knew nothing of, announced again (level-triggered inventory).
     pub reannounced: u64,
-    /// Fetch attempts that failed on the credential (refused by the holder, or this
-    /// node's and the holder's keys differ).
+    /// Fetch attempts that failed on an identity (the holder refused this node's, or
+    /// did not prove it is the node the log names).
     pub credential_failures: u64,
 }
 
@@ -412,8 +411,7 @@ impl BlobExecutor {
                 limit: Arc::clone(&self.limit),
                 timeout: Duration::from_millis(self.config.fetch_timeout_ms as u64),
                 bytes_max: self.config.blob_bytes_max,
-                node_name: self.config.node_name.clone(),
-                key: self.config.key,
+                secure: Arc::clone(&self.config.secure),
                 credential_failures: Arc::clone(&self.credential_failures),
             };
             let spawned = std::thread::Builder::new().name("meshos-blob".to_string()).spawn(move || {
@@ -564,14 +562,12 @@ struct Fetcher {
     limit: Arc<RateLimit>,
     timeout: Duration,
     bytes_max: u64,
-    node_name: String,
-    key: Option<[u8; 32]>,
+    secure: Arc<SecureConfig>,
     credential_failures: Arc<AtomicU64>,
 }
 
 fn run_job(job: Job, store: &BlobStore, fetcher: &Fetcher) -> Done {
     let Fetcher { ref limit, timeout, bytes_max, .. } = *fetcher;
-    let client = peer_server::Client { name: &fetcher.node_name, key: fetcher.key.as_ref() };
     match job {
         Job::Fetch { action, blob, size_bytes, holders } => {
             if store.contains(&blob) && store.verify(&blob, &mut |_| {}).unwrap_or(false) {
@@ -580,14 +576,14 @@ fn run_job(job: Job, store: &BlobStore, fetcher: &Fetcher) -> Done {
             }
             let mut errors = Vec::new();
             for (name, endpoint) in holders {
-                let attempt = peer_server::fetch(&endpoint, &blob, &client, timeout)
+                let attempt = peer_server::fetch(&endpoint, &blob, &fetcher.secure, Some(&name), timeout)
                     .map_err(|error| {
                         if error.is_credential() {
                             fetcher.credential_failures.fetch_add(1, Ordering::Relaxed);
                             tracing::error!(
                                 peer = name,
                                 blob = crate::exec::blobstore::hex(&blob),
-                                "blob fetch refused on the cluster credential: {error}"
+                                "blob fetch failed on an identity: {error}"
                             );
                         }
                         error.to_string()

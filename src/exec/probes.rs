@@ -5,16 +5,16 @@
 //! honest); probing all N^2 pairs would not scale. A peer that does not answer within
 //! the timeout gives no sample (node health decides about silent nodes).
 //!
-//! Probes prove the cluster credential (`key`) and take a round trip only from an
-//! answer that proves it back (`sys::peer_server::ping`: a MAC over the connection's
-//! nonce and a fresh token), so a process outside the cluster listening on a peer's
-//! announced port cannot inject samples. A credential failure is logged with the
-//! peer's name, counted (`credential_failures`) and gives no sample.
+//! Probes run over the secure channel (`sys::peer_server::ping`, `sys::secure`): this
+//! node proves its identity (`secure`) and a round trip counts only when the peer
+//! proved it is the node the log names, so a process listening on a peer's announced
+//! port without that node's key cannot inject samples. A credential failure is logged
+//! with the peer's name, counted (`credential_failures`) and gives no sample.
 //!
 //! Invariants: at most `peers_per_round` probes per round, one round per
 //! `interval_ms`, one round in flight at a time (a worker thread); samples are at
-//! least 1 µs; this node never probes itself or a node without a peer port; with a
-//! key, every sample comes from an answer that proved it.
+//! least 1 µs; this node never probes itself or a node without a peer port; every
+//! sample comes from a peer that proved its identity.
 
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
@@ -28,8 +28,8 @@ pub struct ProbeConfig {
     /// Peers probed per round: half the nearest by coordinate, the rest by rotation.
     pub peers_per_round: u32,
     pub timeout_ms: u32,
-    /// The cluster credential probes prove and answers must prove; None: keyless.
-    pub key: Option<[u8; 32]>,
+    /// This node's identity, its cluster and the admitted keys, for the secure channel.
+    pub secure: std::sync::Arc<crate::sys::secure::SecureConfig>,
 }
 
 impl std::fmt::Debug for ProbeConfig {
@@ -38,7 +38,7 @@ impl std::fmt::Debug for ProbeConfig {
             .field("interval_ms", &self.interval_ms)
             .field("peers_per_round", &self.peers_per_round)
             .field("timeout_ms", &self.timeout_ms)
-            .field("key", &crate::sys::peer_server::key_shown(&self.key))
+            .field("secure", &self.secure)
             .finish()
     }
 }
@@ -103,18 +103,17 @@ impl Prober {
         }
         let (sender, receiver) = std::sync::mpsc::channel();
         let timeout = Duration::from_millis(self.config.timeout_ms as u64);
-        let (own_name, key) = (own_name.to_string(), self.config.key);
+        let secure = std::sync::Arc::clone(&self.config.secure);
         let spawned = std::thread::Builder::new().name("meshos-probe".to_string()).spawn(move || {
-            let client = crate::sys::peer_server::Client { name: &own_name, key: key.as_ref() };
             let mut round = Round { samples: Vec::with_capacity(targets.len()), misses: 0, credential_failures: 0 };
             for (name, endpoint) in targets {
-                match crate::sys::peer_server::ping(&endpoint, &client, timeout) {
+                match crate::sys::peer_server::ping(&endpoint, &secure, Some(&name), timeout) {
                     Ok(rtt_us) => round.samples.push((name, rtt_us.max(1))),
                     Err(error) => {
                         round.misses += 1;
                         if error.is_credential() {
                             round.credential_failures += 1;
-                            tracing::error!(peer = name, "RTT probe refused on the cluster credential: {error}");
+                            tracing::error!(peer = name, "RTT probe failed on an identity: {error}");
                         } else {
                             tracing::debug!(peer = name, "RTT probe: {error}");
                         }

@@ -38,7 +38,7 @@ use crate::engine::Engine;
 use crate::event::EventKind;
 use crate::ingest::park::Signal;
 use crate::node::config::NodeConfig;
-use crate::node::run::{dispatch_actions, write_atomically, Executors, NodeError, NodeReport, ADDR_FILE};
+use crate::node::run::{dispatch_actions, refresh_keys, write_atomically, Executors, NodeError, NodeReport, ADDR_FILE};
 use crate::redex::jetstream::{
     Delivered, JetStream, JetStreamConfig, JetStreamError, PublishError, PublishOutcome, Stored,
 };
@@ -275,6 +275,7 @@ impl Cluster {
         self.mirrored_unsynced = true;
         let (state, actions) = self.engine.apply(position, time_ms, &self.aligned);
         self.folded += 1;
+        refresh_keys(state, locals);
         if self.acting && self.fence.is_none() {
             dispatch_actions(state, actions, locals);
         }
@@ -646,7 +647,8 @@ pub fn run_cluster(
     let mut sequencer =
         Sequencer::new(config.sequencer_config(), identity.sealer(&config.name), seq_last, backpressure_raised);
     crate::sys::process::reset_child_signal();
-    locals.push(Executors::open(config, &cluster.engine.state, &signal)?);
+    let keys = crate::node::identity::StateKeys::from_state(&cluster.engine.state);
+    locals.push(Executors::open(config, &identity, &keys, &cluster.engine.state, &signal)?);
     let (reactor, new_sources) = Reactor::start(config.reactor_config(), Arc::clone(&signal))?;
     let resumer = reactor.resumer();
     let tcp_addr = reactor.local_tcp_addr().map(|addr| addr.to_string()).unwrap_or_default();

@@ -1,21 +1,26 @@
 //! The node's config file: TOML, every field optional with a documented default
 //! (`example.toml` is the reference and is what `--print-default-config` prints),
-//! unknown fields refused, every value checked at start. The cluster credential
-//! (`[cluster] credential_file`) is read by `cluster_key` and handed to the peer
-//! port, the blob executor and the prober through their config builders; its bytes
-//! never appear in their `Debug` output.
+//! unknown fields refused, every value checked at start. The node's identity on the
+//! secure channel (`sys::secure`: its name, signing key, cluster id and the admitted
+//! keys) comes from `node_identity` and is handed to the peer port, the blob executor
+//! and the prober through their config builders; key bytes never appear in their
+//! `Debug` output.
 //!
 //! Invariants: `NodeConfig::load` either returns a config whose `to_config()` passes
 //! `Config::validate` and whose ingest values are in bounds, or an error that names
 //! the file, the field and why; the example file parses to exactly the defaults.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
 
 use serde::Deserialize;
 
 use crate::config::{Config, FoldLimits, FsyncPolicy, ReconcileConfig, SnapshotLimits};
 use crate::sequencer::SequencerConfig;
 use crate::sys::reactor::ReactorConfig;
+use crate::sys::secure::{ClusterId, LocalIdentity, PeerKeys, SecureConfig};
 
 /// The documented example, with every default.
 pub const EXAMPLE_TOML: &str = include_str!("example.toml");
@@ -43,8 +48,8 @@ pub struct NodeConfig {
     pub cluster: ClusterConfig,
 }
 
-/// Running as one node of many: the shared log on NATS JetStream, the cluster
-/// credential, checkpoints and state commitments. With `nats` empty the node runs on
+/// Running as one node of many: the shared log on NATS JetStream, the node's identity
+/// (its key, the cluster's genesis), checkpoints and state commitments. With `nats` empty the node runs on
 /// its embedded log alone (one machine).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,10 +62,6 @@ pub struct ClusterConfig {
     pub subject: String,
     /// Copies the stream keeps (1 for a single NATS server, 3 for three).
     pub stream_replicas: u32,
-    /// A file holding the cluster credential (64 hex digits, `meshos cluster keygen`),
-    /// relative to `data_dir` unless absolute. Blob pulls and RTT probes between nodes
-    /// prove they know it. Required when `nats` is set.
-    pub credential_file: PathBuf,
     /// The cluster's genesis (`meshos cluster init` writes it; the same file on every
     /// node), relative to `data_dir` unless absolute. A single machine's first start
     /// writes one for itself when it is missing.
@@ -94,7 +95,6 @@ impl Default for ClusterConfig {
             stream: "MESHOS".to_string(),
             subject: "meshos.log".to_string(),
             stream_replicas: 3,
-            credential_file: PathBuf::new(),
             genesis_file: PathBuf::from("genesis.toml"),
             node_key_file: PathBuf::from("node.key"),
             nats_token_file: PathBuf::new(),
@@ -175,6 +175,10 @@ impl Default for ProbesConfig {
 pub struct BlobsConfig {
     pub peer_listen: String,
     pub peer_connections_max: u32,
+    pub peer_idle_timeout_ms: u32,
+    pub peer_handshake_connections_max: u32,
+    pub peer_handshake_per_address_max: u32,
+    pub peer_handshake_timeout_ms: u32,
     pub transfers_max: u32,
     pub fetch_timeout_ms: u32,
     pub blob_bytes_max: u64,
@@ -189,6 +193,10 @@ impl Default for BlobsConfig {
         BlobsConfig {
             peer_listen: "127.0.0.1:0".to_string(),
             peer_connections_max: 64,
+            peer_idle_timeout_ms: crate::sys::peer_server::IO_TIMEOUT_MS_DEFAULT,
+            peer_handshake_connections_max: crate::sys::peer_server::HANDSHAKE_CONNECTIONS_MAX_DEFAULT,
+            peer_handshake_per_address_max: crate::sys::peer_server::HANDSHAKE_PER_ADDRESS_MAX_DEFAULT,
+            peer_handshake_timeout_ms: crate::sys::peer_server::HANDSHAKE_TIMEOUT_MS_DEFAULT,
             transfers_max: 4,
             fetch_timeout_ms: 30_000,
             blob_bytes_max: 1 << 32,
@@ -525,6 +533,15 @@ impl NodeConfig {
         let blobs = &self.blobs;
         let bounded = [
             ("blobs.peer_connections_max", blobs.peer_connections_max as u64, 1, 65_536),
+            ("blobs.peer_idle_timeout_ms", blobs.peer_idle_timeout_ms as u64, 100, 3_600_000),
+            ("blobs.peer_handshake_connections_max", blobs.peer_handshake_connections_max as u64, 1, 4_096),
+            (
+                "blobs.peer_handshake_per_address_max",
+                blobs.peer_handshake_per_address_max as u64,
+                1,
+                blobs.peer_handshake_connections_max as u64,
+            ),
+            ("blobs.peer_handshake_timeout_ms", blobs.peer_handshake_timeout_ms as u64, 100, 60_000),
             ("blobs.transfers_max", blobs.transfers_max as u64, 1, 1_024),
             ("blobs.fetch_timeout_ms", blobs.fetch_timeout_ms as u64, 100, 3_600_000),
             ("blobs.blob_bytes_max", blobs.blob_bytes_max, 1, 1 << 50),
@@ -612,35 +629,12 @@ impl NodeConfig {
                 ),
             );
         }
-        if !cluster.nats.is_empty() && cluster.credential_file.as_os_str().is_empty() {
-            return field(
-                "cluster.credential_file",
-                "must name the cluster credential when cluster.nats is set (create one with `meshos cluster \
-                 keygen -o FILE` and give every node of the cluster the same file)"
-                    .to_string(),
-            );
-        }
         Ok(())
     }
 
     /// True when this node is one of many on NATS JetStream.
     pub fn clustered(&self) -> bool {
         !self.cluster.nats.is_empty()
-    }
-
-    /// Reads the cluster credential (`cluster.credential_file`); None when unset.
-    pub fn cluster_key(&self) -> Result<Option<[u8; 32]>, NodeConfigError> {
-        if self.cluster.credential_file.as_os_str().is_empty() {
-            return Ok(None);
-        }
-        let path = self.data_dir.join(&self.cluster.credential_file);
-        let text =
-            std::fs::read_to_string(&path).map_err(|source| NodeConfigError::Read { path: path.clone(), source })?;
-        parse_key_hex(text.trim()).map(Some).ok_or_else(|| NodeConfigError::Invalid {
-            path,
-            reason: "a cluster credential is 64 hex digits on one line (`meshos cluster keygen -o FILE` makes one)"
-                .to_string(),
-        })
     }
 
     /// Reads the NATS auth token (`cluster.nats_token_file`); None when unset.
@@ -702,20 +696,32 @@ impl NodeConfig {
         self.data_dir.join(&self.daemons.sdk_socket)
     }
 
-    /// The prober's settings (call after `check`); `key`: the cluster credential
-    /// (`cluster_key`).
-    pub fn probe_config(&self, key: Option<[u8; 32]>) -> crate::exec::probes::ProbeConfig {
+    /// This node's identity on the secure channel (peer port and its clients): its own
+    /// key (`node::identity::prepare`), its cluster's id, and the keys the folded state
+    /// admits (`StateKeys`, refreshed by the node loop).
+    pub fn node_identity(&self, own: &crate::node::identity::NodeIdentity, keys: Arc<dyn PeerKeys>) -> PeerIdentity {
+        PeerIdentity {
+            name: self.name.clone(),
+            signing_key: own.key.signing_key().clone(),
+            cluster_id: own.genesis.cluster_id(),
+            keys,
+        }
+    }
+
+    /// The prober's settings (call after `check`); `secure`: this node's identity
+    /// (`node_identity().secure_config()`).
+    pub fn probe_config(&self, secure: &Arc<SecureConfig>) -> crate::exec::probes::ProbeConfig {
         crate::exec::probes::ProbeConfig {
             interval_ms: self.probes.interval_ms,
             peers_per_round: self.probes.peers_per_round,
             timeout_ms: self.probes.timeout_ms,
-            key,
+            secure: Arc::clone(secure),
         }
     }
 
-    /// The blob executor's settings (call after `check`); `key`: the cluster
-    /// credential (`cluster_key`).
-    pub fn blob_exec_config(&self, key: Option<[u8; 32]>) -> crate::exec::blobs::BlobExecConfig {
+    /// The blob executor's settings (call after `check`); `secure`: this node's
+    /// identity.
+    pub fn blob_exec_config(&self, secure: &Arc<SecureConfig>) -> crate::exec::blobs::BlobExecConfig {
         crate::exec::blobs::BlobExecConfig {
             transfers_max: self.blobs.transfers_max,
             fetch_timeout_ms: self.blobs.fetch_timeout_ms,
@@ -723,21 +729,23 @@ impl NodeConfig {
             receive_bytes_per_s: self.blobs.receive_bytes_per_s,
             verify_bytes_per_s: self.blobs.verify_bytes_per_s,
             verify_pass_ms: self.blobs.verify_pass_ms,
-            node_name: self.name.clone(),
-            key,
+            secure: Arc::clone(secure),
         }
     }
 
-    /// The peer port's settings (call after `check`); `key`: the cluster credential
-    /// (`cluster_key`).
-    pub fn peer_server_config(&self, key: Option<[u8; 32]>) -> crate::sys::peer_server::PeerServerConfig {
+    /// The peer port's settings (call after `check`); `secure`: this node's identity.
+    pub fn peer_server_config(&self, secure: &Arc<SecureConfig>) -> crate::sys::peer_server::PeerServerConfig {
+        let blobs = &self.blobs;
         crate::sys::peer_server::PeerServerConfig {
-            listen: self.blobs.peer_listen.parse().expect("checked by NodeConfig::check"),
+            listen: blobs.peer_listen.parse().expect("checked by NodeConfig::check"),
             blobs_dir: self.blobs_dir(),
-            connections_max: self.blobs.peer_connections_max,
-            bytes_per_s: self.blobs.send_bytes_per_s,
-            io_timeout_ms: crate::sys::peer_server::IO_TIMEOUT_MS_DEFAULT,
-            key,
+            connections_max: blobs.peer_connections_max,
+            bytes_per_s: blobs.send_bytes_per_s,
+            io_timeout_ms: blobs.peer_idle_timeout_ms,
+            handshake_connections_max: blobs.peer_handshake_connections_max,
+            handshake_per_address_max: blobs.peer_handshake_per_address_max,
+            handshake_timeout_ms: blobs.peer_handshake_timeout_ms,
+            secure: Arc::clone(secure),
         }
     }
 
@@ -832,30 +840,38 @@ impl NodeConfig {
     }
 }
 
-/// Creates a cluster credential file at `path`: 32 random bytes
-/// (`sys::process::random_bytes`) as 64 hex digits and a newline, mode 0600, fsynced;
-/// never overwrites a file (`meshos cluster keygen`, the demo's first start).
-pub fn write_cluster_key(path: &Path) -> std::io::Result<[u8; 32]> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut key = [0u8; 32];
-    crate::sys::process::random_bytes(&mut key)?;
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    writeln!(file, "{}", crate::event::hex(&key))?;
-    file.sync_all()?;
-    Ok(key)
+/// Who this node is on the secure channel: the parts `sys::secure` needs.
+#[derive(Clone)]
+pub struct PeerIdentity {
+    pub name: String,
+    pub signing_key: SigningKey,
+    pub cluster_id: ClusterId,
+    /// The admitted keys peers are checked against.
+    pub keys: Arc<dyn PeerKeys>,
 }
 
-/// 64 hex digits to 32 bytes; None when the text is anything else.
-pub fn parse_key_hex(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 || !text.is_ascii() {
-        return None;
+impl std::fmt::Debug for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerIdentity")
+            .field("name", &self.name)
+            .field("public_key", &crate::event::hex(&self.signing_key.verifying_key().to_bytes()))
+            .field("cluster_id", &crate::event::hex(&self.cluster_id))
+            .finish_non_exhaustive()
     }
-    let mut key = [0u8; 32];
-    for (index, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).ok()?;
+}
+
+impl PeerIdentity {
+    /// The secure channel's config for the peer port and its clients (nodes only, no
+    /// operators; messages up to `peer_server::MESSAGE_BYTES_MAX`).
+    pub fn secure_config(&self) -> Arc<SecureConfig> {
+        Arc::new(SecureConfig {
+            cluster_id: self.cluster_id,
+            local: LocalIdentity::Node { name: self.name.clone(), key: self.signing_key.clone() },
+            keys: Arc::clone(&self.keys),
+            accept_operators: false,
+            message_bytes_max: crate::sys::peer_server::MESSAGE_BYTES_MAX,
+        })
     }
-    Some(key)
 }
 
 #[cfg(test)]
@@ -900,24 +916,26 @@ mod tests {
             ("[capability]\nlabels = [\"\"]", "capability.labels"),
             ("[blobs]\npeer_listen = \"here\"", "blobs.peer_listen"),
             ("[blobs]\ntransfers_max = 0", "blobs.transfers_max"),
+            ("[blobs]\npeer_handshake_per_address_max = 17", "blobs.peer_handshake_per_address_max"),
+            ("[blobs]\npeer_handshake_timeout_ms = 10", "blobs.peer_handshake_timeout_ms"),
+            ("[blobs]\npeer_handshake_connections_max = 0", "blobs.peer_handshake_connections_max"),
             ("[probes]\ninterval_ms = 1", "probes.interval_ms"),
             ("[snapshot]\ninterval_ms = 5", "snapshot.interval_ms"),
             ("[snapshot]\npath = \"\"", "snapshot.path"),
             ("[snapshot]\ndrift_listed_max = 99999999", "snapshot.drift_listed_max"),
             ("colour = \"blue\"", "colour"),
             ("[cluster]\nnats = [\"nowhere\"]", "cluster.nats"),
-            ("[cluster]\nnats = [\"127.0.0.1:4222\"]", "cluster.credential_file"),
             ("[cluster]\nsubject = \"meshos.*\"", "cluster.subject"),
             ("[cluster]\nstream_replicas = 0", "cluster.stream_replicas"),
             (
                 // JetStream's client name (the node's) is at most 64 bytes: such a node could not start.
                 "name = \"nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn\"\n\
-                 [cluster]\nnats = [\"127.0.0.1:4222\"]\ncredential_file = \"k\"",
+                 [cluster]\nnats = [\"127.0.0.1:4222\"]",
                 "name",
             ),
             (
                 // A group of 256 records (the default) never fits a queue of 100: nothing is published.
-                "[cluster]\nnats = [\"127.0.0.1:4222\"]\ncredential_file = \"k\"\npublish_queue_max = 100",
+                "[cluster]\nnats = [\"127.0.0.1:4222\"]\npublish_queue_max = 100",
                 "cluster.publish_queue_max",
             ),
             ("[ingest]\nqueue_frames = \"many\"", "queue_frames"),

@@ -5,19 +5,18 @@
 //! store, peer port, SDK socket and supervised daemons, and they move blob bytes
 //! between their peer ports for real. Zones `z1`..`z3` are dealt round robin so
 //! placement spreads copies. On first start the demo does what `meshos cluster init`
-//! does: an operator key in `DIR/operator.key`, a key per node (`DIR/node-N/node.key`)
+//! does: an operator key in `DIR/node-1/admin.key`, a key per node (`DIR/node-N/node.key`)
 //! and a genesis admitting every node (`DIR/genesis.toml`, which every node's config
 //! names); then it declares a `worker` daemon on every node (an operator section) and
 //! stores a few dozen blobs on node-1 at 3 replicas; the other copies arrive by
 //! pulls. Run again on the same directory, it resumes from its log.
 //!
-//! Every node's config names one cluster credential, `DIR/cluster.key` (created on
-//! the first start when absent, kept after), so the blob pulls and RTT probes between
-//! the demo's peer ports are authenticated as in a real cluster.
+//! Each node signs its records with its own key, and its blob pulls and RTT probes
+//! run on the secure channel with it, as in a real cluster.
 //!
 //! Invariants: the demo adds nothing the node binary does not do (same loop, same
 //! executors); everything it seeds goes through node-1's local socket as events; all
-//! its nodes hold the same credential.
+//! its nodes load the same genesis.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -40,9 +39,9 @@ pub struct DemoOptions {
 
 /// The seeded workload is installed once; this file marks it done.
 const SEEDED_FILE: &str = "seeded";
-pub const KEY_FILE: &str = "operator.key";
-/// The cluster credential every demo node proves on its peer traffic.
-pub const CLUSTER_KEY_FILE: &str = "cluster.key";
+/// The operator key, where `meshos admin` and `meshos daemon` look by default for
+/// node-1 (its DATA_DIR/admin.key).
+pub const KEY_FILE: &str = "node-1/admin.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -68,14 +67,6 @@ pub fn configs(options: &DemoOptions) -> Result<Vec<NodeConfig>, DemoError> {
         return Err(DemoError::Invalid(format!("--nodes must be 1..=16, not {}", options.nodes)));
     }
     std::fs::create_dir_all(&options.dir).map_err(|source| DemoError::Io { path: options.dir.clone(), source })?;
-    let cluster_key = options.dir.join(CLUSTER_KEY_FILE);
-    if !cluster_key.exists() {
-        crate::node::config::write_cluster_key(&cluster_key)
-            .map_err(|source| DemoError::Io { path: cluster_key.clone(), source })?;
-    }
-    // Absolute, so the file is found whatever the node's data directory.
-    let cluster_key =
-        std::path::absolute(&cluster_key).map_err(|source| DemoError::Io { path: cluster_key.clone(), source })?;
     let genesis_path = init_trust(options)?;
     let mut configs = Vec::new();
     for index in 1..=options.nodes {
@@ -87,10 +78,9 @@ pub fn configs(options: &DemoOptions) -> Result<Vec<NodeConfig>, DemoError> {
              [ingest]\nlisten_tcp = \"127.0.0.1:0\"\n\n\
              [reconcile]\nrecovery_ms = 10000\n\n\
              [capability]\nzone = \"z{}\"\ncapacity_bytes = 10737418240\n\n\
-             [cluster]\ncredential_file = \"{}\"\ngenesis_file = \"{}\"\n",
+             [cluster]\ngenesis_file = \"{}\"\n",
             data_dir.display(),
             (index - 1) % 3 + 1,
-            cluster_key.display(),
             genesis_path.display()
         );
         std::fs::create_dir_all(&data_dir).map_err(|source| DemoError::Io { path: data_dir.clone(), source })?;
@@ -214,7 +204,7 @@ pub fn guide(options: &DemoOptions) -> String {
         "meshos demo: {nodes} nodes in this process, sharing the log in {dir}/node-1/log\n\
          \x20 node data: {dir}/node-N/ (blobs/, daemons/NAME/stdout.log, dispatched.log)\n\
          \x20 talk to it through node-1: export MESHOS_DIR={node}   (or --dir {node} on each command)\n\
-         \x20 operator key: {dir}/{KEY_FILE}; cluster credential (peer traffic): {dir}/{CLUSTER_KEY_FILE}\n\
+         \x20 operator key: {dir}/{KEY_FILE} (secret; `meshos admin --key`); the cluster's genesis: {dir}/{GENESIS_FILE}\n\
          Try, in another terminal:\n\
          \x20 meshos status            (meshos watch: the same, live; meshos daemon ls)\n\
          \x20 meshos put ./some-file --replicas 3\n\

@@ -76,6 +76,16 @@ pub fn prepare(config: &NodeConfig) -> Result<NodeIdentity, TrustError> {
     Ok(NodeIdentity { key, genesis, created })
 }
 
+/// The node's key and genesis as they are, for tools acting for the node (`meshos
+/// get`): never creates either.
+pub fn load(config: &NodeConfig) -> Result<NodeIdentity, TrustError> {
+    Ok(NodeIdentity {
+        key: KeyPair::load(&config.node_key_path())?,
+        genesis: load_genesis(config)?,
+        created: Vec::new(),
+    })
+}
+
 /// The genesis a node uses, for tools that read its log (never creates one).
 pub fn load_genesis(config: &NodeConfig) -> Result<Genesis, TrustError> {
     Genesis::load(&config.genesis_path())
@@ -98,4 +108,59 @@ pub fn operator_key(config: &NodeConfig, key: Option<&Path>) -> Result<(KeyPair,
         });
     }
     Ok((KeyPair::load(&path)?, path))
+}
+
+/// The keys the folded state admits, for the transports (the peer port and its
+/// clients): node name to admitted key, and the operator keys. The node loop calls
+/// `refresh` after fold; it rebuilds only when the keyring changed (`Keyring::changes`),
+/// so an admission or a removal reaches the transports at the next loop turn.
+#[derive(Debug, Default)]
+pub struct StateKeys {
+    view: std::sync::RwLock<KeysView>,
+}
+
+#[derive(Debug, Default)]
+struct KeysView {
+    /// `Keyring::changes` when built (`u64::MAX`: never built).
+    changes: u64,
+    nodes: std::collections::HashMap<Box<str>, crate::trust::PublicKey>,
+    operators: Vec<crate::trust::PublicKey>,
+}
+
+impl StateKeys {
+    pub fn from_state(state: &crate::state::State) -> std::sync::Arc<StateKeys> {
+        let keys = StateKeys { view: std::sync::RwLock::new(KeysView { changes: u64::MAX, ..KeysView::default() }) };
+        keys.refresh(state);
+        std::sync::Arc::new(keys)
+    }
+
+    /// Takes the state's admitted keys if the keyring changed since the last call.
+    pub fn refresh(&self, state: &crate::state::State) {
+        let keyring = &state.keyring;
+        let stale = self.view.read().map_or(true, |view| view.changes != keyring.changes);
+        if !stale {
+            return;
+        }
+        let mut nodes = std::collections::HashMap::with_capacity(keyring.identities());
+        for row in 0..keyring.identities() {
+            if !keyring.identity_revoked[row] {
+                nodes.insert(keyring.identity_name[row].clone(), keyring.identity_key[row]);
+            }
+        }
+        let view = KeysView { changes: keyring.changes, nodes, operators: keyring.keys.clone() };
+        match self.view.write() {
+            Ok(mut guard) => *guard = view,
+            Err(poisoned) => *poisoned.into_inner() = view,
+        }
+    }
+}
+
+impl crate::sys::secure::PeerKeys for StateKeys {
+    fn node_key(&self, name: &str) -> Option<[u8; 32]> {
+        self.view.read().ok()?.nodes.get(name).copied()
+    }
+
+    fn is_operator_key(&self, key: &[u8; 32]) -> bool {
+        self.view.read().is_ok_and(|view| view.operators.contains(key))
+    }
 }

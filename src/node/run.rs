@@ -229,6 +229,8 @@ pub(super) struct Executors {
     pub(super) blobs: crate::exec::blobs::BlobExecutor,
     /// Serves this node's blobs and round trips to its peers; dropped at stop.
     _peer_server: crate::sys::peer_server::PeerServer,
+    /// What the peer port and its clients trust: the state's admitted keys.
+    keys: std::sync::Arc<crate::node::identity::StateKeys>,
     pub(super) sdk: SdkHandle,
     capability: CapabilityPublisher,
     pub(super) events: Vec<EventKind>,
@@ -241,7 +243,13 @@ pub(super) struct Executors {
 impl Executors {
     /// Opens a node's executors: stops what a previous run left, reports what the log
     /// wrongly calls running, opens the blob store, binds the peer port and the SDK socket.
-    pub(super) fn open(config: &NodeConfig, state: &State, signal: &Arc<Signal>) -> Result<Executors, NodeError> {
+    pub(super) fn open(
+        config: &NodeConfig,
+        identity: &NodeIdentity,
+        keys: &std::sync::Arc<crate::node::identity::StateKeys>,
+        state: &State,
+        signal: &Arc<Signal>,
+    ) -> Result<Executors, NodeError> {
         std::fs::create_dir_all(&config.data_dir).map_err(io_error(&config.data_dir))?;
         let mut daemons = DaemonExecutor::new(config.daemon_exec_config());
         let orphans = daemons.stop_orphans(state);
@@ -251,10 +259,10 @@ impl Executors {
         let mut events = Vec::new();
         daemons.adopt_nothing(state, state.nodes.find(&config.name), &mut events);
         let store = crate::exec::blobstore::BlobStore::open(&config.blobs_dir())?;
-        let key = config.cluster_key()?;
-        let blobs = crate::exec::blobs::BlobExecutor::new(config.blob_exec_config(key), std::sync::Arc::new(store));
+        let secure = config.node_identity(identity, std::sync::Arc::clone(keys) as _).secure_config();
+        let blobs = crate::exec::blobs::BlobExecutor::new(config.blob_exec_config(&secure), std::sync::Arc::new(store));
         blobs.adopt_nothing(state, state.nodes.find(&config.name), &mut events);
-        let peer_server = crate::sys::peer_server::PeerServer::start(config.peer_server_config(key))?;
+        let peer_server = crate::sys::peer_server::PeerServer::start(config.peer_server_config(&secure))?;
         let capacity_bytes = match config.capability.capacity_bytes {
             0 => crate::sys::process::filesystem_bytes(&config.data_dir).unwrap_or(0),
             bytes => bytes,
@@ -273,11 +281,12 @@ impl Executors {
             daemons,
             blobs,
             _peer_server: peer_server,
+            keys: std::sync::Arc::clone(keys),
             sdk,
             capability,
             events,
             sink: Sink::Own,
-            prober: crate::exec::probes::Prober::new(config.probe_config(key)),
+            prober: crate::exec::probes::Prober::new(config.probe_config(&secure)),
             heartbeat: Duration::from_millis(config.heartbeat_ms as u64),
             next_heartbeat: Instant::now(),
         })
@@ -474,8 +483,9 @@ fn run_until(
     let signal = Signal::new();
     crate::sys::process::reset_child_signal();
     let mut locals = Vec::with_capacity(configs.len());
-    for node in configs {
-        locals.push(Executors::open(node, &engine.state, &signal)?);
+    let keys = crate::node::identity::StateKeys::from_state(&engine.state);
+    for (node, identity) in configs.iter().zip(&identities) {
+        locals.push(Executors::open(node, identity, &keys, &engine.state, &signal)?);
     }
     let (reactor, new_sources) = Reactor::start(config.reactor_config(), Arc::clone(&signal))?;
     let resumer = reactor.resumer();
@@ -671,12 +681,20 @@ fn commit_group(
         let (state, actions) = engine.apply(stamp.position, stamp.time_ms, payload);
         dispatch_actions(state, actions, locals);
     }
+    refresh_keys(&engine.state, locals);
     debug_assert_eq!(engine.state.position, log.durable_position());
     sequencer.release();
     for local in locals.iter_mut() {
         local.flush_events(sequencer);
     }
     Ok(true)
+}
+
+/// Gives the transports the keys fold admits now (a no-op unless the keyring changed).
+pub(super) fn refresh_keys(state: &State, locals: &[Executors]) {
+    for local in locals {
+        local.keys.refresh(state);
+    }
 }
 
 /// Hands each local node the actions of a pass addressed to it.

@@ -44,6 +44,11 @@ pub struct Keyring {
     pub identity_index: HashMap<Box<str>, u32>,
     /// Operator sections applied and not yet expired: (expires_ms, nonce).
     pub operator_window: BTreeSet<(u64, [u8; 16])>,
+    /// Bumped whenever a key is admitted, revoked or rotated, so a node refreshes what
+    /// its transports trust only then. Not state: not hashed, not checkpointed (0 after
+    /// a load, when a node reads every key anyway).
+    #[rkyv(with = rkyv::with::Skip)]
+    pub changes: u64,
 }
 
 impl PartialEq for Keyring {
@@ -100,6 +105,7 @@ impl Keyring {
     /// Admits `name` with `key` (a known name gets the new key and is no longer
     /// revoked); the caller checked the name, the key and the row limit.
     pub fn admit(&mut self, name: &str, key: &PublicKey) {
+        self.changes += 1;
         match self.identity(name) {
             Some(row) => {
                 self.identity_key[row] = *key;
@@ -118,6 +124,7 @@ impl Keyring {
     /// Revokes `name`'s key; false when the name was never admitted.
     pub fn revoke(&mut self, name: &str) -> bool {
         let Some(row) = self.identity(name) else { return false };
+        self.changes += 1;
         self.identity_revoked[row] = true;
         true
     }
@@ -125,6 +132,7 @@ impl Keyring {
     /// Installs `keys` as version `version`; the caller checked the version and list.
     pub fn install(&mut self, version: u64, keys: &[PublicKey]) {
         assert!(version == self.version + 1 && !keys.is_empty(), "keyring versions go up by one");
+        self.changes += 1;
         self.version = version;
         self.keys.clear();
         self.keys.extend_from_slice(keys);

@@ -169,25 +169,67 @@ pub fn write_small_cluster_log(dir: &std::path::Path) -> u64 {
     log.sync().expect("sync")
 }
 
-/// A node's blob store behind a running peer port (with the cluster credential `key`).
+/// The test cluster's id.
+pub const TEST_CLUSTER_ID: [u8; 16] = [0x7e; 16];
+
+/// Node `name`'s signing key in tests: a fixed seed from the name.
+pub fn node_signing_key(name: &str) -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(blake3::hash(name.as_bytes()).as_bytes())
+}
+
+/// Every name is admitted, with its `node_signing_key`.
+pub struct AnyTestNode;
+
+impl meshos::sys::secure::PeerKeys for AnyTestNode {
+    fn node_key(&self, name: &str) -> Option<[u8; 32]> {
+        Some(node_signing_key(name).verifying_key().to_bytes())
+    }
+}
+
+/// Node `name`'s secure-channel config in the test cluster (every node admitted).
+pub fn node_secure(name: &str) -> std::sync::Arc<meshos::sys::secure::SecureConfig> {
+    std::sync::Arc::new(meshos::sys::secure::SecureConfig {
+        cluster_id: TEST_CLUSTER_ID,
+        local: meshos::sys::secure::LocalIdentity::Node { name: name.to_string(), key: node_signing_key(name) },
+        keys: std::sync::Arc::new(AnyTestNode),
+        accept_operators: false,
+        message_bytes_max: meshos::sys::peer_server::MESSAGE_BYTES_MAX,
+    })
+}
+
+/// A node's blob store behind a running peer port.
 pub struct Peer {
     pub _dir: tempfile::TempDir,
     pub store: std::sync::Arc<meshos::exec::blobstore::BlobStore>,
     pub server: meshos::sys::peer_server::PeerServer,
 }
 
-pub fn peer(key: Option<[u8; 32]>) -> Peer {
+/// The peer port of node `name` in the test cluster.
+pub fn peer(name: &str) -> Peer {
+    peer_with(node_secure(name), |_| {})
+}
+
+/// A peer port with this identity and its config as `change` leaves it.
+pub fn peer_with(
+    secure: std::sync::Arc<meshos::sys::secure::SecureConfig>,
+    change: impl FnOnce(&mut meshos::sys::peer_server::PeerServerConfig),
+) -> Peer {
+    use meshos::sys::peer_server::*;
     let dir = tempfile::tempdir().unwrap();
     let store = std::sync::Arc::new(meshos::exec::blobstore::BlobStore::open(dir.path()).unwrap());
-    let config = meshos::sys::peer_server::PeerServerConfig {
+    let mut config = PeerServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         blobs_dir: dir.path().to_path_buf(),
         connections_max: 8,
         bytes_per_s: 0,
         io_timeout_ms: 5_000,
-        key,
+        handshake_connections_max: HANDSHAKE_CONNECTIONS_MAX_DEFAULT,
+        handshake_per_address_max: HANDSHAKE_PER_ADDRESS_MAX_DEFAULT,
+        handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
+        secure,
     };
-    Peer { _dir: dir, store, server: meshos::sys::peer_server::PeerServer::start(config).unwrap() }
+    change(&mut config);
+    Peer { _dir: dir, store, server: PeerServer::start(config).unwrap() }
 }
 
 /// Dispatches `action` to a blob executor and polls it (as node `own`) until its jobs
