@@ -187,7 +187,7 @@ fn a_rejoining_node_is_fenced_until_verified() {
     events.push(h.ev("a", EventKind::ReplicaUpdate { blob: B1, state: ReplicaState::Healthy }));
     events.push(h.ev("b", EventKind::ReplicaUpdate { blob: B1, state: ReplicaState::Healthy }));
     h.step(100, events);
-    let down = h.ev("a", EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down }));
+    let down = h.ev("b", EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down }));
     let actions = h.step(100, vec![down]);
     assert!(actions.iter().all(|action| !action.starts_with("b:")), "{actions:?}");
     let back = h.heartbeats(100, &["b"]);
@@ -610,7 +610,7 @@ fn budgets_hold_verifications_drops_and_full_passes() {
     let position = h.state.position;
     let dropped = vec![h.outcome("b", position, 0, Outcome::Success), h.replica("b", B2, ReplicaState::Deleted)];
     assert!(h.step(100, dropped).is_empty());
-    let down = h.ev("b", EventKind::NodeHealth(NodeHealth::Status { node: "a".into(), status: NodeStatus::Down }));
+    let down = h.ev("a", EventKind::NodeHealth(NodeHealth::Status { node: "a".into(), status: NodeStatus::Down }));
     h.step(100, vec![down]);
     let back = h.heartbeats(100, &["a"]);
     assert_eq!(back, strings(&["a: verify_replica 11111111"]));
@@ -687,7 +687,7 @@ fn work_on_a_node_that_goes_away_is_cancelled_not_left_to_time_out() {
     let mut events = h.blob_with_intent("a", B1, 2, &["a", "b"]);
     events.push(h.replica("a", B1, ReplicaState::Healthy));
     assert_eq!(h.step(100, events), strings(&["b: pull_replica 11111111 from a"]));
-    let down = h.ev("a", EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down }));
+    let down = h.ev("b", EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down }));
     assert_eq!(h.step(100, vec![down]), strings(&["c: pull_replica 11111111 from a"]), "repair goes elsewhere at once");
     assert_eq!((h.state.inflight.cancelled, h.state.inflight.moves), (1, 1));
 }
@@ -833,7 +833,7 @@ fn the_brake_releases_a_blob_once_its_own_loss_leaves_the_window() {
     let copies = vec![h.replica(&p1, B1, ReplicaState::Healthy), h.replica(&p2, B1, ReplicaState::Healthy)];
     h.step(100, copies);
     let down = |h: &mut Harness, node: &str| {
-        h.ev(&p2, EventKind::NodeHealth(NodeHealth::Status { node: node.into(), status: NodeStatus::Down }))
+        h.ev(node, EventKind::NodeHealth(NodeHealth::Status { node: node.into(), status: NodeStatus::Down }))
     };
     // t0: p1 and o1 down -> brake; the repair of p1's copy waits on it.
     let events = vec![down(&mut h, &p1), down(&mut h, others[0])];
@@ -1189,7 +1189,7 @@ fn a_node_that_goes_down_while_draining_is_not_declared_drained() {
     assert!(actions.iter().any(|a| a.contains("from b")), "{actions:?}");
     assert_eq!(maintenance_of(&h, "b"), "entering_maintenance");
     // b's link flaps (or it reboots) before the move ends.
-    let down = h.ev("a", EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down }));
+    let down = h.ev("b", EventKind::NodeHealth(NodeHealth::Status { node: "b".into(), status: NodeStatus::Down }));
     h.step(10, vec![down]);
     assert_ne!(
         maintenance_of(&h, "b"),
