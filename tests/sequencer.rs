@@ -26,6 +26,12 @@ fn config(frames_per_round_max: u32, records_per_commit_max: u32) -> SequencerCo
 }
 
 fn frame(origin: &str, first_seq: u64, count: u64, frame_seq: u64, ack: bool) -> Vec<u8> {
+    frame_as(origin, origin != "node-1", first_seq, count, frame_seq, ack)
+}
+
+/// A frame of heartbeats of `origin`, signed with its test key or unsigned (what a
+/// local client sends: the node signs it).
+fn frame_as(origin: &str, signed: bool, first_seq: u64, count: u64, frame_seq: u64, ack: bool) -> Vec<u8> {
     let events = (0..count)
         .map(|index| Event {
             origin: origin.to_string(),
@@ -36,7 +42,7 @@ fn frame(origin: &str, first_seq: u64, count: u64, frame_seq: u64, ack: bool) ->
     // This node's own events come unsigned over its Unix socket (the sequencer signs
     // them); every other origin signs with its key.
     let batch = EventBatch { events };
-    let payload = if origin == "node-1" {
+    let payload = if !signed {
         meshos::trust::record::unsigned_batch(&batch)
     } else {
         meshos::trust::Sealer::node(origin, meshos::trust::test_key_of(origin), CLUSTER_ID).seal_batch(&batch)
@@ -127,7 +133,7 @@ fn local_sources_get_this_nodes_sequence_numbers_and_a_foreign_origin_closes_the
     let (mut local, local_source) = source(30, SourceKind::Unix, 8);
     sequencer.add_source(local_source);
     local.try_push(frame("node-1", 0, 3, 1, false)).unwrap();
-    local.try_push(frame("intruder", 0, 1, 2, false)).unwrap();
+    local.try_push(frame_as("intruder", false, 0, 1, 2, false)).unwrap();
     local.try_push(frame("node-1", 0, 1, 3, false)).unwrap();
     assert_eq!(sequencer.collect(), 1, "the foreign frame and the one after it are not recorded");
     sequencer.commit(&mut log).unwrap();
@@ -315,13 +321,27 @@ fn tcp_frames_may_not_speak_for_this_node() {
     let mut sequencer = Sequencer::new(config(8, 64), sealer(), 0, false);
     let (mut tcp, tcp_source) = source(80, SourceKind::Tcp, 8);
     sequencer.add_source(tcp_source);
-    tcp.try_push(frame("node-1", u64::MAX, 1, 1, false)).unwrap();
+    tcp.try_push(frame_as("node-1", true, u64::MAX, 1, 1, false)).unwrap();
     assert_eq!(sequencer.collect(), 0, "refused before the log");
     let error = sequencer.commands().iter().find_map(|command| match command {
         Command::Close { error, .. } => Some(error.to_string()),
         _ => None,
     });
-    assert!(error.expect("closed").contains("may not name this node"));
+    assert!(error.expect("closed").contains("only the node itself"));
+    // Unsigned events over TCP are refused too (only the Unix socket's are signed here).
+    let (mut stranger, stranger_source) = source(81, SourceKind::Tcp, 8);
+    sequencer.add_source(stranger_source);
+    stranger.try_push(frame_as("a", false, 1, 1, 1, false)).unwrap();
+    assert_eq!(sequencer.collect(), 0, "refused before the log");
+    let errors: Vec<String> = sequencer
+        .commands()
+        .iter()
+        .filter_map(|command| match command {
+            Command::Close { error, .. } => Some(error.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert!(errors.iter().any(|error| error.contains("unsigned events over TCP")), "{errors:?}");
     // Even a folded state at the very end of the numbers does not panic a restart.
     let mut restarted = Sequencer::new(config(8, 64), sealer(), u64::MAX, false);
     restarted.push_own(EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 }));
