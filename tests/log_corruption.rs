@@ -18,12 +18,19 @@ fn payload(position: u64) -> Vec<u8> {
             })
             .collect(),
     };
-    wire::encode_batch(&batch).to_vec()
+    // Signed sections, as every record is (the signer's name is the first origin's
+    // prefix, a valid node name; the log does not check signatures, fold does).
+    let sealer = meshos::trust::Sealer::node(
+        &format!("node-{position}"),
+        meshos::trust::test_key_of(&format!("node-{position}")),
+        [1; 16],
+    );
+    sealer.seal_batch(&batch).to_vec()
 }
 
 /// Small segments so a few dozen records span several files.
 fn small_config() -> Config {
-    Config { frame_bytes_max: 1024, segment_bytes_max: 2048, fsync: FsyncPolicy::Manual, ..Config::for_tests() }
+    Config { frame_bytes_max: 1024, segment_bytes_max: 2560, fsync: FsyncPolicy::Manual, ..Config::for_tests() }
 }
 
 fn write_log(dir: &Path, config: &Config, records: u64) {
