@@ -13,7 +13,7 @@ use common::*;
 use meshos::action::ActionKind;
 use meshos::config::Config;
 use meshos::engine::Engine;
-use meshos::event::{DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventBatch, EventKind, Outcome};
+use meshos::event::{DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventKind, Outcome};
 use meshos::exec::daemons::{DaemonExecConfig, DaemonExecutor};
 use meshos::ingest::park::Signal;
 use meshos::sdk::proto::{self, ToDaemon, ToNode};
@@ -89,15 +89,15 @@ impl Rig {
         let mut kinds = kinds;
         let mut any = false;
         for _ in 0..200 {
-            let events = kinds
+            let events: Vec<Event> = kinds
                 .drain(..)
                 .map(|kind| {
                     self.seq += 1;
                     Event { origin: NODE.to_string(), origin_seq: self.seq, kind }
                 })
                 .collect();
-            let payload = meshos::wire::encode_batch(&EventBatch { events });
             self.time_ms += 10;
+            let payload = meshos::trust::testing::seal_for(&self.engine.state, &events, self.time_ms);
             self.records += 1;
             let position = self.engine.state.position + 1;
             let (state, actions) = self.engine.apply(position, self.time_ms, &payload);
@@ -494,14 +494,12 @@ fn a_node_started_with_sigchld_ignored_still_stops() {
     #[allow(clippy::zombie_processes, reason = "waited on below on every path that returns")]
     let mut node = command.spawn().unwrap();
     wait_until("the node to listen", || dir.join("node.addr").exists());
-    let (mut client, mut replies) = meshos::sys::client::Client::connect_unix(&dir.join("local.sock")).unwrap();
     let kind = EventKind::DaemonIntent {
         spec: Box::new(spec("s", "/bin/sleep", &["30"], 200)),
         runs_on: DaemonPlacement::AllNodes,
     };
-    let seq =
-        client.send(&EventBatch { events: vec![Event { origin: NODE.into(), origin_seq: 0, kind }] }, true).unwrap();
-    replies.wait_acked(seq, Duration::from_secs(20)).unwrap();
+    // An operator intent, signed with the key the node's first start wrote.
+    common::send_local(dir, NODE, vec![kind]);
     let pid_file = dir.join("daemons/s/pid");
     wait_until("the daemon", || pid_file.exists());
     // SAFETY: plain integers.

@@ -4,12 +4,12 @@
 
 use meshos::action::{Action, ActionKind};
 use meshos::config::{Config, ReconcileConfig};
-use meshos::event::{ActionId, Capability, Event, EventBatch, EventKind, NodeHealth};
+use meshos::event::{ActionId, Capability, Event, EventKind, NodeHealth};
 use meshos::fold::fold_payload;
 use meshos::sim::cluster::{self, SimOptions, SimReport, THRASH_FACTOR, THRASH_SLACK_MOVES};
 use meshos::state::ids::{BlobRow, NodeRow};
 use meshos::state::State;
-use meshos::wire;
+
 
 /// The acceptance size (200 nodes, 5,000 blobs, 3 replicas, 2,000 steps): about 7 s
 /// per seed in a debug build, one test per seed so the harness spreads them over the
@@ -131,7 +131,8 @@ fn joined_state(reconcile: ReconcileConfig) -> State {
         let heartbeat = NodeHealth::Heartbeat { load_permille: 0 };
         events.push(Event { origin: name.into(), origin_seq: 2, kind: EventKind::NodeHealth(heartbeat) });
     }
-    fold_payload(&mut state, 1, 1_000, &wire::encode_batch(&EventBatch { events }));
+    let payload = meshos::trust::testing::seal_for(&state, &events, 1_000);
+    fold_payload(&mut state, 1, 1_000, &payload);
     assert_eq!(state.rejections.total, 0);
     state
 }

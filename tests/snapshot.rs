@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use common::{admin, event, small_cluster_records};
 use meshos::config::{Config, SnapshotLimits};
 use meshos::engine::Engine;
-use meshos::event::{AdminCommand, Event, EventBatch, EventKind, PlacementIntent};
+use meshos::event::{AdminCommand, Event, EventKind, PlacementIntent};
 use meshos::snapshot::{
     encode_into, write_atomically, write_file_atomically, MappedSnapshot, Snapshot, SnapshotError, SnapshotWriter,
     DRIFT_UNDER, FORMAT_VERSION, HEADER_BYTES, HOLDER_COUNTED, HOLDER_PLANNED, NONE,
 };
 use meshos::state::State;
-use meshos::wire;
+
 
 /// Folds records through the engine (fold, then the incremental pass), 100 ms apart.
 struct Cluster {
@@ -36,9 +36,10 @@ impl Cluster {
             let seq = self.seqs.entry(event.origin.clone()).or_insert(0);
             *seq = (*seq).max(event.origin_seq);
         }
-        let payload = wire::encode_batch(&EventBatch { events: events.to_vec() });
         let position = self.engine.state.position + 1;
-        self.engine.apply(position, 1_000 + position * 100, &payload);
+        let time_ms = 1_000 + position * 100;
+        let payload = meshos::trust::testing::seal_for(&self.engine.state, events, time_ms);
+        self.engine.apply(position, time_ms, &payload);
     }
 
     fn next(&mut self, origin: &str) -> u64 {
