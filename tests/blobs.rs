@@ -173,11 +173,38 @@ fn put_and_get_through_a_running_node() {
     assert_eq!(std::fs::read(&copy).unwrap(), bytes);
 
     // Another directory, same log, no blobs: `get` finds the holder in the log and
-    // fetches from its announced peer port.
+    // fetches from its announced peer port, as node-2, once an operator admitted
+    // node-2's key (the holder's port serves admitted nodes only).
     let other = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(dir.path().join("log"), other.path().join("log")).unwrap();
+    std::fs::copy(dir.path().join("genesis.toml"), other.path().join("genesis.toml")).unwrap();
+    let other_key = meshos::trust::KeyPair::generate(&other.path().join("node.key")).unwrap();
     let other_config = other.path().join("node.toml");
     std::fs::write(&other_config, format!("name = \"node-2\"\ndata_dir = \"{}\"\n", other.path().display())).unwrap();
+    let refused = meshos(&[
+        "get",
+        &id,
+        "-o",
+        other.path().join("x").to_str().unwrap(),
+        "--config",
+        other_config.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success(), "a node not admitted gets no bytes");
+    let admit = meshos(&[
+        "admin",
+        "admit-node",
+        "node-2",
+        "--node-key",
+        &other_key.public_key_hex(),
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        admit.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&admit.stdout),
+        String::from_utf8_lossy(&admit.stderr)
+    );
     let fetched = other.path().join("fetched.bin");
     let get = meshos(&["get", &id, "-o", fetched.to_str().unwrap(), "--config", other_config.to_str().unwrap()]);
     assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));

@@ -10,7 +10,6 @@ use meshos::sim::cluster::{self, SimOptions, SimReport, THRASH_FACTOR, THRASH_SL
 use meshos::state::ids::{BlobRow, NodeRow};
 use meshos::state::State;
 
-
 /// The acceptance size (200 nodes, 5,000 blobs, 3 replicas, 2,000 steps): about 7 s
 /// per seed in a debug build, one test per seed so the harness spreads them over the
 /// cores. A seed the simulator finds a reconcile bug with is kept out of this list and

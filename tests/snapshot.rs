@@ -19,7 +19,6 @@ use meshos::snapshot::{
 };
 use meshos::state::State;
 
-
 /// Folds records through the engine (fold, then the incremental pass), 100 ms apart.
 struct Cluster {
     engine: Engine,
