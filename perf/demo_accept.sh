@@ -11,8 +11,8 @@ c=$D/node-1/node.toml
 t() { echo "$(echo "$(date +%s.%N) - $start" | bc | cut -c1-6) s: $*"; }
 until [ -f $D/seeded ]; do sleep 0.2; done; t seeded
 until $M status -o json --config $c 2>/dev/null | python3 -c "import json,sys; d=json.load(sys.stdin); sys.exit(0 if d['blobs']==50 and d['copies']==150 and d['copies_missing']==0 and d['daemons_running']==5 else 1)"; do sleep 0.5; done; t "50 blobs x 3 copies, 5 workers"
-$M admin enter-maintenance node-2 --key $D/operator.key --config $c > /dev/null
-$M admin enter-maintenance node-3 --key $D/operator.key --config $c > /dev/null; t "drain node-2 and node-3"
+$M admin enter-maintenance node-2 --key $D/node-1/admin.key --config $c > /dev/null
+$M admin enter-maintenance node-3 --key $D/node-1/admin.key --config $c > /dev/null; t "drain node-2 and node-3"
 for n in 1 4 5; do kill -9 $(cut -d' ' -f1 $D/node-$n/daemons/worker/pid); done; t "kill -9 workers on node-1, node-4, node-5"
 until $M status -o json --config $c 2>/dev/null | python3 -c "
 import json,sys; d=json.load(sys.stdin); t={n['name']:n for n in d['node_table']}

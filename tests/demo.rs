@@ -129,7 +129,7 @@ fn drain_two_kill_workers_then_crash_and_resume() {
 
     // Drain node-2 and node-3 at once, and kill a worker on each other node.
     let config = dir.join("node-1/node.toml");
-    let key = dir.join("operator.key");
+    let key = dir.join(meshos::node::demo::KEY_FILE);
     for node in ["node-2", "node-3"] {
         let admin = Command::new(env!("CARGO_BIN_EXE_meshos"))
             .args(["admin", "enter-maintenance", node, "--key"])
