@@ -483,10 +483,12 @@ fn a_diverged_node_and_a_duplicate_name_are_fenced() {
     let state = mesh.nodes[0].state(u64::MAX);
     assert!(blobs.iter().all(|blob| !healthy_holders(&state, blob).contains(&"node-4".to_string())));
 
-    // A second process under node-2's name: both see records of their name they did
-    // not publish.
+    // A second process under node-2's name, holding node-2's key (copied, as a leaked
+    // key would be): both see validly signed records of their name they did not
+    // publish. (One without the key only has its records refused: `tests/trust.rs`.)
     let impostor_dir = mesh.root().join("impostor");
     std::fs::create_dir_all(&impostor_dir).unwrap();
+    std::fs::copy(mesh.nodes[1].dir.join("node.key"), impostor_dir.join("node.key")).unwrap();
     let text = std::fs::read_to_string(&mesh.nodes[1].config_path)
         .unwrap()
         .replace(&mesh.nodes[1].dir.display().to_string(), &impostor_dir.display().to_string());
