@@ -565,6 +565,7 @@ fn kill_a_nats_server_under_load_loses_nothing() {
     let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
     let addr = mesh.nodes[0].tcp_addr();
     let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    client.set_sealer(client_sealer("loader"));
     const FRAMES: u64 = 3000;
     const EVENTS_PER_FRAME: u64 = 20;
     let started = Instant::now();
