@@ -23,6 +23,7 @@ use meshos::event::{AdminCommand, EventKind, PlacementIntent, ReplicaState};
 use meshos::node::config::NodeConfig;
 use meshos::state::nodes::MaintenanceState;
 use meshos::state::State;
+use meshos::trust::Sealer;
 
 const WAIT_LIMIT: Duration = Duration::from_secs(90);
 /// One cluster at a time: the machine has two cores.
@@ -920,4 +921,61 @@ fn a_clean_stop_publishes_its_daemons_end() {
         assert!(!running_on_node_1(&state), "round {round}: node-1 stopped cleanly, its daemon still runs in the log");
         mesh.nodes[0].start();
     }
+}
+
+/// The stream attacks, by anyone who can publish on the NATS subject: a
+/// 72-byte garbage message, a node's own old record under a new message id, and a
+/// forged node. Each is refused in fold and counted; none fences a node or invents
+/// one, and the nodes still agree.
+#[test]
+fn records_forged_on_the_stream_fence_nobody_and_invent_nothing() {
+    let _serial = serial();
+    let Some(mesh) = Mesh::start(3, Tuning::default()) else { return };
+    // node-1's own signed record, as the stream holds it.
+    let config = mesh.nodes[0].config().engine_config().unwrap();
+    let mut own = None;
+    wait_for("a record of node-1's in its mirror", || {
+        meshos::redex::embedded::read_unlocked(&mesh.nodes[0].dir.join("log"), &config, &mut |record| {
+            let first = meshos::trust::sections(record.payload).next();
+            if let Some(Ok(section)) = first {
+                if section.kind == meshos::trust::SignerKind::Node && section.name == "node-1" {
+                    own = Some(record.payload.to_vec());
+                    return false;
+                }
+            }
+            true
+        })
+        .unwrap();
+        own.is_some()
+    });
+    let own = own.expect("found above");
+    let before = mesh.nodes[0].state(u64::MAX).position;
+    let mallory = meshos::trust::KeyPair::from_seed([0x66; 32]);
+    let cluster_id = config.genesis.cluster_id();
+    let fake = Sealer::node("fake", mallory, cluster_id).seal_batch(&heartbeats("fake", &mut 0, 3)).to_vec();
+    // A new message id for each (the replay is node-1's bytes under another id).
+    let positions = publish_raw(&mesh, &[vec![0x5a; 72], own, fake]);
+    let last = *positions.iter().max().unwrap();
+    for node in &mesh.nodes {
+        wait_for(&format!("{} to fold past the attacks", node.name), || node.state(u64::MAX).position >= last);
+    }
+    for node in &mesh.nodes {
+        let state = node.state(u64::MAX);
+        let after: Vec<&str> = state
+            .rejections
+            .kept
+            .iter()
+            .filter(|rejection| rejection.position > before)
+            .map(|rejection| rejection.reason.name())
+            .collect();
+        for reason in ["bad_section", "node_not_admitted"] {
+            assert!(after.contains(&reason), "{}: {reason} in {after:?}", node.name);
+        }
+        assert!(state.nodes.find("fake").is_none(), "{}: no node invented", node.name);
+        let log = std::fs::read_to_string(node.stderr_path()).unwrap_or_default();
+        assert!(!log.contains("another process publishes as this node"), "{}: fenced by a replay", node.name);
+    }
+    let log = std::fs::read_to_string(mesh.nodes[0].stderr_path()).unwrap_or_default();
+    assert!(log.contains("a copy of a record this node published before"), "the replay is named a duplicate");
+    mesh.assert_agreement();
 }

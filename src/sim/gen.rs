@@ -6,9 +6,10 @@
 //! then the cluster lives: heartbeats, replica churn (corruption, deletion, repair),
 //! RTT samples from a synthetic latency map, daemon health, saturation and crashes,
 //! inventory digests, nodes going down and coming back, capability forks, and admin
-//! commands (sealed by `trust::testing::MixedSealer` with the test operator key). Records
-//! carry up to `record_events` events; log time advances by a pseudo-random
-//! 50..150 ms per record from a fixed epoch.
+//! commands (sealed by `trust::testing::MixedSealer` with the test operator key). Each
+//! record has one sender, as in a real log (a node's own facts, or an operator's
+//! commands), and carries up to `record_events` events; log time advances by a
+//! pseudo-random 50..150 ms per record from a fixed epoch.
 //!
 //! Invariants: the event sequence is a pure function of `GenOptions` (same options,
 //! same bytes); origin sequence numbers strictly increase per node; exactly
@@ -83,9 +84,20 @@ pub struct Generator {
     digest_by_node: Vec<u128>,
     /// Daemon instances: (node, daemon index, state, pid).
     instances: Vec<(u32, usize, DaemonModel, u32)>,
+    /// Per node: its replica slots and its daemon instances.
+    slots_by_node: Vec<Vec<u32>>,
+    instances_by_node: Vec<Vec<u32>>,
     next_pid: u32,
     /// RTT peers per node (0: no RTT samples).
     rtt_peers: usize,
+}
+
+/// Whether two events go in one signed section: operator intents together, a node's
+/// facts with the same node's.
+fn same_sender(a: &Event, b: &Event) -> bool {
+    use crate::trust::{native_sender_of, Sender};
+    let sender = native_sender_of(&a.kind);
+    sender == native_sender_of(&b.kind) && (sender == Sender::Operator || a.origin == b.origin)
 }
 
 fn capacity_bytes(node: usize, version: u64) -> u64 {
@@ -177,6 +189,8 @@ impl Generator {
             healthy_count_by_node: vec![0; nodes],
             digest_by_node: vec![0; nodes],
             instances: Vec::new(),
+            slots_by_node: vec![Vec::new(); nodes],
+            instances_by_node: vec![Vec::new(); nodes],
             next_pid: 1000,
             rtt_peers: (nodes - 1).min(RTT_PEERS_MAX).min(limits.rtt_pairs_max as usize / nodes),
             names,
@@ -269,6 +283,7 @@ impl Generator {
                 }
                 let pid = self.next_pid;
                 self.next_pid += 1;
+                self.instances_by_node[node].push(self.instances.len() as u32);
                 self.instances.push((node as u32, daemon, DaemonModel::Running, pid));
                 for signal in [
                     DaemonSignal::Started { pid },
@@ -279,15 +294,15 @@ impl Generator {
                 }
             }
         }
+        // Blobs: every announcement (each node's in a run), then the placement intents
+        // (the operator's), then every node's copies (Pulling, then Healthy): grouped by
+        // sender, as each record of a real log has one signer, and each step only
+        // after what it needs.
         let replicas = self.options.replicas as usize;
+        let mut sizes = Vec::with_capacity(self.hashes.len());
+        let mut copies: Vec<Vec<usize>> = vec![Vec::new(); nodes];
         for blob in 0..self.hashes.len() {
-            let hash = self.hashes[blob];
-            let size_bytes = 1024 + self.rng.below(1 << 30);
-            let announcer = blob % nodes;
-            events.push(self.event(announcer, EventKind::BlobAnnounce { blob: hash, size_bytes }));
-            let intent =
-                PlacementIntent { blob: hash, replicas: replicas as u8, zone_spread: true, pinned: Vec::new() };
-            events.push(self.event(ADMIN_ORIGIN, EventKind::PlacementIntent(intent)));
+            sizes.push(1024 + self.rng.below(1 << 30));
             let start = self.rng.below(nodes as u64) as usize;
             let step = 1 + self.rng.below(nodes.max(2) as u64 - 1) as usize;
             let mut chosen: Vec<usize> = Vec::with_capacity(replicas);
@@ -305,21 +320,34 @@ impl Generator {
                 let slot = self.holder.len();
                 self.holder.push(node as u32);
                 self.replica_state.push(ReplicaState::Pulling);
-                events.push(self.event(node, EventKind::ReplicaUpdate { blob: hash, state: ReplicaState::Pulling }));
                 self.set_replica(slot, ReplicaState::Healthy);
-                events.push(self.event(node, EventKind::ReplicaUpdate { blob: hash, state: ReplicaState::Healthy }));
+                self.slots_by_node[node].push(slot as u32);
+                copies[node].push(blob);
+            }
+        }
+        for announcer in 0..nodes {
+            for blob in (announcer..self.hashes.len()).step_by(nodes) {
+                let hash = self.hashes[blob];
+                events.push(self.event(announcer, EventKind::BlobAnnounce { blob: hash, size_bytes: sizes[blob] }));
+            }
+        }
+        for blob in 0..self.hashes.len() {
+            let intent = PlacementIntent {
+                blob: self.hashes[blob],
+                replicas: replicas as u8,
+                zone_spread: true,
+                pinned: Vec::new(),
+            };
+            events.push(self.event(ADMIN_ORIGIN, EventKind::PlacementIntent(intent)));
+        }
+        for (node, blobs) in copies.iter().enumerate() {
+            for state in [ReplicaState::Pulling, ReplicaState::Healthy] {
+                for &blob in blobs {
+                    events.push(self.event(node, EventKind::ReplicaUpdate { blob: self.hashes[blob], state }));
+                }
             }
         }
         events
-    }
-
-    fn random_up_node(&mut self) -> usize {
-        loop {
-            let node = self.rng.below(self.names.len() as u64) as usize;
-            if self.up[node] {
-                return node;
-            }
-        }
     }
 
     fn heartbeat(&mut self, node: usize) -> Event {
@@ -327,49 +355,39 @@ impl Generator {
         self.event(node, EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille }))
     }
 
-    fn live_event(&mut self) -> Event {
-        let roll = self.rng.below(100);
+    /// One live event of `node` (which is up).
+    fn live_event_of(&mut self, node: usize) -> Event {
         let nodes = self.names.len();
-        match roll {
-            35..=59 if !self.holder.is_empty() => self.replica_churn(),
+        match self.rng.below(100) {
+            35..=59 => self.replica_churn(node),
             60..=79 if self.rtt_peers > 0 => {
-                let from = self.random_up_node();
-                let to = (from + 1 + self.rng.below(self.rtt_peers as u64) as usize) % nodes;
-                let (ax, ay, ah) = self.position[from];
+                let to = (node + 1 + self.rng.below(self.rtt_peers as u64) as usize) % nodes;
+                let (ax, ay, ah) = self.position[node];
                 let (bx, by, bh) = self.position[to];
                 let distance = (((ax - bx).pow(2) + (ay - by).pow(2)) as f64).sqrt() as i64;
                 let jitter = self.rng.below(200) as i64;
                 let rtt_us = (distance + ah + bh + jitter) as u32;
                 let peer = self.names[to].clone();
-                self.event(from, EventKind::Rtt { peer, rtt_us })
+                self.event(node, EventKind::Rtt { peer, rtt_us })
             }
-            80..=89 => self.daemon_event(),
+            80..=89 => self.daemon_event(node),
             90..=93 => {
-                let node = self.random_up_node();
                 let blob_count = self.healthy_count_by_node[node];
                 let digest = self.digest_by_node[node].to_le_bytes();
                 self.event(node, EventKind::InventoryDigest { blob_count, digest })
             }
-            94..=96 if nodes > 1 => self.node_status_event(),
-            97..=98 => self.admin_event(),
-            99 => {
-                let node = self.random_up_node();
-                self.capability(node)
-            }
-            _ => {
-                let node = self.random_up_node();
-                self.heartbeat(node)
-            }
+            94..=96 if nodes > 1 => self.node_status_event(node),
+            99 => self.capability(node),
+            _ => self.heartbeat(node),
         }
     }
 
-    fn replica_churn(&mut self) -> Event {
-        let slot = self.rng.below(self.holder.len() as u64) as usize;
-        let node = self.holder[slot] as usize;
-        if !self.up[node] {
-            let node = self.random_up_node();
+    fn replica_churn(&mut self, node: usize) -> Event {
+        let held = &self.slots_by_node[node];
+        if held.is_empty() {
             return self.heartbeat(node);
         }
+        let slot = held[self.rng.below(held.len() as u64) as usize] as usize;
         let next = match self.replica_state[slot] {
             ReplicaState::Healthy => match self.rng.below(10) {
                 0..=2 => ReplicaState::Corrupt,
@@ -385,14 +403,13 @@ impl Generator {
         self.event(node, EventKind::ReplicaUpdate { blob, state: next })
     }
 
-    fn daemon_event(&mut self) -> Event {
-        let instance = self.rng.below(self.instances.len() as u64) as usize;
-        let (node, daemon, model, pid) = self.instances[instance];
-        let node = node as usize;
-        if !self.up[node] {
-            let node = self.random_up_node();
+    fn daemon_event(&mut self, node: usize) -> Event {
+        let own = &self.instances_by_node[node];
+        if own.is_empty() {
             return self.heartbeat(node);
         }
+        let instance = own[self.rng.below(own.len() as u64) as usize] as usize;
+        let (_, daemon, model, pid) = self.instances[instance];
         let (signal, next, pid) = match model {
             DaemonModel::Running => match self.rng.below(20) {
                 0..=11 => (DaemonSignal::Health { healthy: self.rng.below(20) != 0 }, model, pid),
@@ -410,18 +427,10 @@ impl Generator {
         self.event(node, EventKind::Daemon { daemon: DAEMONS[daemon].to_string(), signal })
     }
 
-    fn node_status_event(&mut self) -> Event {
+    /// `node` reports its own status: a node going down says so before it falls silent
+    /// (the rest of the cluster learns it from its silence); the record ends there.
+    fn node_status_event(&mut self, node: usize) -> Event {
         let nodes = self.names.len();
-        let node = self.rng.below(nodes as u64) as usize;
-        if !self.up[node] {
-            // The node comes back: its own heartbeat marks it up again.
-            self.up[node] = true;
-            self.down_count -= 1;
-            return self.heartbeat(node);
-        }
-        // A node reports only its own status (a node going down says so before it
-        // falls silent; the rest of the cluster learns it from its silence).
-        let observer = node;
         let may_go_down = node != ADMIN_ORIGIN && self.down_count < nodes as u32 / 4;
         let status = if may_go_down && self.rng.percent(50) {
             self.up[node] = false;
@@ -431,7 +440,31 @@ impl Generator {
             NodeStatus::Suspect
         };
         let name = self.names[node].clone();
-        self.event(observer, EventKind::NodeHealth(NodeHealth::Status { node: name, status }))
+        self.event(node, EventKind::NodeHealth(NodeHealth::Status { node: name, status }))
+    }
+
+    /// A live record of at most `count` events from one sender: a few operator
+    /// commands (2 in 100 records), else one node's facts (a node that was down comes
+    /// back with a heartbeat first; one that goes down ends its record).
+    fn live_record(&mut self, count: u64, batch: &mut EventBatch) {
+        if self.rng.below(100) < 2 {
+            for _ in 0..(1 + self.rng.below(3)).min(count) {
+                let event = self.admin_event();
+                batch.events.push(event);
+            }
+            return;
+        }
+        let node = self.rng.below(self.names.len() as u64) as usize;
+        if !self.up[node] {
+            self.up[node] = true;
+            self.down_count -= 1;
+            let heartbeat = self.heartbeat(node);
+            batch.events.push(heartbeat);
+        }
+        while (batch.events.len() as u64) < count && self.up[node] {
+            let event = self.live_event_of(node);
+            batch.events.push(event);
+        }
     }
 
     fn admin_event(&mut self) -> Event {
@@ -484,14 +517,20 @@ impl Generator {
             return None;
         }
         let count = (self.options.events - self.produced).min(self.options.record_events as u64);
-        for _ in 0..count {
-            let event = match self.setup.next() {
-                Some(event) => event,
-                None => self.live_event(),
-            };
-            batch.events.push(event);
+        // A record has one sender (as a node's or an operator's record does): the
+        // setup's next run of one sender, or a live record.
+        while (batch.events.len() as u64) < count {
+            let Some(next) = self.setup.as_slice().first() else { break };
+            if batch.events.last().is_some_and(|last| !same_sender(last, next)) {
+                break;
+            }
+            batch.events.push(self.setup.next().expect("peeked"));
         }
-        self.produced += count;
+        if batch.events.is_empty() {
+            self.live_record(count, batch);
+        }
+        debug_assert!(batch.events.windows(2).all(|pair| same_sender(&pair[0], &pair[1])));
+        self.produced += batch.events.len() as u64;
         self.time_ms += 50 + self.rng.below(100);
         Some(self.time_ms)
     }
