@@ -40,20 +40,12 @@ pub type OperatorKey = KeyPair;
 /// path to the log, short enough that a leaked section soon expires.
 pub const OPERATOR_VALIDITY_MS: u64 = 600_000;
 
-/// Everything that can go wrong with keys, signing and talking to the node.
+/// Everything that can go wrong signing and talking to the node (key files:
+/// `TrustError`).
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path} already exists: refusing to overwrite a key file (move it away or pick another --out)")]
-    KeyFileExists { path: PathBuf },
-    #[error(
-        "{path} has mode {mode:04o}: a key file must be readable by its owner only; fix it with `chmod 600 {path}` \
-         (and consider the key leaked if others could read it)"
-    )]
-    KeyFileMode { path: PathBuf, mode: u32 },
-    #[error("{path}: not a key file: {reason} (expected 64 hex characters of the secret seed and a newline)")]
-    KeyFileFormat { path: PathBuf, reason: String },
     #[error("`{text}` is not a {what}: {reason}")]
     BadHex { what: &'static str, text: String, reason: String },
     #[error("{0}")]
