@@ -113,7 +113,7 @@ pub const ROWS_MAX_LIMIT: u32 = u32::MAX - 1;
 // A default segment holds at least one frame of the default largest size, plus its header.
 const _: () = assert!(SEGMENT_BYTES_MAX_DEFAULT >= FRAME_BYTES_MAX_DEFAULT as u64 + wire::SEGMENT_HEADER_BYTES as u64);
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT <= FRAME_BYTES_MAX_LIMIT);
-// Every key of a keyring is remembered among the seen keys, so one keyring fits.
+// A keyring holds at least one key, and is scanned linearly (short).
 const _: () = assert!(KEYRING_KEYS_MAX_DEFAULT >= 1 && KEYRING_KEYS_MAX_DEFAULT <= KEYRING_KEYS_MAX_LIMIT);
 const _: () = assert!(OPERATOR_NONCES_MAX_DEFAULT >= 1 && OPERATOR_VALIDITY_MAX_MS_DEFAULT >= 60_000);
 const _: () = assert!(FRAME_BYTES_MAX_LIMIT as u64 <= u32::MAX as u64);
@@ -303,7 +303,7 @@ pub struct FoldLimits {
     /// Most operator keys one keyring version may hold.
     pub keyring_keys_max: u32,
     /// Operator sections remembered while they are valid (the replay window); one
-    /// more while it is full is refused (`operator_window_full`).
+    /// more while it is full is refused (`table_full`, the operator replay window).
     pub operator_nonces_max: u32,
     /// Longest validity an operator section may claim past the log time it is folded
     /// at; a section claiming more is refused (a leaked section must expire).

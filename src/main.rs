@@ -407,13 +407,14 @@ enum AdminCommandLine {
         #[command(flatten)]
         common: AdminArgs,
     },
-    /// Replace the cluster keyring (key rotation): version = current + 1, 1 for the genesis.
+    /// Replace the cluster keyring (key rotation): version = current + 1 (the genesis is
+    /// version 1).
     ///
-    /// List every key the new keyring holds (the keys you keep too). The genesis must
-    /// list the key that signs it. A key removed and added back later cannot replay
-    /// the events it signed before.
+    /// List every key the new keyring holds (the keys you keep too); sign with a key of
+    /// the current keyring. A key removed and added back later cannot replay what it
+    /// signed before: every operator section expires and is applied once.
     SetKeyring {
-        /// The new keyring version: the current one plus one (1 on a new cluster).
+        /// The new keyring version: the current one plus one (2 for the first rotation).
         #[arg(long)]
         version: u64,
         /// A public key of the new keyring (64 hex characters); repeat for each.
@@ -495,7 +496,7 @@ struct AdminArgs {
     /// The node: its config file or its data directory (`--dir`, or $MESHOS_DIR).
     #[arg(long, alias = "dir", env = "MESHOS_DIR", value_name = "NODE.toml | DIR")]
     config: PathBuf,
-    /// Who you are, recorded in the event (default: $USER, $LOGNAME, or uid-N).
+    /// Who you are, recorded in the operator section (default: $USER@hostname).
     #[arg(long)]
     operator: Option<String>,
     /// Print what would happen and append nothing.
@@ -989,7 +990,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Log(LogCommand::Verify { dir, output, limits }) => {
-            let config = limits.config_for(&dir)?;
+            // Verify checks frames and payload shapes, not signatures: no genesis needed.
+            let config = limits.config();
             let report = logtool::verify(&dir, &config).with_context(|| format!("cannot verify {}", dir.display()))?;
             if output == Output::Json {
                 let damage =

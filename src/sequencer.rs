@@ -12,13 +12,16 @@
 //! few collections (and whenever a collection found nothing), so a thousand idle
 //! connections do not slow the busy ones. The payloads
 //! are copied once, into one 16-byte-aligned group buffer, where they are validated
-//! (`wire::access_batch`) and later folded in place.
+//! (signed sections whose bodies are archived batches, `check_sections`) and later
+//! folded in place.
 //!
-//! Origins: events from a local source (the Unix socket: daemons, the node's own
-//! executors) must name this node as their origin, and the sequencer stamps their
-//! `origin_seq` from the node's own counter, patching the archived field in place;
-//! events from TCP sources (peers, the admin CLI) carry their own origin and sequence
-//! numbers, which fold checks. [`Sequencer::commit`] appends every record of the group,
+//! Signers: the node's own events become one record signed with its key. A local
+//! source (the Unix socket, mode 0600: the node's own tools) may send unsigned
+//! sections, whose events must name this node as their origin: the sequencer stamps
+//! their `origin_seq` from the node's own counter, patching the archived field in
+//! place, and signs the section as the node's; it may also send sections already
+//! signed (an operator's). A TCP source must sign every section, and never as this
+//! node (only the node itself speaks for it). Signatures are fold's to check. [`Sequencer::commit`] appends every record of the group,
 //! syncs the log once, and only then queues an `Ack` for each source that asked
 //! (`EventsAckWanted`), carrying that source's highest frame number in the group.
 //!

@@ -324,7 +324,6 @@ impl Cluster {
                     | EventKind::NodeHealth(crate::event::NodeHealth::Heartbeat { .. })
                     | EventKind::InventoryDigest { .. }
                     | EventKind::BlobAnnounce { .. }
-                    | EventKind::Admin(_)
             );
             self.restamped += u64::from(late_is_safe);
             tracing::warn!(
@@ -647,6 +646,7 @@ pub fn run_cluster(
     let mut sequencer =
         Sequencer::new(config.sequencer_config(), identity.sealer(&config.name), seq_last, backpressure_raised);
     crate::sys::process::reset_child_signal();
+    crate::node::identity::warn_if_not_admitted(&config.name, &identity, &cluster.engine.state);
     let keys = crate::node::identity::StateKeys::from_state(&cluster.engine.state);
     locals.push(Executors::open(config, &identity, &keys, &cluster.engine.state, &signal)?);
     let (reactor, new_sources) = Reactor::start(config.reactor_config(), Arc::clone(&signal))?;

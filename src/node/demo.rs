@@ -136,7 +136,7 @@ fn blob_bytes(index: u32, size: u32) -> Vec<u8> {
         .collect()
 }
 
-/// Waits for node-1 to listen, then (first start only) installs the keyring, the
+/// Waits for node-1 to listen, then (first start only) declares the
 /// worker daemon and the seeded blobs through its local socket. Returns what it did.
 pub fn seed(options: &DemoOptions, first: &NodeConfig) -> Result<String, DemoError> {
     let marker = options.dir.join(SEEDED_FILE);

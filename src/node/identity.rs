@@ -76,6 +76,19 @@ pub fn prepare(config: &NodeConfig) -> Result<NodeIdentity, TrustError> {
     Ok(NodeIdentity { key, genesis, created })
 }
 
+/// Logs a warning naming the command that admits this node when the folded state does
+/// not admit its key (yet): nothing it signs is folded until then.
+pub fn warn_if_not_admitted(name: &str, identity: &NodeIdentity, state: &crate::state::State) {
+    if state.keyring.node_key(name) != Some(identity.key.public_key()) {
+        tracing::warn!(
+            node = name,
+            "this node's key is not admitted (yet): nothing it signs is folded; an operator runs `meshos admin \
+             admit-node {name} --node-key {}`",
+            identity.key.public_key_hex()
+        );
+    }
+}
+
 /// The node's key and genesis as they are, for tools acting for the node (`meshos
 /// get`): never creates either.
 pub fn load(config: &NodeConfig) -> Result<NodeIdentity, TrustError> {

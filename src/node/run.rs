@@ -470,15 +470,7 @@ fn run_until(
         backpressure_raised,
     );
     for (node, identity) in configs.iter().zip(&identities) {
-        if engine.state.keyring.node_key(&node.name) != Some(identity.key.public_key()) {
-            tracing::warn!(
-                node = node.name,
-                "this node's key is not admitted (yet): nothing it signs is folded; an operator runs `meshos admin \
-                 admit-node {} --node-key {}`",
-                node.name,
-                identity.key.public_key_hex()
-            );
-        }
+        crate::node::identity::warn_if_not_admitted(&node.name, identity, &engine.state);
     }
     let signal = Signal::new();
     crate::sys::process::reset_child_signal();
