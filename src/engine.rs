@@ -11,7 +11,7 @@
 
 use crate::action::Action;
 use crate::config::Config;
-use crate::fold::fold_payload;
+use crate::fold::{fold_payload, fold_payload_verified, VerifiedSections};
 use crate::reconcile::{Reconciler, Scope};
 use crate::state::State;
 
@@ -41,8 +41,27 @@ impl Engine {
         (&self.state, actions)
     }
 
+    /// `apply` with the sections a verifier already checked (`fold::verified_sections`
+    /// on another thread): the same state and actions, less work on this thread.
+    pub fn apply_verified(
+        &mut self,
+        position: u64,
+        time_ms: u64,
+        payload: &[u8],
+        verified: VerifiedSections,
+    ) -> (&State, &[Action]) {
+        fold_payload_verified(&mut self.state, position, time_ms, payload, verified);
+        let actions = self.reconciler.pass(&mut self.state, Scope::Incremental);
+        (&self.state, actions)
+    }
+
     /// Folds a record without a reconcile pass (replay of fold alone).
     pub fn fold_only(&mut self, position: u64, time_ms: u64, payload: &[u8]) {
         fold_payload(&mut self.state, position, time_ms, payload);
+    }
+
+    /// `fold_only` with the sections a verifier already checked.
+    pub fn fold_only_verified(&mut self, position: u64, time_ms: u64, payload: &[u8], verified: VerifiedSections) {
+        fold_payload_verified(&mut self.state, position, time_ms, payload, verified);
     }
 }

@@ -91,4 +91,6 @@ pub mod sys;
 #[cfg(feature = "engine")]
 pub mod trust;
 #[cfg(feature = "engine")]
+pub mod verify_ahead;
+#[cfg(feature = "engine")]
 pub mod wire;

@@ -118,16 +118,16 @@ pub fn replay(
     let mut engine = Engine::new(config);
     let mut events = 0u64;
     let mut actions = 0u64;
-    log.read_from(1, &mut |record| {
+    let cluster_id = config.genesis.cluster_id();
+    crate::verify_ahead::read_verified(|visit| log.read_from(1, visit), &cluster_id, &mut |record, verified| {
         if reconcile {
-            actions += engine.apply(record.position, record.time_ms, record.payload).1.len() as u64;
+            actions += engine.apply_verified(record.position, record.time_ms, record.payload, verified).1.len() as u64;
         } else {
-            engine.fold_only(record.position, record.time_ms, record.payload);
+            engine.fold_only_verified(record.position, record.time_ms, record.payload, verified);
         }
         let state = &engine.state;
         events = state.events_applied + state.rejections.total;
         progress(Progress { done: record.position, total, unit: "records" });
-        true
     })?;
     let state = engine.state;
     assert_eq!(state.position, total, "replay folds every record");

@@ -127,6 +127,32 @@ fn drain_two_kill_workers_then_crash_and_resume() {
         String::from_utf8_lossy(&listed.stdout).matches("\"state\":\"registered\"").count() == 5
     });
 
+    // The first attack on the demo: a client of node-1's ingest port sends a
+    // daemon intent, unsigned, then signed by a key of its own. Neither runs anywhere.
+    let addr: std::net::SocketAddr =
+        std::fs::read_to_string(dir.join("node-1/node.addr")).unwrap().trim().parse().unwrap();
+    let worm = meshos::event::EventKind::DaemonIntent {
+        spec: Box::new(meshos::event::DaemonSpec::new("worm", "/bin/touch")),
+        runs_on: meshos::event::DaemonPlacement::AllNodes,
+    };
+    let unsigned = meshos::trust::record::unsigned_batch(&meshos::event::EventBatch {
+        events: vec![meshos::event::Event { origin: "node-1".into(), origin_seq: 0, kind: worm.clone() }],
+    });
+    let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    let seq = client.send_payload(&unsigned, true).unwrap();
+    let refused = replies.wait_acked(seq, Duration::from_secs(10)).unwrap_err().to_string();
+    assert!(refused.contains("unsigned events over TCP"), "{refused}");
+    let mallory = meshos::trust::KeyPair::from_seed([0x66; 32]);
+    let forged = meshos::admin::sign_now(&mallory, "mallory", cluster, vec![worm]).unwrap();
+    let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    let seq = client.send_payload(&forged, true).unwrap();
+    let position = replies.wait_acked(seq, Duration::from_secs(10)).unwrap().position;
+    wait_for("the forged intent to be folded", || read_state(&dir).position >= position);
+    let state = read_state(&dir);
+    let refusal = state.rejections.kept.iter().find(|rejection| rejection.position == position).unwrap();
+    assert_eq!(refusal.reason.name(), "unknown_admin_key");
+    assert!(state.specs.find("worm").is_none(), "no daemon intent applied");
+
     // Drain node-2 and node-3 at once, and kill a worker on each other node.
     let config = dir.join("node-1/node.toml");
     let key = dir.join(meshos::node::demo::KEY_FILE);
@@ -231,6 +257,9 @@ fn drain_two_kill_workers_then_crash_and_resume() {
         holders(&read_state(&dir)).iter().all(|names| names.len() == 3)
     });
     assert_eq!(cluster_id(&dir), cluster, "the restart keeps the cluster's genesis");
+    for node in 1..=5 {
+        assert!(!dir.join(format!("node-{node}/daemons/worm")).exists(), "the forged daemon never ran on node-{node}");
+    }
     for pid in orphans {
         assert!(meshos::sys::process::start_ticks(pid).is_none(), "worker {pid} of the killed run was stopped");
     }

@@ -551,9 +551,10 @@ pub fn run_cluster(
     }
     let replay_started = Instant::now();
     if mirror.last_position() > position {
-        mirror.read_from(position + 1, &mut |record| {
-            engine.apply(record.position, record.time_ms, record.payload);
-            true
+        let cluster_id = library_config.genesis.cluster_id();
+        let read = |visit: &mut dyn FnMut(crate::redex::RecordView<'_>) -> bool| mirror.read_from(position + 1, visit);
+        crate::verify_ahead::read_verified(read, &cluster_id, &mut |record, verified| {
+            engine.apply_verified(record.position, record.time_ms, record.payload, verified);
         })?;
     }
     let replayed_records = engine.state.position - position;

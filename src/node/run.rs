@@ -446,9 +446,9 @@ fn run_until(
     }
     let mut engine = Engine::new(&library_config);
     let replay_started = Instant::now();
-    log.read_from(1, &mut |record| {
-        engine.apply(record.position, record.time_ms, record.payload);
-        true
+    let cluster_id = library_config.genesis.cluster_id();
+    crate::verify_ahead::read_verified(|visit| log.read_from(1, visit), &cluster_id, &mut |record, verified| {
+        engine.apply_verified(record.position, record.time_ms, record.payload, verified);
     })?;
     let replayed_records = engine.state.position;
     assert_eq!(replayed_records, log.last_position(), "replay folds every record");
