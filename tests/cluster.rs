@@ -186,11 +186,16 @@ impl Mesh {
              [capability]\nzone = \"z{zone}\"\ncapacity_bytes = 10737418240\n\n\
              [snapshot]\ninterval_ms = 200\n\n\
              [cluster]\nnats = [{servers}]\nstream_replicas = 3\n\
-             genesis_file = \"{genesis}\"\ncommitment_interval_records = 100\n{tuning}\n{extra_cluster}\n",
+             {genesis_line}commitment_interval_records = 100\n{tuning}\n{extra_cluster}\n",
             dir = dir.display(),
             zone = (index - 1) % 3 + 1,
             servers = servers.join(", "),
-            genesis = self.root().join("genesis.toml").display(),
+            // A scenario may name another genesis (a node of another cluster).
+            genesis_line = if extra_cluster.contains("genesis_file") {
+                String::new()
+            } else {
+                format!("genesis_file = \"{}\"\n", self.root().join("genesis.toml").display())
+            },
             tuning = tuning.cluster,
         );
         let config_path = dir.join("node.toml");
@@ -977,5 +982,41 @@ fn records_forged_on_the_stream_fence_nobody_and_invent_nothing() {
     }
     let log = std::fs::read_to_string(mesh.nodes[0].stderr_path()).unwrap_or_default();
     assert!(log.contains("a copy of a record this node published before"), "the replay is named a duplicate");
+    mesh.assert_agreement();
+}
+
+/// A node started with another cluster's genesis (its own `meshos cluster init`) on
+/// the same stream: it refuses every record the others publish and says why, and it
+/// never trims the shared stream on its lonely view; the others refuse its records,
+/// and go on agreeing.
+#[test]
+fn a_node_with_another_genesis_is_refused_and_trims_nothing() {
+    let _serial = serial();
+    let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
+    let other = mesh.root().join("other-cluster");
+    let init = Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["cluster", "init", "-o"])
+        .arg(&other)
+        .args(["--nodes", "node-4"])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let dir = mesh.root().join("node-4");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(other.join("node-4.key"), dir.join("node.key")).unwrap();
+    let extra =
+        format!("genesis_file = \"{}\"\ncheckpoint_interval_records = 50\n", other.join("genesis.toml").display());
+    let index = mesh.add_node(&Tuning::default(), &extra);
+    let log_of = |node: &NodeProcess| std::fs::read_to_string(node.dir.with_extension("stderr")).unwrap_or_default();
+    wait_for("node-4 to say the others' records are refused", || {
+        log_of(&mesh.nodes[index]).contains("none of the records other nodes published was applied here")
+    });
+    assert!(!log_of(&mesh.nodes[index]).contains("trimming the cluster's log"), "the lonely node trims nothing");
+    for node in &mesh.nodes[..3] {
+        let state = node.state(u64::MAX);
+        assert!(state.nodes.find("node-4").is_none(), "{}: node-4's records are refused", node.name);
+        assert!(state.rejections.kept.iter().any(|rejection| rejection.origin.as_ref() == "node-4"));
+    }
+    mesh.nodes.pop().unwrap().kill();
     mesh.assert_agreement();
 }

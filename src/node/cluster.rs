@@ -225,6 +225,11 @@ struct Cluster {
     own_key: crate::trust::PublicKey,
     /// Copies of this node's old records delivered under another message id.
     replayed_own: u64,
+    /// Records this node did not publish that fold applied events of, and those it
+    /// applied nothing of: a node whose genesis is not the cluster's (or whose peers
+    /// are not admitted) sees only the second kind, and must not trim the stream.
+    foreign_applied: u64,
+    foreign_refused: u64,
 }
 
 impl Cluster {
@@ -273,8 +278,25 @@ impl Cluster {
         }
         self.mirror.append(position, time_ms, &self.aligned)?;
         self.mirrored_unsynced = true;
+        let applied_before = self.engine.state.events_applied;
         let (state, actions) = self.engine.apply(position, time_ms, &self.aligned);
         self.folded += 1;
+        if !from_self {
+            if state.events_applied > applied_before {
+                self.foreign_applied += 1;
+            } else {
+                self.foreign_refused += 1;
+                if self.foreign_applied == 0 && self.foreign_refused == FOREIGN_REFUSED_WARN {
+                    tracing::warn!(
+                        refused = self.foreign_refused,
+                        cluster = crate::event::hex(&state.keyring.cluster_id),
+                        "none of the records other nodes published was applied here: is this node's genesis the \
+                         cluster's (`[cluster] genesis_file`), and are the others admitted? This node does not \
+                         trim the stream until one is"
+                    );
+                }
+            }
+        }
         refresh_keys(state, locals);
         if self.acting && self.fence.is_none() {
             dispatch_actions(state, actions, locals);
@@ -419,6 +441,10 @@ struct Scanned {
     /// after a later one): fold will refuse it as stale.
     stale_own: bool,
 }
+
+/// Records from others refused one after another (none applied yet) before the node
+/// warns that its genesis may not be the cluster's.
+const FOREIGN_REFUSED_WARN: u64 = 100;
 
 /// Scans `payload` for sections signed with this node's key (`own_last`: its last
 /// origin sequence folded, None before it joined) and for commitments. Unless the
@@ -571,6 +597,8 @@ pub fn run_cluster(
         name: config.name.clone(),
         own_key: identity.key.public_key(),
         replayed_own: 0,
+        foreign_applied: 0,
+        foreign_refused: 0,
         config: config.clone(),
         last_checkpoint: checkpoints.latest().map_or(0, |(position, _)| position),
         engine,
@@ -756,7 +784,12 @@ pub fn run_cluster(
         let now = Instant::now();
         if config.cluster.trim && now >= next_trim {
             next_trim = now + TRIM_INTERVAL;
-            if let Some(below) = trim_position(&cluster.engine.state, &config.name) {
+            // Records others published, none of them applied: this node may hold another
+            // genesis, and its lonely view of the cluster must not trim the shared stream.
+            // (A cluster of one sees no foreign record; garbage on the stream, which
+            // anyone with NATS access can publish, only holds its trim back.)
+            let trusted = cluster.foreign_applied > 0 || cluster.foreign_refused == 0;
+            if let Some(below) = trim_position(&cluster.engine.state, &config.name).filter(|_| trusted) {
                 if below > trimmed_below {
                     tracing::info!(below, "trimming the cluster's log below the oldest position any node needs");
                     jetstream.purge_below(below);
