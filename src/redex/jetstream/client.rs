@@ -909,12 +909,15 @@ impl Client {
         let msg_id = proto::header_value(message.headers, "Nats-Msg-Id").and_then(decode_msg_id);
         let stamped_ms = proto::header_value(message.headers, "Meshos-Time-Ms").and_then(proto::parse_u64);
         self.held_bytes += message.payload.len();
+        // Signatures are checked here, on this thread, ahead of the node's fold.
+        let verified = self.config.verify_cluster_id.map_or(0, |id| crate::fold::verified_sections(message.payload, &id));
         self.held.push_back(OwnedRecord {
             position: meta.stream_seq,
             timestamp_ns: meta.timestamp_ns,
             msg_id,
             stamped_ms,
             payload: message.payload.to_vec(),
+            verified,
         });
         if meta.pending == 0 {
             self.note_caught_up(meta.stream_seq);

@@ -80,6 +80,9 @@ pub struct JetStreamConfig {
     pub reconnect_backoff_max_ms: u32,
     /// Payload cap of one record; also capped by the server's `max_payload` minus headers.
     pub record_bytes_max: u32,
+    /// When set, the client thread checks each delivered record's signatures for this
+    /// cluster ahead of fold (`Delivered::verified`).
+    pub verify_cluster_id: Option<crate::trust::ClusterId>,
 }
 
 impl JetStreamConfig {
@@ -101,6 +104,7 @@ impl JetStreamConfig {
             heartbeat_ms: 1_000,
             reconnect_backoff_max_ms: 2_000,
             record_bytes_max: 4 << 20,
+            verify_cluster_id: None,
         }
     }
 
@@ -193,6 +197,10 @@ pub struct Delivered<'a> {
     /// `publish_restamped`), in ms since the Unix epoch.
     pub stamped_ms: Option<u64>,
     pub payload: &'a [u8],
+    /// The payload's sections whose signatures the client thread found valid for
+    /// `JetStreamConfig::verify_cluster_id` (`fold::verified_sections`; 0 without it):
+    /// fold skips those checks, so they run beside the fold thread, not on it.
+    pub verified: crate::fold::VerifiedSections,
 }
 
 /// Counters since `start`.
@@ -239,6 +247,7 @@ struct OwnedRecord {
     msg_id: Option<[u8; 16]>,
     stamped_ms: Option<u64>,
     payload: Vec<u8>,
+    verified: crate::fold::VerifiedSections,
 }
 
 /// What the two threads share, under one mutex (each side takes it once per round).
@@ -460,6 +469,7 @@ impl JetStream {
                 msg_id: record.msg_id,
                 stamped_ms: record.stamped_ms,
                 payload: &record.payload,
+                verified: record.verified,
             });
             visited += 1;
         }
