@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use meshos::event::{DaemonPlacement, DaemonSignal, DaemonSpec, Event, EventKind, RestartPolicy};
@@ -48,15 +48,7 @@ fn start_with(dir: &Path, extra: &str) -> Node {
     );
     std::fs::write(&config, text).unwrap();
     let _ = std::fs::remove_file(dir.join("node.addr"));
-    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_meshos"))
-        .args(["node", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
+    let child = common::spawn_node(&config, &dir.join("stderr.log"));
     let node = Node { child, dir: dir.to_path_buf() };
     wait_for(&node, "the node to listen", || dir.join("node.addr").exists());
     node

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use meshos::event::{
@@ -45,15 +45,7 @@ impl Node {
             dir.display()
         );
         std::fs::write(&config, text).unwrap();
-        let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_meshos"))
-            .args(["node", "--config"])
-            .arg(&config)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
+        let child = common::spawn_node(&config, &dir.join("stderr.log"));
         let node = Node { child, dir: dir.to_path_buf() };
         wait_for("the node to listen", || dir.join("node.addr").exists());
         node

@@ -303,3 +303,17 @@ pub fn send_local(dir: &std::path::Path, node: &str, kinds: Vec<EventKind>) -> u
     let seq = client.send_payload(&payload, true).unwrap();
     replies.wait_acked(seq, std::time::Duration::from_secs(30)).unwrap().position
 }
+
+/// Starts `meshos node --config CONFIG` as a child process, its stderr appended to
+/// `stderr_log`, stdout discarded and `RUST_LOG` unset (the config's level holds).
+pub fn spawn_node(config: &std::path::Path, stderr_log: &std::path::Path) -> std::process::Child {
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(stderr_log).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["node", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}

@@ -910,7 +910,8 @@ impl Client {
         let stamped_ms = proto::header_value(message.headers, "Meshos-Time-Ms").and_then(proto::parse_u64);
         self.held_bytes += message.payload.len();
         // Signatures are checked here, on this thread, ahead of the node's fold.
-        let verified = self.config.verify_cluster_id.map_or(0, |id| crate::fold::verified_sections(message.payload, &id));
+        let verified =
+            self.config.verify_cluster_id.map_or(0, |id| crate::fold::verified_sections(message.payload, &id));
         self.held.push_back(OwnedRecord {
             position: meta.stream_seq,
             timestamp_ns: meta.timestamp_ns,
