@@ -1040,6 +1040,32 @@ fn check_capability(state: &State, current: u64, capability: &ArchivedCapability
     check_symbols_room(state, new_symbols)
 }
 
+/// Whether `capability` is the node's current one again: its version, zone, capacity,
+/// labels (in order) and endpoint, all equal.
+fn is_current_capability(state: &State, node: NodeRow, capability: &ArchivedCapability) -> bool {
+    let index = node.index();
+    let nodes = &state.nodes;
+    let version = capability.version.to_native();
+    let symbol_is = |name: &str, symbol: SymbolId| {
+        if name.is_empty() {
+            symbol == SymbolId::NONE
+        } else {
+            state.symbols.find(name) == Some(symbol)
+        }
+    };
+    version != 0
+        && version == nodes.capability_version[index]
+        && capability.capacity_bytes.to_native() == nodes.capacity_bytes[index]
+        && capability.endpoint.as_str() == &*nodes.endpoint[index]
+        && symbol_is(capability.zone.as_str(), nodes.zone[index])
+        && capability.labels.len() == nodes.labels[index].len()
+        && capability
+            .labels
+            .iter()
+            .zip(nodes.labels[index].iter())
+            .all(|(label, &symbol)| symbol_is(label.as_str(), symbol))
+}
+
 /// Rejects when interning `new_symbols` more names would pass `symbols_max`.
 fn check_symbols_room(state: &State, new_symbols: usize) -> Applied {
     if state.symbols.names.len() + new_symbols > state.limits.symbols_max as usize {
@@ -1050,6 +1076,11 @@ fn check_symbols_room(state: &State, new_symbols: usize) -> Applied {
 
 fn apply_capability(state: &mut State, node: NodeRow, capability: &ArchivedCapability) -> Applied {
     let index = node.index();
+    if is_current_capability(state, node, capability) {
+        // The node published its current capability again (a publication it resent
+        // while the first was delayed, as across a NATS failover): nothing changes.
+        return Ok(());
+    }
     check_capability(state, state.nodes.capability_version[index], capability)?;
     let zone = capability.zone.as_str();
     let zone = if zone.is_empty() { SymbolId::NONE } else { state.symbols.intern(zone) };

@@ -180,6 +180,13 @@ fn contradictions_are_rejected_with_their_reason() {
             vec!["capability_fork_mismatch"],
         ),
         ("first capability must fork from 0", vec![capability("c", 1, 2, 1, "z1")], vec!["capability_fork_mismatch"]),
+        // The same version with other contents is a fork of the wrong version; the very
+        // same capability again (a resent publication) is not (`a_resent_capability...`).
+        (
+            "capability version reused with another zone",
+            vec![capability("a", 6, 1, 0, "z9")],
+            vec!["capability_fork_mismatch"],
+        ),
         (
             "exit maintenance while active",
             vec![admin("a", 6, AdminCommand::ExitMaintenance { node: "b".into() })],
@@ -259,6 +266,20 @@ fn contradictions_are_rejected_with_their_reason() {
         let message = state.rejections.kept.back().unwrap().to_string();
         assert!(message.starts_with("record 1"), "case `{name}`: {message}");
     }
+}
+
+/// A node's capability published twice (its publisher resends one that has not shown
+/// in the log within 10 s, as across a NATS failover; `tests/cluster.rs` caught it):
+/// the copy changes nothing and is not a rejection.
+#[test]
+fn a_resent_capability_is_applied_as_a_no_op() {
+    let before = fold_events(&base());
+    let state = fold_events(&with(vec![capability("a", 6, 1, 0, "z1")]));
+    assert_eq!(rejection_names(&state), Vec::<&str>::new());
+    let a = state.nodes.find("a").unwrap().index();
+    assert_eq!(state.nodes.capability_version[a], 1);
+    assert_eq!(state.nodes.zone[a], before.nodes.zone[a]);
+    assert_eq!(state.nodes.labels[a], before.nodes.labels[a]);
 }
 
 #[test]
