@@ -241,14 +241,12 @@ fn apply_event(state: &mut State, event: &ArchivedEvent) -> Applied {
     let origin_name = event.origin.as_str();
     let origin_seq = event.origin_seq.to_native();
     let known = state.nodes.find(origin_name);
-    if let Some(row) = known {
-        let last = state.nodes.origin_seq_last[row.index()];
-        if origin_seq <= last {
-            return Err(RejectReason::StaleOriginSeq { last, got: origin_seq });
-        }
-    }
+    // 0 before the node joined: its first number must be within the step too.
     let last = known.map_or(0, |row| state.nodes.origin_seq_last[row.index()]);
-    if origin_seq - last > state.limits.origin_seq_step_max {
+    if known.is_some() && origin_seq <= last {
+        return Err(RejectReason::StaleOriginSeq { last, got: origin_seq });
+    }
+    if origin_seq.saturating_sub(last) > state.limits.origin_seq_step_max {
         return Err(RejectReason::OriginSeqJump { last, got: origin_seq, step_max: state.limits.origin_seq_step_max });
     }
     let origin = match (known, &event.kind) {
@@ -319,19 +317,18 @@ fn action_outcome(
     id: crate::event::ActionId,
     outcome: &ArchivedOutcome,
 ) -> Applied {
+    let index = state.inflight.index_of(id).ok_or(RejectReason::UnknownAction(id))?;
     // Only the node the action was addressed to reports how it ended.
-    match state.inflight.get(id) {
-        None => return Err(RejectReason::UnknownAction(id)),
-        Some(inflight) if inflight.action.node != origin => return Err(RejectReason::NotYourAction(id)),
-        Some(_) => {}
+    if state.inflight.entries[index].action.node != origin {
+        return Err(RejectReason::NotYourAction(id));
     }
     if let ArchivedOutcome::Cancelled { .. } = outcome {
-        let cancelled = state.inflight.cancel(id).ok_or(RejectReason::UnknownAction(id))?;
+        let cancelled = state.inflight.cancel_at(index);
         cancel_effects(state, &cancelled.action);
         return Ok(());
     }
     let success = matches!(outcome, ArchivedOutcome::Success);
-    let settled = state.inflight.settle(id, success).ok_or(RejectReason::UnknownAction(id))?;
+    let settled = state.inflight.settle_at(index, success);
     if success && settled.action.kind.is_move() {
         measure_transfer(state, &settled);
     }

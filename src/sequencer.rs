@@ -410,14 +410,14 @@ impl Sequencer {
         if self.own_batch.events.is_empty() {
             return;
         }
-        let payload = self.sealer.seal_batch(&self.own_batch);
+        // Signed straight into the group (a section ends 16-aligned).
+        let body = wire::encode_batch(&self.own_batch);
         let offset = self.group.len();
-        self.group.extend_from_slice(&payload);
-        pad_to_alignment(&mut self.group);
+        self.sealer.seal_into(&mut self.group, &body, 0, &[0; 16]);
         let events = self.own_batch.events.len() as u64;
         self.records.push(GroupRecord {
             offset,
-            bytes: payload.len(),
+            bytes: self.group.len() - offset,
             source: usize::MAX,
             frame_seq: 0,
             ack_wanted: false,

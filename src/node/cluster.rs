@@ -259,8 +259,10 @@ impl Cluster {
         // does it carry a commitment?
         let own_last =
             self.engine.state.nodes.find(&self.name).map(|row| self.engine.state.nodes.origin_seq_last[row.index()]);
-        let scanned =
-            scan(&self.aligned, &self.name, &self.own_key, &self.engine.state.keyring.cluster_id, own_last, from_self);
+        // The client thread checked the signatures of exactly these bytes (an oversized
+        // record is folded empty: nothing of it is verified).
+        let verified = if self.aligned.len() == record.payload.len() { record.verified } else { 0 };
+        let scanned = scan(&self.aligned, &self.name, &self.own_key, own_last, from_self, verified);
         let (speaks_for_self, commits) = (scanned.speaks_for_self, scanned.commits);
         if !from_self && scanned.replayed_own {
             // Our own signed bytes again under another message id: a duplicate (fold
@@ -279,9 +281,6 @@ impl Cluster {
         self.mirror.append(position, time_ms, &self.aligned)?;
         self.mirrored_unsynced = true;
         let applied_before = self.engine.state.events_applied;
-        // The client thread checked the signatures of exactly these bytes (an oversized
-        // record is folded empty: nothing of it is verified).
-        let verified = if self.aligned.len() == record.payload.len() { record.verified } else { 0 };
         let (state, actions) = self.engine.apply_verified(position, time_ms, &self.aligned, verified);
         self.folded += 1;
         if !from_self {
@@ -452,19 +451,19 @@ const FOREIGN_REFUSED_WARN: u64 = 100;
 /// Scans `payload` for sections signed with this node's key (`own_last`: its last
 /// origin sequence folded, None before it joined) and for commitments. Unless the
 /// record is one this node published (`from_self`: its message id, the hash of these
-/// bytes, is one of ours), an own section is verified here (rare: only a replay or a
-/// second process makes one), so a forged section naming this node never counts.
-/// All false for a bad payload.
+/// bytes, is one of ours), an own section counts only if its signature is valid: the
+/// client thread's check (`verified`, the sections it found valid), so a forged
+/// section naming this node never counts. All false for a bad payload.
 fn scan(
     payload: &[u8],
     name: &str,
     own_key: &crate::trust::PublicKey,
-    cluster_id: &crate::trust::ClusterId,
     own_last: Option<u64>,
     from_self: bool,
+    verified: crate::fold::VerifiedSections,
 ) -> Scanned {
     let mut found = Scanned { speaks_for_self: false, replayed_own: false, commits: false, stale_own: false };
-    for section in crate::trust::sections(payload) {
+    for (index, section) in crate::trust::sections(payload).enumerate() {
         let Ok(section) = section else { break };
         let Ok(batch) = wire::access_batch(section.body) else { continue };
         let own = section.kind == crate::trust::SignerKind::Node && section.name == name && &section.key == own_key;
@@ -477,7 +476,8 @@ fn scan(
                 fresh |= !old;
             }
         }
-        if own && (fresh || stale) && (from_self || crate::trust::record::verify(&section, cluster_id)) {
+        let valid = from_self || (index < 64 && verified & (1 << index) != 0);
+        if own && (fresh || stale) && valid {
             found.speaks_for_self |= fresh;
             found.stale_own |= stale;
             found.replayed_own |= stale && !fresh;

@@ -116,27 +116,25 @@ impl InflightTable {
         entry
     }
 
-    /// The action `id` while it is in flight.
-    pub fn get(&self, id: ActionId) -> Option<&InflightAction> {
-        self.entries.iter().find(|entry| entry.action.id == id)
+    /// Where action `id` is in `entries` while it is in flight.
+    pub fn index_of(&self, id: ActionId) -> Option<usize> {
+        self.entries.iter().position(|entry| entry.action.id == id)
     }
 
-    /// Removes a settled action; `None` when no such action is in flight.
-    pub fn settle(&mut self, id: ActionId, success: bool) -> Option<InflightAction> {
-        let index = self.entries.iter().position(|entry| entry.action.id == id)?;
+    /// Removes the settled action at `index` (from `index_of`).
+    pub fn settle_at(&mut self, index: usize, success: bool) -> InflightAction {
         if success {
             self.succeeded += 1;
         } else {
             self.failed += 1;
         }
-        Some(self.remove_at(index))
+        self.remove_at(index)
     }
 
     /// Removes an action its executor gave up on (not the action's fault), as a cancellation.
-    pub fn cancel(&mut self, id: ActionId) -> Option<InflightAction> {
-        let index = self.entries.iter().position(|entry| entry.action.id == id)?;
+    pub fn cancel_at(&mut self, index: usize) -> InflightAction {
         self.cancelled += 1;
-        Some(self.remove_at(index))
+        self.remove_at(index)
     }
 
     /// Removes and returns the earliest-deadline action (ties: lowest id) if its deadline
