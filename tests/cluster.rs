@@ -142,9 +142,14 @@ fn genesis_names() -> Vec<String> {
     names
 }
 
+/// The genesis of the scenarios' cluster.
+fn genesis() -> meshos::trust::Genesis {
+    meshos::trust::Genesis::for_tests(&genesis_names())
+}
+
 /// What an outside client of the scenarios signs its frames with.
 fn client_sealer(name: &str) -> meshos::trust::Sealer {
-    let cluster_id = meshos::trust::Genesis::for_tests(&genesis_names()).cluster_id();
+    let cluster_id = genesis().cluster_id();
     meshos::trust::Sealer::node(name, meshos::trust::test_key_of(name), cluster_id)
 }
 
@@ -459,7 +464,7 @@ fn a_diverged_node_and_a_duplicate_name_are_fenced() {
     mesh.nodes[index].start();
     wait_for("node-4 listening", || mesh.nodes[index].listening());
     let addr = mesh.nodes[0].tcp_addr();
-    let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    let (mut client, mut replies) = common::connect_as(addr, &genesis(), "extra", "node-1").unwrap();
     client.set_sealer(client_sealer("extra"));
     let frame = client.send(&heartbeats("extra", &mut 0, 1), true).unwrap();
     replies.wait_acked(frame, Duration::from_secs(30)).unwrap();
@@ -570,7 +575,7 @@ fn kill_a_nats_server_under_load_loses_nothing() {
     let _serial = serial();
     let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
     let addr = mesh.nodes[0].tcp_addr();
-    let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    let (mut client, mut replies) = common::connect_as(addr, &genesis(), "loader", "node-1").unwrap();
     client.set_sealer(client_sealer("loader"));
     const FRAMES: u64 = 3000;
     const EVENTS_PER_FRAME: u64 = 20;
@@ -684,8 +689,9 @@ fn cluster_log_throughput() {
         .map(|(index, node)| {
             let addr = node.tcp_addr();
             std::thread::spawn(move || {
-                let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
                 let origin = format!("loader-{index}");
+                let server = format!("node-{}", index + 1);
+                let (mut client, mut replies) = common::connect_as(addr, &genesis(), &origin, &server).unwrap();
                 client.set_sealer(client_sealer(&origin));
                 let mut seq = 0u64;
                 let mut last = 0;
@@ -795,7 +801,7 @@ fn a_record_jetstream_refuses_is_never_acknowledged() {
     }
     let small = meshos::event::EventBatch { events: vec![heartbeat("small", 1)] };
     let addr = mesh.nodes[0].tcp_addr();
-    let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    let (mut client, mut replies) = common::connect_as(addr, &genesis(), "big", "node-1").unwrap();
     client.set_sealer(client_sealer("big"));
     client.send(&big, true).unwrap();
     client.set_sealer(client_sealer("small"));

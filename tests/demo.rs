@@ -128,9 +128,29 @@ fn drain_two_kill_workers_then_crash_and_resume() {
     });
 
     // The first attack on the demo: a client of node-1's ingest port sends a
-    // daemon intent, unsigned, then signed by a key of its own. Neither runs anywhere.
+    // daemon intent. A stranger does not get past the secure handshake; through an
+    // authenticated connection (the operator's, as a relay), the intent unsigned and
+    // then signed by a key of its own is refused. Nothing runs anywhere.
     let addr: std::net::SocketAddr =
         std::fs::read_to_string(dir.join("node-1/node.addr")).unwrap().trim().parse().unwrap();
+    let genesis = meshos::trust::Genesis::load(&dir.join("genesis.toml")).unwrap();
+    let mallory = meshos::trust::KeyPair::from_seed([0x66; 32]);
+    for stranger in [
+        meshos::sys::secure::LocalIdentity::node("mallory", &mallory),
+        meshos::sys::secure::LocalIdentity::node("node-2", &mallory),
+        meshos::sys::secure::LocalIdentity::operator(&mallory),
+    ] {
+        let refused = meshos::sys::client::Client::connect_tcp(addr, genesis.client_secure(stranger), Some("node-1"))
+            .err()
+            .expect("a stranger is refused at the handshake")
+            .to_string();
+        assert!(refused.contains("refused by the peer"), "{refused}");
+    }
+    let operator = meshos::trust::KeyPair::load(&dir.join("node-1/admin.key")).unwrap();
+    let relay = || {
+        let local = meshos::sys::secure::LocalIdentity::operator(&operator);
+        meshos::sys::client::Client::connect_tcp(addr, genesis.client_secure(local), Some("node-1")).unwrap()
+    };
     let worm = meshos::event::EventKind::DaemonIntent {
         spec: Box::new(meshos::event::DaemonSpec::new("worm", "/bin/touch")),
         runs_on: meshos::event::DaemonPlacement::AllNodes,
@@ -138,13 +158,12 @@ fn drain_two_kill_workers_then_crash_and_resume() {
     let unsigned = meshos::trust::record::unsigned_batch(&meshos::event::EventBatch {
         events: vec![meshos::event::Event { origin: "node-1".into(), origin_seq: 0, kind: worm.clone() }],
     });
-    let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    let (mut client, mut replies) = relay();
     let seq = client.send_payload(&unsigned, true).unwrap();
     let refused = replies.wait_acked(seq, Duration::from_secs(10)).unwrap_err().to_string();
     assert!(refused.contains("unsigned events over TCP"), "{refused}");
-    let mallory = meshos::trust::KeyPair::from_seed([0x66; 32]);
     let forged = meshos::admin::sign_now(&mallory, "mallory", cluster, vec![worm]).unwrap();
-    let (mut client, mut replies) = meshos::sys::client::Client::connect_tcp(addr).unwrap();
+    let (mut client, mut replies) = relay();
     let seq = client.send_payload(&forged, true).unwrap();
     let position = replies.wait_acked(seq, Duration::from_secs(10)).unwrap().position;
     wait_for("the forged intent to be folded", || read_state(&dir).position >= position);

@@ -37,7 +37,8 @@ fn write_config_with(dir: &Path, ingest: &str) -> PathBuf {
     let path = dir.join("node.toml");
     let mut text = format!(
         "name = \"node-1\"\ndata_dir = \"{}\"\nheartbeat_ms = 100\nlog_level = \"info\"\n\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n\
-         # Every test client connects from 127.0.0.1.\nconnections_per_address_max = 1024\n",
+         # Every test client connects from 127.0.0.1.\nconnections_per_address_max = 1024\n\
+         handshake_per_address_max = 1024\nhandshake_connections_max = 1024\n",
         dir.display()
     );
     text.push_str(ingest);
@@ -167,11 +168,15 @@ fn clients() -> Vec<String> {
     names
 }
 
-/// The cluster of every node these tests start (`common::trust_node_dir`).
-fn cluster_id() -> [u8; 16] {
+/// The genesis of every node these tests start (`common::trust_node_dir`).
+fn genesis() -> meshos::trust::Genesis {
     let mut names = vec!["node-1".to_string()];
     names.extend(clients());
-    meshos::trust::Genesis::for_tests(&names).cluster_id()
+    meshos::trust::Genesis::for_tests(&names)
+}
+
+fn cluster_id() -> [u8; 16] {
+    genesis().cluster_id()
 }
 
 fn load(addr: SocketAddr, first_index: u32, connections: u32, frames: u64) -> Vec<ConnectionResult> {
@@ -193,22 +198,27 @@ fn every_event_of_good_clients_is_folded_despite_bad_clients_and_sigterm_is_clea
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path());
 
-    // Bad clients first, so they are there during the whole good run.
+    // Bad clients first, so they are there during the whole good run: strangers that
+    // connect and say nothing (each holds a handshake slot until its deadline), a
+    // stranger that sends garbage instead of a handshake, and authenticated clients
+    // that send garbage, half a frame, or frames whose acks they never read.
     let mut idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(node.addr).unwrap()).collect();
-    let mut garbage = TcpStream::connect(node.addr).unwrap();
-    garbage.write_all(&[0x5a; 4096]).unwrap();
-    let mut cut = TcpStream::connect(node.addr).unwrap();
+    let mut stranger = TcpStream::connect(node.addr).unwrap();
+    stranger.write_all(&[0x5a; 4096]).unwrap();
+    let (mut garbage, mut garbage_replies) = common::connect_as(node.addr, &genesis(), "fd-1", "node-1").unwrap();
+    garbage.send_raw(&[0x5a; 4096]).unwrap();
+    let (mut cut, cut_replies) = common::connect_as(node.addr, &genesis(), "load-900", "node-1").unwrap();
     let mut template = loadgen::FrameTemplate::setup(900, cluster_id());
     let frame = template.fill(1, 1, true).to_vec();
-    cut.write_all(&frame[..frame.len() / 2]).unwrap();
-    drop(cut);
+    cut.send_raw(&frame[..frame.len() / 2]).unwrap();
+    drop((cut, cut_replies));
     // A client that sends and never reads its acknowledgements.
-    let mut deaf = TcpStream::connect(node.addr).unwrap();
+    let (mut deaf, _deaf_replies) = common::connect_as(node.addr, &genesis(), "load-901", "node-1").unwrap();
     let mut deaf_template = loadgen::FrameTemplate::setup(901, cluster_id());
-    deaf.write_all(deaf_template.fill(1, 1, true)).unwrap();
+    deaf.send_raw(deaf_template.fill(1, 1, true)).unwrap();
     let mut deaf_steady = loadgen::FrameTemplate::steady(901, 64, "node-1", cluster_id());
     for seq in 2..=300u64 {
-        deaf.write_all(deaf_steady.fill(seq, 4 + (seq - 2) * 64, true)).unwrap();
+        deaf.send_raw(deaf_steady.fill(seq, 4 + (seq - 2) * 64, true)).unwrap();
     }
     let deaf_events = 3 + 299 * 64;
 
@@ -230,10 +240,16 @@ fn every_event_of_good_clients_is_folded_despite_bad_clients_and_sigterm_is_clea
     assert!(local_ack.position > 0);
 
     let results = load(node.addr, 0, 4, 300);
+    let refused = garbage_replies.next_ack(Some(Duration::from_secs(10))).unwrap_err().to_string();
+    assert!(refused.contains("magic"), "garbage gets an error frame: {refused}");
+    // The stranger's garbage fails its handshake: the node closes the connection.
+    stranger.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut reply = [0u8; 256];
-    garbage.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let read = garbage.read(&mut reply).unwrap_or(0);
-    assert!(read > 32 && String::from_utf8_lossy(&reply[32..read]).contains("magic"), "garbage gets an error frame");
+    match stranger.read(&mut reply) {
+        Ok(0) => {}
+        Err(error) if !matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+        other => panic!("a failed handshake is closed, got {other:?}"),
+    }
     for result in &results {
         assert_eq!(result.error, None, "{}", result.origin);
         assert_eq!(result.events_acked, result.events_sent, "{}: every event acknowledged", result.origin);
@@ -376,29 +392,44 @@ fn connections_past_the_descriptor_limit_are_served_once_descriptors_free() {
             kind: meshos::event::EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 1 }),
         }],
     };
-    let mut clients: Vec<_> = (0..90)
+    // Each client connects (its handshake waits in the listen backlog while the node is
+    // out of descriptors), sends one heartbeat, reports it acknowledged, and holds its
+    // connection until released.
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Arc::new(std::sync::Mutex::new(released));
+    let addr = node.addr;
+    let clients: Vec<_> = (0..90)
         .map(|index| {
-            let (mut client, replies) = meshos::sys::client::Client::connect_tcp(node.addr).unwrap();
-            let name = format!("fd-{index}");
-            client.set_sealer(meshos::trust::Sealer::node(&name, meshos::trust::test_key_of(&name), cluster_id()));
-            let seq = client.send(&heartbeat(index), true).unwrap();
-            (client, replies, seq)
+            let served = std::sync::Arc::clone(&served);
+            let released = std::sync::Arc::clone(&released);
+            std::thread::spawn(move || {
+                let name = format!("fd-{index}");
+                let (mut client, mut replies) = common::connect_as(addr, &genesis(), &name, "node-1")
+                    .unwrap_or_else(|error| panic!("client {index}: {error}"));
+                client.set_sealer(meshos::trust::Sealer::node(&name, meshos::trust::test_key_of(&name), cluster_id()));
+                let seq = client.send(&heartbeat(index), true).unwrap();
+                replies.wait_acked(seq, Duration::from_secs(30)).unwrap_or_else(|error| panic!("client {index}: {error}"));
+                served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Hold the connection until the main thread frees descriptors.
+                let _ = released.lock().unwrap().recv();
+            })
         })
         .collect();
     // Some are served, the rest wait in the listen backlog: the node is out of descriptors.
-    let mut served = Vec::new();
-    let mut waiting = Vec::new();
-    for (index, (client, mut replies, seq)) in clients.drain(..).enumerate() {
-        match replies.wait_acked(seq, Duration::from_millis(if served.is_empty() { 5_000 } else { 50 })) {
-            Ok(_) => served.push((client, replies)),
-            Err(_) => waiting.push((index, client, replies, seq)),
-        }
+    let mut stable = 0;
+    let mut last = usize::MAX;
+    while stable < 10 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = served.load(std::sync::atomic::Ordering::SeqCst);
+        stable = if now == last && now > 0 { stable + 1 } else { 0 };
+        last = now;
     }
-    assert!(!served.is_empty() && !waiting.is_empty(), "{} served, {} waiting", served.len(), waiting.len());
+    assert!(last > 0 && last < 90, "{last} of 90 served before descriptors free");
     // Free descriptors: the node accepts the backlog without any new connection arriving.
-    served.clear();
-    for (index, _client, mut replies, seq) in waiting {
-        replies.wait_acked(seq, Duration::from_secs(10)).unwrap_or_else(|error| panic!("client {index}: {error}"));
+    drop(release);
+    for client in clients {
+        client.join().unwrap();
     }
     let (clean, _) = terminate(node);
     assert!(clean);
@@ -440,25 +471,35 @@ fn rejections_reach_status_and_the_log_and_the_local_socket_is_private() {
         assert_eq!(frame.header.kind, meshos::wire::FrameKind::Error);
         String::from_utf8_lossy(frame.payload).into_owned()
     };
-    for _ in 0..10 {
-        let mut garbage = TcpStream::connect(node.addr).unwrap();
-        garbage.set_read_timeout(Some(ACK_TIMEOUT)).unwrap();
-        garbage.write_all(&[0x5a; 64]).unwrap();
-        assert!(read_error_text(&mut garbage).contains("magic"));
+    // Authenticated clients' bad frames come back as error frames on their channel.
+    let client = |name: &str| common::connect_as(node.addr, &genesis(), name, "node-1").unwrap();
+    let rejection = |replies: &mut meshos::sys::client::Replies| match replies.next_ack(Some(ACK_TIMEOUT)) {
+        Err(meshos::sys::client::ClientError::Rejected(text)) => text,
+        other => panic!("expected an error frame, got {other:?}"),
+    };
+    for index in 0..10 {
+        let (mut garbage, mut replies) = client(&format!("fd-{index}"));
+        garbage.send_raw(&[0x5a; 64]).unwrap();
+        assert!(rejection(&mut replies).contains("magic"));
     }
     // A whole frame whose payload is not an event batch.
-    let mut payload = TcpStream::connect(node.addr).unwrap();
-    payload.set_read_timeout(Some(ACK_TIMEOUT)).unwrap();
+    let (mut payload, mut replies) = client("fd-10");
     let mut frame = Vec::new();
     meshos::wire::encode_frame(&mut frame, meshos::wire::FrameKind::EventsAckWanted, 1, 0, &[0xff; 64]);
-    payload.write_all(&frame).unwrap();
-    let text = read_error_text(&mut payload);
+    payload.send_raw(&frame).unwrap();
+    let text = rejection(&mut replies);
     assert!(text.contains("section at byte 0 is cut short") && !text.contains("without error information"), "{text}");
     // Half a frame, never finished: closed at the frame deadline.
-    let mut slow = TcpStream::connect(node.addr).unwrap();
-    slow.set_read_timeout(Some(ACK_TIMEOUT)).unwrap();
-    slow.write_all(&frame[..40]).unwrap();
-    assert!(read_error_text(&mut slow).contains("frame_timeout_ms"));
+    let (mut slow, mut replies) = client("fd-11");
+    slow.send_raw(&frame[..40]).unwrap();
+    assert!(rejection(&mut replies).contains("frame_timeout_ms"));
+    // A stranger's garbage instead of a handshake: closed, counted by reason.
+    let mut stranger = TcpStream::connect(node.addr).unwrap();
+    stranger.set_read_timeout(Some(ACK_TIMEOUT)).unwrap();
+    stranger.write_all(&[0x5a; 64]).unwrap();
+    let mut rest = Vec::new();
+    let _ = stranger.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "nothing is sent to a stranger whose handshake failed");
     // The local socket's own limit: two served, the third refused.
     let locals: Vec<_> =
         (0..2).map(|_| std::os::unix::net::UnixStream::connect(dir.path().join("local.sock")).unwrap()).collect();
@@ -469,7 +510,10 @@ fn rejections_reach_status_and_the_log_and_the_local_socket_is_private() {
     let started = Instant::now();
     let json = loop {
         let json = status(dir.path(), true);
-        if json.contains("\"bad_magic\":10,") && json.contains("\"local_over_limit\":1") {
+        if json.contains("\"bad_magic\":10,")
+            && json.contains("\"local_over_limit\":1")
+            && json.contains("\"auth_bad_handshake\":1")
+        {
             break json;
         }
         assert!(started.elapsed() < ACK_TIMEOUT, "status never showed the rejections: {json}");
@@ -481,6 +525,7 @@ fn rejections_reach_status_and_the_log_and_the_local_socket_is_private() {
     let text = status(dir.path(), false);
     assert!(text.contains("frames refused: 11 (bad_magic=10 bad_payload=1)"), "{text}");
     assert!(text.contains("local_over_limit=1") && text.contains("frame_timeout=1"), "{text}");
+    assert!(text.contains("authentication_failed=1") && text.contains("auth_bad_handshake=1"), "{text}");
 
     // The log: every bad_magic accounted for, in fewer lines than rejections.
     let counted = |stderr: &str| {

@@ -39,6 +39,9 @@ fn tcp_config(queue_frames: u32, connections_max: u32) -> ReactorConfig {
         idle_timeout_ms: 600_000,
         frame_timeout_ms: 600_000,
         rejection_log_interval_ms: 10_000,
+        handshake_connections_max: 64,
+        handshake_per_address_max: 64,
+        handshake_timeout_ms: 5_000,
         queue_frames,
         queue_bytes_max: 1 << 30,
         frame_bytes_max: FRAME_BYTES_MAX,
@@ -387,7 +390,7 @@ fn connect_with_timeout(addr: SocketAddr) -> TcpStream {
 
 fn start(config: ReactorConfig, frame_delay: Duration) -> (Reactor, Consumer) {
     let signal = Signal::new();
-    let (reactor, new_sources) = Reactor::start(config, Arc::clone(&signal)).unwrap();
+    let (reactor, new_sources) = Reactor::start(config, None, Arc::clone(&signal)).unwrap();
     let consumer = Consumer::spawn(signal, new_sources, reactor.resumer(), frame_delay);
     (reactor, consumer)
 }
@@ -609,7 +612,7 @@ fn a_unix_socket_client_is_read_too() {
 fn shutdown_joins_with_connections_open_and_paused() {
     // No consumer thread: the test holds the sources, so one ring stays full.
     let signal = Signal::new();
-    let (reactor, new_sources) = Reactor::start(tcp_config(2, 16), Arc::clone(&signal)).unwrap();
+    let (reactor, new_sources) = Reactor::start(tcp_config(2, 16), None, Arc::clone(&signal)).unwrap();
     let addr = reactor.local_tcp_addr().unwrap();
     let mut idle = connect_with_timeout(addr);
     let mut busy = connect_with_timeout(addr);
@@ -644,7 +647,7 @@ fn shutdown_joins_with_connections_open_and_paused() {
 #[test]
 fn a_configuration_that_cannot_hold_a_frame_is_refused() {
     let config = ReactorConfig { connection_buffer_bytes: FRAME_BYTES_MAX - 1, ..tcp_config(8, 8) };
-    match Reactor::start(config, Signal::new()) {
+    match Reactor::start(config, None, Signal::new()) {
         Err(ReactorError::Config { field, .. }) => assert_eq!(field, "connection_buffer_bytes"),
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("started with a buffer smaller than a frame"),
@@ -800,7 +803,7 @@ fn a_paused_source_still_gets_its_acks() {
     let path = dir.path().join("sdk.sock");
     let config = ReactorConfig { listen_tcp: None, listen_unix: Some(path.clone()), ..tcp_config(2, 16) };
     // No consumer thread: the test holds the source, so its ring of 2 stays full.
-    let (reactor, new_sources) = Reactor::start(config, Signal::new()).unwrap();
+    let (reactor, new_sources) = Reactor::start(config, None, Signal::new()).unwrap();
     // On a Unix socket, so that it fills after a few hundred acks.
     let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
     client.set_read_timeout(Some(WAIT_LIMIT)).unwrap();
@@ -1095,7 +1098,7 @@ fn a_paused_connection_outlives_its_timeouts_and_loses_nothing() {
     const FRAMES: u64 = 10;
     let config = ReactorConfig { idle_timeout_ms: 200, frame_timeout_ms: 200, ..tcp_config(2, 8) };
     // No consumer thread: the test holds the source, so its ring of 2 stays full.
-    let (reactor, new_sources) = Reactor::start(config, Signal::new()).unwrap();
+    let (reactor, new_sources) = Reactor::start(config, None, Signal::new()).unwrap();
     let mut client = connect_with_timeout(reactor.local_tcp_addr().unwrap());
     for seq in 1..=FRAMES {
         client.write_all(&events_frame(1, seq, 1)).unwrap();

@@ -16,6 +16,7 @@ use meshos::event::{
 use meshos::node::config::NodeConfig;
 use meshos::state::State;
 use meshos::sys::client::{Client, ClientError};
+use meshos::sys::secure::LocalIdentity;
 use meshos::trust::{KeyPair, Sealer};
 
 const WAIT_LIMIT: Duration = Duration::from_secs(30);
@@ -98,11 +99,24 @@ fn worm() -> EventKind {
     }
 }
 
-/// Sends one payload over TCP and waits for its acknowledgement (or the node's refusal).
-fn send_tcp(addr: std::net::SocketAddr, payload: &[u8]) -> Result<u64, ClientError> {
-    let (mut client, mut replies) = Client::connect_tcp(addr)?;
+/// Sends one payload over the ingest port's secure channel as `local` and waits for
+/// its acknowledgement (or the node's refusal).
+fn send_tcp_as(node: &Node, local: LocalIdentity, payload: &[u8]) -> Result<u64, ClientError> {
+    let (mut client, mut replies) = connect(node, local)?;
     let seq = client.send_payload(payload, true)?;
     replies.wait_acked(seq, WAIT_LIMIT).map(|ack| ack.position)
+}
+
+fn connect(node: &Node, local: LocalIdentity) -> Result<(Client, meshos::sys::client::Replies), ClientError> {
+    let genesis = meshos::trust::Genesis::load(&node.dir.join("genesis.toml")).unwrap();
+    Client::connect_tcp(node.addr(), genesis.client_secure(local), Some("node-1"))
+}
+
+/// Sends one payload through a connection the transport admits (the operator's, as a
+/// relay): what fold decides about records that reach the log whatever their way.
+fn send_tcp(node: &Node, payload: &[u8]) -> Result<u64, ClientError> {
+    let operator = KeyPair::load(&node.dir.join("admin.key")).unwrap();
+    send_tcp_as(node, LocalIdentity::operator(&operator), payload)
 }
 
 /// Waits until the node has folded past `position`; returns the rejections recorded
@@ -132,20 +146,45 @@ fn network_attackers_run_nothing_drop_nothing_and_take_nothing() {
     let blob = meshos::admin::parse_blob(String::from_utf8_lossy(&put.stdout).trim()).unwrap();
     wait_for("the copy to count", || blob_holders(&node.state(), &blob) == 1);
 
-    // 1. An unauthenticated TCP client sends a daemon intent: refused before the log.
+    // 0. Strangers do not get past the ingest port's secure handshake: an unknown
+    //    node, a known node's name with another key, an unknown operator key, and
+    //    bytes that are no handshake at all. Each refusal is counted by reason.
+    let mallory = KeyPair::from_seed([0x66; 32]);
+    let strangers = [
+        (LocalIdentity::node("mallory", &mallory), "unknown node"),
+        (LocalIdentity::node("node-1", &mallory), "key mismatch"),
+        (LocalIdentity::operator(&mallory), "operator identity not accepted"),
+    ];
+    for (stranger, why) in strangers {
+        let refused = connect(&node, stranger).err().expect("a stranger is refused").to_string();
+        assert!(refused.contains(why), "{refused}");
+    }
+    let mut raw = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut raw, &[0xff; 64]).unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut raw, &mut rest);
+    wait_for("the refusals in `meshos status`", || {
+        let status = node.cli(&["status", "-o", "json"]);
+        let text = String::from_utf8_lossy(&status.stdout);
+        ["auth_unknown_node", "auth_key_mismatch", "auth_unknown_operator", "auth_bad_handshake"]
+            .iter()
+            .all(|reason| text.contains(&format!("\"{reason}\":1")))
+    });
+
+    // 1. Through an authenticated connection, an unsigned daemon intent: refused
+    //    before the log.
     let unsigned = meshos::trust::record::unsigned_batch(&EventBatch { events: vec![event("node-1", 0, worm())] });
-    let refused = send_tcp(addr, &unsigned).unwrap_err().to_string();
+    let refused = send_tcp(&node, &unsigned).unwrap_err().to_string();
     assert!(refused.contains("unsigned events over TCP"), "{refused}");
 
     // 2. The same, signed by the attacker's own operator key (not in the keyring), and
     //    by an attacker claiming to be the node itself (refused before the log).
-    let mallory = KeyPair::from_seed([0x66; 32]);
     let intent = meshos::admin::sign_now(&mallory, "mallory", cluster_id, vec![worm()]).unwrap();
-    let position = send_tcp(addr, &intent).unwrap();
+    let position = send_tcp(&node, &intent).unwrap();
     assert_eq!(rejections_at(&node, position), ["unknown_admin_key"]);
     let as_node = Sealer::node("node-1", mallory.clone(), cluster_id)
         .seal_batch(&EventBatch { events: vec![heartbeat("node-1", u64::MAX)] });
-    let refused = send_tcp(addr, &as_node).unwrap_err().to_string();
+    let refused = send_tcp(&node, &as_node).unwrap_err().to_string();
     assert!(refused.contains("only the node itself"), "{refused}");
 
     // 3. A keyring genesis sent first over TCP (the old trust-on-first-use hole).
@@ -156,7 +195,7 @@ fn network_attackers_run_nothing_drop_nothing_and_take_nothing() {
         vec![meshos::admin::command_kind(AdminCommand::SetKeyring { version: 2, keys: vec![mallory.public_key()] })],
     )
     .unwrap();
-    let position = send_tcp(addr, &genesis).unwrap();
+    let position = send_tcp(&node, &genesis).unwrap();
     assert_eq!(rejections_at(&node, position), ["unknown_admin_key"]);
 
     // 4. Invented nodes: heartbeats, a capability and healthy copies of every blob.
@@ -171,7 +210,7 @@ fn network_attackers_run_nothing_drop_nothing_and_take_nothing() {
             ),
         ];
         let forged = Sealer::node(ghost, mallory.clone(), cluster_id).seal_batch(&EventBatch { events });
-        let position = send_tcp(addr, &forged).unwrap();
+        let position = send_tcp(&node, &forged).unwrap();
         assert_eq!(rejections_at(&node, position), ["node_not_admitted"]);
     }
 
@@ -191,14 +230,14 @@ fn network_attackers_run_nothing_drop_nothing_and_take_nothing() {
     let operator = KeyPair::load(&dir.path().join("admin.key")).unwrap();
     let cordon = || vec![meshos::admin::command_kind(AdminCommand::Cordon { node: "node-1".into() })];
     let elsewhere = meshos::admin::sign_now(&operator, "ops", other_id, cordon()).unwrap();
-    let position = send_tcp(addr, &elsewhere).unwrap();
+    let position = send_tcp(&node, &elsewhere).unwrap();
     assert_eq!(rejections_at(&node, position), ["bad_signature"]);
 
     // 6. A genuine operator section, then the same bytes again (a replay).
     let genuine = meshos::admin::sign_now(&operator, "ops", cluster_id, cordon()).unwrap();
-    let position = send_tcp(addr, &genuine).unwrap();
+    let position = send_tcp(&node, &genuine).unwrap();
     assert_eq!(rejections_at(&node, position), Vec::<&str>::new());
-    let position = send_tcp(addr, &genuine).unwrap();
+    let position = send_tcp(&node, &genuine).unwrap();
     assert_eq!(rejections_at(&node, position), ["operator_replayed"]);
 
     // Nothing ran, nothing was dropped, nothing was invented, and the operator and the
@@ -227,7 +266,6 @@ fn network_attackers_run_nothing_drop_nothing_and_take_nothing() {
 fn a_stolen_node_key_speaks_for_its_node_alone() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());
-    let addr = node.addr();
     let cluster_id = node.cluster_id();
     let file = dir.path().join("data.bin");
     std::fs::write(&file, vec![9u8; 10_000]).unwrap();
@@ -240,7 +278,9 @@ fn a_stolen_node_key_speaks_for_its_node_alone() {
     assert!(admit.status.success(), "{}", String::from_utf8_lossy(&admit.stdout));
     let as_node_2 =
         |events: Vec<Event>| Sealer::node("node-2", stolen.clone(), cluster_id).seal_batch(&EventBatch { events });
-    let position = send_tcp(addr, &as_node_2(vec![heartbeat("node-2", 1)])).unwrap();
+    // The thief connects as node-2 (the transport admits the key) and sends as node-2.
+    let as_thief = || LocalIdentity::node("node-2", &stolen);
+    let position = send_tcp_as(&node, as_thief(), &as_node_2(vec![heartbeat("node-2", 1)])).unwrap();
     assert_eq!(rejections_at(&node, position), Vec::<&str>::new(), "it may speak for node-2");
     let attempts: Vec<(Vec<Event>, &str)> = vec![
         (vec![heartbeat("node-1", 1 << 40)], "origin_not_signer"),
@@ -264,13 +304,18 @@ fn a_stolen_node_key_speaks_for_its_node_alone() {
         (vec![heartbeat("node-2", u64::MAX)], "origin_seq_jump"),
     ];
     for (events, reason) in attempts {
-        let position = send_tcp(addr, &as_node_2(events)).unwrap();
+        let position = send_tcp_as(&node, as_thief(), &as_node_2(events)).unwrap();
         assert_eq!(rejections_at(&node, position), [reason]);
     }
     // Removal: the key folds nothing more, and the node is marked left.
     let remove = node.cli(&["admin", "remove-node", "node-2"]);
     assert!(remove.status.success(), "{}", String::from_utf8_lossy(&remove.stdout));
-    let position = send_tcp(addr, &as_node_2(vec![heartbeat("node-2", 10)])).unwrap();
+    // Removed, node-2's key no longer passes the handshake; its records relayed by
+    // another connection fold nothing.
+    wait_for("node-2's key to be refused at the handshake", || {
+        connect(&node, as_thief()).err().is_some_and(|error| error.to_string().contains("unknown node"))
+    });
+    let position = send_tcp(&node, &as_node_2(vec![heartbeat("node-2", 10)])).unwrap();
     assert_eq!(rejections_at(&node, position), ["node_revoked"]);
     let state = node.state();
     let node_2 = state.nodes.find("node-2").unwrap().index();

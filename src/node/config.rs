@@ -262,6 +262,12 @@ pub struct IngestConfig {
     pub frame_timeout_ms: u32,
     /// At most one log line per ingest rejection reason per this interval.
     pub rejection_log_interval_ms: u32,
+    /// TCP connections in their secure handshake at once at most.
+    pub handshake_connections_max: u32,
+    /// TCP connections in their handshake at once from one IP address at most.
+    pub handshake_per_address_max: u32,
+    /// A TCP connection must complete its handshake within this long of its accept.
+    pub handshake_timeout_ms: u32,
     pub queue_frames: u32,
     pub queue_bytes_max: u32,
     pub frames_per_round_max: u32,
@@ -318,6 +324,9 @@ impl Default for IngestConfig {
             idle_timeout_ms: 60_000,
             frame_timeout_ms: 10_000,
             rejection_log_interval_ms: 10_000,
+            handshake_connections_max: 64,
+            handshake_per_address_max: 8,
+            handshake_timeout_ms: 5_000,
             queue_frames: 64,
             queue_bytes_max: 8 << 20,
             frames_per_round_max: 8,
@@ -417,6 +426,9 @@ impl NodeConfig {
             ("ingest.idle_timeout_ms", ingest.idle_timeout_ms, 10, 86_400_000),
             ("ingest.frame_timeout_ms", ingest.frame_timeout_ms, 10, 3_600_000),
             ("ingest.rejection_log_interval_ms", ingest.rejection_log_interval_ms, 100, 3_600_000),
+            ("ingest.handshake_connections_max", ingest.handshake_connections_max, 1, 1 << 16),
+            ("ingest.handshake_per_address_max", ingest.handshake_per_address_max, 1, 1 << 16),
+            ("ingest.handshake_timeout_ms", ingest.handshake_timeout_ms, 100, 600_000),
             ("ingest.queue_frames", ingest.queue_frames, 2, 1 << 16),
             ("ingest.queue_bytes_max", ingest.queue_bytes_max, 4096, u32::MAX),
             ("ingest.frames_per_round_max", ingest.frames_per_round_max, 1, 1 << 16),
@@ -463,15 +475,15 @@ impl NodeConfig {
                 ),
             );
         }
-        if ingest.partial_frame_bytes_max < ingest.connection_buffer_bytes as u64
-            || ingest.partial_frame_bytes_max > 1 << 40
-        {
+        // A TCP connection's buffer holds one encrypted frame beside its frames.
+        let buffer_bytes_max = ingest.connection_buffer_bytes as u64 + crate::sys::secure::FRAME_BYTES_MAX as u64;
+        if ingest.partial_frame_bytes_max < buffer_bytes_max || ingest.partial_frame_bytes_max > 1 << 40 {
             return field(
                 "ingest.partial_frame_bytes_max",
                 format!(
-                    "{} is outside connection_buffer_bytes ({})..=2^40: one connection must be able to fill its \
-                     buffer",
-                    ingest.partial_frame_bytes_max, ingest.connection_buffer_bytes
+                    "{} is outside connection_buffer_bytes + 64 KiB ({buffer_bytes_max})..=2^40: one connection must \
+                     be able to fill its buffer",
+                    ingest.partial_frame_bytes_max
                 ),
             );
         }
@@ -810,6 +822,9 @@ impl NodeConfig {
             idle_timeout_ms: self.ingest.idle_timeout_ms,
             frame_timeout_ms: self.ingest.frame_timeout_ms,
             rejection_log_interval_ms: self.ingest.rejection_log_interval_ms,
+            handshake_connections_max: self.ingest.handshake_connections_max,
+            handshake_per_address_max: self.ingest.handshake_per_address_max,
+            handshake_timeout_ms: self.ingest.handshake_timeout_ms,
             queue_frames: self.ingest.queue_frames,
             queue_bytes_max: self.ingest.queue_bytes_max,
             frame_bytes_max: self.log.frame_bytes_max,
@@ -861,6 +876,18 @@ impl std::fmt::Debug for PeerIdentity {
 }
 
 impl PeerIdentity {
+    /// The secure channel of the ingest port: nodes and operators (whose records
+    /// fold still checks, signature by signature), stream mode.
+    pub fn ingest_secure_config(&self) -> Arc<SecureConfig> {
+        Arc::new(SecureConfig {
+            cluster_id: self.cluster_id,
+            local: LocalIdentity::Node { name: self.name.clone(), key: self.signing_key.clone() },
+            keys: Arc::clone(&self.keys),
+            accept_operators: true,
+            message_bytes_max: crate::sys::secure::SINGLE_FRAME_MESSAGE_BYTES_MAX as u32,
+        })
+    }
+
     /// The secure channel's config for the peer port and its clients (nodes only, no
     /// operators; messages up to `peer_server::MESSAGE_BYTES_MAX`).
     pub fn secure_config(&self) -> Arc<SecureConfig> {

@@ -163,17 +163,21 @@ const PEER_SINK_BATCHES_MAX: usize = 1024;
 const PEER_SINK_EVENTS_PER_FRAME: usize = 256;
 
 impl PeerSink {
+    /// `secure`: this node's identity on the owner's ingest port; `owner`: the node
+    /// that owns the log (the one its handshake must reach).
     fn start(
         name: String,
         sealer: crate::trust::Sealer,
         seq_last: u64,
         ingest: std::net::SocketAddr,
+        secure: Arc<crate::sys::secure::SecureConfig>,
+        owner: String,
     ) -> Result<PeerSink, NodeError> {
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<EventKind>>(PEER_SINK_BATCHES_MAX);
         let thread = std::thread::Builder::new()
             .name(format!("meshos-sink-{name}"))
             .spawn(move || {
-                let (mut client, mut replies) = match crate::sys::client::Client::connect_tcp(ingest) {
+                let (mut client, mut replies) = match crate::sys::client::Client::connect_tcp(ingest, secure, Some(&owner)) {
                     Ok(connected) => connected,
                     Err(error) => return tracing::error!(node = name, "cannot reach the log's owner: {error}"),
                 };
@@ -479,14 +483,23 @@ fn run_until(
     for (node, identity) in configs.iter().zip(&identities) {
         locals.push(Executors::open(node, identity, &keys, &engine.state, &signal)?);
     }
-    let (reactor, new_sources) = Reactor::start(config.reactor_config(), Arc::clone(&signal))?;
+    let ingest_secure = config.node_identity(&identities[0], Arc::clone(&keys) as _).ingest_secure_config();
+    let (reactor, new_sources) = Reactor::start(config.reactor_config(), Some(ingest_secure), Arc::clone(&signal))?;
     let resumer = reactor.resumer();
     let tcp_addr = reactor.local_tcp_addr().map(|addr| addr.to_string()).unwrap_or_default();
     if configs.len() > 1 {
         let ingest = reactor.local_tcp_addr().expect("a group's first node listens on TCP");
-        for (local, identity) in locals[1..].iter_mut().zip(&identities[1..]) {
+        for ((local, identity), node) in locals[1..].iter_mut().zip(&identities[1..]).zip(&configs[1..]) {
             let sealer = identity.sealer(&local.name);
-            local.sink = Sink::Peer(PeerSink::start(local.name.clone(), sealer, seq_last_of(&local.name), ingest)?);
+            let secure = node.node_identity(identity, Arc::clone(&keys) as _).secure_config();
+            local.sink = Sink::Peer(PeerSink::start(
+                local.name.clone(),
+                sealer,
+                seq_last_of(&local.name),
+                ingest,
+                secure,
+                config.name.clone(),
+            )?);
         }
     }
     write_atomically(&config.data_dir.join(ADDR_FILE), &format!("{tcp_addr}\n"))?;
@@ -705,8 +718,14 @@ pub(super) fn dispatch_actions(state: &State, actions: &[Action], locals: &mut [
 pub(super) fn ingest_view(reactor: &ReactorStats, config: &NodeConfig) -> crate::snapshot::IngestView {
     let (frame_error_names, frame_errors) =
         reactor.frame_rejections().iter().map(|(name, count)| (name.to_string(), *count)).unzip();
-    let (connection_refusal_names, connection_refusals) =
-        reactor.connection_refusals().iter().map(|(name, count)| (name.to_string(), *count)).unzip();
+    // The connection refusals, then the failed handshakes by reason (`auth_<reason>`;
+    // their sum is the refusal `authentication_failed`).
+    let (connection_refusal_names, connection_refusals) = reactor
+        .connection_refusals()
+        .iter()
+        .map(|(name, count)| (name.to_string(), *count))
+        .chain(reactor.authentication_failures().iter().map(|(name, count)| (format!("auth_{name}"), *count)))
+        .unzip();
     crate::snapshot::IngestView {
         connections_open: reactor.accepted - reactor.closed,
         frames_in: reactor.frames_in,
@@ -728,9 +747,13 @@ pub(super) fn ingest_view(reactor: &ReactorStats, config: &NodeConfig) -> crate:
 pub(super) fn log_stats(sequencer: &Sequencer, engine: &Engine, reactor: &ReactorStats) {
     let stats = sequencer.stats();
     let rejected_frames: u64 = reactor.frame_rejections().iter().map(|(_, count)| count).sum();
-    let refusals = reactor.connection_refusals();
-    // The last reason counts waits for the partial-frame budget, not connections.
-    let refused_connections: u64 = refusals[..refusals.len() - 1].iter().map(|(_, count)| count).sum();
+    // `memory_budget_wait` counts waits for the partial-frame budget, not connections.
+    let refused_connections: u64 = reactor
+        .connection_refusals()
+        .iter()
+        .filter(|(name, _)| *name != "memory_budget_wait")
+        .map(|(_, count)| count)
+        .sum();
     tracing::info!(
         position = engine.state.position,
         events = stats.events,

@@ -141,6 +141,7 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
 use crate::ingest::park::Signal;
 use crate::ingest::ring::{ring, Consumer, Producer};
+use crate::sys::secure::{self, Channel, SecureConfig, SecureError, StreamReceiver, StreamSender};
 use crate::wire::{self, FrameError, FrameKind};
 
 /// The `FrameError::reason_code`s in variant order; `ReactorStats::errors_by_reason`
@@ -186,15 +187,28 @@ const ACK_FRAME_BYTES: usize = wire::frame_bytes(wire::ACK_PAYLOAD_BYTES);
 /// Bytes a connection's output buffer holds at most: the one frame being written,
 /// an ack or the closing error frame. Acks never queue behind each other (they are
 /// coalesced instead), so this bound is what a connection's write side costs.
-const OUTPUT_BYTES_MAX: usize = 4 << 10;
-const _: () = assert!(ACK_FRAME_BYTES <= OUTPUT_BYTES_MAX);
-const _: () = assert!(ERROR_FRAME_BYTES_MAX <= OUTPUT_BYTES_MAX);
+const OUTPUT_BYTES_MAX: usize = 8 << 10;
+const _: () = assert!(ACK_FRAME_BYTES + secure::FRAME_OVERHEAD_BYTES <= OUTPUT_BYTES_MAX);
+const _: () = assert!(ERROR_FRAME_BYTES_MAX + secure::FRAME_OVERHEAD_BYTES <= OUTPUT_BYTES_MAX);
+/// The responder's handshake output at most: its Noise message (an ephemeral key and
+/// a tag) and its identity, should the socket take neither before both are queued.
+const _: () = assert!(64 + secure::HANDSHAKE_FRAME_BYTES_MAX <= OUTPUT_BYTES_MAX);
+/// Bytes a connection in its handshake reads at most: one handshake frame, and a
+/// little of what a client sends right after it.
+const HANDSHAKE_BUFFER_BYTES: usize = secure::HANDSHAKE_FRAME_BYTES_MAX + 4096;
+const _: () = assert!(HANDSHAKE_BUFFER_BYTES <= BUFFER_FLOOR_BYTES);
 const _: () = assert!(OUTPUT_BYTES_MAX <= BUFFER_FLOOR_BYTES);
 // A first read into an empty buffer never needs the budget.
 const _: () = assert!(READ_CHUNK_BYTES <= BUFFER_FLOOR_BYTES);
+/// What a secure channel costs a connection at most beside its buffers: in its
+/// handshake the channel's inbox (one handshake frame: they are fed one at a time),
+/// its scratch (as large as that frame) and its outbox (an identity), plus the Noise
+/// state; once established, the two stream directions (a few hundred bytes).
+pub const SECURE_CHANNEL_BYTES_MAX: usize = 3 * secure::HANDSHAKE_FRAME_BYTES_MAX + 4096;
 /// What one open connection costs at most apart from its ring and what it draws on
-/// the partial-frame budget: its read buffer's floor and its output buffer.
-pub const CONNECTION_FIXED_BYTES_MAX: usize = BUFFER_FLOOR_BYTES + OUTPUT_BYTES_MAX;
+/// the partial-frame budget: its read buffer's floor, its output buffer and its
+/// secure channel.
+pub const CONNECTION_FIXED_BYTES_MAX: usize = BUFFER_FLOOR_BYTES + OUTPUT_BYTES_MAX + SECURE_CHANNEL_BYTES_MAX;
 /// The timeouts are checked by a sweep over the connections at most this often
 /// (a quarter of the shorter timeout, within these bounds): a connection is closed
 /// between its timeout and its timeout plus one sweep interval.
@@ -235,6 +249,13 @@ pub struct ReactorConfig {
     /// At most one log line per rejection reason per this interval; the rest are
     /// counted and reported in the next line.
     pub rejection_log_interval_ms: u32,
+    /// TCP connections in their secure handshake at once at most (they count
+    /// against `connections_max` as well).
+    pub handshake_connections_max: u32,
+    /// TCP connections in their handshake at once from one IP address at most.
+    pub handshake_per_address_max: u32,
+    /// A TCP connection must complete its handshake within this long of its accept.
+    pub handshake_timeout_ms: u32,
     /// Ring length per connection, rounded up to a power of two (at least 2).
     pub queue_frames: u32,
     /// Bytes of frames one connection's ring may hold; a frame that would pass it
@@ -284,8 +305,39 @@ pub enum Command {
 
 /// Why connections were refused or closed by the reactor's limits, in the order of
 /// [`ReactorStats::connection_refusals`].
-pub const CONNECTION_REFUSALS: [&str; 6] =
-    ["over_limit", "local_over_limit", "per_address", "idle_timeout", "frame_timeout", "memory_budget_wait"];
+pub const CONNECTION_REFUSALS: [&str; 11] = [
+    "over_limit",
+    "local_over_limit",
+    "per_address",
+    "idle_timeout",
+    "frame_timeout",
+    "memory_budget_wait",
+    "handshakes_over_limit",
+    "handshakes_per_address",
+    "handshake_timeout",
+    "authentication_failed",
+    "bad_encryption",
+];
+
+/// Why secure handshakes failed, in the order of
+/// [`ReactorStats::authentication_failures_by_reason`]: a handshake that did not
+/// parse or decrypt, another cluster's peer, a node name not admitted, a node with
+/// another key than its admitted one, a bad identity signature, an operator key that
+/// is not in the keyring.
+pub const AUTHENTICATION_FAILURES: [&str; 6] =
+    ["bad_handshake", "wrong_cluster", "unknown_node", "key_mismatch", "bad_signature", "unknown_operator"];
+
+/// Index of `error` in [`AUTHENTICATION_FAILURES`].
+fn authentication_failure_index(error: &SecureError) -> usize {
+    match error {
+        SecureError::WrongCluster { .. } => 1,
+        SecureError::UnknownNode { .. } => 2,
+        SecureError::KeyMismatch { .. } => 3,
+        SecureError::BadSignature { .. } => 4,
+        SecureError::OperatorNotAccepted | SecureError::UnknownOperator { .. } => 5,
+        _ => 0,
+    }
+}
 
 /// Counters since start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -346,6 +398,21 @@ pub struct ReactorStats {
     /// Times a write would block and the connection waited for WRITABLE (its peer
     /// reads slower than it is answered).
     pub writes_blocked: u64,
+    /// TCP connections in their secure handshake now.
+    pub handshakes_now: u64,
+    /// Handshakes completed: the peer proved an admitted identity.
+    pub handshakes_completed: u64,
+    /// TCP connections refused at accept because `handshake_connections_max`, or
+    /// `handshake_per_address_max` for their address, were in their handshake.
+    pub rejected_handshakes: u64,
+    pub rejected_handshakes_per_address: u64,
+    /// Connections closed because their handshake passed `handshake_timeout_ms`.
+    pub closed_handshake_timeout: u64,
+    /// Handshakes that failed, by reason ([`AUTHENTICATION_FAILURES`]).
+    pub authentication_failures_by_reason: [u64; AUTHENTICATION_FAILURES.len()],
+    /// Secure connections closed because a frame did not decrypt (tampered,
+    /// replayed or garbage ciphertext).
+    pub bad_encryption: u64,
 }
 
 /// Why the reactor could not start.
@@ -374,8 +441,18 @@ impl ReactorStats {
             self.closed_idle,
             self.closed_frame_timeout,
             self.budget_waits,
+            self.rejected_handshakes,
+            self.rejected_handshakes_per_address,
+            self.closed_handshake_timeout,
+            self.authentication_failures_by_reason.iter().sum(),
+            self.bad_encryption,
         ];
         std::array::from_fn(|index| (CONNECTION_REFUSALS[index], counts[index]))
+    }
+
+    /// Handshakes that failed, per reason ([`AUTHENTICATION_FAILURES`]).
+    pub fn authentication_failures(&self) -> [(&'static str, u64); AUTHENTICATION_FAILURES.len()] {
+        std::array::from_fn(|index| (AUTHENTICATION_FAILURES[index], self.authentication_failures_by_reason[index]))
     }
 
     /// Frames refused, per reason: the [`ERROR_REASONS`] (the consumer's closes
@@ -416,6 +493,13 @@ struct StatCells {
     quiesced: AtomicU64,
     accept_errors: AtomicU64,
     writes_blocked: AtomicU64,
+    handshakes_now: AtomicU64,
+    handshakes_completed: AtomicU64,
+    rejected_handshakes: AtomicU64,
+    rejected_handshakes_per_address: AtomicU64,
+    closed_handshake_timeout: AtomicU64,
+    authentication_failures_by_reason: [AtomicU64; AUTHENTICATION_FAILURES.len()],
+    bad_encryption: AtomicU64,
 }
 
 fn bump(cell: &AtomicU64, by: u64) {
@@ -452,6 +536,15 @@ impl StatCells {
             quiesced: load(&self.quiesced),
             accept_errors: load(&self.accept_errors),
             writes_blocked: load(&self.writes_blocked),
+            handshakes_now: load(&self.handshakes_now),
+            handshakes_completed: load(&self.handshakes_completed),
+            rejected_handshakes: load(&self.rejected_handshakes),
+            rejected_handshakes_per_address: load(&self.rejected_handshakes_per_address),
+            closed_handshake_timeout: load(&self.closed_handshake_timeout),
+            authentication_failures_by_reason: std::array::from_fn(|index| {
+                load(&self.authentication_failures_by_reason[index])
+            }),
+            bad_encryption: load(&self.bad_encryption),
         }
     }
 }
@@ -510,12 +603,16 @@ pub struct Reactor {
 impl Reactor {
     /// Binds the listeners and starts the reactor thread. New connections' `Source`s
     /// are sent on the returned channel and `signal.notify()` wakes the consumer after
-    /// each round of pushes, new source or closed connection.
+    /// each round of pushes, new source or closed connection. With `secure`, every TCP
+    /// connection first completes the secure channel's handshake as the responder
+    /// (stream mode) and is a source only once its peer proved an admitted identity;
+    /// everything after is encrypted both ways. The Unix socket stays plain.
     pub fn start(
         config: ReactorConfig,
+        secure: Option<Arc<SecureConfig>>,
         signal: SignalArc<Signal>,
     ) -> Result<(Reactor, mpsc::Receiver<Source>), ReactorError> {
-        check_config(&config)?;
+        check_config(&config, secure.is_some())?;
         let poll = Poll::new().map_err(ReactorError::Poll)?;
         let waker = Waker::new(poll.registry(), WAKE_TOKEN).map_err(ReactorError::Poll)?;
         let mut tcp_listener = None;
@@ -556,10 +653,12 @@ impl Reactor {
         });
         let (sources_tx, sources_rx) = mpsc::channel();
         let ring_frames = (config.queue_frames as usize).next_power_of_two().max(2);
-        let shorter_timeout_ms = config.idle_timeout_ms.min(config.frame_timeout_ms) as u64;
+        let shorter_timeout_ms =
+            config.idle_timeout_ms.min(config.frame_timeout_ms).min(config.handshake_timeout_ms) as u64;
         let sweep_interval =
             (Duration::from_millis(shorter_timeout_ms) / 4).clamp(SWEEP_INTERVAL_MIN, SWEEP_INTERVAL_MAX);
         let now = Instant::now();
+        let secure_wanted = secure.is_some();
         let event_loop = EventLoop {
             now,
             next_sweep: now + sweep_interval,
@@ -569,6 +668,9 @@ impl Reactor {
             tcp_open: 0,
             unix_open: 0,
             per_address: HashMap::new(),
+            handshakes: Handshakes::default(),
+            secure,
+            scratch: if secure_wanted { vec![0u8; secure::FRAME_BYTES_MAX] } else { Vec::new() },
             rejection_log: RejectionLog::new(Duration::from_millis(config.rejection_log_interval_ms as u64)),
             poll,
             shared: Arc::clone(&shared),
@@ -654,7 +756,7 @@ impl Drop for Reactor {
     }
 }
 
-fn check_config(config: &ReactorConfig) -> Result<(), ReactorError> {
+fn check_config(config: &ReactorConfig, secure: bool) -> Result<(), ReactorError> {
     let bad = |field, reason: String| Err(ReactorError::Config { field, reason });
     if config.listen_tcp.is_none() && config.listen_unix.is_none() {
         return bad("listen_tcp", "neither a TCP address nor a Unix socket to listen on".to_string());
@@ -666,6 +768,9 @@ fn check_config(config: &ReactorConfig) -> Result<(), ReactorError> {
         ("idle_timeout_ms", config.idle_timeout_ms),
         ("frame_timeout_ms", config.frame_timeout_ms),
         ("rejection_log_interval_ms", config.rejection_log_interval_ms),
+        ("handshake_connections_max", config.handshake_connections_max),
+        ("handshake_per_address_max", config.handshake_per_address_max),
+        ("handshake_timeout_ms", config.handshake_timeout_ms),
     ] {
         if value == 0 {
             return bad(field, "must be at least 1".to_string());
@@ -690,13 +795,16 @@ fn check_config(config: &ReactorConfig) -> Result<(), ReactorError> {
         );
     }
     // One connection alone must be able to fill its buffer, or a frame of
-    // frame_bytes_max could never be read whole.
-    if config.partial_frame_bytes_max < config.connection_buffer_bytes as u64 {
+    // frame_bytes_max could never be read whole (on a secure connection, with one
+    // encrypted frame beside it).
+    let buffer_max = config.connection_buffer_bytes as u64 + if secure { secure::FRAME_BYTES_MAX as u64 } else { 0 };
+    if config.partial_frame_bytes_max < buffer_max {
         return bad(
             "partial_frame_bytes_max",
             format!(
-                "{} cannot hold one connection's buffer of connection_buffer_bytes ({})",
-                config.partial_frame_bytes_max, config.connection_buffer_bytes
+                "{} cannot hold one connection's buffer of {buffer_max} bytes (connection_buffer_bytes, plus \
+                 one encrypted frame on a secure port)",
+                config.partial_frame_bytes_max
             ),
         );
     }
@@ -839,7 +947,17 @@ enum Flush {
 /// One accepted connection, owned by the reactor thread.
 struct Connection {
     stream: Stream,
-    frames: Producer<Vec<u8>>,
+    /// The ring to the consumer; None until a secure connection's handshake is done
+    /// (a stranger costs no ring and no source).
+    frames: Option<Producer<Vec<u8>>>,
+    /// The secure channel, if the port has one.
+    secure: Secure,
+    /// On an established secure connection, the plaintext at the front of `buffer`:
+    /// `buffer[..plain_end]` is decrypted, the rest ciphertext (at most one partial
+    /// encrypted frame). Unused otherwise (see `plain_end()`).
+    plain_end: usize,
+    /// When the connection was accepted (its handshake deadline counts from here).
+    accepted_at: Instant,
     /// Sizes of the frames in the ring, oldest first, as this end knows them.
     queued: QueuedBytes,
     /// Received bytes not yet pushed: whole frames waiting for ring room, then at
@@ -875,17 +993,32 @@ struct Connection {
     ack_seq_highest: Option<u64>,
 }
 
+/// Where a connection stands with the secure channel.
+enum Secure {
+    /// No channel: the Unix socket, or a TCP port started without one.
+    Plain,
+    /// The handshake is under way; the connection is no source yet.
+    Handshake(Box<Channel>),
+    /// The peer proved its identity; everything is encrypted both ways.
+    Established { sender: StreamSender, receiver: StreamReceiver },
+}
+
 impl Connection {
     fn new(
         stream: Stream,
-        frames: Producer<Vec<u8>>,
+        frames: Option<Producer<Vec<u8>>>,
+        secure: Secure,
         interest: Interest,
         peer: Option<SocketAddr>,
         now: Instant,
     ) -> Connection {
+        debug_assert_eq!(frames.is_none(), matches!(secure, Secure::Handshake(_)));
         Connection {
             stream,
             frames,
+            secure,
+            plain_end: 0,
+            accepted_at: now,
             queued: QueuedBytes::default(),
             buffer: Vec::new(),
             charged: 0,
@@ -901,6 +1034,44 @@ impl Connection {
             output_holds_ack: false,
             pending_ack: None,
             ack_seq_highest: None,
+        }
+    }
+
+    /// The end of the bytes in `buffer` that are plaintext wire frames.
+    fn plain_end(&self) -> usize {
+        match self.secure {
+            Secure::Plain => self.buffer.len(),
+            Secure::Handshake(_) => 0,
+            Secure::Established { .. } => self.plain_end,
+        }
+    }
+
+    fn in_handshake(&self) -> bool {
+        matches!(self.secure, Secure::Handshake(_))
+    }
+
+    /// The most bytes `buffer` may hold: a secure connection's may hold one encrypted
+    /// frame beside the frames and the partial one of `connection_buffer_bytes`.
+    fn buffer_max(&self, config: &ReactorConfig) -> usize {
+        let plain = config.connection_buffer_bytes as usize;
+        match self.secure {
+            Secure::Plain => plain,
+            Secure::Handshake(_) => HANDSHAKE_BUFFER_BYTES,
+            Secure::Established { .. } => plain + secure::FRAME_BYTES_MAX,
+        }
+    }
+
+    /// Appends the wire frame `frame` to the output, encrypted on a secure connection.
+    /// False when it cannot be (a connection in its handshake has no keys yet; a
+    /// sealing failure).
+    fn queue_output(&mut self, frame: &[u8]) -> bool {
+        match &mut self.secure {
+            Secure::Plain => {
+                self.output.extend_from_slice(frame);
+                true
+            }
+            Secure::Handshake(_) => false,
+            Secure::Established { sender, .. } => sender.seal(frame, &mut self.output).is_ok(),
         }
     }
 
@@ -938,9 +1109,16 @@ impl Connection {
         loop {
             if self.output.is_empty() {
                 let Some(ack) = self.pending_ack.take() else { return Flush::Done };
-                wire::encode_ack(&mut self.output, ack.seq, ack.position, ack.time_ms);
+                if let Secure::Plain = self.secure {
+                    wire::encode_ack(&mut self.output, ack.seq, ack.position, ack.time_ms);
+                } else {
+                    let mut frame = Vec::with_capacity(ACK_FRAME_BYTES);
+                    wire::encode_ack(&mut frame, ack.seq, ack.position, ack.time_ms);
+                    if !self.queue_output(&frame) {
+                        return Flush::Failed;
+                    }
+                }
                 self.output_holds_ack = true;
-                debug_assert_eq!(self.output.len(), ACK_FRAME_BYTES);
             }
             assert!(self.output.len() <= OUTPUT_BYTES_MAX, "output of {} bytes", self.output.len());
             assert!(self.output_written_bytes < self.output.len(), "output written past its end");
@@ -973,9 +1151,12 @@ impl Connection {
     /// side and drain. The caller closes the connection.
     fn finish_with_error(&mut self, text: &str, stats: &StatCells) {
         if let Flush::Done = self.flush(stats) {
-            encode_error_frame(&mut self.output, text);
+            let mut frame = Vec::with_capacity(ERROR_FRAME_BYTES_MAX);
+            encode_error_frame(&mut frame, text);
             self.output_holds_ack = false;
-            let _ = self.flush(stats);
+            if self.queue_output(&frame) {
+                let _ = self.flush(stats);
+            }
         }
         self.stream.shutdown_and_drain();
     }
@@ -996,6 +1177,8 @@ enum Outcome {
     Starved,
     /// Close the connection (the counters are already updated).
     Close,
+    /// A secure connection's handshake just completed: make it a source.
+    Established,
 }
 
 /// The partial-frame budget: read-buffer bytes above the floor, over all connections.
@@ -1086,6 +1269,41 @@ impl RejectionLog {
     }
 }
 
+/// The TCP connections in their handshake: how many, and from which addresses.
+#[derive(Default)]
+struct Handshakes {
+    open: u32,
+    per_address: HashMap<IpAddr, u32>,
+}
+
+impl Handshakes {
+    fn from(&self, peer: Option<SocketAddr>) -> u32 {
+        peer.and_then(|peer| self.per_address.get(&peer.ip())).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, peer: Option<SocketAddr>, stats: &StatCells) {
+        self.open += 1;
+        if let Some(peer) = peer {
+            *self.per_address.entry(peer.ip()).or_insert(0) += 1;
+        }
+        bump(&stats.handshakes_now, 1);
+    }
+
+    fn remove(&mut self, peer: Option<SocketAddr>, stats: &StatCells) {
+        assert!(self.open > 0, "a handshake ended that was never counted");
+        self.open -= 1;
+        if let Some(peer) = peer {
+            if let Some(count) = self.per_address.get_mut(&peer.ip()) {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_address.remove(&peer.ip());
+                }
+            }
+        }
+        stats.handshakes_now.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct EventLoop {
     /// The time of this round (taken once after each poll).
     now: Instant,
@@ -1100,6 +1318,12 @@ struct EventLoop {
     unix_open: u32,
     /// Open TCP connections per remote IP address (no entry at zero).
     per_address: HashMap<IpAddr, u32>,
+    /// TCP connections in their handshake.
+    handshakes: Handshakes,
+    /// The secure channel every TCP connection completes first; None: plain TCP.
+    secure: Option<Arc<SecureConfig>>,
+    /// One encrypted frame's ciphertext while it is decrypted (empty without `secure`).
+    scratch: Vec<u8>,
     rejection_log: RejectionLog,
     poll: Poll,
     shared: Arc<Shared>,
@@ -1242,12 +1466,33 @@ impl EventLoop {
                     );
                     return Some((LOG_CONNECTION + 2, text));
                 }
-                (self.tcp_open >= self.config.connections_max).then(|| {
+                if self.tcp_open >= self.config.connections_max {
                     let text = format!(
                         "connection refused: {} connections open, the limit is {} (connections_max)",
                         self.tcp_open, self.config.connections_max
                     );
-                    (LOG_CONNECTION, text)
+                    return Some((LOG_CONNECTION, text));
+                }
+                if self.secure.is_none() {
+                    return None;
+                }
+                let handshaking_from_peer = self.handshakes.from(peer);
+                if handshaking_from_peer >= self.config.handshake_per_address_max {
+                    let text = format!(
+                        "connection refused: {handshaking_from_peer} connections from {} are in their handshake, the \
+                         limit is {} (handshake_per_address_max)",
+                        peer.map_or_else(String::new, |peer| peer.ip().to_string()),
+                        self.config.handshake_per_address_max
+                    );
+                    return Some((LOG_CONNECTION + 7, text));
+                }
+                (self.handshakes.open >= self.config.handshake_connections_max).then(|| {
+                    let text = format!(
+                        "connection refused: {} connections are in their handshake, the limit is {} \
+                         (handshake_connections_max)",
+                        self.handshakes.open, self.config.handshake_connections_max
+                    );
+                    (LOG_CONNECTION + 6, text)
                 })
             }
         }
@@ -1259,27 +1504,48 @@ impl EventLoop {
             let counter = match reason - LOG_CONNECTION {
                 0 => &stats.rejected_connections,
                 1 => &stats.rejected_local_connections,
-                _ => &stats.rejected_per_address,
+                2 => &stats.rejected_per_address,
+                6 => &stats.rejected_handshakes,
+                _ => &stats.rejected_handshakes_per_address,
             };
             bump(counter, 1);
             stream.write_error_frame(&text);
             self.rejection_log.note(reason, self.now, peer, &text);
             return;
         }
+        // A TCP connection on a secure port is a stranger until its handshake is
+        // done: no ring, no source, only a handshake slot.
+        let secure = match (&self.secure, stream.kind()) {
+            (Some(config), SourceKind::Tcp) => match Channel::responder(Arc::clone(config)) {
+                Ok(channel) => Secure::Handshake(Box::new(channel.for_stream())),
+                Err(error) => {
+                    stream.write_error_frame(&format!("connection refused: {error}"));
+                    return;
+                }
+            },
+            _ => Secure::Plain,
+        };
         let id = self.next_id;
         self.next_id += 1;
         let Ok(token) = usize::try_from(id) else { return };
         if stream.set_interest(self.poll.registry(), Token(token), None, Some(Interest::READABLE)).is_err() {
             return;
         }
-        let (producer, consumer) = ring(self.ring_frames);
         let kind = stream.kind();
-        if self.sources_tx.send(Source { id, frames: consumer, kind }).is_err() {
-            // Nobody consumes: do not keep the connection.
-            let _ = stream.set_interest(self.poll.registry(), Token(token), Some(Interest::READABLE), None);
-            return;
-        }
-        bump(&self.stats().accepted, 1);
+        let frames = if let Secure::Handshake(_) = secure {
+            self.handshakes.add(peer, &self.shared.stats);
+            None
+        } else {
+            let (producer, consumer) = ring(self.ring_frames);
+            if self.sources_tx.send(Source { id, frames: consumer, kind }).is_err() {
+                // Nobody consumes: do not keep the connection.
+                let _ = stream.set_interest(self.poll.registry(), Token(token), Some(Interest::READABLE), None);
+                return;
+            }
+            bump(&self.stats().accepted, 1);
+            self.pushed = true;
+            Some(producer)
+        };
         match kind {
             SourceKind::Tcp => {
                 self.tcp_open += 1;
@@ -1289,8 +1555,7 @@ impl EventLoop {
             }
             SourceKind::Unix => self.unix_open += 1,
         }
-        self.connections.insert(id, Connection::new(stream, producer, Interest::READABLE, peer, self.now));
-        self.pushed = true;
+        self.connections.insert(id, Connection::new(stream, frames, secure, Interest::READABLE, peer, self.now));
         // Data may already be waiting; edge-triggered readiness reports it, but
         // reading now costs one failed read at most.
         self.on_readable(id);
@@ -1307,10 +1572,55 @@ impl EventLoop {
             pushed: &mut self.pushed,
             budget: &mut self.budget,
             log: &mut self.rejection_log,
+            scratch: &mut self.scratch,
             now: self.now,
         };
-        let outcome = read_connection(connection, &mut round);
+        let outcome = if connection.in_handshake() {
+            read_handshake(connection, &mut round)
+        } else {
+            read_connection(connection, &mut round)
+        };
         self.settle(id, outcome);
+        // Handshake messages or an ack may wait for WRITABLE.
+        self.update_interest(id);
+    }
+
+    /// A secure connection proved its identity: it becomes a source (its ring is
+    /// made and handed to the consumer), leaves the handshake count, and is read on
+    /// (what its peer sent after the handshake is already in the buffer).
+    fn establish(&mut self, id: u64) {
+        let Some(connection) = self.connections.get_mut(&id) else { return };
+        let Secure::Handshake(channel) = std::mem::replace(&mut connection.secure, Secure::Plain) else {
+            unreachable!("only a connection in its handshake is established")
+        };
+        self.handshakes.remove(connection.peer, &self.shared.stats);
+        let parts = match channel.into_stream() {
+            Ok(parts) => parts,
+            Err(_) => {
+                // Cannot happen for a channel that said it is established; closed all the same.
+                connection.stream.shutdown_and_drain();
+                self.close(id);
+                return;
+            }
+        };
+        debug_assert!(parts.received.is_empty(), "handshake frames are fed one at a time");
+        connection.output.extend_from_slice(&parts.outgoing);
+        assert!(connection.output.len() <= OUTPUT_BYTES_MAX, "handshake output of {} bytes", connection.output.len());
+        connection.secure = Secure::Established { sender: parts.sender, receiver: parts.receiver };
+        connection.plain_end = 0;
+        connection.last_byte_at = self.now;
+        let (producer, consumer) = ring(self.ring_frames);
+        if self.sources_tx.send(Source { id, frames: consumer, kind: SourceKind::Tcp }).is_err() {
+            self.close(id);
+            return;
+        }
+        connection.frames = Some(producer);
+        bump(&self.shared.stats.handshakes_completed, 1);
+        bump(&self.shared.stats.accepted, 1);
+        self.pushed = true;
+        tracing::debug!(peer = ?connection.peer, identity = %parts.peer, "ingest connection authenticated");
+        self.on_writable(id);
+        self.on_readable(id);
     }
 
     /// Reads the connections that wait for the budget, oldest first, while the
@@ -1343,22 +1653,41 @@ impl EventLoop {
         let now = self.now;
         let idle_timeout = Duration::from_millis(self.config.idle_timeout_ms as u64);
         let frame_timeout = Duration::from_millis(self.config.frame_timeout_ms as u64);
+        let handshake_timeout = Duration::from_millis(self.config.handshake_timeout_ms as u64);
         let mut expired = Vec::new();
         for (&id, connection) in &self.connections {
+            if connection.in_handshake() {
+                // Not a source yet: only its handshake deadline runs.
+                if now.saturating_duration_since(connection.accepted_at) >= handshake_timeout {
+                    expired.push((id, Expiry::Handshake));
+                }
+                continue;
+            }
             if connection.paused || !connection.reading {
                 continue;
             }
             if let Some(started) = connection.frame_started_at {
                 if now.saturating_duration_since(started) >= frame_timeout {
-                    expired.push((id, false));
+                    expired.push((id, Expiry::Frame));
                 }
             } else if !connection.starved && now.saturating_duration_since(connection.last_byte_at) >= idle_timeout {
-                expired.push((id, true));
+                expired.push((id, Expiry::Idle));
             }
         }
-        for (id, idle) in expired {
+        for (id, expiry) in expired {
             let Some(connection) = self.connections.get_mut(&id) else { continue };
-            let (reason, counter, text) = if idle {
+            if let Expiry::Handshake = expiry {
+                let text = format!(
+                    "connection closed: the secure handshake did not complete within {} ms (handshake_timeout_ms)",
+                    self.config.handshake_timeout_ms
+                );
+                bump(&self.shared.stats.closed_handshake_timeout, 1);
+                self.rejection_log.note(LOG_CONNECTION + 8, now, connection.peer, &text);
+                connection.stream.shutdown_and_drain();
+                self.close(id);
+                continue;
+            }
+            let (reason, counter, text) = if let Expiry::Idle = expiry {
                 let text = format!(
                     "connection closed: no byte received for {} ms (idle_timeout_ms)",
                     self.config.idle_timeout_ms
@@ -1438,6 +1767,7 @@ impl EventLoop {
                 self.update_interest(id);
             }
             Outcome::Close => self.close(id),
+            Outcome::Established => self.establish(id),
         }
     }
 
@@ -1501,6 +1831,9 @@ impl EventLoop {
 
     fn close(&mut self, id: u64) {
         if let Some(mut connection) = self.connections.remove(&id) {
+            if connection.in_handshake() {
+                self.handshakes.remove(connection.peer, &self.shared.stats);
+            }
             if connection.interest.is_some() {
                 let token = Token(usize::try_from(id).unwrap_or(usize::MAX));
                 let _ = connection.stream.set_interest(self.poll.registry(), token, connection.interest, None);
@@ -1527,9 +1860,11 @@ impl EventLoop {
                     }
                 }
             }
-            bump(&self.stats().closed, 1);
-            // Dropping the producer abandons the ring once the consumer drains it.
-            self.pushed = true;
+            if connection.frames.is_some() {
+                bump(&self.stats().closed, 1);
+                // Dropping the producer abandons the ring once the consumer drains it.
+                self.pushed = true;
+            }
         }
     }
 
@@ -1585,7 +1920,16 @@ struct Round<'a> {
     pushed: &'a mut bool,
     budget: &'a mut Budget,
     log: &'a mut RejectionLog,
+    /// Holds one encrypted frame while it is decrypted.
+    scratch: &'a mut [u8],
     now: Instant,
+}
+
+/// Which timeout closed a connection in a sweep.
+enum Expiry {
+    Idle,
+    Frame,
+    Handshake,
 }
 
 /// Pushes every whole frame in the buffer, then reads until the socket would block
@@ -1593,14 +1937,27 @@ struct Round<'a> {
 /// spent, the partial-frame budget cannot grow the buffer, or the connection must
 /// close.
 fn read_connection(connection: &mut Connection, round: &mut Round) -> Outcome {
-    let buffer_max = round.config.connection_buffer_bytes as usize;
+    let buffer_max = connection.buffer_max(round.config);
     let mut reads_left = READS_PER_ROUND_MAX;
     loop {
+        if let Secure::Established { receiver, .. } = &mut connection.secure {
+            match receiver.open_in_place(&mut connection.buffer, connection.plain_end, round.scratch) {
+                Ok(plain_end) => connection.plain_end = plain_end,
+                Err(error) => {
+                    bump(&round.stats.bad_encryption, 1);
+                    let text = format!("connection closed: {error}");
+                    round.log.note(LOG_CONNECTION + 10, round.now, connection.peer, &text);
+                    connection.finish_with_error(&text, round.stats);
+                    return Outcome::Close;
+                }
+            }
+        }
         match push_frames(connection, round) {
             Outcome::Idle => {}
             other => return other,
         }
-        // Only a partial frame is left, shorter than frame_bytes_max <= buffer_max.
+        // Only a partial frame is left, shorter than frame_bytes_max <= buffer_max
+        // (on a secure connection, and at most one partial encrypted frame).
         let held = connection.buffer.len();
         assert!(held < buffer_max, "partial frame of {held} bytes fills the buffer of {buffer_max}");
         if connection.buffer.capacity() > BUFFER_FLOOR_BYTES {
@@ -1619,8 +1976,12 @@ fn read_connection(connection: &mut Connection, round: &mut Round) -> Outcome {
         let capacity = connection.buffer.capacity();
         // The partial frame's end when its header is here: the buffer grows past the
         // floor only as far as that frame needs (the next frames wait for it to go).
-        let frame_end = match wire::decode_header(&connection.buffer, round.config.frame_bytes_max) {
-            Ok(header) => header.frame_bytes().max(BUFFER_FLOOR_BYTES),
+        let plain_end = connection.plain_end();
+        let frame_end = match wire::decode_header(&connection.buffer[..plain_end], round.config.frame_bytes_max) {
+            // The frame's end, and on a secure connection the encrypted frame that
+            // completes it.
+            Ok(header) => (header.frame_bytes() + (buffer_max - round.config.connection_buffer_bytes as usize))
+                .max(BUFFER_FLOOR_BYTES),
             Err(_) => buffer_max,
         };
         if capacity < held + room_wanted && capacity < frame_end {
@@ -1675,9 +2036,10 @@ fn read_connection(connection: &mut Connection, round: &mut Round) -> Outcome {
 /// `Close`: a bad frame was answered with an error frame, or the consumer is gone.
 fn push_frames(connection: &mut Connection, round: &mut Round) -> Outcome {
     let (config, stats) = (round.config, round.stats);
+    let plain_end = connection.plain_end();
     let mut consumed = 0;
     let outcome = loop {
-        let rest = &connection.buffer[consumed..];
+        let rest = &connection.buffer[consumed..plain_end];
         if rest.len() < wire::HEADER_BYTES {
             break Outcome::Idle;
         }
@@ -1703,7 +2065,10 @@ fn push_frames(connection: &mut Connection, round: &mut Round) -> Outcome {
             Err(error) => break reject_frame(connection, round, &error),
         }
         let budget = config.queue_bytes_max as usize;
-        match push_or_block(&mut connection.frames, &mut connection.queued, budget, rest[..frame_bytes].to_vec()) {
+        let Some(frames) = connection.frames.as_mut() else {
+            unreachable!("a connection with plaintext frames is a source")
+        };
+        match push_or_block(frames, &mut connection.queued, budget, rest[..frame_bytes].to_vec()) {
             Push::Pushed => {}
             Push::Blocked => break Outcome::Paused,
             Push::ConsumerGone => break Outcome::Close,
@@ -1713,6 +2078,9 @@ fn push_frames(connection: &mut Connection, round: &mut Round) -> Outcome {
         bump(&stats.frames_in, 1);
     };
     connection.buffer.drain(..consumed);
+    if let Secure::Established { .. } = connection.secure {
+        connection.plain_end -= consumed;
+    }
     if connection.buffer.is_empty() {
         connection.frame_started_at = None;
     } else if consumed > 0 {
@@ -1720,6 +2088,92 @@ fn push_frames(connection: &mut Connection, round: &mut Round) -> Outcome {
         connection.frame_started_at = Some(round.now);
     }
     outcome
+}
+
+/// Reads a connection in its secure handshake: feeds each whole handshake frame to
+/// its channel, queues and writes what the channel answers, until the socket would
+/// block, the handshake fails (counted by reason, the refusal written best effort,
+/// `Close`) or completes (`Established`; bytes after it stay in the buffer). Never
+/// more than `HANDSHAKE_BUFFER_BYTES` are buffered, none of them charged to the
+/// partial-frame budget.
+fn read_handshake(connection: &mut Connection, round: &mut Round) -> Outcome {
+    let mut reads_left = READS_PER_ROUND_MAX;
+    loop {
+        if let Some(outcome) = advance_handshake(connection, round) {
+            return outcome;
+        }
+        if reads_left == 0 {
+            return Outcome::Budget;
+        }
+        reads_left -= 1;
+        let held = connection.buffer.len();
+        // A partial handshake frame is shorter than HANDSHAKE_FRAME_BYTES_MAX.
+        assert!(held < secure::HANDSHAKE_FRAME_BYTES_MAX, "partial handshake frame of {held} bytes");
+        connection.buffer.resize(HANDSHAKE_BUFFER_BYTES, 0);
+        let result = connection.stream.read(&mut connection.buffer[held..]);
+        let count = *result.as_ref().unwrap_or(&0);
+        connection.buffer.truncate(held + count);
+        match result {
+            // The peer left during its handshake: nothing to count but the close.
+            Ok(0) => return Outcome::Close,
+            Ok(count) => {
+                bump(&round.stats.bytes_in, count as u64);
+                connection.last_byte_at = round.now;
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Outcome::Idle,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Outcome::Close,
+        }
+    }
+}
+
+/// Feeds the whole handshake frames in the buffer to the channel, one at a time;
+/// `None` while the handshake goes on.
+fn advance_handshake(connection: &mut Connection, round: &mut Round) -> Option<Outcome> {
+    let Secure::Handshake(channel) = &mut connection.secure else { unreachable!("a connection in its handshake") };
+    let mut consumed = 0;
+    let mut failure = None;
+    while connection.buffer.len() - consumed >= 2 && !channel.is_established() {
+        let length = u16::from_be_bytes([connection.buffer[consumed], connection.buffer[consumed + 1]]) as usize;
+        if 2 + length > secure::HANDSHAKE_FRAME_BYTES_MAX {
+            failure = Some(SecureError::BadHandshake(format!(
+                "a handshake frame of {} bytes (at most {})",
+                2 + length,
+                secure::HANDSHAKE_FRAME_BYTES_MAX
+            )));
+            break;
+        }
+        let end = consumed + 2 + length;
+        if end > connection.buffer.len() {
+            break;
+        }
+        let received = channel.receive(&connection.buffer[consumed..end]);
+        consumed = end;
+        connection.output.extend_from_slice(&channel.take_outgoing());
+        assert!(connection.output.len() <= OUTPUT_BYTES_MAX, "handshake output of {} bytes", connection.output.len());
+        if let Err(error) = received {
+            failure = Some(error);
+            break;
+        }
+    }
+    connection.buffer.drain(..consumed);
+    let established = channel.is_established();
+    if let Some(error) = failure {
+        bump(&round.stats.authentication_failures_by_reason[authentication_failure_index(&error)], 1);
+        let text = format!("secure handshake failed: {error}");
+        round.log.note(LOG_CONNECTION + 9, round.now, connection.peer, &text);
+        // The refusal (if the channel got as far as one) goes out best effort.
+        let _ = connection.flush(round.stats);
+        connection.stream.shutdown_and_drain();
+        return Some(Outcome::Close);
+    }
+    if established {
+        return Some(Outcome::Established);
+    }
+    match connection.flush(round.stats) {
+        Flush::Failed => Some(Outcome::Close),
+        Flush::Done | Flush::Blocked => None,
+    }
 }
 
 enum Push {
@@ -1822,7 +2276,8 @@ mod tests {
     fn acks_keep_only_the_newest_pending_and_never_go_back() {
         let (near, mut far) = UnixStream::pair().unwrap();
         let (producer, _consumer) = ring(2);
-        let mut connection = Connection::new(Stream::Unix(near), producer, Interest::READABLE, None, Instant::now());
+        let mut connection =
+            Connection::new(Stream::Unix(near), Some(producer), Secure::Plain, Interest::READABLE, None, Instant::now());
         let stats = StatCells::default();
         let ack = |seq| PendingAck { seq, position: seq * 10, time_ms: seq * 100 };
         assert_eq!(connection.wanted_interest(), Some(Interest::READABLE));
@@ -1882,18 +2337,28 @@ mod tests {
             idle_timeout_ms: 1000,
             frame_timeout_ms: 1000,
             rejection_log_interval_ms: 1000,
+            handshake_connections_max: 2,
+            handshake_per_address_max: 1,
+            handshake_timeout_ms: 1000,
             queue_frames: 3,
             queue_bytes_max: 1 << 20,
             frame_bytes_max: 4096,
         };
-        assert!(check_config(&good).is_ok());
-        let field = |config: ReactorConfig| match check_config(&config) {
+        assert!(check_config(&good, false).is_ok());
+        // A secure port's buffer holds one encrypted frame more.
+        match check_config(&good, true) {
+            Err(ReactorError::Config { field: "partial_frame_bytes_max", .. }) => {}
+            other => panic!("expected partial_frame_bytes_max, got {other:?}"),
+        }
+        assert!(check_config(&ReactorConfig { partial_frame_bytes_max: 1 << 20, ..good.clone() }, true).is_ok());
+        let field = |config: ReactorConfig| match check_config(&config, false) {
             Err(ReactorError::Config { field, .. }) => field,
             other => panic!("expected a config error, got {other:?}"),
         };
         assert_eq!(field(ReactorConfig { listen_tcp: None, ..good.clone() }), "listen_tcp");
         assert_eq!(field(ReactorConfig { connections_max: 0, ..good.clone() }), "connections_max");
         assert_eq!(field(ReactorConfig { queue_frames: 0, ..good.clone() }), "queue_frames");
+        assert_eq!(field(ReactorConfig { handshake_timeout_ms: 0, ..good.clone() }), "handshake_timeout_ms");
         assert_eq!(field(ReactorConfig { queue_bytes_max: 0, ..good.clone() }), "queue_bytes_max");
         assert_eq!(field(ReactorConfig { frame_bytes_max: 16, ..good.clone() }), "frame_bytes_max");
         assert_eq!(field(ReactorConfig { local_connections_max: 0, ..good.clone() }), "local_connections_max");

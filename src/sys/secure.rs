@@ -104,6 +104,13 @@ const LENGTH_PREFIX_BYTES: usize = 4;
 pub const SINGLE_FRAME_MESSAGE_BYTES_MAX: usize = CHUNK_PLAINTEXT_BYTES_MAX - LENGTH_PREFIX_BYTES;
 /// Bytes a frame adds to its plaintext (length and tag).
 pub const FRAME_OVERHEAD_BYTES: usize = FRAME_HEADER_BYTES + TAG_BYTES;
+/// The longest frame on the wire (length and a whole Noise message).
+pub const FRAME_BYTES_MAX: usize = FRAME_HEADER_BYTES + NOISE_MESSAGE_BYTES_MAX;
+/// The longest frame of a handshake: an identity with the longest name.
+pub const HANDSHAKE_FRAME_BYTES_MAX: usize = FRAME_HEADER_BYTES + IDENTITY_FIXED_BYTES + NAME_BYTES_MAX + TAG_BYTES;
+/// What this side writes in a Noise handshake message at most (an ephemeral key,
+/// and for the responder a tag).
+const HANDSHAKE_WRITE_BYTES_MAX: usize = 256;
 
 const KIND_NODE: u8 = 1;
 const KIND_OPERATOR: u8 = 2;
@@ -178,6 +185,16 @@ pub enum LocalIdentity {
 }
 
 impl LocalIdentity {
+    /// The node `name`, proving it with `key`.
+    pub fn node(name: &str, key: &crate::trust::KeyPair) -> LocalIdentity {
+        LocalIdentity::Node { name: name.to_string(), key: key.signing_key().clone() }
+    }
+
+    /// An operator, by its key.
+    pub fn operator(key: &crate::trust::KeyPair) -> LocalIdentity {
+        LocalIdentity::Operator { key: key.signing_key().clone() }
+    }
+
     fn signing_key(&self) -> &SigningKey {
         match self {
             LocalIdentity::Node { key, .. } | LocalIdentity::Operator { key } => key,
@@ -211,6 +228,25 @@ pub struct SecureConfig {
     pub accept_operators: bool,
     /// The largest application message sent or received.
     pub message_bytes_max: u32,
+}
+
+impl SecureConfig {
+    /// A client's config that knows one node, `server` with its public key
+    /// `server_key` (the ingest port's clients: load generators, tools, tests).
+    pub fn towards_node(
+        cluster_id: ClusterId,
+        local: LocalIdentity,
+        server: &str,
+        server_key: [u8; 32],
+    ) -> Arc<SecureConfig> {
+        Arc::new(SecureConfig {
+            cluster_id,
+            local,
+            keys: Arc::new(StaticPeerKeys::of_nodes([(server, server_key)])),
+            accept_operators: false,
+            message_bytes_max: SINGLE_FRAME_MESSAGE_BYTES_MAX as u32,
+        })
+    }
 }
 
 impl std::fmt::Debug for SecureConfig {
@@ -368,7 +404,13 @@ pub struct Channel {
     role: Role,
     expect_peer: Option<String>,
     phase: Phase,
-    transport: Option<snow::TransportState>,
+    transport: Option<Arc<snow::StatelessTransportState>>,
+    /// The nonce of the next transport message sent, and of the next one received.
+    send_nonce: u64,
+    receive_nonce: u64,
+    /// Stream mode ([`Channel::for_stream`]): `receive` stops at the end of the
+    /// handshake and leaves later bytes unread, for [`Channel::into_stream`].
+    stream: bool,
     handshake_hash: [u8; 32],
     peer: Option<Identity>,
     inbox: Vec<u8>,
@@ -452,7 +494,7 @@ impl Channel {
     pub fn initiator(config: Arc<SecureConfig>, expect_peer: Option<&str>) -> Result<Channel, SecureError> {
         let mut channel = Channel::new(config, Role::Initiator, expect_peer)?;
         let Phase::Noise(handshake) = &mut channel.phase else { unreachable!("a new channel is in its handshake") };
-        let mut frame = vec![0u8; NOISE_MESSAGE_BYTES_MAX];
+        let mut frame = vec![0u8; HANDSHAKE_WRITE_BYTES_MAX];
         let written =
             handshake.write_message(&[], &mut frame).map_err(|error| SecureError::Setup(error.to_string()))?;
         push_frame(&mut channel.outbox, &frame[..written]);
@@ -462,6 +504,40 @@ impl Channel {
     /// The accepting side: waits for the initiator's first frame.
     pub fn responder(config: Arc<SecureConfig>) -> Result<Channel, SecureError> {
         Channel::new(config, Role::Responder, None)
+    }
+
+    /// Stream mode: after the handshake the two ends exchange a byte stream of their
+    /// own framing (the ingest port's wire frames), each direction cut into Noise
+    /// transport messages of any size, with no message layer. `receive` stops at the
+    /// end of the handshake and leaves the bytes after it unread; then
+    /// [`into_stream`](Channel::into_stream) gives the two directions apart.
+    pub fn for_stream(mut self) -> Channel {
+        self.stream = true;
+        self
+    }
+
+    /// The established stream-mode channel as its two directions, the peer's
+    /// identity, the bytes received after the handshake (ciphertext for the
+    /// [`StreamReceiver`]) and the bytes still to send (the responder's identity).
+    pub fn into_stream(self) -> Result<StreamParts, SecureError> {
+        if !self.stream {
+            return Err(SecureError::Setup("into_stream on a channel not in stream mode".to_string()));
+        }
+        if let Phase::Failed(reason) = &self.phase {
+            return Err(SecureError::Failed(reason.clone()));
+        }
+        let (Some(transport), Some(peer), true) = (self.transport, self.peer, matches!(self.phase, Phase::Established))
+        else {
+            return Err(SecureError::NotEstablished);
+        };
+        assert!(self.messages.is_empty() && self.partial.is_none(), "a stream-mode channel has no message layer");
+        Ok(StreamParts {
+            sender: StreamSender { transport: Arc::clone(&transport), nonce: self.send_nonce },
+            receiver: StreamReceiver { transport, nonce: self.receive_nonce },
+            peer,
+            received: self.inbox,
+            outgoing: self.outbox,
+        })
     }
 
     fn new(config: Arc<SecureConfig>, role: Role, expect_peer: Option<&str>) -> Result<Channel, SecureError> {
@@ -479,13 +555,18 @@ impl Channel {
             expect_peer: expect_peer.map(str::to_string),
             phase: Phase::Noise(Box::new(noise(role)?)),
             transport: None,
+            send_nonce: 0,
+            receive_nonce: 0,
+            stream: false,
             handshake_hash: [0; 32],
             peer: None,
             inbox: Vec::new(),
             outbox: Vec::new(),
             messages: VecDeque::new(),
             partial: None,
-            scratch: vec![0u8; NOISE_MESSAGE_BYTES_MAX],
+            // Grows to what a frame needs: a handshake costs a few hundred bytes, not
+            // a whole Noise message.
+            scratch: Vec::new(),
             #[cfg(test)]
             identity_override: None,
         })
@@ -551,7 +632,7 @@ impl Channel {
         let inbox = std::mem::take(&mut self.inbox);
         let mut at = 0;
         let mut result = Ok(());
-        while inbox.len() - at >= FRAME_HEADER_BYTES {
+        while inbox.len() - at >= FRAME_HEADER_BYTES && !(self.stream && self.is_established()) {
             let length = u16::from_be_bytes([inbox[at], inbox[at + 1]]) as usize;
             let end = at + FRAME_HEADER_BYTES + length;
             if inbox.len() < end {
@@ -605,31 +686,32 @@ impl Channel {
 
     /// Encrypts one chunk into a frame at the end of `outbox`.
     fn encrypt(&mut self, plaintext: &[u8]) -> Result<(), SecureError> {
-        let transport = self.transport.as_mut().ok_or(SecureError::NotEstablished)?;
-        let at = self.outbox.len();
-        self.outbox.resize(at + FRAME_HEADER_BYTES + plaintext.len() + TAG_BYTES, 0);
-        match transport.write_message(plaintext, &mut self.outbox[at + FRAME_HEADER_BYTES..]) {
-            Ok(written) => {
-                self.outbox[at..at + FRAME_HEADER_BYTES].copy_from_slice(&(written as u16).to_be_bytes());
-                self.outbox.truncate(at + FRAME_HEADER_BYTES + written);
-                Ok(())
-            }
-            Err(error) => {
-                self.outbox.truncate(at);
-                Err(SecureError::BadMessage(format!("cannot encrypt: {error}")))
-            }
-        }
+        let transport = self.transport.as_ref().ok_or(SecureError::NotEstablished)?;
+        seal_frame(transport, &mut self.send_nonce, plaintext, &mut self.outbox)
     }
 
     /// Decrypts one frame into `scratch`; its plaintext length.
     fn decrypt(&mut self, frame: &[u8]) -> Result<usize, String> {
-        let transport = self.transport.as_mut().ok_or("no transport keys")?;
-        transport.read_message(frame, &mut self.scratch).map_err(|error| format!("a frame did not decrypt: {error}"))
+        let transport = self.transport.as_ref().ok_or("no transport keys")?;
+        if self.scratch.len() < frame.len() {
+            self.scratch.resize(frame.len(), 0);
+        }
+        let read = transport
+            .read_message(self.receive_nonce, frame, &mut self.scratch)
+            .map_err(|error| format!("a frame did not decrypt: {error}"))?;
+        self.receive_nonce = next_nonce(self.receive_nonce).map_err(|error| error.to_string())?;
+        Ok(read)
     }
 
     fn on_frame(&mut self, frame: &[u8]) -> Result<(), SecureError> {
         match std::mem::replace(&mut self.phase, Phase::Failed("interrupted".to_string())) {
             Phase::Noise(mut handshake) => {
+                // The output of a handshake message is at most its input, and what this
+                // side writes (an ephemeral key) is 32 bytes.
+                let wanted = frame.len().max(HANDSHAKE_WRITE_BYTES_MAX);
+                if self.scratch.len() < wanted {
+                    self.scratch.resize(wanted, 0);
+                }
                 let read = handshake
                     .read_message(frame, &mut self.scratch)
                     .map_err(|error| SecureError::BadHandshake(format!("Noise message: {error}")))?;
@@ -650,11 +732,11 @@ impl Channel {
                 self.handshake_hash = hash
                     .try_into()
                     .map_err(|_| SecureError::Setup(format!("a handshake hash of {} bytes", hash.len())))?;
-                self.transport = Some(
+                self.transport = Some(Arc::new(
                     handshake
-                        .into_transport_mode()
+                        .into_stateless_transport_mode()
                         .map_err(|error| SecureError::BadHandshake(format!("Noise: {error}")))?,
-                );
+                ));
                 if self.role == Role::Initiator {
                     self.send_identity()?;
                 }
@@ -806,6 +888,139 @@ impl Channel {
 /// A name from a peer as it may appear in errors and logs: at most 64 characters.
 fn shown(name: &str) -> String {
     name.chars().take(64).collect()
+}
+
+/// The nonce after `nonce`; Noise forbids reaching `u64::MAX` (2^64 - 1 messages on
+/// one channel: never in practice, but never wrapped either).
+fn next_nonce(nonce: u64) -> Result<u64, SecureError> {
+    match nonce.checked_add(1) {
+        Some(next) if next < u64::MAX => Ok(next),
+        _ => Err(SecureError::BadMessage("the channel's nonces are exhausted".to_string())),
+    }
+}
+
+/// Encrypts `plaintext` (at most one Noise message's worth) as one frame at the end of
+/// `out`, with the nonce `nonce`, which then advances.
+fn seal_frame(
+    transport: &snow::StatelessTransportState,
+    nonce: &mut u64,
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), SecureError> {
+    let at = out.len();
+    out.resize(at + FRAME_HEADER_BYTES + plaintext.len() + TAG_BYTES, 0);
+    match transport.write_message(*nonce, plaintext, &mut out[at + FRAME_HEADER_BYTES..]) {
+        Ok(written) => {
+            out[at..at + FRAME_HEADER_BYTES].copy_from_slice(&(written as u16).to_be_bytes());
+            out.truncate(at + FRAME_HEADER_BYTES + written);
+            *nonce = next_nonce(*nonce)?;
+            Ok(())
+        }
+        Err(error) => {
+            out.truncate(at);
+            Err(SecureError::BadMessage(format!("cannot encrypt: {error}")))
+        }
+    }
+}
+
+/// A stream-mode channel taken apart ([`Channel::into_stream`]).
+pub struct StreamParts {
+    pub sender: StreamSender,
+    pub receiver: StreamReceiver,
+    pub peer: Identity,
+    /// Ciphertext received after the handshake, for `receiver`.
+    pub received: Vec<u8>,
+    /// Bytes still to send before anything `sender` seals.
+    pub outgoing: Vec<u8>,
+}
+
+/// The sending direction of a stream-mode channel: plaintext bytes in, frames out.
+pub struct StreamSender {
+    transport: Arc<snow::StatelessTransportState>,
+    nonce: u64,
+}
+
+impl std::fmt::Debug for StreamSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSender").field("nonce", &self.nonce).finish_non_exhaustive()
+    }
+}
+
+impl StreamSender {
+    /// Appends `plaintext` to `out` encrypted, as frames of at most 65519 plaintext
+    /// bytes each (18 bytes of overhead per frame).
+    pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), SecureError> {
+        out.reserve(plaintext.len() + plaintext.len().div_ceil(CHUNK_PLAINTEXT_BYTES_MAX).max(1) * FRAME_OVERHEAD_BYTES);
+        for chunk in plaintext.chunks(CHUNK_PLAINTEXT_BYTES_MAX) {
+            seal_frame(&self.transport, &mut self.nonce, chunk, out)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes `seal` adds to `plaintext_bytes` of plaintext.
+    pub fn sealed_bytes(plaintext_bytes: usize) -> usize {
+        plaintext_bytes + plaintext_bytes.div_ceil(CHUNK_PLAINTEXT_BYTES_MAX) * FRAME_OVERHEAD_BYTES
+    }
+}
+
+/// The receiving direction of a stream-mode channel: frames in, plaintext out, in
+/// place.
+pub struct StreamReceiver {
+    transport: Arc<snow::StatelessTransportState>,
+    nonce: u64,
+}
+
+impl std::fmt::Debug for StreamReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReceiver").field("nonce", &self.nonce).finish_non_exhaustive()
+    }
+}
+
+impl StreamReceiver {
+    /// Decrypts, in place, every whole frame in `buffer[plain_end..]`:
+    /// `buffer[..plain_end]` is plaintext already, the rest ciphertext as received.
+    /// Each frame's plaintext is written right after the plaintext before it (it is
+    /// shorter than its frame, so it never overtakes the ciphertext still to read);
+    /// the partial frame left, if any, moves up behind it. Returns the new plaintext
+    /// end. `scratch` holds one frame's ciphertext (at least 65535 bytes). An error
+    /// (a frame that does not decrypt: tampered, replayed, reordered or of another
+    /// session) is final.
+    pub fn open_in_place(
+        &mut self,
+        buffer: &mut Vec<u8>,
+        plain_end: usize,
+        scratch: &mut [u8],
+    ) -> Result<usize, SecureError> {
+        assert!(plain_end <= buffer.len(), "plaintext end {plain_end} past the buffer of {}", buffer.len());
+        assert!(scratch.len() >= NOISE_MESSAGE_BYTES_MAX, "scratch of {} bytes", scratch.len());
+        let mut read = plain_end;
+        let mut write = plain_end;
+        while buffer.len() - read >= FRAME_HEADER_BYTES {
+            let length = u16::from_be_bytes([buffer[read], buffer[read + 1]]) as usize;
+            if length < TAG_BYTES {
+                return Err(SecureError::BadMessage(format!("a frame of {length} bytes, shorter than its tag")));
+            }
+            let end = read + FRAME_HEADER_BYTES + length;
+            if end > buffer.len() {
+                break;
+            }
+            scratch[..length].copy_from_slice(&buffer[read + FRAME_HEADER_BYTES..end]);
+            let plaintext = length - TAG_BYTES;
+            let opened = self
+                .transport
+                .read_message(self.nonce, &scratch[..length], &mut buffer[write..write + plaintext])
+                .map_err(|error| SecureError::BadMessage(format!("a frame did not decrypt: {error}")))?;
+            debug_assert_eq!(opened, plaintext);
+            self.nonce = next_nonce(self.nonce)?;
+            write += opened;
+            read = end;
+        }
+        if read > write {
+            buffer.copy_within(read.., write);
+            buffer.truncate(buffer.len() - (read - write));
+        }
+        Ok(write)
+    }
 }
 
 fn push_frame(outbox: &mut Vec<u8>, message: &[u8]) {

@@ -53,6 +53,24 @@ struct NodeEntry {
 }
 
 impl Genesis {
+    /// A client's secure channel (the ingest port's, `sys::client::Client::connect_tcp`)
+    /// as `local`, trusting the nodes this genesis names with their genesis keys. A
+    /// node admitted later is not among them: its clients name it with
+    /// `SecureConfig::towards_node`.
+    pub fn client_secure(&self, local: crate::sys::secure::LocalIdentity) -> std::sync::Arc<crate::sys::secure::SecureConfig> {
+        let keys = crate::sys::secure::StaticPeerKeys {
+            nodes: self.nodes.iter().cloned().collect(),
+            operators: self.operator_keys.clone(),
+        };
+        std::sync::Arc::new(crate::sys::secure::SecureConfig {
+            cluster_id: self.cluster_id,
+            local,
+            keys: std::sync::Arc::new(keys),
+            accept_operators: false,
+            message_bytes_max: crate::sys::secure::SINGLE_FRAME_MESSAGE_BYTES_MAX as u32,
+        })
+    }
+
     /// No genesis: no key is trusted, every record is refused. `Config::default()`
     /// carries it; a node always loads a real one.
     pub fn none() -> Genesis {

@@ -317,3 +317,15 @@ pub fn spawn_node(config: &std::path::Path, stderr_log: &std::path::Path) -> std
         .spawn()
         .unwrap()
 }
+
+/// Connects to the ingest port at `addr` over the secure channel as node `name` (with
+/// its test key), trusting the nodes `genesis` names; the node must be `server`.
+pub fn connect_as(
+    addr: std::net::SocketAddr,
+    genesis: &meshos::trust::Genesis,
+    name: &str,
+    server: &str,
+) -> Result<(meshos::sys::client::Client, meshos::sys::client::Replies), meshos::sys::client::ClientError> {
+    let local = meshos::sys::secure::LocalIdentity::node(name, &meshos::trust::test_key_of(name));
+    meshos::sys::client::Client::connect_tcp(addr, genesis.client_secure(local), Some(server))
+}
