@@ -23,7 +23,8 @@ fn start_node(dir: &std::path::Path) -> meshos::node::run::Background {
     let clients: Vec<String> = (0..256).map(loadgen::load_origin).collect();
     meshos::sim::fixtures::trust_test_node_dir(dir, "bench-node", &clients);
     let text = format!(
-        "name = \"bench-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_per_address_max = 1024\n",
+        "name = \"bench-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_per_address_max = 1024\n\
+         handshake_per_address_max = 1024\nhandshake_connections_max = 1024\n",
         dir.display()
     );
     meshos::node::run::spawn(NodeConfig::parse(&text).unwrap()).expect("the node starts")

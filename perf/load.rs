@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use meshos::loadgen::{self, FrameTemplate, LoadOptions};
 use meshos::node::config::NodeConfig;
+use meshos::sys::client::{Client, ClientError, Replies};
 
 struct Flags {
     connections: u32,
@@ -110,26 +111,33 @@ fn raw_loopback(connections: u32, frames_per_connection: u64, frame: &[u8], fram
 }
 
 struct Hostile {
+    /// Strangers that connect and never start their handshake (each closed at the
+    /// handshake deadline).
     _idle: Vec<TcpStream>,
-    _deaf: TcpStream,
-    garbage: TcpStream,
+    _deaf: (Client, Replies),
+    garbage: Replies,
+}
+
+/// Load connection `index`'s secure channel towards the node under load.
+fn connect(addr: SocketAddr, index: u32) -> (Client, Replies) {
+    Client::connect_tcp(addr, loadgen::client_secure(index, "load-node", cluster_id()), Some("load-node")).unwrap()
 }
 
 fn hostile_clients(addr: SocketAddr, idle: u32) -> Hostile {
     let idle = (0..idle).map(|_| TcpStream::connect(addr).unwrap()).collect();
-    let mut garbage = TcpStream::connect(addr).unwrap();
-    garbage.write_all(&[0x5a; 4096]).unwrap();
-    let mut cut = TcpStream::connect(addr).unwrap();
+    let (mut garbage, garbage_replies) = connect(addr, 902);
+    garbage.send_raw(&[0x5a; 4096]).unwrap();
+    let (mut cut, _) = connect(addr, 900);
     let frame = FrameTemplate::setup(900, cluster_id()).fill(1, 1, true).to_vec();
-    cut.write_all(&frame[..frame.len() / 2]).unwrap();
+    cut.send_raw(&frame[..frame.len() / 2]).unwrap();
     drop(cut);
-    let mut deaf = TcpStream::connect(addr).unwrap();
-    deaf.write_all(FrameTemplate::setup(901, cluster_id()).fill(1, 1, true)).unwrap();
+    let (mut deaf, deaf_replies) = connect(addr, 901);
+    deaf.send_raw(FrameTemplate::setup(901, cluster_id()).fill(1, 1, true)).unwrap();
     let mut steady = FrameTemplate::steady(901, 64, "load-node", cluster_id());
     for seq in 2..=2000u64 {
-        deaf.write_all(steady.fill(seq, 4 + (seq - 2) * 64, true)).unwrap();
+        deaf.send_raw(steady.fill(seq, 4 + (seq - 2) * 64, true)).unwrap();
     }
-    Hostile { _idle: idle, _deaf: deaf, garbage }
+    Hostile { _idle: idle, _deaf: (deaf, deaf_replies), garbage: garbage_replies }
 }
 
 /// The load clients the node's genesis admits (their test keys; 900 and 901 are the
@@ -147,7 +155,8 @@ fn cluster_id() -> [u8; 16] {
 fn start_node(dir: &Path, connections_max: u32) -> meshos::node::run::Background {
     meshos::sim::fixtures::trust_test_node_dir(dir, "load-node", &clients());
     let text = format!(
-        "name = \"load-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_max = {connections_max}\nconnections_per_address_max = {connections_max}\n",
+        "name = \"load-node\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\nconnections_max = {connections_max}\nconnections_per_address_max = {connections_max}\n\
+         handshake_connections_max = {connections_max}\nhandshake_per_address_max = {connections_max}\n",
         dir.display()
     );
     meshos::node::run::spawn(NodeConfig::parse(&text).unwrap()).expect("the node starts")
@@ -182,8 +191,7 @@ fn main() {
     let results = loadgen::run(addr, &options, Duration::from_secs(120));
     let seconds = started.elapsed().as_secs_f64();
     let garbage_answered = hostile.map(|mut hostile| {
-        let mut reply = [0u8; 256];
-        hostile.garbage.read(&mut reply).unwrap_or(0) > 32
+        matches!(hostile.garbage.next_ack(Some(Duration::from_secs(10))), Err(ClientError::Rejected(_)))
     });
     let report = node.stop().expect("the node stops cleanly");
 

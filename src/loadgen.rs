@@ -196,18 +196,22 @@ pub fn run(addr: SocketAddr, options: &LoadOptions, ack_timeout: Duration) -> Ve
 }
 
 /// The secure channel of load connection `index`: the origin's test key, towards the
-/// node `options.peer` with its test key (as `sim::fixtures::trust_test_node_dir`
-/// writes it).
-pub fn client_secure(index: u32, options: &LoadOptions) -> Arc<crate::sys::secure::SecureConfig> {
+/// node `peer` of cluster `cluster_id` with its test key (as
+/// `sim::fixtures::trust_test_node_dir` writes it).
+pub fn client_secure(
+    index: u32,
+    peer: &str,
+    cluster_id: crate::trust::ClusterId,
+) -> Arc<crate::sys::secure::SecureConfig> {
     let origin = load_origin(index);
     let local = crate::sys::secure::LocalIdentity::node(&origin, &crate::trust::test_key_of(&origin));
-    let server_key = crate::trust::test_key_of(&options.peer).public_key();
-    crate::sys::secure::SecureConfig::towards_node(options.cluster_id, local, &options.peer, server_key)
+    let server_key = crate::trust::test_key_of(peer).public_key();
+    crate::sys::secure::SecureConfig::towards_node(cluster_id, local, peer, server_key)
 }
 
 fn drive(addr: SocketAddr, index: u32, options: &LoadOptions, ack_timeout: Duration) -> ConnectionResult {
     let mut result = ConnectionResult { origin: load_origin(index), ..ConnectionResult::default() };
-    let (client, replies) = match Client::connect_tcp(addr, client_secure(index, options), Some(&options.peer)) {
+    let (client, replies) = match Client::connect_tcp(addr, client_secure(index, &options.peer, options.cluster_id), Some(&options.peer)) {
         Ok(pair) => pair,
         Err(error) => {
             result.error = Some(error.to_string());

@@ -19,6 +19,8 @@ use meshos::ingest::park::Signal;
 use meshos::sys::reactor::{
     Command, Reactor, ReactorConfig, ReactorError, ReactorStats, Resumer, Source, SourceKind, ERROR_REASONS,
 };
+use meshos::sys::client::Client;
+use meshos::sys::secure::{Channel, LocalIdentity, SecureConfig, StaticPeerKeys};
 use meshos::wire::{self, FrameError, FrameHeader, FrameKind};
 
 const FRAME_BYTES_MAX: u32 = 64 << 10;
@@ -1129,4 +1131,167 @@ fn a_paused_connection_outlives_its_timeouts_and_loses_nothing() {
     assert!(text.contains("idle_timeout_ms"), "{text}");
     let stats = reactor.shutdown();
     assert_eq!((stats.frames_in, stats.closed_idle, stats.closed_frame_timeout), (FRAMES, 1, 0));
+}
+
+// The secure port: every TCP connection completes the secure channel's handshake
+// before it is a source, and everything after is encrypted.
+
+const CLUSTER: [u8; 16] = [0x5c; 16];
+
+fn test_key(seed: u8) -> meshos::trust::KeyPair {
+    meshos::trust::KeyPair::from_seed([seed; 32])
+}
+
+/// The reactor's side: node "server" (seed 1), admitting "client-0".."client-7"
+/// (seeds 10..).
+fn server_secure() -> Arc<SecureConfig> {
+    let mut nodes: Vec<(String, [u8; 32])> =
+        (0..8u8).map(|client| (format!("client-{client}"), test_key(10 + client).public_key())).collect();
+    nodes.push(("server".to_string(), test_key(1).public_key()));
+    Arc::new(SecureConfig {
+        cluster_id: CLUSTER,
+        local: LocalIdentity::node("server", &test_key(1)),
+        keys: Arc::new(StaticPeerKeys { nodes: nodes.into_iter().collect(), operators: Vec::new() }),
+        accept_operators: false,
+        message_bytes_max: meshos::sys::secure::SINGLE_FRAME_MESSAGE_BYTES_MAX as u32,
+    })
+}
+
+/// Client `name` proving itself with the key of `seed`, towards "server".
+fn client_secure(name: &str, seed: u8) -> Arc<SecureConfig> {
+    SecureConfig::towards_node(CLUSTER, LocalIdentity::node(name, &test_key(seed)), "server", test_key(1).public_key())
+}
+
+fn start_secure(config: ReactorConfig) -> (Reactor, Consumer) {
+    let signal = Signal::new();
+    let (reactor, new_sources) = Reactor::start(config, Some(server_secure()), Arc::clone(&signal)).unwrap();
+    let consumer = Consumer::spawn(signal, new_sources, reactor.resumer(), Duration::ZERO);
+    (reactor, consumer)
+}
+
+fn secure_config() -> ReactorConfig {
+    ReactorConfig { partial_frame_bytes_max: 1 << 30, ..tcp_config(64, 16) }
+}
+
+#[test]
+fn secure_clients_every_event_arrives_once_in_order_and_acks_come_back() {
+    const CLIENTS: u8 = 4;
+    const FRAMES: u64 = 400;
+    let (reactor, consumer) = start_secure(secure_config());
+    let addr = reactor.local_tcp_addr().unwrap();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            std::thread::spawn(move || {
+                let name = format!("client-{client}");
+                let (mut sender, mut replies) =
+                    Client::connect_tcp(addr, client_secure(&name, 10 + client), Some("server")).unwrap();
+                let frames: Vec<u8> =
+                    (1..=FRAMES).flat_map(|seq| ack_wanted_frame(client as u64, seq, 3)).collect();
+                // Frames cut across encrypted frames at arbitrary points.
+                for chunk in frames.chunks(10_007) {
+                    sender.send_raw(chunk).unwrap();
+                }
+                replies.wait_acked(FRAMES, WAIT_LIMIT).unwrap()
+            })
+        })
+        .collect();
+    for client in clients {
+        let ack = client.join().unwrap();
+        assert_eq!(ack.seq, FRAMES, "the last frame acknowledged through the channel");
+    }
+    consumer.wait_for("every event", |consumed| consumed.events == CLIENTS as u64 * FRAMES * 3);
+    let stats = reactor.shutdown();
+    let consumed = consumer.finish();
+    assert_in_order(&consumed, FRAMES);
+    assert_eq!((stats.handshakes_completed, stats.accepted, stats.handshakes_now), (CLIENTS as u64, CLIENTS as u64, 0));
+    assert_eq!(stats.authentication_failures_by_reason.iter().sum::<u64>(), 0);
+    assert_eq!(stats.bad_encryption, 0);
+}
+
+/// Strangers on a secure port: a wrong key or an unknown name fails its handshake
+/// (counted by reason, never a source); silent ones hold handshake slots, at most
+/// `handshake_per_address_max` per address and `handshake_connections_max` in all,
+/// and only until `handshake_timeout_ms`; then an admitted client is served.
+#[test]
+fn strangers_hold_only_handshake_slots_and_only_until_their_deadline() {
+    let config = ReactorConfig {
+        handshake_connections_max: 4,
+        handshake_per_address_max: 2,
+        handshake_timeout_ms: 500,
+        ..secure_config()
+    };
+    let (reactor, consumer) = start_secure(config);
+    let addr = reactor.local_tcp_addr().unwrap();
+    let wrong_key = Client::connect_tcp(addr, client_secure("client-1", 99), Some("server")).err().unwrap();
+    assert!(wrong_key.to_string().contains("key mismatch"), "{wrong_key}");
+    let unknown = Client::connect_tcp(addr, client_secure("mallory", 99), Some("server")).err().unwrap();
+    assert!(unknown.to_string().contains("unknown node"), "{unknown}");
+    // Silent strangers: two from each of two addresses fill the handshake slots.
+    let mut silent: Vec<TcpStream> = [3u8, 3, 4, 4]
+        .iter()
+        .map(|host| connect_from(std::net::Ipv4Addr::new(127, 0, 0, *host), addr))
+        .collect();
+    wait_for_stats(&reactor, "four handshakes", |stats| stats.handshakes_now == 4);
+    let third = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 3), addr);
+    assert!(read_error_frame(third).contains("handshake_per_address_max"));
+    // An admitted client is refused too while every slot is taken, and told why.
+    let refused = Client::connect_tcp(addr, client_secure("client-0", 10), Some("server")).err().unwrap();
+    assert!(refused.to_string().contains("handshake_connections_max"), "{refused}");
+    // The deadline frees the slots: the silent ones are closed, the client is served.
+    let stats = wait_for_stats(&reactor, "the deadline", |stats| stats.closed_handshake_timeout == 4);
+    assert_eq!(stats.handshakes_now, 0);
+    for stream in &mut silent {
+        assert_eq!(stream.read(&mut [0u8; 64]).unwrap_or(0), 0, "closed without a byte");
+    }
+    let (mut client, mut replies) = Client::connect_tcp(addr, client_secure("client-0", 10), Some("server")).unwrap();
+    client.send_raw(&ack_wanted_frame(0, 1, 2)).unwrap();
+    replies.wait_acked(1, WAIT_LIMIT).unwrap();
+    let stats = reactor.shutdown();
+    consumer.finish();
+    assert_eq!(stats.accepted, 1, "only the admitted client became a source");
+    let failures = stats.authentication_failures();
+    assert_eq!(failures[2], ("unknown_node", 1));
+    assert_eq!(failures[3], ("key_mismatch", 1));
+    assert_eq!((stats.rejected_handshakes, stats.rejected_handshakes_per_address), (1, 1));
+    let refusals = stats.connection_refusals();
+    assert_eq!(refusals[6], ("handshakes_over_limit", 1));
+    assert_eq!(refusals[7], ("handshakes_per_address", 1));
+    assert_eq!(refusals[8], ("handshake_timeout", 4));
+    assert_eq!(refusals[9], ("authentication_failed", 2));
+}
+
+/// A byte changed on the wire after the handshake: the frame does not decrypt, the
+/// connection gets an encrypted error frame naming it and is closed, nothing of it
+/// reaches the consumer.
+#[test]
+fn a_tampered_byte_after_the_handshake_closes_the_connection() {
+    let (reactor, consumer) = start_secure(secure_config());
+    let addr = reactor.local_tcp_addr().unwrap();
+    let mut stream = connect_with_timeout(addr);
+    let mut channel = Channel::initiator(client_secure("client-2", 12), Some("server")).unwrap().for_stream();
+    let mut chunk = [0u8; 4096];
+    while !channel.is_established() {
+        stream.write_all(&channel.take_outgoing()).unwrap();
+        let read = stream.read(&mut chunk).unwrap();
+        assert!(read > 0, "the handshake went on");
+        channel.receive(&chunk[..read]).unwrap();
+    }
+    let mut parts = channel.into_stream().unwrap();
+    stream.write_all(&parts.outgoing).unwrap();
+    let mut sealed = Vec::new();
+    parts.sender.seal(&ack_wanted_frame(2, 1, 2), &mut sealed).unwrap();
+    sealed[20] ^= 0x01;
+    stream.write_all(&sealed).unwrap();
+    let mut reply = parts.received;
+    let _ = stream.read_to_end(&mut reply);
+    let mut scratch = vec![0u8; 64 << 10];
+    let plain_end = parts.receiver.open_in_place(&mut reply, 0, &mut scratch).unwrap();
+    let frame = wire::decode_frame(&reply[..plain_end], FRAME_BYTES_MAX).expect("an encrypted error frame");
+    assert_eq!(frame.header.kind, FrameKind::Error);
+    assert!(String::from_utf8_lossy(frame.payload).contains("did not decrypt"));
+    let stats = reactor.shutdown();
+    let consumed = consumer.finish();
+    assert_eq!(stats.bad_encryption, 1);
+    assert_eq!(stats.frames_in, 0);
+    assert_eq!(consumed.events, 0, "nothing of a tampered stream is pushed");
 }
