@@ -211,13 +211,14 @@ pub fn client_secure(
 
 fn drive(addr: SocketAddr, index: u32, options: &LoadOptions, ack_timeout: Duration) -> ConnectionResult {
     let mut result = ConnectionResult { origin: load_origin(index), ..ConnectionResult::default() };
-    let (client, replies) = match Client::connect_tcp(addr, client_secure(index, &options.peer, options.cluster_id), Some(&options.peer)) {
-        Ok(pair) => pair,
-        Err(error) => {
-            result.error = Some(error.to_string());
-            return result;
-        }
-    };
+    let (client, replies) =
+        match Client::connect_tcp(addr, client_secure(index, &options.peer, options.cluster_id), Some(&options.peer)) {
+            Ok(pair) => pair,
+            Err(error) => {
+                result.error = Some(error.to_string());
+                return result;
+            }
+        };
     let window: SharedWindow = Arc::new((
         Mutex::new(Window { send_times: vec![Instant::now(); SEND_TIMES], acked_seq: 0, reader_done: false }),
         Condvar::new(),

@@ -35,10 +35,16 @@ fn write_config(dir: &Path) -> PathBuf {
 fn write_config_with(dir: &Path, ingest: &str) -> PathBuf {
     common::trust_node_dir(dir, "node-1", &clients());
     let path = dir.join("node.toml");
+    // Every test client connects from 127.0.0.1 (a test that sets handshake limits
+    // of its own keeps them).
+    let handshake_limits = if ingest.contains("handshake_") {
+        ""
+    } else {
+        "handshake_per_address_max = 1024\nhandshake_connections_max = 1024\n"
+    };
     let mut text = format!(
         "name = \"node-1\"\ndata_dir = \"{}\"\nheartbeat_ms = 100\nlog_level = \"info\"\n\n[ingest]\nlisten_tcp = \"127.0.0.1:0\"\n\
-         # Every test client connects from 127.0.0.1.\nconnections_per_address_max = 1024\n\
-         handshake_per_address_max = 1024\nhandshake_connections_max = 1024\n",
+         connections_per_address_max = 1024\n{handshake_limits}",
         dir.display()
     );
     text.push_str(ingest);
@@ -409,7 +415,9 @@ fn connections_past_the_descriptor_limit_are_served_once_descriptors_free() {
                     .unwrap_or_else(|error| panic!("client {index}: {error}"));
                 client.set_sealer(meshos::trust::Sealer::node(&name, meshos::trust::test_key_of(&name), cluster_id()));
                 let seq = client.send(&heartbeat(index), true).unwrap();
-                replies.wait_acked(seq, Duration::from_secs(30)).unwrap_or_else(|error| panic!("client {index}: {error}"));
+                replies
+                    .wait_acked(seq, Duration::from_secs(30))
+                    .unwrap_or_else(|error| panic!("client {index}: {error}"));
                 served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 // Hold the connection until the main thread frees descriptors.
                 let _ = released.lock().unwrap().recv();
@@ -577,4 +585,125 @@ fn config_check_refuses_a_node_name_outside_the_rule() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("ingest memory at most") && stdout.contains("partial_frame_bytes_max"), "{stdout}");
+}
+
+/// The node process's resident memory, in bytes (`VmRSS`).
+fn rss_bytes(node: &Node) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id())).unwrap();
+    let line = status.lines().find(|line| line.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// The issue's lockout and memory attacks against a real node process, now that the
+/// TCP port authenticates: 600 strangers that connect and say nothing get at most
+/// `handshake_connections_max` handshake slots (the rest are refused at accept with a
+/// message naming the limit: all come from one address here, so the per-address
+/// limit is the one met) and lose them at `handshake_timeout_ms`; 60 admitted
+/// clients (a compromised node's worth of keys) each holding a frame of 4 MiB less
+/// one byte draw on one partial-frame budget of 16 MiB. Meanwhile the local socket
+/// and an admitted client are served, the node's resident memory grows by less than
+/// the stated bound (the budget, plus per connection its 64 KiB buffer floor, 8 KiB of
+/// output and its secure channel), and every refusal is counted by reason.
+#[test]
+fn floods_of_strangers_and_held_frames_lock_out_no_one_and_stay_within_the_memory_bound() {
+    const STRANGERS: usize = 600;
+    const HOLDERS: usize = 60;
+    const BUDGET_BYTES: u64 = 16 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(
+        dir.path(),
+        &format!(
+            "handshake_connections_max = 64\nhandshake_per_address_max = 64\nhandshake_timeout_ms = 1500\n\
+             partial_frame_bytes_max = {BUDGET_BYTES}\nconnection_buffer_bytes = 8388608\nframe_timeout_ms = 4000\n"
+        ),
+    );
+    let node = start_config(dir.path(), &config, None);
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_before = rss_bytes(&node);
+    let addr = node.addr;
+
+    let strangers: Vec<TcpStream> = (0..STRANGERS).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    // Each holder sends a frame of 4 MiB less one byte from its own thread (the
+    // writes block once the node stops reading it) and is closed at the frame deadline.
+    let mut frame = Vec::new();
+    meshos::wire::encode_frame(&mut frame, meshos::wire::FrameKind::Events, 1, 0, &vec![0u8; (4 << 20) - 64]);
+    let frame = std::sync::Arc::new(frame);
+    let holders: Vec<_> = (0..HOLDERS)
+        .map(|index| {
+            let frame = std::sync::Arc::clone(&frame);
+            std::thread::spawn(move || {
+                // A holder that finds every handshake slot taken tries again.
+                let started = Instant::now();
+                let (mut client, _replies) = loop {
+                    match common::connect_as(addr, &genesis(), &format!("fd-{index}"), "node-1") {
+                        Ok(connected) => break connected,
+                        Err(error) if started.elapsed() < Duration::from_secs(20) => {
+                            assert!(error.to_string().contains("handshake"), "{error}");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        Err(error) => panic!("holder {index}: {error}"),
+                    }
+                };
+                // Fails once the node closes the connection at the frame deadline.
+                let _ = client.send_raw(&frame[..frame.len() - 1]);
+            })
+        })
+        .collect();
+
+    // Served meanwhile: the local socket at once, an admitted client once a handshake
+    // slot is free (it is told the limit until then).
+    let mut rss_peak = rss_bytes(&node);
+    let (mut local, mut local_replies) =
+        meshos::sys::client::Client::connect_unix(&dir.path().join("local.sock")).unwrap();
+    let heartbeat = |origin: &str, seq: u64| meshos::event::EventBatch {
+        events: vec![meshos::event::Event {
+            origin: origin.to_string(),
+            origin_seq: seq,
+            kind: meshos::event::EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 3 }),
+        }],
+    };
+    let seq = local.send(&heartbeat("node-1", 0), true).unwrap();
+    local_replies.wait_acked(seq, ACK_TIMEOUT).unwrap();
+    let started = Instant::now();
+    let (mut good, mut good_replies) = loop {
+        rss_peak = rss_peak.max(rss_bytes(&node));
+        match common::connect_as(addr, &genesis(), "load-0", "node-1") {
+            Ok(connected) => break connected,
+            Err(error) => {
+                assert!(started.elapsed() < ACK_TIMEOUT, "the good client was never served: {error}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    good.set_sealer(meshos::trust::Sealer::node("load-0", meshos::trust::test_key_of("load-0"), cluster_id()));
+    let seq = good.send(&heartbeat("load-0", 1), true).unwrap();
+    good_replies.wait_acked(seq, ACK_TIMEOUT).unwrap();
+    let json = loop {
+        rss_peak = rss_peak.max(rss_bytes(&node));
+        let json = status(dir.path(), true);
+        let counted =
+            |reason: &str| json.contains(&format!("\"{reason}\":")) && !json.contains(&format!("\"{reason}\":0"));
+        if ["handshakes_per_address", "handshake_timeout", "memory_budget_wait", "frame_timeout"]
+            .iter()
+            .all(|reason| counted(reason))
+        {
+            break json;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the refusals never all showed: {json}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for holder in holders {
+        holder.join().unwrap();
+    }
+    rss_peak = rss_peak.max(rss_bytes(&node));
+    drop(strangers);
+    let per_connection = meshos::sys::reactor::CONNECTION_FIXED_BYTES_MAX as u64;
+    // Rings, queued frames and the allocator's slack on top of the ingest bound.
+    let slack = 24 << 20;
+    let bound = BUDGET_BYTES + (HOLDERS as u64 + 64 + 2) * per_connection + slack;
+    let grown = rss_peak.saturating_sub(rss_before);
+    eprintln!("memory: rss {rss_before} -> peak {rss_peak} bytes (+{grown}); bound {bound}: {json}");
+    assert!(grown < bound, "the node grew by {grown} bytes, over the bound of {bound}");
+    let (clean, _) = terminate(node);
+    assert!(clean);
 }

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use meshos::event::{Event, EventBatch, EventKind, NodeHealth};
 use meshos::ingest::park::Signal;
+use meshos::sys::client::Client;
 use meshos::sys::reactor::{
     Command, Reactor, ReactorConfig, ReactorError, ReactorStats, Resumer, Source, SourceKind, ERROR_REASONS,
 };
-use meshos::sys::client::Client;
 use meshos::sys::secure::{Channel, LocalIdentity, SecureConfig, StaticPeerKeys};
 use meshos::wire::{self, FrameError, FrameHeader, FrameKind};
 
@@ -1185,8 +1185,7 @@ fn secure_clients_every_event_arrives_once_in_order_and_acks_come_back() {
                 let name = format!("client-{client}");
                 let (mut sender, mut replies) =
                     Client::connect_tcp(addr, client_secure(&name, 10 + client), Some("server")).unwrap();
-                let frames: Vec<u8> =
-                    (1..=FRAMES).flat_map(|seq| ack_wanted_frame(client as u64, seq, 3)).collect();
+                let frames: Vec<u8> = (1..=FRAMES).flat_map(|seq| ack_wanted_frame(client as u64, seq, 3)).collect();
                 // Frames cut across encrypted frames at arbitrary points.
                 for chunk in frames.chunks(10_007) {
                     sender.send_raw(chunk).unwrap();
@@ -1227,10 +1226,8 @@ fn strangers_hold_only_handshake_slots_and_only_until_their_deadline() {
     let unknown = Client::connect_tcp(addr, client_secure("mallory", 99), Some("server")).err().unwrap();
     assert!(unknown.to_string().contains("unknown node"), "{unknown}");
     // Silent strangers: two from each of two addresses fill the handshake slots.
-    let mut silent: Vec<TcpStream> = [3u8, 3, 4, 4]
-        .iter()
-        .map(|host| connect_from(std::net::Ipv4Addr::new(127, 0, 0, *host), addr))
-        .collect();
+    let mut silent: Vec<TcpStream> =
+        [3u8, 3, 4, 4].iter().map(|host| connect_from(std::net::Ipv4Addr::new(127, 0, 0, *host), addr)).collect();
     wait_for_stats(&reactor, "four handshakes", |stats| stats.handshakes_now == 4);
     let third = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 3), addr);
     assert!(read_error_frame(third).contains("handshake_per_address_max"));

@@ -177,10 +177,11 @@ impl PeerSink {
         let thread = std::thread::Builder::new()
             .name(format!("meshos-sink-{name}"))
             .spawn(move || {
-                let (mut client, mut replies) = match crate::sys::client::Client::connect_tcp(ingest, secure, Some(&owner)) {
-                    Ok(connected) => connected,
-                    Err(error) => return tracing::error!(node = name, "cannot reach the log's owner: {error}"),
-                };
+                let (mut client, mut replies) =
+                    match crate::sys::client::Client::connect_tcp(ingest, secure, Some(&owner)) {
+                        Ok(connected) => connected,
+                        Err(error) => return tracing::error!(node = name, "cannot reach the log's owner: {error}"),
+                    };
                 client.set_sealer(sealer);
                 let mut seq = seq_last;
                 let mut last_frame = None;

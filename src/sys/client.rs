@@ -158,14 +158,24 @@ impl Client {
     }
 
     fn from_stream(stream: Stream) -> Result<(Client, Replies), ClientError> {
-        let replies =
-            Replies { stream: stream.try_clone()?, buffer: Vec::new(), plain_end: 0, cipher: None, acked: Ack::default() };
+        let replies = Replies {
+            stream: stream.try_clone()?,
+            buffer: Vec::new(),
+            plain_end: 0,
+            cipher: None,
+            acked: Ack::default(),
+        };
         let client = Client { stream, cipher: None, sealed: Vec::new(), next_seq: 1, frame: Vec::new(), sealer: None };
         Ok((client, replies))
     }
 
     /// Writes `bytes` whole, encrypted on a secure connection.
-    fn write_out(stream: &mut Stream, cipher: &mut Option<StreamSender>, sealed: &mut Vec<u8>, bytes: &[u8]) -> Result<(), ClientError> {
+    fn write_out(
+        stream: &mut Stream,
+        cipher: &mut Option<StreamSender>,
+        sealed: &mut Vec<u8>,
+        bytes: &[u8],
+    ) -> Result<(), ClientError> {
         match cipher {
             Some(cipher) => {
                 sealed.clear();
@@ -317,7 +327,9 @@ fn handshake(
     loop {
         let outgoing = channel.take_outgoing();
         if !outgoing.is_empty() {
-            stream.set_write_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))?;
+            stream.set_write_timeout(Some(
+                deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
+            ))?;
             stream.write_all(&outgoing)?;
         }
         if channel.is_established() {
@@ -357,9 +369,14 @@ fn handshake(
                     return Err(ClientError::Rejected(String::from_utf8_lossy(frame.payload).into()))
                 }
                 Ok(frame) => {
-                    return Err(ClientError::Rejected(format!("unexpected {:?} frame before the handshake", frame.header.kind)))
+                    return Err(ClientError::Rejected(format!(
+                        "unexpected {:?} frame before the handshake",
+                        frame.header.kind
+                    )))
                 }
-                Err(wire::FrameError::Truncated { .. }) if bytes.len() < REPLY_BYTES_MAX as usize => first_bytes = Some(bytes),
+                Err(wire::FrameError::Truncated { .. }) if bytes.len() < REPLY_BYTES_MAX as usize => {
+                    first_bytes = Some(bytes)
+                }
                 Err(error) => return Err(error.into()),
             }
         } else {

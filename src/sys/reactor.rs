@@ -2276,8 +2276,14 @@ mod tests {
     fn acks_keep_only_the_newest_pending_and_never_go_back() {
         let (near, mut far) = UnixStream::pair().unwrap();
         let (producer, _consumer) = ring(2);
-        let mut connection =
-            Connection::new(Stream::Unix(near), Some(producer), Secure::Plain, Interest::READABLE, None, Instant::now());
+        let mut connection = Connection::new(
+            Stream::Unix(near),
+            Some(producer),
+            Secure::Plain,
+            Interest::READABLE,
+            None,
+            Instant::now(),
+        );
         let stats = StatCells::default();
         let ack = |seq| PendingAck { seq, position: seq * 10, time_ms: seq * 100 };
         assert_eq!(connection.wanted_interest(), Some(Interest::READABLE));

@@ -956,7 +956,9 @@ impl StreamSender {
     /// Appends `plaintext` to `out` encrypted, as frames of at most 65519 plaintext
     /// bytes each (18 bytes of overhead per frame).
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), SecureError> {
-        out.reserve(plaintext.len() + plaintext.len().div_ceil(CHUNK_PLAINTEXT_BYTES_MAX).max(1) * FRAME_OVERHEAD_BYTES);
+        out.reserve(
+            plaintext.len() + plaintext.len().div_ceil(CHUNK_PLAINTEXT_BYTES_MAX).max(1) * FRAME_OVERHEAD_BYTES,
+        );
         for chunk in plaintext.chunks(CHUNK_PLAINTEXT_BYTES_MAX) {
             seal_frame(&self.transport, &mut self.nonce, chunk, out)?;
         }

@@ -57,7 +57,10 @@ impl Genesis {
     /// as `local`, trusting the nodes this genesis names with their genesis keys. A
     /// node admitted later is not among them: its clients name it with
     /// `SecureConfig::towards_node`.
-    pub fn client_secure(&self, local: crate::sys::secure::LocalIdentity) -> std::sync::Arc<crate::sys::secure::SecureConfig> {
+    pub fn client_secure(
+        &self,
+        local: crate::sys::secure::LocalIdentity,
+    ) -> std::sync::Arc<crate::sys::secure::SecureConfig> {
         let keys = crate::sys::secure::StaticPeerKeys {
             nodes: self.nodes.iter().cloned().collect(),
             operators: self.operator_keys.clone(),
