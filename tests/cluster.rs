@@ -988,6 +988,19 @@ fn records_forged_on_the_stream_fence_nobody_and_invent_nothing() {
     }
     let log = std::fs::read_to_string(mesh.nodes[0].stderr_path()).unwrap_or_default();
     assert!(log.contains("a copy of a record this node published before"), "the replay is named a duplicate");
+    // The same attacker on a node's ingest port does not get past the handshake, as a
+    // stranger or under a node's name; an admitted name with its own key does.
+    let addr = mesh.nodes[1].tcp_addr();
+    let mallory = meshos::trust::KeyPair::from_seed([0x66; 32]);
+    for (name, why) in [("mallory", "unknown node"), ("node-1", "key mismatch")] {
+        let local = meshos::sys::secure::LocalIdentity::node(name, &mallory);
+        let refused = meshos::sys::client::Client::connect_tcp(addr, genesis().client_secure(local), Some("node-2"))
+            .err()
+            .expect("a stranger is refused at the handshake")
+            .to_string();
+        assert!(refused.contains(why), "{refused}");
+    }
+    common::connect_as(addr, &genesis(), "extra", "node-2").unwrap();
     mesh.assert_agreement();
 }
 

@@ -1473,9 +1473,8 @@ impl EventLoop {
                     );
                     return Some((LOG_CONNECTION, text));
                 }
-                if self.secure.is_none() {
-                    return None;
-                }
+                // Plain TCP (no secure channel) has no handshake to limit.
+                self.secure.as_ref()?;
                 let handshaking_from_peer = self.handshakes.from(peer);
                 if handshaking_from_peer >= self.config.handshake_per_address_max {
                     let text = format!(
