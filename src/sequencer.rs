@@ -43,7 +43,7 @@ use rkyv::util::AlignedVec;
 use crate::event::{Event, EventBatch, EventKind};
 use crate::ingest::ring::Consumer;
 use crate::redex::{Redex, RedexError, Stamp};
-use crate::sys::reactor::{Command, Source, SourceKind};
+use crate::sys::reactor::{ClientFrame, Command, Source, SourceKind};
 use crate::trust::{Sealer, SignerKind};
 use crate::wire::{self, FrameError, FrameKind};
 
@@ -102,12 +102,14 @@ struct GroupRecord {
     frame_seq: u64,
     ack_wanted: bool,
     events: u64,
+    /// Sections whose signatures the reactor verified (`ClientFrame::verified`).
+    verified: crate::fold::VerifiedSections,
 }
 
 struct SourceSlot {
     id: u64,
     kind: SourceKind,
-    frames: Consumer<Vec<u8>>,
+    frames: Consumer<ClientFrame>,
     /// A frame of this source was rejected: the rest are discarded.
     rejected: bool,
     /// Popped from since the last `take_unblocked`: only then can its producer be
@@ -328,7 +330,7 @@ impl Sequencer {
                     progressed = true;
                     let slot = &mut self.sources[index];
                     (slot.popped, slot.idle_collects) = (true, 0);
-                    self.take_frame(index, &frame);
+                    self.take_frame(index, &frame.bytes, frame.verified);
                     if self.records.len() >= records_max || self.group.len() >= bytes_max {
                         full = true;
                         break;
@@ -422,12 +424,13 @@ impl Sequencer {
             frame_seq: 0,
             ack_wanted: false,
             events,
+            verified: 0,
         });
     }
 
     /// Copies one frame's payload into the group, validates it and, for a local
     /// source, stamps its origin sequence numbers.
-    fn take_frame(&mut self, index: usize, frame: &[u8]) {
+    fn take_frame(&mut self, index: usize, frame: &[u8], verified: crate::fold::VerifiedSections) {
         self.stats.frames += 1;
         if self.sources[index].rejected {
             self.stats.discarded_frames += 1;
@@ -497,6 +500,9 @@ impl Sequencer {
             frame_seq: header.seq,
             ack_wanted,
             events,
+            // Only sections the reactor verified, which the patches above never touch
+            // (they change unsigned sections alone, which never verify).
+            verified,
         });
     }
 
@@ -583,13 +589,14 @@ impl Sequencer {
         self.remove_abandoned();
     }
 
-    /// The records of the last commit, in log order: stamp and payload (aligned, ready
-    /// for `fold::fold_payload`). Valid until the next `collect`.
-    pub fn committed(&self) -> impl Iterator<Item = (Stamp, &[u8])> + '_ {
+    /// The records of the last commit, in log order: stamp, payload (aligned, ready
+    /// for `fold::fold_payload_verified`) and the sections the reactor verified. Valid
+    /// until the next `collect`.
+    pub fn committed(&self) -> impl Iterator<Item = (Stamp, &[u8], crate::fold::VerifiedSections)> + '_ {
         self.records
             .iter()
             .zip(&self.stamps)
-            .map(|(record, stamp)| (*stamp, &self.group[record.offset..record.offset + record.bytes]))
+            .map(|(record, stamp)| (*stamp, &self.group[record.offset..record.offset + record.bytes], record.verified))
     }
 
     /// Ends a commit once its records were folded: the next `collect` may start.

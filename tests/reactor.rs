@@ -175,7 +175,7 @@ fn consume(
                 }
                 let mut consumed = consumed.lock().unwrap();
                 consumed.position += 1;
-                match wire::decode_frame(&frame, FRAME_BYTES_MAX) {
+                match wire::decode_frame(&frame.bytes, FRAME_BYTES_MAX) {
                     Ok(decoded) => {
                         if decoded.header.kind == FrameKind::EventsAckWanted {
                             ack_seq = Some(decoded.header.seq);
@@ -844,7 +844,7 @@ fn a_paused_source_still_gets_its_acks() {
         assert!(start.elapsed() < WAIT_LIMIT, "{popped} frames popped: {:?}", reactor.stats());
         match source.frames.pop() {
             Some(frame) => {
-                let header = wire::decode_frame(&frame, FRAME_BYTES_MAX).unwrap().header;
+                let header = wire::decode_frame(&frame.bytes, FRAME_BYTES_MAX).unwrap().header;
                 assert_eq!((header.kind, header.seq), (FrameKind::EventsAckWanted, popped + 1));
                 popped += 1;
                 if source.frames.take_unblocked() {
@@ -1118,7 +1118,7 @@ fn a_paused_connection_outlives_its_timeouts_and_loses_nothing() {
         match source.frames.pop() {
             Some(frame) => {
                 popped += 1;
-                assert_eq!(wire::decode_frame(&frame, FRAME_BYTES_MAX).unwrap().header.seq, popped);
+                assert_eq!(wire::decode_frame(&frame.bytes, FRAME_BYTES_MAX).unwrap().header.seq, popped);
                 if source.frames.take_unblocked() {
                     reactor.resume(source.id);
                 }
@@ -1291,4 +1291,42 @@ fn a_tampered_byte_after_the_handshake_closes_the_connection() {
     assert_eq!(stats.bad_encryption, 1);
     assert_eq!(stats.frames_in, 0);
     assert_eq!(consumed.events, 0, "nothing of a tampered stream is pushed");
+}
+
+/// The reactor verifies each frame's signed sections off the fold thread: a section
+/// signed for this cluster comes marked verified, a forged signature does not (fold
+/// then checks it and refuses it).
+#[test]
+fn signed_sections_arrive_verified_and_forged_ones_do_not() {
+    let signal = Signal::new();
+    let (reactor, new_sources) = Reactor::start(secure_config(), Some(server_secure()), signal).unwrap();
+    let addr = reactor.local_tcp_addr().unwrap();
+    let (mut client, _replies) = Client::connect_tcp(addr, client_secure("client-3", 13), Some("server")).unwrap();
+    let batch = EventBatch {
+        events: vec![Event {
+            origin: "client-3".into(),
+            origin_seq: 1,
+            kind: EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 1 }),
+        }],
+    };
+    let payload = meshos::trust::Sealer::node("client-3", test_key(13), CLUSTER).seal_batch(&batch).to_vec();
+    let mut forged = payload.clone();
+    forged[150] ^= 0x01; // inside the signature (bytes 136..200 of the header)
+    for (seq, payload) in [(1, &payload), (2, &forged)] {
+        let mut frame = Vec::new();
+        wire::encode_frame(&mut frame, FrameKind::Events, seq, 0, payload);
+        client.send_raw(&frame).unwrap();
+    }
+    let mut source = new_sources.recv_timeout(WAIT_LIMIT).unwrap();
+    let mut verified = Vec::new();
+    let start = Instant::now();
+    while verified.len() < 2 {
+        assert!(start.elapsed() < WAIT_LIMIT, "frames never arrived");
+        match source.frames.pop() {
+            Some(frame) => verified.push(frame.verified),
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    assert_eq!(verified, [1, 0]);
+    reactor.shutdown();
 }

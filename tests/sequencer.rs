@@ -7,7 +7,7 @@ use meshos::event::{Event, EventBatch, EventKind, NodeHealth};
 use meshos::ingest::ring::{ring, Producer};
 use meshos::redex::embedded::EmbeddedLog;
 use meshos::sequencer::{Sequencer, SequencerConfig};
-use meshos::sys::reactor::{Command, Source, SourceKind};
+use meshos::sys::reactor::{ClientFrame, Command, Source, SourceKind};
 use meshos::wire::{self, FrameKind};
 
 fn config(frames_per_round_max: u32, records_per_commit_max: u32) -> SequencerConfig {
@@ -25,13 +25,13 @@ fn config(frames_per_round_max: u32, records_per_commit_max: u32) -> SequencerCo
     }
 }
 
-fn frame(origin: &str, first_seq: u64, count: u64, frame_seq: u64, ack: bool) -> Vec<u8> {
+fn frame(origin: &str, first_seq: u64, count: u64, frame_seq: u64, ack: bool) -> ClientFrame {
     frame_as(origin, origin != "node-1", first_seq, count, frame_seq, ack)
 }
 
 /// A frame of heartbeats of `origin`, signed with its test key or unsigned (what a
 /// local client sends: the node signs it).
-fn frame_as(origin: &str, signed: bool, first_seq: u64, count: u64, frame_seq: u64, ack: bool) -> Vec<u8> {
+fn frame_as(origin: &str, signed: bool, first_seq: u64, count: u64, frame_seq: u64, ack: bool) -> ClientFrame {
     let events = (0..count)
         .map(|index| Event {
             origin: origin.to_string(),
@@ -50,7 +50,10 @@ fn frame_as(origin: &str, signed: bool, first_seq: u64, count: u64, frame_seq: u
     let mut out = Vec::new();
     let kind = if ack { FrameKind::EventsAckWanted } else { FrameKind::Events };
     wire::encode_frame(&mut out, kind, frame_seq, 0, &payload);
-    out
+    // As the reactor hands it on: the signed section verified there.
+    let verified = meshos::fold::verified_sections(&payload, &CLUSTER_ID);
+    assert_eq!(verified, signed as u64);
+    ClientFrame { bytes: out, verified }
 }
 
 const CLUSTER_ID: [u8; 16] = [3; 16];
@@ -60,7 +63,7 @@ fn sealer() -> meshos::trust::Sealer {
     meshos::trust::Sealer::node("node-1", meshos::trust::test_key_of("node-1"), CLUSTER_ID)
 }
 
-fn source(id: u64, kind: SourceKind, capacity: usize) -> (Producer<Vec<u8>>, Source) {
+fn source(id: u64, kind: SourceKind, capacity: usize) -> (Producer<ClientFrame>, Source) {
     let (producer, consumer) = ring(capacity);
     (producer, Source { id, frames: consumer, kind })
 }
@@ -89,7 +92,7 @@ fn temp_log() -> (tempfile::TempDir, EmbeddedLog) {
 fn committed(sequencer: &Sequencer) -> Vec<Vec<(String, u64)>> {
     sequencer
         .committed()
-        .map(|(_, payload)| {
+        .map(|(_, payload, _)| {
             let batches = wire::decode_sections(payload).unwrap();
             batches
                 .iter()
@@ -226,7 +229,7 @@ fn an_idle_source_is_served_wherever_it_sits_among_busy_ones() {
                 busy.push((producer, 0u64, format!("busy{index}")));
             }
         }
-        let refill = |busy: &mut Vec<(Producer<Vec<u8>>, u64, String)>| {
+        let refill = |busy: &mut Vec<(Producer<ClientFrame>, u64, String)>| {
             for (producer, seq, origin) in busy.iter_mut() {
                 while producer.len() < 32 {
                     *seq += 1;
@@ -307,7 +310,7 @@ fn a_bad_frame_closes_its_source_only_after_the_acks_of_the_good_frames_before_i
     sequencer.add_source(client_source);
     client.try_push(frame("a", 1, 1, 1, true)).unwrap();
     let mut bad = frame("a", 2, 1, 2, true);
-    bad.truncate(wire::HEADER_BYTES);
+    bad.bytes.truncate(wire::HEADER_BYTES);
     client.try_push(bad).unwrap();
     assert_eq!(sequencer.collect(), 1);
     assert!(command_kinds(&mut sequencer).is_empty(), "nothing before the commit");
@@ -357,7 +360,7 @@ fn a_restart_lowers_backpressure_an_earlier_run_left_raised() {
     sequencer.commit(&mut log).unwrap();
     let batch: Vec<String> = sequencer
         .committed()
-        .flat_map(|(_, payload)| {
+        .flat_map(|(_, payload, _)| {
             let batches = wire::decode_sections(payload).unwrap();
             batches
                 .into_iter()
@@ -407,4 +410,25 @@ fn backpressure_is_lowered_only_after_the_low_marks_held_for_the_hold_period() {
     }
     assert!(!sequencer.backpressure());
     assert!(quiet.elapsed() >= std::time::Duration::from_millis(200), "lowered only after the hold period");
+}
+
+/// The sections the reactor verified travel with their record to fold; the node's own
+/// records and its local clients' (signed here) are left to fold to verify.
+#[test]
+fn the_reactors_verified_sections_reach_the_committed_records() {
+    let (_dir, mut log) = temp_log();
+    let mut sequencer = Sequencer::new(config(8, 64), sealer(), 0, false);
+    let (mut tcp, tcp_source) = source(1, SourceKind::Tcp, 8);
+    let (mut local, local_source) = source(2, SourceKind::Unix, 8);
+    sequencer.add_source(tcp_source);
+    sequencer.add_source(local_source);
+    tcp.try_push(frame("a", 1, 2, 1, false)).unwrap();
+    local.try_push(frame("node-1", 0, 2, 1, false)).unwrap();
+    sequencer.push_own(EventKind::NodeHealth(NodeHealth::Heartbeat { load_permille: 0 }));
+    assert_eq!(sequencer.collect(), 3);
+    sequencer.commit(&mut log).unwrap();
+    let mut masks: Vec<u64> = sequencer.committed().map(|(_, _, verified)| verified).collect();
+    masks.sort_unstable();
+    assert_eq!(masks, [0, 0, 1], "only the client's signed section came verified");
+    sequencer.release();
 }

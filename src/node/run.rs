@@ -683,8 +683,9 @@ fn commit_group(
         commit_us = committed.commit_us,
         "committed"
     );
-    for (stamp, payload) in sequencer.committed() {
-        let (state, actions) = engine.apply(stamp.position, stamp.time_ms, payload);
+    for (stamp, payload, verified) in sequencer.committed() {
+        // Signatures the reactor verified are not verified again on this thread.
+        let (state, actions) = engine.apply_verified(stamp.position, stamp.time_ms, payload, verified);
         dispatch_actions(state, actions, locals);
     }
     refresh_keys(&engine.state, locals);

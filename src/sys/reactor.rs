@@ -271,14 +271,24 @@ pub enum SourceKind {
     Unix,
 }
 
+/// A whole, checked frame as the reactor hands it on: its bytes (header included, as
+/// received; kind `Events` or `EventsAckWanted`) and the sections of its payload whose
+/// signatures the reactor verified (`fold::verified_sections` against the port's
+/// cluster id, a pure function of the bytes; 0 on a port without a secure config),
+/// so fold need not verify them again on its own thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientFrame {
+    pub bytes: Vec<u8>,
+    pub verified: crate::fold::VerifiedSections,
+}
+
 /// One accepted connection as the consumer (the sequencer) sees it: its id and the
-/// ring of whole, checked frames (`Vec<u8>`, header included, as received; kind
-/// `Events` or `EventsAckWanted`) it produces. The ring is abandoned
+/// ring of whole, checked frames ([`ClientFrame`]) it produces. The ring is abandoned
 /// (`Consumer::is_abandoned`) once the connection is closed and every frame was
 /// popped.
 pub struct Source {
     pub id: u64,
-    pub frames: Consumer<Vec<u8>>,
+    pub frames: Consumer<ClientFrame>,
     pub kind: SourceKind,
 }
 
@@ -949,7 +959,10 @@ struct Connection {
     stream: Stream,
     /// The ring to the consumer; None until a secure connection's handshake is done
     /// (a stranger costs no ring and no source).
-    frames: Option<Producer<Vec<u8>>>,
+    frames: Option<Producer<ClientFrame>>,
+    /// The verified sections of the frame at the front of `buffer`, kept when the
+    /// ring had no room for it, so a retry does not verify it again.
+    front_verified: Option<crate::fold::VerifiedSections>,
     /// The secure channel, if the port has one.
     secure: Secure,
     /// On an established secure connection, the plaintext at the front of `buffer`:
@@ -1006,7 +1019,7 @@ enum Secure {
 impl Connection {
     fn new(
         stream: Stream,
-        frames: Option<Producer<Vec<u8>>>,
+        frames: Option<Producer<ClientFrame>>,
         secure: Secure,
         interest: Interest,
         peer: Option<SocketAddr>,
@@ -1016,6 +1029,7 @@ impl Connection {
         Connection {
             stream,
             frames,
+            front_verified: None,
             secure,
             plain_end: 0,
             accepted_at: now,
@@ -1572,6 +1586,7 @@ impl EventLoop {
             budget: &mut self.budget,
             log: &mut self.rejection_log,
             scratch: &mut self.scratch,
+            cluster_id: self.secure.as_ref().map(|secure| secure.cluster_id),
             now: self.now,
         };
         let outcome = if connection.in_handshake() {
@@ -1921,6 +1936,8 @@ struct Round<'a> {
     log: &'a mut RejectionLog,
     /// Holds one encrypted frame while it is decrypted.
     scratch: &'a mut [u8],
+    /// The cluster whose signatures frames are verified against (the secure port's).
+    cluster_id: Option<secure::ClusterId>,
     now: Instant,
 }
 
@@ -2049,8 +2066,15 @@ fn push_frames(connection: &mut Connection, round: &mut Round) -> Outcome {
         if rest.len() < frame_bytes {
             break Outcome::Idle;
         }
-        match wire::decode_frame(&rest[..frame_bytes], config.frame_bytes_max) {
-            Ok(frame) if matches!(frame.header.kind, FrameKind::Events | FrameKind::EventsAckWanted) => {}
+        let verified = match wire::decode_frame(&rest[..frame_bytes], config.frame_bytes_max) {
+            Ok(frame) if matches!(frame.header.kind, FrameKind::Events | FrameKind::EventsAckWanted) => {
+                // Verified off the fold thread, once (kept if the ring has no room).
+                match (consumed, connection.front_verified.take(), &round.cluster_id) {
+                    (0, Some(verified), _) => verified,
+                    (_, _, Some(cluster_id)) => crate::fold::verified_sections(frame.payload, cluster_id),
+                    (_, _, None) => 0,
+                }
+            }
             Ok(frame) => {
                 bump(&stats.unexpected_kind, 1);
                 let text = format!(
@@ -2062,14 +2086,18 @@ fn push_frames(connection: &mut Connection, round: &mut Round) -> Outcome {
                 break Outcome::Close;
             }
             Err(error) => break reject_frame(connection, round, &error),
-        }
+        };
         let budget = config.queue_bytes_max as usize;
         let Some(frames) = connection.frames.as_mut() else {
             unreachable!("a connection with plaintext frames is a source")
         };
-        match push_or_block(frames, &mut connection.queued, budget, rest[..frame_bytes].to_vec()) {
+        let frame = ClientFrame { bytes: rest[..frame_bytes].to_vec(), verified };
+        match push_or_block(frames, &mut connection.queued, budget, frame) {
             Push::Pushed => {}
-            Push::Blocked => break Outcome::Paused,
+            Push::Blocked => {
+                connection.front_verified = Some(verified);
+                break Outcome::Paused;
+            }
             Push::ConsumerGone => break Outcome::Close,
         }
         consumed += frame_bytes;
@@ -2215,9 +2243,14 @@ impl QueuedBytes {
 /// `try_push` within the byte budget, and when the ring is full or over budget the
 /// blocked handshake of `ingest::ring` (step 1) with the budget as the producer's
 /// own condition: room that appeared meanwhile means push again.
-fn push_or_block(frames: &mut Producer<Vec<u8>>, queued: &mut QueuedBytes, budget: usize, frame: Vec<u8>) -> Push {
+fn push_or_block(
+    frames: &mut Producer<ClientFrame>,
+    queued: &mut QueuedBytes,
+    budget: usize,
+    frame: ClientFrame,
+) -> Push {
     let mut frame = frame;
-    let size = frame.len();
+    let size = frame.bytes.len();
     loop {
         // The known bytes only overestimate (pops not yet seen): load the ring's
         // length only when they say the budget is reached.
@@ -2308,10 +2341,10 @@ mod tests {
 
     #[test]
     fn the_byte_budget_blocks_before_the_ring_is_full_and_a_pop_unblocks_it() {
-        let (mut producer, mut consumer) = ring::<Vec<u8>>(64);
+        let (mut producer, mut consumer) = ring::<ClientFrame>(64);
         let mut queued = QueuedBytes::default();
         let budget = 250;
-        let frame = || vec![0u8; 100];
+        let frame = || ClientFrame { bytes: vec![0u8; 100], verified: 0 };
         assert!(matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Pushed));
         assert!(matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Pushed));
         assert!(
@@ -2325,7 +2358,10 @@ mod tests {
         assert_eq!(queued.bytes, 200, "the popped frame is forgotten");
         // A frame larger than the whole budget passes alone into an empty ring.
         while consumer.pop().is_some() {}
-        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, vec![0u8; 1000]), Push::Pushed));
+        assert!(matches!(
+            push_or_block(&mut producer, &mut queued, budget, ClientFrame { bytes: vec![0u8; 1000], verified: 0 }),
+            Push::Pushed
+        ));
         assert!(matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Blocked));
     }
 
