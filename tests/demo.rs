@@ -5,6 +5,8 @@
 //! Maintenance; the workers come back. Then SIGKILL of the whole demo and a restart on
 //! the same directory: it resumes from its log and loses no blob.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -172,6 +174,21 @@ fn drain_two_kill_workers_then_crash_and_resume() {
     assert_eq!(refusal.reason.name(), "unknown_admin_key");
     assert!(state.specs.find("worm").is_none(), "no daemon intent applied");
 
+    // The peer-port attack, through the drain below: 64 connections from other
+    // addresses to every node's peer port that never start a handshake. The pulls
+    // that move the drained nodes' copies still go through (a full handshake pool
+    // evicts its oldest stranger for a real peer).
+    let state = read_state(&dir);
+    let mut idle_strangers = Vec::new();
+    for row in 0..state.nodes.len() {
+        let endpoint: std::net::SocketAddr = state.nodes.endpoint[row].parse().unwrap();
+        for host in 2..18u8 {
+            for _ in 0..4 {
+                idle_strangers.push(common::connect_from(std::net::Ipv4Addr::new(127, 0, 0, host), endpoint));
+            }
+        }
+    }
+
     // Drain node-2 and node-3 at once, and kill a worker on each other node.
     let config = dir.join("node-1/node.toml");
     let key = dir.join(meshos::node::demo::KEY_FILE);
@@ -208,6 +225,7 @@ fn drain_two_kill_workers_then_crash_and_resume() {
     for &(node, old) in &killed {
         wait_for("the killed worker back", || worker_pid(&dir, node).is_some_and(|pid| pid != old));
     }
+    drop(idle_strangers);
     // The copies on disk agree: every healthy copy verified, none left on the drained nodes.
     wait_for("the drained nodes' blob files cleaned up", || {
         blob_files(&dir, "node-2").is_empty() && blob_files(&dir, "node-3").is_empty()

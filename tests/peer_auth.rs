@@ -13,7 +13,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -220,15 +220,6 @@ fn a_holder_that_is_not_the_node_the_log_names_is_skipped_for_the_next() {
     }
 }
 
-/// A TCP connection to `target` from the local address `source` (127.0.0.x: loopback
-/// on Linux), so the server sees strangers at addresses other than the real peer's.
-fn connect_from(source: &str, target: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::new(source.parse().unwrap(), 0).into()).unwrap();
-    socket.connect(&target.into()).unwrap();
-    socket.into()
-}
-
 /// Every idle connection got not one byte before the server closed it.
 fn assert_closed_without_a_byte(idle: Vec<TcpStream>) {
     for mut stream in idle {
@@ -250,7 +241,8 @@ fn idle_strangers_from_one_address_do_not_keep_a_real_peer_from_its_blob() {
     let a = peer_with(node("a"), |config| config.connections_max = 2);
     let b = peer_with(node("b"), |_| {});
     let (blob, size) = some_blob(&a.store);
-    let idle: Vec<TcpStream> = (0..65).map(|_| connect_from("127.0.0.2", a.server.addr())).collect();
+    let idle: Vec<TcpStream> =
+        (0..65).map(|_| common::connect_from("127.0.0.2".parse().unwrap(), a.server.addr())).collect();
     let stats = wait_for(&a, "the idle connections are taken in", |stats| stats.refusals.address_limit == 61);
     // Four held (or, on a slow machine, already past their deadline), none served.
     assert_eq!((stats.handshaking as u64 + stats.refusals.handshake_deadline, stats.connections), (4, 0), "{stats:?}");
@@ -275,8 +267,9 @@ fn idle_strangers_from_many_addresses_are_evicted_for_a_real_peer() {
     let a = peer_with(node("a"), |_| {});
     let b = peer_with(node("b"), |_| {});
     let (blob, size) = some_blob(&a.store);
-    let idle: Vec<TcpStream> =
-        (0..65).map(|index| connect_from(&format!("127.0.0.{}", 2 + index % 17), a.server.addr())).collect();
+    let idle: Vec<TcpStream> = (0..65)
+        .map(|index| common::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2 + (index % 17) as u8), a.server.addr()))
+        .collect();
     let taken_in = |stats: &PeerServerStats| {
         let refusals = &stats.refusals;
         // Each idle connection is in the pool, or was turned away, or closed.

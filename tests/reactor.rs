@@ -5,6 +5,8 @@
 //! costs a bounded amount and slows nobody, a consumer's `Close` answers with an error
 //! frame, and a paused source still gets its acks.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -867,36 +869,6 @@ fn a_paused_source_still_gets_its_acks() {
     assert_eq!(client.read(&mut [0u8; 16]).unwrap(), 0, "shutdown closed the connection");
 }
 
-/// A TCP connection to `addr` from `source` (any 127.0.0.0/8 address is the loopback
-/// interface), so one test can be several remote addresses.
-fn connect_from(source: std::net::Ipv4Addr, addr: SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd as _;
-    let SocketAddr::V4(addr) = addr else { panic!("an IPv4 listener") };
-    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
-        sin_zero: [0; 8],
-    };
-    let length = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls on a descriptor this function owns; the addresses are
-    // valid `sockaddr_in` values that outlive the calls; on success the descriptor is
-    // handed to exactly one `TcpStream`, which closes it.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let local = sockaddr(source, 0);
-        let bound = libc::bind(fd, &local as *const libc::sockaddr_in as *const libc::sockaddr, length);
-        assert_eq!(bound, 0, "bind {source}: {}", std::io::Error::last_os_error());
-        let remote = sockaddr(*addr.ip(), addr.port());
-        let connected = libc::connect(fd, &remote as *const libc::sockaddr_in as *const libc::sockaddr, length);
-        assert_eq!(connected, 0, "connect from {source}: {}", std::io::Error::last_os_error());
-        let stream = TcpStream::from_raw_fd(fd);
-        stream.set_read_timeout(Some(WAIT_LIMIT)).unwrap();
-        stream
-    }
-}
-
 /// The attacker of the issue: idle connections by the thousand. From one address
 /// they stop at `connections_per_address_max`, so a client from another address is
 /// served; from many addresses they fill `connections_max`, and the local socket,
@@ -917,7 +889,7 @@ fn a_flood_of_idle_connections_locks_out_neither_other_addresses_nor_the_local_s
     let (reactor, consumer) = start(config, Duration::ZERO);
     let addr = reactor.local_tcp_addr().unwrap();
     let attacker = std::net::Ipv4Addr::new(127, 0, 0, 1);
-    let mut idle: Vec<TcpStream> = (0..40).map(|_| connect_from(attacker, addr)).collect();
+    let mut idle: Vec<TcpStream> = (0..40).map(|_| common::connect_from(attacker, addr)).collect();
     let stats =
         wait_for_stats(&reactor, "the flood dealt with", |stats| stats.accepted + stats.rejected_per_address == 40);
     assert_eq!((stats.accepted, stats.rejected_per_address), (PER_ADDRESS as u64, 40 - PER_ADDRESS as u64));
@@ -925,7 +897,7 @@ fn a_flood_of_idle_connections_locks_out_neither_other_addresses_nor_the_local_s
     assert!(text.contains("connections_per_address_max") && text.contains("127.0.0.1"), "{text}");
 
     // Another address is served.
-    let mut good = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), addr);
+    let mut good = common::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), addr);
     send_frames(&mut good, 1, 10, 2);
     consumer.wait_for("the other address's frames", |consumed| source_with_frames(consumed, 1, 10).is_some());
 
@@ -933,7 +905,7 @@ fn a_flood_of_idle_connections_locks_out_neither_other_addresses_nor_the_local_s
     let open_before = PER_ADDRESS + 1;
     for host in 10..14u8 {
         for _ in 0..PER_ADDRESS {
-            idle.push(connect_from(std::net::Ipv4Addr::new(127, 0, 0, host), addr));
+            idle.push(common::connect_from(std::net::Ipv4Addr::new(127, 0, 0, host), addr));
         }
     }
     let over_limit = (open_before + 4 * PER_ADDRESS - TCP_MAX) as u64;
@@ -1226,10 +1198,12 @@ fn strangers_hold_only_handshake_slots_and_only_until_their_deadline() {
     let unknown = Client::connect_tcp(addr, client_secure("mallory", 99), Some("server")).err().unwrap();
     assert!(unknown.to_string().contains("unknown node"), "{unknown}");
     // Silent strangers: two from each of two addresses fill the handshake slots.
-    let mut silent: Vec<TcpStream> =
-        [3u8, 3, 4, 4].iter().map(|host| connect_from(std::net::Ipv4Addr::new(127, 0, 0, *host), addr)).collect();
+    let mut silent: Vec<TcpStream> = [3u8, 3, 4, 4]
+        .iter()
+        .map(|host| common::connect_from(std::net::Ipv4Addr::new(127, 0, 0, *host), addr))
+        .collect();
     wait_for_stats(&reactor, "four handshakes", |stats| stats.handshakes_now == 4);
-    let third = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 3), addr);
+    let third = common::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 3), addr);
     assert!(read_error_frame(third).contains("handshake_per_address_max"));
     // An admitted client is refused too while every slot is taken, and told why.
     let refused = Client::connect_tcp(addr, client_secure("client-0", 10), Some("server")).err().unwrap();

@@ -329,3 +329,15 @@ pub fn connect_as(
     let local = meshos::sys::secure::LocalIdentity::node(name, &meshos::trust::test_key_of(name));
     meshos::sys::client::Client::connect_tcp(addr, genesis.client_secure(local), Some(server))
 }
+
+/// A TCP connection to `target` from the local address `source` (any 127.0.0.0/8
+/// address is the loopback interface on Linux), so one test can be several remote
+/// addresses. Reads time out after 10 s.
+pub fn connect_from(source: std::net::Ipv4Addr, target: std::net::SocketAddr) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&std::net::SocketAddr::new(source.into(), 0).into()).unwrap();
+    socket.connect(&target.into()).unwrap();
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    stream
+}
