@@ -879,24 +879,22 @@ impl PeerIdentity {
     /// The secure channel of the ingest port: nodes and operators (whose records
     /// fold still checks, signature by signature), stream mode.
     pub fn ingest_secure_config(&self) -> Arc<SecureConfig> {
-        Arc::new(SecureConfig {
-            cluster_id: self.cluster_id,
-            local: LocalIdentity::Node { name: self.name.clone(), key: self.signing_key.clone() },
-            keys: Arc::clone(&self.keys),
-            accept_operators: true,
-            message_bytes_max: crate::sys::secure::SINGLE_FRAME_MESSAGE_BYTES_MAX as u32,
-        })
+        self.channel_config(true, crate::sys::secure::SINGLE_FRAME_MESSAGE_BYTES_MAX as u32)
     }
 
     /// The secure channel's config for the peer port and its clients (nodes only, no
     /// operators; messages up to `peer_server::MESSAGE_BYTES_MAX`).
     pub fn secure_config(&self) -> Arc<SecureConfig> {
+        self.channel_config(false, crate::sys::peer_server::MESSAGE_BYTES_MAX)
+    }
+
+    fn channel_config(&self, accept_operators: bool, message_bytes_max: u32) -> Arc<SecureConfig> {
         Arc::new(SecureConfig {
             cluster_id: self.cluster_id,
             local: LocalIdentity::Node { name: self.name.clone(), key: self.signing_key.clone() },
             keys: Arc::clone(&self.keys),
-            accept_operators: false,
-            message_bytes_max: crate::sys::peer_server::MESSAGE_BYTES_MAX,
+            accept_operators,
+            message_bytes_max,
         })
     }
 }
