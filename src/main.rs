@@ -841,8 +841,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = meshos::node::config::NodeConfig::load(&file)?;
             println!("{}: ok (node `{}`, data in {})", file.display(), config.name, config.data_dir.display());
             println!(
-                "ingest memory at most {:.1} GiB: (connections_max + local_connections_max) x ({} KiB + \
-                 queue_bytes_max + frame_bytes_max) + partial_frame_bytes_max",
+                "ingest memory at most {:.2} GiB: (connections_max + local_connections_max) x {} KiB + \
+                 queue_bytes_total_max + partial_frame_bytes_max",
                 config.ingest_memory_bytes_max() as f64 / (1u64 << 30) as f64,
                 meshos::sys::reactor::CONNECTION_FIXED_BYTES_MAX.div_ceil(1024)
             );

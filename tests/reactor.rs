@@ -48,6 +48,7 @@ fn tcp_config(queue_frames: u32, connections_max: u32) -> ReactorConfig {
         handshake_timeout_ms: 5_000,
         queue_frames,
         queue_bytes_max: 1 << 30,
+        queue_bytes_total_max: 1 << 40,
         frame_bytes_max: FRAME_BYTES_MAX,
     }
 }
@@ -567,6 +568,36 @@ fn a_byte_budget_pauses_a_connection_before_its_ring_is_full_without_loss() {
     assert!(stats.pauses >= 10, "only {} pauses", stats.pauses);
     assert!(consumed.queued_max <= 2, "a ring held {} frames, over the byte budget of 2.5 frames", consumed.queued_max);
     assert_eq!(stats.paused_now, 0);
+}
+
+/// All rings together hold at most `queue_bytes_total_max`: eight clients, a slow
+/// consumer and room for about three frames in all. Connections wait (not read) for
+/// room, are read again as the consumer drains, and nothing is lost or reordered;
+/// the bytes the reactor counted in the rings never passed the total.
+#[test]
+fn the_total_queue_budget_holds_across_connections_without_loss() {
+    const CLIENTS: u64 = 8;
+    const FRAMES: u64 = 400;
+    let frame_bytes = events_frame(0, 1, 8).len() as u64;
+    let total_max = frame_bytes * 3;
+    // The total must hold one frame of frame_bytes_max: frames here are far smaller.
+    let config =
+        ReactorConfig { queue_bytes_total_max: total_max, frame_bytes_max: total_max as u32, ..tcp_config(64, 16) };
+    let (reactor, consumer) = start(config, Duration::from_micros(50));
+    let addr = reactor.local_tcp_addr().unwrap();
+    let clients: Vec<_> = (0..CLIENTS).map(|client| tcp_client(addr, client, FRAMES, 8)).collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    consumer
+        .wait_for("every event", |consumed| consumed.events == CLIENTS * FRAMES * 8 && consumed.abandoned == CLIENTS);
+    let stats = reactor.shutdown();
+    let consumed = consumer.finish();
+    assert_in_order(&consumed, FRAMES);
+    assert_eq!(stats.frames_in, CLIENTS * FRAMES);
+    assert!(stats.queue_budget_waits >= 10, "only {} waits for the total", stats.queue_budget_waits);
+    assert!(stats.queue_bytes_total_peak <= total_max, "{} bytes counted in the rings", stats.queue_bytes_total_peak);
+    assert_eq!(stats.waiting_for_queue_now, 0);
 }
 
 #[test]

@@ -270,6 +270,8 @@ pub struct IngestConfig {
     pub handshake_timeout_ms: u32,
     pub queue_frames: u32,
     pub queue_bytes_max: u32,
+    /// Bytes of frames all connections' queues hold together at most.
+    pub queue_bytes_total_max: u64,
     pub frames_per_round_max: u32,
     pub records_per_commit_max: u32,
     pub commit_bytes_max: u32,
@@ -329,6 +331,7 @@ impl Default for IngestConfig {
             handshake_timeout_ms: 5_000,
             queue_frames: 64,
             queue_bytes_max: 8 << 20,
+            queue_bytes_total_max: 256 << 20,
             frames_per_round_max: 8,
             records_per_commit_max: 256,
             commit_bytes_max: 16 << 20,
@@ -465,6 +468,15 @@ impl NodeConfig {
         }
         if ingest.backpressure_commit_low_ms >= ingest.backpressure_commit_high_ms {
             return field("ingest.backpressure_commit_low_ms", "must be below the high mark".to_string());
+        }
+        if ingest.queue_bytes_total_max < self.log.frame_bytes_max as u64 || ingest.queue_bytes_total_max > 1 << 40 {
+            return field(
+                "ingest.queue_bytes_total_max",
+                format!(
+                    "{} is outside log.frame_bytes_max ({})..=2^40: the queues must be able to hold one frame",
+                    ingest.queue_bytes_total_max, self.log.frame_bytes_max
+                ),
+            );
         }
         if ingest.connection_buffer_bytes < self.log.frame_bytes_max {
             return field(
@@ -797,16 +809,15 @@ impl NodeConfig {
 
     /// The most memory ingest can hold, in bytes: per connection (TCP and local) its
     /// fixed part (`sys::reactor::CONNECTION_FIXED_BYTES_MAX`: the read buffer's
-    /// floor and the output buffer), its ring's byte budget and one frame past it;
-    /// plus, once for all connections, the partial-frame budget (read buffers above
-    /// their floor).
+    /// floor, the output buffer and the secure channel); plus, once for all
+    /// connections, the queues' total (`queue_bytes_total_max`) and the partial-frame
+    /// budget (read buffers above their floor).
     pub fn ingest_memory_bytes_max(&self) -> u64 {
         let ingest = &self.ingest;
         let connections = ingest.connections_max as u64 + ingest.local_connections_max as u64;
-        let per_connection = crate::sys::reactor::CONNECTION_FIXED_BYTES_MAX as u64
-            + ingest.queue_bytes_max as u64
-            + self.log.frame_bytes_max as u64;
-        connections * per_connection + ingest.partial_frame_bytes_max
+        connections * crate::sys::reactor::CONNECTION_FIXED_BYTES_MAX as u64
+            + ingest.queue_bytes_total_max
+            + ingest.partial_frame_bytes_max
     }
 
     /// The reactor's listeners and limits (call after `check`).
@@ -827,6 +838,7 @@ impl NodeConfig {
             handshake_timeout_ms: self.ingest.handshake_timeout_ms,
             queue_frames: self.ingest.queue_frames,
             queue_bytes_max: self.ingest.queue_bytes_max,
+            queue_bytes_total_max: self.ingest.queue_bytes_total_max,
             frame_bytes_max: self.log.frame_bytes_max,
         }
     }

@@ -214,6 +214,10 @@ pub const CONNECTION_FIXED_BYTES_MAX: usize = BUFFER_FLOOR_BYTES + OUTPUT_BYTES_
 /// between its timeout and its timeout plus one sweep interval.
 const SWEEP_INTERVAL_MAX: Duration = Duration::from_secs(1);
 const SWEEP_INTERVAL_MIN: Duration = Duration::from_millis(5);
+/// While a connection waits for `queue_bytes_total_max` or a closed connection's ring
+/// drains, the rings are counted again this often (the consumer's pops are not
+/// signalled to the reactor).
+const QUEUE_RECOUNT_INTERVAL: Duration = Duration::from_millis(1);
 /// Bytes read and discarded after an error, before closing (so an unread input does
 /// not turn the close into a reset that could destroy the error frame).
 const DRAIN_ON_CLOSE_BYTES_MAX: usize = 256 << 10;
@@ -261,6 +265,10 @@ pub struct ReactorConfig {
     /// Bytes of frames one connection's ring may hold; a frame that would pass it
     /// waits (reading pauses) unless the ring is empty.
     pub queue_bytes_max: u32,
+    /// Bytes of frames all rings hold together at most (closed connections' rings
+    /// until drained included); a frame that would pass it waits, its connection not
+    /// read, until the consumer drained enough.
+    pub queue_bytes_total_max: u64,
     pub frame_bytes_max: u32,
 }
 
@@ -423,6 +431,14 @@ pub struct ReactorStats {
     /// Secure connections closed because a frame did not decrypt (tampered,
     /// replayed or garbage ciphertext).
     pub bad_encryption: u64,
+    /// Bytes of frames in all rings, as of the last count (an overestimate between
+    /// counts: pops are seen late), and the most ever counted.
+    pub queue_bytes_total: u64,
+    pub queue_bytes_total_peak: u64,
+    /// Times a connection stopped being read because its next frame would pass
+    /// `queue_bytes_total_max`, and the connections waiting so now.
+    pub queue_budget_waits: u64,
+    pub waiting_for_queue_now: u64,
 }
 
 /// Why the reactor could not start.
@@ -510,6 +526,10 @@ struct StatCells {
     closed_handshake_timeout: AtomicU64,
     authentication_failures_by_reason: [AtomicU64; AUTHENTICATION_FAILURES.len()],
     bad_encryption: AtomicU64,
+    queue_bytes_total: AtomicU64,
+    queue_bytes_total_peak: AtomicU64,
+    queue_budget_waits: AtomicU64,
+    waiting_for_queue_now: AtomicU64,
 }
 
 fn bump(cell: &AtomicU64, by: u64) {
@@ -555,6 +575,10 @@ impl StatCells {
                 load(&self.authentication_failures_by_reason[index])
             }),
             bad_encryption: load(&self.bad_encryption),
+            queue_bytes_total: load(&self.queue_bytes_total),
+            queue_bytes_total_peak: load(&self.queue_bytes_total_peak),
+            queue_budget_waits: load(&self.queue_budget_waits),
+            waiting_for_queue_now: load(&self.waiting_for_queue_now),
         }
     }
 }
@@ -679,6 +703,9 @@ impl Reactor {
             unix_open: 0,
             per_address: HashMap::new(),
             handshakes: Handshakes::default(),
+            queued_total: 0,
+            queue_waiters: VecDeque::new(),
+            draining: Vec::new(),
             secure,
             scratch: if secure_wanted { vec![0u8; secure::FRAME_BYTES_MAX] } else { Vec::new() },
             rejection_log: RejectionLog::new(Duration::from_millis(config.rejection_log_interval_ms as u64)),
@@ -791,6 +818,15 @@ fn check_config(config: &ReactorConfig, secure: bool) -> Result<(), ReactorError
     }
     if config.queue_bytes_max == 0 {
         return bad("queue_bytes_max", "must be at least 1".to_string());
+    }
+    if config.queue_bytes_total_max < config.frame_bytes_max as u64 {
+        return bad(
+            "queue_bytes_total_max",
+            format!(
+                "{} cannot hold one frame of frame_bytes_max ({})",
+                config.queue_bytes_total_max, config.frame_bytes_max
+            ),
+        );
     }
     if (config.frame_bytes_max as usize) < wire::HEADER_BYTES {
         return bad("frame_bytes_max", format!("{} is below the header size", config.frame_bytes_max));
@@ -983,6 +1019,9 @@ struct Connection {
     /// True while READABLE is withheld because the buffer must grow and the
     /// partial-frame budget has no room; the connection is in `EventLoop::starved`.
     starved: bool,
+    /// True while READABLE is withheld because its next frame would pass
+    /// `queue_bytes_total_max`; the connection is in `EventLoop::queue_waiters`.
+    queue_waiting: bool,
     /// The TCP peer (None for a Unix socket), for the per-address count and the log.
     peer: Option<SocketAddr>,
     /// When the last byte arrived (or the connection was accepted or resumed).
@@ -1038,6 +1077,7 @@ impl Connection {
             charged: 0,
             paused: false,
             starved: false,
+            queue_waiting: false,
             peer,
             last_byte_at: now,
             frame_started_at: None,
@@ -1091,7 +1131,8 @@ impl Connection {
 
     /// READABLE unless paused, WRITABLE while something is left to write.
     fn wanted_interest(&self) -> Option<Interest> {
-        let readable = (!self.paused && !self.starved && self.reading).then_some(Interest::READABLE);
+        let readable =
+            (!self.paused && !self.starved && !self.queue_waiting && self.reading).then_some(Interest::READABLE);
         let writable = (!self.output.is_empty() || self.pending_ack.is_some()).then_some(Interest::WRITABLE);
         match (readable, writable) {
             (Some(readable), Some(writable)) => Some(readable | writable),
@@ -1193,6 +1234,9 @@ enum Outcome {
     Close,
     /// A secure connection's handshake just completed: make it a source.
     Established,
+    /// The next frame would pass `queue_bytes_total_max`: stop reading until the
+    /// consumer drained enough.
+    QueueWait,
 }
 
 /// The partial-frame budget: read-buffer bytes above the floor, over all connections.
@@ -1334,6 +1378,15 @@ struct EventLoop {
     per_address: HashMap<IpAddr, u32>,
     /// TCP connections in their handshake.
     handshakes: Handshakes,
+    /// Bytes of frames in all rings as this end knows them: every connection's
+    /// `queued.bytes` plus the closed connections' rings in `draining`.
+    queued_total: usize,
+    /// Connections waiting for `queue_bytes_total_max`, oldest first (a closed or
+    /// woken one may stay listed; its `queue_waiting` flag decides).
+    queue_waiters: VecDeque<u64>,
+    /// The rings of closed connections the consumer has not drained yet: their bytes
+    /// still count; the producer is dropped (abandoning the ring) once drained.
+    draining: Vec<(Producer<ClientFrame>, QueuedBytes)>,
     /// The secure channel every TCP connection completes first; None: plain TCP.
     secure: Option<Arc<SecureConfig>>,
     /// One encrypted frame's ciphertext while it is decrypted (empty without `secure`).
@@ -1370,6 +1423,9 @@ impl EventLoop {
             let until_sweep = self.next_sweep.saturating_duration_since(Instant::now());
             let timeout = if !self.read_again.is_empty() {
                 Duration::ZERO
+            } else if !self.queue_waiters.is_empty() || !self.draining.is_empty() {
+                // Pops are not signalled to this thread: look again soon.
+                QUEUE_RECOUNT_INTERVAL.min(until_sweep)
             } else if !self.accept_retry.is_empty() {
                 ACCEPT_RETRY.min(until_sweep)
             } else {
@@ -1413,6 +1469,9 @@ impl EventLoop {
                 self.on_readable(id);
             }
             self.wake_starved();
+            if !self.queue_waiters.is_empty() || !self.draining.is_empty() {
+                self.wake_queue_waiters();
+            }
             if self.now >= self.next_sweep {
                 self.sweep();
                 self.next_sweep = self.now + self.sweep_interval;
@@ -1576,7 +1635,7 @@ impl EventLoop {
 
     fn on_readable(&mut self, id: u64) {
         let Some(connection) = self.connections.get_mut(&id) else { return };
-        if connection.paused || connection.starved || !connection.reading {
+        if connection.paused || connection.starved || connection.queue_waiting || !connection.reading {
             return;
         }
         let mut round = Round {
@@ -1587,6 +1646,7 @@ impl EventLoop {
             log: &mut self.rejection_log,
             scratch: &mut self.scratch,
             cluster_id: self.secure.as_ref().map(|secure| secure.cluster_id),
+            queued_total: &mut self.queued_total,
             now: self.now,
         };
         let outcome = if connection.in_handshake() {
@@ -1637,6 +1697,55 @@ impl EventLoop {
         self.on_readable(id);
     }
 
+    /// Counts the bytes in every ring again (pops are seen only by looking: one
+    /// atomic load per ring), drops the drained rings of closed connections, then
+    /// reads the connections that wait for `queue_bytes_total_max`, oldest first,
+    /// while there is room. O(connections), each round only while a connection waits
+    /// or a closed ring drains.
+    fn wake_queue_waiters(&mut self) {
+        let mut total = 0;
+        for connection in self.connections.values_mut() {
+            if let Some(frames) = &connection.frames {
+                connection.queued.settle(frames.len());
+            }
+            total += connection.queued.bytes;
+        }
+        let drained_before = self.draining.len();
+        self.draining.retain_mut(|(frames, queued)| {
+            queued.settle(frames.len());
+            total += queued.bytes;
+            queued.bytes > 0
+        });
+        if self.draining.len() < drained_before {
+            // Dropped producers: the consumer sees those rings abandoned.
+            self.pushed = true;
+        }
+        self.queued_total = total;
+        self.shared.stats.queue_bytes_total.store(total as u64, Ordering::Relaxed);
+        self.shared.stats.queue_bytes_total_peak.fetch_max(total as u64, Ordering::Relaxed);
+        let total_max = usize::try_from(self.config.queue_bytes_total_max).unwrap_or(usize::MAX);
+        for _ in 0..self.queue_waiters.len() {
+            if self.queued_total >= total_max {
+                return;
+            }
+            let Some(id) = self.queue_waiters.pop_front() else { return };
+            let Some(connection) = self.connections.get_mut(&id) else { continue };
+            if !connection.queue_waiting {
+                continue;
+            }
+            connection.queue_waiting = false;
+            // Not waiting on its peer meanwhile: its timers start again.
+            connection.last_byte_at = self.now;
+            if connection.frame_started_at.is_some() {
+                connection.frame_started_at = Some(self.now);
+            }
+            self.shared.stats.waiting_for_queue_now.fetch_sub(1, Ordering::Relaxed);
+            self.update_interest(id);
+            // Its buffered frame first; if it still does not fit, it waits again.
+            self.on_readable(id);
+        }
+    }
+
     /// Reads the connections that wait for the budget, oldest first, while the
     /// budget has room for a read (each is looked at once per round at most).
     fn wake_starved(&mut self) {
@@ -1677,7 +1786,7 @@ impl EventLoop {
                 }
                 continue;
             }
-            if connection.paused || !connection.reading {
+            if connection.paused || connection.queue_waiting || !connection.reading {
                 continue;
             }
             if let Some(started) = connection.frame_started_at {
@@ -1782,6 +1891,15 @@ impl EventLoop {
             }
             Outcome::Close => self.close(id),
             Outcome::Established => self.establish(id),
+            Outcome::QueueWait => {
+                let Some(connection) = self.connections.get_mut(&id) else { return };
+                debug_assert!(!connection.queue_waiting && !connection.paused && !connection.starved);
+                connection.queue_waiting = true;
+                bump(&self.shared.stats.waiting_for_queue_now, 1);
+                bump(&self.shared.stats.queue_budget_waits, 1);
+                self.queue_waiters.push_back(id);
+                self.update_interest(id);
+            }
         }
     }
 
@@ -1859,6 +1977,22 @@ impl EventLoop {
                 // Its entry in `starved` is skipped when reached.
                 self.shared.stats.waiting_for_budget_now.fetch_sub(1, Ordering::Relaxed);
             }
+            if connection.queue_waiting {
+                // Its entry in `queue_waiters` is skipped when reached.
+                self.shared.stats.waiting_for_queue_now.fetch_sub(1, Ordering::Relaxed);
+            }
+            let was_source = connection.frames.is_some();
+            if let Some(frames) = connection.frames.take() {
+                // Its frames still take memory until the consumer pops them: they stay
+                // counted, and the ring alive, until then.
+                let mut queued = std::mem::take(&mut connection.queued);
+                let counted = queued.bytes;
+                queued.settle(frames.len());
+                self.queued_total -= counted - queued.bytes;
+                if queued.bytes > 0 {
+                    self.draining.push((frames, queued));
+                }
+            }
             self.budget.release(&mut connection, &self.shared.stats);
             match (connection.stream.kind(), connection.peer) {
                 (SourceKind::Unix, _) => self.unix_open -= 1,
@@ -1874,7 +2008,7 @@ impl EventLoop {
                     }
                 }
             }
-            if connection.frames.is_some() {
+            if was_source {
                 bump(&self.stats().closed, 1);
                 // Dropping the producer abandons the ring once the consumer drains it.
                 self.pushed = true;
@@ -1938,6 +2072,8 @@ struct Round<'a> {
     scratch: &'a mut [u8],
     /// The cluster whose signatures frames are verified against (the secure port's).
     cluster_id: Option<secure::ClusterId>,
+    /// `EventLoop::queued_total`, kept up to date by each push.
+    queued_total: &'a mut usize,
     now: Instant,
 }
 
@@ -2092,11 +2228,19 @@ fn push_frames(connection: &mut Connection, round: &mut Round) -> Outcome {
             unreachable!("a connection with plaintext frames is a source")
         };
         let frame = ClientFrame { bytes: rest[..frame_bytes].to_vec(), verified };
-        match push_or_block(frames, &mut connection.queued, budget, frame) {
+        let others = *round.queued_total - connection.queued.bytes;
+        let total_max = usize::try_from(config.queue_bytes_total_max).unwrap_or(usize::MAX);
+        let pushed = push_or_block(frames, &mut connection.queued, budget, others, total_max, frame);
+        *round.queued_total = others + connection.queued.bytes;
+        match pushed {
             Push::Pushed => {}
             Push::Blocked => {
                 connection.front_verified = Some(verified);
                 break Outcome::Paused;
+            }
+            Push::TotalFull => {
+                connection.front_verified = Some(verified);
+                break Outcome::QueueWait;
             }
             Push::ConsumerGone => break Outcome::Close,
         }
@@ -2205,6 +2349,9 @@ fn advance_handshake(connection: &mut Connection, round: &mut Round) -> Option<O
 
 enum Push {
     Pushed,
+    /// The frame would pass `queue_bytes_total_max` (all rings together); it stays
+    /// buffered and the connection waits for the consumer to drain some.
+    TotalFull,
     /// The ring is full and `mark_blocked` said stop reading; the frame stays buffered.
     Blocked,
     ConsumerGone,
@@ -2243,10 +2390,14 @@ impl QueuedBytes {
 /// `try_push` within the byte budget, and when the ring is full or over budget the
 /// blocked handshake of `ingest::ring` (step 1) with the budget as the producer's
 /// own condition: room that appeared meanwhile means push again.
+/// `others`: the bytes of every other ring as this end knows them; `total_max`: what
+/// all rings may hold together (`TotalFull` when this frame would pass it).
 fn push_or_block(
     frames: &mut Producer<ClientFrame>,
     queued: &mut QueuedBytes,
     budget: usize,
+    others: usize,
+    total_max: usize,
     frame: ClientFrame,
 ) -> Push {
     let mut frame = frame;
@@ -2255,6 +2406,12 @@ fn push_or_block(
         // The known bytes only overestimate (pops not yet seen): load the ring's
         // length only when they say the budget is reached.
         let room = queued.bytes + size <= budget || queued.fits(frames.len(), size, budget);
+        if room && others + queued.bytes + size > total_max {
+            queued.settle(frames.len());
+            if others + queued.bytes + size > total_max {
+                return Push::TotalFull;
+            }
+        }
         if room {
             match frames.try_push(frame) {
                 Ok(()) => {
@@ -2345,24 +2502,38 @@ mod tests {
         let mut queued = QueuedBytes::default();
         let budget = 250;
         let frame = || ClientFrame { bytes: vec![0u8; 100], verified: 0 };
-        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Pushed));
-        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Pushed));
+        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, 0, usize::MAX, frame()), Push::Pushed));
+        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, 0, usize::MAX, frame()), Push::Pushed));
         assert!(
-            matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Blocked),
+            matches!(push_or_block(&mut producer, &mut queued, budget, 0, usize::MAX, frame()), Push::Blocked),
             "300 bytes would pass the budget of 250"
         );
         assert_eq!(producer.len(), 2);
         assert!(consumer.pop().is_some());
         assert!(consumer.take_unblocked(), "the consumer must resume the producer");
-        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Pushed));
+        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, 0, usize::MAX, frame()), Push::Pushed));
         assert_eq!(queued.bytes, 200, "the popped frame is forgotten");
         // A frame larger than the whole budget passes alone into an empty ring.
         while consumer.pop().is_some() {}
         assert!(matches!(
-            push_or_block(&mut producer, &mut queued, budget, ClientFrame { bytes: vec![0u8; 1000], verified: 0 }),
+            push_or_block(
+                &mut producer,
+                &mut queued,
+                budget,
+                0,
+                usize::MAX,
+                ClientFrame { bytes: vec![0u8; 1000], verified: 0 }
+            ),
             Push::Pushed
         ));
-        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, frame()), Push::Blocked));
+        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, 0, usize::MAX, frame()), Push::Blocked));
+        // All rings together: another ring's 1,000 bytes leave no room for 100 more
+        // under a total of 1,050; nothing is pushed, nothing is waited on in the ring.
+        while consumer.pop().is_some() {}
+        assert!(consumer.take_unblocked(), "the pops release the blocked producer");
+        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, 1000, 1050, frame()), Push::TotalFull));
+        assert_eq!(queued.bytes, 0, "the pops were counted before refusing");
+        assert!(matches!(push_or_block(&mut producer, &mut queued, budget, 900, 1000, frame()), Push::Pushed));
     }
 
     #[test]
@@ -2383,6 +2554,7 @@ mod tests {
             handshake_timeout_ms: 1000,
             queue_frames: 3,
             queue_bytes_max: 1 << 20,
+            queue_bytes_total_max: 1 << 20,
             frame_bytes_max: 4096,
         };
         assert!(check_config(&good, false).is_ok());
@@ -2400,6 +2572,7 @@ mod tests {
         assert_eq!(field(ReactorConfig { connections_max: 0, ..good.clone() }), "connections_max");
         assert_eq!(field(ReactorConfig { queue_frames: 0, ..good.clone() }), "queue_frames");
         assert_eq!(field(ReactorConfig { handshake_timeout_ms: 0, ..good.clone() }), "handshake_timeout_ms");
+        assert_eq!(field(ReactorConfig { queue_bytes_total_max: 4095, ..good.clone() }), "queue_bytes_total_max");
         assert_eq!(field(ReactorConfig { queue_bytes_max: 0, ..good.clone() }), "queue_bytes_max");
         assert_eq!(field(ReactorConfig { frame_bytes_max: 16, ..good.clone() }), "frame_bytes_max");
         assert_eq!(field(ReactorConfig { local_connections_max: 0, ..good.clone() }), "local_connections_max");
