@@ -685,7 +685,7 @@ pub fn run_cluster(
     crate::node::identity::warn_if_not_admitted(&config.name, &identity, &cluster.engine.state);
     let keys = crate::node::identity::StateKeys::from_state(&cluster.engine.state);
     locals.push(Executors::open(config, &identity, &keys, &cluster.engine.state, &signal)?);
-    let ingest_secure = config.node_identity(&identity, Arc::clone(&keys) as _).ingest_secure_config();
+    let ingest_secure = config.node_identity(&identity, std::sync::Arc::clone(&keys) as _).ingest_secure_config();
     let (reactor, new_sources) = Reactor::start(config.reactor_config(), Some(ingest_secure), Arc::clone(&signal))?;
     let resumer = reactor.resumer();
     let tcp_addr = reactor.local_tcp_addr().map(|addr| addr.to_string()).unwrap_or_default();

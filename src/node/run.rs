@@ -170,7 +170,7 @@ impl PeerSink {
         sealer: crate::trust::Sealer,
         seq_last: u64,
         ingest: std::net::SocketAddr,
-        secure: Arc<crate::sys::secure::SecureConfig>,
+        secure: std::sync::Arc<crate::sys::secure::SecureConfig>,
         owner: String,
     ) -> Result<PeerSink, NodeError> {
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<EventKind>>(PEER_SINK_BATCHES_MAX);
@@ -484,7 +484,7 @@ fn run_until(
     for (node, identity) in configs.iter().zip(&identities) {
         locals.push(Executors::open(node, identity, &keys, &engine.state, &signal)?);
     }
-    let ingest_secure = config.node_identity(&identities[0], Arc::clone(&keys) as _).ingest_secure_config();
+    let ingest_secure = config.node_identity(&identities[0], std::sync::Arc::clone(&keys) as _).ingest_secure_config();
     let (reactor, new_sources) = Reactor::start(config.reactor_config(), Some(ingest_secure), Arc::clone(&signal))?;
     let resumer = reactor.resumer();
     let tcp_addr = reactor.local_tcp_addr().map(|addr| addr.to_string()).unwrap_or_default();
@@ -492,7 +492,7 @@ fn run_until(
         let ingest = reactor.local_tcp_addr().expect("a group's first node listens on TCP");
         for ((local, identity), node) in locals[1..].iter_mut().zip(&identities[1..]).zip(&configs[1..]) {
             let sealer = identity.sealer(&local.name);
-            let secure = node.node_identity(identity, Arc::clone(&keys) as _).secure_config();
+            let secure = node.node_identity(identity, std::sync::Arc::clone(&keys) as _).secure_config();
             local.sink = Sink::Peer(PeerSink::start(
                 local.name.clone(),
                 sealer,

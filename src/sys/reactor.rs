@@ -16,7 +16,25 @@
 //! connection is paused: READABLE is withdrawn from its registration, the kernel
 //! buffers fill and TCP pushes back on the sender. The consumer's `take_unblocked`
 //! tells it to send [`Command::Resume`] (or call `resume`); the reactor asks for
-//! READABLE again and pushes the buffered frames first.
+//! READABLE again and pushes the buffered frames first. All rings together hold at
+//! most `queue_bytes_total_max`: a frame that would pass it stays buffered and its
+//! connection waits unread in `queue_waiters` (no ring protocol can wake it: its own
+//! ring may be empty), so while anyone waits, or a closed connection's ring still
+//! holds frames (they count until the consumer drained them), the reactor counts
+//! every ring again each `QUEUE_RECOUNT_INTERVAL` and reads the waiting connections,
+//! oldest first, while there is room.
+//!
+//! The secure port: started with a [`SecureConfig`], every TCP connection is first a
+//! stranger in its handshake (`sys::secure`, stream mode, responder): it holds one of
+//! `handshake_connections_max` slots (`handshake_per_address_max` per IP), its buffer
+//! at most `HANDSHAKE_BUFFER_BYTES` (under the floor, never charged to the budget),
+//! no ring and no [`Source`], and it is closed at `handshake_timeout_ms`. Whole
+//! handshake frames are fed to the channel one at a time, so the bytes after the
+//! handshake stay in the buffer. Once the peer proved an admitted identity the
+//! connection becomes a source; from then its buffer holds the decrypted frames
+//! (`..plain_end`, decrypted in place) and at most one partial encrypted frame, and
+//! its acks and error frames are encrypted. Each frame's signed sections are
+//! verified here, once ([`ClientFrame::verified`]), so fold need not on its thread.
 //!
 //! The command path: [`Resumer::send`] / [`Reactor::send`] append commands to one
 //! shared queue under one lock and wake the reactor through a `mio::Waker`; the
@@ -92,10 +110,16 @@
 //!    `connections_per_address_max` of them from one IP address, and at most
 //!    `local_connections_max` Unix ones; one more is accepted, sent an error frame
 //!    naming the limit, closed and counted (`rejected_connections`,
-//!    `rejected_per_address`, `rejected_local_connections`).
+//!    `rejected_per_address`, `rejected_local_connections`). On a secure port at
+//!    most `handshake_connections_max` TCP connections are in their handshake (and
+//!    `handshake_per_address_max` from one address; refused the same way), none of
+//!    them is a source, and each is closed by `handshake_timeout_ms` after its accept.
 //! 6. A connection's read buffer starts empty (an idle connection costs nothing but
-//!    its struct) and never holds more than `connection_buffer_bytes`; start refuses a
-//!    configuration where one frame of `frame_bytes_max` would not fit. Its output
+//!    its struct) and never holds more than `connection_buffer_bytes` (on a secure
+//!    connection, plus one encrypted frame; in its handshake, at most
+//!    `HANDSHAKE_BUFFER_BYTES`); start refuses a
+//!    configuration where one frame of `frame_bytes_max` would not fit. The bytes
+//!    counted in all rings never pass `queue_bytes_total_max`. Its output
 //!    buffer starts empty and never holds more than `OUTPUT_BYTES_MAX`; its pending
 //!    ack is one fixed-size value. The read buffers' capacity above
 //!    `BUFFER_FLOOR_BYTES`, summed over all connections, never passes
