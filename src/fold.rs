@@ -62,7 +62,9 @@ pub fn fold_payload_verified(
     payload: &[u8],
     verified: VerifiedSections,
 ) {
-    if !(payload.as_ptr() as usize).is_multiple_of(wire::ALIGN_BYTES) {
+    // An empty payload has nothing to align (and an empty buffer's pointer need not be
+    // aligned: copying it would recurse forever).
+    if !payload.is_empty() && !(payload.as_ptr() as usize).is_multiple_of(wire::ALIGN_BYTES) {
         // Validity must depend on the bytes, never on where they sit in memory.
         let mut aligned = rkyv::util::AlignedVec::<{ wire::ALIGN_BYTES }>::with_capacity(payload.len());
         aligned.extend_from_slice(payload);

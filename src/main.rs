@@ -622,7 +622,7 @@ enum LogCommand {
     ///
     /// Checks segment headers, frame headers, checksums, dense positions, monotone
     /// times and that every payload validates. A damaged log is named by file, record
-    /// position and byte offset.
+    /// position and byte offset, and every damaged record after it is listed.
     Verify {
         /// The log directory.
         dir: PathBuf,
@@ -632,6 +632,34 @@ enum LogCommand {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Repair a log damaged in the middle (the node refuses to start on one).
+    ///
+    /// Keeps every intact record at its position, writes an empty record (which fold
+    /// counts as rejected) at each position whose record is lost, never renumbers, and
+    /// moves the old segment files whole into DIR/quarantine/salvaged-<ms>/. Stop the
+    /// node first (salvage takes the log's lock). Prints what was lost.
+    Salvage {
+        /// The log directory (a node's DATA_DIR/log).
+        dir: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// Position ranges as `3, 7..=9`, at most 20 of them.
+fn position_ranges(ranges: &[(u64, u64)]) -> String {
+    let mut shown: Vec<String> = ranges
+        .iter()
+        .take(20)
+        .map(|(first, last)| if first == last { first.to_string() } else { format!("{first}..={last}") })
+        .collect();
+    if ranges.len() > 20 {
+        shown.push(format!("and {} more ranges", ranges.len() - 20));
+    }
+    shown.join(", ")
 }
 
 /// Prints progress on stderr: a rewritten line on a terminal, a line every few seconds elsewhere.
@@ -999,7 +1027,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     report.damage.as_ref().map_or("null".to_string(), |damage| json_string(&damage.to_string()));
                 println!(
                     "{{\"ok\":{},\"segments\":{},\"records\":{},\"events\":{},\"bytes\":{},\"first_position\":{},\
-                     \"last_position\":{},\"damage\":{},\"bytes_after_damage\":{},\"invalid_payloads\":{}}}",
+                     \"last_position\":{},\"damage\":{},\"bytes_after_damage\":{},\"invalid_payloads\":{},\
+                     \"intact_after_damage\":{},\"damaged_positions\":[{}]}}",
                     report.damage.is_none() && report.invalid_payloads == 0,
                     report.segments,
                     report.records,
@@ -1009,7 +1038,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     report.last_position,
                     damage,
                     report.bytes_after_damage,
-                    report.invalid_payloads
+                    report.invalid_payloads,
+                    report.intact_after_damage,
+                    report
+                        .damaged_positions
+                        .iter()
+                        .map(|(first, last)| format!("[{first},{last}]"))
+                        .collect::<Vec<_>>()
+                        .join(",")
                 );
             } else {
                 println!(
@@ -1031,14 +1067,68 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 match &report.damage {
                     None if report.invalid_payloads == 0 => println!("ok: no damage"),
                     None => println!("no damage to the frames"),
-                    Some(damage) => println!(
-                        "DAMAGED: {damage}\n{} bytes from there on would be dropped (kept in DIR/quarantine/) when the log is next opened",
+                    Some(damage) if report.intact_after_damage == 0 => println!(
+                        "DAMAGED: {damage}\na torn tail: {} bytes from there on would be dropped (kept in DIR/quarantine/) when the log is next opened",
                         report.bytes_after_damage
                     ),
+                    Some(damage) => {
+                        println!("DAMAGED: {damage}");
+                        println!(
+                            "{} intact records follow it: the log is damaged in the middle, and a node refuses to start on it",
+                            report.intact_after_damage
+                        );
+                        println!("damaged or missing records: {}", position_ranges(&report.damaged_positions));
+                        println!(
+                            "repair: stop the node, then `meshos log salvage {}` (every intact record kept at its position)",
+                            dir.display()
+                        );
+                    }
                 }
             }
             let intact = report.damage.is_none() && report.invalid_payloads == 0;
             Ok(if intact { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Log(LogCommand::Salvage { dir, output, limits }) => {
+            let config = limits.config();
+            let report = meshos::redex::embedded::salvage(&dir, &config)
+                .with_context(|| format!("cannot salvage {}", dir.display()))?;
+            if output == Output::Json {
+                let ranges: Vec<String> =
+                    report.hole_ranges.iter().map(|(first, last)| format!("[{first},{last}]")).collect();
+                println!(
+                    "{{\"first_position\":{},\"last_position\":{},\"kept\":{},\"holes\":{},\"hole_ranges\":[{}],\
+                     \"quarantined_to\":{}}}",
+                    report.first_position,
+                    report.last_position,
+                    report.kept,
+                    report.holes,
+                    ranges.join(","),
+                    report
+                        .quarantined_to
+                        .as_ref()
+                        .map_or("null".to_string(), |path| json_string(&path.display().to_string()))
+                );
+            } else if report.quarantined_to.is_none() {
+                println!("{}: no damage, nothing changed ({} records)", dir.display(), report.kept);
+            } else {
+                println!(
+                    "{}: kept {} intact records at their positions {}..={}; {} records lost, now empty records fold rejects: {}",
+                    dir.display(),
+                    report.kept,
+                    report.first_position,
+                    report.last_position,
+                    report.holes,
+                    position_ranges(&report.hole_ranges)
+                );
+                for (path, from, to) in &report.damaged_ranges {
+                    println!("  damaged bytes {from}..{to} of {}", path.display());
+                }
+                println!(
+                    "the old segment files are in {}",
+                    report.quarantined_to.as_ref().map_or(String::new(), |path| path.display().to_string())
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -759,7 +759,9 @@ fn malformed_and_oversized_records_from_the_stream_are_rejections() {
     let _serial = serial();
     let Some(mut mesh) = Mesh::start(3, Tuning::default()) else { return };
     let frame_bytes_max = mesh.nodes[0].config().log.frame_bytes_max as usize;
-    let positions = publish_raw(&mesh, &[vec![0x5a; 100], vec![0x5a; frame_bytes_max - 16]]);
+    // An empty message too: one rejected record (fold once recursed forever on an
+    // empty payload whose pointer was not aligned, as a replay's copy of it is).
+    let positions = publish_raw(&mesh, &[vec![0x5a; 100], Vec::new(), vec![0x5a; frame_bytes_max - 16]]);
     let last = *positions.iter().max().unwrap();
     mesh.send(0, vec![EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 0 })]);
     for node in &mut mesh.nodes {
@@ -769,7 +771,7 @@ fn malformed_and_oversized_records_from_the_stream_are_rejections() {
             node.mirrored() > last
         });
         let state = node.state(u64::MAX);
-        assert!(state.rejections.total >= 2, "{}: {} rejections", node.name, state.rejections.total);
+        assert!(state.rejections.total >= 3, "{}: {} rejections", node.name, state.rejections.total);
     }
     mesh.assert_agreement();
 }

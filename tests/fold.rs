@@ -651,3 +651,21 @@ fn generated_rtt_pairs_stay_within_a_bounded_peer_set() {
     assert!(state.rtt.len() <= 100 * 32, "{} pairs", state.rtt.len());
     assert!(state.rtt.len() > 1_000, "{} pairs: samples should cover most of the peer sets", state.rtt.len());
 }
+
+/// An empty record (a hole `meshos log salvage` writes, or an empty message anyone can
+/// publish on the stream) is one rejected record: fold does not recurse on it (an
+/// empty buffer's pointer need not be aligned), and every replica folds it alike.
+#[test]
+fn an_empty_record_is_one_rejection_and_never_a_crash() {
+    let mut state = State::new(&Config::for_tests());
+    let empty: Vec<u8> = Vec::new();
+    fold_payload(&mut state, 1, 10, &empty);
+    fold_payload(&mut state, 2, 20, &[]);
+    assert_eq!(state.position, 2);
+    assert_eq!(state.rejections.total, 2);
+    assert!(rejection_names(&state).iter().all(|name| *name == "bad_section"), "{:?}", rejection_names(&state));
+    let mut again = State::new(&Config::for_tests());
+    fold_payload(&mut again, 1, 10, &[]);
+    fold_payload(&mut again, 2, 20, &[]);
+    assert_eq!(again.state_hash(), state.state_hash());
+}

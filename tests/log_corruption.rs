@@ -386,3 +386,123 @@ fn a_smaller_frame_limit_refuses_to_open_instead_of_dropping_good_records() {
     let (_, report) = EmbeddedLog::open(dir.path(), &large).unwrap();
     assert_eq!((report.last_position, report.dropped_bytes), (2, 0));
 }
+
+/// The contents of every segment file, by name: to check that a refusal changed nothing.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    segments(dir)
+        .into_iter()
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect()
+}
+
+/// Damage in the middle of the log (intact records after it): a flipped byte, a bad
+/// segment header and a deleted middle segment. `verify` lists every damaged record;
+/// opening as a single node does refuses and changes nothing; `salvage` keeps every
+/// intact record at its position with its bytes, makes each lost one an empty record,
+/// never renumbers, and the log opens clean and appends after the last position.
+#[test]
+fn damage_in_the_middle_is_refused_then_salvaged_keeping_every_intact_record_in_place() {
+    use meshos::redex::embedded::{salvage, MidLogDamage};
+    const RECORDS: u64 = 60;
+    let config = small_config();
+    type Damager = fn(&[PathBuf]) -> Vec<u64>;
+    let cases: [(&str, Damager); 3] = [
+        ("flipped byte", |files| {
+            let (position, offset) = record_offsets(&files[1])[1];
+            let mut bytes = std::fs::read(&files[1]).unwrap();
+            bytes[offset as usize + wire::HEADER_BYTES + 5] ^= 0x10;
+            std::fs::write(&files[1], &bytes).unwrap();
+            vec![position]
+        }),
+        ("bad segment header", |files| {
+            let lost: Vec<u64> = record_offsets(&files[2]).iter().map(|(position, _)| *position).collect();
+            let mut bytes = std::fs::read(&files[2]).unwrap();
+            bytes[3] ^= 0xff;
+            std::fs::write(&files[2], &bytes).unwrap();
+            // The records behind a bad header are intact frames: the scan finds them.
+            let _ = lost;
+            Vec::new()
+        }),
+        ("deleted middle segment", |files| {
+            let lost: Vec<u64> = record_offsets(&files[2]).iter().map(|(position, _)| *position).collect();
+            std::fs::remove_file(&files[2]).unwrap();
+            lost
+        }),
+    ];
+    for (name, damage) in cases {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
+        write_log(dir, &config, RECORDS);
+        let files = segments(dir);
+        assert!(files.len() >= 4, "{name}: several segments");
+        let lost = damage(&files);
+
+        let report = verify(dir, &config).unwrap();
+        assert!(report.damage.is_some(), "{name}: verify finds it");
+        assert!(report.intact_after_damage > 0, "{name}: intact records after the damage");
+        let listed: Vec<u64> = report.damaged_positions.iter().flat_map(|(first, last)| *first..=*last).collect();
+        assert_eq!(listed, lost, "{name}: every damaged record listed");
+
+        let before = snapshot(dir);
+        match EmbeddedLog::open_with(dir, &config, MidLogDamage::Refuse) {
+            Err(RedexError::DamagedMidLog { intact_after, last_intact, .. }) => {
+                assert_eq!(last_intact, RECORDS, "{name}");
+                assert!(intact_after > 0, "{name}");
+            }
+            other => panic!("{name}: expected a refusal, got {:?}", other.map(|(_, report)| report)),
+        }
+        assert!(snapshot(dir) == before, "{name}: a refusal changes nothing");
+        let error = EmbeddedLog::open_with(dir, &config, MidLogDamage::Refuse).err().unwrap().to_string();
+        assert!(error.contains("meshos log salvage") && error.contains("intact records follow"), "{name}: {error}");
+
+        let salvaged = salvage(dir, &config).unwrap();
+        assert_eq!((salvaged.first_position, salvaged.last_position), (1, RECORDS), "{name}");
+        assert_eq!(salvaged.holes, lost.len() as u64, "{name}");
+        assert_eq!(salvaged.kept, RECORDS - lost.len() as u64, "{name}");
+        let quarantined = salvaged.quarantined_to.clone().expect("the old segments kept");
+        assert!(std::fs::read_dir(&quarantined).unwrap().count() > 0, "{name}");
+
+        let (mut log, recovery) = EmbeddedLog::open_with(dir, &config, MidLogDamage::Refuse).unwrap();
+        assert_eq!((recovery.damage, recovery.last_position), (None, RECORDS), "{name}");
+        for (position, _, bytes) in read_all(&mut log, 1) {
+            if lost.contains(&position) {
+                assert!(bytes.is_empty(), "{name}: record {position} is a hole");
+            } else {
+                assert!(bytes == payload(position), "{name}: record {position} kept with its bytes");
+            }
+        }
+        assert_eq!(log.append_at(&payload(RECORDS + 1), 9_999).unwrap().position, RECORDS + 1, "{name}");
+        log.sync().unwrap();
+        drop(log);
+        let after = verify(dir, &config).unwrap();
+        assert_eq!(
+            (after.damage, after.invalid_payloads),
+            (None, lost.len() as u64),
+            "{name}: holes are empty records"
+        );
+        // Salvaging a sound log changes nothing.
+        let again = salvage(dir, &config).unwrap();
+        assert_eq!((again.holes, again.quarantined_to), (0, None), "{name}");
+    }
+}
+
+/// A torn tail (no intact record after the damage) is cut even where mid-log damage
+/// is refused: a crash mid-append must not stop a node.
+#[test]
+fn a_torn_tail_is_cut_even_when_mid_log_damage_is_refused() {
+    use meshos::redex::embedded::MidLogDamage;
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let config = small_config();
+    write_log(dir, &config, 30);
+    let last = segments(dir).pop().unwrap();
+    let length = std::fs::metadata(&last).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&last).unwrap().set_len(length - 7).unwrap();
+    let (mut log, recovery) = EmbeddedLog::open_with(dir, &config, MidLogDamage::Refuse).unwrap();
+    assert_eq!(recovery.last_position, 29);
+    assert!(recovery.quarantine_path.is_some());
+    assert_prefix_intact(&mut log, 29);
+}

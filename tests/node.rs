@@ -707,3 +707,106 @@ fn floods_of_strangers_and_held_frames_lock_out_no_one_and_stay_within_the_memor
     let (clean, _) = terminate(node);
     assert!(clean);
 }
+
+/// Every record of the stopped node's log: (position, payload).
+fn log_records(dir: &Path) -> Vec<(u64, Vec<u8>)> {
+    let mut records = Vec::new();
+    meshos::redex::embedded::read_unlocked(&dir.join("log"), &library_config(dir), &mut |record| {
+        records.push((record.position, record.payload.to_vec()));
+        true
+    })
+    .unwrap();
+    records
+}
+
+/// The damage on a single node, with a real process: a byte flipped in the
+/// middle of its log after clients' events were acknowledged. The node refuses to
+/// start (naming the damage and the repair) instead of cutting the log there;
+/// `meshos log salvage` keeps every other acknowledged record at its position with
+/// its bytes and makes the damaged one an empty record; the node then starts.
+#[test]
+fn damage_in_the_middle_of_the_log_stops_the_node_and_salvage_keeps_every_intact_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(dir.path(), "\n[log]\nframe_bytes_max = 65536\nsegment_bytes_max = 262144\n");
+    let node = start_config(dir.path(), &config, None);
+    let results = load(node.addr, 0, 4, 100);
+    for result in &results {
+        assert_eq!((result.error.as_deref(), result.events_acked), (None, result.events_sent), "{}", result.origin);
+    }
+    let (clean, _) = terminate(node);
+    assert!(clean);
+    let before = log_records(dir.path());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path().join("log"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "seg"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{} segments", files.len());
+    let victim = &files[files.len() / 2];
+    let mut bytes = std::fs::read(victim).unwrap();
+    let header = meshos::wire::decode_header(&bytes[meshos::wire::SEGMENT_HEADER_BYTES..], 1 << 20).unwrap();
+    let lost_position = header.seq;
+    bytes[meshos::wire::SEGMENT_HEADER_BYTES + meshos::wire::HEADER_BYTES + 40] ^= 0x20;
+    std::fs::write(victim, &bytes).unwrap();
+
+    // The node refuses to start, says why and how to repair, and changes nothing.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["node", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the node started on a log damaged in the middle");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("record {lost_position}")) && stderr.contains("meshos log salvage"), "{stderr}");
+    assert_eq!(std::fs::read(victim).unwrap(), bytes, "nothing changed");
+
+    let verify = Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["log", "verify"])
+        .arg(dir.path().join("log"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        !verify.status.success() && text.contains(&format!("damaged or missing records: {lost_position}\n")),
+        "{text}"
+    );
+    let salvage = Command::new(env!("CARGO_BIN_EXE_meshos"))
+        .args(["log", "salvage"])
+        .arg(dir.path().join("log"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&salvage.stdout);
+    assert!(salvage.status.success(), "{text}{}", String::from_utf8_lossy(&salvage.stderr));
+    assert!(text.contains("1 records lost"), "{text}");
+
+    // Every other acknowledged record at its position with its bytes; the node runs.
+    let node = start_config(dir.path(), &config, None);
+    let (clean, _) = terminate(node);
+    assert!(clean);
+    let after = log_records(dir.path());
+    for (position, payload) in &before {
+        let (at, kept) = &after[(*position - 1) as usize];
+        assert_eq!(at, position);
+        if *position == lost_position {
+            assert!(kept.is_empty(), "the damaged record is a hole");
+        } else {
+            assert!(kept == payload, "record {position} kept");
+        }
+    }
+}

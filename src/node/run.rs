@@ -439,7 +439,10 @@ fn run_until(
     }
     let library_config = Config { genesis: identities[0].genesis.clone(), ..config.to_config() };
     std::fs::create_dir_all(&config.data_dir).map_err(io_error(&config.data_dir))?;
-    let (mut log, recovery) = EmbeddedLog::open(&config.log_dir(), &library_config)?;
+    // The only copy of acknowledged records: damage in the middle is refused (and
+    // named, with the command that repairs it), never cut; a torn tail is cut.
+    let (mut log, recovery) =
+        EmbeddedLog::open_with(&config.log_dir(), &library_config, crate::redex::embedded::MidLogDamage::Refuse)?;
     if recovery.dropped_bytes > 0 {
         tracing::warn!(
             dropped_records = recovery.dropped_records,

@@ -115,6 +115,93 @@ pub struct VerifyReport {
     pub invalid_payloads: u64,
     /// The first of them.
     pub first_invalid_payload: Option<Damage>,
+    /// After the first damage: intact records found further on (a resynchronising
+    /// scan), and the positions whose records are damaged or missing up to the last
+    /// of them, in ranges `(first, last)`. Intact records after the damage mean the
+    /// log is damaged in the middle: a single node refuses to start, and
+    /// `salvage` repairs it.
+    pub intact_after_damage: u64,
+    pub damaged_positions: Vec<(u64, u64)>,
+}
+
+/// What `open_with` does with damage that intact records follow: damage in the
+/// middle of the log, as opposed to a torn tail (no intact record after it), which is
+/// always cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MidLogDamage {
+    /// Cut the log at the damage, as at a torn tail: for a copy that can be refilled
+    /// (a clustered node's mirror of the stream).
+    Cut,
+    /// Refuse to open (`RedexError::DamagedMidLog`), changing nothing: for the only
+    /// copy of acknowledged records (a single node's log). `salvage` repairs.
+    Refuse,
+}
+
+/// An intact record a resynchronising scan found: a whole `Record` frame whose
+/// checksum holds, wherever it lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntactRecord {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub position: u64,
+    pub time_ms: u64,
+    pub frame_bytes: u64,
+}
+
+/// Every intact record frame of one segment file's `bytes`, in file order, and the
+/// byte ranges that are none (a bad header included): after a frame that does not
+/// decode, the scan tries again every 16 bytes (frames start 16-aligned).
+fn scan_intact(bytes: &[u8], frame_bytes_max: u32) -> (Vec<(u64, u64, u64, u64)>, Vec<(u64, u64)>) {
+    let mut records = Vec::new();
+    let mut damaged = Vec::new();
+    let mut damaged_from: Option<usize> = None;
+    if decode_segment_header(bytes).is_err() {
+        damaged_from = Some(0);
+    }
+    let mut offset = wire::SEGMENT_HEADER_BYTES;
+    while offset < bytes.len() {
+        match wire::decode_frame(&bytes[offset..], frame_bytes_max) {
+            Ok(frame) if frame.header.kind == FrameKind::Record => {
+                if let Some(from) = damaged_from.take() {
+                    damaged.push((from as u64, offset as u64));
+                }
+                let frame_bytes = frame.header.frame_bytes();
+                records.push((offset as u64, frame.header.seq, frame.header.time_ms, frame_bytes as u64));
+                offset += frame_bytes;
+            }
+            _ => {
+                damaged_from.get_or_insert(offset);
+                offset += wire::ALIGN_BYTES;
+            }
+        }
+    }
+    if let Some(from) = damaged_from {
+        damaged.push((from as u64, bytes.len() as u64));
+    }
+    (records, damaged)
+}
+
+/// Intact records of `segments` (from byte `offset` of the first) whose position is
+/// above `position`: how many, and the highest position among them.
+fn intact_after(
+    segments: &[(u64, PathBuf)],
+    offset: u64,
+    position: u64,
+    config: &Config,
+    buffer: &mut AlignedVec<{ wire::ALIGN_BYTES }>,
+) -> Result<(u64, u64), RedexError> {
+    let (mut count, mut last) = (0, 0);
+    for (index, (_, path)) in segments.iter().enumerate() {
+        read_whole(path, buffer)?;
+        let (records, _) = scan_intact(buffer, config.frame_bytes_max);
+        for (at, seq, _, _) in records {
+            if (index > 0 || at > offset) && seq >= position {
+                count += 1;
+                last = last.max(seq);
+            }
+        }
+    }
+    Ok((count, last))
 }
 
 /// One segment in the in-memory index.
@@ -365,6 +452,17 @@ impl EmbeddedLog {
     /// truncates a torn or corrupt tail, moves the dropped bytes into
     /// `DIR/quarantine/` (never deletes them), and reports what it did.
     pub fn open(dir: &Path, config: &Config) -> Result<(EmbeddedLog, RecoveryReport), RedexError> {
+        EmbeddedLog::open_with(dir, config, MidLogDamage::Cut)
+    }
+
+    /// `open`, deciding what damage in the middle of the log does (`MidLogDamage`):
+    /// a torn tail is always cut; damage that intact records follow is cut like it or
+    /// refused, with nothing changed.
+    pub fn open_with(
+        dir: &Path,
+        config: &Config,
+        mid_log: MidLogDamage,
+    ) -> Result<(EmbeddedLog, RecoveryReport), RedexError> {
         config.validate()?;
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let lock_path = dir.join(LOCK_FILE);
@@ -418,6 +516,19 @@ impl EmbeddedLog {
             }
         }
         if let Some((index, offset)) = damaged_at {
+            let damage = report.damage.clone().expect("set with damaged_at");
+            if mid_log == MidLogDamage::Refuse {
+                let (intact_after, last_intact) =
+                    intact_after(&listed[index..], offset, damage.position, config, &mut buffer)?;
+                if intact_after > 0 {
+                    return Err(RedexError::DamagedMidLog {
+                        dir: dir.to_path_buf(),
+                        damage,
+                        intact_after,
+                        last_intact,
+                    });
+                }
+            }
             Self::quarantine(dir, config, &listed[index..], offset, &mut buffer, &mut report)?;
         }
 
@@ -799,6 +910,27 @@ pub fn verify(dir: &Path, config: &Config) -> Result<VerifyReport, RedexError> {
             report.damage = Some(Damage { path: path.clone(), position, offset, reason });
         }
     }
+    if let Some(damage) = &report.damage {
+        // Every damaged record, not the first only: the intact records past the
+        // damage, and the positions between them that none holds.
+        let mut after = std::collections::BTreeSet::new();
+        for (_, path) in &listed {
+            read_whole(path, &mut buffer)?;
+            let (records, _) = scan_intact(&buffer, config.frame_bytes_max);
+            after.extend(records.into_iter().map(|(_, position, _, _)| position).filter(|&p| p >= damage.position));
+        }
+        report.intact_after_damage = after.len() as u64;
+        let mut expected = damage.position;
+        for &position in &after {
+            if position > expected {
+                report.damaged_positions.push((expected, position - 1));
+            }
+            expected = position + 1;
+        }
+        if after.is_empty() {
+            report.damaged_positions.push((damage.position, damage.position));
+        }
+    }
     Ok(report)
 }
 
@@ -891,4 +1023,138 @@ mod tests {
         assert_eq!(count_parseable_frames(&bytes, 1 << 20), 2);
         assert_eq!(count_parseable_frames(&[], 1 << 20), 0);
     }
+}
+
+/// What `salvage` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SalvageReport {
+    /// Positions of the salvaged log: `first_position..=last_position`.
+    pub first_position: u64,
+    pub last_position: u64,
+    /// Intact records kept, each at its position with its bytes.
+    pub kept: u64,
+    /// Positions whose record was lost: each is now an empty record (fold counts it as
+    /// a rejected record), in ranges `(first, last)`.
+    pub holes: u64,
+    pub hole_ranges: Vec<(u64, u64)>,
+    /// Damaged byte ranges found, as (segment file, from, to).
+    pub damaged_ranges: Vec<(PathBuf, u64, u64)>,
+    /// Where the old segment files went (every byte of them, untouched).
+    pub quarantined_to: Option<PathBuf>,
+}
+
+/// Repairs a log damaged in the middle: keeps every intact record at its position,
+/// writes an empty record (a hole, which fold rejects and counts) at each position
+/// whose record is lost, never renumbers, and drops only what follows the last intact
+/// record (a torn tail). The new segments are written beside the old ones and fsynced
+/// first; then the old segment files move, whole, into `DIR/quarantine/salvaged-<ms>/`
+/// and the new ones take their place. Takes the writer's lock: not while a node runs.
+/// A log with no damage is left as it is (`holes` 0, nothing quarantined).
+pub fn salvage(dir: &Path, config: &Config) -> Result<SalvageReport, RedexError> {
+    config.validate()?;
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io_error(&lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(RedexError::Locked { path: lock_path }),
+        Err(std::fs::TryLockError::Error(source)) => return Err(RedexError::Io { path: lock_path, source }),
+    }
+    let listed = list_segments(dir)?;
+    let mut report = SalvageReport::default();
+    let mut buffer = AlignedVec::<{ wire::ALIGN_BYTES }>::new();
+    // Every intact record, by position (the first found wins), with its bytes.
+    let mut found: std::collections::BTreeMap<u64, (u64, Vec<u8>)> = std::collections::BTreeMap::new();
+    for (_, path) in &listed {
+        read_whole(path, &mut buffer)?;
+        let (records, damaged) = scan_intact(&buffer, config.frame_bytes_max);
+        for (offset, position, time_ms, frame_bytes) in records {
+            let bytes = buffer[offset as usize..(offset + frame_bytes) as usize].to_vec();
+            found.entry(position).or_insert((time_ms, bytes));
+        }
+        report.damaged_ranges.extend(damaged.into_iter().map(|(from, to)| (path.clone(), from, to)));
+    }
+    let Some((&last, _)) = found.iter().next_back() else {
+        return Ok(report);
+    };
+    let first = listed.first().map_or(1, |(base, _)| *base).clamp(1, *found.keys().next().expect("not empty"));
+    report.first_position = first;
+    report.last_position = last;
+    if report.damaged_ranges.is_empty() && found.len() as u64 == last - first + 1 {
+        report.kept = found.len() as u64;
+        return Ok(report);
+    }
+    // The salvaged segments, written beside the old ones.
+    let staging = dir.join("salvage.tmp");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io_error(&staging))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(io_error(&staging))?;
+    let mut written: Vec<PathBuf> = Vec::new();
+    let mut segment: Option<(File, PathBuf, u64)> = None;
+    let mut time_ms = 0u64;
+    let mut hole = Vec::new();
+    for position in first..=last {
+        let record = match found.get(&position) {
+            // A record whose time would go backwards is not kept: a hole instead.
+            Some((record_time, bytes)) if *record_time >= time_ms => {
+                time_ms = *record_time;
+                report.kept += 1;
+                bytes.as_slice()
+            }
+            _ => {
+                report.holes += 1;
+                match report.hole_ranges.last_mut() {
+                    Some((_, end)) if *end + 1 == position => *end = position,
+                    _ => report.hole_ranges.push((position, position)),
+                }
+                hole.clear();
+                wire::encode_frame(&mut hole, FrameKind::Record, position, time_ms, &[]);
+                hole.as_slice()
+            }
+        };
+        let roll = segment.as_ref().is_some_and(|(_, _, length)| {
+            *length > wire::SEGMENT_HEADER_BYTES as u64 && length + record.len() as u64 > config.segment_bytes_max
+        });
+        if roll || segment.is_none() {
+            if let Some((file, path, _)) = segment.take() {
+                file.sync_all().map_err(io_error(&path))?;
+                written.push(path);
+            }
+            let path = staging.join(segment_file_name(position));
+            let mut file = File::create(&path).map_err(io_error(&path))?;
+            file.write_all(&segment_header(position)).map_err(io_error(&path))?;
+            segment = Some((file, path, wire::SEGMENT_HEADER_BYTES as u64));
+        }
+        let (file, path, length) = segment.as_mut().expect("opened above");
+        file.write_all(record).map_err(io_error(path))?;
+        *length += record.len() as u64;
+    }
+    if let Some((file, path, _)) = segment.take() {
+        file.sync_all().map_err(io_error(&path))?;
+        written.push(path);
+    }
+    sync_dir(&staging)?;
+    // The old segments, whole, into the quarantine; then the new ones in their place.
+    let quarantine = dir.join(QUARANTINE_DIR).join(format!("salvaged-{}", now_ms()));
+    std::fs::create_dir_all(&quarantine).map_err(io_error(&quarantine))?;
+    for (_, path) in &listed {
+        let target = quarantine.join(path.file_name().expect("a segment file name"));
+        std::fs::rename(path, &target).map_err(io_error(path))?;
+    }
+    sync_dir(&quarantine)?;
+    sync_dir(dir)?;
+    for path in &written {
+        let target = dir.join(path.file_name().expect("a segment file name"));
+        std::fs::rename(path, &target).map_err(io_error(path))?;
+    }
+    sync_dir(dir)?;
+    std::fs::remove_dir(&staging).map_err(io_error(&staging))?;
+    report.quarantined_to = Some(quarantine);
+    Ok(report)
 }

@@ -36,6 +36,19 @@ pub enum RedexError {
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("{path}: record {position} at byte offset {offset} is damaged: {reason}")]
     Damaged { path: std::path::PathBuf, position: u64, offset: u64, reason: String },
+    #[error(
+        "{damage}; {intact_after} intact records follow it (up to position {last_intact}): the log is damaged in \
+         the middle, not torn at its end, and cutting it there would lose acknowledged records. Nothing was \
+         changed. `meshos log verify {dir}` lists every damaged record; `meshos log salvage {dir}` keeps every \
+         intact record at its position and turns each damaged one into an empty record that fold counts as \
+         rejected (the damaged bytes go to {dir}/quarantine)"
+    )]
+    DamagedMidLog {
+        dir: std::path::PathBuf,
+        damage: crate::redex::embedded::Damage,
+        intact_after: u64,
+        last_intact: u64,
+    },
     #[error("record of {frame_bytes} bytes exceeds the limit of {frame_bytes_max} bytes (frame_bytes_max)")]
     RecordTooLarge { frame_bytes: u64, frame_bytes_max: u32 },
     #[error(
