@@ -148,10 +148,20 @@ pub struct IntactRecord {
     pub frame_bytes: u64,
 }
 
+/// A whole record frame found in a segment file: its byte offset, position, commit
+/// time and size.
+#[derive(Debug, Clone, Copy)]
+struct FoundFrame {
+    offset: u64,
+    position: u64,
+    time_ms: u64,
+    frame_bytes: u64,
+}
+
 /// Every intact record frame of one segment file's `bytes`, in file order, and the
-/// byte ranges that are none (a bad header included): after a frame that does not
-/// decode, the scan tries again every 16 bytes (frames start 16-aligned).
-fn scan_intact(bytes: &[u8], frame_bytes_max: u32) -> (Vec<(u64, u64, u64, u64)>, Vec<(u64, u64)>) {
+/// byte ranges `(from, to)` that are none (a bad header included): after a frame that
+/// does not decode, the scan tries again every 16 bytes (frames start 16-aligned).
+fn scan_intact(bytes: &[u8], frame_bytes_max: u32) -> (Vec<FoundFrame>, Vec<(u64, u64)>) {
     let mut records = Vec::new();
     let mut damaged = Vec::new();
     let mut damaged_from: Option<usize> = None;
@@ -166,7 +176,12 @@ fn scan_intact(bytes: &[u8], frame_bytes_max: u32) -> (Vec<(u64, u64, u64, u64)>
                     damaged.push((from as u64, offset as u64));
                 }
                 let frame_bytes = frame.header.frame_bytes();
-                records.push((offset as u64, frame.header.seq, frame.header.time_ms, frame_bytes as u64));
+                records.push(FoundFrame {
+                    offset: offset as u64,
+                    position: frame.header.seq,
+                    time_ms: frame.header.time_ms,
+                    frame_bytes: frame_bytes as u64,
+                });
                 offset += frame_bytes;
             }
             _ => {
@@ -194,10 +209,10 @@ fn intact_after(
     for (index, (_, path)) in segments.iter().enumerate() {
         read_whole(path, buffer)?;
         let (records, _) = scan_intact(buffer, config.frame_bytes_max);
-        for (at, seq, _, _) in records {
-            if (index > 0 || at > offset) && seq >= position {
+        for found in records {
+            if (index > 0 || found.offset > offset) && found.position >= position {
                 count += 1;
-                last = last.max(seq);
+                last = last.max(found.position);
             }
         }
     }
@@ -917,7 +932,7 @@ pub fn verify(dir: &Path, config: &Config) -> Result<VerifyReport, RedexError> {
         for (_, path) in &listed {
             read_whole(path, &mut buffer)?;
             let (records, _) = scan_intact(&buffer, config.frame_bytes_max);
-            after.extend(records.into_iter().map(|(_, position, _, _)| position).filter(|&p| p >= damage.position));
+            after.extend(records.into_iter().map(|found| found.position).filter(|&p| p >= damage.position));
         }
         report.intact_after_damage = after.len() as u64;
         let mut expected = damage.position;
@@ -1073,9 +1088,9 @@ pub fn salvage(dir: &Path, config: &Config) -> Result<SalvageReport, RedexError>
     for (_, path) in &listed {
         read_whole(path, &mut buffer)?;
         let (records, damaged) = scan_intact(&buffer, config.frame_bytes_max);
-        for (offset, position, time_ms, frame_bytes) in records {
-            let bytes = buffer[offset as usize..(offset + frame_bytes) as usize].to_vec();
-            found.entry(position).or_insert((time_ms, bytes));
+        for frame in records {
+            let bytes = buffer[frame.offset as usize..(frame.offset + frame.frame_bytes) as usize].to_vec();
+            found.entry(frame.position).or_insert((frame.time_ms, bytes));
         }
         report.damaged_ranges.extend(damaged.into_iter().map(|(from, to)| (path.clone(), from, to)));
     }
