@@ -1,4 +1,4 @@
-//! Damage handling of the embedded log: flipped bytes, cut tails and bad segment headers are found by `verify` and recovered by `open` (good records kept, the rest quarantined byte for byte), plus locking, size limits, monotonic positions and times, and reads across segments.
+//! Damage handling of the embedded log: flipped bytes, cut tails and bad segment headers are found by `verify` and recovered by `open` (good records kept, the rest quarantined byte for byte); damage in the middle refused by `open_with(Refuse)` and repaired by `salvage` (every intact record at its position); plus locking, size limits, monotonic positions and times, and reads across segments.
 
 use std::path::{Path, PathBuf};
 

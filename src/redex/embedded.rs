@@ -25,9 +25,15 @@
 //! backwards, a truncated frame) ends the log. Every byte from there on (the tail of
 //! that segment and all later segments) is copied into one quarantine file named
 //! after the segment and offset, which is fsynced before the segment is truncated
-//! (and fsynced) and later segments are removed. An in-memory index (segment bases
-//! and record offsets) built by the scan lets `read_from` seek straight to a record
-//! and then read sequentially in large chunks into one reusable aligned buffer.
+//! (and fsynced) and later segments are removed. That is right for a torn tail; when
+//! a resynchronising scan finds intact records after the damage (damage in the
+//! middle: a flipped byte, a bad segment header, a missing segment), `open_with` with
+//! `MidLogDamage::Refuse` changes nothing and fails with `DamagedMidLog` instead, and
+//! `salvage` repairs the log in place (intact records kept at their positions, an
+//! empty record at each lost one, the old files quarantined whole). An in-memory
+//! index (segment bases and record offsets) built by the scan lets `read_from` seek
+//! straight to a record and then read sequentially in large chunks into one reusable
+//! aligned buffer.
 //!
 //! Invariants: positions are dense from the first segment's base (1 for a new log),
 //! times never decrease, `durable_position <= last_position`, every record in the
