@@ -459,6 +459,24 @@ fn too_large(path: &Path, scan: &SegmentScan, config: &Config) -> Result<(), Red
     }
 }
 
+/// Takes the one writer's lock of the log in `dir` (`DIR/LOCK`), held while the
+/// returned file lives.
+fn lock_dir(dir: &Path) -> Result<File, RedexError> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io_error(&lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RedexError::Locked { path: lock_path }),
+        Err(std::fs::TryLockError::Error(source)) => Err(RedexError::Io { path: lock_path, source }),
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<(), RedexError> {
     File::open(dir).and_then(|file| file.sync_all()).map_err(io_error(dir))
 }
@@ -486,19 +504,7 @@ impl EmbeddedLog {
     ) -> Result<(EmbeddedLog, RecoveryReport), RedexError> {
         config.validate()?;
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_error(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(RedexError::Locked { path: lock_path }),
-            Err(std::fs::TryLockError::Error(source)) => return Err(RedexError::Io { path: lock_path, source }),
-        }
+        let lock = lock_dir(dir)?;
         // A leftover temporary segment holds only a header (no record): remove it.
         for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
             let entry = entry.map_err(io_error(dir))?;
@@ -1073,19 +1079,7 @@ pub struct SalvageReport {
 /// A log with no damage is left as it is (`holes` 0, nothing quarantined).
 pub fn salvage(dir: &Path, config: &Config) -> Result<SalvageReport, RedexError> {
     config.validate()?;
-    let lock_path = dir.join(LOCK_FILE);
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(io_error(&lock_path))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => return Err(RedexError::Locked { path: lock_path }),
-        Err(std::fs::TryLockError::Error(source)) => return Err(RedexError::Io { path: lock_path, source }),
-    }
+    let _lock = lock_dir(dir)?;
     let listed = list_segments(dir)?;
     let mut report = SalvageReport::default();
     let mut buffer = AlignedVec::<{ wire::ALIGN_BYTES }>::new();
