@@ -1041,3 +1041,45 @@ fn a_node_with_another_genesis_is_refused_and_trims_nothing() {
     mesh.nodes.pop().unwrap().kill();
     mesh.assert_agreement();
 }
+
+/// A node that is gone holds the stream's trim back (its last commitment names the
+/// oldest position it needs) until an operator removes it; removed, it is `Left`,
+/// and the stream is trimmed past its last position.
+#[test]
+fn a_removed_node_no_longer_holds_the_trim_back() {
+    let _serial = serial();
+    let tuning = Tuning { cluster: "checkpoint_interval_records = 150\ncheckpoints_kept = 2\n" };
+    let Some(mut mesh) = Mesh::start(3, tuning) else { return };
+    let needs_of_node_3 = |mesh: &Mesh| {
+        let state = mesh.nodes[0].state(u64::MAX);
+        state.nodes.find("node-3").map_or(0, |row| state.nodes.needs_position[row.index()])
+    };
+    wait_for("node-3's first commitment", || needs_of_node_3(&mesh) > 0);
+    mesh.nodes[2].kill();
+    // What node-3 published before the kill is folded within moments.
+    std::thread::sleep(Duration::from_secs(1));
+    let held = needs_of_node_3(&mesh);
+    // Many records later (the others checkpoint and commit on), node-3's commitment
+    // still holds the trim back.
+    let heartbeat = || EventKind::NodeHealth(meshos::event::NodeHealth::Heartbeat { load_permille: 1 });
+    let mut position = 0;
+    while position < held + 700 {
+        position = mesh.send(0, vec![heartbeat(); 8]);
+    }
+    wait_for("the others' commitments past node-3's", || {
+        let state = mesh.nodes[0].state(u64::MAX);
+        ["node-1", "node-2"].iter().all(|name| state.nodes.needs_position[node_row(&state, name)] > held)
+    });
+    assert_eq!(needs_of_node_3(&mesh), held, "node-3 is gone: its commitment stays");
+    let first = mesh.nats.stream_first_seq("MESHOS").unwrap_or(1);
+    assert!(first <= held, "trimmed to {first}, past what node-3 needs ({held})");
+    // Removed: trimmed past its last position.
+    mesh.admin(0, 0, AdminCommand::RemoveNode { name: "node-3".into() });
+    wait_for("the stream trimmed past node-3's needs", || {
+        mesh.nats.stream_first_seq("MESHOS").is_some_and(|first| first > held)
+    });
+    let state = mesh.nodes[0].state(u64::MAX);
+    assert_eq!(state.nodes.status[node_row(&state, "node-3")], meshos::event::NodeStatus::Left);
+    mesh.nodes.pop();
+    mesh.stop_all();
+}
