@@ -167,6 +167,18 @@ impl Mesh {
             mesh.add_node(&tuning, "");
         }
         mesh.wait_all_listening();
+        // Placement sees every node: a blob put before a node's capability is folded
+        // is placed without it (and a scenario about that node's copies finds none).
+        let names: Vec<String> = (1..=count).map(|index| format!("node-{index}")).collect();
+        wait_for("every node live with its capability in node-1's state", || {
+            let state = mesh.nodes[0].state(u64::MAX);
+            names.iter().all(|name| {
+                state
+                    .nodes
+                    .find(name)
+                    .is_some_and(|row| state.nodes.live[row.index()] && state.nodes.capability_version[row.index()] > 0)
+            })
+        });
         Some(mesh)
     }
 
