@@ -546,6 +546,30 @@ fn a_slow_consumer_pauses_and_resumes_without_loss() {
     eprintln!("{} pauses, {} resumes, {} resume calls", stats.pauses, stats.resumes, consumed.resumes);
 }
 
+/// `clients` TCP clients each send `frames` frames of 8 events through a reactor
+/// with `config` and a consumer taking `frame_delay` per frame; checks every event
+/// arrived once and in order and every source closed, and returns what was seen.
+fn clients_through(
+    config: ReactorConfig,
+    frame_delay: Duration,
+    clients: u64,
+    frames: u64,
+) -> (ReactorStats, Consumed) {
+    let (reactor, consumer) = start(config, frame_delay);
+    let addr = reactor.local_tcp_addr().unwrap();
+    let threads: Vec<_> = (0..clients).map(|client| tcp_client(addr, client, frames, 8)).collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    consumer
+        .wait_for("every event", |consumed| consumed.events == clients * frames * 8 && consumed.abandoned == clients);
+    let stats = reactor.shutdown();
+    let consumed = consumer.finish();
+    assert_in_order(&consumed, frames);
+    assert_eq!(stats.frames_in, clients * frames);
+    (stats, consumed)
+}
+
 #[test]
 fn a_byte_budget_pauses_a_connection_before_its_ring_is_full_without_loss() {
     const CLIENTS: u64 = 2;
@@ -553,18 +577,7 @@ fn a_byte_budget_pauses_a_connection_before_its_ring_is_full_without_loss() {
     let frame_bytes = events_frame(0, 1, 8).len() as u32;
     // 64 slots, but only about two frames' worth of bytes: the budget pauses first.
     let config = ReactorConfig { queue_bytes_max: frame_bytes * 2 + frame_bytes / 2, ..tcp_config(64, 16) };
-    let (reactor, consumer) = start(config, Duration::from_micros(20));
-    let addr = reactor.local_tcp_addr().unwrap();
-    let clients: Vec<_> = (0..CLIENTS).map(|client| tcp_client(addr, client, FRAMES, 8)).collect();
-    for client in clients {
-        client.join().unwrap();
-    }
-    consumer
-        .wait_for("every event", |consumed| consumed.events == CLIENTS * FRAMES * 8 && consumed.abandoned == CLIENTS);
-    let stats = reactor.shutdown();
-    let consumed = consumer.finish();
-    assert_in_order(&consumed, FRAMES);
-    assert_eq!(stats.frames_in, CLIENTS * FRAMES);
+    let (stats, consumed) = clients_through(config, Duration::from_micros(20), CLIENTS, FRAMES);
     assert!(stats.pauses >= 10, "only {} pauses", stats.pauses);
     assert!(consumed.queued_max <= 2, "a ring held {} frames, over the byte budget of 2.5 frames", consumed.queued_max);
     assert_eq!(stats.paused_now, 0);
@@ -583,18 +596,7 @@ fn the_total_queue_budget_holds_across_connections_without_loss() {
     // The total must hold one frame of frame_bytes_max: frames here are far smaller.
     let config =
         ReactorConfig { queue_bytes_total_max: total_max, frame_bytes_max: total_max as u32, ..tcp_config(64, 16) };
-    let (reactor, consumer) = start(config, Duration::from_micros(50));
-    let addr = reactor.local_tcp_addr().unwrap();
-    let clients: Vec<_> = (0..CLIENTS).map(|client| tcp_client(addr, client, FRAMES, 8)).collect();
-    for client in clients {
-        client.join().unwrap();
-    }
-    consumer
-        .wait_for("every event", |consumed| consumed.events == CLIENTS * FRAMES * 8 && consumed.abandoned == CLIENTS);
-    let stats = reactor.shutdown();
-    let consumed = consumer.finish();
-    assert_in_order(&consumed, FRAMES);
-    assert_eq!(stats.frames_in, CLIENTS * FRAMES);
+    let (stats, _) = clients_through(config, Duration::from_micros(50), CLIENTS, FRAMES);
     assert!(stats.queue_budget_waits >= 10, "only {} waits for the total", stats.queue_budget_waits);
     assert!(stats.queue_bytes_total_peak <= total_max, "{} bytes counted in the rings", stats.queue_bytes_total_peak);
     assert_eq!(stats.waiting_for_queue_now, 0);

@@ -71,6 +71,18 @@ impl Node {
     }
 
     /// Runs the CLI against this node (its directory).
+    /// `meshos put` of 10,000 bytes of `byte` at one copy; waits until that copy
+    /// (node-1's) counts. Returns the blob.
+    fn put_one_copy(&self, byte: u8) -> [u8; 32] {
+        let file = self.dir.join(format!("data-{byte}.bin"));
+        std::fs::write(&file, vec![byte; 10_000]).unwrap();
+        let put = self.cli(&["put", file.to_str().unwrap(), "--replicas", "1"]);
+        assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+        let blob = meshos::admin::parse_blob(String::from_utf8_lossy(&put.stdout).trim()).unwrap();
+        wait_for("the copy to count", || blob_holders(&self.state(), &blob) == 1);
+        blob
+    }
+
     fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_meshos")).args(args).env("MESHOS_DIR", &self.dir).output().unwrap()
     }
@@ -139,12 +151,7 @@ fn network_attackers_run_nothing_drop_nothing_and_take_nothing() {
     let addr = node.addr();
     let cluster_id = node.cluster_id();
     // A blob the operator stores (its only copy is node-1's).
-    let file = dir.path().join("data.bin");
-    std::fs::write(&file, vec![7u8; 10_000]).unwrap();
-    let put = node.cli(&["put", file.to_str().unwrap(), "--replicas", "1"]);
-    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
-    let blob = meshos::admin::parse_blob(String::from_utf8_lossy(&put.stdout).trim()).unwrap();
-    wait_for("the copy to count", || blob_holders(&node.state(), &blob) == 1);
+    let blob = node.put_one_copy(7);
 
     // 0. Strangers do not get past the ingest port's secure handshake: an unknown
     //    node, a known node's name with another key, an unknown operator key, and
@@ -267,11 +274,7 @@ fn a_stolen_node_key_speaks_for_its_node_alone() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());
     let cluster_id = node.cluster_id();
-    let file = dir.path().join("data.bin");
-    std::fs::write(&file, vec![9u8; 10_000]).unwrap();
-    let put = node.cli(&["put", file.to_str().unwrap(), "--replicas", "1"]);
-    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
-    let blob = meshos::admin::parse_blob(String::from_utf8_lossy(&put.stdout).trim()).unwrap();
+    let blob = node.put_one_copy(9);
     // node-2 is admitted; its key is stolen.
     let stolen = KeyPair::from_seed([0x22; 32]);
     let admit = node.cli(&["admin", "admit-node", "node-2", "--node-key", &stolen.public_key_hex()]);

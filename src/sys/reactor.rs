@@ -1115,6 +1115,15 @@ impl Connection {
         }
     }
 
+    /// After a wait that was not its peer's doing (a pause, a wait for the queues'
+    /// total): the idle and frame timers start again from `now`.
+    fn restart_timers(&mut self, now: Instant) {
+        self.last_byte_at = now;
+        if self.frame_started_at.is_some() {
+            self.frame_started_at = Some(now);
+        }
+    }
+
     /// The end of the bytes in `buffer` that are plaintext wire frames.
     fn plain_end(&self) -> usize {
         match self.secure {
@@ -1759,10 +1768,7 @@ impl EventLoop {
             }
             connection.queue_waiting = false;
             // Not waiting on its peer meanwhile: its timers start again.
-            connection.last_byte_at = self.now;
-            if connection.frame_started_at.is_some() {
-                connection.frame_started_at = Some(self.now);
-            }
+            connection.restart_timers(self.now);
             self.shared.stats.waiting_for_queue_now.fetch_sub(1, Ordering::Relaxed);
             self.update_interest(id);
             // Its buffered frame first; if it still does not fit, it waits again.
@@ -1963,10 +1969,7 @@ impl EventLoop {
         }
         connection.paused = false;
         // The peer was not being read: its timers start again.
-        connection.last_byte_at = self.now;
-        if connection.frame_started_at.is_some() {
-            connection.frame_started_at = Some(self.now);
-        }
+        connection.restart_timers(self.now);
         self.shared.stats.paused_now.fetch_sub(1, Ordering::Relaxed);
         bump(&self.shared.stats.resumes, 1);
         self.update_interest(id);
